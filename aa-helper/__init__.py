@@ -1,0 +1,1 @@
+"""vmconfine-aa-helper: the only code that writes or loads AppArmor profiles."""

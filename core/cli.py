@@ -1,0 +1,355 @@
+"""The ``vmconfine`` command line: virsh-like verbs over one instance.
+
+Every failure prints one line ``error: ...`` and exits 1; ``--debug`` shows tracebacks and
+pluggy hook tracing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vmconfine import __version__
+from vmconfine.errors import VmconfineError
+
+log = logging.getLogger("vmconfine")
+
+Handler = Callable[[argparse.Namespace], int]
+_VERBS: dict[str, tuple[Handler, str]] = {}
+
+
+def verb(name: str, help_text: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        _VERBS[name] = (fn, help_text)
+        return fn
+
+    return deco
+
+
+def _read_input(path: str) -> tuple[str, str]:
+    if path == "-":
+        return sys.stdin.read(), "<stdin>"
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise VmconfineError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise VmconfineError(f"{path}: is a directory, expected a domain XML file") from None
+    except PermissionError:
+        raise VmconfineError(f"{path}: permission denied") from None
+    if len(data) > 10 * 1024 * 1024:
+        raise VmconfineError(f"{path}: larger than 10 MiB")
+    try:
+        return data.decode(), path
+    except UnicodeDecodeError as exc:
+        raise VmconfineError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from vmconfine.connection import Connection
+
+    return Connection.open(args.connect)
+
+
+def _parse_file(path: str):  # type: ignore[no-untyped-def]
+    from vmconfine.domain import parse_domain
+
+    text, source = _read_input(path)
+    return parse_domain(text, source=source)
+
+
+# ---- verbs ------------------------------------------------------------------------------------
+
+
+@verb("capabilities", "print the host's capabilities XML (secmodels, guests)")
+def cmd_capabilities(args: argparse.Namespace) -> int:
+    from vmconfine.capabilities import capabilities_xml
+
+    sys.stdout.write(capabilities_xml(_connect(args)))
+    return 0
+
+
+@verb("drivers", "list installed drivers and whether they work on this host")
+def cmd_drivers(args: argparse.Namespace) -> int:
+    from vmconfine.stack import _instantiate
+
+    conn = _connect(args)
+    rows = []
+    for info in conn.host.registry.infos():
+        drv = _instantiate(conn.host, info)
+        ok, why = drv.probe()
+        state = "available" if ok else f"unavailable: {why}"
+        if ok and why:
+            state = f"available ({why})"
+        rows.append((info.name, info.kind, info.description, state))
+    w = max(len(r[0]) for r in rows)
+    for name, kind, desc, state in rows:
+        print(f"{name:<{w}}  {kind:<8}  {desc}\n{'':<{w}}  {'':<8}  {state}")
+    return 0
+
+
+@verb("config", "print the effective qemu.conf settings (with --check: report problems)")
+def cmd_config(args: argparse.Namespace) -> int:
+    conn = _connect(args)
+    cfg = conn.instance.config
+    if args.check:
+        problems = cfg.check()
+        for p in problems:
+            print(p)
+        if not problems:
+            print(f"{conn.instance.config_path}: no problems found")
+        return 0
+    sys.stdout.write(cfg.format())
+    return 0
+
+
+@verb("domxml-to-native", "print the QEMU command line for a domain XML (format qemu-argv)")
+def cmd_to_native(args: argparse.Namespace) -> int:
+    from vmconfine.pipeline import native_command
+
+    if args.format != "qemu-argv":
+        raise VmconfineError(f"unsupported native format '{args.format}' (supported: qemu-argv)")
+    conn = _connect(args)
+    domain = _parse_file(args.file)
+    print(native_command(conn, domain).format_native())
+    return 0
+
+
+def _print_started(conn, launched) -> None:  # type: ignore[no-untyped-def]
+    ctx = launched.ctx
+    print(f"Domain '{launched.name}' started (id {launched.domain_id}, pid {launched.pid})")
+    for model, _doi, label in conn.stack.process_labels(ctx, launched.pid):
+        print(f"  security model {model}: {label or '-'}")
+    for name, desc in conn.stack.describe(ctx).items():
+        summary = desc.get("summary") if isinstance(desc, dict) else None
+        if summary:
+            print(f"  {name}: {summary}")
+    if ctx.taints:
+        print(f"  tainted: {', '.join(ctx.taints)}")
+    sys.stdout.flush()
+
+
+@verb("run", "start a domain in the foreground and wait until it stops (like virt-qemu-run)")
+def cmd_run(args: argparse.Namespace) -> int:
+    from vmconfine.pipeline import start
+    from vmconfine.supervisor import supervise
+
+    conn = _connect(args)
+    domain = _parse_file(args.file)
+    launched = start(conn, domain, paused=args.paused)
+    outcome = supervise(conn, launched, paused=args.paused,
+                        shutdown_timeout=args.shutdown_timeout,
+                        on_ready=lambda l: _print_started(conn, l))
+    if outcome.ok:
+        print(f"Domain '{launched.name}' stopped: {outcome.detail}")
+        return 0
+    raise VmconfineError(f"domain '{launched.name}' stopped: {outcome.detail}")
+
+
+@verb("list", "list running domains")
+def cmd_list(args: argparse.Namespace) -> int:
+    conn = _connect(args)
+    print(f" {'Id':<4} {'Name':<30} State")
+    print("-" * 48)
+    for dom in conn.running():
+        print(f" {dom.id:<4} {dom.name:<30} {'running' if dom.alive else 'shut off'}")
+    print()
+    return 0
+
+
+@verb("dumpxml", "print a running domain's live XML (with generated labels)")
+def cmd_dumpxml(args: argparse.Namespace) -> int:
+    conn = _connect(args)
+    dom = conn.lookup(args.domain)
+    if args.inactive:
+        sys.stdout.write(dom.domain.to_xml(live=False))
+    else:
+        sys.stdout.write(dom.status_path.read_text())
+    return 0
+
+
+@verb("dominfo", "print information about a running domain, including its security labels")
+def cmd_dominfo(args: argparse.Namespace) -> int:
+    from vmconfine.context import DomainContext
+    from vmconfine.journal import Journal
+
+    conn = _connect(args)
+    dom = conn.lookup(args.domain)
+    d = dom.domain
+    rows = [
+        ("Id", str(dom.id)),
+        ("Name", d.name),
+        ("UUID", d.uuid),
+        ("OS Type", d.os.type or "hvm"),
+        ("State", "running" if dom.alive else "shut off"),
+        ("CPU(s)", str(d.vcpus)),
+        ("Max memory", f"{d.memory_kib} KiB"),
+        ("Used memory", f"{d.current_memory_kib or d.memory_kib} KiB"),
+        ("Persistent", "no"),
+        ("Autostart", "disable"),
+        ("Managed save", "no"),
+        ("PID", str(dom.pid)),
+    ]
+    ctx = DomainContext(conn.host, d, Journal(conn.instance.journal_path(d.name)), pid=dom.pid)
+    for model, doi, label in conn.stack.process_labels(ctx, dom.pid):
+        rows += [("Security model", model), ("Security DOI", doi),
+                 ("Security label", label or "-")]
+    for name, desc in conn.stack.describe(ctx).items():
+        if isinstance(desc, dict) and desc.get("summary"):
+            rows.append((f"Confinement ({name})", str(desc["summary"])))
+    if dom.taints:
+        rows.append(("Tainted", ", ".join(dom.taints)))
+    for k, v in rows:
+        print(f"{k + ':':<16}{v}")
+    print()
+    return 0
+
+
+@verb("destroy", "kill a running domain (its supervising vmconfine tears it down)")
+def cmd_destroy(args: argparse.Namespace) -> int:
+    from vmconfine import runtime
+    from vmconfine.connection import kill_process
+    from vmconfine.supervisor import destroy_marker
+
+    conn = _connect(args)
+    dom = conn.lookup(args.domain)
+    destroy_marker(conn, dom.name).touch()
+    kill_process(dom.pid, dom.starttime)
+    deadline = time.monotonic() + 60
+    while runtime.supervisor_alive(conn.instance, dom.name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    conn.recover()  # if the supervisor is gone too, finish its teardown here
+    print(f"Domain '{dom.name}' destroyed")
+    return 0
+
+
+@verb("qemu-monitor-command", "send a raw QMP command (or HMP with --hmp) to a running domain")
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from vmconfine import qmp, runtime
+
+    conn = _connect(args)
+    dom = conn.lookup(args.domain)
+    text = " ".join(args.command)
+    payload = qmp.hmp_payload(text) if args.hmp else qmp.parse_command_text(text)
+    if "custom-monitor" not in dom.taints:
+        _add_taint(conn, dom, "custom-monitor")
+    reply = qmp.command(conn.instance.user_monitor_path(dom.name), payload)
+    if args.hmp and "return" in reply:
+        sys.stdout.write(str(reply["return"]))
+        return 0 if "error" not in reply else 1
+    print(json.dumps(reply, indent=2 if args.pretty else None))
+    _ = runtime
+    return 1 if "error" in reply else 0
+
+
+def _add_taint(conn, dom, flag: str) -> None:  # type: ignore[no-untyped-def]
+    from vmconfine import runtime
+    from vmconfine.domain import parse_domain
+
+    log.warning("domain %s is tainted: %s", dom.name, flag)
+    with runtime.instance_lock(conn.instance):
+        try:
+            text = dom.status_path.read_text()
+        except FileNotFoundError:
+            return
+        d = parse_domain(text, source=str(dom.status_path))
+        state = d.runtime_state()
+        taints = [t for t in state.get("taints", "").split(",") if t]
+        if flag in taints:
+            return
+        taints.append(flag)
+        state["taints"] = ",".join(taints)
+        runtime.write_atomic(dom.status_path,
+                             d.to_xml(live=True, extra={"id": dom.id, "state": state}))
+
+
+# ---- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vmconfine",
+        description="Run confined QEMU/KVM virtual machines described in libvirt domain XML.",
+        epilog="URIs: qemu:///system (root), qemu:///session, qemu:///embed?root=DIR. "
+        "Default: $VMCONFINE_DEFAULT_URI, else system for root and session otherwise.",
+    )
+    p.add_argument("-c", "--connect", metavar="URI", help="instance to use")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks, debug logging and pluggy hook tracing")
+    p.add_argument("--version", action="version", version=f"vmconfine {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    def add(name: str) -> argparse.ArgumentParser:
+        fn, help_text = _VERBS[name]
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(func=fn)
+        return sp
+
+    add("capabilities")
+    add("drivers")
+    sp = add("config")
+    sp.add_argument("--check", action="store_true", help="list problems (unknown keys...)")
+    sp = add("domxml-to-native")
+    sp.add_argument("format", metavar="FORMAT", help="native format: qemu-argv")
+    sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
+    sp = add("run")
+    sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
+    sp.add_argument("--paused", action="store_true", help="leave the guest CPUs stopped")
+    sp.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
+                    help="on SIGINT/SIGTERM wait this long for an ACPI power-off before "
+                    "destroying (default: qemu.conf shutdown_timeout, 30)")
+    add("list")
+    for name in ("dumpxml", "dominfo", "destroy"):
+        sp = add(name)
+        sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
+        if name == "dumpxml":
+            sp.add_argument("--inactive", action="store_true", help="the XML as given, "
+                            "without generated labels")
+    sp = add("qemu-monitor-command")
+    sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
+    sp.add_argument("--hmp", action="store_true", help="CMD is a human monitor command")
+    sp.add_argument("--pretty", action="store_true", help="indent the JSON reply")
+    sp.add_argument("command", nargs="+", metavar="CMD", help="QMP JSON or HMP text")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("VMCONFINE_DEBUG", "") not in ("", "0")
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="vmconfine: %(levelname)s: %(message)s" if not debug else
+        "%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    if debug:
+        os.environ["VMCONFINE_TRACE_HOOKS"] = "1"
+        os.environ["VMCONFINE_DEBUG"] = "1"
+    try:
+        return args.func(args)
+    except VmconfineError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a traceback without --debug
+        if debug:
+            traceback.print_exc()
+        print(f"error: internal error: {type(exc).__name__}: {exc} "
+              "(run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The launch pipeline: the one path every driver hooks into.
+
+start: parse + validate → check seclabel models → resolve backing chains → gen labels → build
+argv → preflight → set all labels (transaction with rollback, journaled) → monitor sockets →
+fork → child: cgroup → exec label → identity → capabilities → no_new_privs → confine → exec
+QEMU → QMP handshake → verify the confinement the kernel reports (fail closed) → status XML →
+guest CPUs start.
+
+stop (any cause): kill QEMU if needed → restore all labels → release labels → remove runtime
+dir, status and journal. Each host change is journaled before it is made, so
+:meth:`vmconfine.connection.Connection.recover` can finish a teardown after a crash.
+
+``VMCONFINE_PAUSE_AT=STEP`` stops the pipeline at STEP (it prints ``paused at STEP`` on stderr and
+sleeps) so tests can SIGKILL vmconfine at every step. Steps: see :data:`STEPS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmconfine import runtime
+from vmconfine.argv import CommandPaths, QemuCommand, build_command
+from vmconfine.chain import resolve_chain
+from vmconfine.context import DomainContext
+from vmconfine.errors import LaunchError, VmconfineError
+from vmconfine.journal import Journal
+from vmconfine.stack import CHILD_HOOKS
+
+if TYPE_CHECKING:
+    from vmconfine.connection import Connection
+    from vmconfine.domain import Domain
+    from vmconfine.stack import Stack
+
+log = logging.getLogger(__name__)
+
+STEPS = ("begin", "labels", "preflight", "set-labels", "sockets", "forked", "qmp", "verified",
+         "running")
+PAUSE_ENV = "VMCONFINE_PAUSE_AT"
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def checkpoint(step: str) -> None:
+    """Pause here when VMCONFINE_PAUSE_AT names this step (for crash tests)."""
+    if os.environ.get(PAUSE_ENV) == step:
+        sys.stderr.write(f"vmconfine: paused at {step}\n")
+        sys.stderr.flush()
+        while True:
+            time.sleep(3600)
+
+
+@dataclass
+class Launched:
+    """A started domain, supervised by this process."""
+
+    ctx: DomainContext
+    command: QemuCommand
+    pid: int
+    starttime: int | None
+    domain_id: int
+    lock: runtime.DomainLock
+    log_path: Path
+    monitor_socks: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.ctx.domain.name
+
+
+def command_paths(conn: Connection, domain: Domain, *, symbolic: bool) -> CommandPaths:
+    inst = conn.instance
+    return CommandPaths(
+        monitor_socket=str(inst.monitor_path(domain.name)),
+        home_dir=str(inst.domain_lib_dir(domain.name)),
+        runtime_dir=str(inst.domain_run_dir(domain.name)),
+        user=_qemu_user_name(conn),
+        path_env="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        user_monitor_socket=str(inst.user_monitor_path(domain.name)),
+    )
+
+
+def _qemu_user_name(conn: Connection) -> str:
+    import pwd
+
+    if not conn.instance.privileged:
+        try:
+            return pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:
+            return str(os.getuid())
+    user = conn.instance.config.user
+    if user.startswith("+"):
+        with contextlib.suppress(KeyError, ValueError):
+            return pwd.getpwuid(int(user[1:])).pw_name
+        return user[1:]
+    return user
+
+
+def prepare_domain(conn: Connection, domain: Domain) -> None:
+    """Validation that changes nothing: seclabel models, driver checks, backing chains."""
+    conn.stack.check_models(domain)
+    conn.stack.verify(domain)
+    for disk in domain.disks:
+        if disk.source is not None and disk.type in ("file", "block"):
+            resolve_chain(disk.source)
+
+
+def native_command(conn: Connection, domain: Domain) -> QemuCommand:
+    """What ``domxml-to-native`` prints: the argv ``run`` would execute, per-start values
+    shown symbolically."""
+    prepare_domain(conn, domain)
+    return build_command(domain, conn.instance.config, command_paths(conn, domain, symbolic=True),
+                         symbolic=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# start
+# ------------------------------------------------------------------------------------------------
+
+
+def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched:
+    """Start ``domain`` confined; return once QEMU's confinement is verified (and its CPUs run
+    unless ``paused``). On any failure everything done so far is undone before raising."""
+    inst = conn.instance
+    inst.ensure_dirs()
+    stack = conn.stack
+    prepare_domain(conn, domain)
+    lock = runtime.DomainLock(inst, domain.name)
+    with runtime.instance_lock(inst):
+        for other in conn.running():
+            if other.name == domain.name:
+                raise LaunchError(f"domain '{domain.name}' is already running (id {other.id})")
+            if other.domain.uuid == domain.uuid:
+                raise LaunchError(
+                    f"domain '{domain.name}' has the same UUID {domain.uuid} as running "
+                    f"domain '{other.name}'; give it another <uuid>"
+                )
+        if not lock.try_acquire():
+            raise LaunchError(f"domain '{domain.name}' is being started by another process")
+        domain_id = runtime.next_domain_id(inst)
+    journal = Journal(inst.journal_path(domain.name))
+    ctx = DomainContext(conn.host, domain, journal)
+    if domain.qemu_args or domain.qemu_env:
+        ctx.taint("custom-argv")
+        log.warning("domain %s is tainted: custom-argv (custom configuration parameters "
+                    "specified)", domain.name)
+    labels_generated = False
+    launched: Launched | None = None
+    try:
+        journal.record("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
+                       id=domain_id)
+        checkpoint("begin")
+        stack.gen_labels(ctx)
+        labels_generated = True
+        journal.record("pipeline", "labels", xml=domain.to_xml(live=True))
+        checkpoint("labels")
+        command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
+        ctx.state["pipeline"] = {"command": command}
+        stack.preflight(ctx)
+        checkpoint("preflight")
+        _make_runtime_dirs(ctx)
+        stack.set("set_all_labels", ctx)
+        checkpoint("set-labels")
+        socks = _monitor_sockets(stack, ctx)
+        checkpoint("sockets")
+        log_path = inst.log_path(domain.name)
+        pid = _fork_exec(stack, ctx, command, socks, log_path)
+        ctx.pid = pid
+        starttime = runtime.proc_starttime(pid)
+        journal.record("pipeline", "started", pid=pid, starttime=starttime)
+        launched = Launched(ctx, command, pid, starttime, domain_id, lock, log_path, socks)
+        checkpoint("forked")
+        return launched
+    except BaseException as exc:
+        if launched is not None:
+            from vmconfine.connection import kill_process
+
+            kill_process(launched.pid, launched.starttime)
+        errors = teardown(stack, ctx, labels_generated=labels_generated)
+        lock.release()
+        if errors:
+            log.error("teardown after failed start left problems: %s", "; ".join(errors))
+        if isinstance(exc, VmconfineError):
+            raise
+        if isinstance(exc, OSError):
+            raise LaunchError(f"starting domain '{domain.name}' failed: {exc}") from exc
+        raise
+
+
+def _make_runtime_dirs(ctx: DomainContext) -> None:
+    inst = ctx.instance
+    for d in (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name)):
+        if d.exists():
+            shutil.rmtree(d)
+        ctx.journal.record("pipeline", "mkdir", path=str(d))
+        d.mkdir(mode=0o750, parents=True)
+
+
+def _monitor_sockets(stack: Stack, ctx: DomainContext) -> list[socket.socket]:
+    """Create the listening QMP sockets in the parent; QEMU gets them as fds."""
+    inst = ctx.instance
+    stack.set("set_socket_label", ctx)
+    try:
+        socks = []
+        for path in (inst.monitor_path(ctx.domain.name), inst.user_monitor_path(ctx.domain.name)):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            s.bind(str(path))
+            os.chmod(path, 0o600)
+            s.listen(8)
+            socks.append(s)
+        return socks
+    finally:
+        stack.restore("clear_socket_label", ctx)
+
+
+def _fork_exec(stack: Stack, ctx: DomainContext, command: QemuCommand,
+               socks: list[socket.socket], log_path: Path) -> int:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.write(log_fd, f"{time.strftime('%Y-%m-%d %H:%M:%S')}: starting up\n"
+                     f"{command.format_native()}\n".encode())
+    null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    fds = [s.fileno() for s in socks]
+    argv = command.argv(fds=fds)
+    env = dict(command.env)
+    parent_pid = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # ---- child ----
+        try:
+            os.close(err_r)
+            _child(stack, ctx, argv, env, fds, log_fd, null_fd, parent_pid)
+        except BaseException as exc:  # report to the parent, never return into its code
+            msg = str(exc) if isinstance(exc, VmconfineError) else (
+                f"{type(exc).__name__}: {exc}")
+            if os.environ.get("VMCONFINE_DEBUG"):
+                msg += "\n" + traceback.format_exc()
+            with contextlib.suppress(OSError):
+                os.write(err_w, msg.encode(errors="replace")[:65536])
+        os._exit(127)
+    # ---- parent ----
+    os.close(err_w)
+    os.close(log_fd)
+    os.close(null_fd)
+    chunks = []
+    while True:
+        data = os.read(err_r, 65536)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(err_r)
+    if chunks:
+        os.waitpid(pid, 0)
+        raise LaunchError(
+            f"domain '{ctx.domain.name}': preparing the QEMU process failed: "
+            f"{b''.join(chunks).decode(errors='replace')}"
+        )
+    return pid
+
+
+def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str],
+           fds: list[int], log_fd: int, null_fd: int, parent_pid: int) -> None:
+    """In the forked child: apply the confinement in libvirt's order, then exec QEMU."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.setsid()  # a terminal's ^C goes to vmconfine, which asks the guest to power off
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    for hook in CHILD_HOOKS:
+        if hook == "child_confine":
+            if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise LaunchError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: errno "
+                                  f"{ctypes.get_errno()}")
+        stack.run_child_hook(hook, ctx)
+    # the identity switch cleared any parent-death signal: set it last, then make sure the
+    # parent did not die before it took effect
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        raise LaunchError("vmconfine exited while QEMU was being prepared")
+    os.execve(argv[0], argv, env)
+
+
+# ------------------------------------------------------------------------------------------------
+# verification and teardown
+# ------------------------------------------------------------------------------------------------
+
+
+def core_checks(pid: int) -> list[str]:
+    """What the pipeline itself guarantees: no_new_privs is set on QEMU."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError as exc:
+        return [f"cannot read /proc/{pid}/status: {exc}"]
+    for line in status.splitlines():
+        if line.startswith("NoNewPrivs:"):
+            if line.split()[1] != "1":
+                return ["NoNewPrivs is 0, expected 1"]
+            return []
+    return ["NoNewPrivs missing from /proc/PID/status"]
+
+
+def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True) -> list[str]:
+    """Undo everything the journal lists; return the problems (the journal is kept if any)."""
+    errors = stack.restore("restore_all_labels", ctx)
+    if labels_generated:
+        errors += stack.release_labels(ctx)
+    for rec in reversed(ctx.journal.records("pipeline", "mkdir")):
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(rec["path"])
+    ctx.instance.status_path(ctx.domain.name).unlink(missing_ok=True)
+    if not errors:
+        ctx.journal.remove()
+    else:
+        ctx.journal.close()
+    return errors

@@ -1,0 +1,91 @@
+"""QMP access through ``qemu.qmp``.
+
+The supervising process keeps one QMP connection on the domain's ``monitor.sock``; every other
+process (``qemu-monitor-command``, ``dominfo`` queries, ``destroy``) uses the second monitor,
+``monitor-user.sock``, serialised by a lock file, so both work at the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.message import Message
+from vmconfine.errors import LaunchError, VmconfineError
+
+DEFAULT_TIMEOUT = 10.0
+
+
+async def connect(path: Path | str, name: str, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:
+    """Connect and negotiate capabilities (QMP ready)."""
+    client = QMPClient(name)
+    try:
+        await asyncio.wait_for(client.connect(str(path)), timeout)
+    except (TimeoutError, OSError) as exc:
+        raise LaunchError(f"cannot connect to QMP socket {path}: {exc}") from exc
+    return client
+
+
+async def disconnect(client: QMPClient) -> None:
+    # disconnect() right after QEMU quits may raise EOFError (a race with QEMU closing)
+    with contextlib.suppress(Exception):
+        await client.disconnect()
+
+
+async def _raw(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
+    client = await connect(path, "vmconfine-user", timeout)
+    try:
+        msg = Message(payload)
+        try:
+            reply = await asyncio.wait_for(client.execute_msg(msg), timeout)
+        except ExecuteError as exc:
+            return {"error": dict(exc.error.error._raw)}
+        return {"return": reply}
+    finally:
+        await disconnect(client)
+
+
+@contextlib.contextmanager
+def _user_monitor_lock(path: Path):  # type: ignore[no-untyped-def]
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def command(path: Path, payload: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+    """Send one QMP command (a dict with ``execute`` and optional ``arguments``) on the user
+    monitor and return ``{"return": ...}`` or ``{"error": ...}``."""
+    if not isinstance(payload, dict) or "execute" not in payload:
+        raise VmconfineError(
+            'QMP command must be a JSON object with an "execute" member, '
+            'e.g. {"execute": "query-status"}'
+        )
+    with _user_monitor_lock(path):
+        return asyncio.run(_raw(path, payload, timeout))
+
+
+def parse_command_text(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VmconfineError(
+            f"QMP command is not valid JSON ({exc.msg} at column {exc.colno}); "
+            "use --hmp for human monitor commands"
+        ) from None
+    if not isinstance(obj, dict):
+        raise VmconfineError('QMP command must be a JSON object such as {"execute": "query-status"}')
+    return obj
+
+
+def hmp_payload(text: str) -> dict[str, Any]:
+    return {"execute": "human-monitor-command", "arguments": {"command-line": text}}

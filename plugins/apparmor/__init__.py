@@ -1,0 +1,1 @@
+"""vmconfine's built-in apparmor driver."""

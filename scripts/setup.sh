@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Set up vmconfine on a fresh Debian 12 machine, as root: Debian packages, the dedicated QEMU
+# account, /dev/kvm access, and the project's venv in .venv/ (from /usr/bin/python3 with
+# --system-site-packages so Debian's selinux, LibAppArmor and capng bindings import).
+# Idempotent; no tty or stdin needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  qemu-system-x86 qemu-utils            # the emulator and qemu-img
+  python3-venv python3-selinux python3-libapparmor python3-cap-ng
+  apparmor                              # apparmor_parser (profiles compile on the host)
+  attr acl                              # getfattr/setfattr for inspecting remembered owners
+  busybox-static cpio kmod              # lsm test tier: initramfs of the booted kernel
+  selinux-policy-default selinux-utils policycoreutils semodule-utils secilc checkpolicy
+  ca-certificates
+)
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "error: scripts/setup.sh must run as root (it installs Debian packages)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The dedicated account QEMU runs as in the system instance (like Debian's libvirt-qemu),
+# with the kvm group so it can open /dev/kvm.
+getent group kvm >/dev/null || groupadd --system kvm
+getent group vmconfine-qemu >/dev/null || groupadd --system vmconfine-qemu
+if ! getent passwd vmconfine-qemu >/dev/null; then
+  useradd --system --gid vmconfine-qemu --groups kvm --home-dir /var/lib/vmconfine \
+    --no-create-home --shell /usr/sbin/nologin --comment "vmconfine QEMU" vmconfine-qemu
+fi
+usermod -a -G kvm vmconfine-qemu
+if [ -c /dev/kvm ]; then
+  chgrp kvm /dev/kvm
+  chmod 0660 /dev/kvm
+fi
+
+# The project's venv.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/vmconfine --version >/dev/null
+echo "vmconfine is set up: .venv/bin/vmconfine"

@@ -1,0 +1,71 @@
+"""Shared test helpers.
+
+``require`` is the only sanctioned way for a test to skip: for a missing host feature, with the
+reason. CI sets ``VMCONFINE_REQUIRE_ALL=1``, which turns every such skip into a failure, so
+nothing silently stops being tested.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+def strict() -> bool:
+    """True when skips must fail (CI)."""
+    return os.environ.get("VMCONFINE_REQUIRE_ALL", "") not in ("", "0")
+
+
+def require(condition: object, reason: str) -> None:
+    """Skip the calling test unless ``condition`` holds; fail instead in strict mode."""
+    if condition:
+        return
+    if strict():
+        pytest.fail(f"required host feature missing (VMCONFINE_REQUIRE_ALL=1): {reason}")
+    pytest.skip(reason)
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "needs root")
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    require(path, f"{name} is not installed (run scripts/setup.sh)")
+    assert path is not None
+    return path
+
+
+def make_host(root: Path, plugins: list[object], *, config: str | None = None,
+              autoload: bool = False):  # type: ignore[no-untyped-def]
+    """A HostContext for an embed instance under ``root`` with the given plugin modules.
+
+    ``config`` (qemu.conf text) is written to ROOT/etc/qemu.conf first.
+    """
+    from vmconfine.context import HostContext
+    from vmconfine.instance import open_instance
+    from vmconfine.registry import collect_drivers, make_plugin_manager
+
+    if config is not None:
+        (root / "etc").mkdir(parents=True, exist_ok=True)
+        (root / "etc" / "qemu.conf").write_text(config)
+    inst = open_instance(f"qemu:///embed?root={root}")
+    inst.ensure_dirs()
+    pm = make_plugin_manager(autoload=autoload, plugins=plugins)
+    return HostContext(inst, pm, collect_drivers(pm))
+
+
+def make_ctx(host, xml: str):  # type: ignore[no-untyped-def]
+    """A DomainContext for ``xml`` on ``host`` (journal in the instance's run dir)."""
+    from vmconfine.context import DomainContext
+    from vmconfine.domain import parse_domain
+    from vmconfine.journal import Journal
+
+    domain = parse_domain(xml)
+    return DomainContext(host, domain, Journal(host.instance.journal_path(domain.name)))

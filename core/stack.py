@@ -184,7 +184,7 @@ class Stack:
                     "security_require_confined = 0 or configure a security driver"
                 )
             if explicit and default_confined:
-                log.warning(
+                log.info(
                     'Configured security driver "none" disables default policy to create '
                     "confined guests"
                 )

@@ -5,7 +5,10 @@ register at 0x604 on QEMU's pc machine, SLP_EN with sleep type S5).
 
 Nothing is downloaded: the 16-bit machine code is assembled here, by hand.
 
-usage: mkbootimg.py OUTPUT [GREETING]
+With --stay, the guest halts after the greeting instead of powering off (it keeps running
+until it is destroyed).
+
+usage: mkbootimg.py [--stay] OUTPUT [GREETING]
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ ORIGIN = 0x7C00
 SIZE = 1024 * 1024  # AHCI and virtio need at least 1 MiB to boot
 
 
-def boot_sector(greeting: str) -> bytes:
+def boot_sector(greeting: str, poweroff: bool = True) -> bytes:
     code = bytearray()
 
     def emit(*b: int) -> int:
@@ -38,9 +41,10 @@ def boot_sector(greeting: str) -> bytes:
     code[end - 1] = (loop - end) & 0xFF
     done = len(code)
     code[jz_at] = (done - (jz_at + 1)) & 0xFF
-    emit(0xBA, 0x04, 0x06)  # mov dx, 0x604
-    emit(0xB8, 0x00, 0x20)  # mov ax, 0x2000 (SLP_EN, SLP_TYP=0: S5)
-    emit(0xEF)  # out dx, ax
+    if poweroff:
+        emit(0xBA, 0x04, 0x06)  # mov dx, 0x604
+        emit(0xB8, 0x00, 0x20)  # mov ax, 0x2000 (SLP_EN, SLP_TYP=0: S5)
+        emit(0xEF)  # out dx, ax
     hang = len(code)
     emit(0xF4)  # hlt
     end = emit(0xEB, 0)  # jmp hang
@@ -54,14 +58,22 @@ def boot_sector(greeting: str) -> bytes:
 
 
 def main() -> int:
-    if len(sys.argv) not in (2, 3):
+    args = sys.argv[1:]
+    stay = "--stay" in args
+    args = [a for a in args if a != "--stay"]
+    if len(args) not in (1, 2):
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 1
-    greeting = sys.argv[2] if len(sys.argv) == 3 else "Hello from a confined vmconfine guest!"
-    sector = boot_sector(greeting)
-    with open(sys.argv[1], "wb") as f:
-        f.write(sector + bytes(SIZE - len(sector)))
+    greeting = args[1] if len(args) == 2 else "Hello from a confined vmconfine guest!"
+    write_image(args[0], greeting, poweroff=not stay)
     return 0
+
+
+def write_image(path: str, greeting: str, *, poweroff: bool = True) -> None:
+    """Write the 1 MiB raw boot disk to ``path``."""
+    sector = boot_sector(greeting, poweroff)
+    with open(path, "wb") as f:
+        f.write(sector + bytes(SIZE - len(sector)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -220,6 +221,10 @@ def test_full_hostdevs_controllers_misc(full: Domain) -> None:
     assert (usb_addr.bus, usb_addr.device, usb_addr.managed) == (1, 8, False)  # '010' is octal
     assert (pci.type, pci.driver, pci.managed) == ("pci", "vfio", True)
     assert (pci.domain, pci.bus, pci.slot, pci.function) == (0, 6, 0x12, 5)
+    assert (pci.pci_domain, pci.pci_bus, pci.pci_slot, pci.pci_function) == (0, 6, 0x12, 5)
+    assert (pci.usb_bus, usb_addr.pci_bus) == (None, None)
+    assert (usb_ids.usb_vendor, usb_ids.usb_product, usb_addr.usb_bus, usb_addr.usb_device) == (
+        0x1234, 0xBEEF, 1, 8)
     assert [(c.type, c.index, c.model) for c in full.controllers] == [
         ("usb", 0, "qemu-xhci"), ("pci", 0, "pcie-root")]
     assert [(t.model, t.backend, t.device_path) for t in full.tpms] == [
@@ -255,7 +260,7 @@ def test_memory_units(value: str, unit: str | None, kib: int) -> None:
     assert memory_to_kib(value, unit) == kib
 
 
-@pytest.mark.parametrize("unit", ["XB", "KiBB", "kilobytes", "Mi", "q", "KBB", "iB", "ｋ"])
+@pytest.mark.parametrize("unit", ["XB", "KiBB", "kilobytes", "Mi", "q", "KBB", "iB", "\uff4b"])
 def test_unknown_units(unit: str) -> None:
     assert unit_scale(unit) is None
     msg = err(head=f"  <currentMemory unit='{unit}'>1</currentMemory>\n")
@@ -713,7 +718,8 @@ def test_live_xml_id_and_state() -> None:
     assert again.seclabel("dac").label == "+107:+107"  # type: ignore[union-attr]
     assert again.to_xml(live=True) == live  # state kept when extra has none
     replaced = again.to_xml(live=True, extra={"taints": []})
-    assert replaced == live  # an empty list is no state at all: the old one stays
+    assert "pid=" not in replaced and "taints" not in replaced  # replaced by an empty state
+    assert parse_domain(replaced, live=True).state == {}
     replaced = again.to_xml(live=True, extra={"pid": 1})
     assert 'pid="1"' in replaced and "taints" not in replaced
     inactive = again.to_xml(live=False)
@@ -725,7 +731,7 @@ def test_live_xml_id_and_state() -> None:
 def test_live_xml_keeps_user_metadata() -> None:
     d = load("unknown.xml", live=True)
     live = d.to_xml(live=True, extra={"id": 3, "taints": ["custom-argv"]})
-    assert live.startswith('<domain type="kvm" id="3" ')
+    assert 'type="kvm" id="3" x:flag="on" futureattr="1">' in live
     inactive = parse_domain(live, live=True).to_xml()
     assert "<metadata>" in inactive and "app:info" in inactive and "vmconfine:state" not in inactive
 
@@ -742,3 +748,41 @@ def test_inactive_parse_ignores_id_and_live_rejects_bad_id() -> None:
 def test_live_extra_validation(extra: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         mk().to_xml(live=True, extra=extra)
+
+
+def test_live_xml_is_detected_without_a_flag() -> None:
+    """Status and journal copies are re-read with plain parse_domain(text, source)."""
+    d = load("seed-kvm-i686.xml")
+    sec = d.add_seclabel("selinux")
+    sec.label, sec.imagelabel = "u:r:svirt_t:s0:c5,c6", "u:object_r:svirt_image_t:s0:c5,c6"
+    journal_copy = d.to_xml(live=True)  # no extra: still marked live
+    assert f'<vmconfine:state xmlns:vmconfine="{VMCONFINE_NS}"/>' in journal_copy
+    again = parse_domain(journal_copy, "journal")
+    assert again.live and again.runtime_state() == {}
+    assert again.seclabel("selinux").label == "u:r:svirt_t:s0:c5,c6"  # type: ignore[union-attr]
+    assert parse_domain(journal_copy, live=False).seclabel("selinux").label is None  # type: ignore
+    # a config that merely has an id (e.g. virsh dumpxml output) is read as a config
+    config = mk(root_attrs="type='kvm' id='4'", extra=LABELLED)
+    assert (config.live, config.id, config.seclabel("selinux").label) == (  # type: ignore
+        False, None, None)
+    dumped = journal_copy.replace("<metadata>", "").replace("</metadata>", "")
+    dumped = re.sub(r"\s*<vmconfine:state[^>]*/>", "", dumped)
+    assert not parse_domain(dumped).live
+    assert parse_domain(dumped).seclabel("selinux").label is None  # type: ignore[union-attr]
+
+
+def test_status_state_mapping_round_trip() -> None:
+    d = load("seed-qemu-emulated.xml")
+    state = {"id": "3", "pid": "4242", "starttime": "", "taints": "custom-argv,high-privileges"}
+    status = d.to_xml(live=True, extra={"id": 3, "state": state})
+    back = parse_domain(status, "status.xml")
+    assert back.id == 3 and back.runtime_state() == state
+    got = back.runtime_state()
+    got["pid"] = "1"
+    assert back.runtime_state()["pid"] == "4242"  # a copy
+    state["taints"] = "custom-argv,high-privileges,custom-monitor"
+    rewritten = back.to_xml(live=True, extra={"id": back.id, "state": state})
+    assert parse_domain(rewritten).runtime_state()["taints"].endswith("custom-monitor")
+    assert rewritten.count("vmconfine:state") == 1
+    with pytest.raises(ValueError):
+        d.to_xml(live=True, extra={"state": {"bad key": "x"}})

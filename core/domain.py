@@ -1,0 +1,903 @@
+"""libvirt domain XML: safe parsing, a typed view for the drivers, and faithful serialisation.
+
+``parse_domain(data, source)`` parses with a hardened lxml parser (no entities, no DTD, no
+network, 10 MiB cap, NUL bytes refused) and keeps the lxml tree, so elements, attributes,
+namespaces and comments vmconfine does not model survive :meth:`Domain.to_xml`. Every error is
+``XMLError("<source>: line N: <what>")`` on one line.
+
+Parse modes follow libvirt. A *configuration* is read with libvirt's inactive rules: a dynamic
+``<seclabel>``'s ``<label>``/``<imagelabel>`` and every ``<imagelabel>`` are generated values, so
+they are dropped (libvirt ignores them), and ``<domain id=>`` is ignored. *Live* XML (status
+and journal copies written by ``to_xml(live=True)``) keeps labels, the id and vmconfine's runtime
+state. ``parse_domain(..., live=None)`` (the default) tells them apart by the
+``<metadata><vmconfine:state/>`` element every live output carries; pass ``live=True`` or
+``live=False`` to force a mode. (``virsh dumpxml`` output of a running libvirt domain has no
+such element and is read as a configuration, as ``virsh define`` would.)
+
+Views (``Domain``, ``OS``, ``Disk``...) are read from the tree at parse time; ``SecLabel`` is the
+exception: it reads and writes its ``<seclabel>`` element, so label generation is recorded in
+the tree and shows up in the live XML.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid as uuidlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from vmconfine.domain_devices import (
+    Chardev,
+    Controller,
+    DeviceSecLabel,
+    Disk,
+    Filesystem,
+    Graphics,
+    Hostdev,
+    Input,
+    Interface,
+    ParseContext,
+    Rng,
+    StorageSource,
+    Tpm,
+    child,
+    child_text,
+    children,
+    default_disk_bus,
+    find_device_seclabel,
+    int_attr,
+    one_line,
+    parse_dec_int,
+    parse_devices,
+    xml_error,
+    yes_no,
+)
+
+__all__ = [
+    "MAX_XML_BYTES",
+    "OS",
+    "QEMU_NS",
+    "VMCONFINE_NS",
+    "Chardev",
+    "Controller",
+    "DeviceSecLabel",
+    "Disk",
+    "Domain",
+    "Filesystem",
+    "Graphics",
+    "Hostdev",
+    "Input",
+    "Interface",
+    "Loader",
+    "Rng",
+    "SecLabel",
+    "StorageSource",
+    "Tpm",
+    "default_disk_bus",
+    "find_device_seclabel",
+    "memory_to_kib",
+    "parse_domain",
+    "unit_scale",
+]
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+VMCONFINE_NS = "https://vmconfine.dev/xmlns/1.0"
+MAX_XML_BYTES = 10 * 1024 * 1024
+VIRT_TYPES = ("qemu", "kvm")
+SECLABEL_TYPES = ("dynamic", "static", "none")
+BOOT_DEVS = ("fd", "cdrom", "hd", "network")
+LIFECYCLE_ACTIONS = ("destroy", "restart", "rename-restart", "preserve")
+CRASH_ACTIONS = (*LIFECYCLE_ACTIONS, "coredump-destroy", "coredump-restart")
+_LABEL_ORDER = ("label", "imagelabel", "baselabel")
+_LLONG_MAX = 2**63 - 1
+_NO_DTD = ("DOCTYPE and ENTITY declarations are refused in domain XML (no DTDs, no "
+           "entities); remove them")
+_BLANK = " \t\r\n"
+_NCNAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
+_ENV_FIRST = re.compile(r"[A-Za-z_]")
+_ENV_REST = re.compile(r"[A-Za-z0-9_]*")
+
+
+# --------------------------------------------------------------------------- units
+
+
+def unit_scale(unit: str | None) -> int | None:
+    """Bytes per unit with libvirt's rules (virScaleInteger), None for an unknown unit.
+
+    Case-insensitive; no unit = KiB; ``b``/``byte``/``bytes`` = 1; a bare letter or
+    letter+``iB`` (k, m, g, t, p, e) is a power of 1024; letter+``B`` is a power of 1000.
+    """
+    if not unit:
+        return 1024
+    u = unit.lower()
+    if u in ("b", "byte", "bytes"):
+        return 1
+    power = "kmgtpe".find(u[0]) + 1
+    if power == 0 or not u.isascii():
+        return None
+    if len(u) == 1 or u[1:] == "ib":
+        return 1024**power
+    if u[1:] == "b":
+        return 1000**power
+    return None
+
+
+def memory_to_kib(value: str, unit: str | None) -> int:
+    """``"2" GiB`` → 2097152: scale to bytes, cap at 2^63-1, round up to KiB (libvirt)."""
+    number = parse_dec_int(value)
+    if number is None or number < 0 or value.strip().startswith("-"):
+        raise ValueError(f"value '{one_line(value.strip(), 40)}' is not a non-negative integer")
+    scale = unit_scale(unit)
+    if scale is None:
+        raise ValueError(f"unknown unit '{one_line(unit or '', 20)}'; use b, KiB, MiB, GiB, "
+                         "TiB, KB, MB, GB or TB")
+    if number > _LLONG_MAX // scale:
+        raise ValueError(f"value {number} {unit or 'KiB'} is too large")
+    return -(-(number * scale) // 1024)
+
+
+# --------------------------------------------------------------------------- tree helpers
+
+
+def _ws(text: str | None) -> bool:
+    return text is None or text.strip(_BLANK) == ""
+
+
+def _indent_before(elem: etree._Element) -> str | None:
+    """Indentation of ``elem``'s line when the document is pretty-printed, else None."""
+    parent = elem.getparent()
+    if parent is None:
+        return ""
+    idx = parent.index(elem)
+    before = parent.text if idx == 0 else parent[idx - 1].tail
+    if before is None or not _ws(before) or "\n" not in before:
+        return None
+    return before[before.rfind("\n") + 1:]
+
+
+def insert_element(parent: etree._Element, index: int, elem: etree._Element) -> None:
+    """Insert ``elem`` at ``index`` keeping the surrounding indentation style."""
+    n = len(parent)
+    index = max(0, min(index, n))
+    if n == 0:
+        indent = _indent_before(parent)
+        parent.insert(0, elem)
+        if indent is not None and _ws(parent.text):
+            parent.text, elem.tail = "\n" + indent + "  ", "\n" + indent
+        return
+    if index < n:
+        before = parent.text if index == 0 else parent[index - 1].tail
+        parent.insert(index, elem)
+        elem.tail = before if _ws(before) else None
+        return
+    last = parent[n - 1]
+    inner = parent.text if n == 1 else parent[n - 2].tail
+    closing = last.tail
+    parent.append(elem)
+    if _ws(inner) and _ws(closing):
+        last.tail, elem.tail = inner, closing
+
+
+def remove_element(elem: etree._Element) -> None:
+    """Remove ``elem`` keeping the surrounding indentation (and any real tail text)."""
+    parent = elem.getparent()
+    if parent is None:
+        return
+    idx = parent.index(elem)
+    tail = elem.tail
+    last = idx == len(parent) - 1
+    parent.remove(elem)
+    if not _ws(tail):
+        if idx == 0:
+            parent.text = (parent.text or "") + (tail or "")
+        else:
+            parent[idx - 1].tail = (parent[idx - 1].tail or "") + (tail or "")
+    elif last:
+        if idx == 0:
+            parent.text = None
+        else:
+            parent[idx - 1].tail = tail
+
+
+# --------------------------------------------------------------------------- seclabels
+
+
+class SecLabel:
+    """A domain ``<seclabel>``, backed by its element: setting a field updates the tree.
+
+    Fields: ``model``, ``type`` ('dynamic'|'static'|'none'; model 'none' is always type none),
+    ``relabel`` (libvirt defaults: dynamic → True, static/none → False), ``label``,
+    ``imagelabel``, ``baselabel`` (None = element absent) and ``implicit`` (added by the stack,
+    not by the user; left out of the inactive XML).
+    """
+
+    def __init__(self, element: etree._Element, implicit: bool = False) -> None:
+        self.element = element
+        self.implicit = implicit
+
+    def __repr__(self) -> str:
+        return (f"SecLabel(model={self.model!r}, type={self.type!r}, relabel={self.relabel!r}, "
+                f"label={self.label!r}, imagelabel={self.imagelabel!r}, "
+                f"baselabel={self.baselabel!r}, implicit={self.implicit!r})")
+
+    @property
+    def model(self) -> str | None:
+        return self.element.get("model")
+
+    @model.setter
+    def model(self, value: str | None) -> None:
+        self._set_attr("model", value)
+
+    @property
+    def type(self) -> str:
+        if self.model == "none":
+            return "none"
+        return self.element.get("type", "dynamic")
+
+    @type.setter
+    def type(self, value: str) -> None:
+        if value not in SECLABEL_TYPES:
+            raise ValueError(f"seclabel type must be one of {SECLABEL_TYPES}, not {value!r}")
+        self.element.set("type", value)
+        if value == "dynamic":
+            self.relabel = True
+        elif value == "none":
+            self._set_attr("relabel", None)
+
+    @property
+    def relabel(self) -> bool:
+        raw = self.element.get("relabel")
+        if raw is None or self.type == "none":
+            return self.type == "dynamic"
+        return raw == "yes"
+
+    @relabel.setter
+    def relabel(self, value: bool) -> None:
+        self.element.set("relabel", "yes" if value else "no")
+
+    @property
+    def label(self) -> str | None:
+        return child_text(self.element, "label")
+
+    @label.setter
+    def label(self, value: str | None) -> None:
+        self._set_child("label", value)
+
+    @property
+    def imagelabel(self) -> str | None:
+        return child_text(self.element, "imagelabel")
+
+    @imagelabel.setter
+    def imagelabel(self, value: str | None) -> None:
+        self._set_child("imagelabel", value)
+
+    @property
+    def baselabel(self) -> str | None:
+        return child_text(self.element, "baselabel")
+
+    @baselabel.setter
+    def baselabel(self, value: str | None) -> None:
+        self._set_child("baselabel", value)
+
+    def _set_attr(self, name: str, value: str | None) -> None:
+        if value is None:
+            self.element.attrib.pop(name, None)
+        else:
+            self.element.set(name, value)
+
+    def _set_child(self, tag: str, value: str | None) -> None:
+        existing = child(self.element, tag)
+        if value is None:
+            if existing is not None:
+                remove_element(existing)
+            return
+        if existing is not None:
+            for sub in list(existing):
+                existing.remove(sub)
+            existing.text = value
+            return
+        new = etree.Element(tag)
+        new.text = value
+        rank = _LABEL_ORDER.index(tag)
+        index = 0
+        for i, sub in enumerate(self.element):
+            if sub.tag in _LABEL_ORDER and _LABEL_ORDER.index(sub.tag) < rank:
+                index = i + 1
+        insert_element(self.element, index, new)
+
+
+def _parse_seclabels(ctx: ParseContext, root: etree._Element) -> list[SecLabel]:
+    """Domain ``<seclabel>``s with libvirt's rules (virSecurityLabelDefParseXML)."""
+    out: list[SecLabel] = []
+    for el in children(root, "seclabel"):
+        model, raw_type = el.get("model"), el.get("type")
+        if raw_type is not None and raw_type not in SECLABEL_TYPES:
+            raise ctx.error(el, f"invalid security type '{raw_type}'; use dynamic, static or none")
+        if model == "none" and ctx.live and (raw_type or "dynamic") != "none":
+            raise ctx.error(el, f"unsupported type='{raw_type or 'dynamic'}' to model 'none'")
+        sec = SecLabel(el)
+        relabel = yes_no(ctx, el, "relabel", sec.type == "dynamic")
+        name = f"seclabel (model {model or 'unset'})"
+        if sec.type == "dynamic" and not relabel:
+            raise ctx.error(el, f"{name}: dynamic label type must use resource relabeling; "
+                                "remove relabel='no' or use type='static'/'none'")
+        if sec.type == "none" and relabel and model != "none":
+            raise ctx.error(el, f"{name}: resource relabeling is not compatible with 'none' "
+                                "label type; remove relabel='yes'")
+        if model is not None and any(o.model == model for o in out):
+            raise ctx.error(el, f"seclabel for model '{model}' is already provided; keep one")
+        if sec.type == "static" and sec.label is None:
+            raise ctx.error(el, f"{name}: missing <label> for static label type; add "
+                                "<label>...</label> or use type='dynamic'")
+        if sec.baselabel is not None and sec.type != "dynamic":
+            raise ctx.error(el, f"{name}: <baselabel> is only valid with type='dynamic'")
+        if model is None and not (sec.type == "none" or
+                                  (sec.type == "dynamic" and sec.baselabel is None)):
+            raise ctx.error(el, "missing security model in domain seclabel; add model=...")
+        if not ctx.live:  # generated values: libvirt's inactive parser ignores them
+            drop = ("imagelabel",) if sec.type == "static" else ("label", "imagelabel")
+            for tag in drop:
+                for sub in children(el, tag):
+                    remove_element(sub)
+        out.append(sec)
+    if len(out) > 1 and any(s.model is None for s in out):
+        missing = next(s for s in out if s.model is None)
+        raise ctx.error(missing.element, "missing security model when using multiple labels; "
+                                         "add model=... to every <seclabel>")
+    return out
+
+
+# --------------------------------------------------------------------------- os
+
+
+@dataclass
+class Loader:
+    """``<os><loader>``: firmware ``path``, ``readonly``, ``type`` (rom/pflash or None)."""
+
+    path: str | None
+    readonly: bool = False
+    type: str | None = None
+    secure: bool = False
+
+
+@dataclass
+class OS:
+    """``<os>``: guest type (hvm), arch/machine (None when not given), boot order, direct
+    kernel boot files, firmware loader and NVRAM file. ``boot_devs`` defaults to ['hd'] when
+    neither ``<boot dev>`` nor per-device ``<boot order>`` is given (libvirt)."""
+
+    type: str
+    arch: str | None = None
+    machine: str | None = None
+    boot_devs: list[str] = field(default_factory=list)
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    dtb: str | None = None
+    loader: Loader | None = None
+    nvram: str | None = None
+    nvram_template: str | None = None
+    firmware: str | None = None
+
+
+def _parse_os(ctx: ParseContext, root: etree._Element, device_boot: bool) -> OS:
+    os_el = child(root, "os")
+    type_el = child(os_el, "type") if os_el is not None else None
+    os_type = child_text(os_el, "type") if os_el is not None else None
+    if os_el is None or type_el is None or not os_type:
+        raise ctx.error(os_el if os_el is not None else root,
+                        "an os <type> must be specified; add <os><type>hvm</type></os>")
+    if os_type.strip() != "hvm":
+        raise ctx.error(type_el, f"os type '{one_line(os_type, 40)}' is not supported; QEMU "
+                                 "guests use <type>hvm</type>")
+    result = OS(type="hvm", arch=type_el.get("arch"), machine=type_el.get("machine"),
+                kernel=child_text(os_el, "kernel"), initrd=child_text(os_el, "initrd"),
+                cmdline=child_text(os_el, "cmdline"), dtb=child_text(os_el, "dtb"),
+                firmware=os_el.get("firmware"))
+    boots = children(os_el, "boot")
+    for boot in boots[: len(BOOT_DEVS)]:
+        dev = boot.get("dev")
+        if dev is None:
+            raise ctx.error(boot, "missing boot device; use <boot dev='hd'/>")
+        if dev not in BOOT_DEVS:
+            raise ctx.error(boot, f"unknown boot device '{dev}'; use fd, cdrom, hd or network")
+        result.boot_devs.append(dev)
+    if boots and device_boot:
+        raise ctx.error(boots[0], "per-device boot elements cannot be used together with "
+                                  "os/boot elements; keep one of them")
+    if not boots and not device_boot:
+        result.boot_devs = ["hd"]
+    loader = child(os_el, "loader")
+    if loader is not None:
+        result.loader = Loader(path=child_text(os_el, "loader"), type=loader.get("type"),
+                               readonly=yes_no(ctx, loader, "readonly", False),
+                               secure=yes_no(ctx, loader, "secure", False))
+    nvram = child(os_el, "nvram")
+    if nvram is not None:
+        source = child(nvram, "source")
+        result.nvram = source.get("file") if source is not None else (nvram.text or None)
+        result.nvram_template = nvram.get("template")
+    return result
+
+
+# --------------------------------------------------------------------------- the domain
+
+
+@dataclass(eq=False)
+class Domain:
+    """A parsed domain. ``tree`` is the lxml document (the source of truth for
+    :meth:`to_xml`); the other fields are views read from it at parse time.
+
+    ``uuid`` is lowercase canonical; ``uuid_generated`` is True when the XML had none and a
+    random one was generated (and written into the tree, as libvirt does). ``id`` is only read
+    in live mode. ``state`` holds vmconfine's runtime metadata (see :meth:`to_xml`).
+    """
+
+    tree: etree._ElementTree = field(repr=False)
+    source: str
+    name: str
+    uuid: str
+    virt_type: str
+    memory_kib: int
+    current_memory_kib: int
+    vcpus: int
+    os: OS
+    uuid_generated: bool = False
+    live: bool = False
+    id: int | None = None
+    title: str | None = None
+    description: str | None = None
+    max_memory_kib: int | None = None
+    vcpus_current: int | None = None
+    features: list[str] = field(default_factory=list)
+    clock_offset: str = "utc"
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+    emulator: str | None = None
+    disks: list[Disk] = field(default_factory=list)
+    chardevs: list[Chardev] = field(default_factory=list)
+    graphics: list[Graphics] = field(default_factory=list)
+    interfaces: list[Interface] = field(default_factory=list)
+    hostdevs: list[Hostdev] = field(default_factory=list)
+    inputs: list[Input] = field(default_factory=list)
+    controllers: list[Controller] = field(default_factory=list)
+    memballoon: str | None = None
+    tpms: list[Tpm] = field(default_factory=list)
+    rngs: list[Rng] = field(default_factory=list)
+    filesystems: list[Filesystem] = field(default_factory=list)
+    seclabels: list[SecLabel] = field(default_factory=list)
+    qemu_args: list[str] = field(default_factory=list)
+    qemu_env: list[tuple[str, str | None]] = field(default_factory=list)
+    state: dict[str, str | list[str]] = field(default_factory=dict)
+
+    @property
+    def root(self) -> etree._Element:
+        """The ``<domain>`` element."""
+        return self.tree.getroot()
+
+    def runtime_state(self) -> dict[str, str | list[str]]:
+        """A copy of the vmconfine runtime state read from live XML (``{}`` for a config)."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self.state.items()}
+
+    def seclabel(self, model: str) -> SecLabel | None:
+        """The domain seclabel for ``model``, or None."""
+        return next((s for s in self.seclabels if s.model == model), None)
+
+    def add_seclabel(self, model: str, type: str = "dynamic", implicit: bool = True,
+                     ) -> SecLabel:
+        """Add ``<seclabel type=.. model=.. relabel=..>`` (libvirt's position: after
+        ``<devices>``, after any other seclabel) and return its view."""
+        if type not in SECLABEL_TYPES:
+            raise ValueError(f"seclabel type must be one of {SECLABEL_TYPES}, not {type!r}")
+        if self.seclabel(model) is not None:
+            raise ValueError(f"domain {self.name!r} already has a seclabel for model {model!r}")
+        el = etree.Element("seclabel")
+        el.set("type", type)
+        el.set("model", model)
+        if type != "none":
+            el.set("relabel", "yes" if type == "dynamic" else "no")
+        root = self.root
+        if self.seclabels:
+            index = root.index(self.seclabels[-1].element) + 1
+        else:
+            devices = child(root, "devices")
+            later = [i for i, c in enumerate(root) if isinstance(c.tag, str) and
+                     (c.tag in ("keywrap", "launchSecurity") or c.tag.startswith("{"))]
+            index = (root.index(devices) + 1 if devices is not None
+                     else later[0] if later else len(root))
+        insert_element(root, index, el)
+        sec = SecLabel(el, implicit=implicit)
+        self.seclabels.append(sec)
+        return sec
+
+    def remove_seclabel(self, sec: SecLabel) -> None:
+        """Remove ``sec`` from the domain and the tree."""
+        self.seclabels.remove(sec)
+        remove_element(sec.element)
+
+    def to_xml(self, live: bool = False, extra: Mapping[str, object] | None = None) -> str:
+        """Serialise the tree (unknown elements, attributes, namespaces, comments included).
+
+        ``live=False`` gives the inactive (config) XML as libvirt does: no ``id``, implicit
+        seclabels left out, generated labels dropped (a dynamic seclabel's ``<label>`` and
+        every ``<imagelabel>``), device ``labelskip`` and vmconfine runtime state removed.
+
+        ``live=True`` gives the live XML: seclabels as ``<seclabel type model relabel>`` with
+        ``<label>``, ``<imagelabel>``, ``<baselabel>`` in libvirt's order, plus ``extra``:
+
+        - ``extra["id"]`` (int) → ``<domain type='..' id='N'>``;
+        - ``extra["state"]`` (a mapping) and every other key → ``<metadata><vmconfine:state
+          xmlns:vmconfine="https://vmconfine.dev/xmlns/1.0">``: a scalar becomes an attribute
+          ``key="value"`` (bool → yes/no; None is skipped), a list becomes one
+          ``<vmconfine:KEY value="item"/>`` per item. E.g. ``{"id": 3, "state": {"pid": 42},
+          "taints": ["custom-argv"]}`` → ``<vmconfine:state pid="42"><vmconfine:taints
+          value="custom-argv"/></vmconfine:state>``. Parsing gives it back as ``Domain.state``
+          / :meth:`runtime_state` (``{"pid": "42", "taints": ["custom-argv"]}``).
+
+        A state already in the tree is replaced when ``extra`` has state keys and kept
+        otherwise; live output always has a (possibly empty) ``<vmconfine:state>``, which is
+        how :func:`parse_domain` recognises live XML.
+        """
+        doc = copy.deepcopy(self.tree)
+        root = doc.getroot()
+        positions = {self.root.index(s.element): s for s in self.seclabels}
+        copies = {i: root[i] for i in positions}
+        if live:
+            _apply_live(root, extra or {})
+            for i, sec in positions.items():
+                _normalise_seclabel(copies[i], sec)
+        else:
+            root.attrib.pop("id", None)
+            for i, sec in positions.items():
+                el = copies[i]
+                if sec.implicit:
+                    remove_element(el)
+                    continue
+                drop = ("label", "imagelabel") if sec.type == "dynamic" else ("imagelabel",)
+                for tag in drop:
+                    for sub in children(el, tag):
+                        remove_element(sub)
+            for el in list(root.iter("seclabel")):
+                if el.getparent() is not root:
+                    el.attrib.pop("labelskip", None)
+            _drop_state(root)
+        return etree.tostring(doc, encoding="unicode")
+
+
+def _normalise_seclabel(el: etree._Element, sec: SecLabel) -> None:
+    """libvirt's live attribute order and an explicit relabel for non-none labels."""
+    attrs = dict(el.attrib)
+    el.attrib.clear()
+    el.set("type", sec.type)
+    if sec.model is not None:
+        el.set("model", sec.model)
+    if sec.type != "none":
+        el.set("relabel", "yes" if sec.relabel else "no")
+    for key, value in attrs.items():
+        if key not in ("type", "model", "relabel"):
+            el.set(key, value)
+
+
+def _metadata(root: etree._Element, create: bool) -> etree._Element | None:
+    meta = child(root, "metadata")
+    if meta is None and create:
+        meta = etree.Element("metadata")
+        anchors = [i for i, c in enumerate(root)
+                   if c.tag in ("name", "uuid", "genid", "title", "description")]
+        insert_element(root, anchors[-1] + 1 if anchors else 0, meta)
+    return meta
+
+
+def _drop_state(root: etree._Element) -> None:
+    meta = _metadata(root, create=False)
+    if meta is None:
+        return
+    states = meta.findall(f"{{{VMCONFINE_NS}}}state")
+    for st in states:
+        remove_element(st)
+    if states and len(meta) == 0 and _ws(meta.text):
+        remove_element(meta)
+
+
+def _state_text(key: str, value: object) -> str:
+    if not _NCNAME.fullmatch(key):
+        raise ValueError(f"to_xml extra key {key!r} is not a valid XML name")
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, str | int | float):
+        return str(value)
+    raise ValueError(f"to_xml extra[{key!r}] must be a str, int, bool or list of them")
+
+
+def _apply_live(root: etree._Element, extra: Mapping[str, object]) -> None:
+    dom_id = extra.get("id")
+    if dom_id is not None:
+        if isinstance(dom_id, bool) or not isinstance(dom_id, int) or dom_id < 0:
+            raise ValueError(f"to_xml extra['id'] must be a non-negative int, not {dom_id!r}")
+        attrs = dict(root.attrib)
+        root.attrib.clear()
+        root.set("type", attrs.pop("type", "kvm"))
+        root.set("id", str(dom_id))
+        attrs.pop("id", None)
+        for key, value in attrs.items():
+            root.set(key, value)
+    state: dict[str, object] = {}
+    for key, value in extra.items():
+        if key == "state" and isinstance(value, Mapping):
+            state.update(value)
+        elif key != "id":
+            state[key] = value
+    state = {k: v for k, v in state.items() if v is not None}
+    if not state and _find_state(root) is not None:
+        return
+    st = etree.Element(f"{{{VMCONFINE_NS}}}state", nsmap={"vmconfine": VMCONFINE_NS})
+    items: list[etree._Element] = []
+    for key, value in state.items():
+        if isinstance(value, list | tuple):
+            for item in value:
+                sub = etree.Element(f"{{{VMCONFINE_NS}}}{key}")
+                sub.set("value", _state_text(key, item))
+                items.append(sub)
+        else:
+            st.set(key, _state_text(key, value))
+    _drop_state(root)
+    meta = _metadata(root, create=True)
+    assert meta is not None
+    insert_element(meta, len(meta), st)
+    for sub in items:
+        insert_element(st, len(st), sub)
+
+
+def _find_state(root: etree._Element) -> etree._Element | None:
+    meta = child(root, "metadata")
+    return meta.find(f"{{{VMCONFINE_NS}}}state") if meta is not None else None
+
+
+def _read_state(root: etree._Element) -> dict[str, str | list[str]]:
+    st = _find_state(root)
+    if st is None:
+        return {}
+    out: dict[str, str | list[str]] = dict(st.attrib)
+    for sub in st:
+        if isinstance(sub.tag, str) and sub.tag.startswith(f"{{{VMCONFINE_NS}}}"):
+            key = etree.QName(sub).localname
+            values = out.setdefault(key, [])
+            if isinstance(values, list):
+                values.append(sub.get("value", ""))
+    return out
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _line_of(raw: bytes, offset: int) -> int:
+    return raw.count(b"\n", 0, offset) + 1
+
+
+def _safe_tree(data: bytes | str, source: str) -> etree._ElementTree:
+    """Parse untrusted XML: size cap, NUL bytes, DOCTYPE/entities refused, no network."""
+    forced: str | None = None
+    if isinstance(data, str):
+        try:
+            raw = data.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            line = data.count("\n", 0, exc.start) + 1
+            raise xml_error(source, line, "domain XML contains an unencodable character "
+                                          "(a lone surrogate); pass valid text") from None
+        forced = "utf-8"
+    elif isinstance(data, bytes | bytearray | memoryview):
+        raw = bytes(data)
+    else:
+        raise TypeError(f"parse_domain needs bytes or str, not {type(data).__name__}")
+    if len(raw) > MAX_XML_BYTES:
+        raise xml_error(source, _line_of(raw, MAX_XML_BYTES), f"domain XML is {len(raw)} "
+                        "bytes, over the 10 MiB limit; a domain definition is never this "
+                        "large, check the file")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise xml_error(source, _line_of(raw, nul), "NUL byte in domain XML; the file is "
+                                                    "binary or not UTF-8 text")
+    for marker in (b"<!DOCTYPE", b"<!ENTITY"):
+        pos = raw.find(marker)
+        if pos >= 0:
+            raise xml_error(source, _line_of(raw, pos), _NO_DTD)
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                             huge_tree=False, dtd_validation=False, attribute_defaults=False,
+                             remove_comments=False, remove_pis=False,
+                             remove_blank_text=False, encoding=forced)
+    try:
+        root = etree.fromstring(raw, parser)
+    except etree.XMLSyntaxError as exc:
+        msg = re.sub(r",? line \d+, column \d+$", "", exc.msg or "syntax error").strip()
+        raise xml_error(source, exc.lineno or 1, f"malformed XML: {msg}") from None
+    if root is None:
+        raise xml_error(source, 1, "malformed XML: document is empty")
+    tree = root.getroottree()
+    info = tree.docinfo
+    if (info.internalDTD is not None or info.externalDTD is not None or info.system_url
+            or info.public_id or any(True for _ in root.iter(etree.Entity))):
+        raise xml_error(source, 1, _NO_DTD)
+    return tree
+
+
+def _parse_uuid(text: str) -> str | None:
+    """libvirt's virUUIDParse: 32 hex digits, '-' or ' ' between byte pairs, blanks around."""
+    s = text.strip(_BLANK)
+    digits: list[str] = []
+    i = 0
+    while len(digits) < 16:
+        if i >= len(s):
+            return None
+        if s[i] in "- ":
+            i += 1
+            continue
+        pair = s[i:i + 2]
+        if len(pair) < 2 or not all(c in "0123456789abcdefABCDEF" for c in pair):
+            return None
+        digits.append(pair.lower())
+        i += 2
+    if s[i:]:
+        return None
+    return str(uuidlib.UUID("".join(digits)))
+
+
+def _memory(ctx: ParseContext, el: etree._Element | None, what: str,
+            value: str | None = None) -> int | None:
+    if el is None:
+        return None
+    text = value if value is not None else "".join(el.itertext())
+    try:
+        return memory_to_kib(text, el.get("unit"))
+    except ValueError as exc:
+        raise ctx.error(el, f"{what}: {exc}") from None
+
+
+def _parse_name(ctx: ParseContext, root: etree._Element) -> str:
+    name_el = child(root, "name")
+    name = child_text(root, "name")
+    if name is None:
+        raise ctx.error(name_el if name_el is not None else root,
+                        "missing domain name; add <name>...</name>")
+    if "/" in name:
+        raise ctx.error(name_el, f"domain name '{one_line(name, 80)}' must not contain '/'")
+    if "\n" in name:
+        raise ctx.error(name_el, "domain name must not contain a newline (invalid char 0x0a)")
+    return name
+
+
+def _lifecycle(ctx: ParseContext, root: etree._Element, tag: str, default: str,
+               allowed: tuple[str, ...]) -> str:
+    el = child(root, tag)
+    if el is None:
+        return default
+    value = (el.text or "").strip(_BLANK)
+    if value not in allowed:
+        raise ctx.error(el, f"invalid <{tag}> action '{value}'; use one of {', '.join(allowed)}")
+    return value
+
+
+def _parse_qemu_namespace(ctx: ParseContext, root: etree._Element,
+                          ) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """``<qemu:commandline>`` args and env, with libvirt's env-name rules."""
+    args: list[str] = []
+    env: list[tuple[str, str | None]] = []
+    for cmd in root.findall(f"{{{QEMU_NS}}}commandline"):
+        for arg in cmd.findall(f"{{{QEMU_NS}}}arg"):
+            value = arg.get("value")
+            if value is None:
+                raise ctx.error(arg, "No qemu command-line argument specified; "
+                                     "use <qemu:arg value='...'/>")
+            args.append(value)
+        for var in cmd.findall(f"{{{QEMU_NS}}}env"):
+            name = var.get("name")
+            if name is None:
+                raise ctx.error(var, "No qemu environment name specified")
+            if name == "":
+                raise ctx.error(var, "Empty qemu environment name specified")
+            if not _ENV_FIRST.match(name[0]):
+                raise ctx.error(var, "Invalid environment name, it must begin with a letter "
+                                     f"or underscore: '{one_line(name, 60)}'")
+            if not _ENV_REST.fullmatch(name[1:]):
+                raise ctx.error(var, "Invalid environment name, it must contain only "
+                                     f"alphanumerics and underscore: '{one_line(name, 60)}'")
+            env.append((name, var.get("value")))
+    return args, env
+
+
+def parse_domain(data: bytes | str, source: str = "<stdin>", *,
+                 live: bool | None = None) -> Domain:
+    """Parse and validate domain XML. ``live``: None = detect (live XML carries
+    ``<vmconfine:state>``), True = live/status rules, False = configuration rules.
+
+    Raises :class:`vmconfine.errors.XMLError` ("<source>: line N: <what>") for malformed or
+    hostile input and for invalid definitions.
+    """
+    tree = _safe_tree(data, source)
+    root = tree.getroot()
+    if root.tag != "domain":
+        tag = root.tag if isinstance(root.tag, str) else "?"
+        raise ParseContext(source, False).error(root, f"root element is <{tag}>, expected "
+                                                      "<domain>")
+    if live is None:
+        live = _find_state(root) is not None
+    ctx = ParseContext(source, live)
+    virt_type = root.get("type")
+    if virt_type is None:
+        raise ctx.error(root, "<domain> has no type attribute; use type='kvm' or type='qemu'")
+    if virt_type not in VIRT_TYPES:
+        raise ctx.error(root, f"domain type '{virt_type}' is not supported; vmconfine runs "
+                              "type='kvm' or type='qemu'")
+    name = _parse_name(ctx, root)
+    uuid_el = child(root, "uuid")
+    uuid_text = child_text(root, "uuid")
+    generated = uuid_text is None
+    if uuid_text is None:
+        uuid = str(uuidlib.uuid4())
+        if uuid_el is None:
+            uuid_el = etree.Element("uuid")
+            name_el = child(root, "name")
+            insert_element(root, root.index(name_el) + 1 if name_el is not None else 0, uuid_el)
+        uuid_el.text = uuid
+    else:
+        parsed = _parse_uuid(uuid_text)
+        if parsed is None:
+            raise ctx.error(uuid_el, f"malformed uuid '{one_line(uuid_text, 80)}'; expected 32 "
+                                     "hex digits such as 4dea24b3-1d52-d8f3-2516-782e98a23fa0")
+        uuid = parsed
+        if uuid_el is not None and uuid_el.text != uuid and len(uuid_el) == 0:
+            uuid_el.text = uuid  # libvirt writes the canonical form
+    memory = _memory(ctx, child(root, "memory"), "<memory>")
+    cells = root.findall("cpu/numa/cell")
+    if cells:
+        memory = sum(_memory(ctx, c, "<numa> cell memory", c.get("memory", "")) or 0
+                     for c in cells)
+    if not memory:
+        raise ctx.error(root, "Memory size must be specified via <memory> or in the <numa> "
+                              "configuration; add e.g. <memory unit='MiB'>512</memory>")
+    current = _memory(ctx, child(root, "currentMemory"), "<currentMemory>")
+    if not current or current > memory:
+        current = memory  # libvirt clamps currentMemory to the total
+    vcpus, vcpus_current = 1, None
+    vcpu_el = child(root, "vcpu")
+    if vcpu_el is not None:
+        text = "".join(vcpu_el.itertext())
+        count = parse_dec_int(text)
+        if count is None or count < 0:
+            raise ctx.error(vcpu_el, f"maximum vcpus count must be an integer, not "
+                                     f"'{one_line(text.strip(), 40)}'")
+        if count == 0:
+            raise ctx.error(vcpu_el, "a domain needs at least 1 vCPU")
+        vcpus = count
+        vcpus_current = int_attr(ctx, vcpu_el, "current", "current vcpus count")
+        if vcpus_current is not None and not 0 < vcpus_current <= vcpus:
+            raise ctx.error(vcpu_el, f"current vcpus ({vcpus_current}) must be between 1 and "
+                                     f"the maximum ({vcpus})")
+    devices = parse_devices(ctx, child(root, "devices"))
+    device_boot = any(b.get("order") is not None for b in root.iterfind("devices/*/boot"))
+    features_el = child(root, "features")
+    dom = Domain(
+        tree=tree, source=source, name=name, uuid=uuid, uuid_generated=generated,
+        virt_type=virt_type, live=live, memory_kib=memory, current_memory_kib=current,
+        vcpus=vcpus, vcpus_current=vcpus_current, os=_parse_os(ctx, root, device_boot),
+        id=int_attr(ctx, root, "id", "domain id", signed=True) if live else None,
+        title=child_text(root, "title"), description=child_text(root, "description"),
+        max_memory_kib=_memory(ctx, child(root, "maxMemory"), "<maxMemory>"),
+        features=[etree.QName(c).localname for c in features_el if isinstance(c.tag, str)]
+        if features_el is not None else [],
+        clock_offset=(child(root, "clock").get("offset", "utc")
+                      if child(root, "clock") is not None else "utc"),
+        on_poweroff=_lifecycle(ctx, root, "on_poweroff", "destroy", LIFECYCLE_ACTIONS),
+        on_reboot=_lifecycle(ctx, root, "on_reboot", "restart", LIFECYCLE_ACTIONS),
+        on_crash=_lifecycle(ctx, root, "on_crash", "destroy", CRASH_ACTIONS),
+        emulator=devices.emulator, disks=devices.disks, chardevs=devices.chardevs,
+        graphics=devices.graphics, interfaces=devices.interfaces, hostdevs=devices.hostdevs,
+        inputs=devices.inputs, controllers=devices.controllers,
+        memballoon=devices.memballoon, tpms=devices.tpms, rngs=devices.rngs,
+        filesystems=devices.filesystems, seclabels=_parse_seclabels(ctx, root),
+        state=_read_state(root))
+    dom.qemu_args, dom.qemu_env = _parse_qemu_namespace(ctx, root)
+    return dom

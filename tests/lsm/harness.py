@@ -9,7 +9,7 @@ initramfs, private SELinux policy) into the cache dir; ``docs/lsm-tier.md`` expl
 API
 ---
 ``run_in_guest(lsm, test_path, *, timeout=240, extra_env=None, pytest_args=(), results_dir=None,
-kernel=None, memory_mib=512) -> GuestResult``
+kernel=None, memory_mib=512, writable=DEFAULT_WRITABLE) -> GuestResult``
     Boot a kernel with ``lsm`` ("apparmor" or "selinux") enforcing and run
     ``<repo>/.venv/bin/python -m pytest -p no:cacheprovider -m lsm_guest <test_path>`` inside it,
     from the checkout, as root. ``test_path`` is a path (absolute, or relative to the checkout)
@@ -18,6 +18,21 @@ kernel=None, memory_mib=512) -> GuestResult``
 
 ``run_script_in_guest(lsm, script, *, ...same keywords...) -> GuestResult``
     The primitive underneath: run a ``/bin/sh`` script text instead of pytest.
+
+Keywords: ``timeout`` (seconds for the whole boot; QEMU is killed at the deadline),
+``extra_env`` (exported in the guest), ``pytest_args`` (appended before the path),
+``results_dir`` (host dir shared read-write; default a fresh ``/tmp/vmconfine-lsm-*`` that the
+caller removes, so pass pytest's ``tmp_path``), ``kernel`` (a ``GuestKernel``; default read from
+the cache), ``memory_mib`` (guest RAM), ``writable`` (top-level dirs given a RAM overlay; add
+e.g. ``"work"`` to make the checkout writable, inside the guest only).
+
+Typical use from a host-side test (the ``guest_kernel`` fixture is in tests/lsm/conftest.py)::
+
+    @pytest.mark.lsm
+    def test_profile_confines(guest_kernel, tmp_path):
+        result = run_in_guest("apparmor", "tests/lsm/guest_apparmor.py",
+                              kernel=guest_kernel, results_dir=tmp_path)
+        assert result.exit_code == 0, result.tail()
 
 ``GuestResult(exit_code, output, results_dir, timed_out)``
     ``exit_code`` is the guest command's status, or ``EXIT_TIMEOUT`` (124: QEMU was killed at
@@ -61,9 +76,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmconfine.errors import VmconfineError
-
 from tests.support import REPO
+from vmconfine.errors import VmconfineError
 
 LSMS = ("apparmor", "selinux")
 DEFAULT_CACHE = Path("/var/cache/vmconfine-lsm")
@@ -114,7 +128,8 @@ class GuestKernel:
         try:
             text = manifest.read_text()
         except OSError as exc:
-            raise GuestSetupError(f"lsm guest manifest {manifest} unreadable ({exc}); {fix}") from exc
+            message = f"lsm guest manifest {manifest} unreadable: {exc.strerror}; {fix}"
+            raise GuestSetupError(message) from exc
         values = dict(
             line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#"
         )
@@ -122,7 +137,7 @@ class GuestKernel:
         initrd = Path(values.get("INITRD", ""))
         for what, path in (("kernel", kernel), ("initramfs", initrd)):
             if not path.is_file():
-                raise GuestSetupError(f"lsm guest {what} {path} listed in {manifest} is missing; {fix}")
+                raise GuestSetupError(f"lsm guest {what} {path} ({manifest}) is missing; {fix}")
         se_root = values.get("SELINUX_ROOT") or None
         se_policy = values.get("SELINUX_POLICY") or None
         return cls(
@@ -185,6 +200,7 @@ def run_in_guest(
     results_dir: Path | None = None,
     kernel: GuestKernel | None = None,
     memory_mib: int = 512,
+    writable: Iterable[str] = DEFAULT_WRITABLE,
 ) -> GuestResult:
     """Run the ``lsm_guest`` tests of ``test_path`` with pytest inside an ``lsm`` guest."""
     path_part, sep, node = test_path.partition("::")
@@ -192,7 +208,7 @@ def run_in_guest(
     if not target.is_absolute():
         target = REPO / target
     if not target.exists():
-        raise GuestSetupError(f"guest test path {target} does not exist; pass a path in the checkout")
+        raise GuestSetupError(f"guest test path {target} does not exist; pass one in the checkout")
     venv_python = REPO / ".venv" / "bin" / "python"
     python = venv_python if venv_python.exists() else Path(sys.executable)
     argv = [
@@ -202,7 +218,7 @@ def run_in_guest(
     script = f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(argv)}\n"
     return run_script_in_guest(
         lsm, script, timeout=timeout, extra_env=extra_env, results_dir=results_dir,
-        kernel=kernel, memory_mib=memory_mib,
+        kernel=kernel, memory_mib=memory_mib, writable=writable,
     )
 
 
@@ -271,7 +287,8 @@ def _guest_script(lsm: str, script: str, extra_env: Mapping[str, str], kernel: G
             "# load the private policy (stock refpolicy + lsmtest.cil), then enforce",
             "vmconfine_selinux_setup() {",
             "  mkdir -p /etc/selinux/default || return 1",
-            "  printf 'SELINUX=permissive\\nSELINUXTYPE=default\\n' > /etc/selinux/config || return 1",
+            "  echo SELINUX=permissive > /etc/selinux/config || return 1",
+            "  echo SELINUXTYPE=default >> /etc/selinux/config || return 1",
             f"  cp -R {src}/. /etc/selinux/default/ || return 1",
             "  load_policy || return 1",
             "  setenforce 1 || return 1",

@@ -101,6 +101,7 @@ def bindir(tmp_path: Path) -> Path:
 @pytest.fixture(autouse=True)
 def no_image_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chain, "read_image_header", fake_header)
+    monkeypatch.setattr(chain, "path_exists", lambda path: True)
 
 
 def build(case: str, bindir: Path, *, symbolic: bool = True) -> QemuCommand:
@@ -242,26 +243,36 @@ def test_boot_order(bindir: Path) -> None:
     assert (by_id["ide0-1-0"], by_id["virtio-disk0"]) == (1, 2)
 
 
-def test_monitor_and_symbolic_fd(bindir: Path) -> None:
+def test_monitors_and_inherited_fds(bindir: Path) -> None:
     domain = parse_domain(corpus_xml("qemu-pc"))
-    paths = dataclasses.replace(command_paths("qemu-pc"), monitor_fd=7)
-    cfg = config_for("qemu-pc", bindir)
-    real = build_command(domain, cfg, paths)
-    shown = build_command(domain, cfg, paths, symbolic=True)
-    assert "socket,id=charmonitor,fd=7,server=on,wait=off" in real.args
-    assert "socket,id=charmonitor,fd=@MONITOR_FD@,server=on,wait=off" in shown.args
-    assert real.pass_fds == [7]
-    plain = build("qemu-pc", bindir)
-    assert opts(plain, "-chardev")[0] == (
+    paths = dataclasses.replace(command_paths("qemu-pc"),
+                                user_monitor_socket="/run/vmc/domain-qemu-pc/monitor-user.sock")
+    cmd = build_command(domain, config_for("qemu-pc", bindir), paths)
+    assert opts(cmd, "-chardev") == [
         "socket,id=charmonitor,path=/run/vmconfine/qemu/domain-qemu-pc/monitor.sock,"
-        "server=on,wait=off")
-    assert opts(plain, "-mon") == ["chardev=charmonitor,id=monitor,mode=control"]
+        "server=on,wait=off",
+        "socket,id=charusermonitor,path=/run/vmc/domain-qemu-pc/monitor-user.sock,"
+        "server=on,wait=off"]
+    assert opts(cmd, "-mon") == ["chardev=charmonitor,id=monitor,mode=control",
+                                 "chardev=charusermonitor,id=usermonitor,mode=control"]
+    # `run` passes the listening sockets it created; only the monitor arguments change
+    with_fds = cmd.argv(fds=[7, 9])
+    assert opts(QemuCommand(cmd.env, cmd.emulator, with_fds[1:]), "-chardev") == [
+        "socket,id=charmonitor,fd=7,server=on,wait=off",
+        "socket,id=charusermonitor,fd=9,server=on,wait=off"]
+    changed = [i for i, (x, y) in enumerate(zip(cmd.argv(), with_fds, strict=True)) if x != y]
+    assert len(changed) == 2
+    assert "fd=7" in cmd.format_native(fds=[7, 9]) and "fd=" not in cmd.format_native()
+    with pytest.raises(ValueError, match="expected 2 monitor fds"):
+        cmd.argv(fds=[7])
+    # domxml-to-native (symbolic) prints the same line run would log
+    shown = build_command(domain, config_for("qemu-pc", bindir), paths, symbolic=True)
+    assert shown.format_native() == cmd.format_native()
 
 
 def test_commas_in_paths_are_escaped(bindir: Path) -> None:
     cmd = build("quoting", bindir)
     assert "file,id=charserial0,path=/var/lib/vmconfine/images/serial log,,1.txt" in cmd.args
-    assert "'/var/lib/vmconfine/images/it'\"'\"'s a disk, really.img'" not in cmd.args
     assert any(n.get("filename") == "/var/lib/vmconfine/images/it's a disk, really.img"
                for n in blockdevs(cmd))
 

@@ -144,9 +144,16 @@ def test_chain_from_xml_is_used_and_empty_backingstore_stops(tmp_path: Path,
         ("/nonexistent/overlay.qcow2", "qcow2"), (str(img), "qcow2"), (str(base), "raw")]
 
 
-def test_unreadable_image_names_the_path(tmp_path: Path, qemu_img: str) -> None:
-    with pytest.raises(BackingChainError, match=str(tmp_path / "missing.qcow2")):
+def test_missing_image_names_the_path(tmp_path: Path, qemu_img: str) -> None:
+    with pytest.raises(BackingChainError, match="does not exist") as err:
         resolve_chain(top(tmp_path / "missing.qcow2", "qcow2"))
+    assert str(tmp_path / "missing.qcow2") in str(err.value)
+
+
+def test_missing_backing_file_is_an_error(tmp_path: Path, qemu_img: str) -> None:
+    img = mkqcow2(tmp_path / "top.qcow2", qemu_img, str(tmp_path / "gone.img"), "raw")
+    with pytest.raises(BackingChainError, match=str(tmp_path / "gone.img")):
+        resolve_chain(top(img, "qcow2"))
 
 
 def test_wrong_declared_format_is_not_guessed(tmp_path: Path, qemu_img: str) -> None:

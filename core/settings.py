@@ -40,7 +40,7 @@ SYSTEM_ACCOUNT = "vmconfine-qemu"
 #: libvirt's cgroup controller names (``virCgroupController``).
 CGROUP_CONTROLLERS = (
     "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "net_cls",
-    "perf_event", "name=systemd",
+    "perf_event", "name=systemd", "pids",
 )
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -101,6 +101,8 @@ class QemuConfig:
     cgroup_device_acl_extra: list[str] = field(default_factory=list)
     #: cgroup partition for domains whose XML has no <resource><partition> (libvirt's default).
     cgroup_partition: str = "/machine"
+    #: Device filter backend: "auto" (cgroup v2 BPF when available, else v1), "v1" or "v2".
+    cgroup_devices_backend: str = "auto"
     #: Directories searched for qemu-system-* when the domain XML has no <emulator>.
     emulator_search_path: list[str] = field(
         default_factory=lambda: ["/usr/bin", "/usr/local/bin"]
@@ -325,6 +327,7 @@ _SPECS: dict[str, _Spec] = {
     "dbus_daemon": _Spec("string"),
     "cgroup_device_acl_extra": _Spec("strlist", _absolute),
     "cgroup_partition": _Spec("string", _partition),
+    "cgroup_devices_backend": _Spec("string", _enum("auto", "v1", "v2")),
     "emulator_search_path": _Spec("strlist", _absolute),
     "apparmor_profile_dir": _Spec("string", _absolute),
     "apparmor_profile_prefix": _Spec("string", _pattern(r"[A-Za-z0-9][A-Za-z0-9_.-]*",

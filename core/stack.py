@@ -83,9 +83,11 @@ class Driver:
             caller = pm.subset_hook_caller(hook, others)
             self._callers[hook] = caller
         result = caller(**kwargs)
-        if isinstance(result, list):  # non-firstresult hooks return a list of one result
-            return result[0] if result else None
-        return result
+        spec = caller.spec
+        if spec is not None and spec.opts.get("firstresult"):
+            return result
+        # other hooks return the list of results of their (single) implementation
+        return result[0] if result else None
 
     @property
     def model(self) -> str:
@@ -184,11 +186,12 @@ class Stack:
                     "security_require_confined = 0 or configure a security driver"
                 )
             if explicit and default_confined:
+                # libvirt clears DEFAULT_CONFINED on the "none" manager only; DAC (a manager
+                # of its own) still generates implicit labels
                 log.info(
                     'Configured security driver "none" disables default policy to create '
                     "confined guests"
                 )
-            default_confined = False
         if host.privileged:
             info = host.registry.get("dac")
             if info is None:

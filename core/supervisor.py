@@ -136,6 +136,11 @@ class _Supervisor:
             if self.on_ready is not None:
                 self.on_ready(self.l)
             await self.exited.wait()
+            # QEMU writes SHUTDOWN just before it exits: let the event reader drain the socket
+            for _ in range(100):
+                if self.shutdown_event is not None or events_task.done():
+                    break
+                await asyncio.sleep(0.005)
         except BaseException:
             kill_process(self.l.pid, self.l.starttime)
             raise

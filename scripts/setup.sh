@@ -13,6 +13,8 @@ APT_PACKAGES=(
   attr acl                              # getfattr/setfattr for inspecting remembered owners
   busybox-static cpio kmod              # lsm test tier: initramfs of the booted kernel
   selinux-policy-default selinux-utils policycoreutils semodule-utils secilc checkpolicy
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the peer: tests and benchmarks
+  util-linux                            # setpriv, losetup
   ca-certificates
 )
 
@@ -49,6 +51,13 @@ fi
 if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+pip_log=$(mktemp)
+if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' >"$pip_log" 2>&1; then
+  cat "$pip_log" >&2
+  rm -f "$pip_log"
+  echo "error: installing vmconfine into .venv failed (see above)" >&2
+  exit 1
+fi
+rm -f "$pip_log"
 .venv/bin/vmconfine --version >/dev/null
 echo "vmconfine is set up: .venv/bin/vmconfine"

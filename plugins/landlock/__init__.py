@@ -1,1 +1,30 @@
-"""vmconfine's built-in landlock driver."""
+"""vmconfine's built-in ``landlock`` driver: unprivileged Landlock confinement of QEMU.
+
+Registered through the ``vmconfine`` entry-point group, like any third-party driver. See
+docs/landlock.md for the ruleset model and what it restricts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vmconfine.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from vmconfine.context import HostContext
+    from vmconfine.registry import DriverRegistry
+
+
+def _factory(host: HostContext) -> object:
+    from vmconfine_landlock.driver import LandlockDriver
+
+    return LandlockDriver(host)
+
+
+@hookimpl
+def vmconfine_register_drivers(registry: DriverRegistry) -> None:
+    """Register the ``landlock`` security driver."""
+    registry.add(
+        "landlock", _factory,
+        "Landlock: unprivileged per-domain filesystem, TCP and IPC confinement (kernel >= 5.13)",
+    )

@@ -64,7 +64,8 @@ class DomainContext:
         """Every host path QEMU will open, from the same model the argv is built from."""
         from vmconfine.resources import domain_resources
 
-        return domain_resources(self.domain, self.runtime_dir)
+        return domain_resources(self.domain, self.runtime_dir,
+                                self.host.instance.domain_lib_dir(self.domain.name))
 
     @property
     def runtime_dir(self) -> Path:

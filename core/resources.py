@@ -54,7 +54,7 @@ class Resource:
         return None
 
 
-def _disk_resources(disk: Disk) -> list[Resource]:
+def disk_resources(disk: Disk) -> list[Resource]:
     if disk.source is None or disk.type not in ("file", "block"):
         if disk.type == "dir":
             log.warning("disk %s: directory disks are not relabelled", disk.target)
@@ -123,7 +123,7 @@ def vfio_group_path(hostdev: Hostdev) -> str | None:
         return None
 
 
-def _hostdev_resources(hostdev: Hostdev) -> list[Resource]:
+def hostdev_resources(hostdev: Hostdev) -> list[Resource]:
     if hostdev.type == "usb":
         path = usb_device_path(hostdev)
         return [Resource(path or "", "hostdev", "rw", hostdev=hostdev)] if path else []
@@ -136,7 +136,7 @@ def _hostdev_resources(hostdev: Hostdev) -> list[Resource]:
     return []
 
 
-def _chardev_resources(domain: Domain) -> list[Resource]:
+def chardev_resources(domain: Domain) -> list[Resource]:
     out: list[Resource] = []
     for chardev in domain.chardevs:
         path = chardev.path
@@ -158,14 +158,19 @@ def _chardev_resources(domain: Domain) -> list[Resource]:
     return out
 
 
-def domain_resources(domain: Domain, runtime_dir: Path | None = None) -> list[Resource]:
-    """All resources of ``domain``, in libvirt's DAC SetAllLabel order."""
+def domain_resources(domain: Domain, runtime_dir: Path | None = None,
+                     home_dir: Path | None = None) -> list[Resource]:
+    """All resources of ``domain``, in libvirt's DAC SetAllLabel order.
+
+    ``runtime_dir`` (sockets) and ``home_dir`` (QEMU's HOME) are the per-domain directories
+    the pipeline creates and removes; they have the role ``runtime_dir``.
+    """
     out: list[Resource] = []
     for disk in domain.disks:
-        out.extend(_disk_resources(disk))
+        out.extend(disk_resources(disk))
     for hostdev in domain.hostdevs:
-        out.extend(_hostdev_resources(hostdev))
-    out.extend(_chardev_resources(domain))
+        out.extend(hostdev_resources(hostdev))
+    out.extend(chardev_resources(domain))
     for g in domain.graphics:
         if g.type == "vnc" and g.socket:
             out.append(Resource(g.socket, "graphics", "rw", source=g, create=True))
@@ -181,8 +186,9 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None) -> list[Re
         path = getattr(os_, role)
         if path:
             out.append(Resource(path, role, "ro", readonly=True))
-    if runtime_dir is not None:
-        out.append(Resource(str(runtime_dir), "runtime_dir", "rw", is_dir=True, create=True))
+    for d in (runtime_dir, home_dir):
+        if d is not None:
+            out.append(Resource(str(d), "runtime_dir", "rw", is_dir=True, create=True))
     nodes = list(BASE_DEVNODES)
     if domain.virt_type == "kvm":
         nodes.append("/dev/kvm")

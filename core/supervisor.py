@@ -137,7 +137,7 @@ class _Supervisor:
                 self.on_ready(self.l)
             await self.exited.wait()
             # QEMU writes SHUTDOWN just before it exits: let the event reader drain the socket
-            for _ in range(100):
+            for _ in range(200):
                 if self.shutdown_event is not None or events_task.done():
                     break
                 await asyncio.sleep(0.005)
@@ -177,6 +177,11 @@ class _Supervisor:
         if destroyed:
             return Outcome("destroyed", "destroyed", code)
         if reason_qemu == "guest-shutdown" or (self.stop_requested and code == 0):
+            return Outcome("guest-shutdown", "guest powered off", code)
+        if not reason_qemu and code == 0 and "terminating on signal" not in log_tail(
+                self.l.log_path, 3):
+            # the SHUTDOWN event was lost in the exit race: a clean exit that no signal
+            # caused is a guest power-off
             return Outcome("guest-shutdown", "guest powered off", code)
         if reason_qemu == "guest-panic":
             return Outcome("crashed", "the guest panicked", code)

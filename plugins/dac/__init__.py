@@ -1,1 +1,24 @@
-"""vmconfine's built-in dac driver."""
+"""vmconfine's built-in DAC driver: QEMU runs as qemu.conf ``user``/``group``, its files are
+given to those ids while it runs and handed back afterwards, and it loses every capability.
+
+Modules: :mod:`.driver` (the hook implementations), :mod:`.identity` (ids, groups, the
+switch, capabilities, /proc checks), :mod:`.relabel` (chown rules and journal-driven restore),
+:mod:`.owners` (remembered-owner xattrs), :mod:`.fsops` (fd-based file operations),
+:mod:`.preflight` (can QEMU's ids reach its files).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmconfine.hookspecs import hookimpl
+from vmconfine_dac.driver import DacDriver
+
+__all__ = ["DacDriver", "vmconfine_register_drivers"]
+
+
+@hookimpl
+def vmconfine_register_drivers(registry: Any) -> None:
+    """Register the ``dac`` driver (the stack appends it for privileged instances)."""
+    registry.add("dac", DacDriver, "POSIX DAC: run QEMU as qemu.conf user/group, chown its "
+                 "files and give them back, drop capabilities")

@@ -1,0 +1,256 @@
+"""The DAC driver object: libvirt's ``security_dac.c`` as vmconfine hook implementations.
+
+It runs QEMU as qemu.conf ``user``/``group`` with that user's supplementary groups, gives
+QEMU's files to those ids while it runs and back afterwards (journal + remembered-owner
+xattrs), drops every capability, and reads the kernel's view back. It is only in the stack of
+privileged instances (the stack rule), so it may assume root.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from vmconfine import resources as core_resources
+from vmconfine.errors import ConfigError, DriverError, LabelError
+from vmconfine.hookspecs import hookimpl
+from vmconfine_dac import preflight as preflight_mod
+from vmconfine_dac import relabel
+from vmconfine_dac.identity import (
+    CAPNG_MISSING,
+    Identity,
+    config_ids,
+    drop_capabilities,
+    format_label,
+    have_capng,
+    parse_label,
+    read_status,
+    supplementary_groups,
+    switch_identity,
+    verify_status,
+)
+
+if TYPE_CHECKING:
+    from vmconfine.context import DomainContext, HostContext
+    from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
+    from vmconfine.resources import Resource
+
+log = logging.getLogger(__name__)
+
+MODEL = "dac"
+
+
+def identity(ctx: DomainContext) -> Identity:
+    """QEMU's ids for this domain, computed once in the parent and kept in ``ctx.state``.
+
+    The process label is the DAC seclabel's ``<label>`` when there is one, else qemu.conf
+    ``user``/``group``; groups are that uid's groups from the user database.
+    """
+    state = ctx.driver_state(MODEL)
+    ident = state.get("identity")
+    if ident is None:
+        sec = ctx.seclabel(MODEL)
+        if sec is not None and sec.type != "none" and sec.label:
+            uid, gid = parse_label(sec.label)
+        else:
+            uid, gid = config_ids(ctx.config)
+        ident = Identity(uid, gid, supplementary_groups(uid, gid),
+                         clear_caps=bool(ctx.config.clear_emulator_capabilities))
+        state["identity"] = ident
+    if ident.high_privileges:
+        ctx.taint("high-privileges")
+    return ident
+
+
+def _child_identity(ctx: DomainContext) -> Identity:
+    ident = ctx.state.get(MODEL, {}).get("identity")
+    if ident is None:
+        raise DriverError("QEMU's DAC identity was not computed before fork (preflight did "
+                          "not run); this is a vmconfine bug")
+    return ident
+
+
+class DacDriver:
+    """One instance of the DAC driver (see the module docstring)."""
+
+    def __init__(self, host: HostContext) -> None:
+        self.host = host
+
+    # ---- probe and identity ----------------------------------------------------------------
+    @hookimpl
+    def probe(self, host: HostContext) -> tuple[bool, str]:
+        if host.config.clear_emulator_capabilities and not have_capng():
+            return False, CAPNG_MISSING
+        return True, ""
+
+    @hookimpl
+    def model(self) -> str:
+        return MODEL
+
+    @hookimpl
+    def doi(self) -> str:
+        return "0"
+
+    @hookimpl
+    def base_label(self, virt_type: str) -> str | None:
+        try:
+            return format_label(*config_ids(self.host.config))
+        except ConfigError as exc:
+            log.warning("dac: no base label: %s", exc)
+            return None
+
+    # ---- validation and labels --------------------------------------------------------------
+    @hookimpl
+    def verify(self, domain: Domain, seclabel: SecLabel | None) -> None:
+        if seclabel is not None and seclabel.type == "static" and seclabel.label:
+            parse_label(seclabel.label)
+        for disk in domain.disks:
+            for src in disk.chain():
+                self._verify_device_labels(src.seclabels)
+        for chardev in domain.chardevs:
+            self._verify_device_labels(chardev.seclabels)
+
+    @staticmethod
+    def _verify_device_labels(labels: list[Any]) -> None:
+        for sl in labels:
+            if sl.model in (MODEL, None) and sl.label:
+                parse_label(sl.label)
+
+    @hookimpl
+    def gen_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
+        """libvirt's virSecurityDACGenLabel."""
+        if seclabel.imagelabel:
+            raise LabelError("security image label already defined for VM")
+        if seclabel.model and seclabel.model != MODEL:
+            raise LabelError(f"security label model {seclabel.model} is not supported with "
+                             "dac")
+        if seclabel.type == "static":
+            if not seclabel.label:
+                raise LabelError(f"missing label for static security driver in domain "
+                                 f"{ctx.domain.name}")
+            parse_label(seclabel.label)
+        elif seclabel.type == "dynamic":
+            seclabel.label = format_label(*config_ids(ctx.config))
+        else:
+            return
+        if seclabel.relabel and not seclabel.imagelabel:
+            seclabel.imagelabel = seclabel.label
+        ctx.driver_state(MODEL).pop("identity", None)  # the label decides the ids
+        identity(ctx)
+
+    @hookimpl
+    def reserve_label(self, ctx: DomainContext, seclabel: SecLabel, pid: int) -> None:
+        return None  # DAC labels are not unique per domain (libvirt: no-op)
+
+    @hookimpl
+    def release_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
+        return None
+
+    # ---- host resources --------------------------------------------------------------------
+    @hookimpl
+    def preflight(self, ctx: DomainContext) -> None:
+        ident = identity(ctx)
+        plans = relabel.plan(ctx, ctx.resources, ident)
+        preflight_mod.check(ctx, ident, plans, preflight_mod.user_hint(ident))
+
+    def _set(self, ctx: DomainContext, resources: list[Resource]) -> None:
+        ident = identity(ctx)
+        plans = relabel.plan(ctx, resources, ident)
+        changed = relabel.apply(ctx, plans, ident)
+        ctx.driver_state(MODEL).setdefault("owned", []).extend(changed)
+
+    @staticmethod
+    def _restore(ctx: DomainContext, select: Any = None) -> None:
+        problems = relabel.restore(ctx.journal, select)
+        if problems:
+            raise LabelError("; ".join(problems))
+
+    @hookimpl
+    def set_all_labels(self, ctx: DomainContext) -> None:
+        self._set(ctx, ctx.resources)
+
+    @hookimpl
+    def restore_all_labels(self, ctx: DomainContext) -> None:
+        self._restore(ctx)
+
+    @hookimpl
+    def set_image_label(self, ctx: DomainContext, disk: Disk) -> None:
+        self._set(ctx, core_resources.disk_resources(disk))
+
+    @hookimpl
+    def restore_image_label(self, ctx: DomainContext, disk: Disk) -> None:
+        tag = f"disk:{disk.target}"
+        self._restore(ctx, lambda rec: rec.get("device") == tag)
+
+    @hookimpl
+    def set_hostdev_label(self, ctx: DomainContext, hostdev: Hostdev) -> None:
+        self._set(ctx, core_resources.hostdev_resources(hostdev))
+
+    @hookimpl
+    def restore_hostdev_label(self, ctx: DomainContext, hostdev: Hostdev) -> None:
+        paths = {r.path for r in core_resources.hostdev_resources(hostdev)}
+        self._restore(ctx, lambda rec: rec.get("role") == "hostdev" and rec["orig"] in paths)
+
+    @hookimpl
+    def set_chardev_label(self, ctx: DomainContext, chardev: Chardev) -> None:
+        self._set(ctx, chardev_resources(ctx, chardev))
+
+    @hookimpl
+    def restore_chardev_label(self, ctx: DomainContext, chardev: Chardev) -> None:
+        paths = {r.path for r in chardev_resources(ctx, chardev)}
+        if chardev.path:
+            paths |= {chardev.path, f"{chardev.path}.in", f"{chardev.path}.out"}
+        self._restore(ctx, lambda rec: rec.get("role") == "chardev" and rec["orig"] in paths)
+
+    # ---- the child -------------------------------------------------------------------------
+    @hookimpl
+    def child_identity(self, ctx: DomainContext) -> None:
+        switch_identity(_child_identity(ctx))
+
+    @hookimpl
+    def child_capabilities(self, ctx: DomainContext) -> None:
+        if _child_identity(ctx).clear_caps:
+            drop_capabilities()
+
+    # ---- after exec --------------------------------------------------------------------------
+    @hookimpl
+    def process_label(self, ctx: DomainContext, pid: int) -> str | None:
+        try:
+            status = read_status(pid)
+        except OSError:
+            return None
+        uid = status.get("Uid", "").split()
+        gid = status.get("Gid", "").split()
+        if len(uid) < 2 or len(gid) < 2:
+            return None
+        return f"+{uid[1]}:+{gid[1]}"
+
+    @hookimpl
+    def verify_process(self, ctx: DomainContext, pid: int) -> list[str]:
+        try:
+            status = read_status(pid)
+        except OSError as exc:
+            return [f"cannot read /proc/{pid}/status: {exc.strerror}"]
+        return verify_status(status, identity(ctx))
+
+    @hookimpl
+    def describe(self, ctx: DomainContext) -> dict[str, Any]:
+        ident = identity(ctx)
+        sec = ctx.seclabel(MODEL)
+        owned = sorted({r["path"] for r in ctx.journal.records(MODEL, "chown")})
+        return {
+            "label": ident.label,
+            "imagelabel": sec.imagelabel if sec is not None else None,
+            "groups": list(ident.groups),
+            "capabilities": "cleared" if ident.clear_caps else "kept",
+            "dynamic_ownership": bool(ctx.config.dynamic_ownership),
+            "remember_owner": bool(ctx.config.remember_owner),
+            "owned": owned,
+        }
+
+
+def chardev_resources(ctx: DomainContext, chardev: Chardev) -> list[Resource]:
+    """The resources of one chardev (which need not be in the domain yet: hotplug)."""
+    holder: Any = SimpleNamespace(chardevs=[chardev])
+    return core_resources.chardev_resources(holder)

@@ -1,1 +1,28 @@
-"""vmconfine's built-in apparmor driver."""
+"""vmconfine's built-in AppArmor driver: one profile per domain, made by vmconfine-aa-helper.
+
+This package also ships the data the helper uses: ``TEMPLATE.qemu`` (the per-domain profile
+template) and ``abstractions/vmconfine-qemu`` (what every QEMU may use). See docs/apparmor.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vmconfine.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from vmconfine.context import HostContext
+    from vmconfine.registry import DriverRegistry
+
+
+def _factory(host: HostContext) -> object:
+    from vmconfine_apparmor.driver import AppArmorDriver
+
+    return AppArmorDriver(host)
+
+
+@hookimpl
+def vmconfine_register_drivers(registry: DriverRegistry) -> None:
+    """Register the ``apparmor`` security driver."""
+    registry.add("apparmor", _factory,
+                 "AppArmor: a per-domain profile written and loaded by vmconfine-aa-helper")

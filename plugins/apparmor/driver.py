@@ -1,0 +1,339 @@
+"""The AppArmor security driver (libvirt's security_apparmor.c, as vmconfine hooks).
+
+Each confined domain gets its own profile ``<apparmor_profile_prefix><uuid>``, written, loaded,
+regenerated and deleted only by the ``vmconfine-aa-helper`` executable, which this driver runs
+with the domain XML on stdin. The forked child changes to the profile before it execs QEMU
+(``aa_change_profile``), and the kernel's view of the QEMU process is checked afterwards.
+
+Label types as libvirt: ``dynamic`` (default) = a generated per-domain profile; ``static`` = an
+already loaded profile named by ``<label>`` (vmconfine neither writes nor removes it);
+``none`` = unconfined.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vmconfine.errors import LabelError
+from vmconfine.hookspecs import hookimpl
+from vmconfine_apparmor import kernel
+
+if TYPE_CHECKING:
+    from lxml import etree
+
+    from vmconfine.context import DomainContext, HostContext
+    from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
+
+log = logging.getLogger(__name__)
+
+NAME = "apparmor"
+HELPER = "vmconfine-aa-helper"
+PARSER = "/sbin/apparmor_parser"
+PACKAGE_DIR = Path(__file__).resolve().parent
+TEMPLATE = "TEMPLATE.qemu"
+HELPER_ENV = {"PATH": "/sbin:/usr/sbin:/usr/bin:/bin", "LC_ALL": "C"}
+
+
+def helper_command() -> list[str]:
+    """How to run vmconfine-aa-helper: next to this Python, on PATH, else ``python -m``."""
+    beside = Path(sys.executable).parent / HELPER
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which(HELPER)
+    if found:
+        return [found]
+    return [sys.executable, "-m", "vmconfine_aa_helper"]
+
+
+class AppArmorDriver:
+    """Driver object (one per host context); its methods are vmconfine hook implementations.
+
+    ``helper_extra`` is appended to every helper command line; tests set it to
+    ``["--compile-only"]`` (or a ``--parser``) on hosts whose kernel has no AppArmor.
+    """
+
+    def __init__(self, host: HostContext) -> None:
+        self.host = host
+        self.helper_extra: list[str] = []
+
+    # ---- identity ------------------------------------------------------------------------
+    @hookimpl
+    def model(self) -> str:
+        return NAME
+
+    @hookimpl
+    def doi(self) -> str:
+        return "0"
+
+    @property
+    def profile_dir(self) -> Path:
+        return Path(self.host.config.apparmor_profile_dir)
+
+    @property
+    def prefix(self) -> str:
+        return self.host.config.apparmor_profile_prefix
+
+    def profile_name(self, domain: Domain) -> str:
+        return f"{self.prefix}{domain.uuid}"
+
+    # ---- probe ---------------------------------------------------------------------------
+    @hookimpl
+    def probe(self, host: HostContext) -> tuple[bool, str]:
+        ok, why = kernel.enabled()
+        if not ok:
+            return False, why
+        if not host.privileged:
+            return False, ("loading AppArmor profiles needs root; use qemu:///system or run "
+                           "the embed instance as root")
+        cfg = host.config
+        template = Path(cfg.apparmor_profile_dir) / TEMPLATE
+        if not template.is_file() and not (PACKAGE_DIR / TEMPLATE).is_file():
+            return False, f"template '{template}' does not exist; reinstall vmconfine"
+        if not os.access(PARSER, os.X_OK):
+            return False, f"{PARSER} is missing; install the apparmor package"
+        try:
+            kernel.load_binding()
+        except kernel.AppArmorUnavailable as exc:
+            return False, str(exc)
+        return True, ""
+
+    # ---- validation and labels -----------------------------------------------------------
+    @hookimpl
+    def verify(self, domain: Domain, seclabel: SecLabel | None) -> None:
+        if seclabel is None:
+            return
+        if seclabel.type == "dynamic" and seclabel.baselabel is not None:
+            raise LabelError("Cannot set a base label with AppArmor; remove <baselabel> from "
+                             "the apparmor <seclabel>")
+        if seclabel.type == "static":
+            label = seclabel.label or ""
+            loaded = kernel.loaded_profiles()
+            if loaded is not None and label not in loaded:
+                raise LabelError(f"Invalid security label '{label}': no AppArmor profile of "
+                                 "that name is loaded; load it with apparmor_parser -r first")
+
+    @hookimpl
+    def gen_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
+        if seclabel.type != "dynamic":
+            return
+        if seclabel.baselabel is not None:
+            raise LabelError("Cannot set a base label with AppArmor; remove <baselabel> from "
+                             "the apparmor <seclabel>")
+        if seclabel.label:
+            raise LabelError(f"security label already defined for VM '{ctx.domain.name}': "
+                             f"'{seclabel.label}'; remove <label> from the dynamic seclabel")
+        name = self.profile_name(ctx.domain)
+        seclabel.label = name
+        seclabel.imagelabel = name
+        ctx.journal.record(NAME, "profile", name=name, dir=str(self.profile_dir),
+                           prefix=self.prefix, uri=ctx.instance.uri)
+        exists = (self.profile_dir / name).is_file()
+        self._helper(ctx, "-r" if exists else "-c", name, xml=self._xml(ctx),
+                     failure="cannot load AppArmor profile")
+
+    @hookimpl
+    def reserve_label(self, ctx: DomainContext, seclabel: SecLabel, pid: int) -> None:
+        return None  # libvirt: nothing to reserve, the profile name is the UUID's
+
+    @hookimpl
+    def release_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
+        return None  # the profile itself goes in restore_all_labels (journal-driven)
+
+    # ---- host resources ------------------------------------------------------------------
+    def _managed(self, ctx: DomainContext) -> str | None:
+        """The profile name when this domain's profile is vmconfine's (dynamic label)."""
+        sec = ctx.seclabel(NAME)
+        if sec is None or sec.type != "dynamic" or not sec.relabel or not sec.label:
+            return None
+        return sec.label
+
+    @hookimpl
+    def set_all_labels(self, ctx: DomainContext) -> None:
+        kernel.load_binding()  # find libapparmor now, not in the forked child
+        name = self._managed(ctx)
+        if name is None or not (self.profile_dir / name).is_file():
+            return
+        if self._rules_current(ctx, name):
+            return
+        self._reload(ctx, name)
+
+    @hookimpl
+    def restore_all_labels(self, ctx: DomainContext) -> None:
+        done = {r.get("name") for r in ctx.journal.records(NAME, "profile_deleted")}
+        errors = []
+        for rec in ctx.journal.records(NAME, "profile"):
+            name = rec.get("name")
+            if not name or name in done:
+                continue
+            try:
+                self._helper(ctx, "-D", name, profile_dir=rec.get("dir"),
+                             prefix=rec.get("prefix"), failure="cannot remove AppArmor profile")
+            except LabelError as exc:
+                errors.append(str(exc))
+                continue
+            ctx.journal.record(NAME, "profile_deleted", name=name)
+            done.add(name)
+        if errors:
+            raise LabelError("; ".join(errors))
+
+    @hookimpl
+    def set_image_label(self, ctx: DomainContext, disk: Disk) -> None:
+        self._hotplug(ctx, disk.element, add=True)
+
+    @hookimpl
+    def restore_image_label(self, ctx: DomainContext, disk: Disk) -> None:
+        self._hotplug(ctx, disk.element, add=False)
+
+    @hookimpl
+    def set_hostdev_label(self, ctx: DomainContext, hostdev: Hostdev) -> None:
+        self._hotplug(ctx, hostdev.element, add=True)
+
+    @hookimpl
+    def restore_hostdev_label(self, ctx: DomainContext, hostdev: Hostdev) -> None:
+        self._hotplug(ctx, hostdev.element, add=False)
+
+    @hookimpl
+    def set_chardev_label(self, ctx: DomainContext, chardev: Chardev) -> None:
+        self._hotplug(ctx, chardev.element, add=True)
+
+    @hookimpl
+    def restore_chardev_label(self, ctx: DomainContext, chardev: Chardev) -> None:
+        self._hotplug(ctx, chardev.element, add=False)
+
+    # ---- child and after exec ------------------------------------------------------------
+    @hookimpl
+    def child_exec_label(self, ctx: DomainContext) -> None:
+        sec = ctx.seclabel(NAME)
+        if sec is None or sec.type == "none" or not sec.label:
+            return
+        try:
+            kernel.change_profile(sec.label)
+        except (OSError, kernel.AppArmorUnavailable) as exc:
+            raise LabelError(f"cannot change to AppArmor profile '{sec.label}': {exc}") from exc
+
+    @hookimpl
+    def process_label(self, ctx: DomainContext, pid: int) -> str | None:
+        try:
+            return kernel.process_label(pid)
+        except OSError:
+            return None
+
+    @hookimpl
+    def verify_process(self, ctx: DomainContext, pid: int) -> list[str]:
+        sec = ctx.seclabel(NAME)
+        if sec is None or sec.type == "none" or not sec.label:
+            return []
+        try:
+            raw = kernel.process_label(pid)
+        except OSError as exc:
+            return [f"cannot read the AppArmor label of pid {pid}: {exc.strerror or exc}"]
+        name, mode = kernel.split_label(raw)
+        if name != sec.label:
+            return [f"pid {pid} runs under AppArmor profile '{name}', expected '{sec.label}'"]
+        if sec.type == "dynamic" and mode != "enforce":
+            return [f"pid {pid} runs under AppArmor profile '{name}' in mode '{mode}', "
+                    "expected 'enforce'"]
+        return []
+
+    @hookimpl
+    def describe(self, ctx: DomainContext) -> dict[str, Any]:
+        sec = ctx.seclabel(NAME)
+        if sec is None or not sec.label:
+            return {"label": None}
+        out: dict[str, Any] = {"label": sec.label, "type": sec.type}
+        if sec.type == "dynamic":
+            profile = self.profile_dir / sec.label
+            out["profile"] = str(profile)
+            try:
+                text = Path(f"{profile}.files").read_text()
+            except OSError:
+                text = ""
+            out["rules"] = [ln.strip() for ln in text.splitlines()
+                            if ln.strip() and not ln.lstrip().startswith("#")]
+        return out
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _xml(self, ctx: DomainContext, *, add: etree._Element | None = None,
+             drop: etree._Element | None = None) -> str:
+        """The live domain XML for the helper, with a device added or left out (hotplug)."""
+        xml = ctx.domain.to_xml(live=True)
+        if add is None and drop is None:
+            return xml
+        import copy
+
+        from lxml import etree
+
+        root = etree.fromstring(xml)
+        own_tree = ctx.domain.root.getroottree()
+        el = add if add is not None else drop
+        assert el is not None
+        inside = el.getroottree().getroot() is ctx.domain.root
+        if drop is not None and inside:
+            for found in root.getroottree().xpath(own_tree.getpath(drop)):
+                found.getparent().remove(found)
+        if add is not None and not inside:
+            devices = root.find("devices")
+            if devices is None:
+                devices = etree.SubElement(root, "devices")
+            devices.append(copy.deepcopy(add))
+        return etree.tostring(root, encoding="unicode")
+
+    def _hotplug(self, ctx: DomainContext, element: etree._Element | None, *, add: bool) -> None:
+        """Regenerate the profile for a device being added (or removed) — libvirt's
+        reload_profile, from the XML instead of an appended path."""
+        name = self._managed(ctx)
+        if name is None or not (self.profile_dir / name).is_file():
+            return
+        if element is None:
+            xml = self._xml(ctx)
+        else:
+            xml = self._xml(ctx, add=element) if add else self._xml(ctx, drop=element)
+        self._helper(ctx, "-r", name, xml=xml, failure="cannot update AppArmor profile")
+
+    def _reload(self, ctx: DomainContext, name: str) -> None:
+        self._helper(ctx, "-r", name, xml=self._xml(ctx),
+                     failure="cannot update AppArmor profile")
+
+    def _rules_current(self, ctx: DomainContext, name: str) -> bool:
+        """True when ``<name>.files`` already holds what the helper would generate now."""
+        try:
+            from vmconfine_aa_helper.paths import Refusal
+            from vmconfine_aa_helper.rules import domain_rules
+
+            expected = domain_rules(ctx.domain, ctx.instance).render()
+        except (ImportError, Refusal):
+            return False  # let the helper decide (and report)
+        try:
+            return (self.profile_dir / f"{name}.files").read_text() == expected
+        except OSError:
+            return False
+
+    def _helper(self, ctx: DomainContext, cmd: str, name: str, *, xml: str | None = None,
+                profile_dir: str | None = None, prefix: str | None = None,
+                failure: str) -> None:
+        argv = [*helper_command(), cmd, "-u", name,
+                "-P", profile_dir or str(self.profile_dir),
+                "--prefix", prefix or self.prefix, *self.helper_extra]
+        if cmd in ("-c", "-r"):
+            argv += ["--uri", ctx.instance.uri]
+        log.debug("running %s", " ".join(argv))
+        try:
+            proc = subprocess.run(argv, input=(xml or "").encode(), capture_output=True,
+                                  env=HELPER_ENV, timeout=300, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LabelError(f"{failure} '{name}': running {HELPER} failed: {exc}") from exc
+        stderr = proc.stderr.decode(errors="replace")
+        for line in stderr.splitlines():
+            if ": warning: " in line:
+                log.warning("%s", line)
+        if proc.returncode != 0:
+            lines = [ln for ln in stderr.splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"exit status {proc.returncode}"
+            reason = reason.split(": error: ", 1)[-1]
+            raise LabelError(f"{failure} '{name}': {reason}")

@@ -1,0 +1,311 @@
+"""Guest side of the AppArmor driver's lsm-tier test: runs INSIDE the AppArmor guest.
+
+The real driver and the real vmconfine-aa-helper generate and load per-domain profiles into an
+enforcing kernel; a process moved into domain A's profile (exactly as the forked QEMU child
+is, through the driver's ``child_exec_label``) must read and write A's disk and be denied B's
+disk, a file no rule names and /etc/shadow. A deliberately over-broad profile must make the same
+probe report the leak (so the denial checks can fail). Teardown must unload the profile.
+Finally ``vmconfine run`` starts a real QEMU (TCG) under its profile.
+
+Observations go to ``$VMCONFINE_GUEST_RESULTS/apparmor-driver.json`` for the host side.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.lsm_guest
+
+LSM = os.environ.get("VMCONFINE_LSM", "")
+RESULTS = Path(os.environ.get("VMCONFINE_GUEST_RESULTS", "/run/out"))
+WORK = Path("/run/vmconfine-aa")
+PROFILES_LIST = Path("/sys/kernel/security/apparmor/profiles")
+VENV_BIN = Path(sys.executable).parent
+OBSERVED: dict[str, Any] = {}
+
+XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
+  <features><acpi/></features>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{disk}'/>
+      <target dev='hda' bus='ide'/>
+    </disk>
+    <serial type='file'><source path='{serial}'/><target port='0'/></serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def record(key: str, value: Any) -> None:
+    OBSERVED[key] = value
+    (RESULTS / "apparmor-driver.json").write_text(json.dumps(OBSERVED, indent=1, sort_keys=True))
+
+
+def loaded() -> dict[str, str]:
+    out = {}
+    for line in PROFILES_LIST.read_text().splitlines():
+        name, _, mode = line.rpartition(" (")
+        out[name] = mode.rstrip(")")
+    return out
+
+
+@pytest.fixture(scope="module")
+def work() -> Path:
+    if LSM != "apparmor":
+        pytest.skip(f"guest booted with {LSM or 'no'} LSM, not apparmor")
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    return WORK
+
+
+def make_driver(base: Path, profiles: Path):  # type: ignore[no-untyped-def]
+    import vmconfine_apparmor
+    from tests.support import make_host
+    from vmconfine_apparmor.driver import AppArmorDriver
+
+    host = make_host(base / "root", [vmconfine_apparmor],
+                     config=f'apparmor_profile_dir = "{profiles}"\n')
+    return host, AppArmorDriver(host)
+
+
+def domain_ctx(host, name: str, disk: Path):  # type: ignore[no-untyped-def]
+    from tests.support import make_ctx
+
+    xml = XML.format(name=name, uuid=uuidlib.uuid4(), disk=disk, serial=disk.parent / "s.log")
+    ctx = make_ctx(host, xml)
+    ctx.domain.add_seclabel("apparmor", "dynamic", implicit=True)
+    return ctx
+
+
+def probe_in_profile(driver, ctx, paths: dict[str, tuple[Path, str]]) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Fork; the child enters the domain's profile through the driver's child hook and tries
+    each access (mode "r" or "rw"); report {key: "ok" | errno name} and its own label."""
+    from vmconfine_apparmor import kernel
+
+    kernel.load_binding()  # find libapparmor in the parent, as set_all_labels does
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no prints, no imports, only os calls after the profile change
+        result: dict[str, Any] = {}
+        try:
+            os.close(r)
+            driver.child_exec_label(ctx)
+            for key, (path, mode) in paths.items():
+                try:
+                    fd = os.open(path, os.O_RDWR if mode == "rw" else os.O_RDONLY)
+                    try:
+                        os.read(fd, 16)
+                        if mode == "rw":
+                            os.pwrite(fd, b"written-by-guest", 0)
+                    finally:
+                        os.close(fd)
+                    result[key] = "ok"
+                except OSError as exc:
+                    result[key] = errno.errorcode.get(exc.errno or 0, str(exc))
+            fd = os.open("/proc/self/attr/current", os.O_RDONLY)
+            result["label"] = os.read(fd, 4096).decode().strip("\x00\n")
+            os.close(fd)
+        except BaseException as exc:  # report, never run the parent's code
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        os.write(w, json.dumps(result).encode())
+        os._exit(0)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks))
+
+
+def test_driver_profile_confines_and_is_unloaded(work: Path) -> None:
+    profiles = work / "profiles"
+    host, driver = make_driver(work, profiles)
+    assert driver.probe(host) == (True, "")
+    disk_a, disk_b, secret = work / "a.img", work / "b.img", work / "secret"
+    for p in (disk_a, disk_b, secret):
+        p.write_bytes(p.name.encode() * 100)
+    ctx_a = domain_ctx(host, "vm-a", disk_a)
+    ctx_b = domain_ctx(host, "vm-b", disk_b)
+    for ctx in (ctx_a, ctx_b):
+        driver.gen_label(ctx, ctx.domain.seclabel("apparmor"))
+        driver.set_all_labels(ctx)
+    name_a = ctx_a.domain.seclabel("apparmor").label
+    name_b = ctx_b.domain.seclabel("apparmor").label
+    assert name_a == f"vmconfine-{ctx_a.domain.uuid}"
+    kernel_view = loaded()
+    record("loaded", {n: kernel_view.get(n) for n in (name_a, name_b)})
+    assert kernel_view.get(name_a) == "enforce" and kernel_view.get(name_b) == "enforce"
+
+    seen = probe_in_profile(driver, ctx_a, {
+        "own_disk": (disk_a, "rw"), "other_disk": (disk_b, "r"), "unlisted": (secret, "r"),
+        "shadow": (Path("/etc/shadow"), "r"), "other_profile_files": (profiles, "r"),
+    })
+    record("confined", seen)
+    assert "error" not in seen, seen
+    assert seen["label"] == f"{name_a} (enforce)"
+    assert seen["own_disk"] == "ok"
+    assert disk_a.read_bytes().startswith(b"written-by-guest")
+    assert seen["other_disk"] == "EACCES"
+    assert seen["unlisted"] == "EACCES"
+    assert seen["shadow"] == "EACCES"
+    assert seen["other_profile_files"] == "EACCES"
+    # unconfined, the same files are readable: the denials come from the profile
+    assert disk_b.read_bytes() and Path("/etc/shadow").read_bytes()
+    audit = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    assert f'apparmor="DENIED" operation="open" profile="{name_a}" name="{disk_b}"' in audit
+
+    # fail closed: a process in A's profile is A's, and never passes as B
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        try:
+            driver.child_exec_label(ctx_a)
+        finally:
+            os.read(r, 1)
+            os._exit(0)
+    os.close(r)
+    time.sleep(0.5)
+    try:
+        verdict_a = driver.verify_process(ctx_a, pid)
+        verdict_b = driver.verify_process(ctx_b, pid)
+        label = driver.process_label(ctx_a, pid)
+    finally:
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+    record("verify", {"a": verdict_a, "b": verdict_b, "label": label})
+    assert verdict_a == [] and label == f"{name_a} (enforce)"
+    assert verdict_b == [f"pid {pid} runs under AppArmor profile '{name_a}', expected '{name_b}'"]
+
+    for ctx in (ctx_a, ctx_b):
+        driver.restore_all_labels(ctx)
+    after = loaded()
+    record("after_teardown", sorted(n for n in after if n.startswith("vmconfine-")))
+    assert name_a not in after and name_b not in after
+    assert sorted(p.name for p in profiles.iterdir()) == []
+
+
+def test_over_broad_profile_is_caught(work: Path) -> None:
+    """The same probe with a deliberately broken template (it grants every file) must see
+    the other domain's disk: proof that the denial assertions above can fail."""
+    base = work / "broken"
+    profiles = base / "profiles"
+    profiles.mkdir(parents=True)
+    (profiles / "TEMPLATE.qemu").write_text(
+        "#include <tunables/global>\n"
+        "profile VMCONFINE_TEMPLATE flags=(attach_disconnected) {\n"
+        "  #include <abstractions/vmconfine-qemu>\n"
+        "  /** rwk,\n"
+        "}\n")
+    host, driver = make_driver(base, profiles)
+    disk_a, disk_b = base / "a.img", base / "b.img"
+    disk_a.write_bytes(b"a" * 64)
+    disk_b.write_bytes(b"b" * 64)
+    ctx = domain_ctx(host, "vm-broken", disk_a)
+    driver.gen_label(ctx, ctx.domain.seclabel("apparmor"))
+    try:
+        seen = probe_in_profile(driver, ctx, {"other_disk": (disk_b, "r")})
+    finally:
+        driver.restore_all_labels(ctx)
+    record("broken_profile", seen)
+    assert seen["label"].startswith("vmconfine-")
+    assert seen["other_disk"] == "ok", "the over-broad profile should have leaked B's disk"
+
+
+def test_vmconfine_run_starts_qemu_under_its_profile(work: Path) -> None:
+    from examples.mkbootimg import write_image
+
+    base = work / "run"
+    profiles = base / "profiles"
+    vm = base / "vm"
+    vm.mkdir(parents=True)
+    os.chmod(base, 0o755)
+    os.chmod(vm, 0o755)
+    root = base / "inst"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "qemu.conf").write_text(
+        'security_driver = "apparmor"\n'
+        f'apparmor_profile_dir = "{profiles}"\n')
+    image = vm / "run.img"
+    write_image(str(image), "hello from the confined guest", poweroff=False)
+    uuid = str(uuidlib.uuid4())
+    xml = vm / "run.xml"
+    xml.write_text(XML.format(name="aa-run", uuid=uuid, disk=image, serial=vm / "run.serial"))
+    uri = f"qemu:///embed?root={root}"
+    cli = [str(VENV_BIN / "vmconfine"), "-c", uri]
+    proc = subprocess.Popen([*cli, "run", str(xml)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    name = f"vmconfine-{uuid}"
+    try:
+        assert proc.stdout is not None
+        started = []
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            started.append(line)
+            if "started" in line:
+                break
+        if not any("started" in ln for ln in started):
+            proc.kill()
+            out, err = proc.communicate(timeout=30)
+            record("run_failed", {"stdout": "".join(started) + out, "stderr": err})
+            pytest.fail(f"vmconfine run did not start: {''.join(started)}{out}{err}")
+        info = subprocess.run([*cli, "dominfo", "aa-run"], capture_output=True, text=True,
+                              timeout=120, check=False)
+        pid = next(int(ln.split()[1]) for ln in info.stdout.splitlines()
+                   if ln.startswith("PID:"))
+        current = Path(f"/proc/{pid}/attr/current").read_text().strip("\x00\n")
+        exe = os.readlink(f"/proc/{pid}/exe")
+        record("run", {"label": current, "exe": exe, "dominfo": info.stdout,
+                       "loaded": loaded().get(name)})
+        assert exe.endswith("qemu-system-x86_64")
+        assert current == f"{name} (enforce)"
+        assert f"Security label: {name} (enforce)" in info.stdout
+        assert loaded().get(name) == "enforce"
+        serial = vm / "run.serial"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "hello from the confined guest" not in (
+                serial.read_text() if serial.exists() else ""):
+            time.sleep(0.5)
+        record("run_serial", serial.read_text() if serial.exists() else None)
+        assert "hello from the confined guest" in serial.read_text()
+        destroy = subprocess.run([*cli, "destroy", "aa-run"], capture_output=True, text=True,
+                                 timeout=120, check=False)
+        assert destroy.returncode == 0, destroy.stderr
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    audit = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    denials = [ln for ln in audit.splitlines() if f'profile="{name}"' in ln]
+    record("run_denials", denials)
+    record("run_after", {"loaded": name in loaded(),
+                         "files": sorted(p.name for p in profiles.iterdir())})
+    assert name not in loaded()
+    assert sorted(p.name for p in profiles.iterdir()) == []
+    assert denials == [], "QEMU hit denials: the abstraction misses something it needs"

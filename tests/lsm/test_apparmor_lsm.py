@@ -1,0 +1,41 @@
+"""The AppArmor driver and vmconfine-aa-helper against a kernel that enforces AppArmor.
+
+One boot of the lsm guest (tests/lsm/harness.py) runs tests/lsm/guest_apparmor.py inside: the
+real driver and helper load per-domain profiles, a process in domain A's profile reads and
+writes A's disk and is denied B's disk, an unlisted file and /etc/shadow, an over-broad profile
+is caught leaking, teardown unloads the profile, and ``vmconfine run`` starts QEMU under it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.lsm.harness import GuestKernel, run_in_guest
+
+pytestmark = pytest.mark.lsm
+
+GUEST = "tests/lsm/guest_apparmor.py"
+
+
+def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
+                                                tmp_path: Path) -> None:
+    result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
+                          timeout=600, memory_mib=768)
+    assert not result.timed_out, result.tail()
+    assert result.outcomes() == {
+        "test_driver_profile_confines_and_is_unloaded": "passed",
+        "test_over_broad_profile_is_caught": "passed",
+        "test_vmconfine_run_starts_qemu_under_its_profile": "passed",
+    }, result.tail(120)
+    assert result.exit_code == 0, result.tail()
+    seen = json.loads((tmp_path / "apparmor-driver.json").read_text())
+    confined = seen["confined"]
+    assert confined["own_disk"] == "ok"
+    assert confined["other_disk"] == confined["shadow"] == confined["unlisted"] == "EACCES"
+    assert seen["broken_profile"]["other_disk"] == "ok"
+    assert seen["after_teardown"] == []
+    assert seen["run"]["label"].endswith(" (enforce)")
+    assert seen["run_after"] == {"loaded": False, "files": []}

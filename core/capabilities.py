@@ -9,6 +9,7 @@ import pwd
 from pathlib import Path
 
 from lxml import etree
+
 from vmconfine.connection import Connection
 
 #: The seed's emulator names, plus the x86 ones modern distributions ship.
@@ -77,7 +78,8 @@ def capabilities_xml(conn: Connection) -> str:
     host = etree.SubElement(root, "host")
     try:
         machine_id = Path("/etc/machine-id").read_text().strip()
-        uuid = f"{machine_id[:8]}-{machine_id[8:12]}-{machine_id[12:16]}-{machine_id[16:20]}-{machine_id[20:32]}"
+        m = machine_id
+        uuid = f"{m[:8]}-{m[8:12]}-{m[12:16]}-{m[16:20]}-{m[20:32]}"
         etree.SubElement(host, "uuid").text = uuid
     except (OSError, IndexError):
         pass

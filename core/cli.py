@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     launched = start(conn, domain, paused=args.paused)
     outcome = supervise(conn, launched, paused=args.paused,
                         shutdown_timeout=args.shutdown_timeout,
-                        on_ready=lambda l: _print_started(conn, l))
+                        on_ready=lambda started: _print_started(conn, started))
     if outcome.ok:
         print(f"Domain '{launched.name}' stopped: {outcome.detail}")
         return 0

@@ -25,6 +25,7 @@ from vmconfine.registry import collect_drivers, make_plugin_manager
 
 if TYPE_CHECKING:
     import pluggy
+
     from vmconfine.domain import Domain
     from vmconfine.stack import Stack
 
@@ -154,7 +155,8 @@ class Connection:
         ctx = DomainContext(self.host, domain, journal, recovering=True)
         if started:
             ctx.pid = int(started["pid"])
-        errors = teardown(self.stack, ctx, labels_generated=bool(journal.last("pipeline", "labels")))
+        generated = bool(journal.last("pipeline", "labels"))
+        errors = teardown(self.stack, ctx, labels_generated=generated)
         if errors:
             raise VmconfineError(
                 f"teardown of domain '{name}' left problems: {'; '.join(errors)}; "

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pluggy
+
     from vmconfine.domain import Domain, SecLabel
     from vmconfine.instance import Instance
     from vmconfine.journal import Journal

@@ -17,6 +17,7 @@ from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.message import Message
+
 from vmconfine.errors import LaunchError, VmconfineError
 
 DEFAULT_TIMEOUT = 10.0
@@ -62,7 +63,8 @@ def _user_monitor_lock(path: Path):  # type: ignore[no-untyped-def]
         os.close(fd)
 
 
-def command(path: Path, payload: dict[str, Any], timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
+def command(path: Path, payload: dict[str, Any],
+            timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
     """Send one QMP command (a dict with ``execute`` and optional ``arguments``) on the user
     monitor and return ``{"return": ...}`` or ``{"error": ...}``."""
     if not isinstance(payload, dict) or "execute" not in payload:
@@ -83,7 +85,8 @@ def parse_command_text(text: str) -> dict[str, Any]:
             "use --hmp for human monitor commands"
         ) from None
     if not isinstance(obj, dict):
-        raise VmconfineError('QMP command must be a JSON object such as {"execute": "query-status"}')
+        raise VmconfineError(
+            'QMP command must be a JSON object such as {"execute": "query-status"}')
     return obj
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pluggy
+
 from vmconfine import hookspecs
 from vmconfine.errors import DriverError
 
@@ -50,7 +51,8 @@ class DriverRegistry:
     ) -> None:
         """Register driver ``name``; a second registration of the same name is an error."""
         if kind not in KINDS:
-            raise DriverError(f"driver '{name}': kind must be one of {', '.join(KINDS)}, not {kind!r}")
+            raise DriverError(
+                f"driver '{name}': kind must be one of {', '.join(KINDS)}, not {kind!r}")
         if not name or not name.replace("-", "").replace("_", "").isalnum():
             raise DriverError(f"driver name {name!r} is not a plain word")
         if name in self._drivers:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemu.qmp import QMPClient
+
 from vmconfine import qmp, runtime
 from vmconfine.connection import Connection, kill_process
 from vmconfine.errors import LaunchError
@@ -65,6 +66,7 @@ class _Supervisor:
         self.exited = asyncio.Event()
         self.wait_status: int | None = None
         self.stop_requested = 0
+        self._tasks: list[asyncio.Future[None]] = []
 
     # -- process exit through a pidfd -------------------------------------------------------
     def _watch_exit(self, loop: asyncio.AbstractEventLoop) -> int:
@@ -88,7 +90,7 @@ class _Supervisor:
         self.stop_requested += 1
         if self.stop_requested == 1 and self.client is not None:
             log.warning("asking domain %s to power off (ACPI); again to destroy it", self.l.name)
-            asyncio.ensure_future(self._powerdown())
+            self._tasks.append(asyncio.ensure_future(self._powerdown()))
         else:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.l.pid, signal.SIGKILL)
@@ -157,17 +159,18 @@ class _Supervisor:
         return self._outcome()
 
     def _write_status(self) -> None:
-        l = self.l
+        launched = self.l
         state = {
-            "id": str(l.domain_id),
-            "pid": str(l.pid),
-            "starttime": str(l.starttime or ""),
+            "id": str(launched.domain_id),
+            "pid": str(launched.pid),
+            "starttime": str(launched.starttime or ""),
             "supervisor": str(os.getpid()),
-            "taints": ",".join(l.ctx.taints),
+            "taints": ",".join(launched.ctx.taints),
         }
-        xml = l.ctx.domain.to_xml(live=True, extra={"id": l.domain_id, "state": state})
+        xml = launched.ctx.domain.to_xml(live=True,
+                                         extra={"id": launched.domain_id, "state": state})
         with runtime.instance_lock(self.conn.instance):
-            runtime.write_atomic(self.conn.instance.status_path(l.name), xml)
+            runtime.write_atomic(self.conn.instance.status_path(launched.name), xml)
 
     def _outcome(self) -> Outcome:
         status = self.wait_status

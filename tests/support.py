@@ -36,7 +36,9 @@ def require_root() -> None:
 
 
 def require_binary(name: str) -> str:
-    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    path = shutil.which(name)
+    if path is None and os.path.exists(f"/usr/sbin/{name}"):
+        path = f"/usr/sbin/{name}"
     require(path, f"{name} is not installed (run scripts/setup.sh)")
     assert path is not None
     return path

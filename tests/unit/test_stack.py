@@ -59,27 +59,19 @@ class Recorder:
 
 
 def _add_set_restore(cls: type) -> None:
+    """Give the recorder every set/restore hook, each with the spec's own argument names
+    (pluggy checks hookimpl arguments against the spec)."""
+    import inspect
+
+    from vmconfine import hookspecs
+
     for set_hook, restore_hook in RESTORE_OF.items():
         for h in (set_hook, restore_hook):
-            def method(self: Recorder, ctx: Any, _h: str = h, **kw: Any) -> None:
-                self._do(_h)
-
-            method.__name__ = h
-            # pluggy validates argument names against the spec: give each the spec's names
-            import inspect
-
-            from vmconfine import hookspecs
-
-            spec = getattr(hookspecs, h)
-            params = list(inspect.signature(spec).parameters)
-
-            def make(hname: str, names: list[str]) -> Any:
-                src = f"def {hname}(self, {', '.join(names)}):\n    self._do('{hname}')\n"
-                ns: dict[str, Any] = {}
-                exec(src, ns)  # noqa: S102 - building hookimpls with the spec's signature
-                return hookimpl(ns[hname])
-
-            setattr(cls, h, make(h, params))
+            names = list(inspect.signature(getattr(hookspecs, h)).parameters)
+            src = f"def {h}(self, {', '.join(names)}):\n    self._do('{h}')\n"
+            ns: dict[str, Any] = {}
+            exec(src, ns)
+            setattr(cls, h, hookimpl(ns[h]))
 
 
 _add_set_restore(Recorder)

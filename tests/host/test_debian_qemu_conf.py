@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from vmconfine.conf import parse_conf, read_conf_file
 from vmconfine.errors import ConfigError
 from vmconfine.settings import KNOWN_KEYS, LIBVIRT_UNUSED_KEYS, QemuConfig, load_config

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import vmconfine.conf as conf_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import vmconfine.conf as conf_module
 from vmconfine.conf import (
     MAX_CONFIG_FILE_SIZE,
     MAX_LIST_DEPTH,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 import vmconfine.conf as conf_module
 from vmconfine.conf import parse_conf
 from vmconfine.errors import ConfigError

@@ -1,1 +1,20 @@
-"""vmconfine's built-in selinux driver."""
+"""vmconfine's built-in selinux driver: basic confinement and sVirt MCS labelling.
+
+Registered through the ``vmconfine`` entry-point group like any third-party driver. The
+driver is :class:`vmconfine_selinux.driver.SELinuxDriver`; ``docs/selinux.md`` describes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmconfine.hookspecs import hookimpl
+
+
+@hookimpl
+def vmconfine_register_drivers(registry: Any) -> None:
+    """Add the ``selinux`` security driver (libselinux through python3-selinux)."""
+    from vmconfine_selinux.driver import SELinuxDriver
+
+    registry.add("selinux", lambda host: SELinuxDriver(host),
+                 "SELinux: sVirt MCS labels per domain (libvirt's selinux driver)")

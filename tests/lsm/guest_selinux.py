@@ -1,0 +1,174 @@
+"""Guest side of the SELinux lsm-tier test: runs INSIDE an enforcing SELinux guest.
+
+vmconfine's real SELinux driver (real libselinux, the guest's loaded refpolicy) generates the
+labels of two domains and labels their images on tmpfs; processes started with those labels
+(``runcon``, and the driver's own ``child_exec_label``) must then be kept apart by the kernel:
+
+* domain A reads and writes A's image, and is denied B's image (and B the other way round);
+* a ``<shareable/>`` image is readable and writable by both;
+* a ``<readonly/>`` image is readable and not writable;
+* ``verify_process`` agrees with the kernel about the process label, ``reserve_label``
+  refuses a second owner, and restore gives every file its original context back.
+
+``VMCONFINE_SELINUX_WRONG_LABEL=1`` deliberately labels A's image with B's image label; the
+host side checks that this makes the test fail. Observations go to
+``$VMCONFINE_GUEST_RESULTS/selinux-svirt.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import make_ctx, make_host
+from vmconfine.errors import LabelError
+
+pytestmark = pytest.mark.lsm_guest
+
+LSM = os.environ.get("VMCONFINE_LSM", "")
+RESULTS = Path(os.environ.get("VMCONFINE_GUEST_RESULTS", "/run/out"))
+WRONG = os.environ.get("VMCONFINE_SELINUX_WRONG_LABEL") == "1"
+WORK = Path("/run/vmconfine-selinux")  # tmpfs: labels stick here (the 9p root has none)
+
+UUID_A = "5f0c7d4e-8a43-4b62-9d0e-00000000000a"
+UUID_B = "5f0c7d4e-8a43-4b62-9d0e-00000000000b"
+UUID_C = "5f0c7d4e-8a43-4b62-9d0e-00000000000c"
+
+
+def run(argv: list[str], data: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, input=data, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def domain_xml(name: str, uuid: str, own: str) -> str:
+    def disk(path: Path, target: str, extra: str = "") -> str:
+        return (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+                f"<source file='{path}'/><target dev='{target}' bus='virtio'/>{extra}</disk>")
+
+    img = WORK / "img"
+    return f"""<domain type='kvm'><name>{name}</name><uuid>{uuid}</uuid>
+  <memory unit='MiB'>32</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    {disk(img / own, 'vda')}
+    {disk(img / 'shared.img', 'vdb', '<shareable/>')}
+    {disk(img / 'ro.img', 'vdc', '<readonly/>')}
+  </devices></domain>"""
+
+
+def getfilecon(path: Path) -> str:
+    import selinux
+
+    return str(selinux.lgetfilecon_raw(str(path))[1])
+
+
+class Probe:
+    """Runs file accesses as a given process label and records the outcomes."""
+
+    def __init__(self) -> None:
+        self.table: dict[str, dict[str, Any]] = {}
+
+    def access(self, who: str, label: str, path: Path, how: str) -> bool:
+        if how == "read":
+            proc = run(["runcon", label, "cat", str(path)])
+        else:
+            proc = run(["runcon", label, "sh", "-c", f'echo "{who}" >> "$1"', "sh", str(path)])
+        ok = proc.returncode == 0
+        if not ok:
+            assert "Permission denied" in proc.stderr, (
+                f"{who} {how} {path}: failed for another reason: {proc.stderr!r}")
+        self.table[f"{who} {how} {path.name}"] = {"ok": ok, "stderr": proc.stderr.strip()}
+        return ok
+
+
+@pytest.fixture
+def work() -> Any:
+    shutil.rmtree(WORK, ignore_errors=True)
+    (WORK / "img").mkdir(parents=True)
+    yield WORK
+    shutil.rmtree(WORK, ignore_errors=True)
+
+
+def test_svirt_keeps_two_domains_apart(work: Path) -> None:
+    if LSM != "selinux":
+        pytest.skip(f"guest booted with {LSM or 'no'} LSM, not selinux")
+    assert Path("/sys/fs/selinux/enforce").read_text().strip() == "1"
+    from vmconfine_selinux.driver import SELinuxDriver
+
+    img = work / "img"
+    for name in ("a.img", "b.img", "shared.img", "ro.img"):
+        (img / name).write_text(f"{name}\n")
+    originals = {p: getfilecon(p) for p in img.iterdir()}
+
+    host = make_host(work / "inst", [])
+    drv = SELinuxDriver(host)
+    ok, why = drv.probe(host)
+    assert ok, why
+    a = make_ctx(host, domain_xml("vmA", UUID_A, "a.img"))
+    b = make_ctx(host, domain_xml("vmB", UUID_B, "b.img"))
+    sa = a.domain.add_seclabel("selinux", "dynamic")
+    sb = b.domain.add_seclabel("selinux", "dynamic")
+    drv.gen_label(a, sa)
+    drv.gen_label(b, sb)
+    assert sa.label and sb.label and sa.imagelabel and sb.imagelabel
+    level_a, level_b = sa.label.split(":", 3)[3], sb.label.split(":", 3)[3]
+    assert level_a != level_b
+    if WRONG:
+        sa.imagelabel = sb.imagelabel  # deliberately wrong: A's image gets B's label
+    drv.set_all_labels(a)
+    drv.set_all_labels(b)
+    labelled = {p.name: getfilecon(p) for p in img.iterdir()}
+    probe = Probe()
+    record: dict[str, Any] = {"own_context": drv.own_context(), "A": sa.label, "B": sb.label,
+                              "labelled": labelled, "wrong": WRONG, "accesses": probe.table}
+    try:
+        assert probe.access("A", sa.label, img / "a.img", "read")
+        assert probe.access("A", sa.label, img / "a.img", "write")
+        assert probe.access("B", sb.label, img / "b.img", "read")
+        assert probe.access("B", sb.label, img / "b.img", "write")
+        assert not probe.access("A", sa.label, img / "b.img", "read")
+        assert not probe.access("A", sa.label, img / "b.img", "write")
+        assert not probe.access("B", sb.label, img / "a.img", "read")
+        assert not probe.access("B", sb.label, img / "a.img", "write")
+        for who, label in (("A", sa.label), ("B", sb.label)):
+            assert probe.access(who, label, img / "shared.img", "read")
+            assert probe.access(who, label, img / "shared.img", "write")
+            assert probe.access(who, label, img / "ro.img", "read")
+            assert not probe.access(who, label, img / "ro.img", "write")
+        assert (img / "shared.img").read_text() == "shared.img\nA\nB\n"
+        assert (img / "ro.img").read_text() == "ro.img\n"
+
+        # the driver's own exec label, read back by the kernel
+        shown = subprocess.run(["cat", "/proc/self/attr/current"], capture_output=True,
+                               text=True, timeout=60, check=False,
+                               preexec_fn=lambda: drv.child_exec_label(a))
+        assert shown.stdout.strip("\0\n") == sa.label, shown.stderr
+        sleeper = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: drv.child_exec_label(b))
+        try:
+            assert drv.verify_process(b, sleeper.pid) == []
+            assert drv.process_label(b, sleeper.pid) == sb.label
+            wrong = drv.verify_process(a, sleeper.pid)
+            assert len(wrong) == 1 and f"runs as '{sb.label}'" in wrong[0]
+            drv.reserve_label(b, sb, sleeper.pid)  # B's own level: already B's
+            c = make_ctx(host, domain_xml("vmC", UUID_C, "a.img"))
+            with pytest.raises(LabelError, match="already reserved"):
+                drv.reserve_label(c, c.domain.add_seclabel("selinux", "dynamic"), sleeper.pid)
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+    finally:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "selinux-svirt.json").write_text(json.dumps(record, indent=1))
+
+    drv.restore_all_labels(a)
+    drv.restore_all_labels(b)
+    drv.release_label(a, sa)
+    drv.release_label(b, sb)
+    assert {p: getfilecon(p) for p in img.iterdir()} == originals
+    assert drv.registry(a).in_use() == 0

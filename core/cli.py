@@ -122,6 +122,26 @@ def cmd_to_native(args: argparse.Namespace) -> int:
     return 0
 
 
+@verb("domxml-from-native", "print domain XML for a QEMU command line (format qemu-argv)")
+def cmd_from_native(args: argparse.Namespace) -> int:
+    from vmconfine.fromnative import convert_file
+
+    if args.format != "qemu-argv":
+        raise VmconfineError(f"unsupported native format '{args.format}' (supported: qemu-argv)")
+    result = convert_file(args.file)
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
+    sys.stdout.write(result.xml)
+    return 0
+
+
+@verb("qemu-attach", "adopt a QEMU process started outside vmconfine (it needs a QMP socket)")
+def cmd_qemu_attach(args: argparse.Namespace) -> int:
+    from vmconfine.attach import attach_command
+
+    return attach_command(_connect(args), args.pid, foreground=args.foreground)
+
+
 def _print_started(conn, launched) -> None:  # type: ignore[no-untyped-def]
     ctx = launched.ctx
     print(f"Domain '{launched.name}' started (id {launched.domain_id}, pid {launched.pid})")
@@ -177,6 +197,7 @@ def cmd_dumpxml(args: argparse.Namespace) -> int:
 
 @verb("dominfo", "print information about a running domain, including its security labels")
 def cmd_dominfo(args: argparse.Namespace) -> int:
+    from vmconfine.attach import adopted_qmp_path
     from vmconfine.context import DomainContext
     from vmconfine.journal import Journal
 
@@ -201,7 +222,10 @@ def cmd_dominfo(args: argparse.Namespace) -> int:
     for model, doi, label in conn.stack.process_labels(ctx, dom.pid):
         rows += [("Security model", model), ("Security DOI", doi),
                  ("Security label", label or "-")]
-    for name, desc in conn.stack.describe(ctx).items():
+    adopted = adopted_qmp_path(dom)
+    if adopted is not None:  # started outside vmconfine: no confinement was applied
+        rows.append(("QMP socket", adopted))
+    for name, desc in (conn.stack.describe(ctx) if adopted is None else {}).items():
         if isinstance(desc, dict) and desc.get("summary"):
             rows.append((f"Confinement ({name})", str(desc["summary"])))
     if dom.taints:
@@ -233,6 +257,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 @verb("qemu-monitor-command", "send a raw QMP command (or HMP with --hmp) to a running domain")
 def cmd_monitor(args: argparse.Namespace) -> int:
     from vmconfine import qmp, runtime
+    from vmconfine.attach import monitor_command
 
     conn = _connect(args)
     dom = conn.lookup(args.domain)
@@ -240,13 +265,52 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     payload = qmp.hmp_payload(text) if args.hmp else qmp.parse_command_text(text)
     if "custom-monitor" not in dom.taints:
         _add_taint(conn, dom, "custom-monitor")
-    reply = qmp.command(conn.instance.user_monitor_path(dom.name), payload)
+    reply = monitor_command(conn, dom, payload)
     if args.hmp and "return" in reply:
         sys.stdout.write(str(reply["return"]))
         return 0 if "error" not in reply else 1
     print(json.dumps(reply, indent=2 if args.pretty else None))
     _ = runtime
     return 1 if "error" in reply else 0
+
+
+@verb("confinement", "show what confines a domain's QEMU, per resource and for the process "
+      "(a domain XML before start, or a running domain's kernel view)")
+def cmd_confinement(args: argparse.Namespace) -> int:
+    from vmconfine.connection import Connection
+    from vmconfine.instance import open_instance
+    from vmconfine.report import build_report
+    from vmconfine.report_render import render_text
+
+    conn = Connection(open_instance(args.connect), recover=False)  # a report changes nothing
+    target = args.target
+    if target == "-" or target.endswith(".xml") or os.path.isfile(target):
+        report = build_report(conn, _parse_file(target))
+    else:
+        report = build_report(conn, running=conn.lookup(target))
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        sys.stdout.write(render_text(report))
+    return 1 if report.errors or report.differences else 0
+
+
+@verb("host-validate", "check that this host can run confined QEMU as qemu.conf asks "
+      "(like virt-host-validate); exit status 1 on any FAIL")
+def cmd_host_validate(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from vmconfine.connection import Connection
+    from vmconfine.instance import open_instance
+    from vmconfine.validate import host_validate, render_checks
+
+    conn = Connection(open_instance(args.connect), recover=False)
+    checks = host_validate(conn, args.image_dir)
+    if args.json:
+        print(json.dumps([asdict(c) for c in checks], indent=2))
+    else:
+        sys.stdout.write(render_checks(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
 def _add_taint(conn, dom, flag: str) -> None:  # type: ignore[no-untyped-def]
@@ -300,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("domxml-to-native")
     sp.add_argument("format", metavar="FORMAT", help="native format: qemu-argv")
     sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
+    sp = add("domxml-from-native")
+    sp.add_argument("format", metavar="FORMAT", help="native format: qemu-argv")
+    sp.add_argument("file", metavar="FILE", help="file holding a QEMU command line ('-' for "
+                    "stdin)")
     sp = add("run")
     sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
     sp.add_argument("--paused", action="store_true", help="leave the guest CPUs stopped")
@@ -313,11 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "dumpxml":
             sp.add_argument("--inactive", action="store_true", help="the XML as given, "
                             "without generated labels")
+    sp = add("qemu-attach")
+    sp.add_argument("pid", metavar="PID", help="process id of the running QEMU")
+    sp.add_argument("--foreground", action="store_true", help="supervise it in this process "
+                    "until QEMU exits (default: a detached supervisor)")
     sp = add("qemu-monitor-command")
     sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
     sp.add_argument("--hmp", action="store_true", help="CMD is a human monitor command")
     sp.add_argument("--pretty", action="store_true", help="indent the JSON reply")
     sp.add_argument("command", nargs="+", metavar="CMD", help="QMP JSON or HMP text")
+    sp = add("confinement")
+    sp.add_argument("target", metavar="FILE.xml|NAME", help="a domain XML ('-' for stdin) or "
+                    "a running domain's name, id or UUID; exit status 1 when problems or "
+                    "differences are found")
+    sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    sp = add("host-validate")
+    sp.add_argument("--image-dir", action="append", default=[], metavar="DIR",
+                    help="also check xattr support where images live (repeatable)")
+    sp.add_argument("--json", action="store_true", help="print the checks as JSON")
     return p
 
 

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from vmconfine.context import DomainContext, HostContext
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
     from vmconfine.registry import DriverRegistry
+    from vmconfine.resources import Resource
 
 PROJECT = "vmconfine"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -274,4 +275,20 @@ def describe(ctx: DomainContext) -> dict[str, Any]:
     """What this driver applies, for live XML, ``dominfo`` and the confinement report.
 
     Returns a JSON-serialisable dict (e.g. ``{"label": ..., "rules": [...]}``).
+    """
+
+
+@hookspec(firstresult=True)
+def explain(ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
+    """What this driver applies to one resource, for the confinement report and for the
+    diagnosis of a path QEMU could not open. Changes nothing; parent.
+
+    When: ``vmconfine confinement`` (before start, with labels generated on a throwaway
+    context, or for a running domain with its journal), and when QEMU exits at start with
+    EACCES/EPERM on a path (then ``resource`` may be a path the domain model does not list,
+    role ``"other"``). Returns a JSON-serialisable dict, or None when the driver has nothing
+    to say about this resource. Keys the report understands (all optional):
+    ``summary`` (one short cell of text), ``before`` / ``during`` (a label or owner before
+    start and while QEMU runs), ``allows`` (False = this driver would deny the access the
+    resource needs), ``why`` (one line: what denies it and the fix).
     """

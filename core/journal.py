@@ -36,7 +36,8 @@ class Journal:
         """Durably append one record (call BEFORE making the change it describes)."""
         entry = {"driver": driver, "op": op, **data}
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        self.records()  # load the cache from the file before this line is added to it
+        if self._records is None:
+            self.records()  # load the cache from the file before this line is added to it
         fd = self._open()
         os.write(fd, line)
         os.fsync(fd)

@@ -21,6 +21,7 @@ from vmconfine import qmp, runtime
 from vmconfine.connection import Connection, kill_process
 from vmconfine.errors import LaunchError
 from vmconfine.pipeline import Launched, checkpoint, core_checks, teardown
+from vmconfine.report import open_failure_hint
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def supervise(conn: Connection, launched: Launched, *, paused: bool = False,
         outcome = asyncio.run(sup.run())
     except BaseException as exc:
         tail = log_tail(launched.log_path)
+        tail += open_failure_hint(conn, launched.ctx, tail)  # which layer denied a path
         _finish(conn, launched)
         if isinstance(exc, LaunchError) and tail and "not confined" not in exc.message:
             raise LaunchError(f"{exc.message}; QEMU log: {tail}") from None

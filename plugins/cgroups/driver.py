@@ -47,6 +47,7 @@ from vmconfine_cgroups.rules import (
 if TYPE_CHECKING:
     from vmconfine.context import DomainContext, HostContext
     from vmconfine.domain import Chardev, Disk, Hostdev
+    from vmconfine.resources import Resource
 
 log = logging.getLogger(__name__)
 
@@ -272,14 +273,16 @@ class CgroupsDriver:
         for attempt in range(3):  # another domain's teardown may remove a shared parent
             try:
                 for path in comps:
-                    if os.path.isdir(path):
-                        continue
-                    ctx.journal.record(NAME, "mkdir", path=path, leaf=path == leaf)
-                    try:
-                        os.mkdir(path, 0o755)
-                    except FileExistsError:
-                        continue
+                    if not os.path.isdir(path):
+                        ctx.journal.record(NAME, "mkdir", path=path, leaf=path == leaf)
+                        try:
+                            os.mkdir(path, 0o755)
+                        except FileExistsError:
+                            pass
                     if cpuset:
+                        # also when it already existed: another domain's start may have made
+                        # it an instant ago, and a cpuset group refuses tasks (ENOSPC) until
+                        # its cpus/mems are filled (copy_cpuset only fills empty ones)
                         v1.copy_cpuset(path)
                 return
             except FileNotFoundError:
@@ -508,23 +511,62 @@ class CgroupsDriver:
                     "from the domain's rules"]
         return []
 
+    def _in_force(self, ctx: DomainContext) -> tuple[Plan | None, list[DeviceRule], bool]:
+        """The plan and rules in force; before start, those ``set_all_labels`` would use
+        (third item True)."""
+        st = self._state(ctx)
+        if st.get("plan") is not None:
+            return st["plan"], st.get("rules", []), False
+        if ctx.pid is not None or ctx.journal.records(NAME):
+            return None, [], False
+        try:
+            plan = self.plan(ctx)
+        except (ConfigError, DriverError):
+            return None, [], False
+        devnodes = [r.path for r in ctx.resources if r.role == "devnode"]
+        return plan, domain_rules(ctx.domain, self.host.config, devnodes=devnodes), True
+
     @hookimpl
     def describe(self, ctx: DomainContext) -> dict[str, Any]:
-        st = self._state(ctx)
-        plan: Plan | None = st.get("plan")
+        plan, rules, planned = self._in_force(ctx)
         if plan is None:
             return {}
         out: dict[str, Any] = {
             "cgroup": plan.rel,
             "dirs": {",".join(plan.controllers.get(m, [])): d for m, d in plan.dirs.items()},
             "devices": DEVICES_LABEL.get(plan.devices, f"not filtered ({plan.reason})"),
-            "rules": [r.text() for r in effective(st.get("rules", []))],
+            "rules": [r.text() for r in effective(rules)],
         }
+        if planned:
+            out["planned"] = True
         out["summary"] = (f"cgroup {plan.rel}; devices: {out['devices']}"
                           + (f", {len(out['rules'])} rules" if plan.devices != "none" else ""))
         if plan.devices == "v2" and plan.devices_dir and os.path.isdir(plan.devices_dir):
             with contextlib.suppress(OSError):
                 out["bpf_prog_ids"] = bpf.query(plan.devices_dir)
+        return out
+
+    @hookimpl
+    def explain(self, ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
+        """The device rules that decide ``resource`` (None when it is not a device node)."""
+        need = "rw" if resource.writable else "r"
+        dev = device_rule(resource.path, need, "")
+        plan, rules, _planned = self._in_force(ctx)
+        if dev is None or plan is None:
+            return None
+        device = f"{dev.type} {dev.major}:{dev.minor}"
+        if plan.devices == "none":
+            return {"device": device, "allows": True, "summary": f"{device} (not filtered)"}
+        granted = "".join(r.access for r in effective(rules) if r.type in ("a", dev.type)
+                          and r.major in (None, dev.major) and r.minor in (None, dev.minor))
+        access = "".join(ch for ch in "rwm" if ch in granted)
+        missing = "".join(ch for ch in need if ch not in granted)
+        out: dict[str, Any] = {"device": device, "access": access, "allows": not missing,
+                               "summary": f"{device} {'DENIED' if missing else access}"}
+        if missing:
+            out["why"] = (f"the cgroup device rules of domain '{ctx.domain.name}' do not allow "
+                          f"'{missing}' on {resource.path} ({device}); add it to "
+                          "cgroup_device_acl_extra in qemu.conf or list it in the domain XML")
         return out
 
     # ---- teardown -----------------------------------------------------------------------------

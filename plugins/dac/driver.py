@@ -9,6 +9,7 @@ privileged instances (the stack rule), so it may assume root.
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -235,6 +236,32 @@ class DacDriver:
         return verify_status(status, identity(ctx))
 
     @hookimpl
+    def explain(self, ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
+        """The owner ``resource`` has before start and while QEMU runs (confinement report)."""
+        ident = identity(ctx)
+        plans = relabel.plan(ctx, [resource], ident)
+        out: dict[str, Any] = {"runs_as": ident.label}
+        rec = _chown_record(ctx, resource.path)
+        if rec is not None:
+            out["before"] = format_label(rec["uid"], rec["gid"])
+        else:
+            try:
+                st = os.stat(resource.path)
+                out["before"] = format_label(st.st_uid, st.st_gid)
+            except OSError:
+                out["before"] = None
+        before = out["before"] or "missing"
+        if not plans:
+            out.update(action="none", during=None, summary=f"{before} (not chowned)")
+            return out
+        p = plans[0]
+        during = format_label(p.uid, p.gid)
+        out.update(action="chown", during=during, restore=p.restore,
+                   remember=p.remember and bool(ctx.config.remember_owner),
+                   summary=f"{before} -> {during}" + ("" if p.restore else " (kept)"))
+        return out
+
+    @hookimpl
     def describe(self, ctx: DomainContext) -> dict[str, Any]:
         ident = identity(ctx)
         sec = ctx.seclabel(MODEL)
@@ -248,6 +275,20 @@ class DacDriver:
             "remember_owner": bool(ctx.config.remember_owner),
             "owned": owned,
         }
+
+
+def _chown_record(ctx: DomainContext, path: str) -> dict[str, Any] | None:
+    """The journal's chown record of ``path`` that is still in force, if any."""
+    recs = ctx.journal.records(MODEL)
+    done = {r.get("id") for r in recs if r["op"] == "restored"}
+    real = os.path.realpath(path)
+    found = None
+    for r in recs:
+        if r["op"] != "chown" or r.get("id") in done:
+            continue
+        if path == r.get("orig") or real in (r.get("path"), r.get("orig")):
+            found = r
+    return found
 
 
 def chardev_resources(ctx: DomainContext, chardev: Chardev) -> list[Resource]:

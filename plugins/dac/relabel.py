@@ -88,9 +88,9 @@ def _dac_label(res: Resource) -> Any:
     """The resource's DAC device seclabel; backing layers fall back to the top image's."""
     found = find_device_seclabel(list(res.seclabels), DRIVER)
     if found is None and res.role == "backing" and res.disk is not None:
-        chain = res.disk.chain()
-        if chain:
-            found = find_device_seclabel(list(chain[0].seclabels), DRIVER)
+        top = res.disk.source  # the chain's first layer (not chain(): O(layers) per layer)
+        if top is not None:
+            found = find_device_seclabel(list(top.seclabels), DRIVER)
     return found
 
 

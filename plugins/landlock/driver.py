@@ -33,6 +33,7 @@ from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset
 if TYPE_CHECKING:
     from vmconfine.context import DomainContext, HostContext
     from vmconfine.domain import Domain, SecLabel
+    from vmconfine.resources import Resource
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,37 @@ class LandlockDriver:
         out["summary"] = summary(rs, mode)
         return out
 
+    @hookimpl
+    def explain(self, ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
+        """The Landlock access QEMU gets on ``resource`` (rules on the path and on every
+        directory above it add up), and whether that covers what the resource needs."""
+        if not self._confined(ctx):
+            return {"confined": False, "summary": "not confined"}
+        state = ctx.driver_state(NAME)
+        rs = state.get("ruleset") if "ruleset" in state else state.get("explain_ruleset")
+        if rs is None and "explain_ruleset" not in state:
+            rs = state["explain_ruleset"] = self.ruleset(ctx)[0]
+        if rs is None:
+            return {"confined": False, "summary": "no Landlock in this kernel"}
+        real = os.path.realpath(resource.path)
+        access: set[str] = set()
+        rules = []
+        for r in rs.path_rules:
+            if r.path == real or (r.is_dir and real.startswith(r.path.rstrip("/") + "/")):
+                access |= r.access
+                rules.append(r.path)
+        need = _needed_access(resource, real)
+        missing = sorted((need & rs.handled_fs) - access)
+        out: dict[str, Any] = {"confined": True, "access": sorted(access), "rules": rules,
+                               "allows": not missing}
+        if missing:
+            out["why"] = (f"the Landlock ruleset {rs.label} does not grant {', '.join(missing)} "
+                          f"on {real}; add the path to the domain XML so the ruleset covers it")
+            out["summary"] = f"DENIED (no {','.join(missing)})"
+        else:
+            out["summary"] = ",".join(sorted(access)) if access else "-"
+        return out
+
     # ---- helpers --------------------------------------------------------------------------
     def _confined(self, ctx: DomainContext) -> bool:
         sec = ctx.seclabel(NAME)
@@ -341,6 +373,17 @@ def summary(rs: Ruleset, mode: str) -> str:
     if rs.scoped:
         parts.append(f"scoped: {', '.join(sorted(rs.scoped))}")
     return "; ".join(parts)
+
+
+def _needed_access(resource: Resource, real: str) -> set[str]:
+    """The Landlock rights opening ``resource`` as its role says takes."""
+    socket = resource.role == "graphics" or (
+        resource.role == "chardev" and getattr(resource.source, "type", None) == "unix")
+    if resource.create and socket:
+        return {"make_sock"}
+    if resource.is_dir or os.path.isdir(real):
+        return {"read_dir"} | ({"make_reg"} if resource.writable else set())
+    return {"read_file"} | ({"write_file"} if resource.writable else set())
 
 
 def _status_field(pid: int, name: str) -> str | None:

@@ -1,0 +1,315 @@
+"""The confinement report built from domain XMLs with in-test drivers: its JSON shape, that it
+changes nothing, the per-driver columns, the problems it detects and the diagnosis of a path
+QEMU could not open."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import vmconfine_dac
+from tests.support import make_host, require_root
+from vmconfine import nop
+from vmconfine.connection import Connection
+from vmconfine.domain import parse_domain
+from vmconfine.hookspecs import hookimpl
+from vmconfine.report import build_report, denied_paths, open_failure_hint
+from vmconfine.report_render import landlock_letters, render_text
+from vmconfine.validate import QemuIds, dac_denial, ids_from_config
+
+UUID = "c7a5fdbd-edaf-9455-926a-d65c16db1809"
+
+
+class FakeLsm:
+    """A security driver with an explain hook, a label pool and a list of denied paths."""
+
+    def __init__(self, name: str = "fakelsm", *, available: bool = True,
+                 deny: tuple[str, ...] = (), explain: bool = True) -> None:
+        self.name = name
+        self.available = available
+        self.deny = deny
+        self.pool: set[str] = set()
+        self.gen_calls = 0
+        if not explain:
+            self.explain = None  # type: ignore[assignment]
+
+    @hookimpl
+    def probe(self, host: Any) -> tuple[bool, str]:
+        return (self.available, "" if self.available else "kernel lacks it; install fakelsm")
+
+    @hookimpl
+    def model(self) -> str:
+        return self.name
+
+    @hookimpl
+    def gen_label(self, ctx: Any, seclabel: Any) -> None:
+        self.gen_calls += 1
+        seclabel.label = f"{self.name}_t:s0:c1,c2"
+        seclabel.imagelabel = f"system_u:object_r:{self.name}_image_t:s0:c1,c2"
+        self.pool.add(seclabel.label)
+
+    @hookimpl
+    def release_label(self, ctx: Any, seclabel: Any) -> None:
+        self.pool.discard(seclabel.label)
+
+    @hookimpl
+    def describe(self, ctx: Any) -> dict[str, Any]:
+        sec = ctx.seclabel(self.name)
+        return {"label": sec.label if sec else None, "summary": "fake confinement",
+                "rules": list(getattr(self, "rules", []))}
+
+    @hookimpl
+    def explain(self, ctx: Any, resource: Any) -> dict[str, Any] | None:
+        if resource.path in self.deny:
+            return {"allows": False, "summary": "DENIED",
+                    "why": f"{self.name} forbids {resource.path}; allow it in fakelsm.conf"}
+        return {"allows": True, "summary": f"ok {resource.access}"}
+
+
+def plugin(*drivers: FakeLsm) -> types.ModuleType:
+    mod = types.ModuleType("fake_drivers")
+
+    @hookimpl
+    def vmconfine_register_drivers(registry: Any) -> None:
+        for d in drivers:
+            registry.add(d.name, lambda host, d=d: d, f"test driver {d.name}")
+
+    mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
+    return mod
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A 0755 directory any QEMU account can search (pytest's own tmp dirs are 0700)."""
+    d = Path(tempfile.mkdtemp(prefix="vmconfine-report-"))
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def connect(root: Path, drivers: list[FakeLsm], config: str) -> Connection:
+    host = make_host(root / "inst", [nop, vmconfine_dac, plugin(*drivers)], config=config)
+    return Connection(host.instance, pm=host.pm, recover=False)
+
+
+def files(d: Path, names: dict[str, int]) -> dict[str, Path]:
+    out = {}
+    for name, mode in names.items():
+        p = d / name
+        p.write_bytes(b"\0" * 4096)
+        os.chmod(p, mode)
+        out[name] = p
+    return out
+
+
+def rich_xml(d: Path, disk: Path | None = None) -> str:
+    return f"""<domain type='qemu'>
+  <name>r1</name><uuid>{UUID}</uuid><memory unit='MiB'>32</memory>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <loader readonly='yes' type='pflash'>{d}/code.fd</loader><nvram>{d}/vars.fd</nvram>
+    <kernel>{d}/vmlinuz</kernel><initrd>{d}/initrd</initrd></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='{disk or d / 'top.qcow2'}'/>
+      <backingStore type='file'><format type='raw'/><source file='{d}/base.img'/>
+        <backingStore/></backingStore>
+      <target dev='vda' bus='virtio'/></disk>
+    <serial type='file'><source path='{d}/r1.serial'/><target port='0'/></serial>
+    <memballoon model='none'/></devices>
+</domain>"""
+
+
+CONF = 'security_driver = "fakelsm"\nuser = "+4242"\ngroup = "+4242"\n'
+
+
+def _image_files(d: Path) -> dict[str, Path]:
+    return files(d, {"code.fd": 0o644, "vars.fd": 0o644, "vmlinuz": 0o644, "initrd": 0o644,
+                     "top.qcow2": 0o644, "base.img": 0o644})
+
+
+def test_json_shape_lists_every_resource_with_each_driver(scratch: Path) -> None:
+    _image_files(scratch)
+    lsm = FakeLsm()
+    conn = connect(scratch, [lsm], CONF)
+    report = build_report(conn, parse_domain(rich_xml(scratch)))
+    data = json.loads(json.dumps(report.to_json()))
+    assert set(data) == {"domain", "uri", "stack", "resources", "process", "kernel", "drivers",
+                         "problems", "differences"}
+    assert data["domain"] == {"name": "r1", "uuid": UUID, "state": "defined", "pid": None}
+    assert data["kernel"] is None and data["differences"] == []
+    roles = {r["role"]: r for r in data["resources"]}
+    for role in ("disk", "backing", "kernel", "initrd", "loader", "nvram", "chardev",
+                 "devnode", "runtime_dir"):
+        assert role in roles, role
+    assert roles["backing"]["path"] == str(scratch / "base.img")
+    assert roles["backing"]["access"] == "ro" and roles["disk"]["access"] == "rw"
+    assert roles["disk"]["drivers"]["fakelsm"] == {"allows": True, "summary": "ok rw"}
+    assert roles["disk"]["file"]["exists"] is True and roles["disk"]["file"]["mode"] == "0644"
+    assert data["stack"][0]["name"] == "fakelsm"
+    assert data["drivers"]["fakelsm"]["label"] == "fakelsm_t:s0:c1,c2"
+    items = {p["item"]: p for p in data["process"]}
+    assert items["no_new_privs"]["intended"] == "1"
+    assert items["fakelsm label"]["intended"] == "fakelsm_t:s0:c1,c2"
+    if os.geteuid() == 0:  # privileged: DAC is stacked and runs QEMU as +4242
+        assert items["uid"]["intended"] == "4242"
+        assert roles["disk"]["drivers"]["dac"]["during"] == "+4242:+4242"
+        assert roles["backing"]["drivers"]["dac"]["restore"] is False
+        assert "dac" not in roles["loader"]["drivers"] or \
+            roles["loader"]["drivers"]["dac"]["action"] == "none"
+    assert "r1" in render_text(report) and "Problems (" in render_text(report)
+
+
+def test_report_changes_nothing_and_releases_labels(scratch: Path) -> None:
+    _image_files(scratch)
+    lsm = FakeLsm()
+    aa = FakeLsm("apparmor")
+    conf = 'security_driver = ["fakelsm", "apparmor"]\nuser = "+4242"\ngroup = "+4242"\n'
+    conn = connect(scratch, [lsm, aa], conf)
+
+    def snap() -> dict[str, tuple[int, int, int, int]]:
+        out = {}
+        for p in sorted(scratch.rglob("*")):
+            st = os.lstat(p)
+            out[str(p)] = (st.st_uid, st.st_gid, st.st_mode, st.st_mtime_ns)
+        return out
+
+    before = snap()
+    report = build_report(conn, parse_domain(rich_xml(scratch)))
+    assert snap() == before  # no chown, no journal, no runtime dir, no serial file
+    assert not (scratch / "r1.serial").exists()
+    assert lsm.gen_calls == 1 and lsm.pool == set()  # generated, then released
+    assert aa.gen_calls == 0  # AppArmor's gen_label loads a profile: only named
+    assert report.drivers["apparmor"]["label"] == f"vmconfine-{UUID}"
+
+
+def test_parent_dir_0700_is_a_problem_with_its_fix(scratch: Path) -> None:
+    require_root()
+    _image_files(scratch)
+    private = scratch / "private"
+    private.mkdir(mode=0o700)
+    disk = files(private, {"top.qcow2": 0o644})["top.qcow2"]
+    conn = connect(scratch, [FakeLsm()], CONF)
+    report = build_report(conn, parse_domain(rich_xml(scratch, disk)))
+    found = [p for p in report.problems if str(private) in p.message]
+    assert len(found) == 1, report.problems
+    assert found[0].severity == "error" and found[0].layer == "dac"
+    assert f"chmod o+x {private}" in found[0].fix
+    assert all(p.path != str(disk) for p in report.problems)  # the dir is the culprit
+    assert report.errors
+
+
+def test_dac_denial_without_root(scratch: Path) -> None:
+    d = scratch / "locked"
+    d.mkdir(mode=0o700)
+    f = d / "img"
+    f.write_text("x")
+    os.chmod(f, 0o600)
+    other = QemuIds(os.getuid() + 4242, os.getgid() + 4242)
+    msg, fix, where = dac_denial(str(f), other, 4) or ("", "", "")
+    assert where == str(d) and "cannot search directory" in msg and f"chmod o+x {d}" in fix
+    os.chmod(d, 0o711)
+    msg, fix, where = dac_denial(str(f), other, 4 | 2) or ("", "", "")
+    assert where == str(f) and "cannot read and write" in msg and "0600" in msg
+    assert dac_denial(str(f), other, 4, owner=(other.uid, other.gid)) is None  # once chowned
+    assert dac_denial(str(f), QemuIds(os.getuid(), os.getgid()), 6) is None
+
+
+def test_missing_disk_and_driver_denial_are_errors(scratch: Path) -> None:
+    images = _image_files(scratch)
+    os.unlink(images["vmlinuz"])
+    lsm = FakeLsm(deny=(str(scratch / "initrd"),))
+    conn = connect(scratch, [lsm], CONF)
+    report = build_report(conn, parse_domain(rich_xml(scratch)))
+    msgs = [p.text() for p in report.errors]
+    assert any(f"{scratch}/vmlinuz does not exist" in m for m in msgs), msgs
+    denial = [p for p in report.errors if p.layer == "fakelsm"]
+    assert denial and "allow it in fakelsm.conf" in denial[0].message
+    text = render_text(report)
+    line = next(ln for ln in text.splitlines() if f"{scratch}/initrd " in ln)
+    assert line.lstrip().startswith("!") and "DENIED" in line
+
+
+def test_unavailable_driver_with_require_confined(scratch: Path) -> None:
+    _image_files(scratch)
+    conn = connect(scratch, [FakeLsm(available=False)],
+                   CONF + "security_require_confined = 1\n")
+    report = build_report(conn, parse_domain(rich_xml(scratch)))
+    stack = [p for p in report.problems if p.layer == "stack"]
+    assert stack and "fakelsm" in stack[0].message
+    assert "security_require_confined = 1" in stack[0].message and stack[0].fix
+    assert report.resources  # the report is still built from the drivers that work
+
+
+def test_apparmor_and_selinux_columns_without_explain(scratch: Path) -> None:
+    images = _image_files(scratch)
+    aa = FakeLsm("apparmor", explain=False)
+    aa.rules = [  # type: ignore[attr-defined]
+        "# DO NOT EDIT",
+        f'  "{images["top.qcow2"]}" rwk,',
+        f'  "{images["base.img"]}" rk,',
+        f'  deny "{images["base.img"]}" w,',
+        f'  "{images["vars.fd"]}" rk,',
+    ]
+    se = FakeLsm("selinux", explain=False)
+    conf = 'security_driver = ["selinux", "apparmor"]\nuser = "+4242"\ngroup = "+4242"\n'
+    conn = connect(scratch, [se, aa], conf)
+    report = build_report(conn, parse_domain(rich_xml(scratch)))
+    rows = {r.role: r for r in report.resources}
+    assert rows["disk"].drivers["apparmor"]["allows"] is True
+    assert rows["backing"].drivers["apparmor"]["summary"] == "rk"
+    assert rows["nvram"].drivers["apparmor"]["allows"] is False  # needs w, has rk
+    assert rows["kernel"].drivers["apparmor"]["allows"] is None  # no rule: a warning
+    assert any(p.severity == "warning" and str(images["vmlinuz"]) in p.message
+               for p in report.problems)
+    image = "system_u:object_r:selinux_image_t:s0:c1,c2"
+    assert rows["disk"].drivers["selinux"]["during"] == image
+    assert rows["backing"].drivers["selinux"]["during"] == \
+        "system_u:object_r:virt_content_t:s0"
+    assert rows["loader"].drivers["selinux"]["during"] is None  # left to the policy
+
+
+QEMU_LOG = """2026-01-01T00:00:00.1Z qemu-system-x86_64: -drive file=/srv/a.img,format=raw,if=none,\
+id=x: Could not open '/srv/a.img': Permission denied
+qemu: could not open kernel file '/boot/k': Operation not permitted
+qemu-system-x86_64: -chardev file,id=c,path=/srv/c.log: Could not open '/srv/c.log': No such file
+Could not access KVM kernel module: Permission denied"""
+
+
+def test_denied_paths_from_qemu_messages() -> None:
+    assert denied_paths(QEMU_LOG) == [("/srv/a.img", "Permission denied"),
+                                      ("/boot/k", "Operation not permitted"),
+                                      ("/dev/kvm", "Permission denied")]
+    assert denied_paths(" | ".join(QEMU_LOG.splitlines()))[0][0] == "/srv/a.img"
+    assert denied_paths("qemu: terminating on signal 15") == []
+
+
+def test_open_failure_hint_names_path_and_layer(scratch: Path) -> None:
+    secret = files(scratch, {"secret.img": 0o600})["secret.img"]
+    lsm = FakeLsm(deny=(str(secret),))
+    conn = connect(scratch, [lsm], CONF)
+    from vmconfine.context import DomainContext
+    from vmconfine.report import MemoryJournal
+
+    _image_files(scratch)
+    ctx = DomainContext(conn.host, parse_domain(rich_xml(scratch)), MemoryJournal())
+    conn.stack.gen_labels(ctx)
+    hint = open_failure_hint(conn, ctx, f"x: Could not open '{secret}': Permission denied")
+    assert hint.startswith(f"; QEMU could not open {secret} (Permission denied): denied by")
+    assert "fakelsm: fakelsm forbids" in hint
+    if os.geteuid() == 0 and ids_from_config(conn.instance) is not None:
+        assert "DAC:" in hint and "0600" in hint  # +4242 is neither owner nor in the group
+    assert open_failure_hint(conn, ctx, "all good") == ""
+
+
+def test_landlock_letters() -> None:
+    assert landlock_letters(["read_file", "write_file", "truncate"]) == "rwt"
+    assert landlock_letters(["read_dir", "make_sock", "remove_file"]) == "dmu"
+    assert landlock_letters([]) == "-"

@@ -122,21 +122,9 @@ def _pci_sysfs_dir(res: Resource) -> str | None:
 def _extra_paths(domain: Domain) -> Iterable[tuple[str, str, bool, str]]:
     """Host paths QEMU opens that the resource list does not model (libvirt's get_files):
     (path, perms, recursive, what)."""
-    for rng in domain.rngs:
-        if rng.backend_model == "random" and rng.path:
-            yield rng.path, "r", False, "rng source"
-    for inp in domain.inputs:
-        if inp.evdev:
-            yield inp.evdev, "rw", False, "input device"
-    for tpm in domain.tpms:
-        if tpm.backend == "passthrough" and tpm.device_path:
-            yield tpm.device_path, "rw", False, "tpm device"
     for fs in domain.filesystems:
         if fs.type == "mount" and fs.source:
             yield fs.source, ("r" if fs.readonly else "rwl"), True, "filesystem source"
-    for chardev in domain.chardevs:
-        if chardev.log_file:
-            yield chardev.log_file, "rw", False, "chardev log file"
     if domain.virt_type == "kvm" and any(
         (i.model or "") == "virtio" and i.type not in ("user", "vhostuser")
         for i in domain.interfaces

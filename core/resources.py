@@ -5,8 +5,10 @@ access, cgroup device rules, the confinement report), so a path QEMU opens is ne
 from one driver while present in another.
 
 Roles: ``disk`` (top image), ``backing`` (lower layers), ``kernel``, ``initrd``, ``dtb``,
-``loader``, ``nvram``, ``chardev``, ``hostdev``, ``graphics`` (VNC socket), ``runtime_dir`` (the
-domain's runtime directory), ``devnode`` (device nodes every QEMU needs, e.g. /dev/kvm).
+``loader``, ``nvram``, ``chardev``, ``chardev_log`` (a chardev's ``<log file>``), ``hostdev``,
+``input`` (evdev passthrough), ``rng`` (host entropy source), ``tpm`` (passthrough device),
+``graphics`` (VNC socket), ``runtime_dir`` (the domain's runtime directories), ``devnode``
+(device nodes every QEMU needs, e.g. /dev/kvm).
 """
 
 from __future__ import annotations
@@ -155,6 +157,26 @@ def chardev_resources(domain: Domain) -> list[Resource]:
         out.append(
             Resource(path, "chardev", "rw", source=chardev, seclabels=labels, create=create)
         )
+    for chardev in domain.chardevs:
+        log_file = getattr(chardev, "log_file", None)
+        if log_file:
+            out.append(Resource(log_file, "chardev_log", "rw", source=chardev, create=True))
+    return out
+
+
+def device_resources(domain: Domain) -> list[Resource]:
+    """Host devices QEMU opens for inputs, entropy and TPM passthrough."""
+    out: list[Resource] = []
+    for inp in getattr(domain, "inputs", []):
+        if getattr(inp, "evdev", None):
+            out.append(Resource(inp.evdev, "input", "rw", source=inp))
+    for rng in getattr(domain, "rngs", []):
+        # /dev/random and /dev/urandom are base device nodes already (read-write)
+        if rng.backend_model == "random" and rng.path and rng.path not in BASE_DEVNODES:
+            out.append(Resource(rng.path, "rng", "ro", source=rng))
+    for tpm in getattr(domain, "tpms", []):
+        if getattr(tpm, "backend", None) == "passthrough" and tpm.device_path:
+            out.append(Resource(tpm.device_path, "tpm", "rw", source=tpm))
     return out
 
 
@@ -171,6 +193,7 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
     for hostdev in domain.hostdevs:
         out.extend(hostdev_resources(hostdev))
     out.extend(chardev_resources(domain))
+    out.extend(device_resources(domain))
     for g in domain.graphics:
         if g.type == "vnc" and g.socket:
             out.append(Resource(g.socket, "graphics", "rw", source=g, create=True))

@@ -86,7 +86,7 @@ def test_tampering_is_marked(embed: Embed, vm_dir: VmDir) -> None:
     image = vm_dir.path / "rep2.img"
     embed.start(xml)
     rc, data = report(embed, "rep2")
-    assert rc == 0 and data["differences"] == []
+    assert rc == 0 and data["differences"] == [], (data["differences"], data["problems"])
     os.chown(image, 4321, 4321)
     rc, data = report(embed, "rep2")
     assert rc == 1

@@ -33,13 +33,14 @@ def same_process(pid: int | None, starttime: int | None) -> bool:
     """True when ``pid`` still names the process that started at ``starttime``."""
     if not pid:
         return False
-    now = proc_starttime(pid)
-    if now is None:
+    try:  # one read: the process may be gone (and reaped) between two
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
         return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    if state == "Z":
+    fields = data[data.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
         return False
-    return starttime is None or now == starttime
+    return starttime is None or int(fields[19]) == starttime
 
 
 def write_atomic(path: Path, data: str, mode: int = 0o600) -> None:

@@ -1,0 +1,1 @@
+"""vmconfine's benchmarks (see docs/performance.md): ``python -m bench.run [--quick]``."""

@@ -1,0 +1,394 @@
+"""P1: start → QMP ready with every label set, and destroy + teardown; vs libvirt and the floor.
+
+Domains: TCG, 128 MiB, 1 and 8 virtio raw disks (the first boots a guest that prints a line and
+halts), an embed instance as root with ``security_driver = "none"``, so the stack is
+``none, dac, cgroups`` (QEMU runs as vmconfine-qemu, its files are chowned and given back, a
+per-domain cgroup with a device whitelist) — libvirt's default security on a host without an
+LSM: DAC + cgroups.
+
+Measured, alternating every run:
+
+- **floor**: the same QEMU command line spawned bare (root, no labels, no cgroup) with
+  ``posix_spawn`` → ``qmp_capabilities`` → ``cont`` answered, with the same QMP client;
+- **vmconfine API** (in-process): ``pipeline.start()`` → ``supervise(on_ready=...)`` — fork,
+  child confinement, exec, QMP handshake, verification of the kernel's view, status XML,
+  ``cont``; destroy = SIGTERM to QEMU in ``on_ready`` → ``supervise`` returns after teardown
+  (labels given back, cgroup removed, runtime dirs and journal gone);
+- **vmconfine CLI**: ``vmconfine run`` until it prints "started"; ``vmconfine destroy``;
+- **libvirt**: ``virsh start`` / ``virsh destroy`` of the same XML (defined once), private
+  libvirtd under a subreaper (see :mod:`bench.libvirt_peer`).
+
+usage: python -m bench.p1_start [--quick] [--runs N]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.common import (
+    VMCONFINE,
+    Options,
+    Stats,
+    Table,
+    domain_xml,
+    embed_root,
+    header,
+    is_root,
+    make_disks,
+    now,
+    parse_options,
+    ratio,
+    scratch,
+    verdict,
+)
+from bench.libvirt_peer import LibvirtPeer, PeerUnavailable
+
+if TYPE_CHECKING:
+    from vmconfine.connection import Connection
+    from vmconfine.pipeline import Launched
+
+OVERHEAD_TARGET = 0.025
+START_TARGET = 0.5
+TITLE = "P1: start -> QMP ready (labels set) and destroy + teardown"
+
+
+@dataclass
+class Case:
+    """One domain (1 or 8 disks) and its samples."""
+
+    name: str
+    disks: int
+    xml_path: Path
+    xml: str
+    floor: Stats = field(default_factory=Stats)
+    phases: dict[str, Stats] = field(default_factory=dict)
+    api_start: Stats = field(default_factory=Stats)
+    api_destroy: Stats = field(default_factory=Stats)
+    cli_start: Stats = field(default_factory=Stats)
+    cli_destroy: Stats = field(default_factory=Stats)
+    lv_start: Stats = field(default_factory=Stats)
+    lv_destroy: Stats = field(default_factory=Stats)
+
+
+# ---- floor --------------------------------------------------------------------------------------
+
+
+async def _floor_async(argv: list[str], env: dict[str, str], paths: list[str],
+                       socks: list[socket.socket]) -> tuple[float, int]:
+    from vmconfine import qmp
+
+    t0 = now()
+    pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ])
+    client = await qmp.connect(paths[0], "bench-floor")
+    await client.execute("cont")
+    elapsed = now() - t0
+    await qmp.disconnect(client)
+    return elapsed, pid
+
+
+def floor_once(conn: Connection, case: Case, tmp: Path) -> float:
+    """Spawn the domain's own QEMU command line bare; return spawn → QMP ready + cont."""
+    from vmconfine.argv import build_command
+    from vmconfine.domain import parse_domain
+    from vmconfine.pipeline import command_paths, prepare_domain
+
+    domain = parse_domain(case.xml)
+    prepare_domain(conn, domain)
+    command = build_command(domain, conn.instance.config,
+                            command_paths(conn, domain, symbolic=False))
+    socks, paths = [], []
+    for i in range(len(command.fd_slots)):
+        path = str(tmp / f"floor-{i}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.listen(8)
+        s.set_inheritable(True)
+        socks.append(s)
+        paths.append(path)
+    argv = command.argv(fds=[s.fileno() for s in socks])
+    try:
+        elapsed, pid = asyncio.run(_floor_async(argv, dict(command.env), paths, socks))
+    finally:
+        for s in socks:
+            s.close()
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return elapsed
+
+
+# ---- vmconfine ----------------------------------------------------------------------------------
+
+
+#: the pipeline's checkpoints, in order (see vmconfine.pipeline.STEPS), then on_ready
+PHASES = ("begin", "labels", "preflight", "set-labels", "sockets", "forked", "qmp", "verified",
+          "running", "ready")
+PHASE_TEXT = {
+    "begin": "prepare, checks, ids, journal begin",
+    "labels": "generate labels",
+    "preflight": "build argv, preflight",
+    "set-labels": "runtime dirs, set all labels (DAC, cgroup + device rules)",
+    "sockets": "monitor sockets",
+    "forked": "fork, child: cgroup move, ids, caps, exec",
+    "qmp": "QEMU start-up until QMP answers",
+    "verified": "verify the kernel's view of QEMU",
+    "running": "status XML, cont",
+    "ready": "on_ready callback",
+}
+
+
+@contextlib.contextmanager
+def phase_marks(marks: dict[str, float]) -> Iterator[None]:
+    """Record when the pipeline passes each checkpoint (the crash-test pause points)."""
+    from vmconfine import pipeline, supervisor
+
+    real = pipeline.checkpoint
+
+    def mark(step: str) -> None:
+        marks[step] = now()
+        real(step)
+
+    pipeline.checkpoint = mark  # type: ignore[assignment]
+    supervisor.checkpoint = mark  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        pipeline.checkpoint = real  # type: ignore[assignment]
+        supervisor.checkpoint = real  # type: ignore[assignment]
+
+
+def api_once(conn: Connection, case: Case,
+             phases: dict[str, Stats] | None = None) -> tuple[float, float]:
+    """(start → ready, destroy → teardown done) through the in-process API."""
+    from vmconfine.domain import parse_domain
+    from vmconfine.pipeline import start
+    from vmconfine.supervisor import supervise
+
+    domain = parse_domain(case.xml)
+    marks: dict[str, float] = {}
+
+    def on_ready(launched: Launched) -> None:
+        marks["ready"] = now()
+        os.kill(launched.pid, signal.SIGTERM)
+
+    with phase_marks(marks):
+        t0 = now()
+        launched = start(conn, domain)
+        supervise(conn, launched, on_ready=on_ready, shutdown_timeout=5)
+        done = now()
+    if phases is not None:
+        prev = t0
+        for step in PHASES:
+            if step in marks:
+                phases.setdefault(step, Stats()).add(marks[step] - prev)
+                prev = marks[step]
+    return marks["ready"] - t0, done - marks["ready"]
+
+
+def cli_once(uri: str, case: Case) -> tuple[float, float]:
+    """(``vmconfine run`` → "started" printed, ``vmconfine destroy`` wall time)."""
+    t0 = now()
+    proc = subprocess.Popen([VMCONFINE, "-c", uri, "run", str(case.xml_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    assert proc.stdout is not None
+    started = None
+    try:
+        for line in proc.stdout:
+            if "started" in line:
+                started = now() - t0
+                break
+        if started is None:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"vmconfine run did not start {case.name}: {err.strip()}")
+        t1 = now()
+        out = subprocess.run([VMCONFINE, "-c", uri, "destroy", case.name], capture_output=True,
+                             text=True, timeout=60, check=False)
+        destroyed = now() - t1
+        if out.returncode != 0:
+            raise RuntimeError(f"vmconfine destroy {case.name}: {out.stderr.strip()}")
+        proc.communicate(timeout=60)
+        return started, destroyed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def whole_process(argv: list[str]) -> float:
+    t0 = now()
+    subprocess.run(argv, capture_output=True, timeout=60, check=True, stdin=subprocess.DEVNULL)
+    return now() - t0
+
+
+def check_restored(paths: list[Path]) -> list[str]:
+    """Every image back to root:root, without remembered-owner xattrs."""
+    problems = []
+    for p in paths:
+        st = os.stat(p)
+        if (st.st_uid, st.st_gid) != (0, 0):
+            problems.append(f"{p} owned by {st.st_uid}:{st.st_gid}")
+        left = [x for x in os.listxattr(p) if x.startswith("trusted.vmconfine")]
+        if left:
+            problems.append(f"{p} still has {left}")
+    return problems
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def run(opts: Options) -> list[Table]:
+    table = Table(f"{TITLE} (median [min-max], n per cell below)",
+                  ["measurement", "vmconfine", "peer", "ratio", "target"])
+    if not is_root():
+        table.unavailable("all", "needs root (QEMU runs as vmconfine-qemu, files are chowned)")
+        return [table]
+    from vmconfine.connection import Connection
+
+    with scratch("p1") as d:
+        uri = embed_root(d / "instance")
+        images: list[Path] = []
+        cases = []
+        for n in (1, 8):
+            name = f"bench{n}"
+            disks = make_disks(d, name, n)
+            images += disks
+            xml = domain_xml(name, disks, memory_mib=128)
+            path = d / f"{name}.xml"
+            path.write_text(xml)
+            cases.append(Case(name, n, path, xml))
+        conn = Connection.open(uri)
+        stack = ", ".join(conn.stack.names())
+        peer_error = None
+        failures: list[str] = []
+        with contextlib.ExitStack() as stack_cm:
+            peer: LibvirtPeer | None = None
+            try:
+                peer = stack_cm.enter_context(LibvirtPeer())
+                for c in cases:
+                    peer.define(c.xml_path, c.name)
+            except PeerUnavailable as exc:
+                peer_error, peer = str(exc), None
+            cli_cost, virsh_cost = Stats(), Stats()
+            for i in range(opts.runs + 1):  # the first round warms caches and is not counted
+                keep = i > 0
+                for c in cases:
+                    f = floor_once(conn, c, d)
+                    a_start, a_destroy = api_once(conn, c, c.phases if keep else None)
+                    try:
+                        cl_start, cl_destroy = cli_once(uri, c)
+                    except RuntimeError as exc:  # reported, the other measurements go on
+                        failures.append(str(exc))
+                        cl_start = cl_destroy = None
+                    if keep:
+                        c.floor.add(f)
+                        c.api_start.add(a_start)
+                        c.api_destroy.add(a_destroy)
+                        if cl_start is not None and cl_destroy is not None:
+                            c.cli_start.add(cl_start)
+                            c.cli_destroy.add(cl_destroy)
+                    if peer is not None:
+                        try:
+                            s = peer.timed_virsh("start", c.name)
+                            x = peer.timed_virsh("destroy", c.name)
+                        except PeerUnavailable as exc:
+                            peer_error, peer = str(exc), None
+                        else:
+                            if keep:
+                                c.lv_start.add(s)
+                                c.lv_destroy.add(x)
+                c_cost = whole_process([VMCONFINE, "-c", uri, "list"])
+                v_cost = (whole_process(["/usr/bin/virsh", "-q", "-c", peer.uri, "list"])
+                          if peer is not None else None)
+                if keep:
+                    cli_cost.add(c_cost)
+                    if v_cost is not None:
+                        virsh_cost.add(v_cost)
+        leftovers = check_restored(images)
+    for c in cases:
+        disks = f"{c.disks} disk{'s' if c.disks > 1 else ''}"
+        lv_start = c.lv_start.median if c.lv_start.n else None
+        lv_destroy = c.lv_destroy.median if c.lv_destroy.n else None
+        peer_s = c.lv_start.fmt() if c.lv_start.n else f"libvirt n/a ({peer_error})"
+        table.add(f"start -> QMP ready, {disks}: API vs virsh start", c.api_start.fmt(),
+                  peer_s, ratio(c.api_start.median, lv_start),
+                  verdict(None if lv_start is None else c.api_start.median
+                          <= START_TARGET * lv_start, f"<= {START_TARGET}x libvirt"))
+        table.add(f"start, {disks}: CLI 'vmconfine run' until 'started' vs virsh start",
+                  c.cli_start.fmt(), c.lv_start.fmt() if c.lv_start.n else "n/a",
+                  ratio(c.cli_start.median, lv_start), "report")
+        table.add(f"floor, {disks}: same QEMU argv bare, spawn -> QMP caps + cont",
+                  c.floor.fmt(), "-", ratio(c.api_start.median, c.floor.median) + " (API/floor)",
+                  "-")
+        overhead = c.api_start.median - c.floor.median
+        table.add(f"pipeline overhead over the floor, {disks} (API - floor)",
+                  f"{overhead * 1e3:.1f} ms", f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  ratio(overhead, OVERHEAD_TARGET) + " (of budget)",
+                  verdict(overhead <= OVERHEAD_TARGET, "<= 25 ms"))
+        table.add(f"destroy + teardown, {disks}: API vs virsh destroy", c.api_destroy.fmt(),
+                  c.lv_destroy.fmt() if c.lv_destroy.n else "n/a",
+                  ratio(c.api_destroy.median, lv_destroy), "report")
+        table.add(f"destroy, {disks}: CLI 'vmconfine destroy' vs virsh destroy",
+                  c.cli_destroy.fmt(), c.lv_destroy.fmt() if c.lv_destroy.n else "n/a",
+                  ratio(c.cli_destroy.median, lv_destroy), "report")
+    table.add("CLI start-up: 'vmconfine list' vs 'virsh list' (whole process)", cli_cost.fmt(),
+              virsh_cost.fmt() if virsh_cost.n else "n/a",
+              ratio(cli_cost.median, virsh_cost.median if virsh_cost.n else None), "report")
+    table.notes += [
+        f"n = {opts.runs} per cell (after one uncounted warm-up round); runs alternate "
+        "floor / API / CLI / libvirt",
+        f"vmconfine stack: {stack}; libvirt: default qemu.conf (DAC + cgroups, no LSM)",
+        "CLI start-up cost = Python start-up + imports + opening the connection; the CLI rows "
+        "include it, the API rows do not",
+        "files after all runs: " + ("every image back to root:root, no remembered-owner xattrs"
+                                    if not leftovers else "; ".join(leftovers)),
+    ]
+    if peer_error:
+        table.notes.append(f"libvirt peer: {peer_error}")
+    if failures:
+        table.notes.append(f"CLI failures ({len(failures)}, not counted): {failures[0]}")
+    return [table, phase_table(cases)]
+
+
+def phase_table(cases: list[Case]) -> Table:
+    """Where the API's start time goes (medians per pipeline step)."""
+    table = Table("P1 (detail): API start, median per pipeline step",
+                  ["step", *[f"{c.disks} disk(s)" for c in cases], "ratio"])
+    for step in PHASES:
+        cells = [c.phases[step].fmt() if step in c.phases else "-" for c in cases]
+        share = [c.phases[step].median / c.api_start.median for c in cases if step in c.phases]
+        table.add(f"{step}: {PHASE_TEXT[step]}", *cells,
+                  f"{max(share):.2f} of total" if share else "n/a")
+    table.notes.append("ratio = the step's share of the whole API start (largest of the "
+                       "columns); 'qmp' is mostly QEMU's own start-up (the floor)")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(__doc__.splitlines()[0], argv, full_runs=10, quick_runs=2)
+    header("P1 start latency", opts)
+    t0 = time.monotonic()
+    for t in run(opts):
+        t.print()
+    sys.stdout.write(f"(P1 took {time.monotonic() - t0:.1f} s)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""P3: sVirt MCS label allocation at 0 %, 50 % and 99 % occupancy, and until exhaustion.
+
+vmconfine's allocator (:mod:`vmconfine_selinux.mcs`) keeps the free category pairs of
+``c0.c1023`` (523,776 pairs) in an mmap'd free list, so a random free pair is one O(1) step at
+any occupancy; the registry around it adds an exclusive ``flock`` and a lease file per domain
+(so allocation is unique across processes and survives restarts). Measured in-process:
+
+- **pool**: ``McsPool.take_random()`` alone (the allocation step);
+- **registry**: ``LabelRegistry.allocate()`` — lock, pool, lease file — with the registry on
+  ext4 (where the instance's lib_dir is) and on tmpfs;
+- **peer**: libvirt's algorithm (``virSecuritySELinuxMCSFind``): draw a random pair, retry
+  while it is in the in-memory set of used labels — written here in Python against a Python
+  set, so both run in the same language. It has no bound on retries: a full range loops
+  forever (this benchmark stops it after 10,000,000 draws).
+
+Then allocation until exhaustion of a smaller range (the pairs of c0.c63, or c0.c127 in the full
+run): every pair once, then one error — never a loop.
+
+usage: python -m bench.p3_mcs [--quick] [--runs N]
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from bench.common import (
+    TMPFS_BASE,
+    Options,
+    Stats,
+    Table,
+    header,
+    parse_options,
+    ratio,
+    scratch,
+    verdict,
+)
+
+if TYPE_CHECKING:
+    from vmconfine_selinux.mcs import LabelRegistry
+
+TARGET_US = 10.0
+OCCUPANCY = (0.0, 0.5, 0.99)
+PEER_CAP = 10_000_000
+
+
+def owner(i: int) -> str:
+    return f"{i:08x}-0000-4000-8000-00000000beef"
+
+
+def libvirt_style_find(used: set[tuple[int, int]], ncats: int, rng: random.Random,
+                       cap: int = PEER_CAP) -> tuple[int, int] | None:
+    """libvirt's MCS search: random c1 != c2, ordered, retried while taken (None at ``cap``)."""
+    for _ in range(cap):
+        c1 = rng.randrange(ncats)
+        c2 = rng.randrange(ncats)
+        if c1 == c2:
+            continue
+        pair = (c1, c2) if c1 < c2 else (c2, c1)
+        if pair not in used:
+            used.add(pair)
+            return pair
+    return None
+
+
+def _fill_set(pairs: list[int]) -> set[tuple[int, int]]:
+    from vmconfine_selinux.mcs import pair_categories
+
+    return {pair_categories(p) for p in pairs}
+
+
+def _undo(reg: LabelRegistry, levels: list[str]) -> None:
+    """Back to the occupancy before ``levels`` were allocated (untimed; release() itself is
+    measured separately, as it reads every lease)."""
+    pool = reg._open_pool()
+    for i, level in enumerate(levels):
+        pair = reg.range.pair(level)
+        if pair is not None:
+            pool.put(pair)
+        reg._drop_lease(owner(i))
+
+
+def occupancy_rows(opts: Options, d: Path, table: Table) -> None:
+    from vmconfine_selinux import mcs
+
+    rng = mcs.McsRange("s0", 0, 1023)
+    allocs = 200 if opts.quick else 1000
+    rand = random.Random(7)
+    for occ in OCCUPANCY:
+        taken = rand.sample(range(rng.pairs), int(rng.pairs * occ))
+        pool_s, reg_disk, reg_tmp, peer_s = Stats(), Stats(), Stats(), Stats()
+        for base, stats in ((d, reg_disk), (TMPFS_BASE, reg_tmp)):
+            with scratch("p3-reg", base=base) as where:
+                reg = mcs.LabelRegistry(where, rng, lambda lease: True)
+                reg.fill(taken)
+                for _run in range(opts.runs):
+                    t0 = time.perf_counter()
+                    levels = [reg.allocate(owner(i), f"vm{i}") for i in range(allocs)]
+                    stats.add((time.perf_counter() - t0) / allocs)
+                    _undo(reg, levels)
+                if base is d:  # the pool alone, on the same file
+                    pool = reg._open_pool()
+                    for _run in range(opts.runs):
+                        t0 = time.perf_counter()
+                        got = [pool.take_random() for _ in range(allocs)]
+                        pool_s.add((time.perf_counter() - t0) / allocs)
+                        for p in got:
+                            if p is not None:
+                                pool.put(p)
+                reg.close()
+        used = _fill_set(taken)
+        for _run in range(opts.runs):
+            mine = set(used)
+            t0 = time.perf_counter()
+            for _ in range(allocs):
+                libvirt_style_find(mine, rng.size, rand)
+            peer_s.add((time.perf_counter() - t0) / allocs)
+        label = f"{occ:.0%} of {rng.pairs} pairs"
+        table.add(f"{label}: pool take (allocation step)", pool_s.fmt("us"), peer_s.fmt("us"),
+                  ratio(pool_s.median, peer_s.median),
+                  verdict(pool_s.median * 1e6 <= TARGET_US, f"<= {TARGET_US:.0f} us"))
+        table.add(f"{label}: registry allocate, ext4 (lock + pool + lease file)",
+                  reg_disk.fmt("us"), peer_s.fmt("us"), ratio(reg_disk.median, peer_s.median),
+                  verdict(reg_disk.median * 1e6 <= TARGET_US, f"<= {TARGET_US:.0f} us"))
+        table.add(f"{label}: registry allocate, tmpfs", reg_tmp.fmt("us"), peer_s.fmt("us"),
+                  ratio(reg_tmp.median, peer_s.median),
+                  verdict(reg_tmp.median * 1e6 <= TARGET_US, f"<= {TARGET_US:.0f} us"))
+    table.notes.append(f"{allocs} allocations per sample, {opts.runs} samples, per-allocation "
+                       "time; released (untimed) between samples")
+
+
+def exhaustion_rows(opts: Options, d: Path, table: Table) -> None:
+    from vmconfine.errors import LabelError
+    from vmconfine_selinux import mcs
+
+    rng = mcs.McsRange("s0", 0, 63 if opts.quick else 127)
+    reg = mcs.LabelRegistry(d / "exhaust", rng, lambda lease: True)
+    got: set[str] = set()
+    t0 = time.perf_counter()
+    error = None
+    for i in range(rng.pairs + 1):
+        try:
+            got.add(reg.allocate(owner(i), f"vm{i}"))
+        except LabelError as exc:
+            error = exc.message
+            break
+    total = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    try:
+        reg.allocate(owner(rng.pairs + 7), "one-more")
+        again = "allocated (wrong)"
+    except LabelError:
+        again = "error"
+    failing = time.perf_counter() - t1
+    reg.close()
+    shutil.rmtree(d / "exhaust")
+    per = total / max(1, len(got))
+    used = _fill_set(list(range(rng.pairs)))
+    t2 = time.perf_counter()
+    found = libvirt_style_find(used, rng.size, random.Random(1), cap=1_000_000)
+    peer = time.perf_counter() - t2
+    table.add(f"until exhaustion of {rng} ({rng.pairs} pairs): per allocation",
+              f"{per * 1e6:.1f} us x {len(got)} unique", "-", "n/a",
+              verdict(len(got) == rng.pairs, "every pair once"))
+    table.add(f"{rng} full: the next allocation",
+              f"{again} after {failing * 1e3:.1f} ms (reconciles live leases once)",
+              f"{'loops' if found is None else 'found?'}: 1,000,000 draws in {peer:.2f} s",
+              ratio(failing, peer), verdict(error is not None and again == "error",
+                                            "error, no loop"))
+    if error:
+        table.notes.append(f"exhaustion error: {error}")
+
+
+def release_rows(opts: Options, d: Path, table: Table) -> None:
+    """Release cost grows with the number of live leases (reported, no target)."""
+    from vmconfine_selinux import mcs
+
+    rng = mcs.McsRange("s0", 0, 1023)
+    for live in ((10, 100) if opts.quick else (10, 100, 1000)):
+        reg = mcs.LabelRegistry(d / f"rel{live}", rng, lambda lease: True)
+        for i in range(live):
+            reg.allocate(owner(i), f"vm{i}")
+        s = Stats()
+        for i in range(min(live, 20)):
+            t0 = time.perf_counter()
+            reg.release(owner(i))
+            s.add(time.perf_counter() - t0)
+            reg.allocate(owner(i), f"vm{i}")
+        reg.close()
+        shutil.rmtree(d / f"rel{live}")
+        table.add(f"registry release with {live} live leases (ext4)", s.fmt("us"), "-", "n/a",
+                  "report")
+
+
+def run(opts: Options) -> list[Table]:
+    table = Table("P3: MCS category-pair allocation (per allocation)",
+                  ["measurement", "vmconfine", "libvirt's algorithm", "ratio", "target"])
+    if importlib.util.find_spec("vmconfine_selinux.mcs") is None:
+        table.unavailable("0 / 50 / 99 % and exhaustion",
+                          "not available yet: plugins/selinux/mcs.py is not there")
+        return [table]
+    with scratch("p3") as d:
+        occupancy_rows(opts, d, table)
+        exhaustion_rows(opts, d, table)
+        release_rows(opts, d, table)
+    table.notes.append("peer = libvirt's random-draw-and-retry search over a Python set (no "
+                       "lock, no persistence); its cost grows as 1/(free share)")
+    return [table]
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(__doc__.splitlines()[0], argv, full_runs=5, quick_runs=2)
+    header("P3 MCS allocation", opts)
+    t0 = time.monotonic()
+    for t in run(opts):
+        t.print()
+    sys.stdout.write(f"(P3 took {time.monotonic() - t0:.1f} s)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

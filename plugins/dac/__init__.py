@@ -12,13 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 from vmconfine.hookspecs import hookimpl
-from vmconfine_dac.driver import DacDriver
 
-__all__ = ["DacDriver", "vmconfine_register_drivers"]
+__all__ = ["vmconfine_register_drivers"]
+
+
+def _factory(host: Any) -> Any:
+    # imported when the stack is built, not when drivers are listed (CLI start-up)
+    from vmconfine_dac.driver import DacDriver
+
+    return DacDriver(host)
 
 
 @hookimpl
 def vmconfine_register_drivers(registry: Any) -> None:
     """Register the ``dac`` driver (the stack appends it for privileged instances)."""
-    registry.add("dac", DacDriver, "POSIX DAC: run QEMU as qemu.conf user/group, chown its "
+    registry.add("dac", _factory, "POSIX DAC: run QEMU as qemu.conf user/group, chown its "
                  "files and give them back, drop capabilities")

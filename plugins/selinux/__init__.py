@@ -11,10 +11,15 @@ from typing import Any
 from vmconfine.hookspecs import hookimpl
 
 
+def _factory(host: Any) -> Any:
+    # imported when the stack is built, not when drivers are listed (CLI start-up)
+    from vmconfine_selinux.driver import SELinuxDriver
+
+    return SELinuxDriver(host)
+
+
 @hookimpl
 def vmconfine_register_drivers(registry: Any) -> None:
     """Add the ``selinux`` security driver (libselinux through python3-selinux)."""
-    from vmconfine_selinux.driver import SELinuxDriver
-
-    registry.add("selinux", lambda host: SELinuxDriver(host),
+    registry.add("selinux", _factory,
                  "SELinux: sVirt MCS labels per domain (libvirt's selinux driver)")

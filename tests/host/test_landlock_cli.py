@@ -102,7 +102,25 @@ class Session:
 
 
 @pytest.fixture
-def session(vm_dir: VmDir) -> Iterator[Session]:
+def checkout_searchable() -> Iterator[None]:
+    """uid 65534 runs the checkout's .venv/bin/vmconfine: make the checkout's parent
+    directories searchable for the test if they are not (e.g. a clone under /root), and put
+    their modes back afterwards."""
+    changed: list[tuple[Path, int]] = []
+    for d in [*reversed(REPO.parents), REPO]:
+        mode = d.stat().st_mode
+        if not mode & 0o001:
+            changed.append((d, mode))
+            os.chmod(d, (mode & 0o7777) | 0o001)
+    try:
+        yield
+    finally:
+        for d, mode in reversed(changed):
+            os.chmod(d, mode & 0o7777)
+
+
+@pytest.fixture
+def session(vm_dir: VmDir, checkout_searchable: None) -> Iterator[Session]:
     abi, why = syscalls.probe_abi()
     require(abi > 0, f"needs Landlock: {why}")
     s = Session(vm_dir.path)

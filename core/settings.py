@@ -117,7 +117,8 @@ class QemuConfig:
     remember_owner_xattr_prefix: str = "trusted.vmconfine.security"
     #: Seconds a guest gets to power off before QEMU is killed.
     shutdown_timeout: int = 30
-    #: "enforce" = fail when the kernel lacks Landlock; "best-effort" = use what it offers.
+    #: Landlock on a kernel whose ABI lacks rights vmconfine uses: "best-effort" = apply what
+    #: it offers; "enforce" = refuse. A kernel without Landlock is refused in both modes.
     landlock_mode: str = "best-effort"
 
     # -- bookkeeping (not settings) ---------------------------------------------------------

@@ -91,12 +91,14 @@ class LandlockDriver:
         mode = _mode(host)
         abi, why = syscalls.probe_abi()
         if abi == 0:
-            if mode == "enforce":
-                return False, f"{why} (landlock_mode = \"enforce\")"
-            return True, (f"best-effort: {why}; QEMU runs without Landlock "
-                          "(set landlock_mode = \"enforce\" to refuse that)")
+            # no Landlock at all: unavailable in every mode, so a configured "landlock" never
+            # silently runs QEMU unconfined (best effort covers older ABIs only)
+            return False, f"{why} (landlock_mode = \"{mode}\")"
         missing = _missing_features(min(abi, syscalls.MAX_KNOWN_ABI))
         if missing:
+            if mode == "enforce":
+                return False, (f"ABI {abi}: this kernel cannot restrict {', '.join(missing)} "
+                               "(landlock_mode = \"enforce\"; use \"best-effort\" to accept that)")
             return True, (f"ABI {abi}, best effort: this kernel cannot restrict "
                           f"{', '.join(missing)} (newer kernels can)")
         return True, ""

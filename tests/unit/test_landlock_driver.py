@@ -94,7 +94,16 @@ def test_probe_reasons(tmp_path: Path, abi: dict[str, int]) -> None:
     assert "TCP bind/connect" in why and "ioctl_dev" in why and "truncate" not in why
     abi["abi"] = 0
     ok, why = d.probe(host)
-    assert ok and why.startswith("best-effort:") and "CONFIG_SECURITY_LANDLOCK" in why
+    assert not ok and "CONFIG_SECURITY_LANDLOCK" in why and "best-effort" in why
+    with pytest.raises(DriverError, match="Security driver landlock not enabled"):
+        Stack.build(host)
+
+
+def test_probe_enforce_needs_every_feature(tmp_path: Path, abi: dict[str, int]) -> None:
+    abi["abi"] = 3
+    host, _, d = setup(tmp_path, 'landlock_mode = "enforce"\n')
+    ok, why = d.probe(host)
+    assert not ok and "ABI 3" in why and "TCP bind/connect" in why
 
 
 def test_probe_enforce_without_landlock(tmp_path: Path, abi: dict[str, int]) -> None:

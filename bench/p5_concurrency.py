@@ -261,8 +261,12 @@ def leftovers(inst_root: Path, names: list[str]) -> list[str]:
     run_dir = inst_root / "run"
     if run_dir.is_dir():
         found += [str(p) for p in run_dir.rglob("*") if p.suffix in (".journal", ".xml")]
-    leases = list((inst_root / "lib").rglob("selinux-mcs/leases/*"))
-    found += [str(p) for p in leases]
+    registry = inst_root / "run" / "qemu" / "selinux-mcs"
+    if (registry / "leases").exists():
+        from vmconfine_selinux.mcs import LabelRegistry, McsRange
+
+        found += [f"MCS lease of {x.owner}" for x in
+                  LabelRegistry(registry, McsRange("s0", 0, 1023)).leases()]
     for cg in Path("/sys/fs/cgroup").glob("*/vmconfine/*"):
         with contextlib.suppress(OSError):  # a file, or a group removed meanwhile
             found += [str(p) for p in cg.iterdir() if p.is_dir() and p.name in names]

@@ -1,19 +1,39 @@
 """The per-domain journal: every host change is recorded here before it is made.
 
-One JSON object per line, appended and fsynced. The pipeline records its own stages
+One JSON object per line, appended and fsynced; records written together with the same fields
+share one line (``{"group": [field, ...], "rows": [[value, ...], ...]}``, read back as one
+record per row). The pipeline records its own stages
 (``driver="pipeline"``); each driver records what it is about to change (a chown, a cgroup it
 creates, a profile it loads) under its own name. Teardown, rollback and crash recovery read the
 journal back, so a fresh process can undo exactly what a crashed one did.
+
+Three ways to append:
+
+* :meth:`Journal.record`: one record, durable (``fsync``) before the call returns;
+* :meth:`Journal.record_many`: group commit: many records in one ``write`` and one ``fsync``.
+  The caller makes none of the changes they describe before it returns, so every record of a
+  batch is durable before any change of that batch;
+* :meth:`Journal.note`: a marker for something already done (``restored``...), written at once
+  (a crashed process's successor reads it) and made durable by the next ``record``,
+  ``record_many``, :meth:`Journal.sync` or :meth:`Journal.close`. It never describes a change
+  still to be made.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from vmconfine.errors import LaunchError
+
+#: one entry of :meth:`Journal.record_many`: (driver, op, data)
+Entry = tuple[str, str, dict[str, Any]]
+
+_encode = json.JSONEncoder(sort_keys=True).encode
 
 
 class Journal:
@@ -23,6 +43,10 @@ class Journal:
         self.path = path
         self._records: list[dict[str, Any]] | None = None
         self._fd: int | None = None
+        self._unsynced = False
+        self._counts: Counter[tuple[Any, Any]] = Counter()
+        self._counted = 0
+        self._counted_list: list[dict[str, Any]] | None = None
 
     def _open(self) -> int:
         if self._fd is None:
@@ -32,17 +56,62 @@ class Journal:
             )
         return self._fd
 
+    def _overridden(self) -> bool:
+        """True when a subclass keeps records its own way (it overrides :meth:`record`); the
+        batch calls then go through its ``record``."""
+        return type(self).record is not Journal.record
+
+    def _append(self, entries: list[dict[str, Any]], durable: bool) -> None:
+        if not entries:
+            return
+        data = _lines(entries).encode()
+        if self._records is None:
+            self.records()  # load the cache from the file before these lines are added to it
+        fd = self._open()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+            self._unsynced = False
+        else:
+            self._unsynced = True
+        assert self._records is not None
+        self._records.extend(entries)
+
     def record(self, driver: str, op: str, **data: Any) -> None:
         """Durably append one record (call BEFORE making the change it describes)."""
-        entry = {"driver": driver, "op": op, **data}
-        line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        if self._records is None:
-            self.records()  # load the cache from the file before this line is added to it
-        fd = self._open()
-        os.write(fd, line)
-        os.fsync(fd)
-        assert self._records is not None
-        self._records.append(entry)
+        self._append([{"driver": driver, "op": op, **data}], durable=True)
+
+    def record_many(self, entries: Iterable[Entry]) -> None:
+        """Durably append several records with one write and one fsync (group commit).
+
+        Call BEFORE making any of the changes they describe.
+        """
+        if self._overridden():
+            for driver, op, data in entries:
+                self.record(driver, op, **data)
+            return
+        self._append([{"driver": d, "op": op, **data} for d, op, data in entries], durable=True)
+
+    def note(self, driver: str, op: str, **data: Any) -> None:
+        """Append a marker of something already done; durable with the next sync."""
+        self.note_many([(driver, op, data)])
+
+    def note_many(self, entries: Iterable[Entry]) -> None:
+        """:meth:`note` for several markers, in one write."""
+        if self._overridden():
+            for driver, op, data in entries:
+                self.record(driver, op, **data)
+            return
+        self._append([{"driver": d, "op": op, **data} for d, op, data in entries],
+                     durable=False)
+
+    def sync(self) -> None:
+        """Make every note written so far durable (no-op when there is none)."""
+        if self._unsynced and self._fd is not None:
+            os.fsync(self._fd)
+        self._unsynced = False
 
     def records(self, driver: str | None = None, op: str | None = None) -> list[dict[str, Any]]:
         """Records in the order they were written, optionally filtered."""
@@ -52,25 +121,43 @@ class Journal:
                 text = self.path.read_text()
             except FileNotFoundError:
                 text = ""
-            for n, line in enumerate(text.splitlines(), 1):
+            lines = text.splitlines()
+            for n, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
-                    self._records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    # a torn final line from a crash mid-write: the change it described was
-                    # never made (records are written before changes)
-                    if n == len(text.splitlines()):
+                    self._records.extend(_expand(json.loads(line)))
+                except (json.JSONDecodeError, _Corrupt):
+                    # a torn final line from a crash mid-write: the changes it described were
+                    # never made (records are written and synced before their changes)
+                    if n == len(lines):
                         break
                     raise LaunchError(
                         f"{self.path}:{n}: corrupt journal line; inspect it, undo the listed "
                         "changes by hand and delete the file"
                     ) from None
+        if driver is None and op is None:
+            return list(self._records)
         return [
             r
             for r in self._records
             if (driver is None or r.get("driver") == driver) and (op is None or r.get("op") == op)
         ]
+
+    def count(self, driver: str, op: str) -> int:
+        """How many records of ``driver``/``op`` there are (amortised O(1): no filtered copy)."""
+        recs = self._records
+        if recs is None:
+            self.records()
+            recs = self._records
+        assert recs is not None
+        if recs is not self._counted_list or len(recs) < self._counted:
+            self._counts.clear()  # the list was replaced (remove()) or shrunk: count again
+            self._counted, self._counted_list = 0, recs
+        for r in recs[self._counted:]:
+            self._counts[(r.get("driver"), r.get("op"))] += 1
+        self._counted = len(recs)
+        return self._counts[(driver, op)]
 
     def last(self, driver: str, op: str) -> dict[str, Any] | None:
         found = self.records(driver, op)
@@ -81,8 +168,11 @@ class Journal:
 
     def close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = None
 
     def remove(self) -> None:
         """Delete the journal once every change it lists has been undone."""
@@ -92,3 +182,45 @@ class Journal:
         except FileNotFoundError:
             pass
         self._records = []
+
+
+class _Corrupt(ValueError):
+    """A journal line that is JSON but not a record or a group of records."""
+
+
+def _lines(entries: list[dict[str, Any]]) -> str:
+    """The text of ``entries``: one line per record, or per run of records with the same
+    fields (a group: the field names once, then one row of values per record)."""
+    if len(entries) == 1:
+        return _encode(entries[0]) + "\n"
+    out: list[str] = []
+    i, n = 0, len(entries)
+    while i < n:
+        keys = tuple(entries[i])
+        j = i + 1
+        while j < n and tuple(entries[j]) == keys:
+            j += 1
+        if j - i == 1:
+            out.append(_encode(entries[i]))
+        else:
+            out.append(_encode({"group": keys, "rows": [list(e.values())
+                                                        for e in entries[i:j]]}))
+        i = j
+    out.append("")
+    return "\n".join(out)
+
+
+def _expand(obj: Any) -> list[dict[str, Any]]:
+    """The records of one parsed line."""
+    if isinstance(obj, dict) and "driver" in obj:
+        return [obj]
+    if not (isinstance(obj, dict) and isinstance(obj.get("group"), list)
+            and isinstance(obj.get("rows"), list)):
+        raise _Corrupt(str(obj)[:80])
+    keys = obj["group"]
+    out = []
+    for row in obj["rows"]:
+        if not isinstance(row, list) or len(row) != len(keys):
+            raise _Corrupt(str(row)[:80])
+        out.append(dict(zip(keys, row, strict=True)))
+    return out

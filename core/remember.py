@@ -182,9 +182,13 @@ class Scheme:
         """This driver's xattr names under ``prefix``."""
         return Names.of(prefix, self.driver)
 
-    def current(self, x: Xattrs, names: Names) -> Record:
-        """The record, with a stale one (other boot, garbage) discarded with a warning."""
-        rec = read(x, names)
+    def current(self, x: Xattrs, names: Names, seen: Record | None = None) -> Record:
+        """The record, with a stale one (other boot, garbage) discarded with a warning.
+
+        ``seen``: the record as :func:`read` (or this method) returned it a moment ago while
+        the caller held the file's lock; it is checked instead of reading the xattrs again.
+        """
+        rec = seen if seen is not None else read(x, names)
         if rec.ref == 0 and rec.label is None and rec.timestamp is None:
             return rec
         if rec.ref <= 0 or rec.timestamp != boot_time(self.dated):
@@ -198,20 +202,28 @@ class Scheme:
     def peek_ref(self, x: Xattrs, names: Names) -> int | None:
         """The current (valid) refcount, None when xattrs are unsupported. Discards a stale
         record."""
+        rec = self.peek(x, names)
+        return None if rec is None else rec.ref
+
+    def peek(self, x: Xattrs, names: Names) -> Record | None:
+        """The current (valid) record, None when xattrs are unsupported. Discards a stale
+        record. Pass it on as ``seen`` to :meth:`remember` under the same lock."""
         try:
-            return self.current(x, names).ref
+            return self.current(x, names)
         except OSError as exc:
             if exc.errno in UNSUPPORTED:
                 return None
             raise
 
-    def remember(self, x: Xattrs, names: Names, label: str) -> int | None:
+    def remember(self, x: Xattrs, names: Names, label: str,
+                 seen: Record | None = None) -> int | None:
         """Count one more user of the file; store ``label`` when it is the first.
 
-        Returns the new refcount, or None when the file system cannot keep xattrs.
+        Returns the new refcount, or None when the file system cannot keep xattrs. ``seen``:
+        see :meth:`current`.
         """
         try:
-            ref = self.current(x, names).ref + 1
+            ref = self.current(x, names, seen).ref + 1
             if ref == 1:
                 x.setxattr(names.label, label.encode())
                 x.setxattr(names.timestamp, str(boot_time(self.dated)).encode())
@@ -223,10 +235,13 @@ class Scheme:
                 return None
             raise self._failed(x, exc) from None
 
-    def recall(self, x: Xattrs, names: Names) -> Recalled:
-        """Count one user less; hand the remembered label back when it was the last one."""
+    def recall(self, x: Xattrs, names: Names, seen: Record | None = None) -> Recalled:
+        """Count one user less; hand the remembered label back when it was the last one.
+
+        ``seen``: see :meth:`current`.
+        """
         try:
-            rec = self.current(x, names)
+            rec = self.current(x, names, seen)
             if rec.ref == 0:
                 return Recalled()
             ref = rec.ref - 1

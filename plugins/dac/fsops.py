@@ -14,6 +14,15 @@ change (owner, mode, xattrs) then goes through the handle:
   changed through the ``/proc/self/fd/N`` magic link, which names the opened inode itself
   (``fchown`` does not work on ``O_PATH`` fds).
 
+A :class:`DirCache` shares that work between the files of one operation (a domain's set or
+restore touches many files, usually in a few directories: every layer of a backing chain in
+one): each directory is resolved and opened (the same symlink-refusing walk) once, a file in it
+is resolved with one ``lstat`` and opened with ``openat`` on the directory's fd, still
+``O_NOFOLLOW`` and still checked against the resolved inode. A regular file is opened with its
+access mode at once (no ``O_PATH`` step: opening a regular file has no side effects); anything
+else takes the ``O_PATH`` route above. A directory replaced after it was opened cannot redirect
+anything: the fd names the directory that was checked.
+
 Also here: the permission check used by preflight and the NFS fallback (:func:`can_access`).
 """
 
@@ -26,7 +35,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vmconfine.errors import LabelError
 
@@ -47,39 +56,102 @@ class SwappedError(LabelError):
     """The file at a path changed between the check and the use."""
 
 
-@dataclass(frozen=True)
-class Resolved:
-    """A path resolved once: the original name, the canonical name, and the checked inode."""
+#: O_PATH fds of directories a :class:`DirCache` keeps open at most
+DIR_CACHE_SIZE = 64
+
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_IO_FLAGS = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class Resolved(NamedTuple):
+    """A path resolved once: the original name, the canonical name, and the checked inode
+    (``mode``: its st_mode when known, else 0)."""
 
     path: str
     resolved: str
     dev: int
     ino: int
+    mode: int = 0
 
 
 def resolve(path: str) -> Resolved:
     """Resolve every symlink in ``path`` once and stat the result (raises OSError)."""
     real = os.path.realpath(path, strict=True)
     st = os.stat(real, follow_symlinks=False)
-    return Resolved(path, real, st.st_dev, st.st_ino)
+    return Resolved(path, real, st.st_dev, st.st_ino, st.st_mode)
 
 
-def _open_nofollow(path: str) -> int:
-    """Open ``path`` (absolute, already resolved) with O_PATH, refusing any symlink on the way."""
+class DirCache:
+    """The directories of one operation, each resolved and opened once (see the module doc).
+
+    Use as a context manager; it closes its fds on exit. At most :data:`DIR_CACHE_SIZE`
+    directory fds stay open (the oldest is closed first).
+    """
+
+    def __init__(self) -> None:
+        self._real: dict[str, str] = {}
+        self._fds: dict[str, int] = {}
+
+    def resolve(self, path: str) -> Resolved:
+        """:func:`resolve`, with the directory part resolved once per operation."""
+        head, sep, name = path.rpartition("/")
+        if not sep or name in ("", ".", ".."):
+            return resolve(path)
+        head = head or "/"
+        real_head = self._real.get(head)
+        if real_head is None:
+            real_head = os.path.realpath(head, strict=True)
+            self._real[head] = real_head
+        full = real_head + name if real_head.endswith("/") else f"{real_head}/{name}"
+        dfd = self._fds.get(real_head)
+        if dfd is not None:  # relative to the directory already opened (and checked)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        else:
+            st = os.stat(full, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):  # the file itself is a symlink: resolve it in full
+            return resolve(path)
+        return Resolved(path, full, st.st_dev, st.st_ino, st.st_mode)
+
+    def dir_fd(self, directory: str) -> int:
+        """An O_PATH fd of ``directory`` (resolved), opened without following any symlink."""
+        fd = self._fds.get(directory)
+        if fd is None:
+            fd = _open_nofollow(directory, directory=True)
+            if len(self._fds) >= DIR_CACHE_SIZE:
+                os.close(self._fds.pop(next(iter(self._fds))))
+            self._fds[directory] = fd
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+        self._real.clear()
+
+    def __enter__(self) -> DirCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_nofollow(path: str, *, directory: bool = False) -> int:
+    """Open ``path`` (absolute, already resolved) with O_PATH, refusing any symlink on the way
+    (``directory``: the last component must be a directory too)."""
     if not os.path.isabs(path):
         raise LabelError(f"{path}: not an absolute path")
     parts = [p for p in path.split("/") if p]
-    flags = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = _PATH_FLAGS
     fd = os.open("/", flags | os.O_DIRECTORY)
     try:
         for i, name in enumerate(parts):
             if name in (".", ".."):
                 raise LabelError(f"{path}: unexpected '{name}' in a resolved path")
-            last = i == len(parts) - 1
+            last = i == len(parts) - 1 and not directory
             nxt = os.open(name, flags if last else flags | os.O_DIRECTORY, dir_fd=fd)
             os.close(fd)
             fd = nxt
-            if stat.S_ISLNK(os.fstat(fd).st_mode):
+            # O_DIRECTORY refuses a symlink itself (ENOTDIR); the last component is checked
+            if last and stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise SwappedError(
                     f"{path} became a symlink while it was being labelled; refusing to change "
                     "its owner (check who can write to its directory)"
@@ -93,24 +165,33 @@ def _open_nofollow(path: str) -> int:
 class FileHandle:
     """An opened inode; every owner/mode/xattr change of the DAC driver goes through one."""
 
-    def __init__(self, name: str, path_fd: int, io_fd: int | None) -> None:
+    def __init__(self, name: str, path_fd: int | None, io_fd: int | None) -> None:
         self.name = name
         self._path_fd = path_fd
         self._io_fd = io_fd
+        self._lockable = False
         self.locked = False
+        #: the inode's stat as it was checked when the handle was opened
+        self.opened_stat: os.stat_result | None = None
 
     # ---- opening ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, res: Resolved, *, want_lock: bool = False) -> FileHandle:
+    def open(cls, res: Resolved, *, want_lock: bool = False, dirs: DirCache | None = None,
+             lock: bool = True) -> FileHandle:
         """Open ``res.resolved`` without following symlinks; verify it is the checked inode.
 
-        With ``want_lock`` a regular file or block device is reopened read-write and its
-        metadata lock taken (``self.locked`` says whether that worked).
+        With ``want_lock`` a regular file or block device is opened read-write and its
+        metadata lock taken (``self.locked`` says whether that worked); ``lock=False`` leaves
+        taking it to :meth:`lock` (several files locked in a fixed order). ``dirs`` opens the
+        file relative to its directory's cached fd.
         """
         if after_resolve_hook is not None:
             after_resolve_hook(res.path, res.resolved)
         try:
-            fd = _open_nofollow(res.resolved)
+            if dirs is not None:
+                handle = cls._open_in(dirs, res, want_lock)
+            else:
+                handle = cls._open_path(res, _open_nofollow(res.resolved), want_lock)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise SwappedError(
@@ -118,40 +199,94 @@ class FileHandle:
                     "while it was being labelled; refusing to change its owner"
                 ) from None
             raise
+        if lock:
+            try:
+                handle.lock()
+            except BaseException:
+                handle.close()
+                raise
+        return handle
+
+    @classmethod
+    def _open_in(cls, dirs: DirCache, res: Resolved, want_lock: bool) -> FileHandle:
+        head, _sep, name = res.resolved.rpartition("/")
+        if not name or name in (".", ".."):
+            return cls._open_path(res, _open_nofollow(res.resolved), want_lock)
+        dfd = dirs.dir_fd(head or "/")
+        mode = res.mode or os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+        if stat.S_ISREG(mode):
+            for access in (os.O_RDWR, os.O_RDONLY) if want_lock else (os.O_RDONLY,):
+                try:
+                    fd = os.open(name, access | os.O_NOFOLLOW | _IO_FLAGS, dir_fd=dfd)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        raise SwappedError(
+                            f"{res.resolved} became a symlink while it was being labelled; "
+                            "refusing to change its owner (check who can write to its "
+                            "directory)") from None
+                    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                        raise
+                    log.debug("%s: open with mode %o failed: %s", res.resolved, access, exc)
+                    continue
+                handle = cls(res.resolved, None, fd)
+                try:
+                    handle._check(res, os.fstat(fd))
+                except BaseException:
+                    handle.close()
+                    raise
+                handle._lockable = want_lock and access == os.O_RDWR
+                return handle
+        return cls._open_path(res, os.open(name, _PATH_FLAGS, dir_fd=dfd), want_lock)
+
+    @classmethod
+    def _open_path(cls, res: Resolved, fd: int, want_lock: bool) -> FileHandle:
+        """Finish opening from the O_PATH fd ``fd`` of ``res.resolved``."""
         handle = cls(res.resolved, fd, None)
         try:
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (res.dev, res.ino):
-                raise SwappedError(
-                    f"{res.resolved} was replaced while it was being labelled (inode "
-                    f"{res.dev}:{res.ino} became {st.st_dev}:{st.st_ino}); refusing to change "
-                    "its owner (check who can write to its directory)"
-                )
+            handle._check(res, st)
             if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                handle._reopen(want_lock)
+                handle._reopen(want_lock, st)
         except BaseException:
             handle.close()
             raise
         return handle
 
-    def _reopen(self, want_lock: bool) -> None:
+    def _check(self, res: Resolved, st: os.stat_result) -> None:
+        self.opened_stat = st
+        if stat.S_ISLNK(st.st_mode):
+            raise SwappedError(
+                f"{res.resolved} became a symlink while it was being labelled; refusing to "
+                "change its owner (check who can write to its directory)"
+            )
+        if (st.st_dev, st.st_ino) != (res.dev, res.ino):
+            raise SwappedError(
+                f"{res.resolved} was replaced while it was being labelled (inode "
+                f"{res.dev}:{res.ino} became {st.st_dev}:{st.st_ino}); refusing to change "
+                "its owner (check who can write to its directory)"
+            )
+
+    def _reopen(self, want_lock: bool, ref: os.stat_result) -> None:
         link = f"/proc/self/fd/{self._path_fd}"
-        base = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC  # the magic link must be followed
         modes = (os.O_RDWR, os.O_RDONLY) if want_lock else (os.O_RDONLY,)
         for mode in modes:
             try:
-                fd = os.open(link, mode | base)
+                fd = os.open(link, mode | _IO_FLAGS)  # the magic link must be followed
             except OSError as exc:
                 log.debug("%s: reopen with mode %o failed: %s", self.name, mode, exc)
                 continue
-            st, ref = os.fstat(fd), os.fstat(self._path_fd)
+            st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (ref.st_dev, ref.st_ino):  # cannot happen via the link
                 os.close(fd)
                 raise SwappedError(f"{self.name}: reopened a different inode; refusing")
             self._io_fd = fd
-            if want_lock and mode == os.O_RDWR:
-                self._lock()
+            self._lockable = want_lock and mode == os.O_RDWR
             return
+
+    def lock(self) -> None:
+        """Take the metadata lock when the handle was opened for it (no-op otherwise)."""
+        if self._lockable and not self.locked:
+            self._lock()
 
     def _lock(self) -> None:
         """Take the metadata lock (byte 1), waiting up to LOCK_WAIT seconds for another
@@ -199,8 +334,9 @@ class FileHandle:
         return f"/proc/self/fd/{self._path_fd}"
 
     def stat(self) -> os.stat_result:
-        assert self._path_fd is not None
-        return os.fstat(self._path_fd)
+        fd = self._path_fd if self._path_fd is not None else self._io_fd
+        assert fd is not None
+        return os.fstat(fd)
 
     def chown(self, uid: int, gid: int) -> None:
         target = self._target

@@ -25,7 +25,7 @@ from vmconfine.remember import UNSUPPORTED, Record, clear, read
 from vmconfine_dac.fsops import FileHandle
 
 __all__ = ["DRIVER", "UNSUPPORTED", "Names", "Recall", "Record", "boot_time", "clear",
-           "format_owner", "parse_owner", "peek_ref", "read", "recall", "remember"]
+           "format_owner", "parse_owner", "peek", "peek_ref", "read", "recall", "remember"]
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +71,22 @@ def peek_ref(h: FileHandle, names: shared.Names) -> int | None:
     return _SCHEME.peek_ref(h, names)
 
 
-def remember(h: FileHandle, names: shared.Names, uid: int, gid: int) -> int | None:
+def peek(h: FileHandle, names: shared.Names) -> Record | None:
+    """The current (valid) record, None when xattrs are unsupported. Discards stale records.
+
+    Hand it to :func:`remember` / :func:`recall` as ``seen`` while the file's metadata lock is
+    still held: they then need not read the xattrs again.
+    """
+    return _SCHEME.peek(h, names)
+
+
+def remember(h: FileHandle, names: shared.Names, uid: int, gid: int,
+             seen: Record | None = None) -> int | None:
     """Count one more user of ``h``; store ``uid:gid`` when it is the first.
 
     Returns the new refcount, or None when the file system cannot keep xattrs.
     """
-    return _SCHEME.remember(h, names, format_owner(uid, gid))
+    return _SCHEME.remember(h, names, format_owner(uid, gid), seen)
 
 
 @dataclass(frozen=True)
@@ -89,9 +99,12 @@ class Recall:
     remaining: int = 0
 
 
-def recall(h: FileHandle, names: shared.Names) -> Recall:
-    """Count one user less; hand the remembered owner back when it was the last one."""
-    got = _SCHEME.recall(h, names)
+def recall(h: FileHandle, names: shared.Names, seen: Record | None = None) -> Recall:
+    """Count one user less; hand the remembered owner back when it was the last one.
+
+    ``seen``: the record :func:`read` returned a moment ago under the same lock.
+    """
+    got = _SCHEME.recall(h, names, seen)
     if got.in_use:
         return Recall(in_use=True, remaining=got.remaining)
     if got.label is None:

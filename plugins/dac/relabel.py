@@ -28,24 +28,33 @@ label (libvirt's GetImageIds / GetIds).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import resource
 import stat
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vmconfine.domain_devices import find_device_seclabel
 from vmconfine.errors import LabelError, VmconfineError
 from vmconfine_dac import owners
-from vmconfine_dac.fsops import FileHandle, R, Resolved, SwappedError, W, can_access, resolve
+from vmconfine_dac.fsops import (
+    DirCache,
+    FileHandle,
+    R,
+    Resolved,
+    SwappedError,
+    W,
+    can_access,
+)
 from vmconfine_dac.identity import Identity, format_label, parse_label
 
 if TYPE_CHECKING:
     from vmconfine.context import DomainContext
-    from vmconfine.journal import Journal
+    from vmconfine.journal import Entry, Journal
     from vmconfine.resources import Resource
 
 log = logging.getLogger(__name__)
@@ -61,9 +70,8 @@ SOFT_CHOWN_ERRNOS = frozenset({errno.EPERM, errno.EROFS, errno.ENOTSUP, errno.EO
 VFIO_CONTAINER = "/dev/vfio/vfio"
 
 
-@dataclass(frozen=True)
-class Plan:
-    """One ownership change to make."""
+class Plan(NamedTuple):
+    """One ownership change to make (a tuple: cheap to make for every layer of a chain)."""
 
     path: str
     role: str
@@ -153,30 +161,166 @@ def _plan_one(res: Resource, ident: Identity, image_ids: tuple[int, int]) -> Pla
 
 
 def apply(ctx: DomainContext, plans: list[Plan], ident: Identity) -> list[str]:
-    """Make every planned change, journaling each first; return the paths changed."""
+    """Make every planned change, journaling each first; return the paths changed.
+
+    Files go in batches of up to :data:`BATCH` (a batch also ends before a file it already
+    holds): every file of the batch is resolved and opened (directories once, through a
+    :class:`DirCache`), the metadata locks are taken in inode order, owners and remembered
+    records are read under them, the batch's records are written with ONE fsync, and only then
+    are the changes made. When this returns, every record it wrote is durable.
+    """
     config = ctx.config
     prefix = config.remember_owner_xattr_prefix
     names = owners.Names.for_prefix(prefix)
+    remember_on = bool(config.remember_owner)
+    journal = ctx.journal
     changed: list[str] = []
-    for p in plans:
-        if p.make:
-            _make_file(ctx.journal, p.path)
+    batch: list[_Item] = []
+    inodes: set[tuple[int, int]] = set()
+    with DirCache() as dirs:
         try:
-            res = resolve(p.path)
-        except FileNotFoundError:
-            if p.create:
-                log.debug("dac: %s does not exist yet; QEMU creates it", p.path)
-                continue
-            raise LabelError(f"cannot give {p.path} to QEMU: no such file or directory; fix "
-                             "the path in the domain XML") from None
-        except OSError as exc:
-            raise LabelError(f"cannot resolve {p.path}: {exc.strerror}") from None
-        want_remember = bool(config.remember_owner) and p.remember
-        with FileHandle.open(res, want_lock=want_remember) as h:
-            _apply_one(ctx.journal, h, res, p, ident, names, prefix,
-                       want_remember and h.locked)
-        changed.append(res.resolved)
+            for p in plans:
+                if p.make:
+                    _make_file(journal, p.path)
+                res = _resolve(dirs, p)
+                if res is None:
+                    continue
+                if len(batch) >= BATCH or (res.dev, res.ino) in inodes:
+                    _run_batch(journal, batch, ident, names, prefix)
+                    changed.extend(it.res.resolved for it in batch)
+                    _close(batch)
+                    inodes.clear()
+                want = remember_on and p.remember
+                handle = FileHandle.open(res, want_lock=want, dirs=dirs, lock=False)
+                batch.append(_Item(p, res, handle, want))
+                inodes.add((res.dev, res.ino))
+            _run_batch(journal, batch, ident, names, prefix)
+            changed.extend(it.res.resolved for it in batch)
+        except BaseException:
+            _close(batch)
+            with contextlib.suppress(OSError):
+                journal.sync()
+            raise
+        _close(batch)
+    journal.sync()
     return changed
+
+
+def _batch_size() -> int:
+    """Files per batch: their records share one write + fsync (group commit) and their
+    handles (one fd each, two for devices and sockets) are open together, so the size follows
+    the fd limit: 128 for the usual 1024, never more than 256 or fewer than 16."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(16, min(256, soft // 8))
+
+
+BATCH = _batch_size()
+
+
+@dataclass(slots=True)
+class _Item:
+    """One file of a batch: its plan, resolved path and handle, and what was read from it."""
+
+    plan: Plan
+    res: Resolved
+    handle: FileHandle
+    want_remember: bool
+    rid: str = ""
+    st: os.stat_result | None = None
+    seen: owners.Record | None = None  #: the remembered-owner record, read under the lock
+    remember: bool = False
+
+
+def _close(batch: list[_Item]) -> None:
+    for it in batch:
+        it.handle.close()
+    batch.clear()
+
+
+def _resolve(dirs: DirCache, p: Plan) -> Resolved | None:
+    """The plan's file, resolved; None for a missing file QEMU creates itself."""
+    try:
+        return dirs.resolve(p.path)
+    except FileNotFoundError:
+        if p.create:
+            log.debug("dac: %s does not exist yet; QEMU creates it", p.path)
+            return None
+        raise LabelError(f"cannot give {p.path} to QEMU: no such file or directory; fix "
+                         "the path in the domain XML") from None
+    except OSError as exc:
+        raise LabelError(f"cannot resolve {p.path}: {exc.strerror}") from None
+
+
+def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: owners.Names,
+               prefix: str) -> None:
+    """Lock, read, journal (one fsync), then change every file of ``batch``."""
+    if not batch:
+        return
+    # a fixed order: two vmconfine processes labelling the same files never wait in a cycle
+    for it in sorted((it for it in batch if it.want_remember),
+                     key=lambda it: (it.res.dev, it.res.ino)):
+        it.handle.lock()
+    entries: list[Entry] = []
+    for it in batch:
+        h, p, res = it.handle, it.plan, it.res
+        # a file that is locked is read again under its lock; else the stat of its check will do
+        st = it.st = h.stat() if it.want_remember or h.opened_stat is None else h.opened_stat
+        remember = it.want_remember and h.locked
+        seen = owners.peek(h, names) if remember else None
+        if seen is None:
+            remember = False  # no xattrs here: the journal alone keeps the owner
+        it.seen, it.remember, it.rid = seen, remember, os.urandom(8).hex()
+        entries.append((DRIVER, "chown", {
+            "id": it.rid, "path": res.resolved, "orig": res.path, "role": p.role,
+            "device": p.device, "dev": res.dev, "ino": res.ino, "uid": st.st_uid,
+            "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode), "new_uid": p.uid,
+            "new_gid": p.gid, "remember": remember, "restore": p.restore,
+            "prefix": prefix if remember else None,
+            "ref_before": seen.ref if seen is not None else None,
+        }))
+    journal.record_many(entries)
+    done = 0
+    try:
+        for it in batch:
+            _change(journal, it, ident, names)
+            done += 1
+    except BaseException:
+        # the files after the failing one were journaled but not touched: say so, so that the
+        # rollback leaves them (and their remembered counts) alone
+        rest = batch[done + 1:]
+        with contextlib.suppress(OSError):
+            journal.note_many([(DRIVER, "restored", {"id": it.rid, "how": "not-made"})
+                               for it in rest])
+        raise
+
+
+def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -> None:
+    """Remember the owner (when wanted) and chown one file whose record is durable."""
+    h, p, res, st = it.handle, it.plan, it.res, it.st
+    assert st is not None
+    if it.remember:
+        ref = owners.remember(h, names, st.st_uid, st.st_gid, it.seen)
+        journal.note(DRIVER, "remembered", id=it.rid, ref=ref)
+        if ref is not None and ref > 1 and (st.st_uid, st.st_gid) != (p.uid, p.gid):
+            journal.record(DRIVER, "restore", id=it.rid, ref=ref, label=None)
+            owners.recall(h, names)  # give our count back; the owner stays the other's
+            journal.record(DRIVER, "restored", id=it.rid, how="refused")
+            raise LabelError(
+                f"Setting different DAC user or group on {res.resolved} which is already in "
+                f"use (owned by {format_label(st.st_uid, st.st_gid)} for another running "
+                f"domain, this one asks for {format_label(p.uid, p.gid)}); give both domains "
+                "the same owner or stop the other one"
+            )
+    if st.st_uid == p.uid and st.st_gid == p.gid:
+        return
+    if log.isEnabledFor(logging.INFO):
+        log.info("dac: setting owner of %s to %s", res.resolved, format_label(p.uid, p.gid))
+    try:
+        h.chown(p.uid, p.gid)
+    except OSError as exc:
+        _chown_failed(journal, it.rid, res, st, p, ident, exc)
 
 
 def _make_file(journal: Journal, path: str) -> None:
@@ -194,41 +338,6 @@ def _make_file(journal: Journal, path: str) -> None:
         raise LabelError(f"cannot create chardev file {path}: {exc.strerror}; create it or "
                          "fix its directory") from None
     os.close(fd)
-
-
-def _apply_one(journal: Journal, h: FileHandle, res: Resolved, p: Plan, ident: Identity,
-               names: owners.Names, prefix: str, remember: bool) -> None:
-    st = h.stat()
-    ref_before = owners.peek_ref(h, names) if remember else None
-    if remember and ref_before is None:
-        remember = False  # no xattrs here: the journal alone keeps the owner
-    rid = uuid.uuid4().hex[:16]
-    journal.record(
-        DRIVER, "chown", id=rid, path=res.resolved, orig=res.path, role=p.role,
-        device=p.device, dev=res.dev, ino=res.ino, uid=st.st_uid, gid=st.st_gid,
-        mode=stat.S_IMODE(st.st_mode), new_uid=p.uid, new_gid=p.gid, remember=remember,
-        restore=p.restore, prefix=prefix if remember else None, ref_before=ref_before,
-    )
-    if remember:
-        ref = owners.remember(h, names, st.st_uid, st.st_gid)
-        journal.record(DRIVER, "remembered", id=rid, ref=ref)
-        if ref is not None and ref > 1 and (st.st_uid, st.st_gid) != (p.uid, p.gid):
-            journal.record(DRIVER, "restore", id=rid, ref=ref, label=None)
-            owners.recall(h, names)  # give our count back; the owner stays the other's
-            journal.record(DRIVER, "restored", id=rid, how="refused")
-            raise LabelError(
-                f"Setting different DAC user or group on {res.resolved} which is already in "
-                f"use (owned by {format_label(st.st_uid, st.st_gid)} for another running "
-                f"domain, this one asks for {format_label(p.uid, p.gid)}); give both domains "
-                "the same owner or stop the other one"
-            )
-    if (st.st_uid, st.st_gid) == (p.uid, p.gid):
-        return
-    log.info("dac: setting owner of %s to %s", res.resolved, format_label(p.uid, p.gid))
-    try:
-        h.chown(p.uid, p.gid)
-    except OSError as exc:
-        _chown_failed(journal, rid, res, st, p, ident, exc)
 
 
 def _chown_failed(journal: Journal, rid: str, res: Resolved, st: os.stat_result, p: Plan,
@@ -261,7 +370,12 @@ def _chown_failed(journal: Journal, rid: str, res: Resolved, st: os.stat_result,
 def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = None,
             ) -> list[str]:
     """Undo the journaled chowns (those ``select`` accepts), newest first. Idempotent: each
-    undone record gets a ``restored`` record. Returns the problems (all records are tried)."""
+    undone record gets a ``restored`` record. Returns the problems (all records are tried).
+
+    Batched like :func:`apply`: the ``restore`` records that must precede the remembered-count
+    decrements of a batch are written with one fsync; the ``restored`` markers of a batch are
+    written together after its changes (durable when this returns).
+    """
     recs = journal.records(DRIVER)
     done = {r["id"] for r in recs if r["op"] == "restored"}
     remembered = {r["id"]: r for r in recs if r["op"] == "remembered"}
@@ -271,51 +385,109 @@ def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = 
         if r["op"] == "chown" and r["id"] not in done and (select is None or select(r)):
             todo.setdefault(r["id"], r)
     problems: list[str] = []
-    for rec in reversed(list(todo.values())):
-        try:
-            _restore_one(journal, rec, remembered.get(rec["id"]), intents.get(rec["id"]))
-        except VmconfineError as exc:
-            problems.append(exc.message)
-        except OSError as exc:
-            problems.append(f"restoring the owner of {rec['path']} failed: {exc}")
+    batch: list[dict[str, Any]] = []
+    inodes: set[tuple[Any, Any]] = set()
+    with DirCache() as dirs:
+        for rec in reversed(list(todo.values())):
+            key = (rec.get("dev"), rec.get("ino"))
+            if len(batch) >= BATCH or key in inodes:
+                _restore_batch(journal, dirs, batch, remembered, intents, problems)
+                batch, inodes = [], set()
+            batch.append(rec)
+            if rec["restore"]:
+                inodes.add(key)
+        _restore_batch(journal, dirs, batch, remembered, intents, problems)
+    journal.sync()
     return problems
 
 
-def _restore_one(journal: Journal, rec: dict[str, Any], remembered: dict[str, Any] | None,
-                 intent: dict[str, Any] | None) -> None:
-    rid = rec["id"]
-    if not rec["restore"]:
-        # shared, readonly and backing images: other domains may still use them (libvirt)
-        journal.record(DRIVER, "restored", id=rid, how="kept")
-        return
+@dataclass(slots=True)
+class _Undo:
+    """One file of a restore batch: its chown record, handle and what to do with it."""
+
+    rec: dict[str, Any]
+    handle: FileHandle
+    #: after deciding: "in-use", an owner from the xattrs, None (the journal's), or
+    #: ``owners.Record`` (recall it: count down, under a durable ``restore`` record)
+    found: Any = None
+    failed: bool = False
+
+
+def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]],
+                   remembered: dict[str, dict[str, Any]], intents: dict[str, dict[str, Any]],
+                   problems: list[str]) -> None:
+    markers: list[Entry] = []
+    items: list[_Undo] = []
+
+    def mark(rid: str, how: str) -> None:
+        markers.append((DRIVER, "restored", {"id": rid, "how": how}))
+
+    def failed(it: _Undo, exc: Exception) -> None:
+        it.failed = True
+        if isinstance(exc, VmconfineError):
+            problems.append(exc.message)
+        else:
+            problems.append(f"restoring the owner of {it.rec['path']} failed: {exc}")
+
+    try:
+        for rec in batch:
+            if not rec["restore"]:
+                # shared, readonly and backing images: other domains may still use them
+                mark(rec["id"], "kept")
+                continue
+            h = _open_for_restore(rec, dirs, mark, problems)
+            if h is not None:
+                items.append(_Undo(rec, h))
+        for it in sorted(items, key=lambda it: (it.rec["dev"], it.rec["ino"])):
+            try:
+                it.handle.lock()
+            except VmconfineError as exc:
+                failed(it, exc)
+        for it in items:
+            if not it.failed and it.rec["remember"]:
+                rid = it.rec["id"]
+                try:
+                    it.found = _decide(it.handle, it.rec, remembered.get(rid), intents.get(rid))
+                except (VmconfineError, OSError) as exc:
+                    failed(it, exc)
+        journal.record_many([(DRIVER, "restore", {"id": it.rec["id"], "ref": it.found.ref,
+                                                  "label": it.found.label})
+                             for it in items
+                             if not it.failed and isinstance(it.found, owners.Record)])
+        for it in items:
+            if not it.failed:
+                try:
+                    mark(it.rec["id"], _undo(it))
+                except (VmconfineError, OSError) as exc:
+                    failed(it, exc)
+    finally:
+        for it in items:
+            it.handle.close()
+        journal.note_many(markers)
+
+
+def _open_for_restore(rec: dict[str, Any], dirs: DirCache, mark: Callable[[str, str], None],
+                      problems: list[str]) -> FileHandle | None:
+    """The handle of a record's file (None: nothing to do, marked, or a problem noted)."""
     res = Resolved(rec["orig"], rec["path"], rec["dev"], rec["ino"])
     try:
-        h = FileHandle.open(res, want_lock=bool(rec["remember"]))
+        return FileHandle.open(res, want_lock=bool(rec["remember"]), dirs=dirs, lock=False)
     except FileNotFoundError:
-        journal.record(DRIVER, "restored", id=rid, how="gone")
-        return
+        mark(rec["id"], "gone")
     except (SwappedError, NotADirectoryError) as exc:
         log.warning("dac: not restoring the owner of %s: %s", rec["path"], exc)
-        journal.record(DRIVER, "restored", id=rid, how="replaced")
-        return
-    with h:
-        target: tuple[int, int] = (rec["uid"], rec["gid"])
-        how = "journal"
-        if rec["remember"]:
-            found = _recall(journal, h, rec, remembered, intent)
-            if found == "in-use":
-                journal.record(DRIVER, "restored", id=rid, how="in-use")
-                return
-            if isinstance(found, tuple):
-                target, how = found, "xattr"
-        _give_back(h, rec, target)
-    journal.record(DRIVER, "restored", id=rid, how=how)
+        mark(rec["id"], "replaced")
+    except VmconfineError as exc:
+        problems.append(exc.message)
+    except OSError as exc:
+        problems.append(f"restoring the owner of {rec['path']} failed: {exc}")
+    return None
 
 
-def _recall(journal: Journal, h: FileHandle, rec: dict[str, Any],
-            remembered: dict[str, Any] | None, intent: dict[str, Any] | None,
-            ) -> tuple[int, int] | str | None:
-    """Count this domain's use of the file down; the owner to restore, "in-use", or None."""
+def _decide(h: FileHandle, rec: dict[str, Any], remembered: dict[str, Any] | None,
+            intent: dict[str, Any] | None) -> Any:
+    """How to count this domain's use of the file down: "in-use", an owner, None (use the
+    journal's), or the current ``owners.Record`` to recall."""
     names = owners.Names.for_prefix(rec["prefix"])
     if intent is not None:
         # an earlier restore recorded its intent and stopped: did its decrement happen?
@@ -333,12 +505,25 @@ def _recall(journal: Journal, h: FileHandle, rec: dict[str, Any],
                    and now == rec["ref_before"] + 1)
     if not counted:
         return None
-    current = owners.read(h, names)
-    journal.record(DRIVER, "restore", id=rec["id"], ref=current.ref, label=current.label)
-    result = owners.recall(h, names)
-    if result.in_use:
-        return "in-use"
-    return result.owner
+    return owners.read(h, names)
+
+
+def _undo(it: _Undo) -> str:
+    """Give one file back (its ``restore`` record, if any, is durable); return the how."""
+    h, rec = it.handle, it.rec
+    target: tuple[int, int] = (rec["uid"], rec["gid"])
+    how = "journal"
+    if rec["remember"]:
+        found = it.found
+        if isinstance(found, owners.Record):
+            result = owners.recall(h, owners.Names.for_prefix(rec["prefix"]), seen=found)
+            found = "in-use" if result.in_use else result.owner
+        if found == "in-use":
+            return "in-use"
+        if isinstance(found, tuple):
+            target, how = found, "xattr"
+    _give_back(h, rec, target)
+    return how
 
 
 def _give_back(h: FileHandle, rec: dict[str, Any], target: tuple[int, int]) -> None:

@@ -42,6 +42,11 @@ DOI = "0"
 REGISTRY_DIR = "selinux-mcs"
 
 
+def registry_dir(inst: Any) -> Path:
+    """Where the instance's MCS registry lives: ``run_dir/selinux-mcs``."""
+    return Path(inst.run_dir) / REGISTRY_DIR
+
+
 class SELinuxDriver:
     """libvirt's SELinux driver as a vmconfine driver object (hooks: vmconfine.hookspecs)."""
 
@@ -81,11 +86,13 @@ class SELinuxDriver:
                              "is SELinux enabled?") from None
 
     def registry(self, ctx: DomainContext) -> LabelRegistry:
-        """The instance's MCS registry (created on first use)."""
+        """The instance's MCS registry (created on first use) in its run directory: the
+        contents are per boot, like the status files and journals its leases are checked
+        against. A registry an earlier vmconfine kept in ``lib_dir`` is taken over once."""
         if self._registry is None:
             inst = ctx.instance
             rng = parse_process_range(self.own_context())
-            directory = Path(inst.lib_dir) / REGISTRY_DIR
+            directory = registry_dir(inst)
             ensure_dir(directory)
 
             def is_live(lease: Lease) -> bool:
@@ -93,6 +100,9 @@ class SELinuxDriver:
                         or inst.journal_path(lease.name).exists())
 
             self._registry = LabelRegistry(directory, rng, is_live)
+            legacy = Path(inst.lib_dir) / REGISTRY_DIR
+            if legacy.is_dir():
+                self._registry.import_legacy(legacy)
         return self._registry
 
     @staticmethod
@@ -241,7 +251,9 @@ class SELinuxDriver:
             if level is None:
                 rec = ctx.journal.last(DRIVER, "mcs")
                 level = rec.get("level") if rec else None
-            if (Path(ctx.instance.lib_dir) / REGISTRY_DIR).is_dir():
+            inst = ctx.instance
+            if (self._registry is not None or registry_dir(inst).is_dir()
+                    or (Path(inst.lib_dir) / REGISTRY_DIR).is_dir()):
                 self.registry(ctx).release(ctx.domain.uuid, level)
             seclabel.label = None
         seclabel.imagelabel = None

@@ -5,17 +5,19 @@ vmconfine's own context (a single category would be a subset of every pair conta
 CVE-2021-3631). :func:`parse_process_range` applies libvirt's parsing rules.
 
 The registry makes allocation unique across every vmconfine process of an instance and
-survives restarts. It lives in one directory (the instance's ``lib_dir/selinux-mcs``):
+survives vmconfine restarts. Its contents are per boot (no domain survives a reboot), so it
+lives in the instance's run directory (``run_dir/selinux-mcs``; tmpfs on a normal host):
 
 * ``lock``: every operation holds an exclusive ``flock`` on it;
-* ``pool-<sens>-c<min>.c<max>``: the allocator, one file per category range, mmap'd. It is a
-  free list: ``free[0:nfree]`` holds the free pair numbers and ``pos[pair]`` where each one
-  sits, so taking a random free pair, taking a given pair and giving one back are all O(1) at
-  any occupancy (no retry loop: a full pool is an error, never a hang). A header carries the
-  boot time (a new boot starts empty: no domain survives a reboot) and a dirty flag (set
-  around every change; a pool found dirty after a crash is rebuilt from the leases);
-* ``leases/<uuid>``: who holds which level (one small JSON file per domain). The leases are
-  the truth; the pool is an index rebuilt from them when in doubt.
+* ``leases``: who holds which level (:mod:`vmconfine_selinux.leases`): one mmap'd table, the
+  truth, shared by every category range;
+* ``pool-<sens>-c<min>.c<max>``: the O(1) allocator of one category range
+  (:mod:`vmconfine_selinux.mcspool`), an index rebuilt from the leases when in doubt (first
+  use, new boot, out of date, or left dirty by a crash).
+
+Allocation, reservation and release are O(1) at any occupancy and create no files; nothing is
+fsynced (a crash of the machine means a new boot, which starts empty). A registry left in the
+instance's ``lib_dir`` by an earlier vmconfine is taken over once (:meth:`import_legacy`).
 """
 
 from __future__ import annotations
@@ -26,18 +28,22 @@ import fcntl
 import json
 import logging
 import math
-import mmap
 import os
 import re
-import secrets
-import struct
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmconfine.errors import LabelError
 from vmconfine_selinux.contexts import Context
+from vmconfine_selinux.leases import Lease, LeaseTable
+from vmconfine_selinux.mcspool import McsPool
 from vmconfine_selinux.remember import boot_time
+
+__all__ = ["DEFAULT_CATEGORIES", "MIN_CATEGORIES", "LabelRegistry", "Lease", "McsPool",
+           "McsRange", "boot_time", "ensure_dir", "pair_categories", "pair_number",
+           "parse_process_range"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +51,6 @@ log = logging.getLogger(__name__)
 MIN_CATEGORIES = 8
 DEFAULT_CATEGORIES = (0, 1023)
 
-_HEADER = struct.Struct("<8sIIIIQ32s")  # magic, version, dirty, npairs, nfree, boot, key
-_DIRTY_AT = 12  # byte offsets of the two fields changed in place
-_NFREE_AT = 20
-_MAGIC = b"VMCMCS01"
-_VERSION = 1
-_INT = 4
 _LEVEL_RE = re.compile(r"(s\d+):c(\d+),c(\d+)")
 _UUID_RE = re.compile(r"[0-9a-fA-F-]{1,64}")
 
@@ -144,136 +144,6 @@ def parse_process_range(context: str) -> McsRange:
     return McsRange(sens, low, high)
 
 
-class McsPool:
-    """The O(1) free-list allocator over one mmap'd file (callers hold the registry lock)."""
-
-    def __init__(self, path: Path, rng: McsRange, boot: int) -> None:
-        self.path = path
-        self.range = rng
-        self.n = rng.pairs
-        self.size = _HEADER.size + 2 * _INT * self.n
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fresh = os.fstat(fd).st_size != self.size
-            if fresh:
-                os.ftruncate(fd, self.size)
-            self._mm = mmap.mmap(fd, self.size)
-        finally:
-            os.close(fd)
-        self._ints = memoryview(self._mm)[_HEADER.size:].cast("i")
-        self.free = self._ints[: self.n]
-        self.pos = self._ints[self.n :]
-        self.valid = not fresh and self._header_ok(boot)
-
-    def close(self) -> None:
-        self.free.release()
-        self.pos.release()
-        self._ints.release()
-        self._mm.close()
-
-    # ---- header ------------------------------------------------------------------------------
-    def _header(self) -> tuple[bytes, int, int, int, int, int, bytes]:
-        return _HEADER.unpack_from(self._mm, 0)  # type: ignore[return-value]
-
-    def _header_ok(self, boot: int) -> bool:
-        magic, version, dirty, n, _nfree, stamp, key = self._header()
-        return (magic == _MAGIC and version == _VERSION and dirty == 0 and n == self.n
-                and stamp == boot and key.rstrip(b"\0") == self.range.key.encode())
-
-    @property
-    def nfree(self) -> int:
-        return int(struct.unpack_from("<I", self._mm, _NFREE_AT)[0])
-
-    def _set_nfree(self, value: int) -> None:
-        struct.pack_into("<I", self._mm, _NFREE_AT, value)
-
-    def _dirty(self, on: bool) -> None:
-        struct.pack_into("<I", self._mm, _DIRTY_AT, 1 if on else 0)
-
-    @property
-    def used(self) -> int:
-        return self.n - self.nfree
-
-    def reset(self, boot: int, taken: list[int]) -> None:
-        """Start over: every pair free, then ``taken`` used."""
-        self._dirty(True)
-        ident = memoryview(bytes(_array_range(self.n))).cast("i")
-        self.free[:] = ident
-        self.pos[:] = ident
-        self._set_nfree(self.n)
-        for pair in taken:
-            self._take(pair)
-        _HEADER.pack_into(self._mm, 0, _MAGIC, _VERSION, 1, self.n, self.nfree, boot,
-                          self.range.key.encode())
-        self._dirty(False)
-        self.valid = True
-
-    # ---- operations (each bracketed by the dirty flag) -----------------------------------------
-    def is_used(self, pair: int) -> bool:
-        return self.pos[pair] >= self.nfree
-
-    def _take(self, pair: int) -> bool:
-        nfree = self.nfree
-        p = self.pos[pair]
-        if p >= nfree:
-            return False
-        last = self.free[nfree - 1]
-        self.free[p] = last
-        self.pos[last] = p
-        self.free[nfree - 1] = pair
-        self.pos[pair] = nfree - 1
-        self._set_nfree(nfree - 1)
-        return True
-
-    def take(self, pair: int) -> bool:
-        """Mark ``pair`` used; False when it already was."""
-        self._dirty(True)
-        ok = self._take(pair)
-        self._dirty(False)
-        return ok
-
-    def take_random(self) -> int | None:
-        """A uniformly random free pair, now used; None when the pool is full."""
-        nfree = self.nfree
-        if nfree == 0:
-            return None
-        pair = self.free[secrets.randbelow(nfree)]
-        self.take(pair)
-        return pair
-
-    def put(self, pair: int) -> bool:
-        """Give ``pair`` back; False when it was free already."""
-        nfree = self.nfree
-        p = self.pos[pair]
-        if p < nfree:
-            return False
-        self._dirty(True)
-        other = self.free[nfree]
-        self.free[p] = other
-        self.pos[other] = p
-        self.free[nfree] = pair
-        self.pos[pair] = nfree
-        self._set_nfree(nfree + 1)
-        self._dirty(False)
-        return True
-
-
-def _array_range(n: int) -> bytes:
-    import array
-
-    return array.array("i", range(n)).tobytes()
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One domain's level in the registry."""
-
-    owner: str  #: the domain UUID
-    name: str
-    level: str
-    boot: int
-
-
 class LabelRegistry:
     """Persistent, file-locked MCS allocation shared by every vmconfine process of an instance.
 
@@ -287,106 +157,139 @@ class LabelRegistry:
         self.dir = directory
         self.range = rng
         self.is_live = is_live
-        self.leases_dir = directory / "leases"
+        self._lock_fd: int | None = None
+        self._lock_pid = 0
+        self._table: LeaseTable | None = None
         self._pool: McsPool | None = None
 
     # ---- locking and consistency -------------------------------------------------------------
+    def _lock(self) -> int:
+        """The lock file's fd, opened once per process (a forked child opens its own: flock
+        is per open file, and parent and child must exclude each other)."""
+        pid = os.getpid()
+        if self._lock_fd is None or self._lock_pid != pid:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # (a child leaves its copy of the parent's fd alone: its number may be reused)
+            self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                    0o600)
+            self._lock_pid = pid
+        return self._lock_fd
+
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[McsPool]:
-        self.leases_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _locked(self) -> Iterator[tuple[LeaseTable, McsPool]]:
+        """Hold the lock; the pool is marked dirty until the operation completes (a deliberate
+        LabelError also completes it: those are raised where nothing is half done)."""
+        fd = self._lock()
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            pool = self._open_pool()
-            yield pool
+            table, pool = self._open()
+            pool.begin()
+            try:
+                yield table, pool
+            except LabelError:
+                pool.end(table.generation)
+                raise
+            pool.end(table.generation)
         finally:
-            os.close(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _open(self) -> tuple[LeaseTable, McsPool]:
+        boot = boot_time()
+        if self._table is None:
+            self._table = LeaseTable(self.dir / "leases")
+        table = self._table
+        table.open(boot)
+        if self._pool is None:
+            self._pool = McsPool(self.dir / f"pool-{self.range.key}", self.range)
+        pool = self._pool
+        if not pool.valid(boot, table.generation):
+            self._rebuild(table, pool)
+        return table, pool
 
     def _open_pool(self) -> McsPool:
-        boot = boot_time()
-        if self._pool is None:
-            self._pool = McsPool(self.dir / f"pool-{self.range.key}", self.range, boot)
-        pool = self._pool
-        if not pool._header_ok(boot):
-            self._rebuild(pool, boot)
-        return pool
+        """The pool, consistent (tests and benchmarks look into it)."""
+        with self._locked() as (_table, pool):
+            return pool
 
-    def _rebuild(self, pool: McsPool, boot: int) -> None:
-        """Rebuild the pool from the leases (first use, new boot, or a crash mid-change)."""
+    def _rebuild(self, table: LeaseTable, pool: McsPool) -> None:
+        """Rebuild the pool from the leases (first use, new boot, out of date, or a crash)."""
         taken = []
-        for lease in self._read_leases():
-            if lease.boot != boot:
-                self._drop_lease(lease.owner)
-                continue
+        for slot, lease in table.items():
             pair = self.range.pair(lease.level)
             if pair is not None:
-                taken.append(pair)
+                taken.append((pair, slot + 1))
         log.debug("MCS pool %s rebuilt from %d leases", pool.path, len(taken))
-        pool.reset(boot, taken)
+        pool.reset(table.boot, taken)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
+        for obj in (self._pool, self._table):
+            if obj is not None:
+                obj.close()
+        self._pool = self._table = None
+        if self._lock_fd is not None and self._lock_pid == os.getpid():
+            os.close(self._lock_fd)
+        self._lock_fd = None
 
     # ---- leases ------------------------------------------------------------------------------
-    def _lease_path(self, owner: str) -> Path:
+    @staticmethod
+    def _check_owner(owner: str) -> None:
         if not _UUID_RE.fullmatch(owner):
             raise LabelError(f"invalid registry owner {owner!r} (expected a domain UUID)")
-        return self.leases_dir / owner
 
-    def _read_lease(self, owner: str) -> Lease | None:
-        try:
-            data = json.loads(self._lease_path(owner).read_text())
-            return Lease(owner, str(data["name"]), str(data["level"]), int(data["boot"]))
-        except FileNotFoundError:
+    @staticmethod
+    def _lease(table: LeaseTable, owner: str) -> tuple[int, Lease] | None:
+        slot = table.find(owner)
+        if slot is None:
             return None
-        except (ValueError, KeyError, TypeError):
-            log.warning("MCS registry: unreadable lease %s; dropping it", owner)
-            self._drop_lease(owner)
-            return None
-
-    def _read_leases(self) -> list[Lease]:
-        out = []
-        for p in sorted(self.leases_dir.iterdir()) if self.leases_dir.is_dir() else []:
-            if p.name.startswith("."):
-                continue
-            lease = self._read_lease(p.name)
-            if lease is not None:
-                out.append(lease)
-        return out
-
-    def _write_lease(self, lease: Lease) -> None:
-        # a torn write (crash) leaves an unreadable lease: it is dropped and the pool rebuilt
-        data = json.dumps({"name": lease.name, "level": lease.level, "boot": lease.boot})
-        fd = os.open(self._lease_path(lease.owner),
-                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data.encode())
-        finally:
-            os.close(fd)
+            lease = table.get(slot)
+        except ValueError:
+            log.warning("MCS registry: unreadable lease of %s; dropping it", owner)
+            lease = None
+        if lease is None:
+            table.remove(slot)
+            return None
+        return slot, lease
 
-    def _drop_lease(self, owner: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._lease_path(owner).unlink()
+    def _release_slot(self, table: LeaseTable, pool: McsPool, slot: int, lease: Lease) -> None:
+        """Drop a lease; free its pair unless another lease holds the same level."""
+        table.remove(slot)
+        pair = self.range.pair(lease.level)
+        if pair is not None and pool.is_used(pair) and not self._held(table, pool, pair,
+                                                                     lease.level, slot):
+            pool.put(pair)
 
-    def _holder(self, level: str, but: str) -> Lease | None:
-        """The lease of another owner on ``level`` (O(leases): only for odd paths)."""
-        return next((x for x in self._read_leases() if x.level == level and x.owner != but),
+    @staticmethod
+    def _held(table: LeaseTable, pool: McsPool, pair: int, level: str, but: int) -> bool:
+        """True when a lease other than slot ``but`` holds ``level`` (O(1): the pool's holder)."""
+        holder = pool.holder[pair] - 1
+        if holder < 0 or holder == but:
+            return False
+        try:
+            other = table.get(holder)
+        except ValueError:
+            return False
+        return other is not None and other.level == level
+
+    @staticmethod
+    def _foreign_holder(table: LeaseTable, level: str, but: str) -> Lease | None:
+        """The lease of another owner on a level outside the range (O(leases): odd path)."""
+        return next((x for _s, x in table.items() if x.level == level and x.owner != but),
                     None)
 
     # ---- API ---------------------------------------------------------------------------------
     def allocate(self, owner: str, name: str) -> str:
         """A fresh level for domain ``owner`` (its UUID); raises when the pool is full."""
-        with self._locked() as pool:
-            old = self._read_lease(owner)
+        self._check_owner(owner)
+        with self._locked() as (table, pool):
+            old = self._lease(table, owner)
             if old is not None:  # one label per domain: a leftover of an earlier start
                 log.warning("MCS registry: domain %s still held %s from an earlier start; "
-                            "releasing it", name, old.level)
-                self._release_locked(pool, owner, old)
+                            "releasing it", name, old[1].level)
+                self._release_slot(table, pool, *old)
             pair = pool.take_random()
             if pair is None and self.is_live is not None:
-                self._reconcile_locked(pool)
+                self._reconcile_locked(table, pool)
                 pair = pool.take_random()
             if pair is None:
                 raise LabelError(
@@ -394,79 +297,112 @@ class LabelRegistry:
                     "domain, or run vmconfine in a context with a wider category range"
                 )
             level = self.range.level(pair)
-            self._write_lease(Lease(owner, name, level, boot_time()))
+            try:
+                slot = table.add(owner, name, level)
+            except LabelError:
+                pool.put(pair)
+                raise
+            pool.holder[pair] = slot + 1
             return level
 
     def reserve(self, owner: str, name: str, level: str, label: str) -> None:
         """Mark the level of running domain ``owner`` (label ``label``) as in use."""
-        with self._locked() as pool:
-            mine = self._read_lease(owner)
-            if mine is not None and mine.level == level:
+        self._check_owner(owner)
+        with self._locked() as (table, pool):
+            mine = self._lease(table, owner)
+            if mine is not None and mine[1].level == level:
                 return
             pair = self.range.pair(level)
             taken = (pool.is_used(pair) if pair is not None
-                     else self._holder(level, owner) is not None)
+                     else self._foreign_holder(table, level, owner) is not None)
             if taken:
                 raise LabelError(
                     f"MCS level for existing domain label {label} already reserved; another "
                     "domain holds the same categories: stop one of them"
                 )
             if mine is not None:
-                self._release_locked(pool, owner, mine)
+                self._release_slot(table, pool, *mine)
+            slot = table.add(owner, name, level)
             if pair is not None:
                 pool.take(pair)
-            self._write_lease(Lease(owner, name, level, boot_time()))
+                pool.holder[pair] = slot + 1
 
     def release(self, owner: str, level: str | None = None) -> None:
         """Give back the level of ``owner`` (idempotent). ``level`` is freed too when no other
-        domain holds it (a label whose lease was lost)."""
-        with self._locked() as pool:
-            lease = self._read_lease(owner)
-            if lease is not None:
-                self._release_locked(pool, owner, lease)
-            if level is not None and (lease is None or lease.level != level):
+        domain holds it (a label whose lease was lost). O(1)."""
+        self._check_owner(owner)
+        with self._locked() as (table, pool):
+            mine = self._lease(table, owner)
+            if mine is not None:
+                self._release_slot(table, pool, *mine)
+            if level is not None and (mine is None or mine[1].level != level):
                 pair = self.range.pair(level)
-                if pair is not None and self._holder(level, owner) is None:
+                if pair is not None and not self._held(table, pool, pair, level, -1):
                     pool.put(pair)
-
-    def _release_locked(self, pool: McsPool, owner: str, lease: Lease) -> None:
-        pair = self.range.pair(lease.level)
-        self._drop_lease(owner)
-        if pair is not None and self._holder(lease.level, owner) is None:
-            pool.put(pair)
 
     def reconcile(self) -> list[Lease]:
         """Drop the leases of domains that no longer exist; return them."""
-        with self._locked() as pool:
-            return self._reconcile_locked(pool)
+        with self._locked() as (table, pool):
+            return self._reconcile_locked(table, pool)
 
-    def _reconcile_locked(self, pool: McsPool) -> list[Lease]:
+    def _reconcile_locked(self, table: LeaseTable, pool: McsPool) -> list[Lease]:
         dropped = []
-        leases = self._read_leases()
-        for lease in leases:
+        for slot, lease in list(table.items()):
             if self.is_live is not None and not self.is_live(lease):
                 log.info("MCS registry: domain %s is gone; releasing %s", lease.name,
                          lease.level)
-                self._release_locked(pool, lease.owner, lease)
+                self._release_slot(table, pool, slot, lease)
                 dropped.append(lease)
-        live = [x for x in leases if x not in dropped and self.range.pair(x.level) is not None]
-        if pool.used != len({x.level for x in live}):  # pairs taken without a lease: rebuild
-            self._rebuild(pool, boot_time())
+        live = {x.level for _s, x in table.items() if self.range.pair(x.level) is not None}
+        if pool.used != len(live):  # pairs taken without a lease: rebuild
+            self._rebuild(table, pool)
         return dropped
 
     def leases(self) -> list[Lease]:
-        with self._locked():
-            return self._read_leases()
+        with self._locked() as (table, _pool):
+            return sorted((x for _s, x in table.items()), key=lambda x: x.owner)
 
     def in_use(self) -> int:
-        with self._locked() as pool:
+        with self._locked() as (_table, pool):
             return pool.used
 
     def fill(self, pairs: list[int]) -> None:
         """Mark ``pairs`` used without leases (benchmarks and tests of a busy pool)."""
-        with self._locked() as pool:
+        with self._locked() as (_table, pool):
             for pair in pairs:
                 pool.take(pair)
+
+    def import_legacy(self, old: Path) -> int:
+        """Take over the leases of this boot from an earlier vmconfine's registry directory
+        (one JSON file per lease in ``old/leases``), then remove ``old``. Returns how many."""
+        leases_dir = old / "leases"
+        if not leases_dir.is_dir():
+            return 0
+        count = 0
+        with self._locked() as (table, pool):
+            for path in sorted(leases_dir.iterdir()):
+                try:
+                    data = json.loads(path.read_text())
+                    name, level, boot = str(data["name"]), str(data["level"]), int(data["boot"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                owner = path.name
+                if (boot != table.boot or not _UUID_RE.fullmatch(owner)
+                        or table.find(owner) is not None):
+                    continue
+                pair = self.range.pair(level)
+                if pair is not None and pool.is_used(pair):
+                    log.warning("MCS registry: %s of domain %s is taken twice; not importing "
+                                "it", level, name)
+                    continue
+                slot = table.add(owner, name, level)
+                if pair is not None:
+                    pool.take(pair)
+                    pool.holder[pair] = slot + 1
+                count += 1
+        log.info("MCS registry: took over %d lease(s) from %s", count, old)
+        shutil.rmtree(old, ignore_errors=True)
+        return count
 
 
 def ensure_dir(path: Path) -> None:

@@ -93,7 +93,7 @@ class Labeller:
                                  f"{exc.strerror}; {_hint(real, exc.errno or 0)}") from None
             current, unsupported = None, True
         remember_on = remember_on and plan.remember and not unsupported
-        n = len(journal.records(DRIVER, "relabel"))
+        n = journal.count(DRIVER, "relabel")  # the next number (O(1): no filtered copy)
         journal.record(DRIVER, "relabel", n=n, path=plan.path, resolved=real, label=plan.label,
                        previous=current, remember=remember_on, prefix=prefix,
                        restore=plan.restore_without_record, group=plan.group, role=plan.role)

@@ -214,3 +214,40 @@ def test_fake_accessor_round_trip_without_root() -> None:
     assert SCHEME.recall(x, NAMES).in_use
     assert SCHEME.recall(x, NAMES) == remember.Recalled(label="a")
     assert x.data == {}
+
+
+def test_a_record_seen_a_moment_ago_is_not_read_again(f: Path, opener: Opener) -> None:
+    """remember/recall take the record peek()/read() returned under the same lock: the
+    outcome is the same as reading it again, with no second round of getxattr calls."""
+    with opener(f) as x:
+        seen = SCHEME.peek(x, NAMES)
+        assert seen == remember.Record(0, None, None)
+        reads: list[str] = []
+        real = x.getxattr
+
+        def counting(name: str) -> bytes | None:
+            reads.append(name)
+            return real(name)
+
+        x.getxattr = counting  # type: ignore[method-assign]
+        assert SCHEME.remember(x, NAMES, "first", seen) == 1
+        assert SCHEME.remember(x, NAMES, "second") == 2  # reads: nothing passed
+        assert len(reads) == 3
+        reads.clear()
+        raw = remember.read(x, NAMES)
+        assert SCHEME.recall(x, NAMES, raw) == remember.Recalled(in_use=True, remaining=1)
+        assert len(reads) == 3  # read() only
+    assert xattrs(f)[NAMES.ref] == b"1" and xattrs(f)[NAMES.label] == b"first"
+
+
+def test_a_stale_record_seen_is_discarded_like_a_read_one(f: Path, opener: Opener) -> None:
+    os.setxattr(f, NAMES.label, b"old")
+    os.setxattr(f, NAMES.ref, b"2")
+    os.setxattr(f, NAMES.timestamp, b"12")
+    with opener(f) as x:
+        raw = remember.read(x, NAMES)
+        assert raw.ref == 2
+        assert SCHEME.recall(x, NAMES, raw) == remember.Recalled()
+    assert xattrs(f) == {}
+    with opener(f) as x:
+        assert SCHEME.peek(x, NAMES) == remember.Record(0, None, None)

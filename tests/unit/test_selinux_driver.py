@@ -27,6 +27,7 @@ from vmconfine.errors import DriverError, LabelError
 from vmconfine.stack import Stack
 from vmconfine_selinux.contexts import Context, load_policy_contexts
 from vmconfine_selinux.driver import SELinuxDriver
+from vmconfine_selinux.mcs import LabelRegistry, parse_process_range
 
 # libvirt tests/securityselinuxtest.c GenLabel table:
 # (process context, user, role, sensitivity, lowest category, highest category)
@@ -127,7 +128,8 @@ def test_static_label_is_used_verbatim(tmp_path: Path) -> None:
     sec = gen(drv, ctx)
     assert sec.label == "system_u:system_r:svirt_t:s0:c1,c2"
     assert sec.imagelabel == "system_u:object_r:svirt_image_t:s0:c1,c2"
-    assert not list((tmp_path / "inst").rglob("leases/*")), "static labels use no registry"
+    assert not (tmp_path / "inst").joinpath("run", "qemu", "selinux-mcs").exists(), \
+        "static labels use no registry"
 
 
 def test_invalid_static_label_is_refused(tmp_path: Path) -> None:
@@ -158,7 +160,7 @@ def test_basic_mode_uses_the_policy_contexts(tmp_path: Path) -> None:
     b = gen(drv, make_ctx(host, domain_xml(name="vm2", uuid=UUID_B)))
     assert a.label == b.label == DOMAIN_CONTEXT
     assert a.imagelabel == b.imagelabel == IMAGE_CONTEXT
-    assert not (tmp_path / "inst").joinpath("lib", "selinux-mcs").exists()
+    assert not list((tmp_path / "inst").rglob("selinux-mcs"))
 
 
 def test_policy_without_mcs_falls_back_to_basic(tmp_path: Path) -> None:
@@ -326,5 +328,9 @@ def test_registry_lives_in_the_instance_and_is_shared(tmp_path: Path) -> None:
     other = SELinuxDriver(host, be)  # another vmconfine process of the same instance
     b = gen(other, make_ctx(host, domain_xml(name="vm2", uuid=UUID_B)))
     assert a.label != b.label
-    leases = sorted(p.name for p in (host.instance.lib_dir / "selinux-mcs" / "leases").iterdir())
-    assert leases == sorted([UUID_A, UUID_B])
+    assert drv.registry(make_ctx(host, domain_xml())).dir == host.instance.run_dir / "selinux-mcs"
+    leases = LabelRegistry(host.instance.run_dir / "selinux-mcs", parse_process_range(
+        be.getcon())).leases()  # what a third process sees
+    assert sorted(x.owner for x in leases) == sorted([UUID_A, UUID_B])
+    assert {x.level for x in leases} == {Context.parse(a.label or "").range,
+                                         Context.parse(b.label or "").range}

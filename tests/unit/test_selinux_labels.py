@@ -434,3 +434,36 @@ def test_through_the_stack_with_rollback_when_a_later_driver_fails(tmp_path: Pat
     assert stack.release_labels(ctx) == []
     assert {f: label_of(f) for f in originals} == originals
     assert SELinuxDriver(host, be).registry(ctx).in_use() == 0
+
+
+def test_many_files_number_their_records_without_rereading_the_journal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each relabel record gets the next number from the journal's count, not from a filtered
+    copy of every record per file (that made a start quadratic in files)."""
+    from vmconfine.journal import Journal
+
+    host, drv, _be = setup(tmp_path)
+    d = tmp_path / "img"
+    files = [touch(d / f"d{i}.raw") for i in range(60)]
+    devices = "\n".join(disk(str(f), f"vd{chr(97 + i // 26)}{chr(97 + i % 26)}")
+                        for i, f in enumerate(files))
+    ctx = make_ctx(host, domain_xml(devices=devices, seclabel=FIXED), live=True)
+    ctx.journal.record("pipeline", "labels", n=1)
+    copies: list[tuple[str | None, str | None]] = []
+    real = Journal.records
+
+    def counting(self: Journal, driver: str | None = None,
+                 op: str | None = None) -> list[dict[str, object]]:
+        copies.append((driver, op))
+        return real(self, driver, op)
+
+    monkeypatch.setattr(Journal, "records", counting)
+    drv.set_all_labels(ctx)
+    assert len(copies) <= 1, f"the journal was copied {len(copies)} times for 60 files"
+    monkeypatch.undo()
+    numbers = [r["n"] for r in ctx.journal.records("selinux", "relabel")]
+    assert numbers == list(range(60))
+    assert all(label_of(f) == PLAIN for f in files)
+    drv.restore_all_labels(ctx)
+    assert all(label_of(f) is None for f in files)
+    assert {r["n"] for r in ctx.journal.records("selinux", "restored")} == set(range(60))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from vmconfine.errors import LabelError
-from vmconfine_selinux import mcs
+from vmconfine_selinux import mcs, mcspool
+from vmconfine_selinux.contexts import Context
 from vmconfine_selinux.mcs import (
     LabelRegistry,
     McsRange,
@@ -167,11 +168,17 @@ def test_release_is_idempotent_and_frees_the_level(tmp_path: Path) -> None:
 
 
 def test_release_without_a_lease_frees_an_unheld_level(tmp_path: Path) -> None:
-    reg = _registry(tmp_path)
-    level = reg.allocate(_owner(1), "vm1")
-    (reg.leases_dir / _owner(1)).unlink()  # lost lease
-    reg.release(_owner(1), level)
-    assert reg.in_use() == 0
+    rng = McsRange("s0", 0, 1023)
+    reg = _registry(tmp_path, rng)
+    lost = rng.level(77)
+    reg.fill([77])  # in use, but no lease says by whom (a lost lease)
+    held = reg.allocate(_owner(2), "vm2")
+    reg.release(_owner(1), lost)
+    assert reg.in_use() == 1
+    reg.release(_owner(1), held)  # another domain's lease holds it: it stays taken
+    assert reg.in_use() == 1 and [x.level for x in reg.leases()] == [held]
+    reg.release(_owner(2))
+    assert reg.in_use() == 0 and reg.leases() == []
 
 
 def test_full_pool_is_an_error_not_a_loop(tmp_path: Path) -> None:
@@ -246,10 +253,20 @@ def test_reconcile_drops_gone_domains_and_orphan_index_entries(tmp_path: Path) -
 
 
 def test_unreadable_lease_is_dropped(tmp_path: Path) -> None:
+    from vmconfine_selinux import leases
+
     reg = _registry(tmp_path)
     reg.allocate(_owner(1), "vm1")
-    (reg.leases_dir / _owner(1)).write_text("{torn")
-    assert reg.leases() == []
+    keep = reg.allocate(_owner(2), "vm2")
+    reg.close()
+    slot0 = 64  # the table's header size: the first lease's slot starts here
+    with open(tmp_path / "reg" / "leases", "r+b") as fh:
+        fh.seek(slot0 + leases.SLOT * 0 + 16)  # the owner field: not a UUID any more
+        fh.write(b"../../etc/passwd")
+    fresh = _registry(tmp_path)
+    assert [(x.owner, x.level) for x in fresh.leases()] == [(_owner(2), keep)]
+    fresh.reconcile()
+    assert fresh.in_use() == 1
 
 
 def test_owner_must_look_like_a_uuid(tmp_path: Path) -> None:
@@ -264,13 +281,157 @@ def test_allocation_draws_one_random_number_at_any_occupancy(
     reg = _registry(tmp_path, rng)
     reg.fill(list(range(rng.pairs - 100)))  # 99.7% in use
     draws: list[int] = []
-    real = mcs.secrets.randbelow
+    real = mcspool.secrets.randbelow
 
     def counting(n: int) -> int:
         draws.append(n)
         return real(n)
 
-    monkeypatch.setattr(mcs.secrets, "randbelow", counting)
+    monkeypatch.setattr(mcspool.secrets, "randbelow", counting)
     got = [reg.allocate(_owner(i), f"vm{i}") for i in range(100)]
     assert len(set(got)) == 100
     assert draws == list(range(100, 0, -1)), "exactly one draw over the free pairs each time"
+
+
+# ---- the lease table: one file, O(1) release, growth, crashes, forks ---------------------------
+
+
+def test_allocations_create_no_files(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    reg.allocate(_owner(0), "vm0")
+    files = sorted(p.name for p in (tmp_path / "reg").iterdir())
+    levels = [reg.allocate(_owner(i), f"vm{i}") for i in range(1, 300)]  # grows the table
+    for i in range(0, 300, 2):
+        reg.release(_owner(i))
+    assert sorted(p.name for p in (tmp_path / "reg").iterdir()) == files
+    assert files == ["leases", "lock", "pool-s0-c0.c1023"]
+    assert reg.in_use() == 150
+    assert {x.level for x in reg.leases()} == set(levels[0::2])
+
+
+def test_release_reads_no_other_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """release() is O(1): the pool knows who holds a pair; it never walks the leases."""
+    from vmconfine_selinux.leases import LeaseTable
+
+    reg = _registry(tmp_path)
+    levels = [reg.allocate(_owner(i), f"vm{i}") for i in range(100)]
+
+    def walk(self: LeaseTable) -> None:
+        raise AssertionError("release walked the lease table")
+
+    monkeypatch.setattr(LeaseTable, "items", walk)
+    reg.release(_owner(5))
+    reg.release(_owner(6), levels[6])
+    reg.release(_owner(7), levels[8])  # another domain's level: kept
+    reg.release(_owner(5))  # again: nothing to do
+    monkeypatch.undo()
+    assert reg.in_use() == 97
+    assert {x.level for x in reg.leases()} == set(levels) - {levels[5], levels[6], levels[7]}
+
+
+def test_lease_table_matches_a_model_through_growth_restarts_and_releases(
+        tmp_path: Path) -> None:
+    """Random allocate / release / reserve from two registry objects (two processes) and
+    restarts: the leases, the pool and the levels always match a plain dict."""
+    import random
+
+    rng = McsRange("s0", 0, 40)  # 820 pairs
+    regs = [_registry(tmp_path, rng), _registry(tmp_path, rng)]
+    model: dict[str, str] = {}
+    rand = random.Random(5)
+    for step in range(1500):
+        reg = regs[step % 2]
+        owner = _owner(rand.randrange(400))
+        op = rand.random()
+        if op < 0.55:
+            model[owner] = reg.allocate(owner, f"n{owner[-4:]}")
+        elif op < 0.9:
+            reg.release(owner, model.pop(owner, None))
+        else:
+            reg.close()
+            regs[step % 2] = _registry(tmp_path, rng)
+        if step % 100 == 99:
+            got = {x.owner: x.level for x in regs[0].leases()}
+            assert got == model
+            assert regs[1].in_use() == len(model) == len(set(model.values()))
+            pool = regs[0]._open_pool()
+            assert all(pool.is_used(rng.pair(level)) for level in model.values())  # type: ignore[arg-type]
+
+
+def test_names_are_kept_and_too_long_ones_refused(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    reg.allocate(_owner(1), "vm-ü" * 20)
+    with pytest.raises(LabelError, match="longer than 256 bytes"):
+        reg.allocate(_owner(2), "x" * 300)
+    assert [x.name for x in reg.leases()] == ["vm-ü" * 20]
+    assert reg.in_use() == 1  # the refused allocation took nothing
+
+
+def test_a_lease_table_left_dirty_by_a_crash_is_repaired(tmp_path: Path) -> None:
+    reg = _registry(tmp_path)
+    levels = {_owner(i): reg.allocate(_owner(i), f"vm{i}") for i in range(100)}
+    reg.release(_owner(3))
+    del levels[_owner(3)]
+    reg.close()
+    with open(tmp_path / "reg" / "leases", "r+b") as fh:  # died in the middle of a change
+        fh.seek(12)
+        fh.write(struct.pack("<I", 1))
+        fh.seek(16)
+        capacity = struct.unpack("<I", fh.read(4))[0]
+        assert capacity == 128  # grown once, from 64
+        fh.seek(64 + capacity * 512)  # and the owner index behind the slots is garbage
+        fh.write(b"\xff" * 4 * capacity)
+    fresh = _registry(tmp_path)
+    assert {x.owner: x.level for x in fresh.leases()} == levels
+    assert fresh.in_use() == 99
+    fresh.release(_owner(10))
+    assert fresh.allocate(_owner(10), "vm10") not in set(levels.values()) - {levels[_owner(10)]}
+
+
+_INHERITED: list[LabelRegistry] = []
+
+
+def _allocate_with(args: tuple[int, int]) -> list[str]:
+    start, count = args
+    reg = _INHERITED[0]  # the parent's object, inherited by fork
+    return [reg.allocate(_owner(start + i), f"vm{start + i}") for i in range(count)]
+
+
+def test_a_registry_inherited_across_fork_still_excludes(tmp_path: Path) -> None:
+    """flock is per open file: children that inherited the parent's registry object open
+    their own lock, so they exclude each other and the parent."""
+    reg = LabelRegistry(tmp_path / "reg", McsRange("s0", 0, 63))
+    first = reg.allocate(_owner(999), "parent")  # the parent's lock fd and mappings exist
+    _INHERITED[:] = [reg]
+    ctx = multiprocessing.get_context("fork")
+    try:
+        with ctx.Pool(4) as pool:
+            results = pool.map(_allocate_with, [(p * 50, 50) for p in range(4)])
+    finally:
+        _INHERITED.clear()
+    levels = [first] + [level for chunk in results for level in chunk]
+    assert len(set(levels)) == 201, "two processes got the same MCS level"
+    assert reg.in_use() == 201
+
+
+def test_legacy_registry_in_lib_dir_is_taken_over(tmp_path: Path) -> None:
+    import json
+
+    from tests.unit.test_selinux_support import UUID_A, UUID_B, domain_xml, gen, make_ctx, setup
+    from vmconfine_selinux.remember import boot_time
+
+    host, drv, _be = setup(tmp_path)
+    old = host.instance.lib_dir / "selinux-mcs"
+    (old / "leases").mkdir(parents=True)
+    (old / "leases" / UUID_B).write_text(json.dumps(
+        {"name": "running", "level": "s0:c5,c9", "boot": boot_time()}))
+    (old / "leases" / _owner(7)).write_text(json.dumps(
+        {"name": "old-boot", "level": "s0:c1,c2", "boot": 1}))
+    (old / "pool-s0-c0.c1023").write_bytes(b"\0" * 64)
+    sec = gen(drv, make_ctx(host, domain_xml(name="vm1", uuid=UUID_A)))
+    assert not old.exists()
+    reg = drv.registry(make_ctx(host, domain_xml()))
+    assert {(x.owner, x.level) for x in reg.leases()} == {
+        (UUID_B, "s0:c5,c9"), (UUID_A, Context.parse(sec.label or "").range)}
+    with pytest.raises(LabelError, match="already reserved"):
+        reg.reserve(_owner(8), "other", "s0:c5,c9", "x")

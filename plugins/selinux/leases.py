@@ -1,0 +1,339 @@
+"""The MCS registry's lease table: who holds which level, in one mmap'd file.
+
+A lease is (owner = domain UUID, domain name, level). The table is the registry's truth (the
+per-range pools are indexes rebuilt from it), range-independent, and kept in one file so that
+taking or giving back a lease touches a few pages of one mapping: no file is created or removed
+per domain (creating an inode costs ~1 ms on some disks) and nothing needs an ``fsync`` (the
+contents are per boot: after a crash of the machine a new boot starts the table empty).
+
+Layout: a header, ``capacity`` fixed-size slots, then an owner index (open addressing, linear
+probing, ``2 x capacity`` entries of slot + 1, 0 = empty). A slot holds a lease when its state
+word is :data:`USED`; free slots below the high-water mark are chained. The table grows in place
+(doubling): slots keep their numbers, the index is rebuilt behind them, and other processes
+remap when they see the larger capacity in the shared header. Every change is bracketed by a
+dirty flag; a table found dirty (a process died mid-change) gets its index and free chain
+rebuilt from the slots, whose state word is written last.
+
+Callers hold the registry's lock for every call.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmconfine.errors import LabelError
+
+log = logging.getLogger(__name__)
+
+#: magic, version, dirty, capacity, count, high, free_head, boot, generation
+_HEADER = struct.Struct("<8sIIIIIiQQ")
+_HEADER_SIZE = 64
+_DIRTY_AT = 12
+_MAGIC = b"VMCLEASE"
+_VERSION = 1
+#: state, next free, owner / name / level lengths (+ pad), then the three fields
+_SLOT_HEAD = struct.Struct("<IiHHHH")
+SLOT = 512
+OWNER_MAX, NAME_MAX, LEVEL_MAX = 64, 256, 160
+_OWNER_AT = _SLOT_HEAD.size
+_NAME_AT = _OWNER_AT + OWNER_MAX
+_LEVEL_AT = _NAME_AT + NAME_MAX
+USED = 0x53454C56  # a slot holds a lease only with this exact state word
+FIRST_CAPACITY = 64
+_OWNER_RE = re.compile(r"[0-9a-fA-F-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One domain's level in the registry."""
+
+    owner: str  #: the domain UUID
+    name: str
+    level: str
+    boot: int
+
+
+def _size(capacity: int) -> int:
+    return _HEADER_SIZE + capacity * SLOT + 2 * capacity * 4
+
+
+class LeaseTable:
+    """The mmap'd lease table (see the module docstring). Callers hold the registry lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._mm: mmap.mmap | None = None
+        self._index: memoryview | None = None
+        self.capacity = 0
+        self._map()
+
+    # ---- mapping -------------------------------------------------------------------------------
+    def _map(self) -> None:
+        self._unmap()
+        size = os.fstat(self._fd).st_size
+        if size < _size(FIRST_CAPACITY):
+            return
+        mm = mmap.mmap(self._fd, size)
+        cap = struct.unpack_from("<I", mm, 16)[0]
+        if _size(cap) > size:  # garbage header: start over (open() resets it)
+            cap = 0
+        self._mm, self.capacity = mm, cap
+        if cap:
+            start = _HEADER_SIZE + cap * SLOT
+            self._index = memoryview(mm)[start:start + 8 * cap].cast("i")
+
+    def _unmap(self) -> None:
+        if self._index is not None:
+            self._index.release()
+            self._index = None
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        self.capacity = 0
+
+    def close(self) -> None:
+        self._unmap()
+        os.close(self._fd)
+
+    def open(self, boot: int) -> None:
+        """Make the mapping current (another process may have grown the file), start over
+        for a new boot or a bad header, and repair a table left dirty by a crash."""
+        mm = self._mm
+        if mm is None or struct.unpack_from("<I", mm, 16)[0] != self.capacity:
+            self._map()
+            mm = self._mm
+        if mm is None or self.capacity == 0:
+            self._reset(boot)
+            return
+        magic, version, dirty, _cap, _count, _high, _free, stamp, _gen = _HEADER.unpack_from(mm)
+        if magic != _MAGIC or version != _VERSION or stamp != boot:
+            self._reset(boot)
+        elif dirty:
+            self._repair()
+
+    def _reset(self, boot: int) -> None:
+        """An empty table of FIRST_CAPACITY slots for ``boot``."""
+        self._unmap()
+        os.ftruncate(self._fd, 0)
+        os.ftruncate(self._fd, _size(FIRST_CAPACITY))
+        mm = mmap.mmap(self._fd, _size(FIRST_CAPACITY))
+        _HEADER.pack_into(mm, 0, _MAGIC, _VERSION, 0, FIRST_CAPACITY, 0, 0, -1, boot, 1)
+        mm.close()
+        self._map()
+
+    # ---- header fields -------------------------------------------------------------------------
+    def _get(self, at: int, fmt: str = "<I") -> int:
+        assert self._mm is not None
+        return int(struct.unpack_from(fmt, self._mm, at)[0])
+
+    def _put(self, at: int, value: int, fmt: str = "<I") -> None:
+        assert self._mm is not None
+        struct.pack_into(fmt, self._mm, at, value)
+
+    def _dirty(self, on: bool) -> None:
+        self._put(_DIRTY_AT, 1 if on else 0)
+
+    @property
+    def count(self) -> int:
+        return self._get(20)
+
+    @property
+    def boot(self) -> int:
+        return self._get(32, "<Q")
+
+    @property
+    def generation(self) -> int:
+        """Bumped by every change: a pool built for another generation is out of date."""
+        return self._get(40, "<Q")
+
+    def _bump(self) -> None:
+        self._put(40, self.generation + 1, "<Q")
+
+    # ---- slots ---------------------------------------------------------------------------------
+    def _slot_at(self, slot: int) -> int:
+        return _HEADER_SIZE + slot * SLOT
+
+    def _state(self, slot: int) -> int:
+        return self._get(self._slot_at(slot))
+
+    def _owner_bytes(self, slot: int) -> bytes:
+        at = self._slot_at(slot)
+        assert self._mm is not None
+        olen = struct.unpack_from("<H", self._mm, at + 8)[0]
+        return bytes(self._mm[at + _OWNER_AT:at + _OWNER_AT + min(olen, OWNER_MAX)])
+
+    def get(self, slot: int) -> Lease | None:
+        """The lease in ``slot``; None for a free slot. Raises ValueError for a corrupt one."""
+        mm = self._mm
+        assert mm is not None
+        at = self._slot_at(slot)
+        state, _next, olen, nlen, llen, _pad = _SLOT_HEAD.unpack_from(mm, at)
+        if state != USED:
+            return None
+        if olen > OWNER_MAX or nlen > NAME_MAX or llen > LEVEL_MAX:
+            raise ValueError("field lengths out of range")
+        owner = mm[at + _OWNER_AT:at + _OWNER_AT + olen].decode("ascii")
+        if not _OWNER_RE.fullmatch(owner):
+            raise ValueError("bad owner")
+        name = mm[at + _NAME_AT:at + _NAME_AT + nlen].decode("utf-8")
+        level = mm[at + _LEVEL_AT:at + _LEVEL_AT + llen].decode("ascii")
+        return Lease(owner, name, level, self.boot)
+
+    def items(self) -> Iterator[tuple[int, Lease]]:
+        """Every (slot, lease); a corrupt slot is dropped with a warning."""
+        high = self._get(24)
+        for slot in range(min(high, self.capacity)):
+            try:
+                lease = self.get(slot)
+            except ValueError:
+                log.warning("MCS registry: unreadable lease in slot %d of %s; dropping it",
+                            slot, self.path)
+                self.remove(slot)
+                continue
+            if lease is not None:
+                yield slot, lease
+
+    # ---- the owner index -----------------------------------------------------------------------
+    def _home(self, owner: bytes) -> int:
+        return zlib.crc32(owner) & (2 * self.capacity - 1)
+
+    def find(self, owner: str) -> int | None:
+        """The slot of ``owner``'s lease, if any."""
+        index = self._index
+        if index is None:
+            return None
+        key = owner.encode("ascii")
+        mask = 2 * self.capacity - 1
+        i = zlib.crc32(key) & mask
+        while True:
+            entry = index[i]
+            if entry == 0:
+                return None
+            if self._owner_bytes(entry - 1) == key:
+                return entry - 1
+            i = (i + 1) & mask
+
+    def _index_add(self, slot: int, key: bytes) -> None:
+        index = self._index
+        assert index is not None
+        mask = 2 * self.capacity - 1
+        i = zlib.crc32(key) & mask
+        while index[i] != 0:
+            i = (i + 1) & mask
+        index[i] = slot + 1
+
+    def _index_remove(self, slot: int) -> None:
+        """Remove ``slot`` from the index (backward-shift deletion keeps probes short)."""
+        index = self._index
+        assert index is not None
+        mask = 2 * self.capacity - 1
+        i = self._home(self._owner_bytes(slot))
+        while index[i] != slot + 1:
+            if index[i] == 0:
+                return  # not indexed (a corrupt slot)
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            entry = index[j]
+            if entry == 0:
+                break
+            home = self._home(self._owner_bytes(entry - 1))
+            # move entry back into the hole at i unless its home lies cyclically in (i, j]
+            if (j > i and (home <= i or home > j)) or (j < i and i >= home > j):
+                index[i] = entry
+                i = j
+        index[i] = 0
+
+    # ---- changes -------------------------------------------------------------------------------
+    def add(self, owner: str, name: str, level: str) -> int:
+        """Store a lease; return its slot. Raises LabelError for fields that do not fit."""
+        key, nb, lb = owner.encode("ascii"), name.encode("utf-8"), level.encode("ascii")
+        if len(nb) > NAME_MAX:
+            raise LabelError(f"domain name '{name[:40]}...' is longer than {NAME_MAX} bytes; "
+                             "the MCS registry cannot hold it: give the domain a shorter name")
+        if len(lb) > LEVEL_MAX or len(key) > OWNER_MAX:
+            raise LabelError(f"MCS level '{level[:40]}...' is longer than {LEVEL_MAX} bytes; "
+                             "the MCS registry cannot hold it")
+        if self.count + 1 > self.capacity:
+            self._grow()
+        mm = self._mm
+        assert mm is not None
+        self._dirty(True)
+        free = self._get(28, "<i")
+        if free >= 0:
+            slot = free
+            self._put(28, struct.unpack_from("<i", mm, self._slot_at(slot) + 4)[0], "<i")
+        else:
+            slot = self._get(24)
+            self._put(24, slot + 1)
+        at = self._slot_at(slot)
+        mm[at + _OWNER_AT:at + _OWNER_AT + len(key)] = key
+        mm[at + _NAME_AT:at + _NAME_AT + len(nb)] = nb
+        mm[at + _LEVEL_AT:at + _LEVEL_AT + len(lb)] = lb
+        _SLOT_HEAD.pack_into(mm, at, USED, -1, len(key), len(nb), len(lb), 0)
+        self._index_add(slot, key)
+        self._put(20, self.count + 1)
+        self._bump()
+        self._dirty(False)
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Free ``slot`` (its lease, if any, is gone)."""
+        self._dirty(True)
+        if self._state(slot) == USED:
+            self._index_remove(slot)
+            self._put(20, self.count - 1)
+        self._free_slot(slot)
+        self._bump()
+        self._dirty(False)
+
+    def _free_slot(self, slot: int) -> None:
+        at = self._slot_at(slot)
+        self._put(at, 0)
+        self._put(at + 4, self._get(28, "<i"), "<i")
+        self._put(28, slot, "<i")
+
+    def _grow(self) -> None:
+        """Double the capacity in place: slots keep their numbers, the index moves behind."""
+        old = self.capacity
+        new = 2 * old
+        os.ftruncate(self._fd, _size(new))  # first: a header never names a size not there
+        self._dirty(True)
+        self._put(16, new)  # a crash from here on: _repair() rebuilds at the new capacity
+        self._map()
+        assert self._mm is not None and self.capacity == new
+        start = self._slot_at(old)
+        self._mm[start:self._slot_at(new)] = bytes(self._slot_at(new) - start)
+        self._repair()
+
+    def _repair(self) -> None:
+        """Rebuild the index, count and free chain from the slots' state words."""
+        mm, index = self._mm, self._index
+        assert mm is not None and index is not None
+        self._dirty(True)
+        index[:] = memoryview(bytes(4 * len(index))).cast("i")
+        self._put(28, -1, "<i")
+        high = min(self._get(24), self.capacity)
+        count = 0
+        for slot in range(high - 1, -1, -1):
+            state, _next, olen, nlen, llen, _pad = _SLOT_HEAD.unpack_from(mm, self._slot_at(slot))
+            if state == USED and olen <= OWNER_MAX and nlen <= NAME_MAX and llen <= LEVEL_MAX:
+                self._index_add(slot, self._owner_bytes(slot))
+                count += 1
+            else:
+                self._free_slot(slot)
+        self._put(24, high)
+        self._put(20, count)
+        self._bump()
+        self._dirty(False)
+        log.debug("MCS lease table %s rebuilt: %d leases", self.path, count)

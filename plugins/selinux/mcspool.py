@@ -1,0 +1,151 @@
+"""The MCS registry's per-range allocator: an O(1) free list in one mmap'd file.
+
+``free[0:nfree]`` holds the free pair numbers and ``pos[pair]`` where each one sits, so taking
+a random free pair, taking a given pair and giving one back are all O(1) at any occupancy (no
+retry loop: a full pool is an error, never a hang). ``holder[pair]`` is the lease-table slot
+(+1) of the lease that holds a used pair, 0 for none, so a release knows in O(1) whether
+another domain holds the level.
+
+The header carries the boot time (a new boot starts empty), the lease-table generation the
+pool was built for (the registry rebuilds a pool that is out of date, e.g. after another
+category range changed the leases) and a dirty flag, set by the registry for the whole of an
+operation: a pool found dirty (a process died mid-change) is rebuilt from the leases.
+
+Callers hold the registry's lock.
+"""
+
+from __future__ import annotations
+
+import array
+import mmap
+import os
+import secrets
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmconfine_selinux.mcs import McsRange
+
+#: magic, version, dirty, npairs, nfree, boot, range key, lease-table generation
+_HEADER = struct.Struct("<8sIIIIQ32sQ")
+_DIRTY_AT = 12  # byte offsets of the fields changed in place
+_NFREE_AT = 20
+_GEN_AT = 64
+_MAGIC = b"VMCMCS01"
+_VERSION = 2
+_INT = 4
+
+
+class McsPool:
+    """The O(1) free-list allocator over one mmap'd file (see the module docstring)."""
+
+    def __init__(self, path: Path, rng: McsRange) -> None:
+        self.path = path
+        self.range = rng
+        self.n = rng.pairs
+        self.size = _HEADER.size + 3 * _INT * self.n
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size != self.size:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, self.size)
+            self._mm = mmap.mmap(fd, self.size)
+        finally:
+            os.close(fd)
+        self._ints = memoryview(self._mm)[_HEADER.size:].cast("i")
+        self.free = self._ints[: self.n]
+        self.pos = self._ints[self.n : 2 * self.n]
+        self.holder = self._ints[2 * self.n :]
+
+    def close(self) -> None:
+        for view in (self.free, self.pos, self.holder, self._ints):
+            view.release()
+        self._mm.close()
+
+    # ---- header ------------------------------------------------------------------------------
+    def valid(self, boot: int, generation: int) -> bool:
+        """Built for this boot and lease-table generation, and not left dirty."""
+        magic, version, dirty, n, _nfree, stamp, key, gen = _HEADER.unpack_from(self._mm, 0)
+        return (magic == _MAGIC and version == _VERSION and dirty == 0 and n == self.n
+                and stamp == boot and gen == generation
+                and key.rstrip(b"\0") == self.range.key.encode())
+
+    @property
+    def nfree(self) -> int:
+        return int(struct.unpack_from("<I", self._mm, _NFREE_AT)[0])
+
+    def _set_nfree(self, value: int) -> None:
+        struct.pack_into("<I", self._mm, _NFREE_AT, value)
+
+    def begin(self) -> None:
+        """Mark the pool dirty for the duration of an operation."""
+        struct.pack_into("<I", self._mm, _DIRTY_AT, 1)
+
+    def end(self, generation: int) -> None:
+        """The operation is complete: the pool matches lease-table ``generation``."""
+        struct.pack_into("<Q", self._mm, _GEN_AT, generation)
+        struct.pack_into("<I", self._mm, _DIRTY_AT, 0)
+
+    @property
+    def used(self) -> int:
+        return self.n - self.nfree
+
+    def reset(self, boot: int, taken: Iterable[tuple[int, int]]) -> None:
+        """Start over (left dirty: the caller's :meth:`end` completes it): every pair free,
+        then each (pair, holder) of ``taken`` used."""
+        self.begin()
+        ident = memoryview(array.array("i", range(self.n)).tobytes()).cast("i")
+        self.free[:] = ident
+        self.pos[:] = ident
+        self.holder[:] = memoryview(bytes(_INT * self.n)).cast("i")
+        self._set_nfree(self.n)
+        for pair, holder in taken:
+            if self.take(pair):
+                self.holder[pair] = holder
+        _HEADER.pack_into(self._mm, 0, _MAGIC, _VERSION, 1, self.n, self.nfree, boot,
+                          self.range.key.encode(), 0)
+
+    # ---- operations --------------------------------------------------------------------------
+    def is_used(self, pair: int) -> bool:
+        return self.pos[pair] >= self.nfree
+
+    def take(self, pair: int) -> bool:
+        """Mark ``pair`` used (no holder yet); False when it already was."""
+        nfree = self.nfree
+        p = self.pos[pair]
+        if p >= nfree:
+            return False
+        last = self.free[nfree - 1]
+        self.free[p] = last
+        self.pos[last] = p
+        self.free[nfree - 1] = pair
+        self.pos[pair] = nfree - 1
+        self.holder[pair] = 0
+        self._set_nfree(nfree - 1)
+        return True
+
+    def take_random(self) -> int | None:
+        """A uniformly random free pair, now used; None when the pool is full."""
+        nfree = self.nfree
+        if nfree == 0:
+            return None
+        pair = self.free[secrets.randbelow(nfree)]
+        self.take(pair)
+        return pair
+
+    def put(self, pair: int) -> bool:
+        """Give ``pair`` back; False when it was free already."""
+        nfree = self.nfree
+        p = self.pos[pair]
+        if p < nfree:
+            return False
+        other = self.free[nfree]
+        self.free[p] = other
+        self.pos[other] = p
+        self.free[nfree] = pair
+        self.pos[pair] = nfree
+        self.holder[pair] = 0
+        self._set_nfree(nfree + 1)
+        return True

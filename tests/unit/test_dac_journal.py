@@ -1,0 +1,118 @@
+"""The journal as the DAC driver uses it: group commit, notes, grouped lines, counting."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmconfine.errors import LaunchError
+from vmconfine.journal import Journal
+
+
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+def test_record_many_is_one_write_and_one_fsync(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    j = Journal(tmp_path / "d.journal")
+    fsyncs = _fsyncs(monkeypatch)
+    entries = [("dac", "chown", {"id": f"{i:04x}", "path": f"/img/{i}", "uid": i})
+               for i in range(100)]
+    j.record_many(entries)
+    assert len(fsyncs) == 1
+    assert len(j.path.read_text().splitlines()) == 1  # same fields: one grouped line
+    fresh = Journal(j.path)  # another process reads them back one record at a time
+    assert fresh.records("dac", "chown") == [{"driver": "dac", "op": "chown", **d}
+                                             for _drv, _op, d in entries]
+    assert fresh.records() == j.records()
+
+
+def test_groups_only_join_records_with_the_same_fields(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "d.journal")
+    j.record_many([("dac", "restored", {"id": "a", "how": "kept"}),
+                   ("dac", "restored", {"id": "b", "how": "kept"}),
+                   ("dac", "restored", {"id": "c", "how": "gone", "extra": None}),
+                   ("cgroups", "mkdir", {"path": "/sys/fs/cgroup/x"})])
+    lines = [json.loads(x) for x in j.path.read_text().splitlines()]
+    assert len(lines) == 3 and "group" in lines[0] and "driver" in lines[1]
+    got = Journal(j.path).records()
+    assert [r.get("id") for r in got] == ["a", "b", "c", None]
+    assert got[2] == {"driver": "dac", "op": "restored", "id": "c", "how": "gone",
+                      "extra": None}
+
+
+def test_notes_are_written_at_once_and_synced_later(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    j = Journal(tmp_path / "d.journal")
+    fsyncs = _fsyncs(monkeypatch)
+    j.note("dac", "remembered", id="a", ref=1)
+    j.note_many([("dac", "restored", {"id": "a", "how": "xattr"})])
+    assert fsyncs == []
+    assert [r["op"] for r in Journal(j.path).records()] == ["remembered", "restored"]
+    j.sync()
+    j.sync()  # nothing new: no second fsync
+    assert len(fsyncs) == 1
+    j.note("dac", "restored", id="b", how="kept")
+    j.close()  # closing makes the last note durable
+    assert len(fsyncs) == 2
+
+
+def test_torn_last_group_line_is_dropped_and_a_torn_middle_line_refused(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "d.journal")
+    j.record("pipeline", "start")
+    j.record_many([("dac", "chown", {"id": str(i)}) for i in range(3)])
+    j.close()
+    text = j.path.read_text()
+    j.path.write_text(text[:-20])  # the process died while writing the group
+    assert [r["op"] for r in Journal(j.path).records()] == ["start"]
+    j.path.write_text(text[:-20] + "\n" + text)
+    with pytest.raises(LaunchError, match="corrupt journal line"):
+        Journal(j.path).records()
+    j.path.write_text('{"group": ["driver", "op"], "rows": [["dac"]]}\n'
+                      '{"driver": "x", "op": "y"}\n')  # a row shorter than its fields
+    with pytest.raises(LaunchError, match="corrupt journal line"):
+        Journal(j.path).records()
+
+
+def test_count_follows_appends_reloads_and_removal(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "d.journal")
+    assert j.count("selinux", "relabel") == 0
+    j.record_many([("selinux", "relabel", {"n": i}) for i in range(5)])
+    j.record("selinux", "restored", n=0)
+    assert j.count("selinux", "relabel") == 5 and j.count("selinux", "restored") == 1
+    j.note("selinux", "relabel", n=5)
+    assert j.count("selinux", "relabel") == 6
+    assert Journal(j.path).count("selinux", "relabel") == 6
+    j.remove()
+    assert j.count("selinux", "relabel") == 0
+    j.record("selinux", "relabel", n=0)
+    assert j.count("selinux", "relabel") == 1
+
+
+def test_a_journal_that_keeps_records_its_own_way_gets_every_batch() -> None:
+    """A subclass overriding record() (the confinement report's in-memory journal) sees the
+    batch calls as records too; nothing is written anywhere."""
+    from vmconfine.report import MemoryJournal
+
+    j = MemoryJournal()
+    j.record_many([("dac", "chown", {"id": "a"}), ("dac", "chown", {"id": "b"})])
+    j.note("dac", "remembered", id="a", ref=1)
+    j.note_many([("dac", "restored", {"id": "a", "how": "kept"})])
+    j.sync()
+    seen: list[Any] = [(r["op"], r["id"]) for r in j.records("dac")]
+    assert seen == [("chown", "a"), ("chown", "b"), ("remembered", "a"), ("restored", "a")]
+    assert j.count("dac", "chown") == 2
+    assert not j.path.exists()

@@ -6,176 +6,63 @@ driver runs it with the domain XML on stdin. Its command line follows libvirt's 
     vmconfine-aa-helper -c -u NAME [-f FILE] < domain.xml     create and load
     vmconfine-aa-helper -r -u NAME [-f FILE|-F FILE] < domain.xml   regenerate and reload
     vmconfine-aa-helper -a|-R|-D -u NAME                      load | unload | unload + delete
+    vmconfine-aa-helper -c|-r -u NAME --cached KEY            load a cached compiled policy
+
+Compiled policies are cached by content (:mod:`vmconfine_aa_helper.cache`): a profile whose
+key is in the cache is loaded from its binary instead of being compiled again.
 
 Every refusal (bad name or UUID, hostile path, malformed XML...) exits 1 with one line on
 stderr and changes nothing. See docs/apparmor.md.
+
+Start-up is part of every domain start and stop, so the XML parser, the domain model and the
+rule generator are imported only by the commands that read XML (-c/-r without --cached).
 """
 
 from __future__ import annotations
 
-import getopt
 import os
-import re
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO
 
 from vmconfine_aa_helper import files as pf
+from vmconfine_aa_helper.options import PROG, USAGE, Options, parse_args, validate_name
 from vmconfine_aa_helper.paths import Refusal, check_text, resolve
-from vmconfine_aa_helper.rules import HEADER, RuleSet, check_domain_name, domain_rules
 
-PROG = "vmconfine-aa-helper"
+TYPE_CHECKING = False  # typing is not imported at run time (start-up cost)
+if TYPE_CHECKING:
+    from typing import IO
+
+    from vmconfine_aa_helper.cache import Cache
+
 MAX_XML_BYTES = 10 * 1024 * 1024
-DEFAULT_DIR = "/etc/apparmor.d/vmconfine"
-DEFAULT_PREFIX = "vmconfine-"
-DEFAULT_URI = "qemu:///system"
 SAFE_PATH = "/sbin:/usr/sbin"
-_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-COMMANDS = {"a": "add", "c": "create", "r": "replace", "R": "remove", "D": "delete"}
+CACHE_SUBDIR = "apparmor"
 
-USAGE = f"""\
-usage: {PROG} COMMAND -u NAME [OPTIONS] [< domain.xml]
-
-Manage the AppArmor profile of one vmconfine domain (NAME = prefix + domain UUID).
-
-commands (exactly one):
-  -c, --create            create the profile from the template and load it (XML on stdin)
-  -r, --replace           regenerate the rules and reload the profile (XML on stdin)
-  -a, --add               load the existing profile
-  -R, --remove            unload the profile (files stay)
-  -D, --delete            unload the profile and delete its files
-
-options:
-  -u, --uuid NAME         profile name: the prefix followed by the domain's UUID (required)
-  -d, --dryrun            print the profile and its rules on stdout, change nothing
-  -f, --add-file FILE     also grant FILE (rwk) while generating the rules
-  -F, --append-file FILE  append a rule granting FILE (rwk) to the existing rules
-  -P, --profile-dir DIR   profile directory (default {DEFAULT_DIR})
-      --prefix PREFIX     profile name prefix (default {DEFAULT_PREFIX})
-      --uri URI           instance whose log and runtime paths the profile grants
-                          (default {DEFAULT_URI}; qemu:///embed?root=DIR for embed)
-      --compile-only      check with apparmor_parser -Q instead of loading; skip unloading
-      --parser PATH       apparmor_parser to run (tests only; default {pf.DEFAULT_PARSER})
-  -h, --help              show this help
-"""
-
-_SHORT = "acdDhrRu:f:F:P:"
-_LONG = ["add", "create", "dryrun", "delete", "help", "replace", "remove", "uuid=",
-         "add-file=", "append-file=", "profile-dir=", "prefix=", "uri=", "compile-only",
-         "parser="]
+__all__ = ["MAX_XML_BYTES", "PROG", "USAGE", "Helper", "Options", "main", "parse_args", "run",
+           "validate_name"]
 
 
-@dataclass
-class Options:
-    """The parsed command line."""
-
-    cmd: str = ""
-    name: str = ""
-    dryrun: bool = False
-    add_file: str | None = None
-    append: bool = False
-    profile_dir: Path = Path(DEFAULT_DIR)
-    prefix: str = DEFAULT_PREFIX
-    uri: str = DEFAULT_URI
-    compile_only: bool = False
-    parser: str = pf.DEFAULT_PARSER
-    help: bool = False
-    uuid: str = ""
-
-
-def parse_args(argv: list[str]) -> Options:
-    """getopt-style parsing as virt-aa-helper; any problem is a :class:`Refusal`."""
-    try:
-        pairs, rest = getopt.gnu_getopt(argv, _SHORT, _LONG)
-    except getopt.GetoptError as exc:
-        raise Refusal(f"{exc}; see {PROG} -h") from None
-    if rest:
-        raise Refusal(f"unexpected argument {rest[0]!r}; the domain XML goes on stdin")
-    o = Options()
-    name: str | None = None
-    for opt, val in pairs:
-        key = opt.lstrip("-")
-        if key in ("h", "help"):
-            o.help = True
-        elif key in COMMANDS or key in COMMANDS.values():
-            cmd = key if key in COMMANDS else next(k for k, v in COMMANDS.items() if v == key)
-            if o.cmd and o.cmd != cmd:
-                raise Refusal(f"give exactly one command, not both -{o.cmd} and -{cmd}")
-            o.cmd = cmd
-        elif key in ("d", "dryrun"):
-            o.dryrun = True
-        elif key in ("u", "uuid"):
-            name = val
-        elif key in ("f", "add-file", "F", "append-file"):
-            if o.add_file is not None:
-                raise Refusal("give at most one -f/-F file")
-            o.add_file, o.append = val, key in ("F", "append-file")
-        elif key in ("P", "profile-dir"):
-            o.profile_dir = Path(val)
-        elif key == "prefix":
-            o.prefix = val
-        elif key == "uri":
-            o.uri = val
-        elif key == "compile-only":
-            o.compile_only = True
-        elif key == "parser":
-            o.parser = val
-    if o.help:
-        return o
-    if not o.cmd:
-        raise Refusal(f"bad command: give one of -c, -r, -a, -R, -D; see {PROG} -h")
-    if name is None:
-        raise Refusal("missing -u NAME (the profile name: prefix + domain UUID)")
-    if not _PREFIX_RE.fullmatch(o.prefix):
-        raise Refusal(f"invalid prefix {o.prefix!r}: use letters, digits, '.', '_' and '-'")
-    o.uuid = validate_name(name, o.prefix)
-    o.name = name
-    if o.add_file is not None and o.cmd not in "cr":
-        raise Refusal("-f/-F only go with -c or -r")
-    if o.append and o.cmd != "r":
-        raise Refusal("-F appends to an existing profile: use it with -r (or -f with -c)")
-    check_text(str(o.profile_dir), "profile directory")
-    if not o.parser.startswith("/"):
-        raise Refusal(f"--parser {o.parser!r} must be an absolute path")
-    return o
-
-
-def validate_name(name: str, prefix: str) -> str:
-    """The UUID part of ``name``; refuse anything but ``prefix`` + a canonical UUID."""
-    if len(name) != len(prefix) + 36:
-        raise Refusal(f"invalid UUID in profile name {name!r}: expected {prefix} followed by "
-                      "a 36-character UUID")
-    if not name.startswith(prefix):
-        raise Refusal(f"invalid profile name {name!r}: it must start with {prefix!r}")
-    uuid = name[len(prefix):]
-    if not _UUID_RE.fullmatch(uuid):
-        raise Refusal(f"invalid UUID {uuid!r} in profile name: use lowercase "
-                      "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx")
-    return uuid
-
-
-@dataclass
 class Helper:
     """One run of the helper: ``execute`` does the command, collecting warnings."""
 
-    o: Options
-    stdin: IO[bytes]
-    out: IO[str]
-    warnings: list[str] = field(default_factory=list)
+    def __init__(self, o: Options, stdin: IO[bytes], out: IO[str]) -> None:
+        self.o = o
+        self.stdin = stdin
+        self.out = out
+        self.warnings: list[str] = []
+        self._cache: Cache | None = None
+        self._cache_checked = False
 
     @property
-    def profile(self) -> Path:
-        return self.o.profile_dir / self.o.name
+    def profile(self) -> str:
+        return os.path.join(self.o.profile_dir, self.o.name)
 
     @property
-    def files(self) -> Path:
-        return self.o.profile_dir / f"{self.o.name}.files"
+    def files(self) -> str:
+        return os.path.join(self.o.profile_dir, f"{self.o.name}.files")
 
     @property
-    def hashfile(self) -> Path:
-        return self.o.profile_dir / f"{self.o.name}.hash"
+    def hashfile(self) -> str:
+        return os.path.join(self.o.profile_dir, f"{self.o.name}.hash")
 
     @property
     def parser(self) -> pf.Parser:
@@ -184,7 +71,10 @@ class Helper:
     def execute(self) -> None:
         cmd = self.o.cmd
         if cmd in "cr":
-            self.generate()
+            if self.o.cached is not None:
+                self.load_cached(self.o.cached)
+            else:
+                self.generate()
         elif cmd == "a":
             self.add()
         else:
@@ -193,9 +83,9 @@ class Helper:
     # ---- -c / -r -----------------------------------------------------------------------------
     def read_domain(self):  # type: ignore[no-untyped-def]
         """Read (≤ 10 MiB), parse and check the domain XML from stdin."""
-        from vmconfine.chain import resolve_chain
         from vmconfine.domain import parse_domain
         from vmconfine.errors import VmconfineError
+        from vmconfine_aa_helper.rules import check_domain_name
 
         data = self.stdin.read(MAX_XML_BYTES + 1)
         if len(data) > MAX_XML_BYTES:
@@ -214,11 +104,17 @@ class Helper:
             raise Refusal(f"given profile name {self.o.name} does not match the XML's uuid "
                           f"{domain.uuid}")
         for disk in domain.disks:
-            if disk.source is not None and disk.type in ("file", "block") and disk.source.path:
-                try:
-                    resolve_chain(disk.source)
-                except VmconfineError as exc:
-                    raise Refusal(str(exc)) from None
+            src = disk.source
+            if src is None or disk.type not in ("file", "block") or not src.path:
+                continue
+            if src.backing is None and (src.format or "raw") in ("raw", "iso"):
+                continue  # a raw image has no backing chain (resolve_chain would stop here)
+            from vmconfine.chain import resolve_chain
+
+            try:
+                resolve_chain(src)
+            except VmconfineError as exc:
+                raise Refusal(str(exc)) from None
         return domain
 
     def instance(self):  # type: ignore[no-untyped-def]
@@ -234,8 +130,12 @@ class Helper:
             raise Refusal(str(exc)) from None
 
     def rules_text(self) -> str:
+        from vmconfine_aa_helper.rules import HEADER, RuleSet, domain_rules
+
         domain = self.read_domain()
         instance = self.instance()
+        if self.o.cache_dir is None and not self.o.no_cache:
+            self.o.cache_dir = os.path.join(str(instance.cache_dir), CACHE_SUBDIR)
         if self.o.append:
             existing = pf.read_text(self.files)
             if existing:
@@ -246,12 +146,16 @@ class Helper:
         extra_files = [self.o.add_file] if self.o.add_file else []
         return domain_rules(domain, instance, extra_files).render()
 
+    def _resolve_profile_dir(self) -> str:
+        profile_dir = resolve(self.o.profile_dir)
+        check_text(profile_dir, "profile directory")
+        self.o.profile_dir = profile_dir
+        return profile_dir
+
     def generate(self) -> None:
         o = self.o
-        profile_dir = Path(resolve(str(o.profile_dir)))
-        check_text(str(profile_dir), "profile directory")
-        o.profile_dir = profile_dir
-        size = self.profile.stat().st_size if self.profile.is_file() else None
+        profile_dir = self._resolve_profile_dir()
+        size = pf.size_of(self.profile)
         if o.cmd == "c" and size:
             raise Refusal(f"profile {self.profile} exists; replace it with -r or delete it "
                           "with -D")
@@ -264,13 +168,18 @@ class Helper:
             current = new_profile if create else (pf.read_text(self.profile) or "")
             self.out.write(f"# {self.files}\n{files_text}# {self.profile}\n{current}")
             return
-        profile_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        os.makedirs(profile_dir, mode=0o755, exist_ok=True)
         loaded = pf.loaded_profiles()
         if purge:
             self.warnings.append(f"profile {self.profile} has 0 bytes (corrupt); "
                                  "it is unloaded, removed and created again")
-            if loaded is None or o.name in loaded:
-                warn = self.parser.unload(o.name, None, profile_dir)
+            if not o.compile_only and (loaded is None or o.name in loaded):
+                try:
+                    warn = pf.kernel_unload(o.name)
+                except Refusal:
+                    if loaded is not None:
+                        raise
+                    warn = None  # no securityfs: nothing can be loaded
                 if warn and loaded is not None:
                     self.warnings.append(warn)
             pf.unlink(self.profile, self.hashfile)
@@ -279,30 +188,168 @@ class Helper:
         if create:
             pf.create_exclusive(self.profile, new_profile)
         profile_text = pf.read_text(self.profile) or ""
-        digest = pf.content_hash(profile_text, files_text, profile_dir)
+        key = self.policy_key(profile_text, files_text)
         is_loaded = o.compile_only or (loaded is not None and o.name in loaded)
-        if not create and is_loaded and pf.read_text(self.hashfile) == digest + "\n":
+        if not create and is_loaded and key and pf.read_text(self.hashfile) == key + "\n":
             return
         pf.unlink(self.hashfile)
         op = "-r" if (loaded is not None and o.name in loaded) or not create else "-a"
         try:
-            self.parser.load(op, self.profile, profile_dir)
+            self.load(op, profile_text, files_text, key)
         except Refusal:
-            if create:
-                pf.unlink(self.profile, self.files)
-            elif old_files is None:
-                pf.unlink(self.files)
-            else:
-                pf.write_if_changed(self.files, old_files)
+            self._roll_back(create, old_files)
             raise
-        pf.write_if_changed(self.hashfile, digest + "\n")
+        if key:
+            pf.write_if_changed(self.hashfile, key + "\n")
+
+    def _roll_back(self, created: bool, old_files: str | None) -> None:
+        """After a failed load: remove a new profile, or put the previous rules back."""
+        if created:
+            pf.unlink(self.profile, self.files)
+        elif old_files is None:
+            pf.unlink(self.files)
+        else:
+            pf.write_if_changed(self.files, old_files)
+
+    def load_cached(self, key: str) -> None:
+        """``--cached KEY``: the caller generated the rules in-process with this helper's own
+        code (same checks) and found them in the cache. Load that entry without reading XML,
+        after checking it is current (template, includes, parser and kernel unchanged) and
+        intact (binary digest). Anything else is refused; the caller then runs -c/-r with XML.
+        """
+        o = self.o
+        profile_dir = self._resolve_profile_dir()
+        if o.cache_dir is None:
+            o.cache_dir = os.path.join(str(self.instance().cache_dir), CACHE_SUBDIR)
+        cache = self.cache(create=False)
+        entry = cache.texts(o.name, key) if cache is not None else None
+        if entry is None:
+            raise Refusal(f"no usable policy cache entry {key} for {o.name}; run {PROG} "
+                          "without --cached")
+        profile_text, files_text = entry
+        template = pf.template_path(profile_dir)
+        if profile_text != pf.profile_from_template(template, o.name, self.files):
+            raise Refusal(f"policy cache entry {key} was made for another template or profile "
+                          f"directory; run {PROG} without --cached")
+        if self.policy_key(profile_text, files_text) != key:
+            raise Refusal(f"policy cache entry {key} is out of date (includes, parser or kernel "
+                          f"changed); run {PROG} without --cached")
+        size = pf.size_of(self.profile)
+        if size is not None and o.cmd == "c":
+            raise Refusal(f"profile {self.profile} exists; replace it with -r or delete it "
+                          "with -D")
+        if size is not None and pf.read_text(self.profile) != profile_text:
+            raise Refusal(f"profile {self.profile} differs from policy cache entry {key}; run "
+                          f"{PROG} without --cached")
+        create = size is None
+        loaded = pf.loaded_profiles()
+        in_kernel = loaded is not None and o.name in loaded
+        if (not create and (o.compile_only or in_kernel) and pf.read_text(self.files) ==
+                files_text and pf.read_text(self.hashfile) == key + "\n"):
+            return
+        assert cache is not None
+        policy = cache.policy(o.name, key)
+        self._take_warnings(cache)
+        if policy is None:
+            raise Refusal(f"policy cache entry {key} for {o.name} is damaged; run {PROG} "
+                          "without --cached")
+        os.makedirs(profile_dir, mode=0o755, exist_ok=True)
+        old_files = pf.read_text(self.files)
+        pf.write_if_changed(self.files, files_text)
+        if create:
+            pf.create_exclusive(self.profile, profile_text)
+        pf.unlink(self.hashfile)
+        try:
+            self.load_policy("-r" if in_kernel else "-a", policy)
+        except Refusal:
+            self._roll_back(create, old_files)
+            raise
+        cache.touch(o.name, key)
+        pf.write_if_changed(self.hashfile, key + "\n")
+
+    # ---- loading through the cache -----------------------------------------------------------
+    def policy_key(self, profile_text: str, files_text: str) -> str | None:
+        from vmconfine_aa_helper.cache import policy_key
+
+        return policy_key(profile_text, files_text, self.files,
+                          pf.include_dirs(self.o.profile_dir), self.o.parser)
+
+    def cache(self, *, create: bool) -> Cache | None:
+        """The compiled-policy cache, or None (disabled, or not usable: a warning says why)."""
+        if self._cache_checked:
+            return self._cache
+        self._cache_checked = True
+        if self.o.no_cache or not self.o.cache_dir:
+            return None
+        from vmconfine_aa_helper.cache import Cache
+
+        cache = Cache(self.o.cache_dir)
+        try:
+            usable = cache.usable(create=create)
+        except OSError as exc:
+            usable = False
+            cache.warnings.append(f"policy cache {cache.root} cannot be made "
+                                  f"({exc.strerror}); the profile is compiled without it")
+        self._take_warnings(cache)
+        self._cache = cache if usable else None
+        return self._cache
+
+    def _take_warnings(self, cache: Cache) -> None:
+        self.warnings += cache.warnings
+        cache.warnings = []
+
+    def load_policy(self, op: str, policy: bytes) -> None:
+        """Give a compiled policy to the kernel (compile-only mode: nothing to do, the
+        compile was the check)."""
+        if not self.o.compile_only:
+            pf.kernel_load(op, policy, self.profile)
+
+    def load(self, op: str, profile_text: str, files_text: str, key: str | None) -> None:
+        """Load the profile: from the cache when its key is there, else compile (into a new
+        cache entry when the profile is cacheable) and load."""
+        o, parser = self.o, self.parser
+        cache = self.cache(create=True) if key else None
+        if cache is None or key is None:
+            parser.load(op, self.profile, o.profile_dir)
+            return
+        policy = cache.policy(o.name, key)
+        self._take_warnings(cache)
+        if policy is not None:
+            try:
+                self.load_policy(op, policy)
+            except Refusal as exc:
+                self.warnings.append(f"the cached policy of {o.name} was refused ({exc}); "
+                                     "it is compiled again")
+                cache.discard(o.name, key)
+            else:
+                cache.touch(o.name, key)
+                return
+        from vmconfine_aa_helper.cache import BINARY, remove_entry
+
+        try:
+            staging = cache.stage(o.name)
+        except OSError as exc:
+            self.warnings.append(f"policy cache {cache.root} is not writable ({exc.strerror}); "
+                                 "the profile is compiled without it")
+            parser.load(op, self.profile, o.profile_dir)
+            return
+        try:
+            binary = os.path.join(staging, BINARY)
+            parser.compile(self.profile, o.profile_dir, binary)
+            with open(binary, "rb") as fh:
+                policy = fh.read()
+            self.load_policy(op, policy)
+            try:
+                cache.commit(staging, o.name, key, profile_text, files_text, policy)
+            except OSError as exc:
+                self.warnings.append(f"the compiled policy of {o.name} could not be cached "
+                                     f"({exc.strerror}); it is loaded")
+        finally:
+            remove_entry(staging)  # gone already when committed
 
     # ---- -a / -R / -D ------------------------------------------------------------------------
-    def _existing(self) -> int | None:
-        return self.profile.stat().st_size if self.profile.is_file() else None
-
     def add(self) -> None:
-        size = self._existing()
+        size = pf.size_of(self.profile)
         if not size:
             raise Refusal(f"profile {self.profile} does not exist or is empty; create it "
                           "with -c")
@@ -311,32 +358,36 @@ class Helper:
             return
         loaded = pf.loaded_profiles()
         op = "-r" if loaded is not None and self.o.name in loaded else "-a"
-        self.parser.load(op, self.profile, self.o.profile_dir)
+        profile_text = pf.read_text(self.profile) or ""
         files_text = pf.read_text(self.files) or ""
-        digest = pf.content_hash(pf.read_text(self.profile) or "", files_text,
-                                 self.o.profile_dir)
-        pf.write_if_changed(self.hashfile, digest + "\n")
+        key = self.policy_key(profile_text, files_text)
+        self.load(op, profile_text, files_text, key)
+        if key:
+            pf.write_if_changed(self.hashfile, key + "\n")
+        else:
+            pf.unlink(self.hashfile)
 
     def remove(self, *, delete: bool) -> None:
         o = self.o
-        size = self._existing()
+        size = pf.size_of(self.profile)
         if size is None and not delete:
             raise Refusal(f"profile {self.profile} does not exist; nothing to unload")
         loaded = pf.loaded_profiles()
         need_unload = not o.compile_only and (loaded is None or o.name in loaded)
         if delete and loaded is None:
             need_unload = False  # AppArmor is off: nothing can be loaded
-            self.warnings.append("AppArmor is not enabled; only the files are deleted")
+            if not o.compile_only:  # that mode never loads anything anyway
+                self.warnings.append("AppArmor is not enabled; only the files are deleted")
         if o.dryrun:
             if need_unload:
                 self.out.write(f"would unload {o.name}\n")
             if delete:
                 for p in (self.profile, self.files, self.hashfile):
-                    if p.exists():
+                    if os.path.lexists(p):
                         self.out.write(f"would delete {p}\n")
             return
         if need_unload:
-            warn = self.parser.unload(o.name, self.profile if size else None, o.profile_dir)
+            warn = pf.kernel_unload(o.name)
             if warn:
                 self.warnings.append(warn)
         elif not o.compile_only and loaded is not None:
@@ -348,6 +399,7 @@ class Helper:
 
 def run(argv: list[str], stdin: IO[bytes], out: IO[str], err: IO[str]) -> int:
     """The helper without process-wide side effects (tests call this); returns the exit code."""
+    helper: Helper | None = None
     try:
         opts = parse_args(argv)
         if opts.help:
@@ -372,11 +424,22 @@ def _one_line(text: str) -> str:
 
 
 def harden_process() -> None:
-    """virt-aa-helper's process hygiene: empty environment, fixed PATH and IFS, umask 022."""
+    """virt-aa-helper's process hygiene: empty environment, fixed PATH and IFS, umask 022; and
+    no inherited descriptor beyond 0-2 reaches apparmor_parser (all made close-on-exec)."""
     os.environ.clear()
     os.environ["PATH"] = SAFE_PATH
     os.environ["IFS"] = " \t\n"
     os.umask(0o022)
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = []
+    for fd in fds:
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the descriptor of the listing itself, closed meanwhile
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,12 @@ regenerated and deleted only by the ``vmconfine-aa-helper`` executable, which th
 with the domain XML on stdin. The forked child changes to the profile before it execs QEMU
 (``aa_change_profile``), and the kernel's view of the QEMU process is checked afterwards.
 
+A start whose rules are unchanged since a previous one (a restart) does not compile: the driver
+generates the rules in-process with the helper's own code, and when their compiled policy is
+in the instance's cache it runs the helper with ``--cached KEY`` (no XML); see
+:mod:`vmconfine_aa_helper.cache`. The helper runs in an isolated interpreter
+(:mod:`vmconfine_aa_helper.launch`).
+
 Label types as libvirt: ``dynamic`` (default) = a generated per-domain profile; ``static`` = an
 already loaded profile named by ``<label>`` (vmconfine neither writes nor removes it);
 ``none`` = unconfined.
@@ -38,10 +44,20 @@ PARSER = "/sbin/apparmor_parser"
 PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATE = "TEMPLATE.qemu"
 HELPER_ENV = {"PATH": "/sbin:/usr/sbin:/usr/bin:/bin", "LC_ALL": "C"}
+CACHE_SUBDIR = "apparmor"
 
 
 def helper_command() -> list[str]:
-    """How to run vmconfine-aa-helper: next to this Python, on PATH, else ``python -m``."""
+    """How to run vmconfine-aa-helper: an isolated interpreter that imports only the helper's
+    packages (:mod:`vmconfine_aa_helper.launch`), else the console script next to this Python
+    or on PATH, else ``python -m``."""
+    try:
+        from vmconfine_aa_helper.launch import command
+    except ImportError:
+        command = None  # type: ignore[assignment]
+    isolated = command() if command is not None else None
+    if isolated:
+        return isolated
     beside = Path(sys.executable).parent / HELPER
     if beside.is_file() and os.access(beside, os.X_OK):
         return [str(beside)]
@@ -134,6 +150,16 @@ class AppArmorDriver:
         ctx.journal.record(NAME, "profile", name=name, dir=str(self.profile_dir),
                            prefix=self.prefix, uri=ctx.instance.uri)
         exists = (self.profile_dir / name).is_file()
+        key = None if exists else self._cached_key(ctx, name)
+        if key is not None:
+            # restart with unchanged content: load the compiled policy, no XML, no compile
+            try:
+                self._helper(ctx, "-c", name, extra=["--cached", key],
+                             failure="cannot load cached AppArmor policy")
+                return
+            except LabelError as exc:
+                log.debug("%s; generating the profile instead", exc)
+                exists = (self.profile_dir / name).is_file()
         self._helper(ctx, "-r" if exists else "-c", name, xml=self._xml(ctx),
                      failure="cannot load AppArmor profile")
 
@@ -314,15 +340,66 @@ class AppArmorDriver:
         except OSError:
             return False
 
+    def cache_dir(self, ctx: DomainContext) -> Path:
+        """The instance's compiled-policy cache (written by the helper only)."""
+        return Path(ctx.instance.cache_dir) / CACHE_SUBDIR
+
+    def _parser_path(self) -> str:
+        extra = self.helper_extra
+        for i, arg in enumerate(extra):
+            if arg == "--parser" and i + 1 < len(extra):
+                return extra[i + 1]
+            if arg.startswith("--parser="):
+                return arg.split("=", 1)[1]
+        return PARSER
+
+    def _cached_key(self, ctx: DomainContext, name: str) -> str | None:
+        """The policy key when this domain's compiled policy is in the cache, else None.
+
+        The rules are generated here with the helper's own code and checks (the same
+        ``domain_rules`` and path checks the helper runs on the XML); any refusal or problem
+        returns None and the helper then generates (and reports) from the XML as usual.
+        """
+        try:
+            from vmconfine.chain import resolve_chain
+            from vmconfine.errors import VmconfineError
+            from vmconfine_aa_helper import files as pf
+            from vmconfine_aa_helper.cache import Cache, policy_key
+            from vmconfine_aa_helper.paths import Refusal, check_text, resolve
+            from vmconfine_aa_helper.rules import check_domain_name, domain_rules
+        except ImportError:
+            return None
+        domain = ctx.domain
+        try:
+            check_domain_name(domain.name)
+            for disk in domain.disks:
+                if disk.source is not None and disk.type in ("file", "block") and \
+                        disk.source.path:
+                    resolve_chain(disk.source)
+            files_text = domain_rules(domain, ctx.instance).render()
+            pdir = resolve(str(self.profile_dir))
+            check_text(pdir, "profile directory")
+            files_path = os.path.join(pdir, f"{name}.files")
+            profile_text = pf.profile_from_template(pf.template_path(pdir), name, files_path)
+            key = policy_key(profile_text, files_text, files_path, pf.include_dirs(pdir),
+                             self._parser_path())
+        except (Refusal, VmconfineError, OSError) as exc:
+            log.debug("AppArmor policy cache not consulted for %s: %s", name, exc)
+            return None
+        if key is None or not Cache(str(self.cache_dir(ctx))).has(name, key):
+            return None
+        return key
+
     def _helper(self, ctx: DomainContext, cmd: str, name: str, *, xml: str | None = None,
                 profile_dir: str | None = None, prefix: str | None = None,
-                failure: str) -> None:
-        argv = [*helper_command(), cmd, "-u", name,
+                extra: list[str] | None = None, failure: str) -> None:
+        launcher = helper_command()
+        argv = [*launcher, cmd, "-u", name,
                 "-P", profile_dir or str(self.profile_dir),
-                "--prefix", prefix or self.prefix, *self.helper_extra]
+                "--prefix", prefix or self.prefix, *self.helper_extra, *(extra or [])]
         if cmd in ("-c", "-r"):
-            argv += ["--uri", ctx.instance.uri]
-        log.debug("running %s", " ".join(argv))
+            argv += ["--uri", ctx.instance.uri, "--cache-dir", str(self.cache_dir(ctx))]
+        log.debug("running %s %s", HELPER, " ".join(argv[len(launcher):]))
         try:
             proc = subprocess.run(argv, input=(xml or "").encode(), capture_output=True,
                                   env=HELPER_ENV, timeout=300, check=False)

@@ -87,10 +87,11 @@ def make_driver(base: Path, profiles: Path):  # type: ignore[no-untyped-def]
     return host, AppArmorDriver(host)
 
 
-def domain_ctx(host, name: str, disk: Path):  # type: ignore[no-untyped-def]
+def domain_ctx(host, name: str, disk: Path, uuid: str | None = None):  # type: ignore[no-untyped-def]
     from tests.support import make_ctx
 
-    xml = XML.format(name=name, uuid=uuidlib.uuid4(), disk=disk, serial=disk.parent / "s.log")
+    xml = XML.format(name=name, uuid=uuid or uuidlib.uuid4(), disk=disk,
+                     serial=disk.parent / "s.log")
     ctx = make_ctx(host, xml)
     ctx.domain.add_seclabel("apparmor", "dynamic", implicit=True)
     return ctx
@@ -200,9 +201,42 @@ def test_driver_profile_confines_and_is_unloaded(work: Path) -> None:
 
     for ctx in (ctx_a, ctx_b):
         driver.restore_all_labels(ctx)
+        ctx.journal.close()  # teardown ends with the journal gone, as in the pipeline
+        host.instance.journal_path(ctx.domain.name).unlink()
     after = loaded()
     record("after_teardown", sorted(n for n in after if n.startswith("vmconfine-")))
     assert name_a not in after and name_b not in after
+    assert sorted(p.name for p in profiles.iterdir()) == []
+
+    # restart A with unchanged content: the compiled policy comes from the cache (helper
+    # --cached: no XML, no compile), is loaded and confines exactly as the compiled one did
+    again = domain_ctx(host, "vm-a", disk_a, uuid=ctx_a.domain.uuid)
+    calls: list[list[str]] = []
+    real_helper = driver._helper
+
+    def spy(ctx, cmd: str, name: str, **kw: Any) -> None:  # type: ignore[no-untyped-def]
+        calls.append([cmd, *kw.get("extra", [])])
+        real_helper(ctx, cmd, name, **kw)
+
+    driver._helper = spy
+    try:
+        driver.gen_label(again, again.domain.seclabel("apparmor"))
+        driver.set_all_labels(again)
+    finally:
+        driver._helper = real_helper
+    seen = probe_in_profile(driver, again, {
+        "own_disk": (disk_a, "rw"), "other_disk": (disk_b, "r"),
+        "shadow": (Path("/etc/shadow"), "r"),
+    })
+    restart = {"helper": calls, "loaded": loaded().get(name_a), "confined": seen}
+    record("restart", restart)
+    assert [c[:2] for c in calls] == [["-c", "--cached"]]
+    assert restart["loaded"] == "enforce"
+    assert seen["label"] == f"{name_a} (enforce)"
+    assert seen["own_disk"] == "ok" and seen["other_disk"] == seen["shadow"] == "EACCES"
+    driver.restore_all_labels(again)
+    record("after_restart_teardown", name_a in loaded())
+    assert name_a not in loaded()
     assert sorted(p.name for p in profiles.iterdir()) == []
 
 

@@ -3,7 +3,8 @@
 One boot of the lsm guest (tests/lsm/harness.py) runs tests/lsm/guest_apparmor.py inside: the
 real driver and helper load per-domain profiles, a process in domain A's profile reads and
 writes A's disk and is denied B's disk, an unlisted file and /etc/shadow, an over-broad profile
-is caught leaking, teardown unloads the profile, and ``vmconfine run`` starts QEMU under it.
+is caught leaking, teardown unloads the profile, a restart loads the cached compiled policy
+(no compile) that confines the same way, and ``vmconfine run`` starts QEMU under its profile.
 """
 
 from __future__ import annotations
@@ -37,5 +38,11 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     assert confined["other_disk"] == confined["shadow"] == confined["unlisted"] == "EACCES"
     assert seen["broken_profile"]["other_disk"] == "ok"
     assert seen["after_teardown"] == []
+    restart = seen["restart"]  # unchanged content: the cached compiled policy is loaded
+    assert [c[:2] for c in restart["helper"]] == [["-c", "--cached"]]
+    assert restart["loaded"] == "enforce"
+    assert restart["confined"]["own_disk"] == "ok"
+    assert restart["confined"]["other_disk"] == restart["confined"]["shadow"] == "EACCES"
+    assert seen["after_restart_teardown"] is False
     assert seen["run"]["label"].endswith(" (enforce)")
     assert seen["run_after"] == {"loaded": False, "files": []}

@@ -274,3 +274,71 @@ def test_split_label() -> None:
     assert kernel.split_label("vmconfine-x (enforce)\n") == ("vmconfine-x", "enforce")
     assert kernel.split_label("unconfined") == ("unconfined", "")
     assert kernel.split_label("a (b) (complain)") == ("a (b)", "complain")
+
+
+def stop(s: Setup, ctx: Any) -> None:
+    """Teardown as the pipeline does it: restore, then the journal is gone."""
+    s.driver.restore_all_labels(ctx)
+    ctx.journal.close()
+    s.host.instance.journal_path(ctx.domain.name).unlink()
+
+
+def test_restart_loads_the_cached_policy(s: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop (teardown deletes profile and rules) and start again with unchanged content: the
+    driver finds the policy in the cache in-process and runs the helper with --cached (no
+    XML, no compile); the files come back identical."""
+    ctx = s.ctx()
+    s.driver.gen_label(ctx, ctx.domain.seclabel("apparmor"))
+    profile, files = (s.profiles / NAME).read_text(), s.files()
+    stop(s, ctx)
+    assert list(s.profiles.iterdir()) == []
+    cache = s.driver.cache_dir(ctx)
+    assert [p.name.split(".")[0] for p in cache.iterdir()] == [NAME]  # the cache stays
+    calls: list[tuple[str, dict[str, Any]]] = []
+    real = s.driver._helper
+
+    def spy(ctx: Any, cmd: str, name: str, **kw: Any) -> None:
+        calls.append((cmd, kw))
+        real(ctx, cmd, name, **kw)
+
+    monkeypatch.setattr(s.driver, "_helper", spy)
+    again = s.ctx()
+    s.driver.gen_label(again, again.domain.seclabel("apparmor"))
+    s.driver.set_all_labels(again)
+    assert len(calls) == 1 and calls[0][0] == "-c"
+    assert calls[0][1]["extra"][0] == "--cached" and "xml" not in calls[0][1]
+    assert (s.profiles / NAME).read_text() == profile and s.files() == files
+    stop(s, again)
+    assert list(s.profiles.iterdir()) == []
+    # changed content (another disk): a miss, generated from the XML
+    calls.clear()
+    other = s.ctx(devices=f"\n    <disk type='file' device='disk'><driver name='qemu' "
+                          f"type='raw'/><source file='{s.tmp}/b.img'/><target dev='vdb' "
+                          "bus='virtio'/></disk>")
+    s.driver.gen_label(other, other.domain.seclabel("apparmor"))
+    assert [c[0] for c in calls] == ["-c"] and "xml" in calls[0][1]
+    assert f'"{s.tmp}/b.img" rwk,' in s.files()
+    stop(s, other)
+
+
+def test_cached_start_falls_back_to_the_xml(s: Setup) -> None:
+    """A cache entry the helper refuses (here: damaged) costs a retry from the XML, never
+    a failed start."""
+    ctx = s.ctx()
+    s.driver.gen_label(ctx, ctx.domain.seclabel("apparmor"))
+    stop(s, ctx)
+    (entry,) = s.driver.cache_dir(ctx).iterdir()
+    (entry / "policy.bin").write_bytes(b"torn")
+    again = s.ctx()
+    s.driver.gen_label(again, again.domain.seclabel("apparmor"))
+    assert f'"{s.tmp}/a.img" rwk,' in s.files()
+    (entry,) = s.driver.cache_dir(ctx).iterdir()
+    assert (entry / "policy.bin").read_bytes() != b"torn"
+    stop(s, again)
+
+
+def test_helper_runs_isolated() -> None:
+    from vmconfine_apparmor.driver import helper_command
+
+    cmd = helper_command()
+    assert cmd[1:4] == ["-I", "-S", "-c"] and "vmconfine_aa_helper.main" in cmd[4]

@@ -124,6 +124,10 @@ def assert_ok(env: Env, args: list[str], xml: str = "") -> str:
     ["-c", "-u", NAME, "--parser", "apparmor_parser"],
     ["-c", "-u", NAME, "--prefix", "bad prefix"],
     ["-c", "-u", NAME, "-f", "/tmp/a", "-F", "/tmp/b"],
+    ["-a", "-u", NAME, "--cached", "0" * 64], ["-c", "-u", NAME, "--cached", "0" * 63],
+    ["-c", "-u", NAME, "--cached", "0" * 64, "--no-cache"],
+    ["-c", "-u", NAME, "--cache-dir", "/tmp/a\nb"], ["-c", "-u", NAME, "--cache-dir", "rel"],
+    ["-c", "-u", NAME, "--prefix", "-x"],
 ], ids=lambda a: " ".join(a) or "no-args")
 def test_bad_command_lines(env: Env, args: list[str]) -> None:
     assert_refused(env, args, env.xml())

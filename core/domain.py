@@ -17,6 +17,11 @@ such element and is read as a configuration, as ``virsh define`` would.)
 Views (``Domain``, ``OS``, ``Disk``...) are read from the tree at parse time; ``SecLabel`` is the
 exception: it reads and writes its ``<seclabel>`` element, so label generation is recorded in
 the tree and shows up in the live XML.
+
+This module holds ``Domain``, ``OS``, ``Loader`` and :func:`parse_domain`; the parts live in
+:mod:`vmconfine.domain_xml` (safe parser, XML and unit helpers), :mod:`vmconfine.domain_seclabel`,
+:mod:`vmconfine.domain_state` (runtime state in live XML), :mod:`vmconfine.domain_devices` and
+:mod:`vmconfine.domain_chardev`. The names listed in ``__all__`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -32,29 +37,47 @@ from lxml import etree
 from vmconfine.domain_devices import (
     Chardev,
     Controller,
-    DeviceSecLabel,
     Disk,
     Filesystem,
     Graphics,
     Hostdev,
     Input,
     Interface,
-    ParseContext,
     Rng,
     StorageSource,
     Tpm,
+    default_disk_bus,
+    parse_devices,
+)
+from vmconfine.domain_seclabel import (
+    SECLABEL_TYPES,
+    DeviceSecLabel,
+    SecLabel,
+    drop_device_labelskip,
+    find_device_seclabel,
+    inactive_seclabel,
+    normalise_live_seclabel,
+    parse_seclabels,
+)
+from vmconfine.domain_state import VMCONFINE_NS, apply_live, drop_state, find_state, read_state
+from vmconfine.domain_xml import (
+    BLANK,
+    MAX_XML_BYTES,
+    ParseContext,
     child,
     child_text,
     children,
-    default_disk_bus,
-    find_device_seclabel,
+    insert_element,
     int_attr,
+    memory_to_kib,
     one_line,
     parse_dec_int,
-    parse_devices,
-    xml_error,
+    remove_element,
+    safe_tree,
+    unit_scale,
     yes_no,
 )
+from vmconfine.domain_xml import xml_error as xml_error
 
 __all__ = [
     "MAX_XML_BYTES",
@@ -84,270 +107,12 @@ __all__ = [
 ]
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-VMCONFINE_NS = "https://vmconfine.dev/xmlns/1.0"
-MAX_XML_BYTES = 10 * 1024 * 1024
 VIRT_TYPES = ("qemu", "kvm")
-SECLABEL_TYPES = ("dynamic", "static", "none")
 BOOT_DEVS = ("fd", "cdrom", "hd", "network")
 LIFECYCLE_ACTIONS = ("destroy", "restart", "rename-restart", "preserve")
 CRASH_ACTIONS = (*LIFECYCLE_ACTIONS, "coredump-destroy", "coredump-restart")
-_LABEL_ORDER = ("label", "imagelabel", "baselabel")
-_LLONG_MAX = 2**63 - 1
-_NO_DTD = ("DOCTYPE and ENTITY declarations are refused in domain XML (no DTDs, no "
-           "entities); remove them")
-_BLANK = " \t\r\n"
-_NCNAME = re.compile(r"[A-Za-z_][A-Za-z0-9._-]*")
 _ENV_FIRST = re.compile(r"[A-Za-z_]")
 _ENV_REST = re.compile(r"[A-Za-z0-9_]*")
-
-
-# --------------------------------------------------------------------------- units
-
-
-def unit_scale(unit: str | None) -> int | None:
-    """Bytes per unit with libvirt's rules (virScaleInteger), None for an unknown unit.
-
-    Case-insensitive; no unit = KiB; ``b``/``byte``/``bytes`` = 1; a bare letter or
-    letter+``iB`` (k, m, g, t, p, e) is a power of 1024; letter+``B`` is a power of 1000.
-    """
-    if not unit:
-        return 1024
-    u = unit.lower()
-    if u in ("b", "byte", "bytes"):
-        return 1
-    power = "kmgtpe".find(u[0]) + 1
-    if power == 0 or not u.isascii():
-        return None
-    if len(u) == 1 or u[1:] == "ib":
-        return 1024**power
-    if u[1:] == "b":
-        return 1000**power
-    return None
-
-
-def memory_to_kib(value: str, unit: str | None) -> int:
-    """``"2" GiB`` → 2097152: scale to bytes, cap at 2^63-1, round up to KiB (libvirt)."""
-    number = parse_dec_int(value)
-    if number is None or number < 0 or value.strip().startswith("-"):
-        raise ValueError(f"value '{one_line(value.strip(), 40)}' is not a non-negative integer")
-    scale = unit_scale(unit)
-    if scale is None:
-        raise ValueError(f"unknown unit '{one_line(unit or '', 20)}'; use b, KiB, MiB, GiB, "
-                         "TiB, KB, MB, GB or TB")
-    if number > _LLONG_MAX // scale:
-        raise ValueError(f"value {number} {unit or 'KiB'} is too large")
-    return -(-(number * scale) // 1024)
-
-
-# --------------------------------------------------------------------------- tree helpers
-
-
-def _ws(text: str | None) -> bool:
-    return text is None or text.strip(_BLANK) == ""
-
-
-def _indent_before(elem: etree._Element) -> str | None:
-    """Indentation of ``elem``'s line when the document is pretty-printed, else None."""
-    parent = elem.getparent()
-    if parent is None:
-        return ""
-    idx = parent.index(elem)
-    before = parent.text if idx == 0 else parent[idx - 1].tail
-    if before is None or not _ws(before) or "\n" not in before:
-        return None
-    return before[before.rfind("\n") + 1:]
-
-
-def insert_element(parent: etree._Element, index: int, elem: etree._Element) -> None:
-    """Insert ``elem`` at ``index`` keeping the surrounding indentation style."""
-    n = len(parent)
-    index = max(0, min(index, n))
-    if n == 0:
-        indent = _indent_before(parent)
-        parent.insert(0, elem)
-        if indent is not None and _ws(parent.text):
-            parent.text, elem.tail = "\n" + indent + "  ", "\n" + indent
-        return
-    if index < n:
-        before = parent.text if index == 0 else parent[index - 1].tail
-        parent.insert(index, elem)
-        elem.tail = before if _ws(before) else None
-        return
-    last = parent[n - 1]
-    inner = parent.text if n == 1 else parent[n - 2].tail
-    closing = last.tail
-    parent.append(elem)
-    if _ws(inner) and _ws(closing):
-        last.tail, elem.tail = inner, closing
-
-
-def remove_element(elem: etree._Element) -> None:
-    """Remove ``elem`` keeping the surrounding indentation (and any real tail text)."""
-    parent = elem.getparent()
-    if parent is None:
-        return
-    idx = parent.index(elem)
-    tail = elem.tail
-    last = idx == len(parent) - 1
-    parent.remove(elem)
-    if not _ws(tail):
-        if idx == 0:
-            parent.text = (parent.text or "") + (tail or "")
-        else:
-            parent[idx - 1].tail = (parent[idx - 1].tail or "") + (tail or "")
-    elif last:
-        if idx == 0:
-            parent.text = None
-        else:
-            parent[idx - 1].tail = tail
-
-
-# --------------------------------------------------------------------------- seclabels
-
-
-class SecLabel:
-    """A domain ``<seclabel>``, backed by its element: setting a field updates the tree.
-
-    Fields: ``model``, ``type`` ('dynamic'|'static'|'none'; model 'none' is always type none),
-    ``relabel`` (libvirt defaults: dynamic → True, static/none → False), ``label``,
-    ``imagelabel``, ``baselabel`` (None = element absent) and ``implicit`` (added by the stack,
-    not by the user; left out of the inactive XML).
-    """
-
-    def __init__(self, element: etree._Element, implicit: bool = False) -> None:
-        self.element = element
-        self.implicit = implicit
-
-    def __repr__(self) -> str:
-        return (f"SecLabel(model={self.model!r}, type={self.type!r}, relabel={self.relabel!r}, "
-                f"label={self.label!r}, imagelabel={self.imagelabel!r}, "
-                f"baselabel={self.baselabel!r}, implicit={self.implicit!r})")
-
-    @property
-    def model(self) -> str | None:
-        return self.element.get("model")
-
-    @model.setter
-    def model(self, value: str | None) -> None:
-        self._set_attr("model", value)
-
-    @property
-    def type(self) -> str:
-        if self.model == "none":
-            return "none"
-        return self.element.get("type", "dynamic")
-
-    @type.setter
-    def type(self, value: str) -> None:
-        if value not in SECLABEL_TYPES:
-            raise ValueError(f"seclabel type must be one of {SECLABEL_TYPES}, not {value!r}")
-        self.element.set("type", value)
-        if value == "dynamic":
-            self.relabel = True
-        elif value == "none":
-            self._set_attr("relabel", None)
-
-    @property
-    def relabel(self) -> bool:
-        raw = self.element.get("relabel")
-        if raw is None or self.type == "none":
-            return self.type == "dynamic"
-        return raw == "yes"
-
-    @relabel.setter
-    def relabel(self, value: bool) -> None:
-        self.element.set("relabel", "yes" if value else "no")
-
-    @property
-    def label(self) -> str | None:
-        return child_text(self.element, "label")
-
-    @label.setter
-    def label(self, value: str | None) -> None:
-        self._set_child("label", value)
-
-    @property
-    def imagelabel(self) -> str | None:
-        return child_text(self.element, "imagelabel")
-
-    @imagelabel.setter
-    def imagelabel(self, value: str | None) -> None:
-        self._set_child("imagelabel", value)
-
-    @property
-    def baselabel(self) -> str | None:
-        return child_text(self.element, "baselabel")
-
-    @baselabel.setter
-    def baselabel(self, value: str | None) -> None:
-        self._set_child("baselabel", value)
-
-    def _set_attr(self, name: str, value: str | None) -> None:
-        if value is None:
-            self.element.attrib.pop(name, None)
-        else:
-            self.element.set(name, value)
-
-    def _set_child(self, tag: str, value: str | None) -> None:
-        existing = child(self.element, tag)
-        if value is None:
-            if existing is not None:
-                remove_element(existing)
-            return
-        if existing is not None:
-            for sub in list(existing):
-                existing.remove(sub)
-            existing.text = value
-            return
-        new = etree.Element(tag)
-        new.text = value
-        rank = _LABEL_ORDER.index(tag)
-        index = 0
-        for i, sub in enumerate(self.element):
-            if sub.tag in _LABEL_ORDER and _LABEL_ORDER.index(sub.tag) < rank:
-                index = i + 1
-        insert_element(self.element, index, new)
-
-
-def _parse_seclabels(ctx: ParseContext, root: etree._Element) -> list[SecLabel]:
-    """Domain ``<seclabel>``s with libvirt's rules (virSecurityLabelDefParseXML)."""
-    out: list[SecLabel] = []
-    for el in children(root, "seclabel"):
-        model, raw_type = el.get("model"), el.get("type")
-        if raw_type is not None and raw_type not in SECLABEL_TYPES:
-            raise ctx.error(el, f"invalid security type '{raw_type}'; use dynamic, static or none")
-        if model == "none" and ctx.live and (raw_type or "dynamic") != "none":
-            raise ctx.error(el, f"unsupported type='{raw_type or 'dynamic'}' to model 'none'")
-        sec = SecLabel(el)
-        relabel = yes_no(ctx, el, "relabel", sec.type == "dynamic")
-        name = f"seclabel (model {model or 'unset'})"
-        if sec.type == "dynamic" and not relabel:
-            raise ctx.error(el, f"{name}: dynamic label type must use resource relabeling; "
-                                "remove relabel='no' or use type='static'/'none'")
-        if sec.type == "none" and relabel and model != "none":
-            raise ctx.error(el, f"{name}: resource relabeling is not compatible with 'none' "
-                                "label type; remove relabel='yes'")
-        if model is not None and any(o.model == model for o in out):
-            raise ctx.error(el, f"seclabel for model '{model}' is already provided; keep one")
-        if sec.type == "static" and sec.label is None:
-            raise ctx.error(el, f"{name}: missing <label> for static label type; add "
-                                "<label>...</label> or use type='dynamic'")
-        if sec.baselabel is not None and sec.type != "dynamic":
-            raise ctx.error(el, f"{name}: <baselabel> is only valid with type='dynamic'")
-        if model is None and not (sec.type == "none" or
-                                  (sec.type == "dynamic" and sec.baselabel is None)):
-            raise ctx.error(el, "missing security model in domain seclabel; add model=...")
-        if not ctx.live:  # generated values: libvirt's inactive parser ignores them
-            drop = ("imagelabel",) if sec.type == "static" else ("label", "imagelabel")
-            for tag in drop:
-                for sub in children(el, tag):
-                    remove_element(sub)
-        out.append(sec)
-    if len(out) > 1 and any(s.model is None for s in out):
-        missing = next(s for s in out if s.model is None)
-        raise ctx.error(missing.element, "missing security model when using multiple labels; "
-                                         "add model=... to every <seclabel>")
-    return out
 
 
 # --------------------------------------------------------------------------- os
@@ -547,186 +312,24 @@ class Domain:
         positions = {self.root.index(s.element): s for s in self.seclabels}
         copies = {i: root[i] for i in positions}
         if live:
-            _apply_live(root, extra or {})
+            apply_live(root, extra or {})
             for i, sec in positions.items():
-                _normalise_seclabel(copies[i], sec)
+                normalise_live_seclabel(copies[i], sec)
         else:
             root.attrib.pop("id", None)
             for i, sec in positions.items():
-                el = copies[i]
-                if sec.implicit:
-                    remove_element(el)
-                    continue
-                drop = ("label", "imagelabel") if sec.type == "dynamic" else ("imagelabel",)
-                for tag in drop:
-                    for sub in children(el, tag):
-                        remove_element(sub)
-            for el in list(root.iter("seclabel")):
-                if el.getparent() is not root:
-                    el.attrib.pop("labelskip", None)
-            _drop_state(root)
+                inactive_seclabel(copies[i], sec)
+            drop_device_labelskip(root)
+            drop_state(root)
         return etree.tostring(doc, encoding="unicode")
-
-
-def _normalise_seclabel(el: etree._Element, sec: SecLabel) -> None:
-    """libvirt's live attribute order and an explicit relabel for non-none labels."""
-    attrs = dict(el.attrib)
-    el.attrib.clear()
-    el.set("type", sec.type)
-    if sec.model is not None:
-        el.set("model", sec.model)
-    if sec.type != "none":
-        el.set("relabel", "yes" if sec.relabel else "no")
-    for key, value in attrs.items():
-        if key not in ("type", "model", "relabel"):
-            el.set(key, value)
-
-
-def _metadata(root: etree._Element, create: bool) -> etree._Element | None:
-    meta = child(root, "metadata")
-    if meta is None and create:
-        meta = etree.Element("metadata")
-        anchors = [i for i, c in enumerate(root)
-                   if c.tag in ("name", "uuid", "genid", "title", "description")]
-        insert_element(root, anchors[-1] + 1 if anchors else 0, meta)
-    return meta
-
-
-def _drop_state(root: etree._Element) -> None:
-    meta = _metadata(root, create=False)
-    if meta is None:
-        return
-    states = meta.findall(f"{{{VMCONFINE_NS}}}state")
-    for st in states:
-        remove_element(st)
-    if states and len(meta) == 0 and _ws(meta.text):
-        remove_element(meta)
-
-
-def _state_text(key: str, value: object) -> str:
-    if not _NCNAME.fullmatch(key):
-        raise ValueError(f"to_xml extra key {key!r} is not a valid XML name")
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, str | int | float):
-        return str(value)
-    raise ValueError(f"to_xml extra[{key!r}] must be a str, int, bool or list of them")
-
-
-def _apply_live(root: etree._Element, extra: Mapping[str, object]) -> None:
-    dom_id = extra.get("id")
-    if dom_id is not None:
-        if isinstance(dom_id, bool) or not isinstance(dom_id, int) or dom_id < 0:
-            raise ValueError(f"to_xml extra['id'] must be a non-negative int, not {dom_id!r}")
-        attrs = dict(root.attrib)
-        root.attrib.clear()
-        root.set("type", attrs.pop("type", "kvm"))
-        root.set("id", str(dom_id))
-        attrs.pop("id", None)
-        for key, value in attrs.items():
-            root.set(key, value)
-    state: dict[str, object] = {}
-    for key, value in extra.items():
-        if key == "state" and isinstance(value, Mapping):
-            state.update(value)
-        elif key != "id":
-            state[key] = value
-    state = {k: v for k, v in state.items() if v is not None}
-    if not state and _find_state(root) is not None:
-        return
-    st = etree.Element(f"{{{VMCONFINE_NS}}}state", nsmap={"vmconfine": VMCONFINE_NS})
-    items: list[etree._Element] = []
-    for key, value in state.items():
-        if isinstance(value, list | tuple):
-            for item in value:
-                sub = etree.Element(f"{{{VMCONFINE_NS}}}{key}")
-                sub.set("value", _state_text(key, item))
-                items.append(sub)
-        else:
-            st.set(key, _state_text(key, value))
-    _drop_state(root)
-    meta = _metadata(root, create=True)
-    assert meta is not None
-    insert_element(meta, len(meta), st)
-    for sub in items:
-        insert_element(st, len(st), sub)
-
-
-def _find_state(root: etree._Element) -> etree._Element | None:
-    meta = child(root, "metadata")
-    return meta.find(f"{{{VMCONFINE_NS}}}state") if meta is not None else None
-
-
-def _read_state(root: etree._Element) -> dict[str, str | list[str]]:
-    st = _find_state(root)
-    if st is None:
-        return {}
-    out: dict[str, str | list[str]] = dict(st.attrib)
-    for sub in st:
-        if isinstance(sub.tag, str) and sub.tag.startswith(f"{{{VMCONFINE_NS}}}"):
-            key = etree.QName(sub).localname
-            values = out.setdefault(key, [])
-            if isinstance(values, list):
-                values.append(sub.get("value", ""))
-    return out
 
 
 # --------------------------------------------------------------------------- parsing
 
 
-def _line_of(raw: bytes, offset: int) -> int:
-    return raw.count(b"\n", 0, offset) + 1
-
-
-def _safe_tree(data: bytes | str, source: str) -> etree._ElementTree:
-    """Parse untrusted XML: size cap, NUL bytes, DOCTYPE/entities refused, no network."""
-    forced: str | None = None
-    if isinstance(data, str):
-        try:
-            raw = data.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            line = data.count("\n", 0, exc.start) + 1
-            raise xml_error(source, line, "domain XML contains an unencodable character "
-                                          "(a lone surrogate); pass valid text") from None
-        forced = "utf-8"
-    elif isinstance(data, bytes | bytearray | memoryview):
-        raw = bytes(data)
-    else:
-        raise TypeError(f"parse_domain needs bytes or str, not {type(data).__name__}")
-    if len(raw) > MAX_XML_BYTES:
-        raise xml_error(source, _line_of(raw, MAX_XML_BYTES), f"domain XML is {len(raw)} "
-                        "bytes, over the 10 MiB limit; a domain definition is never this "
-                        "large, check the file")
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise xml_error(source, _line_of(raw, nul), "NUL byte in domain XML; the file is "
-                                                    "binary or not UTF-8 text")
-    for marker in (b"<!DOCTYPE", b"<!ENTITY"):
-        pos = raw.find(marker)
-        if pos >= 0:
-            raise xml_error(source, _line_of(raw, pos), _NO_DTD)
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             huge_tree=False, dtd_validation=False, attribute_defaults=False,
-                             remove_comments=False, remove_pis=False,
-                             remove_blank_text=False, encoding=forced)
-    try:
-        root = etree.fromstring(raw, parser)
-    except etree.XMLSyntaxError as exc:
-        msg = re.sub(r",? line \d+, column \d+$", "", exc.msg or "syntax error").strip()
-        raise xml_error(source, exc.lineno or 1, f"malformed XML: {msg}") from None
-    if root is None:
-        raise xml_error(source, 1, "malformed XML: document is empty")
-    tree = root.getroottree()
-    info = tree.docinfo
-    if (info.internalDTD is not None or info.externalDTD is not None or info.system_url
-            or info.public_id or any(True for _ in root.iter(etree.Entity))):
-        raise xml_error(source, 1, _NO_DTD)
-    return tree
-
-
 def _parse_uuid(text: str) -> str | None:
     """libvirt's virUUIDParse: 32 hex digits, '-' or ' ' between byte pairs, blanks around."""
-    s = text.strip(_BLANK)
+    s = text.strip(BLANK)
     digits: list[str] = []
     i = 0
     while len(digits) < 16:
@@ -774,7 +377,7 @@ def _lifecycle(ctx: ParseContext, root: etree._Element, tag: str, default: str,
     el = child(root, tag)
     if el is None:
         return default
-    value = (el.text or "").strip(_BLANK)
+    value = (el.text or "").strip(BLANK)
     if value not in allowed:
         raise ctx.error(el, f"invalid <{tag}> action '{value}'; use one of {', '.join(allowed)}")
     return value
@@ -816,14 +419,14 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
     Raises :class:`vmconfine.errors.XMLError` ("<source>: line N: <what>") for malformed or
     hostile input and for invalid definitions.
     """
-    tree = _safe_tree(data, source)
+    tree = safe_tree(data, source)
     root = tree.getroot()
     if root.tag != "domain":
         tag = root.tag if isinstance(root.tag, str) else "?"
         raise ParseContext(source, False).error(root, f"root element is <{tag}>, expected "
                                                       "<domain>")
     if live is None:
-        live = _find_state(root) is not None
+        live = find_state(root) is not None
     ctx = ParseContext(source, live)
     virt_type = root.get("type")
     if virt_type is None:
@@ -897,7 +500,7 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         graphics=devices.graphics, interfaces=devices.interfaces, hostdevs=devices.hostdevs,
         inputs=devices.inputs, controllers=devices.controllers,
         memballoon=devices.memballoon, tpms=devices.tpms, rngs=devices.rngs,
-        filesystems=devices.filesystems, seclabels=_parse_seclabels(ctx, root),
-        state=_read_state(root))
+        filesystems=devices.filesystems, seclabels=parse_seclabels(ctx, root),
+        state=read_state(root))
     dom.qemu_args, dom.qemu_env = _parse_qemu_namespace(ctx, root)
     return dom

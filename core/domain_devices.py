@@ -6,18 +6,85 @@ as written (never resolved): the drivers resolve them.
 
 Defaults follow libvirt's ``domain_conf.c``: a disk without ``type`` is a file disk, without
 ``device`` a plain disk, a cdrom is always read-only, the bus comes from the target name; a
-character device without ``type`` is a pty; unix/tcp sources connect unless ``mode='bind'``; a
-VNC display without ``port`` (or with ``port='-1'``) uses autoport.
+VNC display without ``port`` (or with ``port='-1'``) uses autoport. Character devices live in
+:mod:`vmconfine.domain_chardev`, per-source seclabels in :mod:`vmconfine.domain_seclabel` and
+the XML helpers in :mod:`vmconfine.domain_xml`; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from lxml import etree
 
-from vmconfine.errors import XMLError
+from vmconfine.domain_chardev import (
+    CHARDEV_KINDS,
+    CHARDEV_TYPES,
+    Chardev,
+    parse_chardev,
+)
+from vmconfine.domain_seclabel import (
+    DeviceSecLabel,
+    find_device_seclabel,
+    parse_device_seclabels,
+)
+from vmconfine.domain_xml import (
+    ParseContext,
+    attr,
+    child,
+    child_text,
+    children,
+    int_attr,
+    one_line,
+    parse_c_uint,
+    parse_dec_int,
+    xml_error,
+    yes_no,
+)
+
+__all__ = [
+    "CHARDEV_KINDS",
+    "CHARDEV_TYPES",
+    "DISK_DEVICES",
+    "DISK_TYPES",
+    "INTERFACE_SOURCE_ATTR",
+    "MAX_BACKING_DEPTH",
+    "Chardev",
+    "Controller",
+    "DeviceSecLabel",
+    "Devices",
+    "Disk",
+    "Filesystem",
+    "Graphics",
+    "Hostdev",
+    "Input",
+    "Interface",
+    "ParseContext",
+    "Rng",
+    "StorageSource",
+    "Tpm",
+    "attr",
+    "child",
+    "child_text",
+    "children",
+    "default_disk_bus",
+    "find_device_seclabel",
+    "int_attr",
+    "one_line",
+    "parse_c_uint",
+    "parse_chardev",
+    "parse_controller",
+    "parse_dec_int",
+    "parse_device_seclabels",
+    "parse_devices",
+    "parse_disk",
+    "parse_graphics",
+    "parse_hostdev",
+    "parse_input",
+    "parse_interface",
+    "xml_error",
+    "yes_no",
+]
 
 MAX_BACKING_DEPTH = 200
 """libvirt refuses backing chains deeper than this (status XML nesting limit)."""
@@ -27,166 +94,9 @@ DISK_DEVICES = ("disk", "cdrom", "floppy", "lun")
 _DISK_PATH_ATTR = {"file": "file", "block": "dev", "dir": "dir", "vhostuser": "path",
                    "vhostvdpa": "dev"}
 _BUS_PREFIXES = (("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), ("xvd", "xen"), ("ubd", "uml"))
-CHARDEV_KINDS = ("serial", "console", "channel", "parallel")
-CHARDEV_TYPES = ("null", "vc", "pty", "dev", "file", "pipe", "stdio", "udp", "tcp", "unix",
-                 "spicevmc", "spiceport", "nmdm", "qemu-vdagent", "dbus")
 INTERFACE_SOURCE_ATTR = {"network": "network", "bridge": "bridge", "direct": "dev",
                          "vhostuser": "path", "vdpa": "dev", "server": "address",
                          "client": "address", "mcast": "address", "udp": "address"}
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def one_line(text: str, limit: int = 300) -> str:
-    """``text`` with control characters escaped (so a message stays on one line), cut at
-    ``limit`` characters."""
-    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def xml_error(source: str, line: int, what: str) -> XMLError:
-    """``XMLError("<source>: line N: <what>")``, always a single line."""
-    return XMLError(f"{one_line(source, 200)}: line {line}: {one_line(what, 500)}")
-
-
-class ParseContext:
-    """Where a parse is: the source name (for messages) and live vs inactive rules."""
-
-    def __init__(self, source: str, live: bool) -> None:
-        self.source = source
-        self.live = live
-
-    def error(self, elem: etree._Element | None, what: str) -> XMLError:
-        """``XMLError("<source>: line N: <what>")`` pointing at ``elem``."""
-        return xml_error(self.source, getattr(elem, "sourceline", None) or 1, what)
-
-
-def children(elem: etree._Element, tag: str) -> list[etree._Element]:
-    """Direct element children named ``tag`` (no namespace)."""
-    return [c for c in elem if c.tag == tag]
-
-
-def child(elem: etree._Element, tag: str) -> etree._Element | None:
-    """First direct element child named ``tag``."""
-    for c in elem:
-        if c.tag == tag:
-            return c
-    return None
-
-
-def child_text(elem: etree._Element, tag: str) -> str | None:
-    """Text of the first ``tag`` child; None when absent or empty (libvirt's virXPathString)."""
-    c = child(elem, tag)
-    if c is None:
-        return None
-    text = "".join(c.itertext())
-    return text or None
-
-
-def attr(elem: etree._Element | None, name: str) -> str | None:
-    """Attribute value, or None when the element or attribute is absent."""
-    return None if elem is None else elem.get(name)
-
-
-_C_UINT = re.compile(r"[ \t\r\n]*\+?(?:0[xX](?P<hex>[0-9a-fA-F]+)|0(?P<oct>[0-7]*)"
-                     r"|(?P<dec>[1-9][0-9]*))[ \t\r\n]*")
-_DEC_INT = re.compile(r"[ \t\r\n]*[+-]?[0-9]+[ \t\r\n]*")
-
-
-def parse_c_uint(text: str) -> int | None:
-    """Parse like C ``strtoul(s, &end, 0)`` with a full match: 0x = hex, leading 0 = octal."""
-    m = _C_UINT.fullmatch(text)
-    if m is None:
-        return None
-    if m["hex"] is not None:
-        return int(m["hex"], 16)
-    if m["oct"] is not None:
-        return int(m["oct"] or "0", 8)
-    return int(m["dec"], 10)
-
-
-def parse_dec_int(text: str) -> int | None:
-    """A plain decimal integer (ASCII digits, optional sign and surrounding blanks)."""
-    return int(text) if _DEC_INT.fullmatch(text) else None
-
-
-def int_attr(ctx: ParseContext, elem: etree._Element, name: str, what: str, *,
-             base0: bool = False, signed: bool = False) -> int | None:
-    """Integer attribute (None when absent); a clear error when it is not a number."""
-    raw = elem.get(name)
-    if raw is None:
-        return None
-    value: int | None
-    if base0:
-        value = parse_c_uint(raw)
-    else:
-        value = parse_dec_int(raw)
-        if value is not None and value < 0 and not signed:
-            value = None
-    if value is None:
-        kind = "an integer" if signed else "a non-negative integer"
-        raise ctx.error(elem, f"{what} '{one_line(raw, 40)}' is not {kind}; fix the {name}= "
-                              "attribute")
-    return value
-
-
-def yes_no(ctx: ParseContext, elem: etree._Element, name: str, default: bool) -> bool:
-    """A yes/no attribute (libvirt's virStringParseYesNo)."""
-    raw = elem.get(name)
-    if raw is None:
-        return default
-    if raw not in ("yes", "no"):
-        raise ctx.error(elem, f"invalid {name} value '{one_line(raw, 40)}' on <{elem.tag}>; "
-                              "use 'yes' or 'no'")
-    return raw == "yes"
-
-
-# --------------------------------------------------------------------------- seclabels
-
-
-@dataclass
-class DeviceSecLabel:
-    """Per-source ``<seclabel>`` override: ``model``, ``relabel`` (libvirt's default: True),
-    ``label`` (owner/context to use instead of the domain's image label)."""
-
-    model: str | None
-    relabel: bool
-    label: str | None
-    labelskip: bool = False
-    element: etree._Element | None = field(default=None, repr=False, compare=False)
-
-
-def find_device_seclabel(labels: list[DeviceSecLabel], model: str) -> DeviceSecLabel | None:
-    """The override for ``model``: an exact model match, else one without a model."""
-    for sl in labels:
-        if sl.model == model:
-            return sl
-    for sl in labels:
-        if sl.model is None:
-            return sl
-    return None
-
-
-def parse_device_seclabels(ctx: ParseContext, source: etree._Element | None,
-                           ) -> list[DeviceSecLabel]:
-    """``<seclabel>`` children of a ``<source>`` (libvirt virSecurityDeviceLabelDefParseXML)."""
-    if source is None:
-        return []
-    out: list[DeviceSecLabel] = []
-    for el in children(source, "seclabel"):
-        model = el.get("model")
-        if model is not None and any(o.model == model for o in out):
-            raise ctx.error(el, f"seclabel for model '{model}' is already provided; "
-                                "keep one <seclabel> per model")
-        relabel = yes_no(ctx, el, "relabel", True)
-        label = child_text(el, "label")
-        if label is not None and not relabel:
-            raise ctx.error(el, "cannot specify a <label> when relabel='no' "
-                                f"(model {model or 'unset'}); drop one of them")
-        skip = ctx.live and yes_no(ctx, el, "labelskip", False)
-        out.append(DeviceSecLabel(model, relabel, label, skip, el))
-    return out
 
 
 # --------------------------------------------------------------------------- disks
@@ -341,69 +251,6 @@ def parse_disk(ctx: ParseContext, el: etree._Element) -> Disk:
         shareable=child(el, "shareable") is not None, boot_order=boot_order,
         serial=child_text(el, "serial"), driver_name=attr(drv, "name"),
         cache=attr(drv, "cache"), transient=child(el, "transient") is not None, element=el)
-
-
-# --------------------------------------------------------------------------- chardevs
-
-
-@dataclass
-class Chardev:
-    """A serial/console/channel/parallel device and its host side."""
-
-    kind: str
-    type: str
-    path: str | None = None
-    mode: str | None = None
-    target_type: str | None = None
-    target_name: str | None = None
-    target_port: int | None = None
-    seclabels: list[DeviceSecLabel] = field(default_factory=list)
-    host: str | None = None
-    service: str | None = None
-    log_file: str | None = None
-    element: etree._Element | None = field(default=None, repr=False, compare=False)
-
-    def seclabel(self, model: str) -> DeviceSecLabel | None:
-        """The source's override for ``model``."""
-        return find_device_seclabel(self.seclabels, model)
-
-
-def parse_chardev(ctx: ParseContext, el: etree._Element) -> Chardev:
-    """One ``<serial>``, ``<console>``, ``<channel>`` or ``<parallel>``."""
-    kind = str(el.tag)
-    ctype = el.get("type", "pty")
-    if ctype not in CHARDEV_TYPES:
-        raise ctx.error(el, f"unknown <{kind}> type '{ctype}'; expected one of "
-                            f"{', '.join(CHARDEV_TYPES)}")
-    sources = children(el, "source")
-    with_path = next((s for s in sources if s.get("path")), None)
-    first = with_path if with_path is not None else (sources[0] if sources else None)
-    path = attr(with_path, "path")
-    tgt = child(el, "target")
-    dev = Chardev(kind=kind, type=ctype, path=path, target_type=attr(tgt, "type"),
-                  target_name=attr(tgt, "name"), element=el,
-                  target_port=int_attr(ctx, tgt, "port", f"<{kind}> target port")
-                  if tgt is not None else None,
-                  log_file=attr(child(el, "log"), "file"))
-    if ctype in ("unix", "tcp"):
-        mode = attr(first, "mode") or "connect"
-        if mode not in ("bind", "connect"):
-            raise ctx.error(first, f"unknown <{kind}> source mode '{mode}'; "
-                                   "use 'bind' or 'connect'")
-        dev.mode = mode
-    if ctype in ("tcp", "udp"):
-        dev.host, dev.service = attr(first, "host"), attr(first, "service")
-    if ctype in ("file", "pipe", "dev") and not path:
-        raise ctx.error(el, f"<{kind} type='{ctype}'> needs <source path=...>")
-    if ctype == "unix" and not path and dev.target_type not in ("virtio", "xen"):
-        raise ctx.error(el, f"<{kind} type='unix'> needs <source path=...> "
-                            "(only virtio channels get a generated path)")
-    for src in sources:
-        labels = parse_device_seclabels(ctx, src)
-        if labels:
-            dev.seclabels = labels
-            break
-    return dev
 
 
 # --------------------------------------------------------------------------- graphics, nics

@@ -96,7 +96,7 @@ def parse_pid(text: str | int) -> int:
         pid = int(str(text), 10)
     except ValueError:
         pid = 0
-    if pid <= 0:
+    if not 0 < pid < 2**31:
         raise AttachError(f"PID must be a positive integer, not '{text}'")
     return pid
 
@@ -282,7 +282,7 @@ def write_status(conn: Connection, a: Adoption, supervisor: int) -> None:
 
 
 def _qmp_lock_path(conn: Connection, name: str) -> Path:
-    return conn.instance.run_dir / f".{name}.qmp.lock"
+    return conn.instance.qmp_lock_path(name)
 
 
 def finish(conn: Connection, a: Adoption) -> str:
@@ -453,7 +453,8 @@ def monitor_command(conn: Connection, dom: RunningDomain,
 
     path = adopted_qmp_path(dom)
     if path is None:
-        return qmp.command(conn.instance.user_monitor_path(dom.name), payload)
+        return qmp.command(conn.instance.user_monitor_path(dom.name), payload,
+                           conn.instance.qmp_lock_path(dom.name))
     if not isinstance(payload, dict) or "execute" not in payload:
         raise VmconfineError('QMP command must be a JSON object with an "execute" member, '
                              'e.g. {"execute": "query-status"}')

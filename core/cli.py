@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from vmconfine import __version__
 from vmconfine.errors import VmconfineError
@@ -33,19 +34,28 @@ def verb(name: str, help_text: str) -> Callable[[Handler], Handler]:
     return deco
 
 
+MAX_INPUT = 10 * 1024 * 1024
+
+
 def _read_input(path: str) -> tuple[str, str]:
-    if path == "-":
-        return sys.stdin.read(), "<stdin>"
+    source = "<stdin>" if path == "-" else path
     try:
-        data = Path(path).read_bytes()
+        if path == "-":
+            data = sys.stdin.buffer.read(MAX_INPUT + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_INPUT + 1)
     except FileNotFoundError:
         raise VmconfineError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise VmconfineError(f"{path}: is a directory, expected a domain XML file") from None
     except PermissionError:
         raise VmconfineError(f"{path}: permission denied") from None
-    if len(data) > 10 * 1024 * 1024:
-        raise VmconfineError(f"{path}: larger than 10 MiB")
+    except (OSError, AttributeError) as exc:
+        raise VmconfineError(f"{source}: cannot read it: {exc}") from None
+    if len(data) > MAX_INPUT:
+        raise VmconfineError(f"{source}: larger than 10 MiB")
+    path = source
     try:
         return data.decode(), path
     except UnicodeDecodeError as exc:
@@ -163,7 +173,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     conn = _connect(args)
     domain = _parse_file(args.file)
-    launched = start(conn, domain, paused=args.paused)
+
+    def interrupted(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    # a SIGTERM/SIGHUP while labels are being set must undo them, as ^C does
+    old = {s: signal.signal(s, interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        launched = start(conn, domain, paused=args.paused)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
     outcome = supervise(conn, launched, paused=args.paused,
                         shutdown_timeout=args.shutdown_timeout,
                         on_ready=lambda started: _print_started(conn, started))
@@ -337,6 +357,16 @@ def _add_taint(conn, dom, flag: str) -> None:  # type: ignore[no-untyped-def]
 # ---- parser -----------------------------------------------------------------------------------
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds (0 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vmconfine",
@@ -371,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("run")
     sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
     sp.add_argument("--paused", action="store_true", help="leave the guest CPUs stopped")
-    sp.add_argument("--shutdown-timeout", type=float, default=None, metavar="SECONDS",
+    sp.add_argument("--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
                     help="on SIGINT/SIGTERM wait this long for an ACPI power-off before "
                     "destroying (default: qemu.conf shutdown_timeout, 30)")
     add("list")
@@ -414,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if debug:
         os.environ["VMCONFINE_TRACE_HOOKS"] = "1"
         os.environ["VMCONFINE_DEBUG"] = "1"
+    else:  # its own connection errors are reported by vmconfine in one line
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except VmconfineError as exc:
@@ -424,6 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a host path vmconfine itself needed (state dirs, sockets)
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except Exception as exc:  # never a traceback without --debug
         if debug:
             traceback.print_exc()

@@ -149,14 +149,21 @@ class Connection:
             self.instance.status_path(name).unlink(missing_ok=True)
             return
         domain = parse_domain(xml_rec["xml"], source=str(journal.path))
-        started = journal.last("pipeline", "started")
+        started = journal.last("pipeline", "started") or journal.last("pipeline", "forked")
         if started:
             kill_process(int(started["pid"]), started.get("starttime"))
         ctx = DomainContext(self.host, domain, journal, recovering=True)
         if started:
             ctx.pid = int(started["pid"])
         generated = bool(journal.last("pipeline", "labels"))
-        errors = teardown(self.stack, ctx, labels_generated=generated)
+        begin = journal.last("pipeline", "begin") or {}
+        if begin.get("stack"):
+            from vmconfine.stack import Stack
+
+            stack = Stack.for_teardown(self.host, list(begin["stack"]))
+        else:
+            stack = self.stack
+        errors = teardown(stack, ctx, labels_generated=generated)
         if errors:
             raise VmconfineError(
                 f"teardown of domain '{name}' left problems: {'; '.join(errors)}; "

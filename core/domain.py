@@ -359,6 +359,10 @@ def _memory(ctx: ParseContext, el: etree._Element | None, what: str,
         raise ctx.error(el, f"{what}: {exc}") from None
 
 
+#: longest domain name: it names files such as ``.NAME.qmp.lock`` (file names ≤ 255 bytes)
+MAX_NAME_BYTES = 200
+
+
 def _parse_name(ctx: ParseContext, root: etree._Element) -> str:
     name_el = child(root, "name")
     name = child_text(root, "name")
@@ -369,6 +373,14 @@ def _parse_name(ctx: ParseContext, root: etree._Element) -> str:
         raise ctx.error(name_el, f"domain name '{one_line(name, 80)}' must not contain '/'")
     if "\n" in name:
         raise ctx.error(name_el, "domain name must not contain a newline (invalid char 0x0a)")
+    if not name:
+        raise ctx.error(name_el, "domain name must not be empty")
+    if name.startswith("."):
+        # the instance's state files are NAME.xml, NAME.journal...; dot-files are its own
+        raise ctx.error(name_el, f"domain name '{one_line(name, 80)}' must not start with '.'")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ctx.error(name_el, f"domain name is {len(name.encode())} bytes long; "
+                        f"at most {MAX_NAME_BYTES} are allowed (it names state files)")
     return name
 
 

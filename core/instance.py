@@ -138,6 +138,11 @@ class Instance:
         """Second QMP socket for qemu-monitor-command and queries from other processes."""
         return self.domain_run_dir(name) / "monitor-user.sock"
 
+    def qmp_lock_path(self, name: str) -> Path:
+        """Serialises users of the second QMP socket; in the root-owned run dir (never in a
+        directory QEMU can write)."""
+        return self.run_dir / f".{name}.qmp.lock"
+
     def domain_lib_dir(self, name: str) -> Path:
         """QEMU's HOME (libvirt: /var/lib/libvirt/qemu/domain-N-NAME)."""
         return self.lib_dir / f"domain-{name}"

@@ -51,9 +51,9 @@ class Journal:
     def _open(self) -> int:
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
-            )
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            _trim_torn_line(fd)
+            self._fd = fd
         return self._fd
 
     def _overridden(self) -> bool:
@@ -224,3 +224,18 @@ def _expand(obj: Any) -> list[dict[str, Any]]:
             raise _Corrupt(str(row)[:80])
         out.append(dict(zip(keys, row, strict=True)))
     return out
+
+
+def _trim_torn_line(fd: int) -> None:
+    """Cut a torn last line (a crash mid-write) before appending, so the next record does not
+    get glued onto it. Records are written before the changes they describe, so the torn one
+    described nothing that was done."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return
+    tail_start = max(0, size - 65536)
+    tail = os.pread(fd, size - tail_start, tail_start)
+    if tail.endswith(b"\n"):
+        return
+    cut = tail.rfind(b"\n")
+    os.ftruncate(fd, tail_start + cut + 1 if cut >= 0 else 0 if tail_start == 0 else size)

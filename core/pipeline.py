@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import shutil
@@ -138,6 +139,7 @@ def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched
     stack = conn.stack
     prepare_domain(conn, domain)
     lock = runtime.DomainLock(inst, domain.name)
+    journal = Journal(inst.journal_path(domain.name))
     with runtime.instance_lock(inst):
         for other in conn.running():
             if other.name == domain.name:
@@ -147,10 +149,25 @@ def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched
                     f"domain '{domain.name}' has the same UUID {domain.uuid} as running "
                     f"domain '{other.name}'; give it another <uuid>"
                 )
+        for name, uuid in _starting(conn):
+            if name != domain.name and uuid == domain.uuid:
+                raise LaunchError(
+                    f"domain '{domain.name}' has the same UUID {domain.uuid} as domain "
+                    f"'{name}', which is starting; give it another <uuid>"
+                )
         if not lock.try_acquire():
             raise LaunchError(f"domain '{domain.name}' is being started by another process")
         domain_id = runtime.next_domain_id(inst)
-    journal = Journal(inst.journal_path(domain.name))
+        from vmconfine.supervisor import destroy_marker
+
+        destroy_marker(conn, domain.name).unlink(missing_ok=True)  # a stale one from before
+        try:
+            # written under the instance lock, so a concurrent start sees this UUID
+            journal.record("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
+                           id=domain_id, uuid=domain.uuid, stack=stack.names())
+        except BaseException:
+            lock.release()
+            raise
     ctx = DomainContext(conn.host, domain, journal)
     if domain.qemu_args or domain.qemu_env:
         ctx.taint("custom-argv")
@@ -159,8 +176,6 @@ def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched
     labels_generated = False
     launched: Launched | None = None
     try:
-        journal.record("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
-                       id=domain_id)
         checkpoint("begin")
         stack.gen_labels(ctx)
         labels_generated = True
@@ -177,17 +192,16 @@ def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched
         checkpoint("sockets")
         log_path = inst.log_path(domain.name)
         pid = _fork_exec(stack, ctx, command, socks, log_path)
-        ctx.pid = pid
-        starttime = runtime.proc_starttime(pid)
+        starttime = ctx.state["pipeline"]["starttime"]
         journal.record("pipeline", "started", pid=pid, starttime=starttime)
         launched = Launched(ctx, command, pid, starttime, domain_id, lock, log_path, socks)
         checkpoint("forked")
         return launched
     except BaseException as exc:
-        if launched is not None:
+        if ctx.pid is not None:
             from vmconfine.connection import kill_process
 
-            kill_process(launched.pid, launched.starttime)
+            kill_process(ctx.pid, ctx.state.get("pipeline", {}).get("starttime"))
         errors = teardown(stack, ctx, labels_generated=labels_generated)
         lock.release()
         if errors:
@@ -197,6 +211,18 @@ def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched
         if isinstance(exc, OSError):
             raise LaunchError(f"starting domain '{domain.name}' failed: {exc}") from exc
         raise
+
+
+def _starting(conn: Connection) -> list[tuple[str, str]]:
+    """(name, uuid) of domains whose supervisor is alive but that have no status yet."""
+    out = []
+    for rec in runtime.known_domains(conn.instance):
+        if not rec.alive or rec.status_path.exists() or not rec.journal_path.exists():
+            continue
+        begin = Journal(rec.journal_path).last("pipeline", "begin")
+        if begin and begin.get("uuid"):
+            out.append((rec.name, str(begin["uuid"])))
+    return out
 
 
 def _make_runtime_dirs(ctx: DomainContext) -> None:
@@ -239,8 +265,9 @@ def _fork_exec(stack: Stack, ctx: DomainContext, command: QemuCommand,
     argv = command.argv(fds=fds)
     env = dict(command.env)
     parent_pid = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed or None: nothing buffered to duplicate
+            stream.flush()
     pid = os.fork()
     if pid == 0:  # ---- child ----
         try:
@@ -255,6 +282,13 @@ def _fork_exec(stack: Stack, ctx: DomainContext, command: QemuCommand,
                 os.write(err_w, msg.encode(errors="replace")[:65536])
         os._exit(127)
     # ---- parent ----
+    # journal the child before it can exec (a parent-death signal is not enough: an exec
+    # label change clears it), so a crash from here on is recovered by pid
+    ctx.pid = pid
+    starttime = runtime.proc_starttime(pid)
+    ctx.state["pipeline"]["starttime"] = starttime
+    with contextlib.suppress(Exception):
+        ctx.journal.record("pipeline", "forked", pid=pid, starttime=starttime)
     os.close(err_w)
     os.close(log_fd)
     os.close(null_fd)
@@ -271,18 +305,42 @@ def _fork_exec(stack: Stack, ctx: DomainContext, command: QemuCommand,
             f"domain '{ctx.domain.name}': preparing the QEMU process failed: "
             f"{b''.join(chunks).decode(errors='replace')}"
         )
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:  # died before exec without a word (e.g. killed)
+        raise LaunchError(
+            f"domain '{ctx.domain.name}': the QEMU process died before exec "
+            f"(status {os.waitstatus_to_exitcode(status)})")
     return pid
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close every fd above 2 that would survive exec (inherited from whoever started
+    vmconfine: an open /etc/shadow on fd 9 must not reach a confined QEMU), except ``keep``.
+    Close-on-exec fds (the journal, the error pipe, drivers' pipes) stay usable until exec."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in keep:
+            continue
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue  # the fd of the listdir itself, already closed
+        if not flags & fcntl.FD_CLOEXEC:
+            os.close(fd)
 
 
 def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str],
            fds: list[int], log_fd: int, null_fd: int, parent_pid: int) -> None:
     """In the forked child: apply the confinement in libvirt's order, then exec QEMU."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for sig in signal.valid_signals():  # QEMU starts with default dispositions, no mask
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
     os.setsid()  # a terminal's ^C goes to vmconfine, which asks the guest to power off
     os.dup2(null_fd, 0)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
+    _close_inherited(keep=set(fds))
     for fd in fds:
         os.set_inheritable(fd, True)
     for hook in CHILD_HOOKS:
@@ -327,6 +385,7 @@ def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True)
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(rec["path"])
     ctx.instance.status_path(ctx.domain.name).unlink(missing_ok=True)
+    ctx.instance.qmp_lock_path(ctx.domain.name).unlink(missing_ok=True)
     if not errors:
         ctx.journal.remove()
     else:

@@ -53,9 +53,9 @@ async def _raw(path: Path, payload: dict[str, Any], timeout: float) -> dict[str,
 
 
 @contextlib.contextmanager
-def _user_monitor_lock(path: Path):  # type: ignore[no-untyped-def]
-    lock = path.with_name(path.name + ".lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def monitor_lock(lock: Path):  # type: ignore[no-untyped-def]
+    """Exclusive use of a domain's user monitor (QEMU serves one client per socket)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -63,7 +63,7 @@ def _user_monitor_lock(path: Path):  # type: ignore[no-untyped-def]
         os.close(fd)
 
 
-def command(path: Path, payload: dict[str, Any],
+def command(path: Path, payload: dict[str, Any], lock: Path,
             timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
     """Send one QMP command (a dict with ``execute`` and optional ``arguments``) on the user
     monitor and return ``{"return": ...}`` or ``{"error": ...}``."""
@@ -72,7 +72,7 @@ def command(path: Path, payload: dict[str, Any],
             'QMP command must be a JSON object with an "execute" member, '
             'e.g. {"execute": "query-status"}'
         )
-    with _user_monitor_lock(path):
+    with monitor_lock(lock):
         return asyncio.run(_raw(path, payload, timeout))
 
 

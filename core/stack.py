@@ -211,6 +211,23 @@ class Stack:
         return cls(host, drivers, default_confined=default_confined,
                    require_confined=require_confined)
 
+    @classmethod
+    def for_teardown(cls, host: HostContext, names: list[str]) -> Stack:
+        """The stack that made a journal's changes (its driver names, recorded at start), to
+        undo them even if qemu.conf changed since. No probe: undoing must not depend on it."""
+        drivers = []
+        for name in names:
+            info = host.registry.get(name)
+            if info is None:
+                raise DriverError(
+                    f"the journal was written by driver '{name}', which is not installed any "
+                    "more; reinstall it so its changes can be undone"
+                )
+            drivers.append(_instantiate(host, info))
+        cfg = host.config
+        return cls(host, drivers, default_confined=bool(cfg.security_default_confined),
+                   require_confined=bool(cfg.security_require_confined))
+
     # ---- views -------------------------------------------------------------------------------
     @property
     def security_drivers(self) -> list[Driver]:

@@ -42,11 +42,20 @@ class Outcome:
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """QEMU's last lines of the current run (after its command line), joined by " | "."""
     try:
-        text = path.read_text(errors="replace")
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 65536))
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
-    tail = [ln for ln in text.splitlines() if ln.strip()][-lines:]
+    all_lines = text.splitlines()
+    starts = [i for i, ln in enumerate(all_lines) if ln.endswith(": starting up")]
+    if starts:
+        all_lines = all_lines[starts[-1] + 2:]  # skip the marker and the command line
+    tail = [ln for ln in all_lines if ln.strip()][-lines:]
     return " | ".join(tail)
 
 
@@ -93,8 +102,29 @@ class _Supervisor:
             log.warning("asking domain %s to power off (ACPI); again to destroy it", self.l.name)
             self._tasks.append(asyncio.ensure_future(self._powerdown()))
         else:
+            log.warning("destroying domain %s", self.l.name)
+            destroy_marker(self.conn, self.l.name).touch()  # asked for: not a crash
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.l.pid, signal.SIGKILL)
+
+    async def _connect(self) -> QMPClient:
+        """QMP handshake, or a clear error as soon as QEMU exits instead of answering."""
+        connect = asyncio.ensure_future(qmp.connect(
+            self.conn.instance.monitor_path(self.l.name), f"vmconfine-{self.l.name}"))
+        exited = asyncio.ensure_future(self.exited.wait())
+        try:
+            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if connect.done():
+            return connect.result()  # raises LaunchError when the handshake failed
+        connect.cancel()
+        with contextlib.suppress(BaseException):
+            await connect
+        status = self.wait_status
+        code = os.waitstatus_to_exitcode(status) if status is not None else None
+        raise LaunchError(f"domain '{self.l.name}': QEMU exited during start-up "
+                          f"(exit status {code})")
 
     async def _powerdown(self) -> None:
         assert self.client is not None
@@ -116,12 +146,7 @@ class _Supervisor:
             loop.add_signal_handler(sig, self._on_signal)
         events_task = None
         try:
-            try:
-                self.client = await qmp.connect(self.conn.instance.monitor_path(self.l.name),
-                                                f"vmconfine-{self.l.name}")
-            except LaunchError:
-                await asyncio.wait_for(self.exited.wait(), 5)
-                raise
+            self.client = await self._connect()
             events_task = asyncio.ensure_future(self._events(self.client))
             checkpoint("qmp")
             problems = core_checks(self.l.pid) + self.conn.stack.verify_process(
@@ -137,7 +162,10 @@ class _Supervisor:
                 await self.client.execute("cont")
             checkpoint("running")
             if self.on_ready is not None:
-                self.on_ready(self.l)
+                try:
+                    self.on_ready(self.l)
+                except OSError as exc:  # e.g. stdout closed (| head): keep the guest running
+                    log.debug("on_ready: %s", exc)
             await self.exited.wait()
             # QEMU writes SHUTDOWN just before it exits: let the event reader drain the socket
             for _ in range(200):
@@ -209,6 +237,7 @@ def supervise(conn: Connection, launched: Launched, *, paused: bool = False,
     try:
         outcome = asyncio.run(sup.run())
     except BaseException as exc:
+        kill_process(launched.pid, launched.starttime)
         tail = log_tail(launched.log_path)
         tail += open_failure_hint(conn, launched.ctx, tail)  # which layer denied a path
         _finish(conn, launched)

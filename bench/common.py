@@ -287,3 +287,16 @@ def rss_kib(pid: int) -> tuple[int, int]:
     except OSError:
         pass
     return rss, pss
+
+
+def bench_main(doc: str, title: str, run: Callable[[Options], list[Table]],
+               argv: list[str] | None, *, full_runs: int, quick_runs: int) -> int:
+    """A benchmark module's ``main``: options, header, its tables, and how long it took."""
+    opts = parse_options(doc.splitlines()[0], argv, full_runs=full_runs, quick_runs=quick_runs)
+    header(title, opts)
+    t0 = time.monotonic()
+    for table in run(opts):
+        table.print()
+    short = title.split()[0]
+    sys.stdout.write(f"({short} took {time.monotonic() - t0:.1f} s)\n")
+    return 0

@@ -30,7 +30,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +40,12 @@ from bench.common import (
     Options,
     Stats,
     Table,
+    bench_main,
     domain_xml,
     embed_root,
-    header,
     is_root,
     make_disks,
     now,
-    parse_options,
     ratio,
     scratch,
     verdict,
@@ -381,13 +379,7 @@ def phase_table(cases: list[Case]) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_options(__doc__.splitlines()[0], argv, full_runs=10, quick_runs=2)
-    header("P1 start latency", opts)
-    t0 = time.monotonic()
-    for t in run(opts):
-        t.print()
-    sys.stdout.write(f"(P1 took {time.monotonic() - t0:.1f} s)\n")
-    return 0
+    return bench_main(__doc__, "P1 start latency", run, argv, full_runs=10, quick_runs=2)
 
 
 if __name__ == "__main__":

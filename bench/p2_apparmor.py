@@ -39,7 +39,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid as uuidlib
 from pathlib import Path
 from typing import Any
@@ -50,12 +49,11 @@ from bench.common import (
     Options,
     Stats,
     Table,
+    bench_main,
     domain_xml,
-    header,
     is_root,
     make_disks,
     now,
-    parse_options,
     ratio,
     scratch,
     verdict,
@@ -454,13 +452,7 @@ def run(opts: Options) -> list[Table]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_options(__doc__.splitlines()[0], argv, full_runs=10, quick_runs=2)
-    header("P2 AppArmor profiles", opts)
-    t0 = time.monotonic()
-    for t in run(opts):
-        t.print()
-    sys.stdout.write(f"(P2 took {time.monotonic() - t0:.1f} s)\n")
-    return 0
+    return bench_main(__doc__, "P2 AppArmor profiles", run, argv, full_runs=10, quick_runs=2)
 
 
 if __name__ == "__main__":

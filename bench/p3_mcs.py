@@ -36,8 +36,7 @@ from bench.common import (
     Options,
     Stats,
     Table,
-    header,
-    parse_options,
+    bench_main,
     ratio,
     scratch,
     verdict,
@@ -212,13 +211,7 @@ def run(opts: Options) -> list[Table]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_options(__doc__.splitlines()[0], argv, full_runs=5, quick_runs=2)
-    header("P3 MCS allocation", opts)
-    t0 = time.monotonic()
-    for t in run(opts):
-        t.print()
-    sys.stdout.write(f"(P3 took {time.monotonic() - t0:.1f} s)\n")
-    return 0
+    return bench_main(__doc__, "P3 MCS allocation", run, argv, full_runs=5, quick_runs=2)
 
 
 if __name__ == "__main__":

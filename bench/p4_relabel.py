@@ -38,11 +38,10 @@ from bench.common import (
     Options,
     Stats,
     Table,
+    bench_main,
     disk_xml,
     embed_root,
-    header,
     is_root,
-    parse_options,
     ratio,
     scratch,
     verdict,
@@ -266,13 +265,7 @@ def run(opts: Options) -> list[Table]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_options(__doc__.splitlines()[0], argv, full_runs=5, quick_runs=1)
-    header("P4 relabel", opts)
-    t0 = time.monotonic()
-    for t in run(opts):
-        t.print()
-    sys.stdout.write(f"(P4 took {time.monotonic() - t0:.1f} s)\n")
-    return 0
+    return bench_main(__doc__, "P4 relabel", run, argv, full_runs=5, quick_runs=1)
 
 
 if __name__ == "__main__":

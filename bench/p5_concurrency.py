@@ -42,13 +42,12 @@ from bench.common import (
     Options,
     Stats,
     Table,
+    bench_main,
     domain_xml,
     embed_root,
-    header,
     is_root,
     make_disks,
     now,
-    parse_options,
     ratio,
     scratch,
 )
@@ -384,13 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "--worker":
         return worker(*args[1:4])
-    opts = parse_options(__doc__.splitlines()[0], args, full_runs=1, quick_runs=1)
-    header("P5 concurrency", opts)
-    t0 = time.monotonic()
-    for t in run(opts):
-        t.print()
-    sys.stdout.write(f"(P5 took {time.monotonic() - t0:.1f} s)\n")
-    return 0
+    return bench_main(__doc__, "P5 concurrency", run, args, full_runs=1, quick_runs=1)
 
 
 if __name__ == "__main__":

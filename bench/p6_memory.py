@@ -29,12 +29,11 @@ from bench.common import (
     Options,
     Stats,
     Table,
+    bench_main,
     domain_xml,
     embed_root,
-    header,
     is_root,
     make_disks,
-    parse_options,
     ratio,
     rss_kib,
     scratch,
@@ -155,13 +154,7 @@ def run(opts: Options) -> list[Table]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_options(__doc__.splitlines()[0], argv, full_runs=1, quick_runs=1)
-    header("P6 memory", opts)
-    t0 = time.monotonic()
-    for t in run(opts):
-        t.print()
-    sys.stdout.write(f"(P6 took {time.monotonic() - t0:.1f} s)\n")
-    return 0
+    return bench_main(__doc__, "P6 memory", run, argv, full_runs=1, quick_runs=1)
 
 
 if __name__ == "__main__":

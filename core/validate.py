@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmconfine.perms import R, W, X, can_access, describe_mode, has_acl, user_group_hint
+
 if TYPE_CHECKING:
     from vmconfine.connection import Connection
     from vmconfine.instance import Instance
 
-R, W, X = 4, 2, 1
 SYS_LANDLOCK_CREATE_RULESET = 444
 SELINUX_FS = Path("/sys/fs/selinux")
 APPARMOR_ENABLED = Path("/sys/module/apparmor/parameters/enabled")
@@ -61,15 +62,7 @@ class QemuIds:
 
     def hint(self) -> str:
         """``user:group`` names for ``chown`` suggestions (numbers when there are no names)."""
-        try:
-            user = pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            user = str(self.uid)
-        try:
-            group = grp.getgrgid(self.gid).gr_name
-        except KeyError:
-            group = str(self.gid)
-        return f"{user}:{group}"
+        return user_group_hint(self.uid, self.gid)
 
 
 def _account_id(spec: str, db: str) -> int | None:
@@ -101,28 +94,7 @@ def ids_from_config(instance: Instance) -> QemuIds | None:
 
 def mode_allows(st: os.stat_result, ids: QemuIds, want: int) -> bool:
     """Would ``ids`` get ``want`` (R/W/X mask) on this inode by its owner and mode bits?"""
-    if ids.privileged:
-        return not (want & X and not stat.S_ISDIR(st.st_mode)) or bool(st.st_mode & 0o111)
-    if st.st_uid == ids.uid:
-        bits = (st.st_mode >> 6) & 7
-    elif st.st_gid == ids.gid or st.st_gid in ids.groups:
-        bits = (st.st_mode >> 3) & 7
-    else:
-        bits = st.st_mode & 7
-    return bits & want == want
-
-
-def has_acl(path: str) -> bool:
-    """A POSIX access ACL decides instead of the mode bits (not evaluated here)."""
-    try:
-        os.getxattr(path, "system.posix_acl_access")
-        return True
-    except OSError:
-        return False
-
-
-def describe_mode(st: os.stat_result) -> str:
-    return f"+{st.st_uid}:+{st.st_gid} {stat.S_IMODE(st.st_mode):04o}"
+    return can_access(st, ids.uid, ids.gid, ids.groups, want, privileged=ids.privileged)
 
 
 def _parents(path: str) -> list[str]:

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from vmconfine.errors import LabelError
+from vmconfine.perms import R, W, X, can_access, describe_mode, has_acl  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,6 @@ after_resolve_hook: Callable[[str, str], None] | None = None
 #: seconds to wait for another process's metadata lock (libvirt: 10 000 x 1 ms)
 LOCK_WAIT = 10.0
 
-#: access bits for :func:`can_access`
-R, W, X = 4, 2, 1
 
 
 class SwappedError(LabelError):
@@ -373,35 +372,3 @@ class FileHandle:
 
     def listxattr(self) -> list[str]:
         return os.listxattr(self._target)
-
-
-def can_access(st: os.stat_result, uid: int, gid: int, groups: tuple[int, ...] | list[int],
-               want: int, *, privileged: bool = False) -> bool:
-    """Would a process with these ids (and no capabilities unless ``privileged``) get ``want``
-    (a mask of R/W/X) on an inode with this owner and mode? POSIX ACLs are not evaluated."""
-    if privileged:
-        if want & X and not stat.S_ISDIR(st.st_mode):
-            return bool(st.st_mode & 0o111)
-        return True
-    mode = st.st_mode
-    if st.st_uid == uid:
-        bits = (mode >> 6) & 7
-    elif st.st_gid == gid or st.st_gid in groups:
-        bits = (mode >> 3) & 7
-    else:
-        bits = mode & 7
-    return bits & want == want
-
-
-def has_acl(path: str) -> bool:
-    """True when ``path`` carries a POSIX access ACL (mode bits alone do not decide access)."""
-    try:
-        os.getxattr(path, "system.posix_acl_access")
-        return True
-    except OSError:
-        return False
-
-
-def describe_mode(st: os.stat_result) -> str:
-    """``+UID:+GID 0MODE`` of an inode, for messages."""
-    return f"+{st.st_uid}:+{st.st_gid} {stat.S_IMODE(st.st_mode):04o}"

@@ -18,7 +18,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from vmconfine.errors import DriverError, LabelError
-from vmconfine_dac.fsops import R, W, X, can_access, describe_mode, has_acl
+from vmconfine.perms import R, W, X, can_access, describe_mode, has_acl, user_group_hint
 from vmconfine_dac.identity import CAPNG_MISSING, Identity, have_capng
 
 if TYPE_CHECKING:
@@ -161,16 +161,5 @@ def _check_missing(c: _Checker, res: Resource, p: Plan | None) -> None:
 
 def user_hint(ident: Identity) -> str:
     """``user:group`` names for fix suggestions (numbers when there are no names)."""
-    import grp
-    import pwd
-
-    try:
-        user = pwd.getpwuid(ident.uid).pw_name
-    except KeyError:
-        user = str(ident.uid)
-    try:
-        group = grp.getgrgid(ident.gid).gr_name
-    except KeyError:
-        group = str(ident.gid)
-    return f"{user}:{group}"
+    return user_group_hint(ident.uid, ident.gid)
 

@@ -235,6 +235,17 @@ def _qmp_cont(sock_path: Path, timeout: float = 30) -> None:
                 assert "error" not in reply, reply
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What each open fd of ``pid`` points to (QEMU may close a transient fd meanwhile)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def exec_qemu_confined(scene: Scene, name: str, *, extra_args: tuple[str, ...] = (),
                        extra: str = "") -> tuple[int, str, list[str] | None]:
     """Start QEMU the way the pipeline does (driver ruleset, child as nobody, exec), check it
@@ -266,7 +277,7 @@ def exec_qemu_confined(scene: Scene, name: str, *, extra_args: tuple[str, ...] =
     try:
         if not extra_args:
             _wait_for(inst.monitor_path(name))
-            fds = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            fds = _fd_targets(pid)
             # nothing the driver opened reaches QEMU: no ruleset fd, no status pipe, no O_PATH
             # fd of a rule path QEMU did not open itself (emulator, libraries, directories)
             assert not [f for f in fds if "landlock" in f or f == status_pipe], fds

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from vmconfine import __version__
 from vmconfine.errors import VmconfineError
+from vmconfine.inputs import read_bounded
 
 log = logging.getLogger("vmconfine")
 
@@ -34,32 +35,12 @@ def verb(name: str, help_text: str) -> Callable[[Handler], Handler]:
     return deco
 
 
-MAX_INPUT = 10 * 1024 * 1024
-
-
 def _read_input(path: str) -> tuple[str, str]:
-    source = "<stdin>" if path == "-" else path
+    data, source = read_bounded(path, expected="a domain XML file")
     try:
-        if path == "-":
-            data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        else:
-            with open(path, "rb") as f:
-                data = f.read(MAX_INPUT + 1)
-    except FileNotFoundError:
-        raise VmconfineError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise VmconfineError(f"{path}: is a directory, expected a domain XML file") from None
-    except PermissionError:
-        raise VmconfineError(f"{path}: permission denied") from None
-    except (OSError, AttributeError) as exc:
-        raise VmconfineError(f"{source}: cannot read it: {exc}") from None
-    if len(data) > MAX_INPUT:
-        raise VmconfineError(f"{source}: larger than 10 MiB")
-    path = source
-    try:
-        return data.decode(), path
+        return data.decode(), source
     except UnicodeDecodeError as exc:
-        raise VmconfineError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        raise VmconfineError(f"{source}: not UTF-8 text (byte {exc.start})") from None
 
 
 def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -19,7 +19,6 @@ corpus, to-native then from-native gives a domain with the same command line.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +28,7 @@ from lxml import etree
 from vmconfine.domain_devices import one_line
 from vmconfine.fromnative_model import Guest, Monitor, NativeArgsError, NChar, NDisk
 from vmconfine.fromnative_options import Converter
+from vmconfine.inputs import read_bounded
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
@@ -48,7 +48,6 @@ __all__ = [
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 ZERO_UUID = "00000000-0000-0000-0000-000000000000"
 DEFAULT_NAME = "unnamed"
-MAX_INPUT = 10 * 1024 * 1024
 #: environment vmconfine sets itself for every QEMU (see vmconfine.argv)
 STANDARD_ENV = ("LC_ALL", "PATH", "HOME", "USER", "LOGNAME")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -84,24 +83,9 @@ class NativeResult:
 
 def read_native_file(path: str) -> tuple[str, str]:
     """The text of ``path`` (``-`` = stdin) and its name for messages."""
-    if path == "-":
-        data = sys.stdin.buffer.read(MAX_INPUT + 1)
-        source = "<stdin>"
-    else:
-        source = path
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_INPUT + 1)
-        except FileNotFoundError:
-            raise NativeArgsError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise NativeArgsError(f"{path}: is a directory, expected a file holding a QEMU "
-                                  "command line") from None
-        except PermissionError:
-            raise NativeArgsError(f"{path}: permission denied") from None
-    if len(data) > MAX_INPUT:
-        raise NativeArgsError(f"{source}: larger than 10 MiB; a QEMU command line is never "
-                              "this large, check the file")
+    data, source = read_bounded(
+        path, expected="a file holding a QEMU command line", error=NativeArgsError,
+        too_large_hint="; a QEMU command line is never this large, check the file")
     nul = data.find(b"\x00")
     if nul >= 0:
         start = max(data.rfind(b" ", 0, nul), data.rfind(b"\n", 0, nul)) + 1

@@ -365,15 +365,12 @@ def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str
 def core_checks(pid: int) -> list[str]:
     """What the pipeline itself guarantees: no_new_privs is set on QEMU."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        nnp = runtime.proc_status(pid).get("NoNewPrivs")
     except OSError as exc:
         return [f"cannot read /proc/{pid}/status: {exc}"]
-    for line in status.splitlines():
-        if line.startswith("NoNewPrivs:"):
-            if line.split()[1] != "1":
-                return ["NoNewPrivs is 0, expected 1"]
-            return []
-    return ["NoNewPrivs missing from /proc/PID/status"]
+    if nnp is None:
+        return ["NoNewPrivs missing from /proc/PID/status"]
+    return [] if nnp == "1" else ["NoNewPrivs is 0, expected 1"]
 
 
 def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True) -> list[str]:

@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.runtime import proc_status
 from vmconfine.validate import QemuIds, ids_from_config
 
 if TYPE_CHECKING:
@@ -183,15 +184,6 @@ def apparmor_column(ctx: DomainContext, res: Resource, desc: dict[str, Any]) -> 
 # ------------------------------------------------------------------------------------------------
 
 
-def read_status(pid: int) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            out[key] = value.strip()
-    return out
-
-
 def _read(path: str) -> str | None:
     try:
         return Path(path).read_bytes().decode(errors="replace").strip("\0\n ")
@@ -202,7 +194,7 @@ def _read(path: str) -> str | None:
 def kernel_view(pid: int, cgroup_desc: dict[str, Any]) -> dict[str, Any]:
     """What the kernel reports about ``pid``."""
     try:
-        status = read_status(pid)
+        status = proc_status(pid)
     except OSError as exc:
         return {"error": f"cannot read /proc/{pid}/status: {exc.strerror}"}
     cgroups = {}

@@ -29,6 +29,16 @@ def proc_starttime(pid: int) -> int | None:
     return int(fields[19])
 
 
+def proc_status(pid: int | str) -> dict[str, str]:
+    """``/proc/PID/status`` as ``{field: value}`` (raises OSError when the process is gone)."""
+    out: dict[str, str] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
 def same_process(pid: int | None, starttime: int | None) -> bool:
     """True when ``pid`` still names the process that started at ``starttime``."""
     if not pid:

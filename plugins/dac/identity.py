@@ -12,10 +12,10 @@ import grp
 import os
 import pwd
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from vmconfine.errors import ConfigError, DriverError, LabelError
+from vmconfine.runtime import proc_status
 
 PR_SET_KEEPCAPS = 8
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
@@ -171,14 +171,7 @@ def drop_capabilities() -> None:
 # ---- reading the kernel's view ----------------------------------------------------------------
 
 
-def read_status(pid: int | str) -> dict[str, str]:
-    """``/proc/PID/status`` as ``{field: value}``."""
-    out: dict[str, str] = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, sep, value = line.partition(":")
-        if sep:
-            out[key] = value.strip()
-    return out
+read_status = proc_status  # the kernel's view of a process, shared with core
 
 
 def read_caps(pid: int | str) -> dict[str, int]:

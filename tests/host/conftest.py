@@ -16,6 +16,7 @@ import pytest
 
 from examples.mkbootimg import write_image
 from tests.support import REPO, VENV_BIN, require_root
+from vmconfine.runtime import proc_status  # noqa: F401 (used by the host tests)
 
 VMCONFINE = str(VENV_BIN / "vmconfine")
 BASE = Path("/var/tmp/vmconfine-tests")
@@ -152,11 +153,3 @@ def qemu_pid(e: Embed, name: str) -> int:
         if line.startswith("PID:"):
             return int(line.split()[1])
     raise AssertionError(out)
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        out[k] = v.strip()
-    return out

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 from vmconfine.errors import URIError
 
 if TYPE_CHECKING:
+    from vmconfine.config.keys import Setting
     from vmconfine.config.settings import QemuConfig
 
 DEFAULT_URI_ENV = "VMCONFINE_DEFAULT_URI"
@@ -97,10 +98,14 @@ class Instance:
     caller_uid: int = field(default_factory=os.getuid)
     caller_gid: int = field(default_factory=os.getgid)
     _config: QemuConfig | None = field(default=None, repr=False)
+    #: the installed drivers' qemu.conf keys, once a plugin host declared them
+    _drivers: list[tuple[str, tuple[Setting, ...]]] | None = field(default=None, repr=False)
 
     # ---- configuration -------------------------------------------------------------------
     @property
     def config(self) -> QemuConfig:
+        """qemu.conf, loaded on first use with the keys the installed drivers declared; each
+        unknown key is warned about once (with the nearest known key)."""
         if self._config is None:
             from vmconfine.config.settings import load_config
 
@@ -110,8 +115,20 @@ class Instance:
                 privileged=self.privileged,
                 caller_uid=self.caller_uid,
                 caller_gid=self.caller_gid,
+                drivers=self._drivers or (),
             )
+            if self._drivers is not None:
+                self._config.warn_unknown()
         return self._config
+
+    def declare_drivers(self, drivers: list[tuple[str, tuple[Setting, ...]]]) -> None:
+        """Make the installed drivers' qemu.conf keys known (the plugin host does this before
+        anything reads the configuration; a configuration read earlier gets them too)."""
+        self._drivers = list(drivers)
+        if self._config is not None:
+            for name, settings in self._drivers:
+                self._config.declare(name, settings)
+            self._config.warn_unknown()
 
     # ---- per-domain paths (the only place they are spelled) --------------------------------
     def status_path(self, name: str) -> Path:

@@ -26,6 +26,10 @@ class HostContext:
     pm: pluggy.PluginManager
     registry: DriverRegistry
 
+    def __post_init__(self) -> None:
+        # the installed drivers' qemu.conf keys are known before anything reads qemu.conf
+        self.instance.declare_drivers(self.registry.settings())
+
     @property
     def config(self) -> QemuConfig:
         return self.instance.config
@@ -58,7 +62,7 @@ class DomainContext:
 
     @property
     def config(self) -> QemuConfig:
-        return self.host.instance.config
+        return self.host.config
 
     @cached_property
     def resources(self) -> list[Resource]:

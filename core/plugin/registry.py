@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from vmconfine.config.keys import Setting
+from vmconfine.config.settings import KNOWN_KEYS
 from vmconfine.errors import DriverError
 from vmconfine.plugin import hookspecs
 
@@ -30,13 +32,16 @@ KINDS = ("security", "pipeline")
 
 @dataclass(frozen=True)
 class DriverInfo:
-    """One registered driver: its name, how to build it, and a one-line description."""
+    """One registered driver: its name, how to build it, a one-line description, its
+    qemu.conf keys and whether it is a label-bearing security model."""
 
     name: str
     factory: DriverFactory
     description: str
     kind: str = "security"
     plugin: str = ""
+    settings: tuple[Setting, ...] = ()
+    labels: bool = True
 
 
 class DriverRegistry:
@@ -47,9 +52,16 @@ class DriverRegistry:
         self._current_plugin = ""
 
     def add(
-        self, name: str, factory: DriverFactory, description: str, kind: str = "security"
+        self, name: str, factory: DriverFactory, description: str, kind: str = "security",
+        *, settings: Iterable[Setting] = (), labels: bool = True,
     ) -> None:
-        """Register driver ``name``; a second registration of the same name is an error."""
+        """Register driver ``name``; a second registration of the same name is an error.
+
+        ``settings`` declares the driver's own qemu.conf keys (known before any stack is
+        built: ``vmconfine config`` lists them, a bad value is a ``FILE:LINE`` error, the
+        driver reads them with ``host.config.driver_settings(name)``). ``labels=False`` says
+        the driver is not a label-bearing security model: it gets no ``<seclabel>``, no
+        ``<secmodel>`` in capabilities and no label row in ``dominfo``."""
         if kind not in KINDS:
             raise DriverError(
                 f"driver '{name}': kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -61,7 +73,32 @@ class DriverRegistry:
                 f"security driver '{name}' is registered twice (by {other} and "
                 f"{self._current_plugin}); uninstall one of them"
             )
-        self._drivers[name] = DriverInfo(name, factory, description, kind, self._current_plugin)
+        settings = tuple(settings)
+        for setting in settings:
+            if not isinstance(setting, Setting):
+                raise DriverError(
+                    f"driver '{name}': settings must be vmconfine.config.keys.Setting objects, "
+                    f"not {type(setting).__name__}")
+            owner = self._key_owner(setting.name)
+            if setting.name in KNOWN_KEYS or owner is not None:
+                raise DriverError(
+                    f"driver '{name}' declares qemu.conf key '{setting.name}', which "
+                    f"{f'driver {owner!r}' if owner else 'core'} already owns; give the "
+                    "driver's key a name of its own (e.g. prefixed with the driver's name)")
+        if len({s.name for s in settings}) != len(settings):
+            raise DriverError(f"driver '{name}' declares a qemu.conf key twice")
+        self._drivers[name] = DriverInfo(name, factory, description, kind, self._current_plugin,
+                                         settings, bool(labels))
+
+    def _key_owner(self, key: str) -> str | None:
+        for info in self._drivers.values():
+            if any(s.name == key for s in info.settings):
+                return info.name
+        return None
+
+    def settings(self) -> list[tuple[str, tuple[Setting, ...]]]:
+        """Every driver's declared qemu.conf keys, by driver name."""
+        return [(info.name, info.settings) for info in self.infos()]
 
     def get(self, name: str) -> DriverInfo | None:
         return self._drivers.get(name)

@@ -227,7 +227,9 @@ def _name_apparmor_label(ctx: DomainContext, driver: Driver, default_confined: b
             return
         sec = ctx.domain.add_seclabel(driver.model, "dynamic", implicit=True)
     if sec.type == "dynamic" and not sec.label:
-        name = f"{ctx.config.apparmor_profile_prefix}{ctx.domain.uuid}"
+        prefix = ctx.config.driver_settings(driver.name).values().get(
+            "apparmor_profile_prefix", "vmconfine-")
+        name = f"{prefix}{ctx.domain.uuid}"
         sec.label = sec.imagelabel = name
 
 

@@ -306,7 +306,8 @@ def check_landlock(conn: Connection) -> Check:
     abi, why = landlock_abi()
     if abi > 0:
         return _ok("Landlock", f"ABI {abi}")
-    enforce = getattr(conn.instance.config, "landlock_mode", "best-effort") == "enforce"
+    mode = conn.instance.config.driver_settings("landlock").values().get("landlock_mode")
+    enforce = mode == "enforce"
     status = "FAIL" if _configured(conn, "landlock") and enforce else "WARN"
     return Check(status, "Landlock", f"not available ({why})",
                  "boot a kernel with Landlock in CONFIG_LSM (lsm=...,landlock)")

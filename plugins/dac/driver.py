@@ -271,7 +271,7 @@ class DacDriver:
             "imagelabel": sec.imagelabel if sec is not None else None,
             "groups": list(ident.groups),
             "capabilities": "cleared" if ident.clear_caps else "kept",
-            "dynamic_ownership": bool(ctx.config.dynamic_ownership),
+            "dynamic_ownership": bool(ctx.config.driver_settings(MODEL).dynamic_ownership),
             "remember_owner": bool(ctx.config.remember_owner),
             "owned": owned,
         }

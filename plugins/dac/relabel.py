@@ -105,8 +105,7 @@ def _dac_label(res: Resource) -> Any:
 def plan(ctx: DomainContext, resources: Iterable[Resource], ident: Identity) -> list[Plan]:
     """The chowns ``set_all_labels`` will make for ``resources`` (empty when relabelling is
     off: dynamic_ownership = 0 or the domain's DAC seclabel has relabel='no')."""
-    config = ctx.config
-    if not config.dynamic_ownership:
+    if not ctx.config.driver_settings(DRIVER).dynamic_ownership:
         return []
     sec = ctx.seclabel(DRIVER)
     if sec is not None and not sec.relabel:

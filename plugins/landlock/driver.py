@@ -44,7 +44,7 @@ _REPORT_MAX = 4096
 
 
 def _mode(host: HostContext) -> str:
-    mode = getattr(host.config, "landlock_mode", "best-effort")
+    mode = host.config.driver_settings(NAME).landlock_mode
     if mode not in MODES:
         raise DriverError(f"landlock_mode = {mode!r} in qemu.conf is not valid; use "
                           f"\"enforce\" or \"best-effort\"")

@@ -30,6 +30,7 @@ from tests.unit.test_selinux_support import (
     touch,
 )
 from vmconfine.errors import LabelError
+from vmconfine_selinux import SETTINGS as SELINUX_SETTINGS
 
 FIXED = ("<seclabel model='selinux' type='dynamic' relabel='yes'>"
          "<label>system_u:system_r:svirt_t:s0:c41,c264</label>"
@@ -409,7 +410,8 @@ def test_through_the_stack_with_rollback_when_a_later_driver_fails(tmp_path: Pat
 
     @hookimpl
     def vmconfine_register_drivers(registry: object) -> None:
-        registry.add("selinux", lambda host: SELinuxDriver(host, be), "fake")  # type: ignore[attr-defined]
+        registry.add("selinux", lambda host: SELinuxDriver(host, be), "fake",  # type: ignore[attr-defined]
+                     settings=SELINUX_SETTINGS)
         registry.add("dac", lambda host: dac, "dac")  # type: ignore[attr-defined]
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]

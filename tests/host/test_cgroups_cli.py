@@ -64,7 +64,8 @@ if __name__ == "__main__":
     if mode == "recover":
         print("recovered", conn.recover(), flush=True)
         sys.exit(0)
-    conn.instance.config.driver_settings("cgroups").cgroup_devices_backend = mode.split("-")[1]  # run-v1 / run-v2
+    settings = conn.instance.config.driver_settings("cgroups")
+    settings.cgroup_devices_backend = mode.split("-")[1]  # run-v1 / run-v2
     launched = start(conn, parse_domain(open(xml).read(), source=xml))
     desc = conn.stack.describe(launched.ctx).get("cgroups", {})
     supervise(conn, launched, on_ready=lambda l: print(

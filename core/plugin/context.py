@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,19 @@ class HostContext:
     def privileged(self) -> bool:
         return self.instance.privileged
 
+    def with_config_file(self, path: Path) -> HostContext:
+        """This host with the qemu.conf at ``path`` instead of the instance's (for ``config
+        FILE``); a missing file is an error, not all defaults."""
+        from vmconfine.config.settings import load_config
+
+        inst = self.instance
+        config = load_config(path, privileged=inst.privileged, caller_uid=inst.caller_uid,
+                             caller_gid=inst.caller_gid, drivers=self.registry.settings(),
+                             missing_ok=False)
+        config.warn_unknown()
+        return HostContext(dataclasses.replace(inst, config_path=path, _config=config),
+                           self.pm, self.registry)
+
 
 @dataclass
 class DomainContext:
@@ -55,6 +69,9 @@ class DomainContext:
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
     recovering: bool = False
     taints: list[str] = field(default_factory=list)
+    #: the stack's record of restore-type calls made for this context (each runs once) and
+    #: their failures; drivers do not use it
+    restored: dict[tuple[Any, ...], str | None] = field(default_factory=dict, repr=False)
 
     @property
     def instance(self) -> Instance:

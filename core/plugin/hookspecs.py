@@ -293,3 +293,11 @@ def explain(ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
     start and while QEMU runs), ``allows`` (False = this driver would deny the access the
     resource needs), ``why`` (one line: what denies it and the fix).
     """
+
+
+#: Every hook name of the contract (a driver method with one of these names must be marked
+#: ``@hookimpl``; a marked method must have one of these names).
+HOOK_NAMES: frozenset[str] = frozenset(
+    name for name, fn in list(globals().items())
+    if callable(fn) and hasattr(fn, f"{PROJECT}_spec")
+)

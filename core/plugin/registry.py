@@ -8,6 +8,9 @@ registered there exactly like third-party ones). Each plugin module implements
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -110,23 +113,82 @@ class DriverRegistry:
         return [self._drivers[n] for n in sorted(self._drivers)]
 
 
+def check_contract(pm: pluggy.PluginManager, plugin: object, who: str) -> None:
+    """Refuse a plugin module or driver object that vmconfine would silently ignore in part:
+    a method marked ``@hookimpl`` whose name is no hook (a misspelt ``child_confined``), or a
+    method named like a hook without the marker. ``who`` names it in the error."""
+    for name in dir(plugin):
+        if name.startswith("_"):
+            continue
+        marked = pm.parse_hookimpl_opts(plugin, name) is not None
+        if marked and name not in hookspecs.HOOK_NAMES:
+            close = difflib.get_close_matches(name, sorted(hookspecs.HOOK_NAMES), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise DriverError(
+                f"{who}: method '{name}' is marked @hookimpl but vmconfine has no hook of that "
+                f"name, so it would never be called ({hint}rename it to a hook of "
+                "vmconfine.plugin.hookspecs, or remove the marker)")
+        if not marked and name in hookspecs.HOOK_NAMES:
+            attr = inspect.getattr_static(plugin, name, None)
+            if isinstance(attr, (staticmethod, classmethod)) or callable(attr):
+                raise DriverError(
+                    f"{who}: method '{name}' has the name of a vmconfine hook but no @hookimpl "
+                    "marker, so it would never be called (decorate it with @hookimpl from "
+                    "vmconfine.plugin.hookspecs, or rename it)")
+
+
+def register_checked(pm: pluggy.PluginManager, plugin: object, who: str,
+                     name: str | None = None) -> None:
+    """Register ``plugin`` after :func:`check_contract`; a hook signature pluggy refuses, or
+    an unknown hook pluggy finds (``check_pending``), is a one-line error naming ``who``."""
+    check_contract(pm, plugin, who)
+    try:
+        pm.register(plugin, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        with contextlib.suppress(ValueError):
+            pm.unregister(plugin)
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise DriverError(f"{who}: {text} (make the method match its hook in "
+                          "vmconfine.plugin.hookspecs)") from None
+
+
 def make_plugin_manager(
     *, autoload: bool = True, plugins: Iterable[object] = (), trace: bool | None = None
 ) -> pluggy.PluginManager:
     """Build the plugin manager: hookspecs, entry-point plugins (unless ``autoload`` is off),
-    then ``plugins``. ``trace`` (default: env ``VMCONFINE_TRACE_HOOKS``) logs every hook call."""
+    then ``plugins``. ``trace`` (default: env ``VMCONFINE_TRACE_HOOKS``) logs every hook call.
+
+    Every plugin module must keep the contract (:func:`check_contract`): a violation is a
+    :class:`DriverError` naming the plugin, the method and the fix."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if autoload:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        try:
+            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        except pluggy.PluginValidationError as exc:
+            raise DriverError(f"plugin {exc.plugin!r}: "
+                              f"{' '.join(str(exc).split())}") from None
     for plugin in plugins:
-        pm.register(plugin)
+        register_checked(pm, plugin, f"plugin '{_module_name(plugin)}'")
+    for plugin in pm.get_plugins():
+        check_contract(pm, plugin, f"plugin '{pm.get_name(plugin)}'")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise DriverError(f"plugin '{pm.get_name(exc.plugin)}': "
+                          f"{' '.join(str(exc).split())} (rename it to a hook of "
+                          "vmconfine.plugin.hookspecs)") from None
     if trace is None:
         trace = os.environ.get("VMCONFINE_TRACE_HOOKS", "") not in ("", "0")
     if trace:
         pm.trace.root.setwriter(lambda msg: log.debug("hook: %s", msg.rstrip()))
         pm.enable_tracing()
     return pm
+
+
+def _module_name(plugin: object) -> str:
+    return str(getattr(plugin, "__name__", None) or type(plugin).__name__)
 
 
 def collect_drivers(pm: pluggy.PluginManager) -> DriverRegistry:

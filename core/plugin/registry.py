@@ -8,7 +8,6 @@ registered there exactly like third-party ones). Each plugin module implements
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import logging
@@ -146,7 +145,7 @@ def register_checked(pm: pluggy.PluginManager, plugin: object, who: str,
         pm.register(plugin, name=name)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        with contextlib.suppress(ValueError):
+        if pm.is_registered(plugin):
             pm.unregister(plugin)
         text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise DriverError(f"{who}: {text} (make the method match its hook in "

@@ -182,7 +182,8 @@ def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched
         journal.record("pipeline", "labels", xml=domain.to_xml(live=True))
         checkpoint("labels")
         command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
-        ctx.state["pipeline"] = {"command": command}
+        ctx.command = command
+        ctx.state["pipeline"] = {}
         stack.preflight(ctx)
         checkpoint("preflight")
         _make_runtime_dirs(ctx)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from vmconfine.launch.journal import Journal
     from vmconfine.plugin.registry import DriverRegistry
     from vmconfine.plugin.resources import Resource
+    from vmconfine.qemu.argv import QemuCommand
 
 
 @dataclass
@@ -57,15 +58,22 @@ class HostContext:
 class DomainContext:
     """One domain's launch (or teardown): passed to every per-domain hook.
 
-    ``state`` is a per-driver scratch dict (``ctx.state["landlock"]``) computed in the parent
-    and read by the same driver's child hooks after fork. Anything that must survive a crash of
-    vmconfine goes to ``journal`` instead.
+    ``state`` is a per-driver scratch dict (``ctx.state[name]``, :meth:`driver_state`)
+    computed in the parent and read by the same driver's child hooks after fork. Anything that
+    must survive a crash of vmconfine goes to ``journal`` instead.
+
+    ``command`` is the QEMU command the pipeline will exec (:class:`~vmconfine.qemu.argv.
+    QemuCommand`: ``emulator``, ``argv()``, ``env``), set once the argv is built (after label
+    generation, before ``preflight``); None before that, during a teardown from the journal,
+    and for contexts built without a launch. ``confinement`` sets it with symbolic per-start
+    values.
     """
 
     host: HostContext
     domain: Domain
     journal: Journal
     pid: int | None = None
+    command: QemuCommand | None = None
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
     recovering: bool = False
     taints: list[str] = field(default_factory=list)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.errors import VmconfineError
 from vmconfine.launch.journal import Journal
 from vmconfine.plugin.context import DomainContext
-from vmconfine.plugin.resources import Resource
+from vmconfine.plugin.resources import Resource, Role
 from vmconfine.report.render import (
     apparmor_column,
     file_view,
@@ -200,8 +200,7 @@ def _dry_labels(conn: Connection, stack: Stack, ctx: DomainContext,
         return None
     try:
         paths = command_paths(conn, domain, symbolic=True)
-        ctx.state["pipeline"] = {"command": build_command(domain, conn.instance.config, paths,
-                                                          symbolic=True)}
+        ctx.command = build_command(domain, conn.instance.config, paths, symbolic=True)
     except VmconfineError as exc:
         problems.from_error("domain", exc)
     return gen
@@ -489,7 +488,7 @@ def diagnose_path(conn: Connection, ctx: DomainContext, path: str, error: str) -
     stack = conn.stack
     res = next((r for r in ctx.resources if r.path == path), None)
     if res is None:
-        res = Resource(path, "other", "rw" if _writable_guess(path) else "ro")
+        res = Resource(path, Role.OTHER, "rw" if _writable_guess(path) else "ro")
     descs = {d.name: (d.call("describe", ctx=ctx) or {}) for d in stack.drivers}
     ids = qemu_ids(conn, descs)
     reasons: list[str] = []

@@ -70,10 +70,8 @@ def _missing_features(abi: int) -> list[str]:
 
 def _emulator_path(ctx: DomainContext) -> str:
     """The exact binary the pipeline will exec, else the one ``find_emulator`` resolves."""
-    command = ctx.state.get("pipeline", {}).get("command")
-    path = getattr(command, "emulator", None)
-    if path:
-        return str(path)
+    if ctx.command is not None and ctx.command.emulator:
+        return str(ctx.command.emulator)
     from vmconfine.qemu.argv import find_emulator
 
     return find_emulator(ctx.domain, ctx.config)

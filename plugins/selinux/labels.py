@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 
 from vmconfine.domain import Chardev, DeviceSecLabel, Disk, Hostdev, SecLabel
-from vmconfine.plugin.resources import Resource, usb_device_path, vfio_group_path
+from vmconfine.plugin.resources import Resource, Role, usb_device_path, vfio_group_path
 from vmconfine_selinux.contexts import PolicyContexts
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def disk_resources(disk: Disk) -> list[Resource]:
             continue
         top = depth == 0
         out.append(Resource(
-            path=src.path, role="disk" if top else "backing",
+            path=src.path, role=Role.DISK if top else Role.BACKING,
             access="rw" if top and not disk.readonly else "ro", chain_top=top,
             readonly=disk.readonly or not top, shared=disk.shareable, disk=disk, source=src,
             seclabels=list(src.seclabels) or top_labels,
@@ -162,10 +162,10 @@ def hostdev_resources(hostdev: Hostdev) -> list[Resource]:
     """The device nodes of one host device."""
     if hostdev.type == "usb":
         path = usb_device_path(hostdev)
-        return [Resource(path, "hostdev", "rw", hostdev=hostdev)] if path else []
+        return [Resource(path, Role.HOSTDEV, "rw", hostdev=hostdev)] if path else []
     if hostdev.type == "pci":
         group = vfio_group_path(hostdev)
-        return [Resource(group, "hostdev", "rw", hostdev=hostdev)] if group else []
+        return [Resource(group, Role.HOSTDEV, "rw", hostdev=hostdev)] if group else []
     return []
 
 
@@ -178,7 +178,7 @@ def chardev_resources(chardev: Chardev) -> list[Resource]:
     if chardev.type == "pipe":
         pin, pout = f"{path}.in", f"{path}.out"
         paths = [pin, pout] if os.path.exists(pin) and os.path.exists(pout) else [path]
-        return [Resource(p, "chardev", "rw", source=chardev, seclabels=labels) for p in paths]
+        return [Resource(p, Role.CHARDEV, "rw", source=chardev, seclabels=labels) for p in paths]
     create = chardev.type == "file" or (chardev.type == "unix" and
                                         (chardev.mode or "bind") == "bind")
-    return [Resource(path, "chardev", "rw", source=chardev, seclabels=labels, create=create)]
+    return [Resource(path, Role.CHARDEV, "rw", source=chardev, seclabels=labels, create=create)]

@@ -257,7 +257,7 @@ def exec_qemu_confined(scene: Scene, name: str, *, extra_args: tuple[str, ...] =
                          home_dir=str(inst.domain_lib_dir(name)),
                          runtime_dir=str(inst.domain_run_dir(name)), user="nobody")
     cmd = build_command(ctx.domain, inst.config, paths)
-    ctx.state["pipeline"] = {"command": cmd}
+    ctx.command = cmd
     drv.set_all_labels(ctx)
     rs = ctx.state["landlock"]["ruleset"]
     argv = [*cmd.argv(), *extra_args]

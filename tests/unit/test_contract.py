@@ -223,3 +223,26 @@ def test_set_after_restore_makes_the_restore_due_again(tmp_path: Path) -> None:
         stack.set("set_socket_label", ctx)
         assert stack.restore("clear_socket_label", ctx) == []
     assert calls.count("clear-socket a") == 2 and calls.count("set-socket a") == 2
+
+
+# ---- typed context ------------------------------------------------------------------------------
+
+def test_resource_roles_are_a_str_enum() -> None:
+    import json
+
+    from vmconfine.domain import parse_domain
+    from vmconfine.plugin.resources import Resource, Role, domain_resources
+
+    dom = parse_domain(XML.replace("</os>", "<kernel>/boot/vmlinuz</kernel></os>"))
+    kernel = next(r for r in domain_resources(dom) if r.path == "/boot/vmlinuz")
+    assert kernel.role is Role.KERNEL and kernel.role == "kernel"
+    assert json.dumps({"role": kernel.role}) == '{"role": "kernel"}' and f"{kernel.role}" == "kernel"
+    assert Resource("/x", "disk", "rw").role is Role.DISK  # strings are converted
+    with pytest.raises(ValueError, match="'diks' is not a valid Role"):
+        Resource("/x", "diks", "rw")
+
+
+def test_the_command_is_a_typed_context_field(tmp_path: Path) -> None:
+    host = make_host(tmp_path, [])
+    ctx = make_ctx(host, XML)
+    assert ctx.command is None  # set by the pipeline once the argv is built

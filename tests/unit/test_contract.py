@@ -236,7 +236,8 @@ def test_resource_roles_are_a_str_enum() -> None:
     dom = parse_domain(XML.replace("</os>", "<kernel>/boot/vmlinuz</kernel></os>"))
     kernel = next(r for r in domain_resources(dom) if r.path == "/boot/vmlinuz")
     assert kernel.role is Role.KERNEL and kernel.role == "kernel"
-    assert json.dumps({"role": kernel.role}) == '{"role": "kernel"}' and f"{kernel.role}" == "kernel"
+    assert json.dumps({"role": kernel.role}) == '{"role": "kernel"}'
+    assert f"{kernel.role}" == "kernel"
     assert Resource("/x", "disk", "rw").role is Role.DISK  # strings are converted
     with pytest.raises(ValueError, match="'diks' is not a valid Role"):
         Resource("/x", "diks", "rw")

@@ -8,15 +8,16 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.config.settings import QemuConfig, load_config
+from vmconfine.plugin.resources import Resource, domain_resources
+
 if TYPE_CHECKING:
     import pluggy
 
     from vmconfine.config.instance import Instance
-    from vmconfine.config.settings import QemuConfig
     from vmconfine.domain import Domain, SecLabel
     from vmconfine.launch.journal import Journal
     from vmconfine.plugin.registry import DriverRegistry
-    from vmconfine.plugin.resources import Resource
     from vmconfine.qemu.argv import QemuCommand
 
 
@@ -43,8 +44,6 @@ class HostContext:
     def with_config_file(self, path: Path) -> HostContext:
         """This host with the qemu.conf at ``path`` instead of the instance's (for ``config
         FILE``); a missing file is an error, not all defaults."""
-        from vmconfine.config.settings import load_config
-
         inst = self.instance
         config = load_config(path, privileged=inst.privileged, caller_uid=inst.caller_uid,
                              caller_gid=inst.caller_gid, drivers=self.registry.settings(),
@@ -92,8 +91,6 @@ class DomainContext:
     @cached_property
     def resources(self) -> list[Resource]:
         """Every host path QEMU will open, from the same model the argv is built from."""
-        from vmconfine.plugin.resources import domain_resources
-
         return domain_resources(self.domain, self.runtime_dir,
                                 self.host.instance.domain_lib_dir(self.domain.name))
 

@@ -69,6 +69,11 @@ class Driver:
     def kind(self) -> str:
         return self.info.kind
 
+    @property
+    def labels(self) -> bool:
+        """A label-bearing security model (``registry.add(..., labels=True)``, the default)."""
+        return self.kind == "security" and self.info.labels
+
     def implements(self, hook: str) -> bool:
         return callable(getattr(self.obj, hook, None)) and any(
             impl.plugin is self.obj for impl in getattr(self.host.pm.hook, hook).get_hookimpls()
@@ -198,6 +203,15 @@ class Stack:
             if not ok:
                 raise DriverError(f"Security driver {name} not enabled: {why}")
             drivers.append(drv)
+        if not any(d.labels for d in drivers):  # only drivers that set no label
+            if require_confined:
+                raise DriverError(
+                    f"security_require_confined = 1 needs a security driver that labels the "
+                    f"domain, but {', '.join(names)} set no label; add one to security_driver "
+                    "or set security_require_confined = 0")
+            nop = host.registry.get("none")
+            if nop is not None:  # the stack's primary model, as for security_driver = "none"
+                drivers.insert(0, load_driver(host, nop))
         if names == ["none"]:
             if require_confined:
                 raise DriverError(
@@ -257,8 +271,8 @@ class Stack:
         drivers = [load_driver(host, i) for i in infos if i is not None and i.kind == "security"]
         drivers = [d for d in drivers if d.probe()[0]]
         fallback = host.registry.get("none")
-        if not drivers and fallback is not None:
-            drivers.append(load_driver(host, fallback))  # the stack needs a primary model
+        if not any(d.labels for d in drivers) and fallback is not None:
+            drivers.insert(0, load_driver(host, fallback))  # the stack needs a primary model
         dac = host.registry.get("dac")
         if host.privileged and dac is not None:
             drivers.append(load_driver(host, dac))
@@ -312,8 +326,16 @@ class Stack:
         return [d for d in self.drivers if d.kind == "security"]
 
     @property
+    def label_drivers(self) -> list[Driver]:
+        """The label-bearing security models, in stack order: they get a ``<seclabel>``, a
+        ``<secmodel>`` in capabilities and a line in ``dominfo``; drivers registered with
+        ``labels=False`` (confinement without a label) do not."""
+        return [d for d in self.security_drivers if d.labels]
+
+    @property
     def primary(self) -> Driver:
-        return self.security_drivers[0]
+        """The first label-bearing security driver (libvirt's primary security manager)."""
+        return self.label_drivers[0]
 
     def names(self) -> list[str]:
         return [d.name for d in self.drivers]
@@ -321,7 +343,7 @@ class Stack:
     def secmodels(self) -> list[dict[str, Any]]:
         """One entry per security driver, in stack order, for capabilities."""
         out = []
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             base = {vt: d.call("base_label", virt_type=vt) for vt in ("kvm", "qemu")}
             out.append({"model": d.model, "doi": d.doi,
                         "baselabels": {k: v for k, v in base.items() if v}})
@@ -330,7 +352,7 @@ class Stack:
     # ---- validation and labels ----------------------------------------------------------------
     def check_models(self, domain: Domain) -> None:
         """Every seclabel model in the XML must be "none" or a model of this stack."""
-        models = {d.model for d in self.security_drivers}
+        models = {d.model for d in self.label_drivers}
         primary = self.primary.model
         for sec in domain.seclabels:
             if sec.model is None:
@@ -346,7 +368,7 @@ class Stack:
                 )
 
     def verify(self, domain: Domain) -> None:
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             d.call("verify", domain=domain, seclabel=domain.seclabel(d.model))
 
     def gen_labels(self, ctx: DomainContext) -> None:
@@ -354,7 +376,7 @@ class Stack:
         domain = ctx.domain
         done: list[Driver] = []
         try:
-            for d in self.security_drivers:
+            for d in self.label_drivers:
                 if d.model == "none":
                     continue
                 sec = domain.seclabel(d.model)
@@ -376,14 +398,14 @@ class Stack:
             raise
 
     def reserve_labels(self, ctx: DomainContext, pid: int) -> None:
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             sec = ctx.domain.seclabel(d.model)
             if sec is not None and sec.type == "dynamic":
                 d.call("reserve_label", ctx=ctx, seclabel=sec, pid=pid)
 
     def release_labels(self, ctx: DomainContext) -> list[str]:
         errors: list[str] = []
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             sec = ctx.domain.seclabel(d.model)
             if sec is not None and sec.type != "none":
                 err = _best_effort(d, "release_label", ctx=ctx, seclabel=sec)
@@ -455,7 +477,7 @@ class Stack:
     def process_labels(self, ctx: DomainContext, pid: int) -> list[tuple[str, str, str]]:
         """(model, doi, label) per security driver, for ``dominfo``."""
         out = []
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             label = d.call("process_label", ctx=ctx, pid=pid)
             out.append((d.model, d.doi, label or ""))
         return out

@@ -183,7 +183,7 @@ def _dry_labels(conn: Connection, stack: Stack, ctx: DomainContext,
         problems.from_error("domain", exc)
     gen = Stack(stack.host, [d for d in stack.drivers if d.model not in HOST_WRITING_GEN],
                 default_confined=stack.default_confined, require_confined=stack.require_confined)
-    for d in stack.security_drivers:
+    for d in stack.label_drivers:
         if d.model in HOST_WRITING_GEN:
             _name_apparmor_label(ctx, d, stack.default_confined)
             sec = domain.seclabel(d.model)
@@ -205,7 +205,7 @@ def _dry_labels(conn: Connection, stack: Stack, ctx: DomainContext,
 
 
 def _prepare(stack: Stack, domain: Domain) -> None:
-    if stack.security_drivers:
+    if stack.label_drivers:
         stack.check_models(domain)
     stack.verify(domain)
     for disk in domain.disks:

@@ -257,7 +257,7 @@ def process_rows(conn: Connection, stack: Stack, ctx: DomainContext,
     have = SECCOMP_MODES.get(k["seccomp"], k["seccomp"]) if live else None
     rows.append(_row("seccomp sandbox", "filter (-sandbox on)" if seccomp_on else "off", have,
                      live and seccomp_on and k["seccomp"] != "2"))
-    for d in stack.security_drivers:
+    for d in stack.label_drivers:
         sec = ctx.seclabel(d.model)
         if d.model in ("dac", "none"):
             continue

@@ -247,3 +247,87 @@ def test_the_command_is_a_typed_context_field(tmp_path: Path) -> None:
     host = make_host(tmp_path, [])
     ctx = make_ctx(host, XML)
     assert ctx.command is None  # set by the pipeline once the argv is built
+
+
+# ---- label-bearing declaration ------------------------------------------------------------------
+
+class LabelLess:
+    """Confines without a label (like an rlimit driver)."""
+
+    def __init__(self) -> None:
+        self.gen_calls = 0
+
+    @hookimpl
+    def probe(self, host: Any) -> tuple[bool, str]:
+        return True, ""
+
+    @hookimpl
+    def model(self) -> str:
+        return "rl"
+
+    @hookimpl
+    def gen_label(self, ctx: Any, seclabel: Any) -> None:
+        self.gen_calls += 1
+
+    @hookimpl
+    def process_label(self, ctx: Any, pid: int) -> str | None:
+        return "rl-label"
+
+
+class StandInDac:
+    @hookimpl
+    def model(self) -> str:
+        return "dac"
+
+    @hookimpl
+    def gen_label(self, ctx: Any, seclabel: Any) -> None:
+        seclabel.label = seclabel.imagelabel = "+107:+107"
+
+
+def label_host(tmp_path: Path, conf: str, drv: LabelLess) -> Any:
+    from vmconfine.plugin import nop
+
+    return make_host(tmp_path, [nop, plugin("rl", lambda h: drv, labels=False),
+                                plugin("dac", lambda h: StandInDac())], config=conf)
+
+
+def test_a_driver_without_labels_gets_no_seclabel_secmodel_or_dominfo_line(
+        tmp_path: Path) -> None:
+    drv = LabelLess()
+    host = label_host(tmp_path, 'security_driver = "rl"\n', drv)
+    stack = Stack.build(host)
+    assert stack.names() == ["none", "rl", "dac"]  # "none" is the primary model, as libvirt's
+    assert [d.name for d in stack.label_drivers] == ["none", "dac"]
+    assert [m["model"] for m in stack.secmodels()] == ["none", "dac"]
+    ctx = make_ctx(host, XML)
+    stack.check_models(ctx.domain)
+    stack.gen_labels(ctx)
+    assert drv.gen_calls == 0
+    assert [s.model for s in ctx.domain.seclabels] == ["dac"]
+    assert "model='rl'" not in ctx.domain.to_xml(live=True).replace('"', "'")
+    assert [m for m, _doi, _label in stack.process_labels(ctx, 1)] == ["none", "dac"]
+    with pytest.raises(DriverError, match="Security driver model 'rl' is not available"):
+        stack.check_models(make_ctx(host, XML.replace(
+            "</os>", "</os><seclabel model='rl' type='dynamic'/>")).domain)
+
+
+def test_label_less_drivers_alone_cannot_satisfy_require_confined(tmp_path: Path) -> None:
+    host = label_host(tmp_path, 'security_driver = "rl"\nsecurity_require_confined = 1\n',
+                      LabelLess())
+    with pytest.raises(DriverError, match="security_require_confined = 1 needs a security "
+                       "driver that labels the domain, but rl set no label"):
+        Stack.build(host)
+
+
+def test_a_label_bearing_driver_keeps_its_seclabel(tmp_path: Path) -> None:
+    from vmconfine.plugin import nop
+
+    drv = LabelLess()
+    host = make_host(tmp_path, [nop, plugin("rl", lambda h: drv),
+                                plugin("dac", lambda h: StandInDac())],
+                     config='security_driver = "rl"\n')
+    stack = Stack.build(host)
+    assert stack.names() == ["rl", "dac"]
+    ctx = make_ctx(host, XML)
+    stack.gen_labels(ctx)
+    assert drv.gen_calls == 1 and [s.model for s in ctx.domain.seclabels] == ["rl", "dac"]

@@ -10,16 +10,28 @@ apply); it never relies on pluggy's LIFO ordering.
 Conventions for every per-driver hook:
 
 * ``ctx`` is a :class:`vmconfine.plugin.context.DomainContext`: the domain model
-  (``ctx.domain``), the
-  instance and its config (``ctx.host``), the journal (``ctx.journal``), the resources QEMU will
-  open (``ctx.resources``), the driver's own seclabel (``ctx.seclabel(model)``), and after fork the
-  QEMU pid (``ctx.pid``).
+  (``ctx.domain``), the instance and its config (``ctx.host``, ``ctx.config``), the journal
+  (``ctx.journal``), the resources QEMU will open (``ctx.resources``, each with a
+  :class:`~vmconfine.plugin.resources.Role`), the driver's own seclabel
+  (``ctx.seclabel(model)``), the QEMU command once the argv is built (``ctx.command``, a
+  :class:`~vmconfine.qemu.argv.QemuCommand`, from ``preflight`` on), and after fork the QEMU
+  pid (``ctx.pid``).
+* A driver reads its own qemu.conf keys, declared with ``registry.add(..., settings=[...])``,
+  as ``ctx.config.driver_settings(NAME)`` (typed, with their ``FILE:LINE`` sources); core keys
+  (``user``, ``security_require_confined``, ...) are attributes of ``ctx.config``.
 * Failures raise :class:`vmconfine.errors.VmconfineError` subclasses (one clear line). Returning
-  normally means success. A driver that does not implement a hook is treated as succeeding, as
-  libvirt's manager does for optional hooks.
+  normally means success. Any other exception escaping a hook (an ``OSError``, a bug) becomes
+  a :class:`~vmconfine.errors.DriverError` naming the driver and the hook. A driver that does
+  not implement a hook is treated as succeeding, as libvirt's manager does for optional hooks.
+* The contract is checked when a plugin module is loaded and when a driver object is built: a
+  method marked ``@hookimpl`` whose name is no hook (``child_confined``), a method named like a
+  hook without the marker, or a signature pluggy refuses is an error naming the plugin or
+  driver, the method and the fix.
 * *Set-type* hooks (``set_*``) run in stack order; when one raises, the stack runs the matching
-  *restore-type* hook of every driver that already succeeded, in reverse order, then re-raises.
-  Restore-type hooks run on every driver even when some fail; every failure is reported.
+  *restore-type* hook of the failing driver and every earlier one, in reverse order, then
+  re-raises. Restore-type hooks run on every driver even when some fail; every failure is
+  reported. Each restore runs once per context: the teardown after a failed set does not
+  repeat the restores the rollback already ran (it reports their failures again).
 * Anything a driver changes on the host must be recorded in ``ctx.journal`` BEFORE the change,
   so that a teardown after a crash of vmconfine (``restore_all_labels`` called from a fresh process
   with a context rebuilt from the journal) can undo exactly what was done.
@@ -55,10 +67,15 @@ def vmconfine_register_drivers(registry: DriverRegistry) -> None:
     """Register this plugin's drivers.
 
     When: once, when the plugin manager is built (every command). Runs in the parent.
-    Gets: the registry. Call ``registry.add(name, factory, description, kind=...)`` per driver:
-    ``factory(host: HostContext) -> driver object``; ``kind`` is ``"security"`` (selectable in
-    ``security_driver``; DAC is ``"security"`` too, appended by the stack rule) or ``"pipeline"``
-    (always considered, e.g. cgroups; its ``enabled`` hook decides per instance).
+    Gets: the registry. Call ``registry.add(name, factory, description, kind=..., settings=...,
+    labels=...)`` per driver: ``factory(host: HostContext) -> driver object``; ``kind`` is
+    ``"security"`` (selectable in ``security_driver``; DAC is ``"security"`` too, appended by
+    the stack rule) or ``"pipeline"`` (always considered, e.g. cgroups; its ``enabled`` hook
+    decides per instance); ``settings`` are the driver's own qemu.conf keys
+    (:class:`vmconfine.config.keys.Setting`: name, kind, default, doc, optional check), known
+    before any stack is built; ``labels=False`` marks a security driver that confines without
+    a label (no ``<seclabel>``, ``<secmodel>`` or ``dominfo`` line; ``gen_label``, ``verify``
+    and ``process_label`` are not called for it).
     Returns: nothing.
     """
 
@@ -127,7 +144,11 @@ def gen_label(ctx: DomainContext, seclabel: SecLabel) -> None:
 
 @hookspec
 def reserve_label(ctx: DomainContext, seclabel: SecLabel, pid: int) -> None:
-    """Mark a running domain's label as in use (reconnect / adoption). Raise if taken."""
+    """Mark a running domain's label as in use (reconnect / adoption). Raise if taken.
+
+    Not called yet: wired by hotplug / the daemon (drivers implement it now so those can
+    rely on it).
+    """
 
 
 @hookspec
@@ -168,32 +189,56 @@ def restore_all_labels(ctx: DomainContext) -> None:
 
 @hookspec
 def set_image_label(ctx: DomainContext, disk: Disk) -> None:
-    """Label one disk and its whole backing chain (hotplug). Set-type."""
+    """Label one disk and its whole backing chain (hotplug). Set-type.
+
+    Not called yet: wired by hotplug / the daemon (drivers implement it now so those can
+    rely on it).
+    """
 
 
 @hookspec
 def restore_image_label(ctx: DomainContext, disk: Disk) -> None:
-    """Undo ``set_image_label`` for one disk (hot-unplug). Restore-type."""
+    """Undo ``set_image_label`` for one disk (hot-unplug). Restore-type.
+
+    Not called yet: wired by hotplug / the daemon (drivers implement it now so those can
+    rely on it).
+    """
 
 
 @hookspec
 def set_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
-    """Label / allow one host device's nodes (hotplug). Set-type."""
+    """Label / allow one host device's nodes (hotplug). Set-type.
+
+    Not called yet: wired by hotplug / the daemon (drivers implement it now so those can
+    rely on it).
+    """
 
 
 @hookspec
 def restore_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
-    """Undo ``set_hostdev_label``. Restore-type."""
+    """Undo ``set_hostdev_label``. Restore-type.
+
+    Not called yet: wired by hotplug / the daemon (drivers implement it now so those can
+    rely on it).
+    """
 
 
 @hookspec
 def set_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
-    """Label one character device source (file, pipe, unix socket, device). Set-type."""
+    """Label one character device source (file, pipe, unix socket, device). Set-type.
+
+    Not called yet: wired by hotplug / the daemon (drivers implement it now so those can
+    rely on it).
+    """
 
 
 @hookspec
 def restore_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
-    """Undo ``set_chardev_label``. Restore-type."""
+    """Undo ``set_chardev_label``. Restore-type.
+
+    Not called yet: wired by hotplug / the daemon (drivers implement it now so those can
+    rely on it).
+    """
 
 
 @hookspec

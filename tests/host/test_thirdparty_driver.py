@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.host.conftest import Embed, VmDir
-from tests.support import REPO, VENV_BIN, require
+from tests.support import REPO, VENV_BIN, install_plugin_package, require
 
 EXAMPLE = REPO / "examples" / "thirdparty_driver"
 LIMIT = 256
@@ -173,17 +173,6 @@ def vmconfine_register_drivers(registry):
 """
 
 
-def install_broken(site: Path, name: str, body: str, kind: str) -> None:
-    """A distribution with a ``vmconfine`` entry point, as pip would leave it."""
-    (site / name).mkdir(parents=True)
-    (site / name / "__init__.py").write_text(BROKEN_MODULE.format(name=name, body=body,
-                                                                  kind=kind))
-    dist = site / f"{name}-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(f"[vmconfine]\n{name} = {name}\n")
-
-
 @pytest.mark.parametrize("name", sorted(BROKEN))
 def test_broken_third_party_driver_is_one_clear_line(embed: Embed, vm_dir: VmDir,
                                                     tmp_path: Path, name: str) -> None:
@@ -192,7 +181,7 @@ def test_broken_third_party_driver_is_one_clear_line(embed: Embed, vm_dir: VmDir
     # the crashing one is a pipeline driver: it runs after DAC gave QEMU the image, so the
     # rollback must give it back
     kind = "pipeline" if name == "crash" else "security"
-    install_broken(site, name, body, kind)
+    install_plugin_package(site, name, BROKEN_MODULE.format(name=name, body=body, kind=kind))
     embed.configure(f'security_driver = "{name}"\n' if kind == "security" else
                     'security_driver = "none"\n')
     xml = vm_dir.domain_xml(f"broken-{name}")

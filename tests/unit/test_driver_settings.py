@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import make_host
+from tests.support import install_plugin_package, make_host
 from vmconfine.config.keys import Setting, positive
 from vmconfine.config.settings import config_from_text
 from vmconfine.errors import ConfigError, DriverError
@@ -159,16 +159,6 @@ def vmconfine_register_drivers(registry):
 """
 
 
-def install_package(site: Path, name: str, source: str) -> None:
-    """An installed distribution (dist-info with an entry point) on a path importlib sees."""
-    (site / name).mkdir(parents=True)
-    (site / name / "__init__.py").write_text(source)
-    dist = site / f"{name}-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(f"[vmconfine]\n{name} = {name}\n")
-
-
 def cli(root: Path, *args: str, site: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("VMCONFINE_DEBUG", None)
@@ -233,7 +223,7 @@ def test_config_check_clean_file_and_driver_keys(tmp_path: Path) -> None:
 
 def test_config_check_unavailable_driver_exits_1(tmp_path: Path) -> None:
     site = tmp_path / "site"
-    install_package(site, "vmconfine_never", UNAVAILABLE)
+    install_plugin_package(site, "vmconfine_never", UNAVAILABLE)
     conf = write_conf(tmp_path / "inst", 'security_driver = "never"\n')
     proc = cli(tmp_path / "inst", "config", "--check", site=site)
     assert proc.returncode == 1, proc

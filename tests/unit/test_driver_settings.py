@@ -186,6 +186,9 @@ def test_config_check_unknown_key_exits_1(tmp_path: Path) -> None:
     assert "did you mean security_driver?" in proc.stderr  # the warning every command gives
     run = cli(tmp_path, "config")
     assert run.returncode == 0 and "did you mean security_driver?" in run.stderr
+    caps = cli(tmp_path, "capabilities")  # any command that loads qemu.conf warns, once
+    assert caps.returncode == 0, caps.stderr
+    assert caps.stderr.count("unknown setting 'securty_driver'") == 1
     assert f"#securty_driver # {conf}:1" in run.stdout
 
 

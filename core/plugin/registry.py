@@ -129,6 +129,8 @@ def check_contract(pm: pluggy.PluginManager, plugin: object, who: str) -> None:
                 "vmconfine.plugin.hookspecs, or remove the marker)")
         if not marked and name in hookspecs.HOOK_NAMES:
             attr = inspect.getattr_static(plugin, name, None)
+            if inspect.ismodule(plugin) and getattr(attr, "__module__", None) != plugin.__name__:
+                continue  # a module's imported names are not its methods
             if isinstance(attr, (staticmethod, classmethod)) or callable(attr):
                 raise DriverError(
                     f"{who}: method '{name}' has the name of a vmconfine hook but no @hookimpl "

@@ -94,10 +94,19 @@ def test_misspelt_module_level_hook_fails_when_the_manager_is_built() -> None:
 
 def test_unmarked_module_level_register_hook_is_an_error() -> None:
     mod = types.ModuleType("thirdparty_plain")
-    mod.vmconfine_register_drivers = lambda registry: None  # type: ignore[attr-defined]
+    exec("def vmconfine_register_drivers(registry):\n    pass\n", mod.__dict__)
     with pytest.raises(DriverError, match=r"^plugin 'thirdparty_plain': method "
                        r"'vmconfine_register_drivers' has the name of a vmconfine hook"):
         make_plugin_manager(autoload=False, plugins=[mod])
+
+
+def test_imported_hook_named_functions_of_a_module_are_not_its_methods() -> None:
+    from vmconfine.plugin import nop
+
+    mod = types.ModuleType("thirdparty_imports")
+    exec("from os.path import exists as verify\n", mod.__dict__)  # someone else's function
+    mod.vmconfine_register_drivers = nop.vmconfine_register_drivers  # type: ignore[attr-defined]
+    make_plugin_manager(autoload=False, plugins=[mod])  # no error
 
 
 def test_refused_signature_is_one_line_naming_the_driver(tmp_path: Path) -> None:

@@ -3,9 +3,9 @@
 A *plugin module* (found through the ``vmconfine`` entry-point group, or registered by a test)
 implements :func:`vmconfine_register_drivers` and adds one or more drivers to the registry. A
 *driver* is an object whose methods are pluggy hook implementations of the per-driver hooks
-below (decorate them with :data:`vmconfine.hookimpl`). The stack calls each driver's hooks
-explicitly, in configured order, through pluggy (so hook tracing and signature validation
-apply); it never relies on pluggy's LIFO ordering.
+below (decorate them with :data:`hookimpl` of this module). The stack calls each driver's
+hooks explicitly, in configured order, through pluggy (so hook tracing and signature
+validation apply); it never relies on pluggy's LIFO ordering.
 
 Conventions for every per-driver hook:
 

@@ -185,8 +185,8 @@ class QemuConfig:
     def driver_settings(self, driver: str) -> DriverSettings:
         """The typed values of the keys ``driver`` declared (empty when it declared none)."""
         found = self._drivers.get(driver)
-        if found is None:  # declared nothing, or built outside a plugin host (tests)
-            found = self._drivers[driver] = DriverSettings(driver, (), self.privileged)
+        if found is None:  # not declared (yet): no keys
+            return DriverSettings(driver, (), self.privileged)
         return found
 
     def owner(self, key: str) -> str | None:

@@ -232,3 +232,10 @@ def test_config_check_unavailable_driver_exits_1(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc
     assert proc.stdout == (f"{conf}:1: security driver 'never' is not available on this host: "
                            "needs the frobnicator; install it\n")
+
+
+def test_asking_before_declaring_does_not_hide_the_keys() -> None:
+    cfg = config_from_text("rl_nofile = 7\n", privileged=True, caller_uid=0, caller_gid=0)
+    assert "rl_nofile" not in cfg.driver_settings("rl")
+    cfg.declare("rl", RLIMIT)
+    assert cfg.driver_settings("rl").rl_nofile == 7

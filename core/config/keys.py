@@ -226,10 +226,12 @@ class DriverSettings:
             raise AttributeError(self._unknown(key)) from None
 
     def __setattr__(self, key: str, value: Any) -> None:
-        if key in ("driver", "specs", "_values", "_sources") or key not in self._values:
+        if key in ("driver", "specs", "_values", "_sources"):
             object.__setattr__(self, key, value)
-        else:  # tests and callers adjusting a value in memory
+        elif key in self._values:  # tests and callers adjusting a value in memory
             self._values[key] = value
+        else:
+            raise AttributeError(self._unknown(key))
 
     def __contains__(self, key: object) -> bool:
         return key in self._values

@@ -149,6 +149,43 @@ class Instance:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
+    # ---- the daemon and persistent definitions (libvirt: /etc/libvirt/qemu/NAME.xml) --------
+    @property
+    def daemon_dir(self) -> Path:
+        """Where the instance's daemon keeps its sockets and pid file."""
+        return self.run_dir.parent
+
+    @property
+    def daemon_socket_path(self) -> Path:
+        """The daemon's read-write API socket (libvirt: libvirt-sock)."""
+        return self.daemon_dir / "vmconfine-sock"
+
+    @property
+    def daemon_ro_socket_path(self) -> Path:
+        """The daemon's read-only API socket (libvirt: libvirt-sock-ro)."""
+        return self.daemon_dir / "vmconfine-sock-ro"
+
+    @property
+    def daemon_pid_path(self) -> Path:
+        return self.daemon_dir / "vmconfined.pid"
+
+    @property
+    def daemon_config_path(self) -> Path:
+        """The daemon's own settings (libvirt: virtqemud.conf / libvirtd.conf)."""
+        return self.config_path.parent / "vmconfined.conf"
+
+    @property
+    def definitions_dir(self) -> Path:
+        """Persistent domain definitions, one ``NAME.xml`` each."""
+        return self.config_path.parent / "qemu"
+
+    def definition_path(self, name: str) -> Path:
+        return self.definitions_dir / f"{name}.xml"
+
+    def autostart_path(self, name: str) -> Path:
+        """A symlink to the definition while the domain is marked autostart."""
+        return self.definitions_dir / "autostart" / f"{name}.xml"
+
     @property
     def instance_lock_path(self) -> Path:
         return self.run_dir / ".instance.lock"

@@ -1,0 +1,163 @@
+"""The daemon's client: HTTP over the instance's unix socket, standard library only.
+
+The CLI's daemon verbs import this module and nothing heavier (no lxml, no pluggy, no driver),
+so ``vmconfine list`` against a running daemon starts as fast as the interpreter allows.
+Every error the daemon returns is already the one line the CLI prints.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vmconfine.errors import VmconfineError
+
+DEFAULT_TIMEOUT = 600.0
+SPAWN_WAIT = 30.0
+#: seconds the auto-started session daemon stays up with no running domain and no client
+SESSION_IDLE_TIMEOUT = float(os.environ.get("VMCONFINE_SESSION_DAEMON_TIMEOUT", "30") or 30)
+
+
+class DaemonUnavailable(VmconfineError):
+    """No daemon listens on the instance's socket."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class DaemonClient:
+    """Requests to one daemon socket."""
+
+    def __init__(self, path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def _open(self, method: str, url: str, body: dict[str, Any] | None,
+              timeout: float) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        conn = _UnixConnection(str(self.path), timeout)
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        try:
+            conn.request(method, url, body=payload, headers=headers)
+            return conn, conn.getresponse()
+        except PermissionError:
+            conn.close()
+            raise VmconfineError(f"permission denied connecting to the vmconfine daemon at "
+                                 f"{self.path}: use root or a member of its unix_sock_group, "
+                                 "or the read-only socket for queries") from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
+            raise DaemonUnavailable(f"no vmconfine daemon listens on {self.path}") from None
+        except TimeoutError:
+            conn.close()
+            raise VmconfineError(f"the vmconfine daemon at {self.path} did not answer within "
+                                 f"{timeout:g}s") from None
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise VmconfineError(f"talking to the vmconfine daemon at {self.path} failed: "
+                                 f"{exc}") from None
+
+    def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+        """One request; the decoded JSON (or text) answer, or the daemon's error raised."""
+        conn, resp = self._open(method, url, body, self.timeout)
+        try:
+            data = resp.read()
+        finally:
+            conn.close()
+        ctype = resp.getheader("Content-Type", "")
+        if resp.status >= 400:
+            try:
+                message = json.loads(data)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {resp.status} {resp.reason}"
+            raise VmconfineError(str(message))
+        if ctype.startswith("application/json"):
+            return json.loads(data)
+        return data.decode()
+
+    def stream(self, url: str, *, timeout: float | None) -> Iterator[dict[str, Any]]:
+        """Newline-delimited JSON objects until the daemon ends the stream or ``timeout``
+        seconds pass (then it just stops)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn, resp = self._open("GET", url, None, 20.0)
+        try:
+            if resp.status >= 400:
+                data = resp.read()
+                try:
+                    message = str(json.loads(data)["error"])
+                except (ValueError, KeyError, TypeError):
+                    message = f"HTTP {resp.status} {resp.reason}"
+                raise VmconfineError(message)
+            while True:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    assert conn.sock is not None
+                    conn.sock.settimeout(min(left, 20.0))
+                try:
+                    line = resp.readline()
+                except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
+                    continue
+                if not line:
+                    return
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            conn.close()
+
+
+def listening(path: Path) -> bool:
+    """True when a daemon accepts connections on ``path`` (a socket file left behind by a
+    daemon that was killed is not one)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(str(path))
+    except PermissionError:
+        return True  # it listens; the request will say who may use it
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return True
+
+
+def spawn_session_daemon(uri: str, socket_path: Path) -> None:
+    """Start the session daemon for ``uri`` (as libvirt's client starts its session daemon)
+    and wait until it listens. It exits by itself once idle with no running domain."""
+    cmd = [sys.executable, "-m", "vmconfine", "-c", uri, "daemon", "--daemon",
+           "--timeout", f"{SESSION_IDLE_TIMEOUT:g}"]
+    subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False, timeout=SPAWN_WAIT,
+                   env={**os.environ, "VMCONFINE_DEBUG": ""})
+    deadline = time.monotonic() + SPAWN_WAIT
+    while time.monotonic() < deadline:
+        if listening(socket_path):
+            return
+        time.sleep(0.05)
+    raise VmconfineError(f"the session daemon for {uri} did not start; run "
+                         f"'vmconfine -c {uri} daemon' to see why")

@@ -1,0 +1,243 @@
+"""The daemon's API: JSON over HTTP on unix sockets (aiohttp), documented in docs/api.md.
+
+HTTP on a unix socket is the convention of Incus, podman and Docker: framing, errors, streaming
+and upgrades come from a well-kept library instead of a home-made protocol, and any HTTP client
+(curl --unix-socket) can talk to it. Two sockets serve the same routes: the read-write one
+(root-only by default, like libvirt-sock) and the read-only one (like libvirt-sock-ro), which
+refuses every request that changes something. Every request is logged with the peer's
+credentials (SO_PEERCRED). Errors are ``{"error": "<the CLI's one-line message>"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from vmconfine import __version__
+from vmconfine.daemon.events import EventBus
+from vmconfine.daemon.manager import DomainManager, OperationError
+from vmconfine.errors import NotRunningError, VmconfineError, XMLError
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 10 * 1024 * 1024  # the domain XML limit
+EVENT_KEEPALIVE = 15.0
+ACTIONS = ("start", "shutdown", "reboot", "reset", "suspend", "resume", "destroy")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MANAGER = web.AppKey("manager", DomainManager)
+EVENTS = web.AppKey("events", EventBus)
+READONLY = web.AppKey("readonly", bool)
+
+
+def peer(request: web.Request) -> str:
+    """``uid=U gid=G pid=P`` of the process on the other end of the unix socket."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return "unknown peer"
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return "unknown peer"
+    pid, uid, gid = struct.unpack("3i", creds)
+    return f"uid={uid} gid={gid} pid={pid}"
+
+
+def error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Read-only enforcement, one-line JSON errors, and a log line per request."""
+    who = peer(request)
+    readonly = request.app[READONLY]
+    if readonly and request.method not in ("GET", "HEAD"):
+        log.warning("%s %s %s: refused on the read-only socket", who, request.method,
+                    request.path)
+        return error(403, "this connection is read-only: use the read-write socket "
+                          "(root, or a member of unix_sock_group) to change domains")
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            response = error(413, f"request too large (at most {MAX_BODY} bytes)")
+        elif exc.status == 404:
+            response = error(404, f"no such API path: {request.method} {request.path}")
+        elif exc.status == 405:
+            response = error(405, f"method {request.method} not allowed on {request.path}")
+        else:
+            response = error(exc.status, exc.reason)
+    except (NotRunningError, LookupError) as exc:
+        response = error(404, getattr(exc, "message", str(exc)))
+    except OperationError as exc:
+        response = error(409, exc.message)
+    except XMLError as exc:
+        response = error(400, exc.message)
+    except VmconfineError as exc:
+        response = error(422, exc.message)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # a server never dies of a request
+        log.exception("internal error serving %s %s", request.method, request.path)
+        response = error(500, f"internal error: {type(exc).__name__}: {exc}")
+    log.info("%s %s %s -> %d", who, request.method, request.path_qs, response.status)
+    return response
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise web.HTTPBadRequest(reason=f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(reason="request body must be a JSON object")
+    return body
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise web.HTTPBadRequest(reason=f"'{key}' must be true or false")
+    return value
+
+
+def _seconds(body: dict[str, Any], key: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86400:
+        raise web.HTTPBadRequest(reason=f"'{key}' must be a number of seconds (0-86400)")
+    return float(value)
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise web.HTTPBadRequest(reason=f"'{key}' must be a non-empty string")
+    return value
+
+
+# ---- handlers ------------------------------------------------------------------------------
+
+
+async def version(request: web.Request) -> web.Response:
+    mgr = request.app[MANAGER]
+    return web.json_response({"version": __version__, "uri": mgr.conn.instance.uri,
+                              "readonly": request.app[READONLY]})
+
+
+async def list_domains(request: web.Request) -> web.Response:
+    all_ = request.query.get("all", "") in ("1", "true", "yes")
+    return web.json_response({"domains": request.app[MANAGER].list(all_=all_)})
+
+
+async def domain_info(request: web.Request) -> web.Response:
+    rows = request.app[MANAGER].info(request.match_info["key"])
+    return web.json_response({"info": [list(r) for r in rows]})
+
+
+async def domain_state(request: web.Request) -> web.Response:
+    return web.json_response(request.app[MANAGER].state(request.match_info["key"]))
+
+
+async def domain_xml(request: web.Request) -> web.Response:
+    inactive = request.query.get("inactive", "") in ("1", "true", "yes")
+    text = request.app[MANAGER].xml(request.match_info["key"], inactive=inactive)
+    return web.Response(text=text, content_type="application/xml")
+
+
+async def post_domains(request: web.Request) -> web.Response:
+    """Define (persistent) or create (transient, started) a domain from XML."""
+    body = await _json_body(request)
+    xml = _text(body, "xml")
+    action = body.get("action", "define")
+    mgr = request.app[MANAGER]
+    if action == "define":
+        name = mgr.define(xml)
+    elif action == "create":
+        name = await mgr.create(xml, paused=_flag(body, "paused"))
+    else:
+        raise web.HTTPBadRequest(reason=f"unknown action {action!r} (define or create)")
+    return web.json_response({"name": name})
+
+
+async def undefine(request: web.Request) -> web.Response:
+    name = request.app[MANAGER].undefine(request.match_info["key"])
+    return web.json_response({"name": name})
+
+
+async def domain_action(request: web.Request) -> web.Response:
+    action = request.match_info["action"]
+    if action not in ACTIONS:
+        raise web.HTTPNotFound()
+    body = await _json_body(request)
+    mgr = request.app[MANAGER]
+    key = request.match_info["key"]
+    if action == "start":
+        name = await mgr.start(key, paused=_flag(body, "paused"))
+    elif action == "shutdown":
+        name = await mgr.shutdown(key, timeout=_seconds(body, "timeout"))
+    else:
+        name = await getattr(mgr, action)(key)
+    return web.json_response({"name": name})
+
+
+async def autostart(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    name = request.app[MANAGER].set_autostart(request.match_info["key"],
+                                              _flag(body, "enable"))
+    return web.json_response({"name": name})
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Lifecycle events as newline-delimited JSON until the client goes away."""
+    bus = request.app[EVENTS]
+    only = request.query.get("domain")
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    queue = bus.subscribe()
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(queue.get(), EVENT_KEEPALIVE)
+            except TimeoutError:
+                await response.write(b"\n")  # keepalive; finds a client that went away
+                continue
+            if ev is None:  # dropped: too slow
+                break
+            if only and ev.domain != only:
+                continue
+            await response.write(json.dumps(ev.to_json()).encode() + b"\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        bus.unsubscribe(queue)
+    return response
+
+
+def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool) -> web.Application:
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    app[MANAGER] = manager
+    app[EVENTS] = events_bus
+    app[READONLY] = readonly
+    app.router.add_get("/v1/version", version)
+    app.router.add_get("/v1/domains", list_domains)
+    app.router.add_post("/v1/domains", post_domains)
+    app.router.add_get("/v1/domains/{key}", domain_info)
+    app.router.add_delete("/v1/domains/{key}", undefine)
+    app.router.add_get("/v1/domains/{key}/state", domain_state)
+    app.router.add_get("/v1/domains/{key}/xml", domain_xml)
+    app.router.add_put("/v1/domains/{key}/autostart", autostart)
+    app.router.add_post("/v1/domains/{key}/{action}", domain_action)
+    app.router.add_get("/v1/events", events)
+    return app

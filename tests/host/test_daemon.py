@@ -3,6 +3,7 @@ daemon (kill -9 and reconnect), access control, and a server that never dies of 
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.host.conftest import VMCONFINE, Embed, VmDir
+from tests.host.test_landlock_cli import Session, checkout_searchable  # noqa: F401 (fixture)
 from tests.support import REPO
 from vmconfine.launch.runtime import same_process
 
@@ -386,3 +388,47 @@ def test_system_verbs_without_a_daemon_say_how_to_start_it(vm_dir: VmDir) -> Non
     assert out.stderr.strip() == (f"error: no vmconfine daemon serves {e.uri}; start it with "
                                   f"'vmconfine -c \"{e.uri}\" daemon --daemon'")
     assert e.cli("list").returncode == 0  # in-process without a daemon
+
+
+@pytest.mark.usefixtures("checkout_searchable")
+def test_session_daemon_spawns_on_first_use_and_exits_when_idle(vm_dir: VmDir) -> None:
+    """As an unprivileged user: the first daemon verb starts the session daemon, which runs
+    QEMU as that user and exits by itself once idle with no running domain."""
+    s = Session(vm_dir.path)
+    s.configure('security_driver = "landlock"\n')
+    s.env["VMCONFINE_SESSION_DAEMON_TIMEOUT"] = "2"
+    sock = Path(s.env["XDG_RUNTIME_DIR"]) / "vmconfine" / "vmconfine-sock"
+    pid_file = sock.parent / "vmconfined.pid"
+    xml = s.domain("sess", stay=True)
+    try:
+        out = s.cli("define", str(xml))
+        assert out.returncode == 0 and "Domain 'sess' defined" in out.stdout, out.stderr
+        daemon_pid = int(pid_file.read_text())
+        status = Path(f"/proc/{daemon_pid}/status").read_text()
+        assert re.search(r"^Uid:\s+65534\s", status, re.M)
+        out = s.cli("start", "sess")
+        assert out.returncode == 0, out.stderr
+        listing = s.cli("list").stdout
+        assert re.search(r"^\s*\d+\s+sess\s+running$", listing, re.M), listing
+        qemu = int(re.search(r"^PID:\s+(\d+)", s.cli("dominfo", "sess").stdout,
+                             re.M).group(1))  # type: ignore[union-attr]
+        assert re.search(r"^Uid:\s+65534\s",
+                         Path(f"/proc/{qemu}/status").read_text(), re.M)
+        time.sleep(3)  # a running domain keeps the daemon up
+        assert Path(f"/proc/{daemon_pid}").exists()
+        assert s.cli("destroy", "sess").returncode == 0
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{daemon_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{daemon_pid}").exists(), "the idle session daemon stayed"
+        assert not sock.exists()
+        # the definition stays; the next verb starts a daemon again
+        listing = s.cli("list", "--all").stdout
+        assert re.search(r"^\s*-\s+sess\s+shut off$", listing, re.M), listing
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                pid = int(pid_file.read_text())
+                s.cli("destroy", "sess")
+                os.kill(pid, signal.SIGTERM)
+        s.cleanup()

@@ -161,6 +161,18 @@ def cmd_autostart(args: argparse.Namespace) -> int:
     return 0
 
 
+@verb("console", "connect this terminal to a domain's serial console (^] detaches)")
+def cmd_console(args: argparse.Namespace) -> int:
+    from vmconfine.client import console_session
+
+    c = client(args)
+    name = c.call("GET", _domain_url(args.domain, "/state")) and args.domain
+    print(f"Connected to domain '{name}'\r\nEscape character is ^] (Ctrl + ])\r", flush=True)
+    console_session(c, _domain_url(args.domain, "/console"))
+    print("\r")
+    return 0
+
+
 @verb("event", "print lifecycle events (one, or all with --loop) until --timeout")
 def cmd_event(args: argparse.Namespace) -> int:
     url = "/v1/events" + (f"?domain={quote(args.domain, safe='')}" if args.domain else "")
@@ -226,7 +238,7 @@ def add_parsers(add: Callable[[str, Handler, str], argparse.ArgumentParser],
         if name == "create":
             sp.add_argument("--paused", action="store_true", help="leave the CPUs stopped")
     for name in ("undefine", "start", "shutdown", "reboot", "reset", "suspend", "resume",
-                 "domstate", "autostart"):
+                 "domstate", "autostart", "console"):
         sp = sub(name)
         sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
         if name == "start":

@@ -161,3 +161,71 @@ def spawn_session_daemon(uri: str, socket_path: Path) -> None:
         time.sleep(0.05)
     raise VmconfineError(f"the session daemon for {uri} did not start; run "
                          f"'vmconfine -c {uri} daemon' to see why")
+
+
+ESCAPE = b"\x1d"  # ^], as virsh console
+
+
+def console_session(client: DaemonClient, url: str) -> None:
+    """Relay this terminal to the domain's serial console until ^] (or the console closes).
+    The terminal is in raw mode meanwhile and restored afterwards."""
+    import asyncio
+    import contextlib
+    import termios
+    import tty
+
+    import aiohttp  # only the console needs a WebSocket client
+
+    async def relay() -> None:
+        connector = aiohttp.UnixConnector(path=str(client.path))
+        async with aiohttp.ClientSession(connector=connector) as session:
+            try:
+                ws = await session.ws_connect(f"http://localhost{url}", heartbeat=30)
+            except aiohttp.WSServerHandshakeError:
+                client.call("GET", url)  # raises the daemon's one-line reason
+                raise VmconfineError("the console connection was refused") from None
+            loop = asyncio.get_running_loop()
+            typed: asyncio.Queue[bytes] = asyncio.Queue()
+
+            def stdin_ready() -> None:
+                data = os.read(0, 4096)
+                if not data:
+                    loop.remove_reader(0)  # no more input: keep showing the console
+                    return
+                if ESCAPE in data:
+                    data = data[:data.index(ESCAPE)]
+                    loop.remove_reader(0)
+                    typed.put_nowait(data)
+                    typed.put_nowait(b"")
+                    return
+                typed.put_nowait(data)
+
+            async def send() -> None:
+                while data := await typed.get():  # b"": ^] typed, detach
+                    await ws.send_bytes(data)
+
+            async def receive() -> None:
+                async for msg in ws:
+                    if msg.type == aiohttp.WSMsgType.BINARY:
+                        os.write(1, msg.data)
+
+            loop.add_reader(0, stdin_ready)
+            tasks = {asyncio.ensure_future(send()), asyncio.ensure_future(receive())}
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(0)
+                for task in tasks:
+                    task.cancel()
+                await ws.close()
+
+    saved = None
+    if os.isatty(0):
+        saved = termios.tcgetattr(0)
+        tty.setraw(0)
+    try:
+        asyncio.run(relay())
+    finally:
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)

@@ -11,14 +11,17 @@ credentials (SO_PEERCRED). Errors are ``{"error": "<the CLI's one-line message>"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import socket
 import struct
+import termios
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from vmconfine import __version__
 from vmconfine.daemon.events import EventBus
@@ -35,6 +38,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MANAGER = web.AppKey("manager", DomainManager)
 EVENTS = web.AppKey("events", EventBus)
 READONLY = web.AppKey("readonly", bool)
+CONSOLES = web.AppKey("consoles", set)
 
 
 def peer(request: web.Request) -> str:
@@ -225,11 +229,89 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def console(request: web.Request) -> web.StreamResponse:
+    """The domain's serial console as a WebSocket (binary frames both ways), one client at a
+    time, like virsh console (read-write socket only: it types into the guest)."""
+    if request.app[READONLY]:
+        return error(403, "this connection is read-only: the console needs the read-write "
+                          "socket")
+    mgr = request.app[MANAGER]
+    name, pty = await mgr.console_pty(request.match_info["key"])
+    busy = request.app[CONSOLES]
+    if name in busy:
+        return error(409, f"an active console session exists for domain '{name}'")
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 20)
+    if not ws.can_prepare(request).ok:
+        return error(400, "the console is a WebSocket: connect with 'vmconfine console'")
+    try:
+        fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return error(409, f"cannot open the console of domain '{name}' ({pty}): "
+                          f"{exc.strerror}")
+    busy.add(name)
+    loop = asyncio.get_running_loop()
+    try:
+        with contextlib.suppress(termios.error):
+            _make_raw(fd)
+        await ws.prepare(request)
+        out: asyncio.Queue[bytes] = asyncio.Queue(256)
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # QEMU went away
+                loop.remove_reader(fd)
+            if out.full():  # a client that does not read loses console output, not memory
+                return
+            out.put_nowait(data)
+
+        async def to_client() -> None:
+            while data := await out.get():
+                await ws.send_bytes(data)
+
+        async def from_client() -> None:
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    os.write(fd, msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    os.write(fd, msg.data.encode())
+
+        loop.add_reader(fd, readable)
+        pumps = {asyncio.ensure_future(to_client()), asyncio.ensure_future(from_client())}
+        _done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+    finally:
+        with contextlib.suppress(Exception):
+            loop.remove_reader(fd)
+        os.close(fd)
+        busy.discard(name)
+        if ws.prepared:
+            await ws.close()
+    return ws
+
+
+def _make_raw(fd: int) -> None:
+    """cfmakeraw(3) on the pty (no echo, no line editing, 8 bits), as libvirt does."""
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = termios.tcgetattr(fd)
+    iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP |
+               termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+    oflag &= ~termios.OPOST
+    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    cflag = (cflag & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
+    termios.tcsetattr(fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
+
+
 def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[MANAGER] = manager
     app[EVENTS] = events_bus
     app[READONLY] = readonly
+    app[CONSOLES] = set()
     app.router.add_get("/v1/version", version)
     app.router.add_get("/v1/domains", list_domains)
     app.router.add_post("/v1/domains", post_domains)
@@ -239,5 +321,6 @@ def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool) ->
     app.router.add_get("/v1/domains/{key}/xml", domain_xml)
     app.router.add_put("/v1/domains/{key}/autostart", autostart)
     app.router.add_post("/v1/domains/{key}/{action}", domain_action)
+    app.router.add_get("/v1/domains/{key}/console", console)
     app.router.add_get("/v1/events", events)
     return app

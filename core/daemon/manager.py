@@ -383,6 +383,19 @@ class DomainManager:
         self.refused.pop(name, None)
         self.events.emit(name, "stopped", "destroyed")
 
+    async def console_pty(self, key: str) -> tuple[str, str]:
+        """The domain's first serial console pty (``/dev/pts/N``, from QMP query-chardev)."""
+        name, m = self._running(key)
+        assert m.launched.client is not None
+        chardevs = await m.launched.client.execute("query-chardev")
+        ptys = {c["label"]: c["filename"][4:] for c in chardevs
+                if str(c.get("filename", "")).startswith("pty:")}
+        for label in ("charserial0", "charconsole0", *sorted(ptys)):
+            if label in ptys:
+                return name, ptys[label]
+        raise OperationError(f"domain '{name}' has no serial console of type pty; add "
+                             "<serial type='pty'> (or <console type='pty'>) to its XML")
+
     # ---- watching ---------------------------------------------------------------------------
     def _watch(self, name: str, m: Managed) -> None:
         self.managed[name] = m

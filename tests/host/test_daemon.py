@@ -432,3 +432,67 @@ def test_session_daemon_spawns_on_first_use_and_exits_when_idle(vm_dir: VmDir) -
                 s.cli("destroy", "sess")
                 os.kill(pid, signal.SIGTERM)
         s.cleanup()
+
+
+def test_client_verbs_import_no_lxml_pluggy_or_driver(daemon: Daemon) -> None:
+    """The CLI is a thin client of a running daemon: start-up cost stays the interpreter's."""
+    code = ("import sys\nfrom vmconfine.cli import main\n"
+            f"rc = main(['-c', {daemon.embed.uri!r}, 'list', '--all'])\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('lxml', 'pluggy', 'aiohttp', 'qemu') or m.startswith('vmconfine_')"
+            " or m.startswith('vmconfine.domain') or m.startswith('vmconfine.plugin'))\n"
+            "print('HEAVY', heavy, rc)\n")
+    out = subprocess.run([str(Path(VMCONFINE).with_name("python")), "-c", code],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert "HEAVY [] 0" in out.stdout, out.stdout + out.stderr
+    # the same check, in-process without a daemon, does import them: the test can fail
+    daemon.stop()
+    out = subprocess.run([str(Path(VMCONFINE).with_name("python")), "-c", code],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert "HEAVY []" not in out.stdout and "lxml" in out.stdout, out.stdout + out.stderr
+
+
+def test_console_shows_the_serial_pty_and_detaches_on_ctrl_bracket(daemon: Daemon,
+                                                                   vm_dir: VmDir) -> None:
+    d = daemon
+    image = vm_dir.image("con.img", stay=True, greeting="hello on the console")
+    xml = vm_dir.path / "con.xml"
+    xml.write_text(
+        "<domain type='qemu'><name>con</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os><devices>"
+        "<emulator>/usr/bin/qemu-system-x86_64</emulator><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='raw'/><source file='{image}'/>"
+        "<target dev='hda' bus='ide'/></disk><serial type='pty'><target port='0'/></serial>"
+        "<memballoon model='none'/></devices></domain>")
+    d.cli("define", str(xml))
+    d.cli("start", "--paused", "con")
+    console = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, "console", "con"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=REPO)
+    assert console.stdout is not None and console.stdin is not None
+    first = console.stdout.readline()
+    assert first.startswith(b"Connected to domain 'con'"), first
+    time.sleep(0.5)
+    busy = d.cli("console", "con", check=False)
+    assert busy.returncode == 1
+    assert busy.stderr.strip() == "error: an active console session exists for domain 'con'"
+    ro = d.cli("-r", "console", "con", check=False)
+    assert ro.returncode == 1 and "read-only" in ro.stderr
+    d.cli("resume", "con")
+    seen = b""
+    deadline = time.monotonic() + 60
+    while b"hello on the console" not in seen and time.monotonic() < deadline:
+        seen += os.read(console.stdout.fileno(), 4096)
+    assert b"hello on the console" in seen
+    console.stdin.write(b"\x1d")  # ^] detaches
+    console.stdin.flush()
+    assert console.wait(timeout=30) == 0
+    assert d.state("con") == "running (unpaused)"  # detaching leaves the guest running
+    none = d.cli("console", "con", check=False)  # the session ended: a new one may start
+    assert "active console session" not in none.stderr
+    d.cli("destroy", "con")
+    nopty = vm_dir.domain_xml("nopty")
+    d.cli("define", str(nopty))
+    d.cli("start", "nopty")
+    out = d.cli("console", "nopty", check=False)
+    assert out.returncode == 1 and "has no serial console of type pty" in out.stderr

@@ -225,6 +225,8 @@ def serve(uri: str | None, *, background: bool = False, pid_file: str | None = N
         os.close(probe)
         ready = _detach(instance.log_dir / "vmconfined.log")
     pid_fd = _lock_pid_file(pid_path)
+    if not logging.getLogger().handlers:
+        logging.basicConfig()
     logging.getLogger().setLevel(logging.INFO)
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(

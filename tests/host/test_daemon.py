@@ -496,3 +496,55 @@ def test_console_shows_the_serial_pty_and_detaches_on_ctrl_bracket(daemon: Daemo
     d.cli("start", "nopty")
     out = d.cli("console", "nopty", check=False)
     assert out.returncode == 1 and "has no serial console of type pty" in out.stderr
+
+
+def test_mcs_pairs_stay_reserved_across_a_killed_daemon(vm_dir: VmDir) -> None:
+    """selinux (fake backend, real MCS registry) + dac + cgroups: after kill -9 and restart
+    every domain is managed again with its own pair, and a new domain gets another one."""
+    e = Embed(vm_dir.path / "mcs")
+    e.configure('security_driver = "selinux"\n')
+    policy = vm_dir.path / "policy"
+    d = Daemon(e)
+
+    def start_daemon() -> None:
+        logf = open(d.log, "a")
+        d.proc = subprocess.Popen(
+            [str(Path(VMCONFINE).with_name("python")), "-m", "tests.host.daemon_fake_selinux",
+             e.uri, str(policy)], stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            cwd=REPO, start_new_session=True, text=True)
+        logf.close()
+        deadline = time.monotonic() + 60
+        while not (d.rw.exists() and _connects(d.rw)):
+            assert d.proc.poll() is None and time.monotonic() < deadline, d.log.read_text()
+            time.sleep(0.05)
+
+    def level(name: str) -> str:
+        info = d.cli("dominfo", name).stdout
+        label = re.search(r"^Security label: (\S+:svirt\S*)$", info, re.M)
+        assert label, info
+        return label.group(1).split(":", 3)[3]
+
+    start_daemon()
+    try:
+        names = ["m0", "m1", "m2"]
+        for name in names:
+            d.cli("define", str(vm_dir.domain_xml(name)))
+            d.cli("start", name)
+        before = {n: level(n) for n in names}
+        assert len(set(before.values())) == 3
+        d.stop(signal.SIGKILL)
+        start_daemon()
+        assert "reconnected to 3 running domain(s)" in d.log.read_text()
+        assert {n: level(n) for n in names} == before
+        d.cli("define", str(vm_dir.domain_xml("m3")))
+        d.cli("start", "m3")
+        assert level("m3") not in before.values()
+        for name in [*names, "m3"]:
+            d.cli("destroy", name)
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            for line in e.cli("list").stdout.splitlines()[2:]:
+                if line.split() and line.split()[0].isdigit():
+                    e.cli("destroy", line.split()[1])
+            d.stop()
+        e.cleanup()

@@ -42,15 +42,24 @@ def _socket(args: argparse.Namespace) -> tuple[str, str, Path]:
     from vmconfine.config.instance import open_instance
 
     inst = open_instance(args.connect)
-    path = inst.daemon_ro_socket_path if args.readonly else inst.daemon_socket_path
-    return inst.uri, inst.kind, path
+    path = getattr(args, "socket", None) or (inst.daemon_ro_socket_path if args.readonly else
+                           inst.daemon_socket_path)
+    return inst.uri, inst.kind, Path(path)
 
 
 def client(args: argparse.Namespace, *, required: bool = True) -> Any:
-    """A client of the instance's daemon; None when none runs and ``required`` is False.
-    A session client starts its daemon when it needs one."""
+    """A client of the instance's daemon — over ssh or TLS for a remote URI; None when no
+    local daemon runs and ``required`` is False. A session client starts its daemon."""
     from vmconfine.client import DaemonClient, listening, spawn_session_daemon
+    from vmconfine.config.instance import default_uri, parse_remote
 
+    remote = parse_remote(args.connect or default_uri())
+    if remote is not None:
+        from vmconfine.remote import SSHTransport, TLSTransport
+
+        if remote.transport == "ssh":
+            return DaemonClient(SSHTransport(remote, readonly=args.readonly))
+        return DaemonClient(TLSTransport(remote))
     uri, kind, path = _socket(args)
     if listening(path):
         return DaemonClient(path)
@@ -86,6 +95,35 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     return serve(args.connect, background=args.daemon, pid_file=args.pid_file,
                  idle_timeout=args.timeout)
+
+
+@verb("daemon-bridge", "relay stdin/stdout to this instance's daemon socket (the remote end of "
+                      "qemu+ssh://, like libvirt's virt-ssh-helper)")
+def cmd_daemon_bridge(args: argparse.Namespace) -> int:
+    import os
+    import select
+    import socket
+
+    c = client(args)
+    sock = c.transport.connect(30)
+    sock.settimeout(None)
+    open_in = {0, sock.fileno()}
+    while open_in:
+        ready, _, _ = select.select(list(open_in), [], [])
+        for fd in ready:
+            data = os.read(fd, 65536) if fd == 0 else sock.recv(65536)
+            if not data:
+                open_in.discard(fd)
+                if fd == 0:
+                    sock.shutdown(socket.SHUT_WR)
+                else:
+                    return 0
+                continue
+            if fd == 0:
+                sock.sendall(data)
+            else:
+                os.write(1, data)
+    return 0
 
 
 @verb("define", "define (or update) a persistent domain from an XML file")
@@ -163,12 +201,19 @@ def cmd_autostart(args: argparse.Namespace) -> int:
 
 @verb("console", "connect this terminal to a domain's serial console (^] detaches)")
 def cmd_console(args: argparse.Namespace) -> int:
-    from vmconfine.client import console_session
+    from vmconfine.client import UnixTransport, console_session
 
     c = client(args)
     name = c.call("GET", _domain_url(args.domain, "/state")) and args.domain
     print(f"Connected to domain '{name}'\r\nEscape character is ^] (Ctrl + ])\r", flush=True)
-    console_session(c, _domain_url(args.domain, "/console"))
+    url = _domain_url(args.domain, "/console")
+    if isinstance(c.transport, UnixTransport):
+        console_session(c, url, c.transport.path)
+    else:  # a remote daemon: the WebSocket client speaks to a local relay
+        from vmconfine.remote import unix_relay
+
+        with unix_relay(c.transport) as path:
+            console_session(c, url, path)
     print("\r")
     return 0
 
@@ -225,6 +270,9 @@ def add_parsers(add: Callable[[str, Handler, str], argparse.ArgumentParser],
         fn, help_text = VERBS[name]
         return add(name, fn, help_text)
 
+    sp = sub("daemon-bridge")
+    sp.add_argument("--socket", metavar="PATH", help="the daemon socket (default: the "
+                    "instance's, read-only with -r)")
     sp = sub("daemon")
     sp.add_argument("--daemon", action="store_true",
                     help="fork into the background once the sockets listen")

@@ -30,53 +30,79 @@ class DaemonUnavailable(VmconfineError):
     """No daemon listens on the instance's socket."""
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+class Transport:
+    """How to reach a daemon: a connected stream socket per request."""
+
+    where = ""
+    headers: dict[str, str] = {}
+
+    def connect(self, timeout: float) -> socket.socket:
+        raise NotImplementedError
+
+    def failure(self) -> str | None:
+        """Why the last connection broke, when the transport knows better than the socket."""
+        return None
+
+
+class UnixTransport(Transport):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.where = f"the vmconfine daemon at {path}"
+
+    def connect(self, timeout: float) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(self.path))
+        except PermissionError:
+            sock.close()
+            raise VmconfineError(f"permission denied connecting to {self.where}: use root "
+                                 "or a member of its unix_sock_group, or the read-only socket "
+                                 "(-r) for queries") from None
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise DaemonUnavailable(f"no vmconfine daemon listens on {self.path}") from None
+        return sock
+
+
+class _Connection(http.client.HTTPConnection):
+    def __init__(self, transport: Transport, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
+        self.transport = transport
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
+        self.sock = self.transport.connect(self.timeout)
 
 
 class DaemonClient:
-    """Requests to one daemon socket."""
+    """Requests to one daemon, over a unix socket or a remote transport."""
 
-    def __init__(self, path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.path = path
+    def __init__(self, transport: Transport | Path, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.transport = transport if isinstance(transport, Transport) else \
+            UnixTransport(transport)
         self.timeout = timeout
 
     def _open(self, method: str, url: str, body: dict[str, Any] | None,
-              timeout: float) -> tuple[_UnixConnection, http.client.HTTPResponse]:
-        conn = _UnixConnection(str(self.path), timeout)
+              timeout: float) -> tuple[_Connection, http.client.HTTPResponse]:
+        conn = _Connection(self.transport, timeout)
         payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        headers = dict(self.transport.headers)
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        where = self.transport.where
         try:
             conn.request(method, url, body=payload, headers=headers)
             return conn, conn.getresponse()
-        except PermissionError:
+        except VmconfineError:
             conn.close()
-            raise VmconfineError(f"permission denied connecting to the vmconfine daemon at "
-                                 f"{self.path}: use root or a member of its unix_sock_group, "
-                                 "or the read-only socket for queries") from None
-        except (FileNotFoundError, ConnectionRefusedError):
-            conn.close()
-            raise DaemonUnavailable(f"no vmconfine daemon listens on {self.path}") from None
+            raise
         except TimeoutError:
             conn.close()
-            raise VmconfineError(f"the vmconfine daemon at {self.path} did not answer within "
-                                 f"{timeout:g}s") from None
+            raise VmconfineError(f"{where} did not answer within {timeout:g}s") from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise VmconfineError(f"talking to the vmconfine daemon at {self.path} failed: "
-                                 f"{exc}") from None
+            why = self.transport.failure() or str(exc) or type(exc).__name__
+            raise VmconfineError(f"talking to {where} failed: {why}") from None
 
     def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
         """One request; the decoded JSON (or text) answer, or the daemon's error raised."""
@@ -166,9 +192,10 @@ def spawn_session_daemon(uri: str, socket_path: Path) -> None:
 ESCAPE = b"\x1d"  # ^], as virsh console
 
 
-def console_session(client: DaemonClient, url: str) -> None:
-    """Relay this terminal to the domain's serial console until ^] (or the console closes).
-    The terminal is in raw mode meanwhile and restored afterwards."""
+def console_session(client: DaemonClient, url: str, path: Path) -> None:
+    """Relay this terminal to the domain's serial console until ^] (or the console closes),
+    over the unix socket ``path`` (the daemon's, or a relay to a remote one). The terminal is
+    in raw mode meanwhile and restored afterwards."""
     import asyncio
     import contextlib
     import termios
@@ -176,9 +203,10 @@ def console_session(client: DaemonClient, url: str) -> None:
 
     import aiohttp  # only the console needs a WebSocket client
 
-    async def relay() -> None:
-        connector = aiohttp.UnixConnector(path=str(client.path))
-        async with aiohttp.ClientSession(connector=connector) as session:
+    async def relay(path: Path) -> None:
+        connector = aiohttp.UnixConnector(path=str(path))
+        async with aiohttp.ClientSession(connector=connector,
+                                         headers=client.transport.headers) as session:
             try:
                 ws = await session.ws_connect(f"http://localhost{url}", heartbeat=30)
             except aiohttp.WSServerHandshakeError:
@@ -225,7 +253,7 @@ def console_session(client: DaemonClient, url: str) -> None:
         saved = termios.tcgetattr(0)
         tty.setraw(0)
     try:
-        asyncio.run(relay())
+        asyncio.run(relay(path))
     finally:
         if saved is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from vmconfine import __version__
+from vmconfine.config.instance import parse_uri
 from vmconfine.daemon.events import EventBus
 from vmconfine.daemon.manager import DomainManager, OperationError
 from vmconfine.errors import NotRunningError, VmconfineError, XMLError
@@ -39,13 +41,31 @@ MANAGER = web.AppKey("manager", DomainManager)
 EVENTS = web.AppKey("events", EventBus)
 READONLY = web.AppKey("readonly", bool)
 CONSOLES = web.AppKey("consoles", set)
+TLS_DNS = web.AppKey("tls_dns", list)
+#: Python's names of certificate subject attributes -> the short names in libvirt's DNs
+DN_NAMES = {"countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+            "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN",
+            "emailAddress": "emailAddress", "domainComponent": "DC"}
+
+
+def client_dn(request: web.Request) -> str | None:
+    """The TLS client certificate's subject as libvirt writes it (``C=GB,O=x,CN=y``)."""
+    cert = request.transport.get_extra_info("peercert") if request.transport else None
+    if not cert:
+        return None
+    return ",".join(f"{DN_NAMES.get(k, k)}={v}" for rdn in cert.get("subject", ())
+                    for k, v in rdn)
 
 
 def peer(request: web.Request) -> str:
-    """``uid=U gid=G pid=P`` of the process on the other end of the unix socket."""
+    """``uid=U gid=G pid=P`` of the process on the other end of the unix socket, or the
+    address and certificate DN of a TLS client."""
     sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None or sock.family != socket.AF_UNIX:
+    if sock is None:
         return "unknown peer"
+    if sock.family != socket.AF_UNIX:
+        addr = request.transport.get_extra_info("peername") if request.transport else None
+        return f"tls {addr[0] if addr else '?'} dn={client_dn(request)!r}"
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
@@ -63,6 +83,18 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Read-only enforcement, one-line JSON errors, and a log line per request."""
     who = peer(request)
     readonly = request.app[READONLY]
+    allowed = request.app[TLS_DNS]
+    if allowed:
+        dn = client_dn(request) or ""
+        if not any(fnmatch.fnmatchcase(dn, pattern) for pattern in allowed):
+            log.warning("%s %s %s: refused, DN not in tls_allowed_dn_list", who,
+                        request.method, request.path)
+            return error(403, f"the client certificate's distinguished name '{dn}' is not on "
+                              "the server's list of allowed clients (tls_allowed_dn_list)")
+    wanted = request.headers.get("X-Vmconfine-URI")
+    served = request.app[MANAGER].conn.instance.uri
+    if wanted and not same_instance(wanted, served):
+        return error(404, f"this daemon serves {served}, not {wanted}")
     if readonly and request.method not in ("GET", "HEAD"):
         log.warning("%s %s %s: refused on the read-only socket", who, request.method,
                     request.path)
@@ -306,12 +338,22 @@ def _make_raw(fd: int) -> None:
     termios.tcsetattr(fd, termios.TCSANOW, [iflag, oflag, cflag, lflag, ispeed, ospeed, cc])
 
 
-def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool) -> web.Application:
+def same_instance(a: str, b: str) -> bool:
+    try:
+        pa, pb = parse_uri(a), parse_uri(b)
+    except VmconfineError:
+        return False
+    return (pa.kind, pa.root) == (pb.kind, pb.root)
+
+
+def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool,
+             tls_dn_list: list[str] | None = None) -> web.Application:
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app[MANAGER] = manager
     app[EVENTS] = events_bus
     app[READONLY] = readonly
     app[CONSOLES] = set()
+    app[TLS_DNS] = tls_dn_list or []
     app.router.add_get("/v1/version", version)
     app.router.add_get("/v1/domains", list_domains)
     app.router.add_post("/v1/domains", post_domains)

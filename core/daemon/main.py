@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import fcntl
 import grp
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from vmconfine.config.conf import parse_conf
-from vmconfine.config.instance import Instance, open_instance
+from vmconfine.config.instance import TLS_PORT, Instance, open_instance
 from vmconfine.daemon.api import make_app
 from vmconfine.daemon.events import EventBus
 from vmconfine.daemon.manager import DomainManager
@@ -43,11 +45,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DaemonConfig:
-    """``vmconfined.conf`` (libvirt's virtqemud.conf keys of the same names)."""
+    """``vmconfined.conf``: libvirt's virtqemud.conf / libvirtd.conf keys of the same names
+    and defaults."""
 
     unix_sock_group: str | None = None
     unix_sock_ro_perms: int = 0o777
     unix_sock_rw_perms: int = 0o700
+    listen_tls: int = 0
+    listen_addr: str = "0.0.0.0"
+    tls_port: int = TLS_PORT
+    key_file: str = "/etc/pki/libvirt/private/serverkey.pem"
+    cert_file: str = "/etc/pki/libvirt/servercert.pem"
+    ca_file: str = "/etc/pki/CA/cacert.pem"
+    tls_allowed_dn_list: list[str] | None = None  #: None: any certificate the CA signed
 
     @classmethod
     def load(cls, path: Path) -> DaemonConfig:
@@ -55,31 +65,63 @@ class DaemonConfig:
         if not path.exists():
             return cfg
         conf = parse_conf(path.read_text(), str(path))
-        known = {"unix_sock_group", "unix_sock_ro_perms", "unix_sock_rw_perms"}
+        kinds = {f.name: f.type for f in fields(cls)}
         for entry in conf.entries:
             where = f"{path}:{entry.line}"
-            if entry.name not in known:
-                raise ConfigError(f"{where}: unknown setting '{entry.name}' (known: "
-                                  f"{', '.join(sorted(known))})")
-            if not isinstance(entry.value, str):
-                raise ConfigError(f"{where}: {entry.name} must be a string")
-            if entry.name == "unix_sock_group":
+            name, value = entry.name, entry.value
+            if name not in kinds:
+                close = difflib.get_close_matches(name, kinds, 1)
+                raise ConfigError(f"{where}: unknown setting '{name}'"
+                                  + (f" (did you mean {close[0]}?)" if close else ""))
+            if name in ("unix_sock_ro_perms", "unix_sock_rw_perms"):
                 try:
-                    grp.getgrnam(entry.value)
-                except KeyError:
-                    raise ConfigError(f"{where}: unix_sock_group '{entry.value}' is not a "
-                                      "group on this host") from None
-                cfg.unix_sock_group = entry.value
-            else:
-                try:
-                    perms = int(entry.value, 8)
+                    perms = int(value, 8) if isinstance(value, str) else -1
                 except ValueError:
                     perms = -1
                 if not 0 <= perms <= 0o777:
-                    raise ConfigError(f"{where}: {entry.name} must be an octal mode such as "
-                                      f"\"0770\", not \"{entry.value}\"")
-                setattr(cfg, entry.name, perms)
+                    raise ConfigError(f"{where}: {name} must be an octal mode such as "
+                                      f"\"0770\", not {value!r}")
+                value = perms
+            elif name in ("listen_tls", "tls_port"):
+                if not isinstance(value, int) or not 0 <= value <= 65535 or (
+                        name == "listen_tls" and value not in (0, 1)):
+                    raise ConfigError(f"{where}: {name} must be "
+                                      + ("0 or 1" if name == "listen_tls" else
+                                         "a port number") + f", not {value!r}")
+            elif name == "tls_allowed_dn_list":
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ConfigError(f"{where}: tls_allowed_dn_list must be a list of "
+                                      "strings, e.g. [\"C=GB,O=Example,CN=admin*\"]")
+            elif not isinstance(value, str):
+                raise ConfigError(f"{where}: {name} must be a string")
+            if name == "unix_sock_group":
+                try:
+                    grp.getgrnam(str(value))
+                except KeyError:
+                    raise ConfigError(f"{where}: unix_sock_group '{value}' is not a group on "
+                                      "this host") from None
+            setattr(cfg, name, value)
         return cfg
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Mutual TLS: the server's certificate, client certificates signed by the CA."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        for what, path in (("CA certificate (ca_file)", self.ca_file),
+                           ("server certificate (cert_file)", self.cert_file),
+                           ("server key (key_file)", self.key_file)):
+            if not Path(path).is_file():
+                raise ConfigError(f"listen_tls = 1 needs the {what} {path}; create it (libvirt's "
+                                  "PKI layout) or set its path in vmconfined.conf")
+        try:
+            ctx.load_verify_locations(cafile=self.ca_file)
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"listen_tls = 1: cannot load {self.cert_file} / {self.key_file} "
+                              f"/ {self.ca_file}: {getattr(exc, 'reason', None) or exc}"
+                              ) from None
+        return ctx
 
 
 class Daemon:
@@ -146,6 +188,17 @@ class Daemon:
             os.chown(path, -1, gid)
             os.chmod(path, perms)
             self.runners.append(runner)
+        if self.config.listen_tls:
+            ctx = self.config.tls_context()
+            runner = web.AppRunner(make_app(self.manager, self.events, readonly=False,
+                                            tls_dn_list=self.config.tls_allowed_dn_list or
+                                            ["*"]), access_log=None, handle_signals=False)
+            await runner.setup()
+            await web.TCPSite(runner, self.config.listen_addr, self.config.tls_port,
+                              ssl_context=ctx).start()
+            self.runners.append(runner)
+            log.info("listening for TLS clients on %s:%d", self.config.listen_addr,
+                     self.config.tls_port)
 
     async def _idle_watch(self) -> None:
         """Exit after ``idle_timeout`` seconds with no running domain and no client."""

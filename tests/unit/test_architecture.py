@@ -19,7 +19,8 @@ PACKAGE = "vmconfine"
 LAYERS = ("base", "domain", "config", "plugin", "qemu", "launch", "report", "daemon", "cli")
 BASE_MODULES = {"vmconfine", "vmconfine.errors", "vmconfine.inputs", "vmconfine.perms",
                 "vmconfine.remember", "vmconfine.client"}
-CLI_MODULES = {"vmconfine.cli", "vmconfine.cli_daemon", "vmconfine.__main__"}
+CLI_MODULES = {"vmconfine.cli", "vmconfine.cli_daemon", "vmconfine.__main__",
+               "vmconfine.remote"}
 #: where a function-level import is allowed: the CLI imports each verb's code when the verb
 #: runs, so ``vmconfine --help`` and light verbs start fast
 DEFERRED_IMPORTS_ALLOWED = {"vmconfine.cli", "vmconfine.cli_daemon"}

@@ -84,7 +84,7 @@ class Launched:
     """A started domain, supervised by this process."""
 
     ctx: DomainContext
-    command: QemuCommand
+    command: QemuCommand | None  #: None for a domain reconnected to after a restart
     process: QemuProcess
     domain_id: int
     lock: runtime.DomainLock
@@ -158,16 +158,17 @@ def native_command(conn: Connection, domain: Domain) -> QemuCommand:
 
 
 async def start(conn: Connection, domain: Domain, *, paused: bool = False,
-                diagnose: Diagnose | None = None) -> Launched:
+                diagnose: Diagnose | None = None, outlive: bool = False) -> Launched:
     """Start ``domain`` confined; return once QEMU's confinement is verified and its status
     written (and its CPUs run unless ``paused``). On any failure everything done so far is
-    undone before raising."""
+    undone before raising. ``outlive``: QEMU keeps running if this process dies (the daemon,
+    which reconnects to it); otherwise it is killed with this process (``run``)."""
     inst = conn.instance
     inst.ensure_dirs()
     stack = conn.stack
     # 1. init
     prepare_domain(conn, domain)
-    lock, journal, domain_id = _begin(conn, domain)
+    lock, journal, domain_id = _begin(conn, domain, outlive=outlive)
     ctx = DomainContext(conn.host, domain, journal)
     if domain.qemu_args or domain.qemu_env:
         ctx.taint("custom-argv")
@@ -195,7 +196,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         checkpoint("sockets")
         # 4. launch
         log_path = inst.log_path(domain.name)
-        pid = child.spawn(stack, ctx, command, socks, log_path)
+        pid = child.spawn(stack, ctx, command, socks, log_path, outlive=outlive)
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
         journal.record("pipeline", "started", pid=pid, starttime=process.starttime)
         launched = Launched(ctx, command, process, domain_id, lock, log_path, socks)
@@ -235,7 +236,8 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         raise
 
 
-def _begin(conn: Connection, domain: Domain) -> tuple[runtime.DomainLock, Journal, int]:
+def _begin(conn: Connection, domain: Domain, *,
+           outlive: bool) -> tuple[runtime.DomainLock, Journal, int]:
     """Under the instance lock: refuse a second domain with this name or UUID, take the
     domain's lifetime lock, pick its id and journal ``begin`` (with the stack that will make
     the changes, so recovery undoes them with the same drivers)."""
@@ -264,7 +266,8 @@ def _begin(conn: Connection, domain: Domain) -> tuple[runtime.DomainLock, Journa
         try:
             # written under the instance lock, so a concurrent start sees this UUID
             journal.record("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
-                           id=domain_id, uuid=domain.uuid, stack=conn.stack.names())
+                           id=domain_id, uuid=domain.uuid, stack=conn.stack.names(),
+                           outlive=outlive)
         except BaseException:
             lock.release()
             raise
@@ -358,9 +361,14 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
                       f"(exit status {process.exit_code})")
 
 
+def confinement_problems(conn: Connection, launched: Launched) -> list[str]:
+    """How the kernel's view of QEMU differs from what every driver asked (empty: none)."""
+    return core_checks(launched.pid) + conn.stack.verify_process(launched.ctx, launched.pid)
+
+
 def _verify(conn: Connection, launched: Launched) -> None:
     """Fail closed: QEMU must be confined exactly as every driver asked."""
-    problems = core_checks(launched.pid) + conn.stack.verify_process(launched.ctx, launched.pid)
+    problems = confinement_problems(conn, launched)
     if problems:
         raise LaunchError(
             f"domain '{launched.name}': QEMU is not confined as asked, killed it: "

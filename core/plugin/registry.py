@@ -168,8 +168,9 @@ def make_plugin_manager(
         try:
             pm.load_setuptools_entrypoints(hookspecs.PROJECT)
         except pluggy.PluginValidationError as exc:
-            raise DriverError(f"plugin {exc.plugin!r}: "
-                              f"{' '.join(str(exc).split())}") from None
+            raise DriverError(f"plugin '{_module_name(exc.plugin)}': "
+                              f"{' '.join(str(exc).split())} (make the method match its hook "
+                              "in vmconfine.plugin.hookspecs)") from None
     for plugin in plugins:
         register_checked(pm, plugin, f"plugin '{_module_name(plugin)}'")
     for plugin in pm.get_plugins():

@@ -83,6 +83,8 @@ def test_example_driver_runs_a_real_domain(rl_embed: tuple[Embed, dict[str, str]
     assert "model='rlimit'" not in live and "model='dac'" in live
     caps = embed.cli("capabilities", env=env, check=True).stdout
     assert "<model>rlimit</model>" not in caps and "<model>none</model>" in caps
+    report = embed.cli("confinement", "rl1", env=env).stdout
+    assert f"rlimit: RLIMIT_NOFILE {LIMIT}" in report and "rlimit label" not in report
     embed.cli("destroy", "rl1", env=env, check=True)
 
 

@@ -130,7 +130,8 @@ def test_kvm_device_needs_the_kvm_group(d: Path) -> None:
                         domain_xml("kvm", virt_type="kvm"))
     with pytest.raises(LabelError, match=rf"user \+{free}:\+{free} \(groups none\) cannot "
                                          r"read and write /dev/kvm \(\+0:\+\d+ 0660\).*"
-                                         r"fix: add \d+ to group \d+"):
+                                         rf"fix: add {free} to group \w+ \(usermod -aG \w+ "
+                                         rf"{free}\)$"):
         drv.preflight(ctx)
 
 

@@ -148,7 +148,7 @@ def denial(path: str, ids: QemuIds, want: int, *, owner: tuple[int, int] | None 
     search (of the path as written and as resolved), or the file's own mode (judged with
     ``owner`` when it is given that owner before QEMU starts). None when the mode bits allow
     it, the path is missing, or an ACL decides. ``role`` is the resource's role (``"other"``:
-    a path only a ``<qemu:arg>`` names)."""
+    a path only a ``<qemu:arg>`` names; for a system path the fix is then to remove it)."""
     real = os.path.realpath(path)
     seen: set[str] = set()
     for d in [*parents(path), *parents(real)]:
@@ -213,10 +213,10 @@ def _move_fix(path: str) -> str:
 def search_fix(d: str, ids: QemuIds, *, target: str = "", prefer_chown: bool = False,
                role: str = "") -> str:
     """How to let ``ids`` search directory ``d`` (on the way to ``target``)."""
-    if role == "other" and target:
-        return _qemu_arg_fix(target)
     user = user_name(ids.uid)
     if protected(d):
+        if role == "other" and target:
+            return _qemu_arg_fix(target)
         where = f" out of {d}" if target and d not in PROTECTED_DIRS else ""
         return (f"move the file{where} to a directory QEMU's user can reach (e.g. {IMAGE_DIR})"
                 f", or let only that user search {d}: setfacl -m u:{user}:x {d}")
@@ -238,10 +238,8 @@ def access_fix(path: str, st: os.stat_result, ids: QemuIds, want: int, *,
         return (f"grant QEMU's user access to the device without changing its mode: an ACL "
                 f"(setfacl -m u:{user}:{rights} {path}; a udev rule makes it last), or remove "
                 "the device from the domain XML")
-    if role == "other":
-        return _qemu_arg_fix(path)
     if protected(path):
-        return _move_fix(path)
+        return _qemu_arg_fix(path) if role == "other" else _move_fix(path)
     if chowned:
         return f"chmod u+{rights} {path}"
     what = "read and write" if want & W else "read"

@@ -147,3 +147,31 @@ def test_eacces_at_start_names_path_and_layer(embed: Embed, vm_dir: VmDir) -> No
     assert "+4321:+4321 0600" in err and f"chown vmconfine-qemu:vmconfine-qemu {secret}" in err
     # the start was undone: the image QEMU did get is its owner's again
     assert os.stat(vm_dir.path / "rep5.img").st_uid == 0
+
+
+def test_domain_xml_report_finds_what_run_stops_at(embed: Embed, vm_dir: VmDir) -> None:
+    """`confinement FILE.xml` reports what `run` refuses before QEMU starts: the domain (or its
+    UUID) is already running, the emulator does not exist; both with the start's own words."""
+    xml = vm_dir.domain_xml("rep6")
+    embed.start(xml)
+    rc, data = report(embed, str(xml))
+    assert rc == 1
+    errors = [p["message"] for p in data["problems"] if p["severity"] == "error"]
+    assert any("domain 'rep6' is already running" in m for m in errors), errors
+    again = embed.cli("run", str(xml))
+    assert again.returncode == 1 and "domain 'rep6' is already running" in again.stderr
+    twin = vm_dir.path / "rep6b.xml"
+    twin.write_text(xml.read_text().replace("<name>rep6</name>", "<name>rep6b</name>")
+                    .replace("/usr/bin/qemu-system-x86_64", f"{vm_dir.path}/no-qemu"))
+    rc, data = report(embed, str(twin))
+    errors = [p["message"] for p in data["problems"] if p["severity"] == "error"]
+    assert rc == 1 and any("same UUID" in m and "'rep6'" in m for m in errors), errors
+    assert any(f"Cannot check QEMU binary {vm_dir.path}/no-qemu" in m for m in errors), errors
+    embed.cli("destroy", "rep6", check=True)
+    rc, data = report(embed, str(twin))
+    errors = [p["message"] for p in data["problems"] if p["severity"] == "error"]
+    assert not any("same UUID" in m for m in errors), errors
+    proc = embed.cli("run", str(twin))
+    assert proc.returncode == 1
+    assert f"Cannot check QEMU binary {vm_dir.path}/no-qemu: No such file" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -351,3 +351,19 @@ def test_landlock_letters() -> None:
     assert landlock_letters(["read_file", "write_file", "truncate"]) == "rwt"
     assert landlock_letters(["read_dir", "make_sock", "remove_file"]) == "dmu"
     assert landlock_letters([]) == "-"
+
+
+def test_start_checks_are_problems(scratch: Path) -> None:
+    """What `run` stops at before QEMU starts is a problem of the report too: an emulator
+    that does not exist, a disk without <source> (QEMU: "No drive specified")."""
+    _image_files(scratch)
+    conn = connect(scratch, [FakeLsm()], CONF)
+    xml = rich_xml(scratch).replace("/usr/bin/qemu-system-x86_64", f"{scratch}/no-qemu")
+    xml = xml.replace("<memballoon model='none'/>", "<disk type='file' device='disk'>"
+                      "<target dev='vdb' bus='virtio'/></disk><memballoon model='none'/>")
+    report = build_report(conn, parse_domain(xml))
+    msgs = [p.text() for p in report.errors]
+    assert any(f"Cannot check QEMU binary {scratch}/no-qemu: No such file" in m
+               for m in msgs), msgs
+    assert any("disk 'vdb' has no <source>" in m for m in msgs), msgs
+    assert "Problems (0)" not in render_text(report)

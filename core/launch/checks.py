@@ -18,8 +18,8 @@ from vmconfine.launch import runtime
 from vmconfine.launch.journal import Journal
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection
     from vmconfine.domain import Domain
+    from vmconfine.launch.connection import Connection
 
 #: disk devices that may be empty (no medium)
 REMOVABLE = frozenset({"cdrom", "floppy"})

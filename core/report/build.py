@@ -33,15 +33,14 @@ from vmconfine.launch.pipeline import command_paths, core_checks, prepare_domain
 from vmconfine.perms import QemuIds, denial
 from vmconfine.plugin.context import DomainContext
 from vmconfine.plugin.resources import Resource, hostdev_resources
+from vmconfine.plugin.stack import Driver, Stack
 from vmconfine.qemu.argv import build_command
 from vmconfine.report.render import file_view, process_rows
 from vmconfine.report.validate import Identity, qemu_ids
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection, RunningDomain
     from vmconfine.domain import Domain
-    from vmconfine.plugin.stack import Driver, Stack
-
+    from vmconfine.launch.connection import Connection, RunningDomain
 log = logging.getLogger(__name__)
 
 #: roles whose absence means the domain cannot start
@@ -159,8 +158,6 @@ class _Problems:
 
 def report_stack(conn: Connection, problems: _Problems) -> Stack:
     """The instance's stack; when it cannot be built, the drivers that work, and a problem."""
-    from vmconfine.plugin.stack import Stack
-
     try:
         return conn.stack
     except VmconfineError as exc:

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import VmconfineError
 from vmconfine.perms import QemuIds, R, W, denial, describe_mode, has_acl
+from vmconfine.plugin.stack import Driver, Stack, load_driver
+from vmconfine.qemu.capabilities import find_emulators
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection
+    from vmconfine.launch.connection import Connection
     from vmconfine.plugin.context import DomainContext
-    from vmconfine.plugin.stack import Driver, Stack
-
 #: the layer name of the kernel's permission checks when no driver decides QEMU's ids
 PERMISSIONS = "permissions"
 
@@ -120,8 +120,6 @@ def check_kvm(ids: QemuIds | None) -> Check:
 
 
 def check_emulators(conn: Connection) -> Check:
-    from vmconfine.qemu.capabilities import find_emulators
-
     search = list(conn.instance.config.emulator_search_path)
     found = find_emulators(search)
     if not found:
@@ -168,8 +166,6 @@ def check_driver_hosts(conn: Connection, drivers: list[Driver], dirs: list[str])
 
 
 def check_drivers(conn: Connection) -> list[Check]:
-    from vmconfine.plugin.stack import Stack
-
     out = []
     for info, ok, why in Stack.probe_installed(conn.host):
         name = f"driver {info.name}"
@@ -188,8 +184,6 @@ def check_drivers(conn: Connection) -> list[Check]:
 
 
 def _stack(conn: Connection) -> Stack:
-    from vmconfine.plugin.stack import Stack
-
     try:
         return conn.stack
     except VmconfineError:
@@ -199,8 +193,6 @@ def _stack(conn: Connection) -> Stack:
 def host_validate(conn: Connection, image_dirs: list[str] | None = None) -> list[Check]:
     """Every check, in display order: the core's generic ones, then each installed driver's
     (registry order), then the instance directories and the stack."""
-    from vmconfine.plugin.stack import load_driver
-
     ids = qemu_ids(_stack(conn), None).ids
     inst = conn.instance
     dirs = [str(inst.run_dir), str(inst.lib_dir), *(image_dirs or [])]

@@ -90,7 +90,7 @@ def test_report_and_hint_never_weaken_the_host(path: str, tmp_path: Path) -> Non
     require(os.path.exists(path) or os.path.isdir(os.path.dirname(path)), f"{path} missing")
     import vmconfine_dac
     from tests.support import make_ctx, make_host
-    from vmconfine.config.connection import Connection
+    from vmconfine.launch.connection import Connection
     from vmconfine.plugin import nop
     from vmconfine.report.build import open_failure_hint
 

@@ -52,3 +52,21 @@ def mount_of(path: str) -> str:
         if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
             best, fstype = mp, fs
     return f"{best} ({fstype})"
+
+
+def xattr_checks(dirs: list[str], name: str, bad: str, fix: str) -> list[dict[str, str]]:
+    """``host_checks`` lines: can each of ``dirs`` store ``name`` xattrs? ``bad`` is the
+    status when it cannot ("FAIL" or "WARN"), with ``fix``."""
+    out = []
+    for d in dirs:
+        label = f"xattrs {name.split('.', 1)[0]}.* in {d}"
+        ok = xattr_support(d, name)
+        if ok is True:
+            out.append({"status": "PASS", "name": label, "detail": "supported", "fix": ""})
+        elif ok is False:
+            out.append({"status": bad, "name": label,
+                        "detail": "not supported by its file system", "fix": fix})
+        else:
+            out.append({"status": "WARN", "name": label, "detail": "could not be probed",
+                        "fix": ""})
+    return out

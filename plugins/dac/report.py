@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import VmconfineError
-from vmconfine.fsinfo import mount_of, xattr_support
+from vmconfine.fsinfo import mount_of, xattr_checks, xattr_support
 from vmconfine_dac.identity import group_id, user_id
 
 if TYPE_CHECKING:
@@ -72,16 +72,6 @@ def host_checks(host: HostContext, dirs: list[str]) -> list[dict[str, str]]:
                           "apt-get install python3-cap-ng (the venv needs "
                           "--system-site-packages)"))
     if inst.privileged and cfg.remember_owner:
-        xname = remember_xattr(cfg)
-        for d in dirs:
-            label = f"xattrs {xname.split('.', 1)[0]}.* in {d}"
-            ok = xattr_support(d, xname)
-            if ok is True:
-                out.append(_check("PASS", label, "supported"))
-            elif ok is False:
-                out.append(_check("WARN", label, "not supported by its file system",
-                                  "owners are remembered in the journal only; set "
-                                  "remember_owner = 0 or use a local file system"))
-            else:
-                out.append(_check("WARN", label, "could not be probed"))
+        out += xattr_checks(dirs, remember_xattr(cfg), "WARN", "owners are remembered in the "
+                            "journal only; set remember_owner = 0 or use a local file system")
     return out

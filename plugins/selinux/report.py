@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError
-from vmconfine.fsinfo import mount_of, xattr_support
+from vmconfine.fsinfo import mount_of, xattr_checks, xattr_support
 from vmconfine_selinux import labels
 
 if TYPE_CHECKING:
@@ -74,16 +74,7 @@ def host_checks(wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
     except ImportError as exc:
         out.append(_check(bad, name, f"not importable ({exc})", "apt-get install "
                           "python3-selinux (the venv needs --system-site-packages)"))
-    for d in dirs:
-        label = f"xattrs security.* in {d}"
-        ok = xattr_support(d, XATTR)
-        if ok is True:
-            out.append(_check("PASS", label, "supported"))
-        elif ok is False:
-            out.append(_check(bad, label, "not supported by its file system",
-                              "mount it with context=... for SELinux"))
-        else:
-            out.append(_check("WARN", label, "could not be probed"))
+    out += xattr_checks(dirs, XATTR, bad, "mount it with context=... for SELinux")
     return out
 
 

@@ -175,3 +175,36 @@ def test_domain_xml_report_finds_what_run_stops_at(embed: Embed, vm_dir: VmDir) 
     assert proc.returncode == 1
     assert f"Cannot check QEMU binary {vm_dir.path}/no-qemu: No such file" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_unprivileged_kvm_advice_is_group_membership(vm_dir: VmDir) -> None:
+    """An unprivileged instance with <domain type='kvm'> and a caller outside /dev/kvm's
+    group: the fix is `usermod -aG`, never a chown/chmod of the device node."""
+    import grp
+    import shutil
+    import subprocess
+
+    from tests.host.conftest import VMCONFINE
+
+    require(shutil.which("setpriv"), "setpriv is missing (util-linux)")
+    require(os.path.exists("/dev/kvm"), "/dev/kvm is missing")
+    st = os.stat("/dev/kvm")
+    require(not st.st_mode & 0o006 and st.st_gid != 0, "/dev/kvm is world-usable here")
+    nobody = 65534
+    require(st.st_gid != nobody, "/dev/kvm belongs to nobody's group")
+    home = vm_dir.path / "nobody"
+    home.mkdir()
+    os.chown(home, nobody, nobody)
+    xml = vm_dir.domain_xml("rep7", virt_type="kvm")
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", VMCONFINE,
+         "-c", f"qemu:///embed?root={home}/inst", "confinement", "--json", str(xml)],
+        capture_output=True, text=True, timeout=120, env={"HOME": str(home), "PATH":
+                                                          os.environ.get("PATH", "")})
+    assert proc.stdout, proc.stderr
+    problems = json.loads(proc.stdout)["problems"]
+    kvm = [p for p in problems if p.get("path") == "/dev/kvm"]
+    group = grp.getgrgid(st.st_gid).gr_name
+    assert kvm and kvm[0]["layer"] == "permissions", problems
+    assert f"usermod -aG {group} nobody" in kvm[0]["fix"], kvm
+    assert "chown" not in kvm[0]["fix"] and "chmod" not in kvm[0]["fix"], kvm

@@ -49,7 +49,9 @@ def check_not_running(conn: Connection, domain: Domain) -> None:
                 f"domain '{other.name}'; give it another <uuid>"
             )
     for name, uuid in starting(conn):
-        if name != domain.name and uuid == domain.uuid:
+        if name == domain.name:
+            raise LaunchError(f"domain '{domain.name}' is being started by another process")
+        if uuid == domain.uuid:
             raise LaunchError(
                 f"domain '{domain.name}' has the same UUID {domain.uuid} as domain "
                 f"'{name}', which is starting; give it another <uuid>"

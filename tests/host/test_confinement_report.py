@@ -208,3 +208,16 @@ def test_unprivileged_kvm_advice_is_group_membership(vm_dir: VmDir) -> None:
     assert kvm and kvm[0]["layer"] == "permissions", problems
     assert f"usermod -aG {group} nobody" in kvm[0]["fix"], kvm
     assert "chown" not in kvm[0]["fix"] and "chmod" not in kvm[0]["fix"], kvm
+
+
+def test_domain_xml_report_sees_a_start_in_progress(embed: Embed, vm_dir: VmDir) -> None:
+    """A `run` of the same domain that has begun (paused right after its journal's begin):
+    the report says what a second `run` would."""
+    xml = vm_dir.domain_xml("rep8")
+    embed.start(xml, env={**os.environ, "VMCONFINE_PAUSE_AT": "begin"}, wait_for="paused at begin")
+    rc, data = report(embed, str(xml))
+    errors = [p["message"] for p in data["problems"] if p["severity"] == "error"]
+    assert rc == 1 and any("'rep8' is being started by another process" in m
+                           for m in errors), errors
+    second = embed.cli("run", str(xml))
+    assert second.returncode == 1 and "is being started by another process" in second.stderr

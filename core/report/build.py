@@ -41,6 +41,7 @@ from vmconfine.report.validate import Identity, qemu_ids
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
     from vmconfine.launch.connection import Connection, RunningDomain
+
 log = logging.getLogger(__name__)
 
 #: roles whose absence means the domain cannot start

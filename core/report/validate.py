@@ -25,6 +25,7 @@ from vmconfine.qemu.capabilities import find_emulators
 if TYPE_CHECKING:
     from vmconfine.launch.connection import Connection
     from vmconfine.plugin.context import DomainContext
+
 #: the layer name of the kernel's permission checks when no driver decides QEMU's ids
 PERMISSIONS = "permissions"
 

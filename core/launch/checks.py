@@ -62,7 +62,9 @@ def check_sources(domain: Domain) -> None:
     """Every disk except an empty cdrom or floppy names its source (QEMU would stop with
     "No drive specified")."""
     for disk in domain.disks:
-        if disk.source is None and disk.device not in REMOVABLE:
+        local = disk.type in ("file", "block")
+        empty = disk.source is None or (local and not disk.source.path)
+        if empty and disk.device not in REMOVABLE:
             raise XMLError(f"disk '{disk.target}' has no <source>: only a cdrom or floppy may "
                            "be empty; add <source file='...'/> (or dev=, for a block device)")
 

@@ -367,3 +367,14 @@ def test_start_checks_are_problems(scratch: Path) -> None:
                for m in msgs), msgs
     assert any("disk 'vdb' has no <source>" in m for m in msgs), msgs
     assert "Problems (0)" not in render_text(report)
+
+
+def test_empty_source_file_is_a_problem(scratch: Path) -> None:
+    _image_files(scratch)
+    conn = connect(scratch, [FakeLsm()], CONF)
+    xml = rich_xml(scratch).replace(f"<source file='{scratch / 'top.qcow2'}'/>",
+                                    "<source file=''/>")
+    xml = xml.replace("<backingStore type='file'><format type='raw'/><source file='"
+                      f"{scratch}/base.img'/>\n        <backingStore/></backingStore>", "")
+    report = build_report(conn, parse_domain(xml))
+    assert any("disk 'vda' has no <source>" in p.message for p in report.errors), report.errors

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.errors import LaunchError, VmconfineError
-from vmconfine.launch import child, runtime
+from vmconfine.launch import checks, child, runtime
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
@@ -133,13 +133,16 @@ def _qemu_user_name(conn: Connection) -> str:
     return user
 
 
-def prepare_domain(conn: Connection, domain: Domain) -> None:
-    """Validation that changes nothing: seclabel models, driver checks, backing chains."""
-    conn.stack.check_models(domain)
-    conn.stack.verify(domain)
+def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None) -> None:
+    """Validation that changes nothing: disk sources, seclabel models, driver checks (of
+    ``stack``, default the instance's), backing chains."""
+    stack = stack if stack is not None else conn.stack
+    stack.check_models(domain)
+    stack.verify(domain)
     for disk in domain.disks:
         if disk.source is not None and disk.type in ("file", "block"):
             resolve_chain(disk.source)
+    checks.check_sources(domain)
 
 
 def native_command(conn: Connection, domain: Domain) -> QemuCommand:
@@ -184,6 +187,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         journal.record("pipeline", "labels", xml=domain.to_xml(live=True))
         checkpoint("labels")
         command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
+        checks.check_emulator(command.emulator)
         ctx.command = command
         ctx.state["pipeline"] = {}
         # 3. prepare host
@@ -245,20 +249,7 @@ def _begin(conn: Connection, domain: Domain, *,
     lock = runtime.DomainLock(inst, domain.name)
     journal = Journal(inst.journal_path(domain.name))
     with runtime.instance_lock(inst):
-        for other in conn.running():
-            if other.name == domain.name:
-                raise LaunchError(f"domain '{domain.name}' is already running (id {other.id})")
-            if other.domain.uuid == domain.uuid:
-                raise LaunchError(
-                    f"domain '{domain.name}' has the same UUID {domain.uuid} as running "
-                    f"domain '{other.name}'; give it another <uuid>"
-                )
-        for name, uuid in _starting(conn):
-            if name != domain.name and uuid == domain.uuid:
-                raise LaunchError(
-                    f"domain '{domain.name}' has the same UUID {domain.uuid} as domain "
-                    f"'{name}', which is starting; give it another <uuid>"
-                )
+        checks.check_not_running(conn, domain)
         if not lock.try_acquire():
             raise LaunchError(f"domain '{domain.name}' is being started by another process")
         domain_id = runtime.next_domain_id(inst)
@@ -272,18 +263,6 @@ def _begin(conn: Connection, domain: Domain, *,
             lock.release()
             raise
     return lock, journal, domain_id
-
-
-def _starting(conn: Connection) -> list[tuple[str, str]]:
-    """(name, uuid) of domains whose supervisor is alive but that have no status yet."""
-    out = []
-    for rec in runtime.known_domains(conn.instance):
-        if not rec.alive or rec.status_path.exists() or not rec.journal_path.exists():
-            continue
-        begin = Journal(rec.journal_path).last("pipeline", "begin")
-        if begin and begin.get("uuid"):
-            out.append((rec.name, str(begin["uuid"])))
-    return out
 
 
 def _make_runtime_dirs(ctx: DomainContext) -> None:

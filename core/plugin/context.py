@@ -78,7 +78,8 @@ class DomainContext:
     taints: list[str] = field(default_factory=list)
     #: the stack's record of restore-type calls made for this context (each runs once) and
     #: their failures; drivers do not use it
-    restored: dict[tuple[Any, ...], str | None] = field(default_factory=dict, repr=False)
+    restored: dict[tuple[Any, ...], tuple[str | None, Any, dict[str, Any]]] = field(
+        default_factory=dict, repr=False)
 
     @property
     def instance(self) -> Instance:

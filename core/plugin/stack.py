@@ -371,8 +371,10 @@ class Stack:
         for d in self.label_drivers:
             d.call("verify", domain=domain, seclabel=domain.seclabel(d.model))
 
-    def gen_labels(self, ctx: DomainContext) -> None:
-        """libvirt's GenLabel policy, per security driver, in stack order."""
+    def gen_labels(self, ctx: DomainContext, *, plan: bool = False) -> None:
+        """libvirt's GenLabel policy, per security driver, in stack order. ``plan``: a dry run
+        (the report): drivers with a ``plan_label`` hook fill the label they would generate
+        and change nothing (see :meth:`generating`); the others generate as usual."""
         domain = ctx.domain
         done: list[Driver] = []
         try:
@@ -388,6 +390,9 @@ class Stack:
                     if self.require_confined:
                         raise LabelError("Unconfined guests are not allowed on this host")
                     continue
+                if plan and d.implements("plan_label"):
+                    d.call("plan_label", ctx=ctx, seclabel=sec)
+                    continue  # nothing was taken: nothing to release
                 d.call("gen_label", ctx=ctx, seclabel=sec)
                 done.append(d)
         except BaseException:
@@ -396,6 +401,13 @@ class Stack:
                 if sec is not None:
                     _best_effort(d, "release_label", ctx=ctx, seclabel=sec)
             raise
+
+    def generating(self) -> Stack:
+        """The drivers whose labels a dry run (``gen_labels(plan=True)``) generated for real,
+        i.e. the stack whose ``release_labels`` gives them back."""
+        return Stack(self.host, [d for d in self.drivers if not d.implements("plan_label")],
+                     default_confined=self.default_confined,
+                     require_confined=self.require_confined)
 
     def reserve_labels(self, ctx: DomainContext, pid: int) -> None:
         for d in self.label_drivers:
@@ -452,9 +464,9 @@ class Stack:
     def _restore_once(d: Driver, hook: str, ctx: DomainContext,
                       kwargs: dict[str, Any]) -> str | None:
         key = _restore_key(d, hook, kwargs)
-        if key not in ctx.restored:
-            ctx.restored[key] = _best_effort(d, hook, ctx=ctx, **kwargs)
-        return ctx.restored[key]
+        if key not in ctx.restored:  # the objects are kept so their ids are not reused
+            ctx.restored[key] = (_best_effort(d, hook, ctx=ctx, **kwargs), d.obj, kwargs)
+        return ctx.restored[key][0]
 
     def preflight(self, ctx: DomainContext) -> None:
         for d in self.drivers:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from vmconfine import __version__
 from vmconfine.errors import VmconfineError
 from vmconfine.inputs import read_bounded
+from vmconfine.sanitize import SafeStream, one_line
 
 log = logging.getLogger("vmconfine")
 
@@ -413,6 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; everything it prints goes through :class:`SafeStream` (text from
+    QEMU, the guest, /proc or files vmconfine did not write never reaches the terminal raw)."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SafeStream(out), SafeStream(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("VMCONFINE_DEBUG", "") not in ("", "0")
@@ -431,7 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VmconfineError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc.message}", file=sys.stderr)
+        # one line (a value from the XML, QEMU or /proc cannot start a forged line of its
+        # own); --debug keeps multi-line details such as the child's traceback
+        print(f"error: {exc.message if debug else one_line(exc.message)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -440,12 +456,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return 1
     except Exception as exc:  # never a traceback without --debug
         if debug:
             traceback.print_exc()
-        print(f"error: internal error: {type(exc).__name__}: {exc} "
+        print(f"error: internal error: {type(exc).__name__}: {one_line(str(exc))} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
 

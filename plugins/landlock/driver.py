@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError, LabelError
 from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.qemu import probe
+from vmconfine.qemu.probe import ProbeError
+from vmconfine.sanitize import one_line
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.emulator import emulator_files
 from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset
@@ -133,10 +136,10 @@ class LandlockDriver:
             return None, why
         emulator = _emulator_path(ctx)
         try:
-            emu = emulator_files(emulator)
-        except OSError as exc:
-            raise DriverError(f"landlock: cannot resolve the files of emulator {emulator}: "
-                              f"{exc}; check <emulator> / emulator_search_path") from exc
+            emu = emulator_files(emulator, probe.for_instance(ctx.instance))
+        except (OSError, ProbeError) as exc:
+            raise DriverError(f"landlock: cannot resolve the files of emulator "
+                              f"{one_line(emulator)}: {exc}") from None
         home = str(ctx.instance.domain_lib_dir(ctx.domain.name))
         full = derive_ruleset(ctx.domain, ctx.resources, emu, home_dir=home)
         return full.for_abi(abi), ""

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmconfine import cli
-from vmconfine.launch.supervisor import log_tail
+from vmconfine.launch.process import log_tail
 from vmconfine.sanitize import SafeStream, decode, one_line, printable, terminal_text
 
 

@@ -18,7 +18,7 @@ PACKAGE = "vmconfine"
 #: lowest first: a module may import its own layer and the layers before it
 LAYERS = ("base", "domain", "config", "plugin", "qemu", "launch", "report", "cli")
 BASE_MODULES = {"vmconfine", "vmconfine.errors", "vmconfine.inputs", "vmconfine.perms",
-                "vmconfine.remember"}
+                "vmconfine.remember", "vmconfine.sanitize"}
 #: where a function-level import is allowed: the CLI imports each verb's code when the verb
 #: runs, so ``vmconfine --help`` and light verbs start fast
 DEFERRED_IMPORTS_ALLOWED = {"vmconfine.cli"}

@@ -446,6 +446,8 @@ def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True)
             shutil.rmtree(rec["path"])
     ctx.instance.status_path(ctx.domain.name).unlink(missing_ok=True)
     ctx.instance.qmp_lock_path(ctx.domain.name).unlink(missing_ok=True)
+    # before the journal goes: a crash up to here is finished by the next recovery
+    ctx.instance.destroy_marker_path(ctx.domain.name).unlink(missing_ok=True)
     if not errors:
         ctx.journal.remove()
     else:

@@ -10,7 +10,8 @@ backing                 yes      never     never
 kernel, initrd, dtb     yes      yes       yes
 nvram                   yes      yes       yes
 chardev (file, pipe,    yes      yes       yes (a missing file/bind socket is left for
-unix, dev)                                 QEMU to create)
+unix, dev)                                 QEMU to create); a bind-mode unix socket: never
+                                           restored (QEMU replaces it with a new inode)
 hostdev                 yes      yes       yes; /dev/vfio/N no (restored from the journal);
                                            /dev/vfio/vfio is world-accessible: untouched
 runtime_dir             yes      yes       (directories cannot be remembered)
@@ -107,6 +108,13 @@ def _dac_label(res: Resource) -> Any:
     return found
 
 
+def _bind_socket(res: Resource) -> bool:
+    """A unix socket chardev QEMU listens on (it replaces whatever is at the path)."""
+    src = res.source
+    return (res.role == "chardev" and getattr(src, "type", None) == "unix"
+            and getattr(src, "mode", None) == "bind")
+
+
 def plan(ctx: DomainContext, resources: Iterable[Resource], ident: Identity) -> list[Plan]:
     """The chowns ``set_all_labels`` will make for ``resources`` (empty when relabelling is
     off: dynamic_ownership = 0 or the domain's DAC seclabel has relabel='no')."""
@@ -152,6 +160,10 @@ def _plan_one(res: Resource, ident: Identity, image_ids: tuple[int, int]) -> Pla
         restore = remember = False
     elif role == "hostdev" and res.path.startswith("/dev/vfio/"):
         restore, remember = True, False
+    elif _bind_socket(res):
+        # libvirt's rule: a listening socket is never given back. QEMU (or the Landlock
+        # child, for it) unlinks a stale one and binds a new inode, so the chowned one is gone
+        restore = remember = False
     else:
         restore = remember = True
     access = R | W if res.access == "rw" else R

@@ -7,7 +7,6 @@ pluggy hook tracing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ from collections.abc import Callable, Sequence
 from vmconfine import __version__
 from vmconfine.errors import VmconfineError
 from vmconfine.inputs import read_bounded
-from vmconfine.sanitize import SafeStream, one_line
+from vmconfine.sanitize import SafeStream, json_text, one_line
 
 log = logging.getLogger("vmconfine")
 
@@ -258,7 +257,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if args.hmp and "return" in reply:
         sys.stdout.write(str(reply["return"]))
         return 0 if "error" not in reply else 1
-    print(json.dumps(reply, indent=2 if args.pretty else None))
+    print(json_text(reply, indent=2 if args.pretty else None))
     _ = runtime
     return 1 if "error" in reply else 0
 
@@ -278,7 +277,7 @@ def cmd_confinement(args: argparse.Namespace) -> int:
     else:
         report = build_report(conn, running=conn.lookup(target))
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json_text(report.to_json(), indent=2))
     else:
         sys.stdout.write(render_text(report))
     return 1 if report.errors or report.differences else 0
@@ -296,7 +295,7 @@ def cmd_host_validate(args: argparse.Namespace) -> int:
     conn = Connection(open_instance(args.connect), recover=False)
     checks = host_validate(conn, args.image_dir)
     if args.json:
-        print(json.dumps([asdict(c) for c in checks], indent=2))
+        print(json_text([asdict(c) for c in checks], indent=2))
     else:
         sys.stdout.write(render_checks(checks))
     return 1 if any(c.status == "FAIL" for c in checks) else 0

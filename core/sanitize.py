@@ -15,6 +15,7 @@ on one line (a log tail, a probe's stderr) use :func:`one_line`.
 from __future__ import annotations
 
 import io
+import json
 from typing import Any, TextIO
 
 
@@ -49,6 +50,12 @@ def terminal_text(text: str) -> str:
 def decode(data: bytes) -> str:
     """Bytes from a file or process vmconfine did not write, as printable one-line text."""
     return one_line(data.decode("utf-8", errors="surrogateescape"))
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """JSON of ``value`` in printable ASCII only (DEL, which JSON leaves raw, as ``\\u007f``),
+    so :class:`SafeStream` passes it unchanged and it stays valid JSON."""
+    return json.dumps(value, indent=indent, ensure_ascii=True).replace("\x7f", "\\u007f")
 
 
 class SafeStream(io.TextIOBase):

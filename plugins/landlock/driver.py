@@ -137,7 +137,9 @@ class LandlockDriver:
         emulator = _emulator_path(ctx)
         try:
             emu = emulator_files(emulator, probe.for_instance(ctx.instance))
-        except (OSError, ProbeError) as exc:
+        except ProbeError as exc:  # names the emulator already
+            raise DriverError(f"landlock: {exc.message}") from None
+        except OSError as exc:
             raise DriverError(f"landlock: cannot resolve the files of emulator "
                               f"{one_line(emulator)}: {exc}") from None
         home = str(ctx.instance.domain_lib_dir(ctx.domain.name))

@@ -35,3 +35,13 @@ def test_log_tail_splits_on_line_feeds_only(tmp_path: Path) -> None:
     log = tmp_path / "q.log"
     log.write_bytes(b"2026-01-01 00:00:00: starting up\nARGV\nfirst\r\nfake\rerror: x\x1b[K\n")
     assert log_tail(log) == "first | fake\\x0derror: x\\x1b[K"
+
+
+def test_json_output_stays_valid_and_printable() -> None:
+    import json
+
+    from vmconfine.sanitize import json_text
+
+    text = json_text({"desc": "x\x7fy\x1b]0;t\x07\u009b"}, indent=2)
+    assert terminal_text(text) == text  # nothing for SafeStream to change
+    assert json.loads(text) == {"desc": "x\x7fy\x1b]0;t\x07\u009b"}

@@ -12,47 +12,21 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.host.conftest import Embed, VmDir
+from tests.host.test_dac_cli import Guest
 from tests.host.test_landlock_enforce import require_landlock
 from vmconfine.config.instance import open_instance
 
 
 def make_domain(vm_dir: VmDir, name: str) -> tuple[Path, dict[str, Path]]:
-    d = vm_dir.path
-    base = vm_dir.image(f"{name}-base.img")
-    overlay = d / f"{name}-top.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
-                    str(overlay)], check=True)
-    ro = d / f"{name}-ro.img"
-    with open(ro, "wb") as f:
-        f.truncate(1 << 20)
-    xml = d / f"{name}.xml"
-    xml.write_text(f"""<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{overlay}'/>
-      <backingStore type='file'><format type='raw'/><source file='{base}'/>
-        <backingStore/></backingStore>
-      <target dev='hda' bus='ide'/>
-    </disk>
-    <disk type='file' device='disk'><driver name='qemu' type='raw'/>
-      <source file='{ro}'/><target dev='vdb' bus='virtio'/><readonly/></disk>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-""")
-    return xml, {"top": overlay, "backing": base, "readonly": ro}
+    """A qcow2 overlay on a raw backing file, a read-only disk (and a shareable disk and a
+    serial file): the DAC tests' guest."""
+    g = Guest(vm_dir, name, kernel=False)
+    return g.xml, {"top": g.overlay, "backing": g.base, "readonly": g.ro}
 
 
 class Qmp:

@@ -88,14 +88,19 @@ def test_answers_are_cached_on_disk_by_file_identity(tmp_path: Path) -> None:
     assert count.read_text().count("x") == 2
 
 
-def test_a_cache_others_can_write_is_not_trusted(tmp_path: Path) -> None:
+def planted(tmp_path: Path, value: str) -> tuple[str, DiskCache, EmulatorProbe, list, Path]:
+    """A probe of a script printing "real", with ``value`` already in its disk cache."""
     emu = script(tmp_path, "echo real")
     cache = DiskCache(tmp_path / "cache")
     runner = EmulatorProbe(me(), cache)
     key = runner.key("run", [emu], [emu])
-    cache.put(key, "forged\n")
+    cache.put(key, value)
+    return emu, cache, runner, key, next((tmp_path / "cache" / probe.CACHE_SUBDIR).iterdir())
+
+
+def test_a_cache_others_can_write_is_not_trusted(tmp_path: Path) -> None:
+    emu, cache, runner, key, path = planted(tmp_path, "forged\n")
     assert runner.run([emu], emulator=emu) == "forged\n"  # our own file is used...
-    path = next((tmp_path / "cache" / probe.CACHE_SUBDIR).iterdir())
     path.chmod(0o666)
     probe._MEMORY.clear()
     assert runner.run([emu], emulator=emu) == "real\n"  # ...one others can write is not
@@ -107,12 +112,8 @@ def test_a_cache_others_can_write_is_not_trusted(tmp_path: Path) -> None:
 
 
 def test_a_cache_record_for_another_key_is_ignored(tmp_path: Path) -> None:
-    emu = script(tmp_path, "echo real")
-    cache = DiskCache(tmp_path / "cache")
-    runner = EmulatorProbe(me(), cache)
-    key = runner.key("run", [emu], [emu])
-    cache.put(key, "x")
-    path = next((tmp_path / "cache" / probe.CACHE_SUBDIR).iterdir())
+    _emu, cache, _runner, key, path = planted(tmp_path, "x")
+    assert cache.get(key) == "x"
     path.write_text(json.dumps({"key": ["other"], "value": "forged\n"}))
     assert cache.get(key) is None
 

@@ -15,8 +15,9 @@ capability probing, and with less than QEMU gets:
 
 Results are cached by the identity (path, device, inode, size, mtime) of every file they depend
 on and by the account that ran them: in memory, and on disk under the instance's cache dir
-(``emulator-probes/``, written atomically; a cache file is only read when it, and its directory,
-belong to the current user and nobody else can write them). A probe failure is a
+(``emulator-probes/``, written atomically, and only when the cache dir exists: a report on a
+fresh instance creates nothing; a cache file is only read when it, and its directory, belong
+to the current user and nobody else can write them). A probe failure is a
 :class:`ProbeError` whose message is one line naming the emulator.
 """
 
@@ -143,9 +144,8 @@ class DiskCache:
 
     def _dir_fd(self, create: bool) -> int | None:
         path = self.parent / CACHE_SUBDIR
-        if create:
-            with contextlib.suppress(OSError):
-                self.parent.mkdir(parents=True, exist_ok=True)
+        if create and self.parent.is_dir():  # never creates the instance's own directories
+            with contextlib.suppress(FileExistsError):
                 os.mkdir(path, 0o700)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)

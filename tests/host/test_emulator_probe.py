@@ -95,7 +95,11 @@ def test_confinement_report_probes_as_qemu_user(vm_dir: VmDir, landlock_embed: E
     proc = landlock_embed.cli("confinement", str(xml))
     assert "Traceback" not in proc.stderr
     assert_unprivileged(rec)
-    # a second look answers from the cache: the emulator is not run again
+    # nothing written for a fresh instance; once it has a cache dir (its first start makes
+    # it), a second look answers from the cache: the emulator is not run again
+    assert not (landlock_embed.root / "cache").exists()
+    (landlock_embed.root / "cache" / "qemu").mkdir(parents=True)
+    landlock_embed.cli("confinement", str(xml))
     before = len(probe_runs(rec))
     landlock_embed.cli("confinement", str(xml))
     assert len(probe_runs(rec)) == before

@@ -29,6 +29,12 @@ def fresh_memory() -> None:
     probe._MEMORY.clear()
 
 
+def cache_in(tmp_path: Path) -> DiskCache:
+    """A disk cache in an existing directory (as an instance's, made by its first start)."""
+    (tmp_path / "cache").mkdir(exist_ok=True)
+    return DiskCache(tmp_path / "cache")
+
+
 def test_runs_without_privileges_and_environment(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LD_PRELOAD", "/nonexistent.so")
@@ -73,7 +79,7 @@ def test_failures_are_one_line_naming_the_emulator(tmp_path: Path) -> None:
 def test_answers_are_cached_on_disk_by_file_identity(tmp_path: Path) -> None:
     count = tmp_path / "count"
     emu = script(tmp_path, f"echo x >> {count}; echo /usr/share/qemu")
-    cache = DiskCache(tmp_path / "cache")
+    cache = cache_in(tmp_path)
     assert EmulatorProbe(me(), cache).run([emu], emulator=emu) == "/usr/share/qemu\n"
     probe._MEMORY.clear()
     assert EmulatorProbe(me(), cache).run([emu], emulator=emu) == "/usr/share/qemu\n"
@@ -86,12 +92,16 @@ def test_answers_are_cached_on_disk_by_file_identity(tmp_path: Path) -> None:
     probe._MEMORY.clear()
     EmulatorProbe(me(), cache).run([emu], emulator=emu)
     assert count.read_text().count("x") == 2
+    # a cache dir that does not exist is not created (a report on a fresh instance)
+    probe._MEMORY.clear()
+    EmulatorProbe(me(), DiskCache(tmp_path / "fresh")).run([emu], emulator=emu)
+    assert not (tmp_path / "fresh").exists()
 
 
 def planted(tmp_path: Path, value: str) -> tuple[str, DiskCache, EmulatorProbe, list, Path]:
     """A probe of a script printing "real", with ``value`` already in its disk cache."""
     emu = script(tmp_path, "echo real")
-    cache = DiskCache(tmp_path / "cache")
+    cache = cache_in(tmp_path)
     runner = EmulatorProbe(me(), cache)
     key = runner.key("run", [emu], [emu])
     cache.put(key, value)

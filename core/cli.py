@@ -426,7 +426,7 @@ def _main(argv: Sequence[str] | None) -> int:
         os.environ["VMCONFINE_TRACE_HOOKS"] = "1"
         os.environ["VMCONFINE_DEBUG"] = "1"
     else:  # its own connection errors are reported by vmconfine in one line
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)  # its tracebacks too
     try:
         return args.func(args)
     except VmconfineError as exc:

@@ -22,7 +22,6 @@ from vmconfine.errors import LaunchError
 from vmconfine.launch import runtime
 from vmconfine.launch.pipeline import Launched, checkpoint, core_checks, teardown
 from vmconfine.qemu import qmp
-from vmconfine.report.build import open_failure_hint
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +239,9 @@ def supervise(conn: Connection, launched: Launched, *, paused: bool = False,
     except BaseException as exc:
         kill_process(launched.pid, launched.starttime)
         tail = log_tail(launched.log_path)
+        # (imported here: the report is needed on this path only, and costs a start ~10 ms)
+        from vmconfine.report.build import open_failure_hint
+
         tail += open_failure_hint(conn, launched.ctx, tail)  # which layer denied a path
         _finish(conn, launched)
         if isinstance(exc, LaunchError) and tail and "not confined" not in exc.message:

@@ -249,13 +249,14 @@ class CgroupsDriver:
         plan = self.plan(ctx)
         st = ctx.driver_state(NAME)
         st.update(plan=plan, rules=[], prog_id=None)
-        ctx.journal.record(NAME, "placement", plan=plan.to_json())
         for leaf in plan.dirs.values():
             self._clear_leftover(ctx, leaf)
-        # group commit: every directory about to be made is journaled with one fsync before
-        # the first mkdir (a record of a directory never made costs teardown one rmdir ENOENT)
+        # group commit: the placement and every directory about to be made are journaled with
+        # one fsync before the first mkdir (a record of a directory never made costs teardown
+        # one rmdir ENOENT)
         recorded: set[str] = set()
-        entries = []
+        entries: list[tuple[str, str, dict[str, Any]]] = [
+            (NAME, "placement", {"plan": plan.to_json()})]
         for mount, leaf in plan.dirs.items():
             for path in placement.components(mount, plan.own[mount], plan.rel):
                 if path not in recorded and not os.path.isdir(path):

@@ -14,7 +14,7 @@ Measured, alternating every run:
   ``cgroup.procs`` of every hierarchy before exec (a move to where it already is: the kernel
   still takes its cgroup migration lock and waits for an RCU grace period, the cost the
   pipeline's child pays for its real move); the child reports how long those writes took;
-- **vmconfine API** (in-process): ``pipeline.start()`` → ``supervise(on_ready=...)`` — fork,
+- **vmconfine API** (in-process): ``supervisor.run_domain(on_ready=...)`` — fork,
   child confinement, exec, QMP handshake, verification of the kernel's view, status XML,
   ``cont``; destroy = SIGTERM to QEMU in ``on_ready`` → ``supervise`` returns after teardown
   (labels given back, cgroup removed, runtime dirs and journal gone);
@@ -57,7 +57,7 @@ from bench.common import (
 from bench.libvirt_peer import LibvirtPeer, PeerUnavailable
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection
+    from vmconfine.launch.connection import Connection
     from vmconfine.launch.pipeline import Launched
 
 OVERHEAD_TARGET = 0.025
@@ -206,7 +206,7 @@ PHASE_TEXT = {
 @contextlib.contextmanager
 def phase_marks(marks: dict[str, float]) -> Iterator[None]:
     """Record when the pipeline passes each checkpoint (the crash-test pause points)."""
-    from vmconfine.launch import pipeline, supervisor
+    from vmconfine.launch import pipeline
     real = pipeline.checkpoint
 
     def mark(step: str) -> None:
@@ -214,20 +214,17 @@ def phase_marks(marks: dict[str, float]) -> Iterator[None]:
         real(step)
 
     pipeline.checkpoint = mark  # type: ignore[assignment]
-    supervisor.checkpoint = mark  # type: ignore[assignment]
     try:
         yield
     finally:
         pipeline.checkpoint = real  # type: ignore[assignment]
-        supervisor.checkpoint = real  # type: ignore[assignment]
 
 
 def api_once(conn: Connection, case: Case,
              phases: dict[str, Stats] | None = None) -> tuple[float, float]:
     """(start → ready, destroy → teardown done) through the in-process API."""
     from vmconfine.domain import parse_domain
-    from vmconfine.launch.pipeline import start
-    from vmconfine.launch.supervisor import supervise
+    from vmconfine.launch.supervisor import run_domain
 
     domain = parse_domain(case.xml)
     marks: dict[str, float] = {}
@@ -238,8 +235,7 @@ def api_once(conn: Connection, case: Case,
 
     with phase_marks(marks):
         t0 = now()
-        launched = start(conn, domain)
-        supervise(conn, launched, on_ready=on_ready, shutdown_timeout=5)
+        run_domain(conn, domain, on_ready=on_ready, shutdown_timeout=5)
         done = now()
     if phases is not None:
         prev = t0
@@ -308,7 +304,7 @@ def run(opts: Options) -> list[Table]:
     if not is_root():
         table.unavailable("all", "needs root (QEMU runs as vmconfine-qemu, files are chowned)")
         return [table]
-    from vmconfine.config.connection import Connection
+    from vmconfine.launch.connection import Connection
 
     with scratch("p1") as d:
         uri = embed_root(d / "instance")

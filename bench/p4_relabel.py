@@ -13,8 +13,8 @@ those changes on the same files:
 * the **safety floor** (the peer): what any symlink-safe, crash-safe relabel must do at least
   (docs/performance.md, P4): each directory opened once; per file ``fstatat`` (resolve, no
   symlink), ``openat(O_NOFOLLOW)``, ``fstat`` (the inode is the resolved one), the changes on
-  the fd, ``close``; and the journal: created once, one ``write`` + ``fsync`` of every file's
-  record per batch of 128 files before the batch's changes (set and restore each).
+  the fd, ``close``; and the journal: created by the set, one ``write`` + ``fsync`` of every
+  file's record per batch of 128 files before the batch's changes (set and restore each).
 
 ratio = vmconfine's (set + restore) / the safety floor's. Linearity: the time per file at 200
 vs 50 layers and 256 vs 64 disks.
@@ -108,17 +108,18 @@ BATCH = 128  #: files per journal group commit in the safety floor (DAC's defaul
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def floor(ops: list[tuple[Any, ...]], journal: Path) -> float:
+def floor(ops: list[tuple[Any, ...]], journal: Path, *, create: bool) -> float:
     """Make ``ops`` the symlink-safe, crash-safe minimum way (see the module docstring); return
-    the time. ``journal`` is created (it must not exist) and removed afterwards, untimed."""
+    the time. ``journal`` is created when ``create`` (the set), else appended to (the
+    restore, which finds the set's journal, as vmconfine's does)."""
     per_file: dict[str, list[tuple[Any, ...]]] = {}
     for op in ops:
         per_file.setdefault(op[1], []).append(op)
     files = list(per_file)
     dirs: dict[str, int] = {}
     t0 = time.perf_counter()
-    jfd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-                  0o600)
+    jfd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+                  | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
     for start in range(0, len(files), BATCH):
         batch = files[start:start + BATCH]
         os.write(jfd, b'{"op": "relabel", "path": "..."}\n' * len(batch))
@@ -146,9 +147,7 @@ def floor(ops: list[tuple[Any, ...]], journal: Path) -> float:
     for dfd in dirs.values():
         os.close(dfd)
     os.close(jfd)
-    took = time.perf_counter() - t0
-    os.unlink(journal)
-    return took
+    return time.perf_counter() - t0
 
 
 # ---- domains ------------------------------------------------------------------------------------
@@ -250,7 +249,8 @@ def one_sample(drv: Driver, state_base: Path, xml: str, paths: list[str]) -> dic
     raw_set, raw_restore = raw(set_ops), raw(restore_ops)
     raw(leftover)  # untimed: back to the original state for the next sample
     with scratch("p4-floor", base=state_base) as jdir:
-        floor_set, floor_restore = floor(set_ops, jdir / "j"), floor(restore_ops, jdir / "j")
+        floor_set = floor(set_ops, jdir / "j", create=True)
+        floor_restore = floor(restore_ops, jdir / "j", create=False)
     raw(leftover)
     if snapshot(paths) != before:
         raise RuntimeError("the raw loop did not bring the files back to their first state")

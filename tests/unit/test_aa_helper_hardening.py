@@ -268,6 +268,14 @@ def test_read_only_trees_may_be_shared_read_only(env: Env, source: str) -> None:
     assert f'"{bare}/**" r,' in out and f'deny "{bare}/**" w,' in out
 
 
+@pytest.mark.parametrize("target", ["/", "/usr", "/etc", "/sys"])
+def test_symlink_to_a_restricted_tree_is_judged_by_its_target(env: Env, target: str) -> None:
+    link = env.base / "share"
+    link.symlink_to(target)
+    line = assert_refused(env, ["-c", "-u", NAME], env.xml(devices=_filesystem(str(link), False)))
+    assert f"resolves to {target}" in line
+
+
 def test_tree_next_to_a_restricted_prefix_is_granted(env: Env) -> None:
     """Only the prefixes and their ancestors: a sibling directory is a normal share."""
     share = env.base / "etc"

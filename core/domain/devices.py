@@ -94,6 +94,11 @@ DISK_DEVICES = ("disk", "cdrom", "floppy", "lun")
 _DISK_PATH_ATTR = {"file": "file", "block": "dev", "dir": "dir", "vhostuser": "path",
                    "vhostvdpa": "dev"}
 _BUS_PREFIXES = (("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), ("xvd", "xen"), ("ubd", "uml"))
+#: libvirt's (and PCI's) limits of a host PCI address
+PCI_ADDRESS_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 7}
+MAX_TCP_PORT = 65535
+#: a PCI controller's index is its bus number
+MAX_PCI_CONTROLLER_INDEX = 255
 INTERFACE_SOURCE_ATTR = {"network": "network", "bridge": "bridge", "direct": "dev",
                          "vhostuser": "path", "vdpa": "dev", "server": "address",
                          "client": "address", "mcast": "address", "udp": "address"}
@@ -240,6 +245,10 @@ def parse_disk(ctx: ParseContext, el: etree._Element) -> Disk:
                                **fields)
         seen = {source.path} if source.path else set()
         source.backing, source.backing_declared = _parse_backing(ctx, el, target, 1, seen)
+    if source is None and device in ("disk", "lun"):
+        # libvirt: only removable media (cdrom, floppy) may be empty
+        raise ctx.error(el, f"missing source information for device {target}; give the "
+                            f"disk a <source> with a non-empty path, or make it a cdrom")
     boot = child(el, "boot")
     boot_order = int_attr(ctx, boot, "order", "disk boot order") if boot is not None else None
     if boot_order == 0:
@@ -314,6 +323,10 @@ def parse_graphics(ctx: ParseContext, el: etree._Element) -> Graphics:
             g.port, g.autoport = -1, True
         else:
             g.port, g.autoport = port if port is not None else 0, autoport
+        for what, value in ((f"{gtype} port", g.port), ("websocket port", g.websocket)):
+            if value is not None and value > MAX_TCP_PORT:
+                raise ctx.error(el, f"{what} must be in range [5900,{MAX_TCP_PORT}], not "
+                                    f"{value}")
     return g
 
 
@@ -418,7 +431,9 @@ def parse_hostdev(ctx: ParseContext, el: etree._Element) -> Hostdev:
             if sub is not None:
                 if sub.get("id") is None:
                     raise ctx.error(sub, f"usb {name} needs an id attribute, e.g. id='0x1234'")
-                setattr(h, name, int_attr(ctx, sub, "id", f"usb {name} id", base0=True))
+                setattr(h, name, int_attr(ctx, sub, "id", f"usb {name} id", base0=True,
+                                          maximum=0xFFFF, too_large="{what} {value:#06x} is "
+                                          "not a USB id; USB ids are at most 0xffff"))
         if (h.vendor is None) != (h.product is None):
             raise ctx.error(src, "usb hostdev needs both <vendor id=...> and <product id=...>")
         if addr is not None:
@@ -433,8 +448,10 @@ def parse_hostdev(ctx: ParseContext, el: etree._Element) -> Hostdev:
         if addr is None:
             raise ctx.error(src, "pci hostdev needs <address domain=... bus=... slot=... "
                                  "function=...>")
-        for name in ("domain", "bus", "slot", "function"):
-            value = int_attr(ctx, addr, name, f"pci {name}", base0=True)
+        for name, limit in PCI_ADDRESS_LIMITS.items():
+            value = int_attr(ctx, addr, name, f"pci {name}", base0=True, maximum=limit,
+                             too_large=f"Invalid PCI address {name}='{{value:#x}}', must be "
+                                       f"<= {limit:#X}".replace("0X", "0x"))
             setattr(h, name, 0 if value is None else value)
     return h
 
@@ -471,8 +488,14 @@ class Controller:
 
 def parse_controller(ctx: ParseContext, el: etree._Element) -> Controller:
     """One ``<controller>``."""
-    return Controller(type=el.get("type"), model=el.get("model"), element=el,
-                      index=int_attr(ctx, el, "index", "controller index"))
+    ctype = el.get("type")
+    index = int_attr(ctx, el, "index", "controller index", signed=True)
+    if index is not None and index < 0:
+        raise ctx.error(el, f"controller index {index} is negative; give index='0' or more")
+    if ctype == "pci" and index is not None and index > MAX_PCI_CONTROLLER_INDEX:
+        raise ctx.error(el, f"PCI controller index {index} too high, maximum is "
+                            f"{MAX_PCI_CONTROLLER_INDEX}")
+    return Controller(type=ctype, model=el.get("model"), element=el, index=index)
 
 
 @dataclass

@@ -63,6 +63,7 @@ from vmconfine.domain.state import VMCONFINE_NS, apply_live, drop_state, find_st
 from vmconfine.domain.xml import (
     BLANK,
     MAX_XML_BYTES,
+    UINT_MAX,
     ParseContext,
     child,
     child_text,
@@ -359,6 +360,11 @@ def _memory(ctx: ParseContext, el: etree._Element | None, what: str,
         raise ctx.error(el, f"{what}: {exc}") from None
 
 
+#: the most vCPUs any QEMU machine type takes (x86 q35 since QEMU 9.0); libvirt checks the
+#: machine type's own limit later, vmconfine refuses larger counts at parse time (QEMU would
+#: otherwise size per-vCPU structures from the number before refusing it)
+MAX_VCPUS = 4096
+
 #: longest domain name: it names files such as ``.NAME.qmp.lock`` (file names ≤ 255 bytes)
 MAX_NAME_BYTES = 200
 
@@ -481,11 +487,15 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
     if vcpu_el is not None:
         text = "".join(vcpu_el.itertext())
         count = parse_dec_int(text)
-        if count is None or count < 0:
+        if count is None or not 0 <= count <= UINT_MAX:
             raise ctx.error(vcpu_el, f"maximum vcpus count must be an integer, not "
                                      f"'{one_line(text.strip(), 40)}'")
         if count == 0:
             raise ctx.error(vcpu_el, "a domain needs at least 1 vCPU")
+        if count > MAX_VCPUS:
+            raise ctx.error(vcpu_el, f"Maximum CPUs greater than the limit of every QEMU "
+                                     f"machine type ({MAX_VCPUS}): <vcpu>{count}</vcpu>; give "
+                                     "fewer vCPUs")
         vcpus = count
         vcpus_current = int_attr(ctx, vcpu_el, "current", "current vcpus count")
         if vcpus_current is not None and not 0 < vcpus_current <= vcpus:

@@ -396,9 +396,19 @@ def chardev_backend(dev: Chardev, alias: str) -> str:
     )
 
 
+#: QEMU's ISA serial ports (MAX_ISA_SERIAL_PORTS)
+MAX_ISA_SERIAL_PORTS = 4
+
+
 def _serial_device(dev: Chardev, alias: str, index: int) -> dict[str, Any]:
     ttype = dev.target_type if dev.kind == "serial" else None
     if ttype in (None, "isa-serial", "serial"):
+        if index >= MAX_ISA_SERIAL_PORTS:
+            raise UnsupportedConfigError(
+                f"serial port {index} is out of range: QEMU has ISA serial ports 0 to "
+                f"{MAX_ISA_SERIAL_PORTS - 1}; fix <target port=...> or use "
+                f"<target type='pci-serial'/>"
+            )
         return {"driver": "isa-serial", "chardev": f"char{alias}", "id": alias, "index": index}
     if ttype == "pci-serial":
         return {"driver": "pci-serial", "chardev": f"char{alias}", "id": alias}

@@ -63,6 +63,7 @@ __all__ = [
     "Rng",
     "StorageSource",
     "Tpm",
+    "Watchdog",
     "attr",
     "child",
     "child_text",
@@ -91,6 +92,13 @@ MAX_BACKING_DEPTH = 200
 
 DISK_TYPES = ("file", "block", "dir", "network", "volume", "nvme", "vhostuser", "vhostvdpa")
 DISK_DEVICES = ("disk", "cdrom", "floppy", "lun")
+#: ``<disk><driver>`` attributes with libvirt's values: attribute → (Disk field, values)
+DISK_DRIVER_ENUMS = {
+    "cache": ("cache", ("none", "writethrough", "writeback", "directsync", "unsafe")),
+    "discard": ("discard", ("unmap", "ignore")),
+    "io": ("io", ("native", "threads", "io_uring")),
+    "detect_zeroes": ("detect_zeroes", ("off", "on", "unmap")),
+}
 _DISK_PATH_ATTR = {"file": "file", "block": "dev", "dir": "dir", "vhostuser": "path",
                    "vhostvdpa": "dev"}
 _BUS_PREFIXES = (("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), ("xvd", "xen"), ("ubd", "uml"))
@@ -150,6 +158,9 @@ class Disk:
     serial: str | None = None
     driver_name: str | None = None
     cache: str | None = None
+    discard: str | None = None
+    io: str | None = None
+    detect_zeroes: str | None = None
     transient: bool = False
     element: etree._Element | None = field(default=None, repr=False, compare=False)
 
@@ -259,7 +270,22 @@ def parse_disk(ctx: ParseContext, el: etree._Element) -> Disk:
         readonly=child(el, "readonly") is not None or device == "cdrom",
         shareable=child(el, "shareable") is not None, boot_order=boot_order,
         serial=child_text(el, "serial"), driver_name=attr(drv, "name"),
-        cache=attr(drv, "cache"), transient=child(el, "transient") is not None, element=el)
+        transient=child(el, "transient") is not None, element=el,
+        **{key: _driver_enum(ctx, drv, name, values) for name, (key, values)
+           in DISK_DRIVER_ENUMS.items()})
+
+
+def _driver_enum(ctx: ParseContext, drv: etree._Element | None, name: str,
+                 values: tuple[str, ...]) -> str | None:
+    """A ``<driver>`` tuning attribute; None when absent or libvirt's 'default'."""
+    value = attr(drv, name)
+    if value is None or value == "default":
+        return None
+    if value not in values:
+        assert drv is not None
+        raise ctx.error(drv, f"unknown disk {name} mode '{one_line(value, 40)}'; use one of "
+                             f"{', '.join(values)}")
+    return value
 
 
 # --------------------------------------------------------------------------- graphics, nics
@@ -530,6 +556,32 @@ class Filesystem:
     element: etree._Element | None = field(default=None, repr=False, compare=False)
 
 
+WATCHDOG_MODELS = ("i6300esb", "ib700", "diag288", "itco")
+WATCHDOG_ACTIONS = ("reset", "shutdown", "poweroff", "pause", "dump", "none", "inject-nmi")
+
+
+@dataclass
+class Watchdog:
+    """A ``<watchdog model=... action=...>`` (libvirt's default action: reset)."""
+
+    model: str
+    action: str = "reset"
+    element: etree._Element | None = field(default=None, repr=False, compare=False)
+
+
+def parse_watchdog(ctx: ParseContext, el: etree._Element) -> Watchdog:
+    """One ``<watchdog>``."""
+    model = el.get("model")
+    if model not in WATCHDOG_MODELS:
+        raise ctx.error(el, f"unknown watchdog model '{one_line(model or '', 40)}'; use one of "
+                            f"{', '.join(WATCHDOG_MODELS)}")
+    action = el.get("action", "reset")
+    if action not in WATCHDOG_ACTIONS:
+        raise ctx.error(el, f"unknown watchdog action '{one_line(action, 40)}'; use one of "
+                            f"{', '.join(WATCHDOG_ACTIONS)}")
+    return Watchdog(model=model, action=action, element=el)
+
+
 @dataclass
 class Devices:
     """Everything under ``<devices>``, in document order per kind."""
@@ -546,6 +598,7 @@ class Devices:
     tpms: list[Tpm] = field(default_factory=list)
     rngs: list[Rng] = field(default_factory=list)
     filesystems: list[Filesystem] = field(default_factory=list)
+    watchdogs: list[Watchdog] = field(default_factory=list)
 
 
 def _parse_misc(ctx: ParseContext, el: etree._Element, out: Devices) -> None:
@@ -609,6 +662,8 @@ def parse_devices(ctx: ParseContext, devices: etree._Element | None) -> Devices:
             out.inputs.append(parse_input(ctx, el))
         elif tag == "controller":
             out.controllers.append(parse_controller(ctx, el))
+        elif tag == "watchdog":
+            out.watchdogs.append(parse_watchdog(ctx, el))
         else:
             _parse_misc(ctx, el, out)
     return out

@@ -46,8 +46,17 @@ from vmconfine.domain.devices import (
     Rng,
     StorageSource,
     Tpm,
+    Watchdog,
     default_disk_bus,
     parse_devices,
+)
+from vmconfine.domain.guest import (
+    Clock,
+    Cpu,
+    MemoryBacking,
+    parse_clock,
+    parse_cpu,
+    parse_memory_backing,
 )
 from vmconfine.domain.seclabel import (
     SECLABEL_TYPES,
@@ -220,6 +229,9 @@ class Domain:
     vcpus_current: int | None = None
     features: list[str] = field(default_factory=list)
     clock_offset: str = "utc"
+    clock: Clock = field(default_factory=Clock)
+    cpu: Cpu | None = None
+    memory_backing: MemoryBacking | None = None
     on_poweroff: str = "destroy"
     on_reboot: str = "restart"
     on_crash: str = "destroy"
@@ -235,6 +247,7 @@ class Domain:
     tpms: list[Tpm] = field(default_factory=list)
     rngs: list[Rng] = field(default_factory=list)
     filesystems: list[Filesystem] = field(default_factory=list)
+    watchdogs: list[Watchdog] = field(default_factory=list)
     seclabels: list[SecLabel] = field(default_factory=list)
     qemu_args: list[str] = field(default_factory=list)
     qemu_env: list[tuple[str, str | None]] = field(default_factory=list)
@@ -504,6 +517,7 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
     devices = parse_devices(ctx, child(root, "devices"))
     device_boot = any(b.get("order") is not None for b in root.iterfind("devices/*/boot"))
     features_el = child(root, "features")
+    clock = parse_clock(ctx, root)
     dom = Domain(
         tree=tree, source=source, name=name, uuid=uuid, uuid_generated=generated,
         virt_type=virt_type, live=live, memory_kib=memory, current_memory_kib=current,
@@ -513,8 +527,8 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         max_memory_kib=_memory(ctx, child(root, "maxMemory"), "<maxMemory>"),
         features=[etree.QName(c).localname for c in features_el if isinstance(c.tag, str)]
         if features_el is not None else [],
-        clock_offset=(child(root, "clock").get("offset", "utc")
-                      if child(root, "clock") is not None else "utc"),
+        clock=clock, clock_offset=clock.offset, cpu=parse_cpu(ctx, root),
+        memory_backing=parse_memory_backing(ctx, root),
         on_poweroff=_lifecycle(ctx, root, "on_poweroff", "destroy", LIFECYCLE_ACTIONS),
         on_reboot=_lifecycle(ctx, root, "on_reboot", "restart", LIFECYCLE_ACTIONS),
         on_crash=_lifecycle(ctx, root, "on_crash", "destroy", CRASH_ACTIONS),
@@ -522,7 +536,8 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         graphics=devices.graphics, interfaces=devices.interfaces, hostdevs=devices.hostdevs,
         inputs=devices.inputs, controllers=devices.controllers,
         memballoon=devices.memballoon, tpms=devices.tpms, rngs=devices.rngs,
-        filesystems=devices.filesystems, seclabels=parse_seclabels(ctx, root),
+        filesystems=devices.filesystems, watchdogs=devices.watchdogs,
+        seclabels=parse_seclabels(ctx, root),
         state=read_state(root))
     dom.qemu_args, dom.qemu_env = _parse_qemu_namespace(ctx, root)
     return dom

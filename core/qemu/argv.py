@@ -38,6 +38,7 @@ from vmconfine.qemu.argv_devices import (
     escape_opt,
     to_json,
 )
+from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, smp
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
@@ -273,8 +274,7 @@ def _machine(b: Builder, config: Any) -> None:
         opts.append("acpi=off")
     b.add("-machine", ",".join(opts))
     b.add("-accel", "kvm" if domain.virt_type == "kvm" else "tcg")
-    if b.arch == "i686":
-        b.add("-cpu", "qemu32")
+    add_cpu(b)
     if b.bios:
         b.add("-bios", b.bios)
 
@@ -410,12 +410,13 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     b.add("-name", name, "-S")
     _machine(b, config)
     b.add("-m", f"size={math.ceil(domain.memory_kib / 1024) * 1024}k")
-    b.add("-smp", str(domain.vcpus))
+    b.add("-smp", smp(b))
     b.add("-uuid", domain.uuid)
     if not domain.graphics:
         b.add("-display", "none")
     b.add("-no-user-config", "-nodefaults")
     slots = _monitors(b, paths)
+    add_rtc(b)
     if domain.on_reboot == "destroy":
         b.add("-no-reboot")
     b.add("-boot", "strict=on")
@@ -436,6 +437,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_graphics(b, paths.runtime_dir)
     add_hostdevs(b)
     add_rngs(b)
+    add_watchdogs(b)
     add_memballoon(b)
 
     seccomp = int(getattr(config, "seccomp_sandbox", -1))

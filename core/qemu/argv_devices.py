@@ -201,7 +201,24 @@ def add_controllers(b: Builder) -> None:
 # --------------------------------------------------------------------------- disks
 
 
-def _storage_props(src: StorageSource, node: str, cdrom: bool) -> dict[str, Any]:
+#: <driver cache=...> → (cache.direct, cache.no-flush, the front end's write-cache), as libvirt's
+#: qemuDomainDiskCachemodeFlags
+CACHE_MODES = {
+    "none": (True, False, True), "writeback": (False, False, True),
+    "writethrough": (False, False, False), "directsync": (True, False, False),
+    "unsafe": (False, True, True),
+}
+
+
+def _cache(disk: Disk) -> dict[str, Any]:
+    if disk.cache is None:
+        return {}
+    direct, no_flush, _ = CACHE_MODES[disk.cache]
+    return {"cache": {"direct": direct, "no-flush": no_flush}}
+
+
+def _storage_props(src: StorageSource, node: str, cdrom: bool,
+                   disk: Disk | None = None) -> dict[str, Any]:
     if src.type == "block":
         driver = "host_cdrom" if cdrom else "host_device"
     elif src.type == "file":
@@ -214,8 +231,14 @@ def _storage_props(src: StorageSource, node: str, cdrom: bool) -> dict[str, Any]
         raise UnsupportedConfigError(
             f"disk image path {src.path!r} is not absolute; give the full path"
         )
-    return {"driver": driver, "filename": src.path, "node-name": f"{node}-storage",
-            "auto-read-only": True, "discard": "unmap"}
+    props: dict[str, Any] = {"driver": driver, "filename": src.path}
+    if disk is not None and disk.io is not None:
+        props["aio"] = disk.io
+    props["node-name"] = f"{node}-storage"
+    if disk is not None:
+        props.update(_cache(disk))
+    props.update({"auto-read-only": True, "discard": "unmap"})
+    return props
 
 
 def add_blockdevs(b: Builder, disk: Disk) -> str | None:
@@ -231,6 +254,11 @@ def add_blockdevs(b: Builder, disk: Disk) -> str | None:
         raise UnsupportedConfigError(
             f"disk {disk.target}: <transient/> disks are not supported; remove <transient/>"
         )
+    if disk.io == "native" and not (disk.cache and CACHE_MODES[disk.cache][0]):
+        raise UnsupportedConfigError(
+            f"disk {disk.target}: io='native' needs a cache mode that bypasses the host page "
+            f"cache; add cache='none' or cache='directsync'"
+        )
     chain = resolve_chain(disk.source)
     names = []
     for _ in chain:
@@ -240,16 +268,32 @@ def add_blockdevs(b: Builder, disk: Disk) -> str | None:
     for depth in range(len(chain) - 1, -1, -1):
         src, node = chain[depth], names[depth]
         cdrom = disk.device == "cdrom"
-        b.add("-blockdev", to_json(_storage_props(src, node, cdrom)))
+        b.add("-blockdev", to_json(_storage_props(src, node, cdrom, disk)))
         fmt = qemu_format(src.format)
         readonly = disk.readonly or depth > 0
         props: dict[str, Any] = {"node-name": f"{node}-format", "read-only": readonly,
+                                 **_cache(disk), **(_top_format_props(disk) if depth == 0
+                                                    else {}),
                                  "driver": fmt, "file": f"{node}-storage"}
         if fmt in BACKING_FORMATS:
             props["backing"] = below  # None: QEMU must not open a backing file itself
         b.add("-blockdev", to_json(props))
         below = f"{node}-format"
     return below
+
+
+def _top_format_props(disk: Disk) -> dict[str, Any]:
+    """discard and detect-zeroes of the top format node (libvirt: 'unmap' zero detection
+    needs discard='unmap', else it is 'on')."""
+    props: dict[str, Any] = {}
+    if disk.discard is not None:
+        props["discard"] = disk.discard
+    if disk.detect_zeroes is not None:
+        zeroes = disk.detect_zeroes
+        if zeroes == "unmap" and disk.discard != "unmap":
+            zeroes = "on"
+        props["detect-zeroes"] = zeroes
+    return props
 
 
 def _ide_like(b: Builder, disk: Disk, idx: int) -> dict[str, Any]:
@@ -325,7 +369,10 @@ def add_disks(b: Builder) -> None:
             props["share-rw"] = True
         if disk.serial:
             props["serial"] = disk.serial
-        b.device(b.boot(props, disk))
+        b.boot(props, disk)
+        if disk.cache is not None:
+            props["write-cache"] = "on" if CACHE_MODES[disk.cache][2] else "off"
+        b.device(props)
 
 
 # --------------------------------------------------------------------------- network

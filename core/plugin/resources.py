@@ -181,11 +181,13 @@ def device_resources(domain: Domain) -> list[Resource]:
 
 
 def domain_resources(domain: Domain, runtime_dir: Path | None = None,
-                     home_dir: Path | None = None) -> list[Resource]:
+                     home_dir: Path | None = None,
+                     hugepage_dir: str | None = None) -> list[Resource]:
     """All resources of ``domain``, in libvirt's DAC SetAllLabel order.
 
-    ``runtime_dir`` (sockets) and ``home_dir`` (QEMU's HOME) are the per-domain directories
-    the pipeline creates and removes; they have the role ``runtime_dir``.
+    ``runtime_dir`` (sockets), ``home_dir`` (QEMU's HOME) and ``hugepage_dir`` (guest RAM of
+    a ``<hugepages/>`` domain, on hugetlbfs) are the per-domain directories the pipeline
+    creates and removes; they have the role ``runtime_dir``.
     """
     out: list[Resource] = []
     for disk in domain.disks:
@@ -209,7 +211,7 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         path = getattr(os_, role)
         if path:
             out.append(Resource(path, role, "ro", readonly=True))
-    for d in (runtime_dir, home_dir):
+    for d in (runtime_dir, home_dir, hugepage_dir):
         if d is not None:
             out.append(Resource(str(d), "runtime_dir", "rw", is_dir=True, create=True))
     nodes = list(BASE_DEVNODES)

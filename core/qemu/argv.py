@@ -38,7 +38,7 @@ from vmconfine.qemu.argv_devices import (
     escape_opt,
     to_json,
 )
-from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, smp
+from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, memory_backend, smp
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
@@ -98,6 +98,9 @@ class CommandPaths:
     user: str
     path_env: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     user_monitor_socket: str | None = None
+    #: the per-domain hugetlbfs directory of ``<hugepages/>`` guests
+    #: (:func:`vmconfine.config.hugepages.hugepage_dir`)
+    hugepage_dir: str | None = None
 
 
 @dataclass
@@ -258,7 +261,7 @@ def _firmware(b: Builder, machine_opts: list[str]) -> None:
         )
 
 
-def _machine(b: Builder, config: Any) -> None:
+def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
     domain = b.domain
     if domain.virt_type not in ("qemu", "kvm"):
         raise UnsupportedConfigError(
@@ -272,6 +275,8 @@ def _machine(b: Builder, config: Any) -> None:
     _firmware(b, opts)
     if b.arch in ("x86_64", "i686") and "acpi" not in domain.features:
         opts.append("acpi=off")
+    if ram is not None:
+        opts.append(f"memory-backend={ram['id']}")
     b.add("-machine", ",".join(opts))
     b.add("-accel", "kvm" if domain.virt_type == "kvm" else "tcg")
     add_cpu(b)
@@ -408,8 +413,11 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     if getattr(config, "set_process_name", False):
         name += f",process=qemu:{escape_opt(domain.name)}"
     b.add("-name", name, "-S")
-    _machine(b, config)
+    ram = memory_backend(b, paths.hugepage_dir)
+    _machine(b, config, ram)
     b.add("-m", f"size={math.ceil(domain.memory_kib / 1024) * 1024}k")
+    if ram is not None:
+        b.add("-object", to_json(ram))
     b.add("-smp", smp(b))
     b.add("-uuid", domain.uuid)
     if not domain.graphics:

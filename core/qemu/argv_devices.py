@@ -23,9 +23,11 @@ rtl8139 NICs) except where noted. Differences from libvirt, on purpose:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -210,17 +212,50 @@ CACHE_MODES = {
 }
 
 
+def cache_mode(disk: Disk) -> str | None:
+    """The disk's cache mode: ``<driver cache>``, else 'none' for a writable shareable disk
+    (libvirt: the host page cache must not hide one guest's writes from another)."""
+    if disk.cache is None and disk.shareable and not disk.readonly:
+        return "none"
+    return disk.cache
+
+
 def _cache(disk: Disk) -> dict[str, Any]:
-    if disk.cache is None:
+    mode = cache_mode(disk)
+    if mode is None:
         return {}
-    direct, no_flush, _ = CACHE_MODES[disk.cache]
+    direct, no_flush, _ = CACHE_MODES[mode]
     return {"cache": {"direct": direct, "no-flush": no_flush}}
+
+
+#: linux/cdrom.h
+CDROM_GET_CAPABILITY = 0x5331
+
+
+def is_cdrom_device(path: str | None) -> bool:
+    """True when ``path`` is a CD-ROM drive (libvirt's virFileIsCDROM: a block device that
+    answers CDROM_GET_CAPABILITY); QEMU's host_cdrom driver is only for those."""
+    if not path:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return False
+        fcntl.ioctl(fd, CDROM_GET_CAPABILITY, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _storage_props(src: StorageSource, node: str, cdrom: bool,
                    disk: Disk | None = None) -> dict[str, Any]:
     if src.type == "block":
-        driver = "host_cdrom" if cdrom else "host_device"
+        driver = "host_cdrom" if cdrom and is_cdrom_device(src.path) else "host_device"
     elif src.type == "file":
         driver = "file"
     else:
@@ -254,7 +289,8 @@ def add_blockdevs(b: Builder, disk: Disk) -> str | None:
         raise UnsupportedConfigError(
             f"disk {disk.target}: <transient/> disks are not supported; remove <transient/>"
         )
-    if disk.io == "native" and not (disk.cache and CACHE_MODES[disk.cache][0]):
+    mode = cache_mode(disk)
+    if disk.io == "native" and not (mode and CACHE_MODES[mode][0]):
         raise UnsupportedConfigError(
             f"disk {disk.target}: io='native' needs a cache mode that bypasses the host page "
             f"cache; add cache='none' or cache='directsync'"
@@ -370,8 +406,9 @@ def add_disks(b: Builder) -> None:
         if disk.serial:
             props["serial"] = disk.serial
         b.boot(props, disk)
-        if disk.cache is not None:
-            props["write-cache"] = "on" if CACHE_MODES[disk.cache][2] else "off"
+        mode = cache_mode(disk)
+        if mode is not None:
+            props["write-cache"] = "on" if CACHE_MODES[mode][2] else "off"
         b.device(props)
 
 

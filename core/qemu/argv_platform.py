@@ -60,7 +60,7 @@ def cpu_model(b: Builder) -> str | None:
     cpu = b.domain.cpu
     kvm = b.domain.virt_type == "kvm"
     if cpu is None or (cpu.mode == "custom" and cpu.model is None and not cpu.features):
-        return "qemu32" if b.arch == "i686" else None
+        return None  # the emulator's default model (qemu32 / qemu64), as libvirt
     if cpu.mode == "host-passthrough":
         if not kvm:
             raise UnsupportedConfigError(
@@ -82,7 +82,7 @@ def cpu_model(b: Builder) -> str | None:
 
 
 def add_cpu(b: Builder) -> None:
-    """``-cpu`` when the domain asks for a model (or the guest is i686)."""
+    """``-cpu`` when the domain asks for a model."""
     model = cpu_model(b)
     if model is not None:
         b.add("-cpu", model)

@@ -14,6 +14,7 @@ APT_PACKAGES=(
   busybox-static cpio kmod              # lsm test tier: initramfs of the booted kernel
   selinux-policy-default selinux-utils policycoreutils semodule-utils secilc checkpolicy
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the peer: tests and benchmarks
+  libvirt0                              # domain.rng, the schema of --validate
   util-linux                            # setpriv, losetup
   ca-certificates
 )

@@ -109,6 +109,7 @@ __all__ = [
     "SecLabel",
     "StorageSource",
     "Tpm",
+    "Watchdog",
     "default_disk_bus",
     "find_device_seclabel",
     "memory_to_kib",

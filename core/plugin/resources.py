@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: device nodes any QEMU may open (read-write); /dev/kvm only for type='kvm'
+#: device nodes any QEMU may open; /dev/kvm only for type='kvm'
 BASE_DEVNODES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+#: those QEMU only reads (entropy; AppArmor's abstractions/base grants them ``r`` too)
+READ_ONLY_DEVNODES = frozenset({"/dev/random", "/dev/urandom"})
 
 
 @dataclass
@@ -219,5 +221,6 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         nodes.append("/dev/kvm")
     if any(c.type == "pty" for c in domain.chardevs):
         nodes.append("/dev/ptmx")
-    out.extend(Resource(n, "devnode", "rw") for n in nodes)
+    out.extend(Resource(n, "devnode", "ro" if n in READ_ONLY_DEVNODES else "rw")
+               for n in nodes)
     return out

@@ -41,11 +41,27 @@ class Cpu:
     element: etree._Element | None = field(default=None, repr=False, compare=False)
 
 
+TIMER_NAMES = ("platform", "pit", "rtc", "hpet", "tsc", "kvmclock", "hypervclock", "armvtimer")
+TICK_POLICIES = ("delay", "catchup", "merge", "discard")
+TIMER_TRACKS = ("boot", "guest", "wall", "realtime")
+
+
+@dataclass
+class Timer:
+    """A ``<clock><timer name=...>`` (None = not given)."""
+
+    name: str
+    tickpolicy: str | None = None
+    present: bool | None = None
+    track: str | None = None
+
+
 @dataclass
 class Clock:
-    """``<clock offset=...>`` (libvirt's default: utc)."""
+    """``<clock offset=...>`` (libvirt's default: utc) and its ``<timer>``s."""
 
     offset: str = "utc"
+    timers: list[Timer] = field(default_factory=list)
     element: etree._Element | None = field(default=None, repr=False, compare=False)
 
 
@@ -105,7 +121,22 @@ def parse_clock(ctx: ParseContext, root: etree._Element) -> Clock:
     el = child(root, "clock")
     if el is None:
         return Clock()
-    return Clock(offset=_enum(ctx, el, "offset", CLOCK_OFFSETS, "utc"), element=el)
+    clock = Clock(offset=_enum(ctx, el, "offset", CLOCK_OFFSETS, "utc"), element=el)
+    for t in children(el, "timer"):
+        if t.get("name") is None:
+            raise ctx.error(t, "missing timer name; use e.g. <timer name='rtc'/>")
+        name = _enum(ctx, t, "name", TIMER_NAMES, "")
+        present = t.get("present")
+        if present not in (None, "yes", "no"):
+            raise ctx.error(t, f"Invalid present value '{one_line(present, 20)}' on <timer>; "
+                               "use yes or no")
+        clock.timers.append(Timer(
+            name=name, present=None if present is None else present == "yes",
+            tickpolicy=_enum(ctx, t, "tickpolicy", TICK_POLICIES, "")
+            if t.get("tickpolicy") is not None else None,
+            track=_enum(ctx, t, "track", TIMER_TRACKS, "") if t.get("track") is not None
+            else None))
+    return clock
 
 
 def parse_memory_backing(ctx: ParseContext, root: etree._Element) -> MemoryBacking | None:

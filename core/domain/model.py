@@ -231,6 +231,7 @@ class Domain:
     features: list[str] = field(default_factory=list)
     clock_offset: str = "utc"
     clock: Clock = field(default_factory=Clock)
+    vmport: str | None = None  #: <features><vmport state='on|off'/>
     cpu: Cpu | None = None
     memory_backing: MemoryBacking | None = None
     on_poweroff: str = "destroy"
@@ -404,6 +405,16 @@ def _parse_name(ctx: ParseContext, root: etree._Element) -> str:
     return name
 
 
+def _vmport(ctx: ParseContext, features: etree._Element | None) -> str | None:
+    vmport = child(features, "vmport") if features is not None else None
+    if vmport is None:
+        return None
+    state = vmport.get("state")
+    if state not in ("on", "off"):
+        raise ctx.error(vmport, "<vmport> needs state='on' or state='off'")
+    return state
+
+
 def _lifecycle(ctx: ParseContext, root: etree._Element, tag: str, default: str,
                allowed: tuple[str, ...]) -> str:
     el = child(root, tag)
@@ -529,6 +540,7 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         features=[etree.QName(c).localname for c in features_el if isinstance(c.tag, str)]
         if features_el is not None else [],
         clock=clock, clock_offset=clock.offset, cpu=parse_cpu(ctx, root),
+        vmport=_vmport(ctx, features_el),
         memory_backing=parse_memory_backing(ctx, root),
         on_poweroff=_lifecycle(ctx, root, "on_poweroff", "destroy", LIFECYCLE_ACTIONS),
         on_reboot=_lifecycle(ctx, root, "on_reboot", "restart", LIFECYCLE_ACTIONS),

@@ -121,13 +121,15 @@ IMPLEMENTED = E("type id", {
         "loader": E("readonly type secure", values={"secure": "no"}),
         "nvram": E("", {"source": E("file")}),
     }),
-    "features": E("", {"acpi": E(), "apic": E(), "pae": E()}),
+    "features": E("", {"acpi": E(), "apic": E(), "pae": E(), "vmport": E("state")}),
     "cpu": E("mode match check migratable", {
         "model": E("fallback"),
         "feature": E("policy name"),
         "topology": E("sockets dies cores threads"),
     }, values={"migratable": "on"}),
-    "clock": E("offset"),
+    "clock": E("offset", {"timer": E("name tickpolicy present track", values={
+        "name": "rtc pit hpet", "tickpolicy": "delay catchup discard",
+        "track": "guest wall realtime"})}),
     "memoryBacking": E("", {"hugepages": E("", {"page": E("size unit")})}),
     "on_poweroff": E(text="destroy"),
     "on_reboot": E(text="restart destroy"),

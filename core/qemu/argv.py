@@ -270,6 +270,8 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
     opts = [escape_opt(b.machine)]
     if b.arch in ("x86_64", "i686"):
         opts.append("usb=off")
+    if domain.vmport is not None:
+        opts.append(f"vmport={domain.vmport}")
     opts.append("dump-guest-core=" + ("on" if getattr(config, "dump_guest_core", False)
                                       else "off"))
     _firmware(b, opts)

@@ -88,8 +88,15 @@ def add_cpu(b: Builder) -> None:
         b.add("-cpu", model)
 
 
+#: <timer name='rtc' track=...> → -rtc clock=
+RTC_TRACK = {"guest": "vm", "wall": "host", "realtime": "rt"}
+#: <timer name='pit' tickpolicy=...> → kvm-pit.lost_tick_policy
+PIT_POLICY = {"delay": "delay", "catchup": "slew", "discard": "discard"}
+
+
 def add_rtc(b: Builder) -> None:
-    """``-rtc base=utc|localtime`` for ``<clock offset=...>``."""
+    """``-rtc base=utc|localtime[,clock=..][,driftfix=slew]`` for ``<clock>``, then the PIT
+    and HPET timers, as libvirt's qemuBuildClockCommandLine."""
     clock = b.domain.clock
     if clock.element is None:
         return
@@ -98,7 +105,31 @@ def add_rtc(b: Builder) -> None:
             f"clock offset '{clock.offset}' is not supported; use offset='utc' or "
             f"offset='localtime'"
         )
-    b.add("-rtc", f"base={clock.offset}")
+    rtc = f"base={clock.offset}"
+    extra: list[str] = []
+    for timer in clock.timers:
+        if timer.name == "rtc":
+            if timer.track is not None:
+                if timer.track not in RTC_TRACK:
+                    raise UnsupportedConfigError(f"unsupported rtc timer track '{timer.track}'")
+                rtc += f",clock={RTC_TRACK[timer.track]}"
+            if timer.tickpolicy == "catchup":
+                rtc += ",driftfix=slew"
+            elif timer.tickpolicy not in (None, "delay"):
+                raise UnsupportedConfigError(
+                    f"unsupported rtc timer tickpolicy '{timer.tickpolicy}'; use delay or "
+                    f"catchup"
+                )
+        elif timer.name == "pit" and timer.tickpolicy is not None:
+            if timer.tickpolicy not in PIT_POLICY:
+                raise UnsupportedConfigError(
+                    f"unsupported pit tickpolicy '{timer.tickpolicy}'; use delay, catchup or "
+                    f"discard"
+                )
+            extra += ["-global", f"kvm-pit.lost_tick_policy={PIT_POLICY[timer.tickpolicy]}"]
+        elif timer.name == "hpet" and timer.present is False:
+            extra.append("-no-hpet")
+    b.add("-rtc", rtc, *extra)
 
 
 def memory_backend(b: Builder, hugepage_dir: str | None) -> dict[str, Any] | None:

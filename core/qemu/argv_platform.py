@@ -10,8 +10,6 @@ with these differences, on purpose:
   accelerator offers (``-cpu host`` under KVM, ``-cpu max`` under TCG);
 - ``<watchdog action='dump'>`` is refused: libvirt pauses the guest and writes a core dump
   itself, and vmconfine has no dump facility;
-- ``-rtc`` is written only when the XML has a ``<clock>`` (libvirt always writes
-  ``base=utc``, QEMU's default);
 - ``-smp`` carries a topology only when the XML gives ``<topology>``;
 - ``-action watchdog=X`` (QEMU 6.0+) instead of the deprecated ``-watchdog-action X``.
 """
@@ -95,11 +93,10 @@ PIT_POLICY = {"delay": "delay", "catchup": "slew", "discard": "discard"}
 
 
 def add_rtc(b: Builder) -> None:
-    """``-rtc base=utc|localtime[,clock=..][,driftfix=slew]`` for ``<clock>``, then the PIT
-    and HPET timers, as libvirt's qemuBuildClockCommandLine."""
+    """``-rtc base=utc|localtime[,clock=..][,driftfix=slew]`` for ``<clock>`` (``base=utc``
+    without one, as libvirt), then the PIT and HPET timers, as libvirt's
+    qemuBuildClockCommandLine."""
     clock = b.domain.clock
-    if clock.element is None:
-        return
     if clock.offset not in ("utc", "localtime"):
         raise UnsupportedConfigError(
             f"clock offset '{clock.offset}' is not supported; use offset='utc' or "

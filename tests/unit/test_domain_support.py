@@ -151,7 +151,7 @@ def test_clock_cpu_watchdog_on_the_command_line() -> None:
     assert "-action watchdog=poweroff" in line
     assert "-cpu max" in " ".join(argv(xml(top="<cpu mode='host-model'/>")))
     assert "-cpu host" in " ".join(argv(xml(type="kvm", top="<cpu mode='host-model'/>")))
-    assert "-rtc" not in argv(xml())  # QEMU's default (utc) when no <clock>
+    assert "-rtc base=utc" in " ".join(argv(xml()))  # no <clock>: utc, as libvirt writes
 
 
 def test_itco_is_q35s_built_in_watchdog() -> None:

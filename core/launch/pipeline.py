@@ -280,11 +280,13 @@ def _make_runtime_dirs(ctx: DomainContext) -> None:
     huge = hugepage_dir(ctx.domain, inst.config)
     if huge is not None:  # <mount>/vmconfine stays, as libvirt's <mount>/libvirt/qemu
         os.makedirs(os.path.dirname(huge), mode=0o755, exist_ok=True)
-    for d in (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name),
-              *([Path(huge)] if huge else [])):
+    dirs = (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name),
+            *([Path(huge)] if huge else []))
+    for d in dirs:
         if d.exists():
             shutil.rmtree(d)
-        ctx.journal.record("pipeline", "mkdir", path=str(d))
+    ctx.journal.record_many([("pipeline", "mkdir", {"path": str(d)}) for d in dirs])
+    for d in dirs:
         d.mkdir(mode=0o750, parents=True)
 
 

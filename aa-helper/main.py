@@ -109,7 +109,7 @@ class Helper:
                 continue
             if src.backing is None and (src.format or "raw") in ("raw", "iso"):
                 continue  # a raw image has no backing chain (resolve_chain would stop here)
-            from vmconfine.chain import resolve_chain
+            from vmconfine.domain.chain import resolve_chain
 
             try:
                 resolve_chain(src)
@@ -118,8 +118,8 @@ class Helper:
         return domain
 
     def instance(self):  # type: ignore[no-untyped-def]
+        from vmconfine.config.instance import open_instance, parse_uri
         from vmconfine.errors import VmconfineError
-        from vmconfine.instance import open_instance, parse_uri
 
         try:
             if parse_uri(self.o.uri).kind == "session":

@@ -53,8 +53,8 @@ from bench.common import (
 from bench.libvirt_peer import LibvirtPeer, PeerUnavailable
 
 if TYPE_CHECKING:
-    from vmconfine.connection import Connection
-    from vmconfine.pipeline import Launched
+    from vmconfine.config.connection import Connection
+    from vmconfine.launch.pipeline import Launched
 
 OVERHEAD_TARGET = 0.025
 START_TARGET = 0.5
@@ -84,8 +84,7 @@ class Case:
 
 async def _floor_async(argv: list[str], env: dict[str, str], paths: list[str],
                        socks: list[socket.socket]) -> tuple[float, int]:
-    from vmconfine import qmp
-
+    from vmconfine.qemu import qmp
     t0 = now()
     pid = os.posix_spawn(argv[0], argv, env, file_actions=[
         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -101,9 +100,9 @@ async def _floor_async(argv: list[str], env: dict[str, str], paths: list[str],
 
 def floor_once(conn: Connection, case: Case, tmp: Path) -> float:
     """Spawn the domain's own QEMU command line bare; return spawn → QMP ready + cont."""
-    from vmconfine.argv import build_command
     from vmconfine.domain import parse_domain
-    from vmconfine.pipeline import command_paths, prepare_domain
+    from vmconfine.launch.pipeline import command_paths, prepare_domain
+    from vmconfine.qemu.argv import build_command
 
     domain = parse_domain(case.xml)
     prepare_domain(conn, domain)
@@ -134,7 +133,7 @@ def floor_once(conn: Connection, case: Case, tmp: Path) -> float:
 # ---- vmconfine ----------------------------------------------------------------------------------
 
 
-#: the pipeline's checkpoints, in order (see vmconfine.pipeline.STEPS), then on_ready
+#: the pipeline's checkpoints, in order (see vmconfine.launch.pipeline.STEPS), then on_ready
 PHASES = ("begin", "labels", "preflight", "set-labels", "sockets", "forked", "qmp", "verified",
           "running", "ready")
 PHASE_TEXT = {
@@ -154,8 +153,7 @@ PHASE_TEXT = {
 @contextlib.contextmanager
 def phase_marks(marks: dict[str, float]) -> Iterator[None]:
     """Record when the pipeline passes each checkpoint (the crash-test pause points)."""
-    from vmconfine import pipeline, supervisor
-
+    from vmconfine.launch import pipeline, supervisor
     real = pipeline.checkpoint
 
     def mark(step: str) -> None:
@@ -175,8 +173,8 @@ def api_once(conn: Connection, case: Case,
              phases: dict[str, Stats] | None = None) -> tuple[float, float]:
     """(start → ready, destroy → teardown done) through the in-process API."""
     from vmconfine.domain import parse_domain
-    from vmconfine.pipeline import start
-    from vmconfine.supervisor import supervise
+    from vmconfine.launch.pipeline import start
+    from vmconfine.launch.supervisor import supervise
 
     domain = parse_domain(case.xml)
     marks: dict[str, float] = {}
@@ -257,7 +255,7 @@ def run(opts: Options) -> list[Table]:
     if not is_root():
         table.unavailable("all", "needs root (QEMU runs as vmconfine-qemu, files are chowned)")
         return [table]
-    from vmconfine.connection import Connection
+    from vmconfine.config.connection import Connection
 
     with scratch("p1") as d:
         uri = embed_root(d / "instance")

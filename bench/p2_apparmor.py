@@ -279,9 +279,9 @@ class VmconfineSide:
 
     def __init__(self, d: Path, key: str, xml: str, parser_wrapper: Path) -> None:
         import vmconfine_apparmor
-        from vmconfine.context import HostContext
-        from vmconfine.instance import open_instance
-        from vmconfine.registry import collect_drivers, make_plugin_manager
+        from vmconfine.config.instance import open_instance
+        from vmconfine.plugin.context import HostContext
+        from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
         from vmconfine_apparmor.driver import AppArmorDriver
 
         root = d / f"inst{key}"
@@ -301,9 +301,9 @@ class VmconfineSide:
 
     def _fresh_ctx(self) -> Any:
         """A domain context as a new start makes it (config XML, new journal)."""
-        from vmconfine.context import DomainContext
         from vmconfine.domain import parse_domain
-        from vmconfine.journal import Journal
+        from vmconfine.launch.journal import Journal
+        from vmconfine.plugin.context import DomainContext
 
         domain = parse_domain(self.xml)
         domain.add_seclabel("apparmor", "dynamic", implicit=True)

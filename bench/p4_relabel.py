@@ -161,11 +161,11 @@ def selinux_driver(d: Path) -> Driver:
 def one_sample(drv: Driver, state_base: Path, xml: str, paths: list[str]) -> dict[str, float]:
     """gen label, set all, restore all, release (fresh instance and journal); the timings and
     the raw loop's for the same calls."""
-    from vmconfine.context import DomainContext, HostContext
+    from vmconfine.config.instance import open_instance
     from vmconfine.domain import parse_domain
-    from vmconfine.instance import open_instance
-    from vmconfine.journal import Journal
-    from vmconfine.registry import collect_drivers, make_plugin_manager
+    from vmconfine.launch.journal import Journal
+    from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
 
     with scratch("p4-inst", base=state_base) as root:
         inst = open_instance(embed_root(root))

@@ -63,7 +63,7 @@ READY_TIMEOUT = 180.0
 
 def _bench_selinux_plugin(policy_dir: Path) -> tuple[types.ModuleType, Any]:
     """A plugin registering ``selinux`` on the fake backend (contexts in an xattr)."""
-    from vmconfine.hookspecs import hookimpl
+    from vmconfine.plugin.hookspecs import hookimpl
     from vmconfine_selinux.backend import FakeBackend
     from vmconfine_selinux.driver import SELinuxDriver
 
@@ -84,13 +84,13 @@ def worker(uri: str, xml_path: str, policy_dir: str) -> int:
     """Start one domain paused and supervise it until its QEMU exits."""
     import vmconfine_cgroups
     import vmconfine_dac
-    from vmconfine import nop
-    from vmconfine.connection import Connection
+    from vmconfine.config.connection import Connection
+    from vmconfine.config.instance import open_instance
     from vmconfine.domain import parse_domain
-    from vmconfine.instance import open_instance
-    from vmconfine.pipeline import start
-    from vmconfine.registry import make_plugin_manager
-    from vmconfine.supervisor import supervise
+    from vmconfine.launch.pipeline import start
+    from vmconfine.launch.supervisor import supervise
+    from vmconfine.plugin import nop
+    from vmconfine.plugin.registry import make_plugin_manager
 
     plugin, backend = _bench_selinux_plugin(Path(policy_dir))
     pm = make_plugin_manager(autoload=False,
@@ -120,8 +120,7 @@ async def _floor(images: list[Path], d: Path) -> float:
     As vmconfine does, the listening monitor socket is made first and passed as an fd."""
     import socket
 
-    from vmconfine import qmp
-
+    from vmconfine.qemu import qmp
     socks, paths, pids = [], [], []
     for i in range(len(images)):
         path = d / f"floor{i}.sock"

@@ -44,7 +44,7 @@ def _read_input(path: str) -> tuple[str, str]:
 
 
 def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from vmconfine.connection import Connection
+    from vmconfine.config.connection import Connection
 
     return Connection.open(args.connect)
 
@@ -61,7 +61,7 @@ def _parse_file(path: str):  # type: ignore[no-untyped-def]
 
 @verb("capabilities", "print the host's capabilities XML (secmodels, guests)")
 def cmd_capabilities(args: argparse.Namespace) -> int:
-    from vmconfine.capabilities import capabilities_xml
+    from vmconfine.qemu.capabilities import capabilities_xml
 
     sys.stdout.write(capabilities_xml(_connect(args)))
     return 0
@@ -69,13 +69,11 @@ def cmd_capabilities(args: argparse.Namespace) -> int:
 
 @verb("drivers", "list installed drivers and whether they work on this host")
 def cmd_drivers(args: argparse.Namespace) -> int:
-    from vmconfine.stack import _instantiate
+    from vmconfine.plugin.stack import Stack
 
     conn = _connect(args)
     rows = []
-    for info in conn.host.registry.infos():
-        drv = _instantiate(conn.host, info)
-        ok, why = drv.probe()
+    for info, ok, why in Stack.probe_installed(conn.host):
         state = "available" if ok else f"unavailable: {why}"
         if ok and why:
             state = f"available ({why})"
@@ -103,7 +101,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 @verb("domxml-to-native", "print the QEMU command line for a domain XML (format qemu-argv)")
 def cmd_to_native(args: argparse.Namespace) -> int:
-    from vmconfine.pipeline import native_command
+    from vmconfine.launch.pipeline import native_command
 
     if args.format != "qemu-argv":
         raise VmconfineError(f"unsupported native format '{args.format}' (supported: qemu-argv)")
@@ -115,7 +113,7 @@ def cmd_to_native(args: argparse.Namespace) -> int:
 
 @verb("domxml-from-native", "print domain XML for a QEMU command line (format qemu-argv)")
 def cmd_from_native(args: argparse.Namespace) -> int:
-    from vmconfine.fromnative import convert_file
+    from vmconfine.qemu.fromnative.convert import convert_file
 
     if args.format != "qemu-argv":
         raise VmconfineError(f"unsupported native format '{args.format}' (supported: qemu-argv)")
@@ -128,7 +126,7 @@ def cmd_from_native(args: argparse.Namespace) -> int:
 
 @verb("qemu-attach", "adopt a QEMU process started outside vmconfine (it needs a QMP socket)")
 def cmd_qemu_attach(args: argparse.Namespace) -> int:
-    from vmconfine.attach import attach_command
+    from vmconfine.launch.attach import attach_command
 
     return attach_command(_connect(args), args.pid, foreground=args.foreground)
 
@@ -149,8 +147,8 @@ def _print_started(conn, launched) -> None:  # type: ignore[no-untyped-def]
 
 @verb("run", "start a domain in the foreground and wait until it stops (like virt-qemu-run)")
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmconfine.pipeline import start
-    from vmconfine.supervisor import supervise
+    from vmconfine.launch.pipeline import start
+    from vmconfine.launch.supervisor import supervise
 
     conn = _connect(args)
     domain = _parse_file(args.file)
@@ -198,9 +196,9 @@ def cmd_dumpxml(args: argparse.Namespace) -> int:
 
 @verb("dominfo", "print information about a running domain, including its security labels")
 def cmd_dominfo(args: argparse.Namespace) -> int:
-    from vmconfine.attach import adopted_qmp_path
-    from vmconfine.context import DomainContext
-    from vmconfine.journal import Journal
+    from vmconfine.launch.attach import adopted_qmp_path
+    from vmconfine.launch.journal import Journal
+    from vmconfine.plugin.context import DomainContext
 
     conn = _connect(args)
     dom = conn.lookup(args.domain)
@@ -239,9 +237,9 @@ def cmd_dominfo(args: argparse.Namespace) -> int:
 
 @verb("destroy", "kill a running domain (its supervising vmconfine tears it down)")
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from vmconfine import runtime
-    from vmconfine.connection import kill_process
-    from vmconfine.supervisor import destroy_marker
+    from vmconfine.config.connection import kill_process
+    from vmconfine.launch import runtime
+    from vmconfine.launch.supervisor import destroy_marker
 
     conn = _connect(args)
     dom = conn.lookup(args.domain)
@@ -257,8 +255,9 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 @verb("qemu-monitor-command", "send a raw QMP command (or HMP with --hmp) to a running domain")
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from vmconfine import qmp, runtime
-    from vmconfine.attach import monitor_command
+    from vmconfine.launch import runtime
+    from vmconfine.launch.attach import monitor_command
+    from vmconfine.qemu import qmp
 
     conn = _connect(args)
     dom = conn.lookup(args.domain)
@@ -278,10 +277,10 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 @verb("confinement", "show what confines a domain's QEMU, per resource and for the process "
       "(a domain XML before start, or a running domain's kernel view)")
 def cmd_confinement(args: argparse.Namespace) -> int:
-    from vmconfine.connection import Connection
-    from vmconfine.instance import open_instance
-    from vmconfine.report import build_report
-    from vmconfine.report_render import render_text
+    from vmconfine.config.connection import Connection
+    from vmconfine.config.instance import open_instance
+    from vmconfine.report.build import build_report
+    from vmconfine.report.render import render_text
 
     conn = Connection(open_instance(args.connect), recover=False)  # a report changes nothing
     target = args.target
@@ -301,9 +300,9 @@ def cmd_confinement(args: argparse.Namespace) -> int:
 def cmd_host_validate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from vmconfine.connection import Connection
-    from vmconfine.instance import open_instance
-    from vmconfine.validate import host_validate, render_checks
+    from vmconfine.config.connection import Connection
+    from vmconfine.config.instance import open_instance
+    from vmconfine.report.validate import host_validate, render_checks
 
     conn = Connection(open_instance(args.connect), recover=False)
     checks = host_validate(conn, args.image_dir)
@@ -315,8 +314,8 @@ def cmd_host_validate(args: argparse.Namespace) -> int:
 
 
 def _add_taint(conn, dom, flag: str) -> None:  # type: ignore[no-untyped-def]
-    from vmconfine import runtime
     from vmconfine.domain import parse_domain
+    from vmconfine.launch import runtime
 
     log.warning("domain %s is tainted: %s", dom.name, flag)
     with runtime.instance_lock(conn.instance):

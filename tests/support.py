@@ -50,9 +50,9 @@ def make_host(root: Path, plugins: list[object], *, config: str | None = None,
 
     ``config`` (qemu.conf text) is written to ROOT/etc/qemu.conf first.
     """
-    from vmconfine.context import HostContext
-    from vmconfine.instance import open_instance
-    from vmconfine.registry import collect_drivers, make_plugin_manager
+    from vmconfine.config.instance import open_instance
+    from vmconfine.plugin.context import HostContext
+    from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
 
     if config is not None:
         (root / "etc").mkdir(parents=True, exist_ok=True)
@@ -65,9 +65,9 @@ def make_host(root: Path, plugins: list[object], *, config: str | None = None,
 
 def make_ctx(host, xml: str):  # type: ignore[no-untyped-def]
     """A DomainContext for ``xml`` on ``host`` (journal in the instance's run dir)."""
-    from vmconfine.context import DomainContext
     from vmconfine.domain import parse_domain
-    from vmconfine.journal import Journal
+    from vmconfine.launch.journal import Journal
+    from vmconfine.plugin.context import DomainContext
 
     domain = parse_domain(xml)
     return DomainContext(host, domain, Journal(host.instance.journal_path(domain.name)))

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import LabelError
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_apparmor import kernel
 
 if TYPE_CHECKING:
     from lxml import etree
 
-    from vmconfine.context import DomainContext, HostContext
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
+    from vmconfine.plugin.context import DomainContext, HostContext
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class AppArmorDriver:
         returns None and the helper then generates (and reports) from the XML as usual.
         """
         try:
-            from vmconfine.chain import resolve_chain
+            from vmconfine.domain.chain import resolve_chain
             from vmconfine.errors import VmconfineError
             from vmconfine_aa_helper import files as pf
             from vmconfine_aa_helper.cache import Cache, policy_key

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from vmconfine.context import HostContext
-    from vmconfine.registry import DriverRegistry
+    from vmconfine.plugin.context import HostContext
+    from vmconfine.plugin.registry import DriverRegistry
     from vmconfine_cgroups.driver import CgroupsDriver
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_cgroups import bpf, placement, v1
 from vmconfine_cgroups.rules import (
     DeviceRule,
@@ -45,9 +45,9 @@ from vmconfine_cgroups.rules import (
 )
 
 if TYPE_CHECKING:
-    from vmconfine.context import DomainContext, HostContext
     from vmconfine.domain import Chardev, Disk, Hostdev
-    from vmconfine.resources import Resource
+    from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
 

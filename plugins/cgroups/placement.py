@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.errors import ConfigError
 
 if TYPE_CHECKING:
+    from vmconfine.config.instance import Instance
     from vmconfine.domain import Domain
-    from vmconfine.instance import Instance
 
 #: libvirt's controllers (``virCgroupController``) plus ``pids``, which vmconfine also places.
 KNOWN_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio",

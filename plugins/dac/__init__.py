@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin.hookspecs import hookimpl
 
 __all__ = ["vmconfine_register_drivers"]
 

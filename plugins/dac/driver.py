@@ -13,9 +13,9 @@ import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from vmconfine import resources as core_resources
 from vmconfine.errors import ConfigError, DriverError, LabelError
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin import resources as core_resources
+from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_dac import preflight as preflight_mod
 from vmconfine_dac import relabel
 from vmconfine_dac.identity import (
@@ -33,9 +33,9 @@ from vmconfine_dac.identity import (
 )
 
 if TYPE_CHECKING:
-    from vmconfine.context import DomainContext, HostContext
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
-    from vmconfine.resources import Resource
+    from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
 

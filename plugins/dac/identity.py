@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmconfine.errors import ConfigError, DriverError, LabelError
-from vmconfine.runtime import proc_status
+from vmconfine.launch.runtime import proc_status
 
 PR_SET_KEEPCAPS = 8
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")

@@ -22,8 +22,8 @@ from vmconfine.perms import R, W, X, can_access, describe_mode, has_acl, user_gr
 from vmconfine_dac.identity import CAPNG_MISSING, Identity, have_capng
 
 if TYPE_CHECKING:
-    from vmconfine.context import DomainContext
-    from vmconfine.resources import Resource
+    from vmconfine.plugin.context import DomainContext
+    from vmconfine.plugin.resources import Resource
     from vmconfine_dac.relabel import Plan
 
 #: roles whose absence is an error in the XML (others: QEMU creates them, or they are optional)

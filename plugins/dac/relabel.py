@@ -1,6 +1,6 @@
 """Chown the domain's resources to QEMU's ids, and give them back: libvirt's DAC rules.
 
-:func:`plan` maps :class:`vmconfine.resources.Resource` roles to owners and flags:
+:func:`plan` maps :class:`vmconfine.plugin.resources.Resource` roles to owners and flags:
 
 ======================  =======  ========  ===============================================
 role                    chown    restore   remember (xattr refcount)
@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from vmconfine.domain_devices import find_device_seclabel
+from vmconfine.domain.devices import find_device_seclabel
 from vmconfine.errors import LabelError, VmconfineError
 from vmconfine_dac import owners
 from vmconfine_dac.fsops import (
@@ -53,9 +53,9 @@ from vmconfine_dac.fsops import (
 from vmconfine_dac.identity import Identity, format_label, parse_label
 
 if TYPE_CHECKING:
-    from vmconfine.context import DomainContext
-    from vmconfine.journal import Entry, Journal
-    from vmconfine.resources import Resource
+    from vmconfine.launch.journal import Entry, Journal
+    from vmconfine.plugin.context import DomainContext
+    from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
 

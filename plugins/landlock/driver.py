@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError, LabelError
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.emulator import emulator_files
 from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset
 
 if TYPE_CHECKING:
-    from vmconfine.context import DomainContext, HostContext
     from vmconfine.domain import Domain, SecLabel
-    from vmconfine.resources import Resource
+    from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _emulator_path(ctx: DomainContext) -> str:
     path = getattr(command, "emulator", None)
     if path:
         return str(path)
-    from vmconfine.argv import find_emulator
+    from vmconfine.qemu.argv import find_emulator
 
     return find_emulator(ctx.domain, ctx.config)
 

@@ -6,7 +6,7 @@ masks it down to what a given kernel supports (and says what is lost). :func:`ap
 runs in the forked child: it opens every rule path with ``O_PATH``, adds the rules, calls
 ``landlock_restrict_self`` and closes every descriptor it opened, so none reaches QEMU.
 
-How resources map to access rights (roles from :mod:`vmconfine.resources`):
+How resources map to access rights (roles from :mod:`vmconfine.plugin.resources`):
 
 * read-write files (top disks, nvram, writable loader, chardev files, hostdev nodes):
   ``read_file write_file truncate`` (+ ``ioctl_dev`` when the path is a device node);
@@ -41,7 +41,7 @@ from vmconfine_landlock import syscalls
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
-    from vmconfine.resources import Resource
+    from vmconfine.plugin.resources import Resource
     from vmconfine_landlock.emulator import EmulatorFiles
 
 RO_FILE = frozenset({"read_file"})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin.hookspecs import hookimpl
 
 
 def _factory(host: Any) -> Any:

@@ -22,9 +22,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmconfine import runtime
 from vmconfine.errors import DriverError, LabelError, VmconfineError
-from vmconfine.hookspecs import hookimpl
+from vmconfine.launch import runtime
+from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_selinux import labels, transition
 from vmconfine_selinux.backend import Backend, RealBackend
 from vmconfine_selinux.contexts import Context, PolicyContexts, load_policy_contexts, new_context
@@ -32,8 +32,8 @@ from vmconfine_selinux.mcs import LabelRegistry, Lease, ensure_dir, parse_proces
 from vmconfine_selinux.relabel import DRIVER, Labeller
 
 if TYPE_CHECKING:
-    from vmconfine.context import DomainContext, HostContext
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
+    from vmconfine.plugin.context import DomainContext, HostContext
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def registry_dir(inst: Any) -> Path:
 
 
 class SELinuxDriver:
-    """libvirt's SELinux driver as a vmconfine driver object (hooks: vmconfine.hookspecs)."""
+    """libvirt's SELinux driver as a vmconfine driver object (hooks: vmconfine.plugin.hookspecs)."""
 
     def __init__(self, host: HostContext | None, backend: Backend | None = None) -> None:
         self.host = host
@@ -275,7 +275,7 @@ class SELinuxDriver:
         label = self._process_label(ctx)
         if label is None:
             return
-        from vmconfine.argv import find_emulator
+        from vmconfine.qemu.argv import find_emulator
 
         try:
             emulator = find_emulator(ctx.domain, ctx.config)

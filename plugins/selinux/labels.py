@@ -1,7 +1,8 @@
 """Which context each resource of a domain gets: libvirt's per-resource SELinux rules.
 
 Input: the domain's ``<seclabel model='selinux'>`` (after label generation), the policy
-contexts and :class:`vmconfine.resources.Resource` objects. Output: one :class:`Plan` per path
+contexts and :class:`vmconfine.plugin.resources.Resource` objects. Output: one :class:`Plan`
+per path
 to relabel. Rules (``security_selinux.c``):
 
 * nothing at all when the domain has no selinux seclabel or ``relabel='no'``;
@@ -30,7 +31,7 @@ import os
 from dataclasses import dataclass
 
 from vmconfine.domain import Chardev, DeviceSecLabel, Disk, Hostdev, SecLabel
-from vmconfine.resources import Resource, usb_device_path, vfio_group_path
+from vmconfine.plugin.resources import Resource, usb_device_path, vfio_group_path
 from vmconfine_selinux.contexts import PolicyContexts
 
 log = logging.getLogger(__name__)

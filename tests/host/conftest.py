@@ -16,7 +16,7 @@ import pytest
 
 from examples.mkbootimg import write_image
 from tests.support import REPO, VENV_BIN, require_root
-from vmconfine.runtime import proc_status  # noqa: F401 (used by the host tests)
+from vmconfine.launch.runtime import proc_status  # noqa: F401 (used by the host tests)
 
 VMCONFINE = str(VENV_BIN / "vmconfine")
 BASE = Path("/var/tmp/vmconfine-tests")

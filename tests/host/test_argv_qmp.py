@@ -37,9 +37,9 @@ import pytest
 from qemu.qmp import ConnectError, QMPClient
 
 from tests.support import require
-from vmconfine.argv import CommandPaths, QemuCommand, build_command
+from vmconfine.config.settings import QemuConfig
 from vmconfine.domain import Domain, parse_domain
-from vmconfine.settings import QemuConfig
+from vmconfine.qemu.argv import CommandPaths, QemuCommand, build_command
 
 pytestmark = pytest.mark.host
 

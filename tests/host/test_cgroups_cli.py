@@ -20,23 +20,23 @@ import pytest
 
 from tests.host.conftest import Embed, VmDir, qemu_pid
 from tests.support import REPO, VENV_BIN, require
-from vmconfine.instance import open_instance
-from vmconfine.registry import collect_drivers, make_plugin_manager
+from vmconfine.config.instance import open_instance
+from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
 from vmconfine_cgroups import placement
 
 pytestmark = pytest.mark.host
 
 HELPER = """
 import sys
-import vmconfine.nop
 import vmconfine_cgroups
-from vmconfine.connection import Connection
+from vmconfine.config.connection import Connection
 from vmconfine.domain import parse_domain
-from vmconfine.hookspecs import hookimpl
-from vmconfine.instance import open_instance
-from vmconfine.pipeline import start
-from vmconfine.registry import make_plugin_manager
-from vmconfine.supervisor import supervise
+from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.config.instance import open_instance
+from vmconfine.launch.pipeline import start
+from vmconfine.plugin.registry import make_plugin_manager
+from vmconfine.launch.supervisor import supervise
+from vmconfine.plugin import nop
 
 
 class StandInDac:
@@ -54,7 +54,7 @@ class Plugin:
 
 
 def connect(uri, recover):
-    pm = make_plugin_manager(autoload=False, plugins=[vmconfine.nop, vmconfine_cgroups, Plugin()])
+    pm = make_plugin_manager(autoload=False, plugins=[nop, vmconfine_cgroups, Plugin()])
     return Connection(open_instance(uri), pm=pm, recover=recover)
 
 

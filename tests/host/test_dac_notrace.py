@@ -16,7 +16,7 @@ import pytest
 from tests.host.test_argv_qmp import CASES, Workspace, create_files, substitute
 from tests.support import make_ctx
 from tests.unit.test_dac_support import host_for, qemu_ids, scratch, snapshot
-from vmconfine.chain import resolve_chain
+from vmconfine.domain.chain import resolve_chain
 from vmconfine_dac.driver import DacDriver
 
 pytestmark = pytest.mark.host

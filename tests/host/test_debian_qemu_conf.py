@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vmconfine.conf import parse_conf, read_conf_file
+from vmconfine.config.conf import parse_conf, read_conf_file
+from vmconfine.config.settings import KNOWN_KEYS, LIBVIRT_UNUSED_KEYS, QemuConfig, load_config
 from vmconfine.errors import ConfigError
-from vmconfine.settings import KNOWN_KEYS, LIBVIRT_UNUSED_KEYS, QemuConfig, load_config
 
 try:
     from tests.support import require, require_binary

@@ -27,9 +27,9 @@ from tests.host.test_argv_qmp import (
     wait_exit,
 )
 from tests.host.test_argv_qmp import ws as ws  # the workspace fixture
-from vmconfine.argv import build_command
 from vmconfine.domain import parse_domain
-from vmconfine.fromnative import from_native
+from vmconfine.qemu.argv import build_command
+from vmconfine.qemu.fromnative.convert import from_native
 
 pytestmark = pytest.mark.host
 

@@ -22,7 +22,7 @@ import vmconfine_landlock
 from examples.mkbootimg import write_image
 from tests.host.conftest import VmDir
 from tests.support import make_ctx, make_host, require
-from vmconfine.argv import CommandPaths, build_command
+from vmconfine.qemu.argv import CommandPaths, build_command
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.driver import LandlockDriver
 from vmconfine_landlock.ruleset import Ruleset, apply_ruleset

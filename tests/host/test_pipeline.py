@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.host.conftest import Embed, VmDir, proc_status, qemu_pid
-from vmconfine.pipeline import STEPS
+from vmconfine.launch.pipeline import STEPS
 
 
 def snapshot(paths: list[Path]) -> dict[str, tuple[int, int, int, dict[str, bytes]]]:
@@ -134,7 +134,7 @@ def test_custom_argv_is_tainted(embed: Embed, vm_dir: VmDir) -> None:
 
 
 LIAR = '''
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin.hookspecs import hookimpl
 
 
 class Liar:

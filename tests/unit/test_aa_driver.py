@@ -17,7 +17,7 @@ import pytest
 import vmconfine_apparmor
 from tests.support import make_ctx, make_host
 from vmconfine.errors import DriverError, LabelError
-from vmconfine.stack import Stack
+from vmconfine.plugin.stack import Stack
 from vmconfine_apparmor import kernel
 from vmconfine_apparmor.driver import AppArmorDriver
 

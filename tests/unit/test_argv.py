@@ -1,4 +1,4 @@
-"""The QEMU command line (vmconfine.argv) against the golden corpus in tests/data/argv/.
+"""The QEMU command line (vmconfine.qemu.argv) against the golden corpus in tests/data/argv/.
 
 Each ``NAME.xml`` is built with fixed paths and compared with ``NAME.args`` (the one-line
 ``format_native()`` output). ``VMCONFINE_REGEN_GOLDEN=1`` rewrites the golden files instead;
@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from vmconfine import argv as argv_mod
-from vmconfine import chain
-from vmconfine.argv import (
+from vmconfine.config.settings import QemuConfig
+from vmconfine.domain import chain, parse_domain
+from vmconfine.qemu import argv as argv_mod
+from vmconfine.qemu.argv import (
     CommandPaths,
     EmulatorNotFoundError,
     QemuCommand,
@@ -29,8 +30,6 @@ from vmconfine.argv import (
     build_command,
     find_emulator,
 )
-from vmconfine.domain import parse_domain
-from vmconfine.settings import QemuConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "argv"
 CASES = sorted(p.stem for p in DATA.glob("*.xml"))

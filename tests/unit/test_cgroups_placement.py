@@ -9,10 +9,10 @@ import pytest
 
 import vmconfine_cgroups
 from tests.support import make_ctx, make_host
+from vmconfine.config.instance import Instance
+from vmconfine.config.settings import config_from_text
 from vmconfine.domain import parse_domain
 from vmconfine.errors import ConfigError, DriverError
-from vmconfine.instance import Instance
-from vmconfine.settings import config_from_text
 from vmconfine_cgroups import placement
 from vmconfine_cgroups.driver import CgroupsDriver
 

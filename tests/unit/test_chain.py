@@ -1,4 +1,4 @@
-"""Backing-chain discovery with real images made by qemu-img (vmconfine.chain)."""
+"""Backing-chain discovery with real images made by qemu-img (vmconfine.domain.chain)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import require
-from vmconfine.chain import BackingChainError, read_image_header, resolve_chain
-from vmconfine.domain_devices import StorageSource
+from vmconfine.domain.chain import BackingChainError, read_image_header, resolve_chain
+from vmconfine.domain.devices import StorageSource
 
 QCOW2_BACKING_FORMAT_EXT = bytes.fromhex("e2792aca")
 

@@ -81,7 +81,7 @@ def test_unsupported_native_format(tmp_path: Path) -> None:
 
 
 def test_config_prints_a_valid_qemu_conf(tmp_path: Path) -> None:
-    from vmconfine.conf import parse_conf
+    from vmconfine.config.conf import parse_conf
 
     root = tmp_path / "inst"
     (root / "etc").mkdir(parents=True)

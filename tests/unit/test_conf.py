@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vmconfine.conf as conf_module
-from vmconfine.conf import (
+import vmconfine.config.conf as conf_module
+from vmconfine.config.conf import (
     MAX_CONFIG_FILE_SIZE,
     MAX_LIST_DEPTH,
     ConfComment,

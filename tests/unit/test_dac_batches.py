@@ -25,7 +25,7 @@ from tests.unit.test_dac_support import (
     xattrs,
 )
 from vmconfine.errors import LabelError
-from vmconfine.journal import Journal
+from vmconfine.launch.journal import Journal
 from vmconfine_dac import relabel
 
 REF = "trusted.vmconfine.security.ref_dac"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from vmconfine.errors import LaunchError
-from vmconfine.journal import Journal
+from vmconfine.launch.journal import Journal
 
 
 def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -105,7 +105,7 @@ def test_count_follows_appends_reloads_and_removal(tmp_path: Path) -> None:
 def test_a_journal_that_keeps_records_its_own_way_gets_every_batch() -> None:
     """A subclass overriding record() (the confinement report's in-memory journal) sees the
     batch calls as records too; nothing is written anywhere."""
-    from vmconfine.report import MemoryJournal
+    from vmconfine.report.build import MemoryJournal
 
     j = MemoryJournal()
     j.record_many([("dac", "chown", {"id": "a"}), ("dac", "chown", {"id": "b"})])

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import vmconfine.nop
+import vmconfine.plugin.nop
 import vmconfine_dac
 from tests.support import make_ctx
 from tests.unit.test_dac_support import domain_xml, host_for, qemu_ids, scratch
 from vmconfine.errors import ConfigError, LabelError
-from vmconfine.registry import collect_drivers, make_plugin_manager
-from vmconfine.stack import Stack
+from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
+from vmconfine.plugin.stack import Stack
 from vmconfine_dac.driver import DacDriver, identity
 from vmconfine_dac.identity import (
     Identity,
@@ -117,7 +117,7 @@ def test_model_doi_base_label(root: Path) -> None:
 
 
 def test_registered_and_appended_last_for_privileged_instance(root: Path) -> None:
-    pm = make_plugin_manager(autoload=False, plugins=[vmconfine_dac, vmconfine.nop])
+    pm = make_plugin_manager(autoload=False, plugins=[vmconfine_dac, vmconfine.plugin.nop])
     registry = collect_drivers(pm)
     info = registry.get("dac")
     assert info is not None and info.kind == "security"

@@ -18,7 +18,7 @@ from vmconfine.domain import (
     parse_domain,
     unit_scale,
 )
-from vmconfine.domain_devices import parse_c_uint
+from vmconfine.domain.devices import parse_c_uint
 from vmconfine.errors import VmconfineError, XMLError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "domains"

@@ -1,4 +1,5 @@
-"""``domxml-from-native``: QEMU command lines back to domain XML (vmconfine.fromnative).
+"""``domxml-from-native``: QEMU command lines back to domain XML
+(vmconfine.qemu.fromnative.convert).
 
 Golden files: tests/data/fromnative/NAME.args converts to NAME.xml with the warning line in
 NAME.warning (``VMCONFINE_REGEN_GOLDEN=1`` rewrites them; review the diff). The round trip
@@ -15,11 +16,11 @@ import pytest
 
 from tests.unit.test_argv import CASES as ARGV_CASES
 from tests.unit.test_argv import CONFIG_OVERRIDES, command_paths, corpus_xml, fake_header
-from vmconfine import chain
-from vmconfine.argv import build_command
 from vmconfine.cli import main
-from vmconfine.domain import parse_domain
-from vmconfine.fromnative import (
+from vmconfine.config.settings import QemuConfig
+from vmconfine.domain import chain, parse_domain
+from vmconfine.qemu.argv import build_command
+from vmconfine.qemu.fromnative.convert import (
     ZERO_UUID,
     NativeArgsError,
     NativeResult,
@@ -28,7 +29,6 @@ from vmconfine.fromnative import (
     from_native,
     tokenize,
 )
-from vmconfine.settings import QemuConfig
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "fromnative"
 GOLDEN = sorted(p.stem for p in DATA.glob("*.args"))
@@ -488,7 +488,7 @@ def test_round_trip_over_the_to_native_corpus(case: str, bindir: Path,
 
 
 def test_attach_finds_the_qmp_socket_qemu_listens_on() -> None:
-    from vmconfine.attach import qmp_socket
+    from vmconfine.launch.attach import qmp_socket
 
     pid = os.getpid()
     res = conv("-chardev socket,id=q,path=/r/q.sock,server=on,wait=off "
@@ -507,7 +507,7 @@ def test_attach_finds_the_qmp_socket_qemu_listens_on() -> None:
      "-mon chardev=m,mode=control"),
 ])
 def test_attach_refuses_without_a_usable_qmp_socket(args: str, found: str) -> None:
-    from vmconfine.attach import AttachError, qmp_socket
+    from vmconfine.launch.attach import AttachError, qmp_socket
 
     with pytest.raises(AttachError) as exc:
         qmp_socket(conv(args), 4242)
@@ -518,7 +518,7 @@ def test_attach_refuses_without_a_usable_qmp_socket(args: str, found: str) -> No
 
 
 def test_attach_pid_argument() -> None:
-    from vmconfine.attach import AttachError, parse_pid
+    from vmconfine.launch.attach import AttachError, parse_pid
 
     assert parse_pid("1234") == 1234
     for bad in ("0", "-5", "abc", "12x", ""):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from vmconfine.config.instance import open_instance, parse_uri
 from vmconfine.errors import URIError
-from vmconfine.instance import open_instance, parse_uri
 
 
 @pytest.mark.parametrize(

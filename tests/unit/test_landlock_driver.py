@@ -11,9 +11,9 @@ import pytest
 import vmconfine_landlock
 from tests.support import make_ctx, make_host
 from vmconfine.errors import DriverError, LabelError
-from vmconfine.hookspecs import hookimpl
-from vmconfine.nop import NopDriver
-from vmconfine.stack import Stack
+from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.plugin.nop import NopDriver
+from vmconfine.plugin.stack import Stack
 from vmconfine_landlock import driver as drv_mod
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.driver import LABEL_RE, LandlockDriver

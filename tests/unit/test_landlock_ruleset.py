@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmconfine.domain import parse_domain
-from vmconfine.resources import domain_resources
+from vmconfine.plugin.resources import domain_resources
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.emulator import EmulatorFiles
 from vmconfine_landlock.ruleset import (

@@ -12,10 +12,10 @@ import pluggy
 import pytest
 
 from vmconfine.errors import DriverError
-from vmconfine.registry import DriverRegistry, collect_drivers, make_plugin_manager
+from vmconfine.plugin.registry import DriverRegistry, collect_drivers, make_plugin_manager
 
 PLUGIN = '''
-from vmconfine.hookspecs import hookimpl
+from vmconfine.plugin.hookspecs import hookimpl
 
 
 class Tagger:
@@ -59,8 +59,7 @@ def test_builtin_drivers_come_from_entry_points() -> None:
 
 
 def test_autoload_off_registers_only_given_plugins() -> None:
-    from vmconfine import nop
-
+    from vmconfine.plugin import nop
     pm = make_plugin_manager(autoload=False, plugins=[nop])
     assert collect_drivers(pm).names() == ["none"]
 
@@ -97,7 +96,7 @@ def test_bad_kind_is_an_error() -> None:
 
 
 def test_hookimpl_with_unknown_argument_violates_the_contract() -> None:
-    from vmconfine.hookspecs import hookimpl
+    from vmconfine.plugin.hookspecs import hookimpl
 
     class Bad:
         @hookimpl
@@ -112,8 +111,7 @@ def test_hookimpl_with_unknown_argument_violates_the_contract() -> None:
 def test_every_hookspec_is_documented() -> None:
     import inspect
 
-    from vmconfine import hookspecs
-
+    from vmconfine.plugin import hookspecs
     for name, fn in inspect.getmembers(hookspecs, inspect.isfunction):
         if hasattr(fn, "vmconfine_spec"):
             doc = textwrap.dedent(fn.__doc__ or "")

@@ -17,13 +17,13 @@ import pytest
 
 import vmconfine_dac
 from tests.support import make_host, require_root
-from vmconfine import nop
-from vmconfine.connection import Connection
+from vmconfine.config.connection import Connection
 from vmconfine.domain import parse_domain
-from vmconfine.hookspecs import hookimpl
-from vmconfine.report import build_report, denied_paths, open_failure_hint
-from vmconfine.report_render import landlock_letters, render_text
-from vmconfine.validate import QemuIds, dac_denial, ids_from_config
+from vmconfine.plugin import nop
+from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.report.build import build_report, denied_paths, open_failure_hint
+from vmconfine.report.render import landlock_letters, render_text
+from vmconfine.report.validate import QemuIds, dac_denial, ids_from_config
 
 UUID = "c7a5fdbd-edaf-9455-926a-d65c16db1809"
 
@@ -295,8 +295,8 @@ def test_open_failure_hint_names_path_and_layer(scratch: Path) -> None:
     secret = files(scratch, {"secret.img": 0o600})["secret.img"]
     lsm = FakeLsm(deny=(str(secret),))
     conn = connect(scratch, [lsm], CONF)
-    from vmconfine.context import DomainContext
-    from vmconfine.report import MemoryJournal
+    from vmconfine.plugin.context import DomainContext
+    from vmconfine.report.build import MemoryJournal
 
     _image_files(scratch)
     ctx = DomainContext(conn.host, parse_domain(rich_xml(scratch)), MemoryJournal())

@@ -22,9 +22,9 @@ from tests.unit.test_selinux_support import (
     plugin,
     setup,
 )
-from vmconfine import nop
 from vmconfine.errors import DriverError, LabelError
-from vmconfine.stack import Stack
+from vmconfine.plugin import nop
+from vmconfine.plugin.stack import Stack
 from vmconfine_selinux.contexts import Context, load_policy_contexts
 from vmconfine_selinux.driver import SELinuxDriver
 from vmconfine_selinux.mcs import LabelRegistry, parse_process_range

@@ -385,9 +385,9 @@ def test_through_the_stack_with_rollback_when_a_later_driver_fails(tmp_path: Pat
 
     from tests.support import make_host
     from tests.unit.test_selinux_support import fake_backend
-    from vmconfine import nop
-    from vmconfine.hookspecs import hookimpl
-    from vmconfine.stack import Stack
+    from vmconfine.plugin import nop
+    from vmconfine.plugin.hookspecs import hookimpl
+    from vmconfine.plugin.stack import Stack
     from vmconfine_selinux.driver import SELinuxDriver
 
     be = fake_backend(tmp_path)
@@ -440,7 +440,7 @@ def test_many_files_number_their_records_without_rereading_the_journal(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each relabel record gets the next number from the journal's count, not from a filtered
     copy of every record per file (that made a start quadratic in files)."""
-    from vmconfine.journal import Journal
+    from vmconfine.launch.journal import Journal
 
     host, drv, _be = setup(tmp_path)
     d = tmp_path / "img"

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.support import make_host
-from vmconfine.context import DomainContext
 from vmconfine.domain import SecLabel, parse_domain
-from vmconfine.hookspecs import hookimpl
-from vmconfine.journal import Journal
+from vmconfine.launch.journal import Journal
+from vmconfine.plugin.context import DomainContext
+from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_selinux.backend import FakeBackend
 from vmconfine_selinux.driver import SELinuxDriver
 

@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-import vmconfine.conf as conf_module
-from vmconfine.conf import parse_conf
-from vmconfine.errors import ConfigError
-from vmconfine.settings import (
+import vmconfine.config.conf as conf_module
+from vmconfine.config.conf import parse_conf
+from vmconfine.config.settings import (
     KNOWN_KEYS,
     LIBVIRT_UNUSED_KEYS,
     QemuConfig,
     config_from_text,
     load_config,
 )
+from vmconfine.errors import ConfigError
 
 SYSTEM = {"privileged": True, "caller_uid": 0, "caller_gid": 0}
 SESSION = {"privileged": False, "caller_uid": 1000, "caller_gid": 1001}

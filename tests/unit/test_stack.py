@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from tests.support import make_ctx, make_host
-from vmconfine import nop
 from vmconfine.errors import DriverError, LabelError
-from vmconfine.hookspecs import hookimpl
-from vmconfine.stack import RESTORE_OF, Stack
+from vmconfine.plugin import nop
+from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.plugin.stack import RESTORE_OF, Stack
 
 XML = """<domain type='qemu'>
   <name>t1</name>
@@ -63,8 +63,7 @@ def _add_set_restore(cls: type) -> None:
     (pluggy checks hookimpl arguments against the spec)."""
     import inspect
 
-    from vmconfine import hookspecs
-
+    from vmconfine.plugin import hookspecs
     for set_hook, restore_hook in RESTORE_OF.items():
         for h in (set_hook, restore_hook):
             names = list(inspect.signature(getattr(hookspecs, h)).parameters)

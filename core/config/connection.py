@@ -1,0 +1,193 @@
+"""A connection to one instance: plugins, the stack, running domains, crash recovery.
+
+Every command opens a :class:`Connection`. Opening it finishes any teardown a crashed
+vmconfine left behind (a journal whose supervisor no longer holds its lock), so the host is
+never left changed for longer than it takes to run the next command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmconfine.config.instance import Instance, open_instance
+from vmconfine.errors import NotRunningError, VmconfineError, XMLError
+from vmconfine.launch import runtime
+from vmconfine.launch.journal import Journal
+from vmconfine.plugin.context import DomainContext, HostContext
+from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from vmconfine.domain import Domain
+    from vmconfine.plugin.stack import Stack
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningDomain:
+    """A domain with a live supervisor, as read from its status file."""
+
+    name: str
+    domain: Domain
+    id: int
+    pid: int
+    starttime: int | None
+    taints: list[str]
+    status_path: Path
+
+    @property
+    def alive(self) -> bool:
+        return runtime.same_process(self.pid, self.starttime)
+
+
+class Connection:
+    """One instance, its plugins and its stack."""
+
+    def __init__(self, instance: Instance, *, pm: pluggy.PluginManager | None = None,
+                 recover: bool = True) -> None:
+        self.instance = instance
+        self.pm = pm if pm is not None else make_plugin_manager()
+        self.host = HostContext(instance, self.pm, collect_drivers(self.pm))
+        if recover:
+            self.recover()
+
+    @classmethod
+    def open(cls, uri: str | None = None, **kwargs: object) -> Connection:
+        return cls(open_instance(uri), **kwargs)  # type: ignore[arg-type]
+
+    @cached_property
+    def stack(self) -> Stack:
+        from vmconfine.plugin.stack import Stack
+
+        return Stack.build(self.host)
+
+    # ---- running domains ----------------------------------------------------------------------
+    def _read_status(self, name: str) -> RunningDomain | None:
+        from vmconfine.domain import parse_domain
+
+        path = self.instance.status_path(name)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            domain = parse_domain(text, source=str(path))
+        except XMLError as exc:
+            raise VmconfineError(f"status file {path} is unreadable: {exc}") from None
+        state = domain.runtime_state()
+        return RunningDomain(
+            name=name,
+            domain=domain,
+            id=int(state.get("id", 0)),
+            pid=int(state.get("pid", 0)),
+            starttime=int(state["starttime"]) if state.get("starttime") else None,
+            taints=[t for t in state.get("taints", "").split(",") if t],
+            status_path=path,
+        )
+
+    def running(self) -> list[RunningDomain]:
+        out = []
+        for rec in runtime.known_domains(self.instance):
+            if not rec.alive:
+                continue
+            dom = self._read_status(rec.name)
+            if dom is not None:
+                out.append(dom)
+        return sorted(out, key=lambda d: d.id)
+
+    def lookup(self, name: str) -> RunningDomain:
+        for dom in self.running():
+            if name in (dom.name, str(dom.id), dom.domain.uuid):
+                return dom
+        raise NotRunningError(
+            f"domain '{name}' is not running in {self.instance.uri} "
+            f"(see 'vmconfine -c {self.instance.uri} list')"
+        )
+
+    # ---- crash recovery -------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """Finish the teardown of every domain whose supervisor died; return their names."""
+        done = []
+        for rec in runtime.known_domains(self.instance):
+            if rec.alive:
+                continue
+            lock = runtime.DomainLock(self.instance, rec.name)
+            if not lock.try_acquire():
+                continue  # a supervisor just started
+            try:
+                if not rec.journal_path.exists():
+                    # a status file without journal: teardown finished but status remained
+                    rec.status_path.unlink(missing_ok=True)
+                    continue
+                log.warning(
+                    "domain %s: its vmconfine process is gone; finishing its teardown", rec.name
+                )
+                self.teardown_from_journal(rec.name)
+                done.append(rec.name)
+            finally:
+                lock.release()
+        return done
+
+    def teardown_from_journal(self, name: str) -> None:
+        """Kill a leftover QEMU and undo every change the journal lists (fresh process)."""
+        from vmconfine.domain import parse_domain
+        from vmconfine.launch.pipeline import teardown
+
+        journal = Journal(self.instance.journal_path(name))
+        xml_rec = journal.last("pipeline", "labels") or journal.last("pipeline", "begin")
+        if xml_rec is None:
+            journal.remove()
+            self.instance.status_path(name).unlink(missing_ok=True)
+            return
+        domain = parse_domain(xml_rec["xml"], source=str(journal.path))
+        started = journal.last("pipeline", "started") or journal.last("pipeline", "forked")
+        if started:
+            kill_process(int(started["pid"]), started.get("starttime"))
+        ctx = DomainContext(self.host, domain, journal, recovering=True)
+        if started:
+            ctx.pid = int(started["pid"])
+        generated = bool(journal.last("pipeline", "labels"))
+        begin = journal.last("pipeline", "begin") or {}
+        if begin.get("stack"):
+            from vmconfine.plugin.stack import Stack
+
+            stack = Stack.for_teardown(self.host, list(begin["stack"]))
+        else:
+            stack = self.stack
+        errors = teardown(stack, ctx, labels_generated=generated)
+        if errors:
+            raise VmconfineError(
+                f"teardown of domain '{name}' left problems: {'; '.join(errors)}; "
+                f"the journal {journal.path} was kept, fix them and run any vmconfine command"
+            )
+
+
+def kill_process(pid: int, starttime: int | None, timeout: float = 10.0) -> None:
+    """SIGTERM then SIGKILL ``pid`` if it still is the process that started at ``starttime``."""
+    for sig, wait in ((signal.SIGTERM, timeout / 2), (signal.SIGKILL, timeout / 2)):
+        if not runtime.same_process(pid, starttime):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not runtime.same_process(pid, starttime):
+                return
+            try:  # reap it when it is our child
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+    if runtime.same_process(pid, starttime):
+        raise VmconfineError(f"QEMU process {pid} does not die after SIGKILL")

@@ -1,0 +1,215 @@
+"""Connection URIs and instances: where each instance keeps its config and state.
+
+``qemu:///system`` (root only), ``qemu:///session`` (any user), ``qemu:///embed?root=DIR``
+(everything under DIR; privileged when run by root, like libvirt's embedded driver).
+``qemu+unix:///...`` is the same as the local form. Remote forms are parsed and refused.
+Every path an instance uses is defined here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+from vmconfine.errors import URIError
+
+if TYPE_CHECKING:
+    from vmconfine.config.settings import QemuConfig
+
+DEFAULT_URI_ENV = "VMCONFINE_DEFAULT_URI"
+REMOTE_TRANSPORTS = ("ssh", "tcp", "tls", "libssh", "libssh2", "ext")
+
+
+@dataclass(frozen=True)
+class ParsedURI:
+    uri: str
+    kind: str  # system | session | embed
+    root: Path | None = None
+
+
+def parse_uri(uri: str) -> ParsedURI:
+    """Parse a connection URI; refuse remote and unknown forms with a one-line reason."""
+    parts = urlsplit(uri)
+    scheme = parts.scheme
+    driver, _, transport = scheme.partition("+")
+    if driver != "qemu":
+        raise URIError(
+            f"unsupported connection URI '{uri}': vmconfine drives QEMU only "
+            "(use qemu:///system, qemu:///session or qemu:///embed?root=DIR)"
+        )
+    if parts.netloc or (transport and transport != "unix"):
+        if transport and transport not in REMOTE_TRANSPORTS:
+            raise URIError(f"unknown transport '{transport}' in URI '{uri}'")
+        raise URIError(
+            f"remote connections are not available yet: '{uri}'; "
+            "run vmconfine on that host with a local URI such as qemu:///system"
+        )
+    path = parts.path.rstrip("/") or "/"
+    query = parse_qs(parts.query, keep_blank_values=True)
+    if path == "/system":
+        return ParsedURI(uri, "system")
+    if path == "/session":
+        return ParsedURI(uri, "session")
+    if path == "/embed":
+        roots = query.get("root", [])
+        if len(roots) != 1 or not roots[0]:
+            raise URIError(f"URI '{uri}' needs exactly one root=DIR parameter")
+        root = Path(roots[0])
+        if not root.is_absolute():
+            raise URIError(f"embed root '{roots[0]}' in URI '{uri}' must be an absolute path")
+        return ParsedURI(uri, "embed", Path(os.path.normpath(root)))
+    raise URIError(
+        f"unknown instance path '{parts.path}' in URI '{uri}' "
+        "(expected /system, /session or /embed?root=DIR)"
+    )
+
+
+def default_uri() -> str:
+    env = os.environ.get(DEFAULT_URI_ENV)
+    if env:
+        return env
+    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    if value and os.path.isabs(value):
+        return Path(value)
+    return Path.home() / fallback
+
+
+@dataclass
+class Instance:
+    """One vmconfine instance: its URI, privilege, config file and state directories."""
+
+    uri: str
+    kind: str
+    privileged: bool
+    config_path: Path
+    run_dir: Path
+    lib_dir: Path
+    cache_dir: Path
+    log_dir: Path
+    root: Path | None = None
+    caller_uid: int = field(default_factory=os.getuid)
+    caller_gid: int = field(default_factory=os.getgid)
+    _config: QemuConfig | None = field(default=None, repr=False)
+
+    # ---- configuration -------------------------------------------------------------------
+    @property
+    def config(self) -> QemuConfig:
+        if self._config is None:
+            from vmconfine.config.settings import load_config
+
+            path = self.config_path if self.config_path.exists() else None
+            self._config = load_config(
+                path,
+                privileged=self.privileged,
+                caller_uid=self.caller_uid,
+                caller_gid=self.caller_gid,
+            )
+        return self._config
+
+    # ---- per-domain paths (the only place they are spelled) --------------------------------
+    def status_path(self, name: str) -> Path:
+        """Live status XML of a running domain."""
+        return self.run_dir / f"{name}.xml"
+
+    def journal_path(self, name: str) -> Path:
+        """Journal of every host change made for the domain (crash-safe teardown)."""
+        return self.run_dir / f"{name}.journal"
+
+    def lock_path(self, name: str) -> Path:
+        """Held (flock) by the supervising vmconfine process for the domain's lifetime."""
+        return self.run_dir / f"{name}.lock"
+
+    def domain_run_dir(self, name: str) -> Path:
+        """Per-domain runtime directory (monitor sockets, VNC socket); removed at teardown."""
+        return self.run_dir / f"domain-{name}"
+
+    def monitor_path(self, name: str) -> Path:
+        """QMP socket the supervising process uses."""
+        return self.domain_run_dir(name) / "monitor.sock"
+
+    def user_monitor_path(self, name: str) -> Path:
+        """Second QMP socket for qemu-monitor-command and queries from other processes."""
+        return self.domain_run_dir(name) / "monitor-user.sock"
+
+    def qmp_lock_path(self, name: str) -> Path:
+        """Serialises users of the second QMP socket; in the root-owned run dir (never in a
+        directory QEMU can write)."""
+        return self.run_dir / f".{name}.qmp.lock"
+
+    def domain_lib_dir(self, name: str) -> Path:
+        """QEMU's HOME (libvirt: /var/lib/libvirt/qemu/domain-N-NAME)."""
+        return self.lib_dir / f"domain-{name}"
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    @property
+    def instance_lock_path(self) -> Path:
+        return self.run_dir / ".instance.lock"
+
+    def ensure_dirs(self) -> None:
+        """Create the state directories (0755, owned by the caller)."""
+        for d in (self.run_dir, self.lib_dir, self.cache_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def open_instance(uri: str | None = None) -> Instance:
+    """Resolve ``uri`` (default: $VMCONFINE_DEFAULT_URI, else system for root, session
+    otherwise) to an :class:`Instance`."""
+    parsed = parse_uri(uri or default_uri())
+    euid = os.geteuid()
+    if parsed.kind == "system":
+        if euid != 0:
+            raise URIError(
+                f"'{parsed.uri}' needs root (you are uid {euid}); use qemu:///session "
+                "or qemu:///embed?root=DIR"
+            )
+        return Instance(
+            uri=parsed.uri,
+            kind="system",
+            privileged=True,
+            config_path=Path("/etc/vmconfine/qemu.conf"),
+            run_dir=Path("/run/vmconfine/qemu"),
+            lib_dir=Path("/var/lib/vmconfine/qemu"),
+            cache_dir=Path("/var/cache/vmconfine/qemu"),
+            log_dir=Path("/var/log/vmconfine/qemu"),
+        )
+    if parsed.kind == "session":
+        config = _xdg("XDG_CONFIG_HOME", ".config") / "vmconfine"
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        cache = _xdg("XDG_CACHE_HOME", ".cache") / "vmconfine" / "qemu"
+        run_dir = (
+            Path(runtime) / "vmconfine" / "qemu"
+            if runtime and os.path.isabs(runtime)
+            else cache / "run"
+        )
+        return Instance(
+            uri=parsed.uri,
+            kind="session",
+            privileged=False,
+            config_path=config / "qemu.conf",
+            run_dir=run_dir,
+            lib_dir=_xdg("XDG_DATA_HOME", ".local/share") / "vmconfine" / "qemu",
+            cache_dir=cache,
+            log_dir=cache / "log",
+        )
+    root = parsed.root
+    assert root is not None
+    return Instance(
+        uri=parsed.uri,
+        kind="embed",
+        privileged=euid == 0,
+        config_path=root / "etc" / "qemu.conf",
+        run_dir=root / "run" / "qemu",
+        lib_dir=root / "lib" / "qemu",
+        cache_dir=root / "cache" / "qemu",
+        log_dir=root / "log" / "qemu",
+        root=root,
+    )

@@ -1,0 +1,518 @@
+"""libvirt domain XML: safe parsing, a typed view for the drivers, and faithful serialisation.
+
+``parse_domain(data, source)`` parses with a hardened lxml parser (no entities, no DTD, no
+network, 10 MiB cap, NUL bytes refused) and keeps the lxml tree, so elements, attributes,
+namespaces and comments vmconfine does not model survive :meth:`Domain.to_xml`. Every error is
+``XMLError("<source>: line N: <what>")`` on one line.
+
+Parse modes follow libvirt. A *configuration* is read with libvirt's inactive rules: a dynamic
+``<seclabel>``'s ``<label>``/``<imagelabel>`` and every ``<imagelabel>`` are generated values, so
+they are dropped (libvirt ignores them), and ``<domain id=>`` is ignored. *Live* XML (status
+and journal copies written by ``to_xml(live=True)``) keeps labels, the id and vmconfine's runtime
+state. ``parse_domain(..., live=None)`` (the default) tells them apart by the
+``<metadata><vmconfine:state/>`` element every live output carries; pass ``live=True`` or
+``live=False`` to force a mode. (``virsh dumpxml`` output of a running libvirt domain has no
+such element and is read as a configuration, as ``virsh define`` would.)
+
+Views (``Domain``, ``OS``, ``Disk``...) are read from the tree at parse time; ``SecLabel`` is the
+exception: it reads and writes its ``<seclabel>`` element, so label generation is recorded in
+the tree and shows up in the live XML.
+
+This module holds ``Domain``, ``OS``, ``Loader`` and :func:`parse_domain`; the parts live in
+:mod:`vmconfine.domain.xml` (safe parser, XML and unit helpers), :mod:`vmconfine.domain.seclabel`,
+:mod:`vmconfine.domain.state` (runtime state in live XML), :mod:`vmconfine.domain.devices` and
+:mod:`vmconfine.domain.chardev`. The names listed in ``__all__`` are re-exported here.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import uuid as uuidlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from vmconfine.domain.devices import (
+    Chardev,
+    Controller,
+    Disk,
+    Filesystem,
+    Graphics,
+    Hostdev,
+    Input,
+    Interface,
+    Rng,
+    StorageSource,
+    Tpm,
+    default_disk_bus,
+    parse_devices,
+)
+from vmconfine.domain.seclabel import (
+    SECLABEL_TYPES,
+    DeviceSecLabel,
+    SecLabel,
+    drop_device_labelskip,
+    find_device_seclabel,
+    inactive_seclabel,
+    normalise_live_seclabel,
+    parse_seclabels,
+)
+from vmconfine.domain.state import VMCONFINE_NS, apply_live, drop_state, find_state, read_state
+from vmconfine.domain.xml import (
+    BLANK,
+    MAX_XML_BYTES,
+    ParseContext,
+    child,
+    child_text,
+    children,
+    insert_element,
+    int_attr,
+    memory_to_kib,
+    one_line,
+    parse_dec_int,
+    remove_element,
+    safe_tree,
+    unit_scale,
+    yes_no,
+)
+from vmconfine.domain.xml import xml_error as xml_error
+
+__all__ = [
+    "MAX_XML_BYTES",
+    "OS",
+    "QEMU_NS",
+    "VMCONFINE_NS",
+    "Chardev",
+    "Controller",
+    "DeviceSecLabel",
+    "Disk",
+    "Domain",
+    "Filesystem",
+    "Graphics",
+    "Hostdev",
+    "Input",
+    "Interface",
+    "Loader",
+    "Rng",
+    "SecLabel",
+    "StorageSource",
+    "Tpm",
+    "default_disk_bus",
+    "find_device_seclabel",
+    "memory_to_kib",
+    "parse_domain",
+    "unit_scale",
+]
+
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+VIRT_TYPES = ("qemu", "kvm")
+BOOT_DEVS = ("fd", "cdrom", "hd", "network")
+LIFECYCLE_ACTIONS = ("destroy", "restart", "rename-restart", "preserve")
+CRASH_ACTIONS = (*LIFECYCLE_ACTIONS, "coredump-destroy", "coredump-restart")
+_ENV_FIRST = re.compile(r"[A-Za-z_]")
+_ENV_REST = re.compile(r"[A-Za-z0-9_]*")
+
+
+# --------------------------------------------------------------------------- os
+
+
+@dataclass
+class Loader:
+    """``<os><loader>``: firmware ``path``, ``readonly``, ``type`` (rom/pflash or None)."""
+
+    path: str | None
+    readonly: bool = False
+    type: str | None = None
+    secure: bool = False
+
+
+@dataclass
+class OS:
+    """``<os>``: guest type (hvm), arch/machine (None when not given), boot order, direct
+    kernel boot files, firmware loader and NVRAM file. ``boot_devs`` defaults to ['hd'] when
+    neither ``<boot dev>`` nor per-device ``<boot order>`` is given (libvirt)."""
+
+    type: str
+    arch: str | None = None
+    machine: str | None = None
+    boot_devs: list[str] = field(default_factory=list)
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    dtb: str | None = None
+    loader: Loader | None = None
+    nvram: str | None = None
+    nvram_template: str | None = None
+    firmware: str | None = None
+
+
+def _parse_os(ctx: ParseContext, root: etree._Element, device_boot: bool) -> OS:
+    os_el = child(root, "os")
+    type_el = child(os_el, "type") if os_el is not None else None
+    os_type = child_text(os_el, "type") if os_el is not None else None
+    if os_el is None or type_el is None or not os_type:
+        raise ctx.error(os_el if os_el is not None else root,
+                        "an os <type> must be specified; add <os><type>hvm</type></os>")
+    if os_type.strip() != "hvm":
+        raise ctx.error(type_el, f"os type '{one_line(os_type, 40)}' is not supported; QEMU "
+                                 "guests use <type>hvm</type>")
+    result = OS(type="hvm", arch=type_el.get("arch"), machine=type_el.get("machine"),
+                kernel=child_text(os_el, "kernel"), initrd=child_text(os_el, "initrd"),
+                cmdline=child_text(os_el, "cmdline"), dtb=child_text(os_el, "dtb"),
+                firmware=os_el.get("firmware"))
+    boots = children(os_el, "boot")
+    for boot in boots[: len(BOOT_DEVS)]:
+        dev = boot.get("dev")
+        if dev is None:
+            raise ctx.error(boot, "missing boot device; use <boot dev='hd'/>")
+        if dev not in BOOT_DEVS:
+            raise ctx.error(boot, f"unknown boot device '{dev}'; use fd, cdrom, hd or network")
+        result.boot_devs.append(dev)
+    if boots and device_boot:
+        raise ctx.error(boots[0], "per-device boot elements cannot be used together with "
+                                  "os/boot elements; keep one of them")
+    if not boots and not device_boot:
+        result.boot_devs = ["hd"]
+    loader = child(os_el, "loader")
+    if loader is not None:
+        result.loader = Loader(path=child_text(os_el, "loader"), type=loader.get("type"),
+                               readonly=yes_no(ctx, loader, "readonly", False),
+                               secure=yes_no(ctx, loader, "secure", False))
+    nvram = child(os_el, "nvram")
+    if nvram is not None:
+        source = child(nvram, "source")
+        result.nvram = source.get("file") if source is not None else (nvram.text or None)
+        result.nvram_template = nvram.get("template")
+    return result
+
+
+# --------------------------------------------------------------------------- the domain
+
+
+@dataclass(eq=False)
+class Domain:
+    """A parsed domain. ``tree`` is the lxml document (the source of truth for
+    :meth:`to_xml`); the other fields are views read from it at parse time.
+
+    ``uuid`` is lowercase canonical; ``uuid_generated`` is True when the XML had none and a
+    random one was generated (and written into the tree, as libvirt does). ``id`` is only read
+    in live mode. ``state`` holds vmconfine's runtime metadata (see :meth:`to_xml`).
+    """
+
+    tree: etree._ElementTree = field(repr=False)
+    source: str
+    name: str
+    uuid: str
+    virt_type: str
+    memory_kib: int
+    current_memory_kib: int
+    vcpus: int
+    os: OS
+    uuid_generated: bool = False
+    live: bool = False
+    id: int | None = None
+    title: str | None = None
+    description: str | None = None
+    max_memory_kib: int | None = None
+    vcpus_current: int | None = None
+    features: list[str] = field(default_factory=list)
+    clock_offset: str = "utc"
+    on_poweroff: str = "destroy"
+    on_reboot: str = "restart"
+    on_crash: str = "destroy"
+    emulator: str | None = None
+    disks: list[Disk] = field(default_factory=list)
+    chardevs: list[Chardev] = field(default_factory=list)
+    graphics: list[Graphics] = field(default_factory=list)
+    interfaces: list[Interface] = field(default_factory=list)
+    hostdevs: list[Hostdev] = field(default_factory=list)
+    inputs: list[Input] = field(default_factory=list)
+    controllers: list[Controller] = field(default_factory=list)
+    memballoon: str | None = None
+    tpms: list[Tpm] = field(default_factory=list)
+    rngs: list[Rng] = field(default_factory=list)
+    filesystems: list[Filesystem] = field(default_factory=list)
+    seclabels: list[SecLabel] = field(default_factory=list)
+    qemu_args: list[str] = field(default_factory=list)
+    qemu_env: list[tuple[str, str | None]] = field(default_factory=list)
+    state: dict[str, str | list[str]] = field(default_factory=dict)
+
+    @property
+    def root(self) -> etree._Element:
+        """The ``<domain>`` element."""
+        return self.tree.getroot()
+
+    def runtime_state(self) -> dict[str, str | list[str]]:
+        """A copy of the vmconfine runtime state read from live XML (``{}`` for a config)."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in self.state.items()}
+
+    def seclabel(self, model: str) -> SecLabel | None:
+        """The domain seclabel for ``model``, or None."""
+        return next((s for s in self.seclabels if s.model == model), None)
+
+    def add_seclabel(self, model: str, type: str = "dynamic", implicit: bool = True,
+                     ) -> SecLabel:
+        """Add ``<seclabel type=.. model=.. relabel=..>`` (libvirt's position: after
+        ``<devices>``, after any other seclabel) and return its view."""
+        if type not in SECLABEL_TYPES:
+            raise ValueError(f"seclabel type must be one of {SECLABEL_TYPES}, not {type!r}")
+        if self.seclabel(model) is not None:
+            raise ValueError(f"domain {self.name!r} already has a seclabel for model {model!r}")
+        el = etree.Element("seclabel")
+        el.set("type", type)
+        el.set("model", model)
+        if type != "none":
+            el.set("relabel", "yes" if type == "dynamic" else "no")
+        root = self.root
+        if self.seclabels:
+            index = root.index(self.seclabels[-1].element) + 1
+        else:
+            devices = child(root, "devices")
+            later = [i for i, c in enumerate(root) if isinstance(c.tag, str) and
+                     (c.tag in ("keywrap", "launchSecurity") or c.tag.startswith("{"))]
+            index = (root.index(devices) + 1 if devices is not None
+                     else later[0] if later else len(root))
+        insert_element(root, index, el)
+        sec = SecLabel(el, implicit=implicit)
+        self.seclabels.append(sec)
+        return sec
+
+    def remove_seclabel(self, sec: SecLabel) -> None:
+        """Remove ``sec`` from the domain and the tree."""
+        self.seclabels.remove(sec)
+        remove_element(sec.element)
+
+    def to_xml(self, live: bool = False, extra: Mapping[str, object] | None = None) -> str:
+        """Serialise the tree (unknown elements, attributes, namespaces, comments included).
+
+        ``live=False`` gives the inactive (config) XML as libvirt does: no ``id``, implicit
+        seclabels left out, generated labels dropped (a dynamic seclabel's ``<label>`` and
+        every ``<imagelabel>``), device ``labelskip`` and vmconfine runtime state removed.
+
+        ``live=True`` gives the live XML: seclabels as ``<seclabel type model relabel>`` with
+        ``<label>``, ``<imagelabel>``, ``<baselabel>`` in libvirt's order, plus ``extra``:
+
+        - ``extra["id"]`` (int) → ``<domain type='..' id='N'>``;
+        - ``extra["state"]`` (a mapping) and every other key → ``<metadata><vmconfine:state
+          xmlns:vmconfine="https://vmconfine.dev/xmlns/1.0">``: a scalar becomes an attribute
+          ``key="value"`` (bool → yes/no; None is skipped), a list becomes one
+          ``<vmconfine:KEY value="item"/>`` per item. E.g. ``{"id": 3, "state": {"pid": 42},
+          "taints": ["custom-argv"]}`` → ``<vmconfine:state pid="42"><vmconfine:taints
+          value="custom-argv"/></vmconfine:state>``. Parsing gives it back as ``Domain.state``
+          / :meth:`runtime_state` (``{"pid": "42", "taints": ["custom-argv"]}``).
+
+        A state already in the tree is replaced when ``extra`` has state keys and kept
+        otherwise; live output always has a (possibly empty) ``<vmconfine:state>``, which is
+        how :func:`parse_domain` recognises live XML.
+        """
+        doc = copy.deepcopy(self.tree)
+        root = doc.getroot()
+        positions = {self.root.index(s.element): s for s in self.seclabels}
+        copies = {i: root[i] for i in positions}
+        if live:
+            apply_live(root, extra or {})
+            for i, sec in positions.items():
+                normalise_live_seclabel(copies[i], sec)
+        else:
+            root.attrib.pop("id", None)
+            for i, sec in positions.items():
+                inactive_seclabel(copies[i], sec)
+            drop_device_labelskip(root)
+            drop_state(root)
+        return etree.tostring(doc, encoding="unicode")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _parse_uuid(text: str) -> str | None:
+    """libvirt's virUUIDParse: 32 hex digits, '-' or ' ' between byte pairs, blanks around."""
+    s = text.strip(BLANK)
+    digits: list[str] = []
+    i = 0
+    while len(digits) < 16:
+        if i >= len(s):
+            return None
+        if s[i] in "- ":
+            i += 1
+            continue
+        pair = s[i:i + 2]
+        if len(pair) < 2 or not all(c in "0123456789abcdefABCDEF" for c in pair):
+            return None
+        digits.append(pair.lower())
+        i += 2
+    if s[i:]:
+        return None
+    return str(uuidlib.UUID("".join(digits)))
+
+
+def _memory(ctx: ParseContext, el: etree._Element | None, what: str,
+            value: str | None = None) -> int | None:
+    if el is None:
+        return None
+    text = value if value is not None else "".join(el.itertext())
+    try:
+        return memory_to_kib(text, el.get("unit"))
+    except ValueError as exc:
+        raise ctx.error(el, f"{what}: {exc}") from None
+
+
+#: longest domain name: it names files such as ``.NAME.qmp.lock`` (file names ≤ 255 bytes)
+MAX_NAME_BYTES = 200
+
+
+def _parse_name(ctx: ParseContext, root: etree._Element) -> str:
+    name_el = child(root, "name")
+    name = child_text(root, "name")
+    if name is None:
+        raise ctx.error(name_el if name_el is not None else root,
+                        "missing domain name; add <name>...</name>")
+    if "/" in name:
+        raise ctx.error(name_el, f"domain name '{one_line(name, 80)}' must not contain '/'")
+    if "\n" in name:
+        raise ctx.error(name_el, "domain name must not contain a newline (invalid char 0x0a)")
+    if not name:
+        raise ctx.error(name_el, "domain name must not be empty")
+    if name.startswith("."):
+        # the instance's state files are NAME.xml, NAME.journal...; dot-files are its own
+        raise ctx.error(name_el, f"domain name '{one_line(name, 80)}' must not start with '.'")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise ctx.error(name_el, f"domain name is {len(name.encode())} bytes long; "
+                        f"at most {MAX_NAME_BYTES} are allowed (it names state files)")
+    return name
+
+
+def _lifecycle(ctx: ParseContext, root: etree._Element, tag: str, default: str,
+               allowed: tuple[str, ...]) -> str:
+    el = child(root, tag)
+    if el is None:
+        return default
+    value = (el.text or "").strip(BLANK)
+    if value not in allowed:
+        raise ctx.error(el, f"invalid <{tag}> action '{value}'; use one of {', '.join(allowed)}")
+    return value
+
+
+def _parse_qemu_namespace(ctx: ParseContext, root: etree._Element,
+                          ) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """``<qemu:commandline>`` args and env, with libvirt's env-name rules."""
+    args: list[str] = []
+    env: list[tuple[str, str | None]] = []
+    for cmd in root.findall(f"{{{QEMU_NS}}}commandline"):
+        for arg in cmd.findall(f"{{{QEMU_NS}}}arg"):
+            value = arg.get("value")
+            if value is None:
+                raise ctx.error(arg, "No qemu command-line argument specified; "
+                                     "use <qemu:arg value='...'/>")
+            args.append(value)
+        for var in cmd.findall(f"{{{QEMU_NS}}}env"):
+            name = var.get("name")
+            if name is None:
+                raise ctx.error(var, "No qemu environment name specified")
+            if name == "":
+                raise ctx.error(var, "Empty qemu environment name specified")
+            if not _ENV_FIRST.match(name[0]):
+                raise ctx.error(var, "Invalid environment name, it must begin with a letter "
+                                     f"or underscore: '{one_line(name, 60)}'")
+            if not _ENV_REST.fullmatch(name[1:]):
+                raise ctx.error(var, "Invalid environment name, it must contain only "
+                                     f"alphanumerics and underscore: '{one_line(name, 60)}'")
+            env.append((name, var.get("value")))
+    return args, env
+
+
+def parse_domain(data: bytes | str, source: str = "<stdin>", *,
+                 live: bool | None = None) -> Domain:
+    """Parse and validate domain XML. ``live``: None = detect (live XML carries
+    ``<vmconfine:state>``), True = live/status rules, False = configuration rules.
+
+    Raises :class:`vmconfine.errors.XMLError` ("<source>: line N: <what>") for malformed or
+    hostile input and for invalid definitions.
+    """
+    tree = safe_tree(data, source)
+    root = tree.getroot()
+    if root.tag != "domain":
+        tag = root.tag if isinstance(root.tag, str) else "?"
+        raise ParseContext(source, False).error(root, f"root element is <{tag}>, expected "
+                                                      "<domain>")
+    if live is None:
+        live = find_state(root) is not None
+    ctx = ParseContext(source, live)
+    virt_type = root.get("type")
+    if virt_type is None:
+        raise ctx.error(root, "<domain> has no type attribute; use type='kvm' or type='qemu'")
+    if virt_type not in VIRT_TYPES:
+        raise ctx.error(root, f"domain type '{virt_type}' is not supported; vmconfine runs "
+                              "type='kvm' or type='qemu'")
+    name = _parse_name(ctx, root)
+    uuid_el = child(root, "uuid")
+    uuid_text = child_text(root, "uuid")
+    generated = uuid_text is None
+    if uuid_text is None:
+        uuid = str(uuidlib.uuid4())
+        if uuid_el is None:
+            uuid_el = etree.Element("uuid")
+            name_el = child(root, "name")
+            insert_element(root, root.index(name_el) + 1 if name_el is not None else 0, uuid_el)
+        uuid_el.text = uuid
+    else:
+        parsed = _parse_uuid(uuid_text)
+        if parsed is None:
+            raise ctx.error(uuid_el, f"malformed uuid '{one_line(uuid_text, 80)}'; expected 32 "
+                                     "hex digits such as 4dea24b3-1d52-d8f3-2516-782e98a23fa0")
+        uuid = parsed
+        if uuid_el is not None and uuid_el.text != uuid and len(uuid_el) == 0:
+            uuid_el.text = uuid  # libvirt writes the canonical form
+    memory = _memory(ctx, child(root, "memory"), "<memory>")
+    cells = root.findall("cpu/numa/cell")
+    if cells:
+        memory = sum(_memory(ctx, c, "<numa> cell memory", c.get("memory", "")) or 0
+                     for c in cells)
+    if not memory:
+        raise ctx.error(root, "Memory size must be specified via <memory> or in the <numa> "
+                              "configuration; add e.g. <memory unit='MiB'>512</memory>")
+    current = _memory(ctx, child(root, "currentMemory"), "<currentMemory>")
+    if not current or current > memory:
+        current = memory  # libvirt clamps currentMemory to the total
+    vcpus, vcpus_current = 1, None
+    vcpu_el = child(root, "vcpu")
+    if vcpu_el is not None:
+        text = "".join(vcpu_el.itertext())
+        count = parse_dec_int(text)
+        if count is None or count < 0:
+            raise ctx.error(vcpu_el, f"maximum vcpus count must be an integer, not "
+                                     f"'{one_line(text.strip(), 40)}'")
+        if count == 0:
+            raise ctx.error(vcpu_el, "a domain needs at least 1 vCPU")
+        vcpus = count
+        vcpus_current = int_attr(ctx, vcpu_el, "current", "current vcpus count")
+        if vcpus_current is not None and not 0 < vcpus_current <= vcpus:
+            raise ctx.error(vcpu_el, f"current vcpus ({vcpus_current}) must be between 1 and "
+                                     f"the maximum ({vcpus})")
+    devices = parse_devices(ctx, child(root, "devices"))
+    device_boot = any(b.get("order") is not None for b in root.iterfind("devices/*/boot"))
+    features_el = child(root, "features")
+    dom = Domain(
+        tree=tree, source=source, name=name, uuid=uuid, uuid_generated=generated,
+        virt_type=virt_type, live=live, memory_kib=memory, current_memory_kib=current,
+        vcpus=vcpus, vcpus_current=vcpus_current, os=_parse_os(ctx, root, device_boot),
+        id=int_attr(ctx, root, "id", "domain id", signed=True) if live else None,
+        title=child_text(root, "title"), description=child_text(root, "description"),
+        max_memory_kib=_memory(ctx, child(root, "maxMemory"), "<maxMemory>"),
+        features=[etree.QName(c).localname for c in features_el if isinstance(c.tag, str)]
+        if features_el is not None else [],
+        clock_offset=(child(root, "clock").get("offset", "utc")
+                      if child(root, "clock") is not None else "utc"),
+        on_poweroff=_lifecycle(ctx, root, "on_poweroff", "destroy", LIFECYCLE_ACTIONS),
+        on_reboot=_lifecycle(ctx, root, "on_reboot", "restart", LIFECYCLE_ACTIONS),
+        on_crash=_lifecycle(ctx, root, "on_crash", "destroy", CRASH_ACTIONS),
+        emulator=devices.emulator, disks=devices.disks, chardevs=devices.chardevs,
+        graphics=devices.graphics, interfaces=devices.interfaces, hostdevs=devices.hostdevs,
+        inputs=devices.inputs, controllers=devices.controllers,
+        memballoon=devices.memballoon, tpms=devices.tpms, rngs=devices.rngs,
+        filesystems=devices.filesystems, seclabels=parse_seclabels(ctx, root),
+        state=read_state(root))
+    dom.qemu_args, dom.qemu_env = _parse_qemu_namespace(ctx, root)
+    return dom

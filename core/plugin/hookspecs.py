@@ -1,0 +1,295 @@
+"""The driver contract: every hook a vmconfine driver may implement, grouped by pipeline stage.
+
+A *plugin module* (found through the ``vmconfine`` entry-point group, or registered by a test)
+implements :func:`vmconfine_register_drivers` and adds one or more drivers to the registry. A
+*driver* is an object whose methods are pluggy hook implementations of the per-driver hooks
+below (decorate them with :data:`vmconfine.hookimpl`). The stack calls each driver's hooks
+explicitly, in configured order, through pluggy (so hook tracing and signature validation
+apply); it never relies on pluggy's LIFO ordering.
+
+Conventions for every per-driver hook:
+
+* ``ctx`` is a :class:`vmconfine.plugin.context.DomainContext`: the domain model
+  (``ctx.domain``), the
+  instance and its config (``ctx.host``), the journal (``ctx.journal``), the resources QEMU will
+  open (``ctx.resources``), the driver's own seclabel (``ctx.seclabel(model)``), and after fork the
+  QEMU pid (``ctx.pid``).
+* Failures raise :class:`vmconfine.errors.VmconfineError` subclasses (one clear line). Returning
+  normally means success. A driver that does not implement a hook is treated as succeeding, as
+  libvirt's manager does for optional hooks.
+* *Set-type* hooks (``set_*``) run in stack order; when one raises, the stack runs the matching
+  *restore-type* hook of every driver that already succeeded, in reverse order, then re-raises.
+  Restore-type hooks run on every driver even when some fail; every failure is reported.
+* Anything a driver changes on the host must be recorded in ``ctx.journal`` BEFORE the change,
+  so that a teardown after a crash of vmconfine (``restore_all_labels`` called from a fresh process
+  with a context rebuilt from the journal) can undo exactly what was done.
+* Hooks marked "child" run in the forked child between fork and exec: they must not touch
+  in-memory parent state, must not start threads, and must raise on failure (the pipeline reports
+  the message to the parent and exits the child).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
+    from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.registry import DriverRegistry
+    from vmconfine.plugin.resources import Resource
+
+PROJECT = "vmconfine"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 0: registration (plugin modules; broadcast to every plugin)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def vmconfine_register_drivers(registry: DriverRegistry) -> None:
+    """Register this plugin's drivers.
+
+    When: once, when the plugin manager is built (every command). Runs in the parent.
+    Gets: the registry. Call ``registry.add(name, factory, description, kind=...)`` per driver:
+    ``factory(host: HostContext) -> driver object``; ``kind`` is ``"security"`` (selectable in
+    ``security_driver``; DAC is ``"security"`` too, appended by the stack rule) or ``"pipeline"``
+    (always considered, e.g. cgroups; its ``enabled`` hook decides per instance).
+    Returns: nothing.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: host probe and identity (per driver)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def probe(host: HostContext) -> tuple[bool, str]:
+    """Can this driver work on this host?
+
+    When: building the stack, and for ``vmconfine drivers`` / ``host-validate``. Parent.
+    Returns: ``(True, "")`` when available, else ``(False, "why; which package or setting fixes
+    it")``. Must be cheap and change nothing.
+    """
+
+
+@hookspec(firstresult=True)
+def enabled(host: HostContext) -> bool:
+    """Pipeline drivers only: take part for this instance and config?
+
+    When: building the stack (after probe). Parent. Returns True to be appended to the stack.
+    """
+
+
+@hookspec(firstresult=True)
+def model() -> str:
+    """The security model name shown in capabilities, live XML and ``dominfo`` (e.g. "dac")."""
+
+
+@hookspec(firstresult=True)
+def doi() -> str:
+    """The domain of interpretation shown in capabilities (libvirt's drivers all use "0")."""
+
+
+@hookspec(firstresult=True)
+def base_label(virt_type: str) -> str | None:
+    """The ``<baselabel type=virt_type>`` for capabilities ("qemu" or "kvm"), or None."""
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: domain validation and label allocation (per driver, parent)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def verify(domain: Domain, seclabel: SecLabel | None) -> None:
+    """Validate the domain's ``<seclabel>`` for this model (e.g. a static context is valid).
+
+    When: before anything is generated or changed. Raise on an invalid label.
+    """
+
+
+@hookspec
+def gen_label(ctx: DomainContext, seclabel: SecLabel) -> None:
+    """Allocate this domain's label and store it in ``seclabel`` (label / imagelabel).
+
+    When: at start, after validation, before the argv is built. ``seclabel`` is this model's
+    seclabel (implicit dynamic ones are added by the stack per ``security_default_confined``).
+    Type ``none`` labels are not passed here. Allocation must be unique across all vmconfine
+    processes of the instance (a driver with a pool keeps it on disk, locked).
+    """
+
+
+@hookspec
+def reserve_label(ctx: DomainContext, seclabel: SecLabel, pid: int) -> None:
+    """Mark a running domain's label as in use (reconnect / adoption). Raise if taken."""
+
+
+@hookspec
+def release_label(ctx: DomainContext, seclabel: SecLabel) -> None:
+    """Give the domain's label back (teardown). Restore-type: must not fail on repeat."""
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: host resources (per driver, parent; set-type with rollback / restore-type)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def preflight(ctx: DomainContext) -> None:
+    """Check, changing nothing, that the domain can start confined by this driver.
+
+    When: after the argv is built, before ``set_all_labels``. Parent. Raise with the exact path
+    and the fix (e.g. a parent directory the QEMU user cannot search: ``chmod o+x DIR``).
+    """
+
+
+@hookspec
+def set_all_labels(ctx: DomainContext) -> None:
+    """Label / allow every resource of the domain (``ctx.resources``) before QEMU starts.
+
+    Set-type. When: after preflight, before fork. Journal each change before making it.
+    """
+
+
+@hookspec
+def restore_all_labels(ctx: DomainContext) -> None:
+    """Undo ``set_all_labels`` using the journal (``ctx.journal.records(driver)``).
+
+    Restore-type. When: teardown on every exit path, rollback, and crash recovery from a fresh
+    process. Must be idempotent and must only undo what the journal says was done.
+    """
+
+
+@hookspec
+def set_image_label(ctx: DomainContext, disk: Disk) -> None:
+    """Label one disk and its whole backing chain (hotplug). Set-type."""
+
+
+@hookspec
+def restore_image_label(ctx: DomainContext, disk: Disk) -> None:
+    """Undo ``set_image_label`` for one disk (hot-unplug). Restore-type."""
+
+
+@hookspec
+def set_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
+    """Label / allow one host device's nodes (hotplug). Set-type."""
+
+
+@hookspec
+def restore_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
+    """Undo ``set_hostdev_label``. Restore-type."""
+
+
+@hookspec
+def set_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
+    """Label one character device source (file, pipe, unix socket, device). Set-type."""
+
+
+@hookspec
+def restore_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
+    """Undo ``set_chardev_label``. Restore-type."""
+
+
+@hookspec
+def set_socket_label(ctx: DomainContext) -> None:
+    """Set the socket-create label for sockets vmconfine creates for the domain (monitors).
+
+    Set-type. When: just before the parent creates the domain's listening sockets.
+    """
+
+
+@hookspec
+def clear_socket_label(ctx: DomainContext) -> None:
+    """Clear the socket-create label again. Restore-type."""
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 4: the forked child, in this order (per driver, CHILD, before exec)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def child_cgroup(ctx: DomainContext) -> None:
+    """Child: move the current process (the future QEMU) into the domain's cgroup(s).
+
+    Runs first, while the child still has all privileges.
+    """
+
+
+@hookspec
+def child_exec_label(ctx: DomainContext) -> None:
+    """Child: set the MAC label QEMU will run under (SELinux setexeccon, AppArmor change_profile).
+
+    Runs after ``child_cgroup`` and before the identity switch.
+    """
+
+
+@hookspec
+def child_identity(ctx: DomainContext) -> None:
+    """Child: switch supplementary groups, gid and uid (DAC). Runs after ``child_exec_label``."""
+
+
+@hookspec
+def child_capabilities(ctx: DomainContext) -> None:
+    """Child: drop capabilities (effective, permitted, inheritable, bounding, ambient).
+
+    Runs after ``child_identity``. The pipeline then sets no_new_privs itself.
+    """
+
+
+@hookspec
+def child_confine(ctx: DomainContext) -> None:
+    """Child: last-moment confinement after no_new_privs (Landlock ``restrict_self``).
+
+    Runs immediately before exec; nothing else in the child opens files after it.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 5: after exec (per driver, parent)
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def process_label(ctx: DomainContext, pid: int) -> str | None:
+    """The label the kernel reports for ``pid`` under this model (for ``dominfo``), or None."""
+
+
+@hookspec(firstresult=True)
+def verify_process(ctx: DomainContext, pid: int) -> list[str]:
+    """Compare what the kernel reports for ``pid`` with what this driver asked for.
+
+    When: after the QMP handshake, before the guest CPUs run. Returns a list of differences
+    (empty = confined as asked). A non-empty list makes the pipeline kill QEMU, tear down and
+    fail with the differences (fail closed).
+    """
+
+
+@hookspec(firstresult=True)
+def describe(ctx: DomainContext) -> dict[str, Any]:
+    """What this driver applies, for live XML, ``dominfo`` and the confinement report.
+
+    Returns a JSON-serialisable dict (e.g. ``{"label": ..., "rules": [...]}``).
+    """
+
+
+@hookspec(firstresult=True)
+def explain(ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
+    """What this driver applies to one resource, for the confinement report and for the
+    diagnosis of a path QEMU could not open. Changes nothing; parent.
+
+    When: ``vmconfine confinement`` (before start, with labels generated on a throwaway
+    context, or for a running domain with its journal), and when QEMU exits at start with
+    EACCES/EPERM on a path (then ``resource`` may be a path the domain model does not list,
+    role ``"other"``). Returns a JSON-serialisable dict, or None when the driver has nothing
+    to say about this resource. Keys the report understands (all optional):
+    ``summary`` (one short cell of text), ``before`` / ``during`` (a label or owner before
+    start and while QEMU runs), ``allows`` (False = this driver would deny the access the
+    resource needs), ``why`` (one line: what denies it and the fix).
+    """

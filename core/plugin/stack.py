@@ -1,0 +1,428 @@
+"""The security stack: which drivers run, in which order, with what fan-out semantics.
+
+Built from ``security_driver`` (libvirt's rules): a string or list of names, or "none"; unset
+means the first available of selinux, apparmor, else none. DAC is appended last when the
+instance is privileged. Pipeline drivers (cgroups) follow when they say they are enabled.
+
+The stack owns the semantics once, so drivers stay simple:
+
+* set-type calls run in stack order; on the first failure the failing driver and every earlier
+  one get their matching restore call, in reverse order (journal-driven, so only what was done is
+  undone), then the error is re-raised;
+* restore-type calls run on every driver and report every failure;
+* label generation follows libvirt's ``virSecurityManagerGenLabel`` policy per driver: implicit
+  dynamic labels under ``security_default_confined``, and "Unconfined guests are not allowed on
+  this host" under ``security_require_confined``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vmconfine.errors import DriverError, LabelError, VmconfineError
+
+if TYPE_CHECKING:
+    from vmconfine.domain import Domain
+    from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.registry import DriverInfo
+
+log = logging.getLogger(__name__)
+
+AUTO_ORDER = ("selinux", "apparmor")
+
+#: set-type hook -> the restore-type hook that undoes it
+RESTORE_OF = {
+    "set_all_labels": "restore_all_labels",
+    "set_image_label": "restore_image_label",
+    "set_hostdev_label": "restore_hostdev_label",
+    "set_chardev_label": "restore_chardev_label",
+    "set_socket_label": "clear_socket_label",
+}
+
+_driver_serial = itertools.count(1)
+
+CHILD_HOOKS = (
+    "child_cgroup",
+    "child_exec_label",
+    "child_identity",
+    "child_capabilities",
+    "child_confine",
+)
+
+
+@dataclass
+class Driver:
+    """A driver instance in the stack, with cached per-hook callers."""
+
+    name: str
+    info: DriverInfo
+    obj: Any
+    host: HostContext
+    _callers: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def kind(self) -> str:
+        return self.info.kind
+
+    def implements(self, hook: str) -> bool:
+        return callable(getattr(self.obj, hook, None)) and any(
+            impl.plugin is self.obj for impl in getattr(self.host.pm.hook, hook).get_hookimpls()
+        )
+
+    def call(self, hook: str, **kwargs: Any) -> Any:
+        """Call one hook of this driver only (through pluggy, so tracing applies).
+
+        Returns the hook's result, or None when the driver does not implement it.
+        """
+        caller = self._callers.get(hook)
+        if caller is None:
+            if not self.implements(hook):
+                return None
+            pm = self.host.pm
+            others = [p for p in pm.get_plugins() if p is not self.obj]
+            caller = pm.subset_hook_caller(hook, others)
+            self._callers[hook] = caller
+        result = caller(**kwargs)
+        spec = caller.spec
+        if spec is not None and spec.opts.get("firstresult"):
+            return result
+        # other hooks return the list of results of their (single) implementation
+        return result[0] if result else None
+
+    @property
+    def model(self) -> str:
+        return self.call("model") or self.name
+
+    @property
+    def doi(self) -> str:
+        return self.call("doi") or "0"
+
+    def probe(self) -> tuple[bool, str]:
+        res = self.call("probe", host=self.host)
+        return (True, "") if res is None else (bool(res[0]), str(res[1]))
+
+
+def load_driver(host: HostContext, info: DriverInfo) -> Driver:
+    """Build driver ``info`` for ``host`` and register it with the plugin manager (no probe).
+
+    Each driver object is registered under a name of its own, so loading a driver again (for
+    ``vmconfine drivers`` or a report) never unregisters one a built stack is using."""
+    pm = host.pm
+    obj = info.factory(host)
+    if not pm.is_registered(obj):
+        pm.register(obj, name=f"driver:{info.name}:{next(_driver_serial)}")
+    return Driver(info.name, info, obj, host)
+
+
+def _not_installed(host: HostContext, name: str) -> DriverError:
+    names = ", ".join(host.registry.names("security")) or "none"
+    return DriverError(
+        f"security driver '{name}' is not installed (installed: {names}); "
+        "fix security_driver in qemu.conf or install the plugin that provides it"
+    )
+
+
+def resolve_security_names(host: HostContext) -> tuple[list[str], bool]:
+    """The configured security driver names in order, and whether they were explicit."""
+    configured = host.config.security_driver
+    if configured is None:
+        for name in AUTO_ORDER:
+            info = host.registry.get(name)
+            if info is None or info.kind != "security":
+                continue
+            ok, _why = load_driver(host, info).probe()
+            if ok:
+                return [name], False
+        return ["none"], False
+    names = list(configured)
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise DriverError(f"Duplicate security driver {name} in security_driver")
+        seen.add(name)
+    if "dac" in names:
+        raise DriverError(
+            'security_driver cannot contain "dac": the DAC driver is always enabled for '
+            "privileged instances; remove it from the list"
+        )
+    if "none" in names and len(names) > 1:
+        raise DriverError(
+            'security driver "none" cannot appear in a list of drivers; use it alone or remove it'
+        )
+    if not names:
+        return ["none"], True
+    return names, True
+
+
+class Stack:
+    """The ordered drivers of one instance, and the fan-out semantics over them."""
+
+    def __init__(self, host: HostContext, drivers: list[Driver], *, default_confined: bool,
+                 require_confined: bool) -> None:
+        self.host = host
+        self.drivers = drivers
+        self.default_confined = default_confined
+        self.require_confined = require_confined
+
+    # ---- construction -----------------------------------------------------------------------
+    @classmethod
+    def build(cls, host: HostContext) -> Stack:
+        cfg = host.config
+        names, explicit = resolve_security_names(host)
+        default_confined = bool(cfg.security_default_confined)
+        require_confined = bool(cfg.security_require_confined)
+        drivers: list[Driver] = []
+        for name in names:
+            info = host.registry.get(name)
+            if info is None or info.kind != "security":
+                raise _not_installed(host, name)
+            drv = load_driver(host, info)
+            ok, why = drv.probe()
+            if not ok:
+                raise DriverError(f"Security driver {name} not enabled: {why}")
+            drivers.append(drv)
+        if names == ["none"]:
+            if require_confined:
+                raise DriverError(
+                    'Security driver "none" cannot create confined guests; set '
+                    "security_require_confined = 0 or configure a security driver"
+                )
+            if explicit and default_confined:
+                # libvirt clears DEFAULT_CONFINED on the "none" manager only; DAC (a manager
+                # of its own) still generates implicit labels
+                log.info(
+                    'Configured security driver "none" disables default policy to create '
+                    "confined guests"
+                )
+        if host.privileged:
+            info = host.registry.get("dac")
+            if info is None:
+                raise _not_installed(host, "dac")
+            drivers.append(load_driver(host, info))
+        for name in host.registry.names("pipeline"):
+            info = host.registry.get(name)
+            assert info is not None
+            drv = load_driver(host, info)
+            ok, why = drv.probe()
+            if not ok:
+                log.info("pipeline driver %s not used: %s", name, why)
+                continue
+            if drv.call("enabled", host=host) is False:
+                continue
+            drivers.append(drv)
+        return cls(host, drivers, default_confined=default_confined,
+                   require_confined=require_confined)
+
+    @classmethod
+    def for_teardown(cls, host: HostContext, names: list[str]) -> Stack:
+        """The stack that made a journal's changes (its driver names, recorded at start), to
+        undo them even if qemu.conf changed since. No probe: undoing must not depend on it."""
+        drivers = []
+        for name in names:
+            info = host.registry.get(name)
+            if info is None:
+                raise DriverError(
+                    f"the journal was written by driver '{name}', which is not installed any "
+                    "more; reinstall it so its changes can be undone"
+                )
+            drivers.append(load_driver(host, info))
+        cfg = host.config
+        return cls(host, drivers, default_confined=bool(cfg.security_default_confined),
+                   require_confined=bool(cfg.security_require_confined))
+
+    @classmethod
+    def fallback(cls, host: HostContext) -> Stack:
+        """When :meth:`build` fails: the configured drivers that work (with "none" as primary
+        if none does), DAC and the enabled pipeline drivers. For reports, which must describe a
+        host whose configuration is broken; never for starting a domain."""
+        cfg = host.config
+        infos = [host.registry.get(n) for n in cfg.security_driver or []]
+        drivers = [load_driver(host, i) for i in infos if i is not None and i.kind == "security"]
+        drivers = [d for d in drivers if d.probe()[0]]
+        fallback = host.registry.get("none")
+        if not drivers and fallback is not None:
+            drivers.append(load_driver(host, fallback))  # the stack needs a primary model
+        dac = host.registry.get("dac")
+        if host.privileged and dac is not None:
+            drivers.append(load_driver(host, dac))
+        for name in host.registry.names("pipeline"):
+            info = host.registry.get(name)
+            drv = load_driver(host, info) if info is not None else None
+            if drv is not None and drv.probe()[0] and drv.call("enabled", host=host) is not False:
+                drivers.append(drv)
+        return cls(host, drivers, default_confined=bool(cfg.security_default_confined),
+                   require_confined=bool(cfg.security_require_confined))
+
+    @staticmethod
+    def probe_installed(host: HostContext) -> list[tuple[DriverInfo, bool, str]]:
+        """Every installed driver with its probe result ``(info, available, why)``."""
+        out = []
+        for info in host.registry.infos():
+            ok, why = load_driver(host, info).probe()
+            out.append((info, ok, why))
+        return out
+
+    # ---- views -------------------------------------------------------------------------------
+    @property
+    def security_drivers(self) -> list[Driver]:
+        return [d for d in self.drivers if d.kind == "security"]
+
+    @property
+    def primary(self) -> Driver:
+        return self.security_drivers[0]
+
+    def names(self) -> list[str]:
+        return [d.name for d in self.drivers]
+
+    def secmodels(self) -> list[dict[str, Any]]:
+        """One entry per security driver, in stack order, for capabilities."""
+        out = []
+        for d in self.security_drivers:
+            base = {vt: d.call("base_label", virt_type=vt) for vt in ("kvm", "qemu")}
+            out.append({"model": d.model, "doi": d.doi,
+                        "baselabels": {k: v for k, v in base.items() if v}})
+        return out
+
+    # ---- validation and labels ----------------------------------------------------------------
+    def check_models(self, domain: Domain) -> None:
+        """Every seclabel model in the XML must be "none" or a model of this stack."""
+        models = {d.model for d in self.security_drivers}
+        primary = self.primary.model
+        for sec in domain.seclabels:
+            if sec.model is None:
+                sec.model = primary  # libvirt: default model = the primary driver's
+        found = [s.model for s in domain.seclabels]
+        for dev_model in _device_seclabel_models(domain):
+            found.append(dev_model)
+        for model in found:
+            if model and model != "none" and model not in models:
+                raise DriverError(
+                    f"Security driver model '{model}' is not available "
+                    f"(this instance's stack: {', '.join(sorted(models))})"
+                )
+
+    def verify(self, domain: Domain) -> None:
+        for d in self.security_drivers:
+            d.call("verify", domain=domain, seclabel=domain.seclabel(d.model))
+
+    def gen_labels(self, ctx: DomainContext) -> None:
+        """libvirt's GenLabel policy, per security driver, in stack order."""
+        domain = ctx.domain
+        done: list[Driver] = []
+        try:
+            for d in self.security_drivers:
+                if d.model == "none":
+                    continue
+                sec = domain.seclabel(d.model)
+                if sec is None:
+                    if not self.default_confined:
+                        continue
+                    sec = domain.add_seclabel(d.model, "dynamic", implicit=True)
+                if sec.type == "none":
+                    if self.require_confined:
+                        raise LabelError("Unconfined guests are not allowed on this host")
+                    continue
+                d.call("gen_label", ctx=ctx, seclabel=sec)
+                done.append(d)
+        except BaseException:
+            for d in reversed(done):
+                sec = domain.seclabel(d.model)
+                if sec is not None:
+                    _best_effort(d, "release_label", ctx=ctx, seclabel=sec)
+            raise
+
+    def reserve_labels(self, ctx: DomainContext, pid: int) -> None:
+        for d in self.security_drivers:
+            sec = ctx.domain.seclabel(d.model)
+            if sec is not None and sec.type == "dynamic":
+                d.call("reserve_label", ctx=ctx, seclabel=sec, pid=pid)
+
+    def release_labels(self, ctx: DomainContext) -> list[str]:
+        errors: list[str] = []
+        for d in self.security_drivers:
+            sec = ctx.domain.seclabel(d.model)
+            if sec is not None and sec.type != "none":
+                err = _best_effort(d, "release_label", ctx=ctx, seclabel=sec)
+                if err:
+                    errors.append(err)
+        return errors
+
+    # ---- set / restore ------------------------------------------------------------------------
+    def set(self, hook: str, ctx: DomainContext, **kwargs: Any) -> None:
+        """Run set-type ``hook`` in order; on failure restore the failing and earlier drivers in
+        reverse order, then re-raise."""
+        restore = RESTORE_OF[hook]
+        for i, d in enumerate(self.drivers):
+            try:
+                d.call(hook, ctx=ctx, **kwargs)
+            except BaseException as exc:
+                for prev in reversed(self.drivers[: i + 1]):
+                    err = _best_effort(prev, restore, ctx=ctx, **kwargs)
+                    if err:
+                        log.warning(
+                            "Unable to restore labels after failed %s of driver %s: %s",
+                            hook, d.name, err,
+                        )
+                if isinstance(exc, VmconfineError) and not exc.message.startswith(d.name):
+                    raise type(exc)(f"{d.name}: {exc.message}") from exc
+                raise
+
+    def restore(self, hook: str, ctx: DomainContext, **kwargs: Any) -> list[str]:
+        """Run restore-type ``hook`` on every driver (reverse stack order); return failures."""
+        errors = []
+        for d in reversed(self.drivers):
+            err = _best_effort(d, hook, ctx=ctx, **kwargs)
+            if err:
+                errors.append(err)
+        return errors
+
+    def preflight(self, ctx: DomainContext) -> None:
+        for d in self.drivers:
+            d.call("preflight", ctx=ctx)
+
+    # ---- child and after exec -----------------------------------------------------------------
+    def run_child_hook(self, hook: str, ctx: DomainContext) -> None:
+        """In the forked child: run ``hook`` of every driver in order; the first error wins."""
+        assert hook in CHILD_HOOKS
+        for d in self.drivers:
+            d.call(hook, ctx=ctx)
+
+    def verify_process(self, ctx: DomainContext, pid: int) -> list[str]:
+        problems: list[str] = []
+        for d in self.drivers:
+            found = d.call("verify_process", ctx=ctx, pid=pid) or []
+            problems.extend(f"{d.name}: {p}" for p in found)
+        return problems
+
+    def process_labels(self, ctx: DomainContext, pid: int) -> list[tuple[str, str, str]]:
+        """(model, doi, label) per security driver, for ``dominfo``."""
+        out = []
+        for d in self.security_drivers:
+            label = d.call("process_label", ctx=ctx, pid=pid)
+            out.append((d.model, d.doi, label or ""))
+        return out
+
+    def describe(self, ctx: DomainContext) -> dict[str, dict[str, Any]]:
+        return {d.name: (d.call("describe", ctx=ctx) or {}) for d in self.drivers}
+
+
+def _best_effort(d: Driver, hook: str, **kwargs: Any) -> str | None:
+    try:
+        d.call(hook, **kwargs)
+    except Exception as exc:  # restore-type: report, never stop
+        log.warning("%s: %s failed: %s", d.name, hook, exc)
+        return f"{d.name}: {exc}"
+    return None
+
+
+def _device_seclabel_models(domain: Domain) -> list[str]:
+    models: list[str] = []
+    for disk in domain.disks:
+        for src in disk.chain():
+            models.extend(s.model for s in src.seclabels if s.model)
+    for chr_ in domain.chardevs:
+        models.extend(s.model for s in chr_.seclabels if s.model)
+    return models

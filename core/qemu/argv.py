@@ -1,0 +1,446 @@
+"""The QEMU command line of a domain: what ``vmconfine run`` executes and what
+``vmconfine domxml-to-native qemu-argv`` prints, built by ONE code path.
+
+The layout follows libvirt 9's ``qemu_command.c`` for QEMU 7.x: the guest starts paused
+(``-S``), with ``-no-user-config -nodefaults`` so QEMU adds nothing the XML does not describe,
+disks as explicit ``-blockdev`` graphs (see :mod:`vmconfine.qemu.argv_devices`), the QMP monitor on
+a unix socket, and libvirt's seccomp sandbox unless ``seccomp_sandbox = 0``. Boot order is
+given per device (``bootindex``) whether the XML uses ``<boot dev=...>`` or per-device
+``<boot order=...>``, with ``-boot strict=on``, as libvirt does.
+
+The environment is cleared to ``LC_ALL=C PATH HOME USER LOGNAME`` plus ``<qemu:env>``;
+``<qemu:arg>`` values are appended verbatim and taint the domain (``custom-argv``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vmconfine.errors import LaunchError
+from vmconfine.qemu.argv_devices import (
+    Builder,
+    UnsupportedConfigError,
+    add_chardevs,
+    add_controllers,
+    add_disks,
+    add_hostdevs,
+    add_inputs,
+    add_interfaces,
+    add_memballoon,
+    add_rngs,
+    element_boot_order,
+    escape_opt,
+    to_json,
+)
+
+if TYPE_CHECKING:
+    from vmconfine.domain import Domain
+
+__all__ = [
+    "CommandPaths",
+    "EmulatorNotFoundError",
+    "QemuCommand",
+    "UnsupportedConfigError",
+    "build_command",
+    "domain_taints",
+    "find_emulator",
+]
+
+#: libvirt's ``-sandbox`` value for seccomp_sandbox = 1 (and QEMU's default, -1)
+SANDBOX_ON = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+DEFAULT_SEARCH_PATH = ["/usr/bin", "/usr/local/bin"]
+
+#: emulator binaries tried for a guest architecture, in order
+_EMULATORS = {
+    "i686": ["qemu-system-i386", "qemu-system-x86_64"],
+    "i386": ["qemu-system-i386", "qemu-system-x86_64"],
+    "armv7l": ["qemu-system-arm", "qemu-system-aarch64"],
+    "armv6l": ["qemu-system-arm"],
+}
+
+_DEFAULT_MACHINES = {
+    "x86_64": "pc", "i686": "pc", "aarch64": "virt", "armv7l": "virt", "riscv64": "virt",
+    "ppc64": "pseries", "ppc64le": "pseries", "s390x": "s390-ccw-virtio",
+}
+
+
+#: <video><model type=...> → QEMU device
+VIDEO_MODELS = {
+    "vga": "VGA", "cirrus": "cirrus-vga", "vmvga": "vmware-svga", "qxl": "qxl-vga",
+    "virtio": "virtio-vga", "bochs": "bochs-display", "ramfb": "ramfb",
+}
+
+
+class EmulatorNotFoundError(LaunchError):
+    """No QEMU binary for the guest architecture."""
+
+
+@dataclass(frozen=True)
+class CommandPaths:
+    """Per-instance values the command line needs (from
+    :class:`vmconfine.config.instance.Instance`).
+
+    ``user_monitor_socket``: a second QMP monitor (``qemu-monitor-command`` and other clients),
+    so vmconfine's own monitor connection is never shared.
+    """
+
+    monitor_socket: str
+    home_dir: str
+    runtime_dir: str
+    user: str
+    path_env: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    user_monitor_socket: str | None = None
+
+
+@dataclass
+class QemuCommand:
+    """A QEMU command line: environment, binary and arguments.
+
+    ``args`` show every QMP monitor as a unix socket QEMU creates itself (``path=``), which is
+    what ``domxml-to-native`` prints and what runs when the line is used by hand.
+    ``fd_slots`` lists those monitor arguments (index into ``args``, chardev id) in order:
+    ``vmconfine run`` creates the listening sockets itself and passes them with
+    ``argv(fds=[...])``, which switches each slot to ``fd=N`` (the per-start value).
+    """
+
+    env: dict[str, str]
+    emulator: str
+    args: list[str]
+    taints: list[str] = field(default_factory=list)
+    fd_slots: list[tuple[int, str]] = field(default_factory=list)
+    symbolic: bool = False
+
+    @property
+    def tainted(self) -> bool:
+        """True when the domain uses unsupported pass-through (see :func:`domain_taints`)."""
+        return bool(self.taints)
+
+    def _args(self, fds: Sequence[int] | None) -> list[str]:
+        if fds is None:
+            return list(self.args)
+        if len(fds) != len(self.fd_slots):
+            raise ValueError(f"expected {len(self.fd_slots)} monitor fds, got {len(fds)}")
+        args = list(self.args)
+        for (index, chardev_id), fd in zip(self.fd_slots, fds, strict=True):
+            args[index] = f"socket,id={chardev_id},fd={int(fd)},server=on,wait=off"
+        return args
+
+    def argv(self, fds: Sequence[int] | None = None) -> list[str]:
+        """``[emulator, *args]`` for ``os.execve`` (with :attr:`env` as the environment);
+        ``fds``: inherited listening sockets for the monitors, in ``fd_slots`` order."""
+        return [self.emulator, *self._args(fds)]
+
+    def format_native(self, fds: Sequence[int] | None = None) -> str:
+        """One shell line: ``LC_ALL=C PATH=... HOME=... USER=... LOGNAME=... EMULATOR ARGS``."""
+        words = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        words += [shlex.quote(a) for a in self.argv(fds)]
+        return " ".join(words)
+
+
+def domain_taints(domain: Domain) -> list[str]:
+    """libvirt's taint flags the domain definition itself causes."""
+    taints = []
+    if domain.qemu_args or domain.qemu_env:
+        taints.append("custom-argv")
+    if domain.os.dtb:
+        taints.append("custom-dtb")
+    return taints
+
+
+def guest_arch(domain: Domain) -> str:
+    """The guest architecture (the host's when the XML gives none)."""
+    arch = domain.os.arch or platform.machine()
+    return {"amd64": "x86_64", "i386": "i686"}.get(arch, arch)
+
+
+def find_emulator(domain: Domain, config: Any) -> str:
+    """The QEMU binary: ``<emulator>`` if given, else ``qemu-system-<arch>`` searched in
+    ``emulator_search_path`` (i686 tries qemu-system-i386, then qemu-system-x86_64)."""
+    if domain.emulator:
+        if not os.path.isabs(domain.emulator):
+            raise EmulatorNotFoundError(
+                f"<emulator>{domain.emulator}</emulator> is not an absolute path; give the "
+                f"full path of the QEMU binary"
+            )
+        return domain.emulator
+    arch = guest_arch(domain)
+    names = _EMULATORS.get(arch, [f"qemu-system-{arch}"])
+    search = list(getattr(config, "emulator_search_path", None) or DEFAULT_SEARCH_PATH)
+    for name in names:
+        for directory in search:
+            candidate = os.path.join(directory, name)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+    raise EmulatorNotFoundError(
+        f"no QEMU binary for arch '{arch}': looked for {' or '.join(names)} in "
+        f"{':'.join(search)}; install qemu-system (apt-get install qemu-system-x86), set "
+        f"emulator_search_path in qemu.conf, or give <emulator> in the domain XML"
+    )
+
+
+def _environment(domain: Domain, paths: CommandPaths) -> dict[str, str]:
+    env = {
+        "LC_ALL": "C",
+        "PATH": paths.path_env,
+        "HOME": paths.home_dir,
+        "USER": paths.user,
+        "LOGNAME": paths.user,
+    }
+    for name, value in domain.qemu_env:
+        env[name] = value if value is not None else ""
+    return env
+
+
+def _boot_indexes(domain: Domain) -> dict[int, int]:
+    """Device → bootindex, from per-device ``<boot order>`` or else from ``<os><boot dev>``."""
+    per_device: dict[int, int] = {}
+    for disk in domain.disks:
+        if disk.boot_order:
+            per_device[id(disk)] = disk.boot_order
+    for dev in [*domain.interfaces, *domain.hostdevs]:
+        order = element_boot_order(dev)
+        if order:
+            per_device[id(dev)] = order
+    if per_device:
+        return per_device
+    out: dict[int, int] = {}
+    first: dict[str, object | None] = {
+        "hd": next((d for d in domain.disks if d.device == "disk"), None),
+        "cdrom": next((d for d in domain.disks if d.device == "cdrom"), None),
+        "fd": next((d for d in domain.disks if d.device == "floppy"), None),
+        "network": domain.interfaces[0] if domain.interfaces else None,
+    }
+    for n, dev_name in enumerate(domain.os.boot_devs, start=1):
+        dev = first.get(dev_name)
+        if dev is not None and id(dev) not in out:
+            out[id(dev)] = n
+    return out
+
+
+def _firmware(b: Builder, machine_opts: list[str]) -> None:
+    os_ = b.domain.os
+    loader = os_.loader
+    if loader is None or not loader.path:
+        if os_.nvram:
+            raise UnsupportedConfigError(
+                "<nvram> needs a <loader type='pflash'>; add the firmware loader"
+            )
+        return
+    if loader.type == "pflash":
+        images = [("pflash0", loader.path, bool(loader.readonly))]
+        if os_.nvram:
+            images.append(("pflash1", os_.nvram, False))
+        for unit, path, readonly in images:
+            node = f"vmc-{unit}"
+            b.add("-blockdev", to_json({"driver": "file", "filename": path,
+                                        "node-name": f"{node}-storage", "auto-read-only": True,
+                                        "discard": "unmap"}))
+            b.add("-blockdev", to_json({"node-name": f"{node}-format", "read-only": readonly,
+                                        "driver": "raw", "file": f"{node}-storage"}))
+            machine_opts.append(f"{unit}={node}-format")
+    elif loader.type in (None, "rom"):
+        if os_.nvram:
+            raise UnsupportedConfigError(
+                "<nvram> needs a <loader type='pflash'>, not a ROM loader"
+            )
+        b.bios = loader.path
+    else:
+        raise UnsupportedConfigError(
+            f"loader type '{loader.type}' is not supported; use type='pflash' or type='rom'"
+        )
+
+
+def _machine(b: Builder, config: Any) -> None:
+    domain = b.domain
+    if domain.virt_type not in ("qemu", "kvm"):
+        raise UnsupportedConfigError(
+            f"domain type '{domain.virt_type}' is not supported; use type='kvm' or type='qemu'"
+        )
+    opts = [escape_opt(b.machine)]
+    if b.arch in ("x86_64", "i686"):
+        opts.append("usb=off")
+    opts.append("dump-guest-core=" + ("on" if getattr(config, "dump_guest_core", False)
+                                      else "off"))
+    _firmware(b, opts)
+    if b.arch in ("x86_64", "i686") and "acpi" not in domain.features:
+        opts.append("acpi=off")
+    b.add("-machine", ",".join(opts))
+    b.add("-accel", "kvm" if domain.virt_type == "kvm" else "tcg")
+    if b.arch == "i686":
+        b.add("-cpu", "qemu32")
+    if b.bios:
+        b.add("-bios", b.bios)
+
+
+def _monitors(b: Builder, paths: CommandPaths) -> list[tuple[int, str]]:
+    """QMP monitors (vmconfine's own, then the user monitor); returns their fd slots."""
+    slots = []
+    monitors = [("charmonitor", "monitor", paths.monitor_socket)]
+    if paths.user_monitor_socket:
+        monitors.append(("charusermonitor", "usermonitor", paths.user_monitor_socket))
+    for chardev_id, mon_id, path in monitors:
+        b.add("-chardev")
+        slots.append((len(b.args), chardev_id))
+        b.add(f"socket,id={chardev_id},path={escape_opt(path)},server=on,wait=off")
+        b.add("-mon", f"chardev={chardev_id},id={mon_id},mode=control")
+    return slots
+
+
+def _vnc_address(b: Builder, runtime_dir: str) -> str:
+    g = next(x for x in b.domain.graphics if x.type == "vnc")
+    if g.socket:
+        return f"unix:{escape_opt(g.socket)}"
+    if g.listen_type == "none":
+        return "none"
+    listen = g.listen
+    if listen is None and g.listen_type is None:
+        if getattr(b.config, "vnc_auto_unix_socket", False):
+            return f"unix:{escape_opt(os.path.join(runtime_dir, 'vnc.sock'))}"
+        listen = getattr(b.config, "vnc_listen", "127.0.0.1")
+    host = listen or "127.0.0.1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    if g.autoport or g.port is None or g.port < 0:
+        # QEMU picks the first free display from :0 (port 5900) up to port 65535
+        addr = f"{host}:0,to={65535 - 5900}"
+    else:
+        if g.port < 5900:
+            raise UnsupportedConfigError(
+                f"VNC port {g.port} is below 5900; use a port from 5900 or autoport='yes'"
+            )
+        addr = f"{host}:{g.port - 5900}"
+    if g.websocket is not None and g.websocket != 0:
+        addr += ",websocket=" + ("on" if g.websocket < 0 else str(g.websocket))
+    return addr
+
+
+def add_graphics(b: Builder, runtime_dir: str) -> None:
+    """VNC (``-vnc``) or ``-display none``, then the video devices."""
+    types = [g.type for g in b.domain.graphics]
+    for t in types:
+        if t != "vnc":
+            raise UnsupportedConfigError(
+                f"graphics type '{t}' is not supported; use type='vnc' or no <graphics>"
+            )
+    if len(types) > 1:
+        raise UnsupportedConfigError("only one <graphics type='vnc'> is supported")
+    if types:
+        b.add("-vnc", _vnc_address(b, runtime_dir))
+    models = [v for v in video_models(b.domain) if v != "none"]
+    if not models and types and "none" not in video_models(b.domain):
+        models = ["cirrus"]  # libvirt's implicit video device for a graphical x86 guest
+    for i, model in enumerate(models):
+        qdev = VIDEO_MODELS.get(model)
+        if qdev is None:
+            raise UnsupportedConfigError(
+                f"video model '{model}' is not supported; use one of "
+                f"{', '.join(sorted(VIDEO_MODELS))} or 'none'"
+            )
+        if i > 0 and qdev == "virtio-vga":
+            qdev = "virtio-gpu-pci"
+        elif i > 0 and qdev == "qxl-vga":
+            qdev = "qxl"
+        elif i > 0:
+            raise UnsupportedConfigError(f"secondary video model '{model}' is not supported")
+        b.device({"driver": qdev, "id": f"video{i}"})
+
+
+def video_models(domain: Domain) -> list[str]:
+    """``<video><model type=...>`` values, in document order (the domain model has no view)."""
+    root = domain.root
+    out = []
+    for devices in (c for c in root if c.tag == "devices"):
+        for video in (c for c in devices if c.tag == "video"):
+            model = next((c for c in video if c.tag == "model"), None)
+            out.append((model.get("type") if model is not None else None) or "cirrus")
+    return out
+
+
+def _check_unsupported(domain: Domain) -> None:
+    """Refuse devices vmconfine cannot start (better than silently leaving them out)."""
+    if domain.tpms:
+        raise UnsupportedConfigError("<tpm> devices are not supported; remove the <tpm>")
+    if domain.filesystems:
+        raise UnsupportedConfigError(
+            "<filesystem> shares are not supported; remove the <filesystem> or use a disk"
+        )
+    if domain.os.firmware and (domain.os.loader is None or not domain.os.loader.path):
+        raise UnsupportedConfigError(
+            f"firmware auto-selection (<os firmware='{domain.os.firmware}'>) is not "
+            f"supported; give <loader type='pflash'>PATH</loader> (and <nvram>)"
+        )
+
+
+def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
+                  symbolic: bool = False) -> QemuCommand:
+    """The full QEMU command for ``domain``.
+
+    ``config`` is the instance's :class:`vmconfine.config.settings.QemuConfig`. Disk backing chains
+    are resolved (and filled into the model) with :func:`vmconfine.domain.chain.resolve_chain`.
+    ``symbolic=True`` is for ``domxml-to-native``: nothing that only exists at start is
+    filled in. Today the only per-start values are the inherited monitor fds, which appear
+    only when passed to :meth:`QemuCommand.argv` (``run``); without them each monitor shows
+    as the unix socket path QEMU would create, so the printed line also runs by hand.
+    """
+    if domain.os.type not in (None, "hvm"):
+        raise UnsupportedConfigError(
+            f"<os><type>{domain.os.type}</type> is not supported; use hvm"
+        )
+    _check_unsupported(domain)
+    arch = guest_arch(domain)
+    machine = domain.os.machine or _DEFAULT_MACHINES.get(arch)
+    if not machine:
+        raise UnsupportedConfigError(
+            f"no default machine type for arch '{arch}'; give <type machine=...>"
+        )
+    emulator = find_emulator(domain, config)
+    b = Builder(domain=domain, config=config, machine=machine, arch=arch)
+    b.boot_index = _boot_indexes(domain)
+
+    name = f"guest={escape_opt(domain.name)},debug-threads=on"
+    if getattr(config, "set_process_name", False):
+        name += f",process=qemu:{escape_opt(domain.name)}"
+    b.add("-name", name, "-S")
+    _machine(b, config)
+    b.add("-m", f"size={math.ceil(domain.memory_kib / 1024) * 1024}k")
+    b.add("-smp", str(domain.vcpus))
+    b.add("-uuid", domain.uuid)
+    if not domain.graphics:
+        b.add("-display", "none")
+    b.add("-no-user-config", "-nodefaults")
+    slots = _monitors(b, paths)
+    if domain.on_reboot == "destroy":
+        b.add("-no-reboot")
+    b.add("-boot", "strict=on")
+    if domain.os.kernel:
+        b.add("-kernel", domain.os.kernel)
+    if domain.os.initrd:
+        b.add("-initrd", domain.os.initrd)
+    if domain.os.cmdline:
+        b.add("-append", domain.os.cmdline)
+    if domain.os.dtb:
+        b.add("-dtb", domain.os.dtb)
+
+    add_controllers(b)
+    add_disks(b)
+    add_interfaces(b)
+    add_chardevs(b)
+    add_inputs(b)
+    add_graphics(b, paths.runtime_dir)
+    add_hostdevs(b)
+    add_rngs(b)
+    add_memballoon(b)
+
+    seccomp = int(getattr(config, "seccomp_sandbox", -1))
+    b.add("-sandbox", SANDBOX_ON if seccomp != 0 else "off")
+    b.add("-msg", "timestamp=on")
+    b.add(*domain.qemu_args)
+    return QemuCommand(env=_environment(domain, paths), emulator=emulator, args=b.args,
+                       taints=domain_taints(domain), fd_slots=slots, symbolic=symbolic)

@@ -110,11 +110,13 @@ class Instance:
         return self.argv("qemu-monitor-command", name, json.dumps(cmd))
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=60)
-        self.cli("list")  # finishes any teardown a killed run left
+        """Kill what a failed test left running; the next command finishes the teardown."""
+        left = [proc for proc in self.procs if proc.poll() is None]
+        for proc in left:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        if left:
+            self.cli("list")
 
 
 def clis(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
@@ -170,7 +172,8 @@ def file_state(paths: list[Path]) -> dict[str, Any]:
     out = {}
     for p in paths:
         st = os.stat(p)
-        xattrs = {k: os.getxattr(p, k).decode(errors="replace") for k in os.listxattr(p)}
+        xattrs = {k: os.getxattr(p, k).decode(errors="replace").rstrip("\x00")
+                  for k in os.listxattr(p)}
         out[str(p)] = [st.st_uid, st.st_gid, oct(st.st_mode), xattrs]
     return out
 

@@ -9,7 +9,7 @@ initramfs, private SELinux policy) into the cache dir; ``docs/lsm-tier.md`` expl
 API
 ---
 ``run_in_guest(lsm, test_path, *, timeout=240, extra_env=None, pytest_args=(), results_dir=None,
-kernel=None, memory_mib=512, cpus=1, writable=DEFAULT_WRITABLE) -> GuestResult``
+kernel=None, memory_mib=512, writable=DEFAULT_WRITABLE) -> GuestResult``
     Boot a kernel with ``lsm`` ("apparmor" or "selinux") enforcing and run
     ``<repo>/.venv/bin/python -m pytest -p no:cacheprovider -m lsm_guest <test_path>`` inside it,
     from the checkout, as root. ``test_path`` is a path (absolute, or relative to the checkout)
@@ -23,9 +23,8 @@ Keywords: ``timeout`` (seconds for the whole boot; QEMU is killed at the deadlin
 ``extra_env`` (exported in the guest), ``pytest_args`` (appended before the path),
 ``results_dir`` (host dir shared read-write; default a fresh ``/tmp/vmconfine-lsm-*`` that the
 caller removes, so pass pytest's ``tmp_path``), ``kernel`` (a ``GuestKernel``; default read from
-the cache), ``memory_mib`` (guest RAM), ``cpus`` (guest vCPUs: multi-threaded TCG uses one
-host thread each, so 2 lets a guest run two processes at once), ``writable`` (top-level dirs
-given a RAM overlay; add e.g. ``"work"`` to make the checkout writable, inside the guest only).
+the cache), ``memory_mib`` (guest RAM), ``writable`` (top-level dirs given a RAM overlay; add
+e.g. ``"work"`` to make the checkout writable, inside the guest only).
 
 Typical use from a host-side test (the ``guest_kernel`` fixture is in tests/lsm/conftest.py)::
 
@@ -204,7 +203,6 @@ def run_in_guest(
     results_dir: Path | None = None,
     kernel: GuestKernel | None = None,
     memory_mib: int = 512,
-    cpus: int = 1,
     writable: Iterable[str] = DEFAULT_WRITABLE,
 ) -> GuestResult:
     """Run the ``lsm_guest`` tests of ``test_path`` with pytest inside an ``lsm`` guest."""
@@ -223,7 +221,7 @@ def run_in_guest(
     script = f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(argv)}\n"
     return run_script_in_guest(
         lsm, script, timeout=timeout, extra_env=extra_env, results_dir=results_dir,
-        kernel=kernel, memory_mib=memory_mib, cpus=cpus, writable=writable,
+        kernel=kernel, memory_mib=memory_mib, writable=writable,
     )
 
 
@@ -236,7 +234,6 @@ def run_script_in_guest(
     results_dir: Path | None = None,
     kernel: GuestKernel | None = None,
     memory_mib: int = 512,
-    cpus: int = 1,
     writable: Iterable[str] = DEFAULT_WRITABLE,
 ) -> GuestResult:
     """Boot an ``lsm`` guest, run ``script`` with /bin/sh as root, return its result."""
@@ -265,7 +262,7 @@ def run_script_in_guest(
         if not all(_ENV_KEY_RE.fullmatch(d) for d in writable):
             raise GuestSetupError(f"writable dirs must be top-level names like 'etc', got {rw!r}")
         append += f' lsm_rw="{rw}"'
-    argv = _qemu_argv(kernel, results_dir, append, memory_mib, cpus)
+    argv = _qemu_argv(kernel, results_dir, append, memory_mib)
     return _boot(argv, results_dir, timeout)
 
 
@@ -325,14 +322,13 @@ def _guest_script(lsm: str, script: str, extra_env: Mapping[str, str], kernel: G
     return "\n".join(lines) + "\n"
 
 
-def _qemu_argv(kernel: GuestKernel, results_dir: Path, append: str, memory_mib: int,
-               cpus: int = 1) -> list[str]:
+def _qemu_argv(kernel: GuestKernel, results_dir: Path, append: str, memory_mib: int) -> list[str]:
     root = "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap"
     out = f"local,id=out,path={results_dir},security_model=none"
     if "," in str(results_dir):
         raise GuestSetupError(f"results dir {results_dir} contains a comma, which QEMU cannot take")
     return [
-        QEMU, "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", str(cpus),
+        QEMU, "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1",
         "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
         "-kernel", str(kernel.kernel), "-initrd", str(kernel.initrd),

@@ -13,18 +13,22 @@ from typing import Any
 from vmconfine.launch.pipeline import STEPS
 
 
+def assert_confined(lsm: str, got: dict[str, Any]) -> None:
+    """QEMU runs with the domain's label and (SELinux) its image carries the image label."""
+    if lsm == "selinux":
+        assert got["current"] == got["label"]
+        assert got["image"][3]["security.selinux"] == got["imagelabel"]
+    else:
+        assert got["current"] == f"{got['label']} (enforce)"
+
+
 def assert_e2e(path: Path) -> dict[str, Any]:
     """Assert the e2e observations in ``path`` (``e2e-<lsm>.json``); return them."""
     seen = json.loads(path.read_text())
     lsm = path.stem.split("-", 1)[1]
     confined = seen["confined"]
     for name in ("dom-a", "dom-b"):
-        got = confined[name]
-        if lsm == "selinux":
-            assert got["current"] == got["label"]
-            assert got["image"][3]["security.selinux"] == got["imagelabel"]
-        else:
-            assert got["current"] == f"{got['label']} (enforce)"
+        assert_confined(lsm, confined[name])
     opens = seen["opens"]
     assert opens["own"] == "ok"
     assert "Permission denied" in opens["other"] and "Permission denied" in opens["secret"]

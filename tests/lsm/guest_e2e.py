@@ -254,10 +254,13 @@ def test_confined_qemu_opens_only_its_own_image(work: Path) -> None:
     images = {n: vms.path / f"{n}.img" for n in xmls}
     before = file_state(list(images.values()))
     try:
-        runs = {"dom-a": inst.run(xmls["dom-a"]), "dom-b": inst.run(xmls["dom-b"]),
-                "dom-c": control.run(xmls["dom-c"])}
-        pids = {n: started_pid(wait_for_line(p, "started", timeout=START_TIMEOUT))
-                for n, p in runs.items()}
+        runs: dict[str, subprocess.Popen[str]] = {}
+        pids: dict[str, int] = {}
+        # one at a time: a QEMU started on a busy guest can miss the QMP connection deadline
+        for name, owner in (("dom-a", inst), ("dom-b", inst), ("dom-c", control)):
+            runs[name] = owner.run(xmls[name])
+            pids[name] = started_pid(wait_for_line(runs[name], "started",
+                                                   timeout=START_TIMEOUT))
         seen: dict[str, Any] = {"pids": pids}
         dumps = clis(inst.argv("dumpxml", "dom-a"), inst.argv("dumpxml", "dom-b"))
         for name, dump in zip(("dom-a", "dom-b"), dumps, strict=True):

@@ -43,6 +43,9 @@ def assert_e2e(path: Path) -> dict[str, Any]:
         levels = seen["levels"]
         assert len(set(levels)) == 2
         assert crash["during"]["leases"] == len(STEPS) - 1
+        # the sVirt exec is AT_SECURE (refpolicy grants no noatsecure), which clears the
+        # parent-death signal: these QEMUs survived the supervisor, the next command killed them
+        assert crash["left_running"] == crash["after"]["qemus"]
         assert seen["refused"]["rc"] == 1
         assert "setsebool -P virt_use_execmem on" in seen["refused"]["stderr"]
     else:

@@ -15,6 +15,7 @@ APT_PACKAGES=(
   busybox-static cpio kmod              # lsm test tier: initramfs of the booted kernel
   selinux-policy-default selinux-utils policycoreutils semodule-utils secilc checkpolicy
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the peer: tests and benchmarks
+  libvirt0                              # domain.rng, the schema of --validate
   util-linux                            # setpriv, losetup
   openssh-client openssh-server openssl # remote URIs: ssh transport, its test sshd, TLS test PKI
   ca-certificates

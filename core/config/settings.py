@@ -122,6 +122,9 @@ class QemuConfig:
     remember_owner_xattr_prefix: str = "trusted.vmconfine.security"
     #: Seconds a guest gets to power off before QEMU is killed.
     shutdown_timeout: int = 30
+    #: Domain XML elements and attributes vmconfine does not implement: "warn" = one warning
+    #: line each and the guest runs without them; "error" = refuse the domain.
+    unsupported_xml: str = "warn"
 
     # -- bookkeeping (not settings) ---------------------------------------------------------
     path: str | None = field(default=None, compare=False)
@@ -357,6 +360,7 @@ _SPECS: dict[str, Spec] = {
         "string", pattern(r"(trusted|security|user)\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*",
                           "trusted.vmconfine.security")),
     "shutdown_timeout": Spec("uint", positive),
+    "unsupported_xml": Spec("string", enum("warn", "error")),
 }
 
 #: Every instance-wide setting, in the order :meth:`QemuConfig.format` writes them.

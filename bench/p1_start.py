@@ -108,8 +108,14 @@ def floor_once(conn: Connection, case: Case, tmp: Path) -> float:
     prepare_domain(conn, domain)
     command = build_command(domain, conn.instance.config,
                             command_paths(conn, domain, symbolic=False))
-    socks, paths = [], []
-    for i in range(len(command.fd_slots)):
+    socks, paths, files, fds = [], [], [], {}
+    for i, passed in enumerate(command.inherited):
+        if passed.kind != "listen":  # a chardev file or log: any writable file will do
+            fd = os.open(tmp / f"floor-{i}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.set_inheritable(fd, True)
+            files.append(fd)
+            fds[passed.name] = fd
+            continue
         path = str(tmp / f"floor-{i}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -119,12 +125,15 @@ def floor_once(conn: Connection, case: Case, tmp: Path) -> float:
         s.set_inheritable(True)
         socks.append(s)
         paths.append(path)
-    argv = command.argv(fds=[s.fileno() for s in socks])
+        fds[passed.name] = s.fileno()
+    argv = command.argv(fds=fds)
     try:
         elapsed, pid = asyncio.run(_floor_async(argv, dict(command.env), paths, socks))
     finally:
         for s in socks:
             s.close()
+        for fd in files:
+            os.close(fd)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return elapsed

@@ -252,7 +252,8 @@ class DacDriver:
                 out["before"] = None
         before = out["before"] or "missing"
         if not plans:
-            out.update(action="none", during=None, summary=f"{before} (not chowned)")
+            note = "passed as fd" if resource.passed else "not chowned"
+            out.update(action="none", during=None, summary=f"{before} ({note})")
             return out
         p = plans[0]
         during = format_label(p.uid, p.gid)

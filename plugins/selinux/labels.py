@@ -83,8 +83,8 @@ def plan_resource(res: Resource, sec: SecLabel | None, contexts: PolicyContexts)
     image = sec.imagelabel
     if image is None:
         return None
-    if res.create and not os.path.lexists(res.path):
-        return None  # QEMU (or the pipeline) creates it: bind sockets, log files, run dirs
+    if (res.create or res.passed) and not os.path.lexists(res.path):
+        return None  # the pipeline creates it: bind sockets, chardev files and logs, run dirs
     group = _group(res)
     if res.role in ("disk", "backing"):
         dev = _device_label(res)
@@ -106,7 +106,9 @@ def plan_resource(res: Resource, sec: SecLabel | None, contexts: PolicyContexts)
         return Plan(res.path, contexts.content, res.role, group)
     if res.role == "nvram":
         return Plan(res.path, image, res.role, group)
-    if res.role == "chardev":
+    if res.role in ("chardev", "chardev_log"):
+        # also the files and sockets QEMU only gets as fds: SELinux checks the use of a
+        # descriptor against the file's label (libvirt labels bind sockets it passes, too)
         dev = _device_label(res)
         if dev is not None and not dev.relabel:
             return None

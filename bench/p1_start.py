@@ -143,14 +143,14 @@ def floor_once(conn: Connection, case: Case, tmp: Path) -> float:
 
 
 #: the pipeline's checkpoints, in order (see vmconfine.launch.pipeline.STEPS), then on_ready
-PHASES = ("begin", "labels", "preflight", "set-labels", "sockets", "forked", "qmp", "verified",
+PHASES = ("begin", "labels", "preflight", "sockets", "set-labels", "forked", "qmp", "verified",
           "running", "ready")
 PHASE_TEXT = {
     "begin": "prepare, checks, ids, journal begin",
     "labels": "generate labels",
     "preflight": "build argv, preflight",
-    "set-labels": "runtime dirs, set all labels (DAC, cgroup + device rules)",
-    "sockets": "monitor sockets",
+    "sockets": "runtime dirs, pre-opened sockets and chardev files",
+    "set-labels": "set all labels (DAC, cgroup + device rules)",
     "forked": "fork, child: cgroup move, ids, caps, exec",
     "qmp": "QEMU start-up until QMP answers",
     "verified": "verify the kernel's view of QEMU",

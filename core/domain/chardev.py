@@ -132,6 +132,19 @@ def _switch(ctx: ParseContext, el: etree._Element | None, name: str) -> bool | N
     return value == "on"
 
 
+def drop_generated_paths(root: etree._Element, paths: list[str]) -> None:
+    """Remove generated chardev source paths from a domain tree (libvirt's inactive XML has
+    none: the path is generated again at the next start)."""
+    if not paths:
+        return
+    wanted = set(paths)
+    for devices in (c for c in root if c.tag == "devices"):
+        for dev in (c for c in devices if c.tag in CHARDEV_KINDS):
+            for src in children(dev, "source"):
+                if src.get("path") in wanted:
+                    del src.attrib["path"]
+
+
 def parse_chardev(ctx: ParseContext, el: etree._Element) -> Chardev:
     """One ``<serial>``, ``<console>``, ``<channel>`` or ``<parallel>``."""
     kind = str(el.tag)

@@ -316,10 +316,7 @@ def _make_runtime_dirs(ctx: DomainContext) -> None:
 async def _hand_over_vnc(client: QMPClient, launched: Launched, sock: socket.socket) -> None:
     """Give QEMU the VNC listening socket vmconfine created (``-vnc none`` at exec)."""
     try:
-        client.send_fd_scm(sock.fileno())
-        await client.execute("getfd", {"fdname": "vnc"})
-        await client.execute("display-update", {
-            "type": "vnc", "addresses": [{"type": "fd", "str": "vnc"}]})
+        await preopen.hand_over_vnc(client, sock)
     except Exception as exc:
         raise LaunchError(f"domain '{launched.name}': handing the VNC socket to QEMU failed: "
                           f"{exc}") from None

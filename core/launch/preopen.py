@@ -40,6 +40,8 @@ from vmconfine.errors import LaunchError
 from vmconfine.qemu.fdpass import FDSET, PassedFd
 
 if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
+
     from vmconfine.launch.journal import Journal
     from vmconfine.plugin.context import DomainContext
     from vmconfine.plugin.stack import Stack
@@ -61,13 +63,14 @@ class PreOpened:
 
     def close(self) -> None:
         """Close every descriptor (QEMU holds its own copies once it runs)."""
+        socket_fds = {s.fileno() for s in self.sockets}
         for s in self.sockets:
             s.close()
-        for name, fd in list(self.fds.items()):
-            if not any(s.fileno() == fd for s in self.sockets):
+        for fd in self.fds.values():
+            if fd not in socket_fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            del self.fds[name]
+        self.fds.clear()
         self.sockets.clear()
 
     def take(self, name: str) -> socket.socket | None:
@@ -85,26 +88,50 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
 
     Raises :class:`LaunchError` with the path and the fix; what was created before the error
     is journaled, so teardown removes it."""
+    _make_generated_dirs(ctx)
+    out = open_passed(ctx.journal, [p for p in command.passed if p.kind == FDSET])
+    sockets = [p for p in command.passed if p.kind != FDSET]
+    if not sockets:
+        return out
+    try:
+        stack.set("set_socket_label", ctx)
+        try:
+            listened = open_passed(ctx.journal, sockets)
+        finally:
+            stack.restore("clear_socket_label", ctx)
+    except BaseException:
+        out.close()
+        raise
+    out.fds.update(listened.fds)
+    out.sockets += listened.sockets
+    return out
+
+
+def open_passed(journal: Journal, passed: Iterable[PassedFd]) -> PreOpened:
+    """Open ``passed`` (files and listening sockets, no labels): what :func:`open_all` does
+    for one kind; also what a caller that runs QEMU by itself uses (tests, benchmarks)."""
     out = PreOpened()
     try:
-        _make_generated_dirs(ctx)
-        files = [p for p in command.passed if p.kind == FDSET]
-        for p in files:
-            out.fds[p.name] = open_file(ctx.journal, p)
-        sockets = [p for p in command.passed if p.kind != FDSET]
-        if sockets:
-            stack.set("set_socket_label", ctx)
-            try:
-                for p in sockets:
-                    s = listen(ctx.journal, p.path)
-                    out.sockets.append(s)
-                    out.fds[p.name] = s.fileno()
-            finally:
-                stack.restore("clear_socket_label", ctx)
+        for p in passed:
+            if p.kind == FDSET:
+                out.fds[p.name] = open_file(journal, p)
+            else:
+                s = listen(journal, p.path)
+                out.sockets.append(s)
+                out.fds[p.name] = s.fileno()
     except BaseException:
         out.close()
         raise
     return out
+
+
+async def hand_over_vnc(client: QMPClient, sock: socket.socket) -> None:
+    """Give a QEMU started with ``-vnc none`` the VNC listening socket: ``getfd`` (the fd
+    goes with the command as SCM_RIGHTS) and ``display-update`` with an ``fd`` address."""
+    client.send_fd_scm(sock.fileno())
+    await client.execute("getfd", {"fdname": "vnc"})
+    await client.execute("display-update", {
+        "type": "vnc", "addresses": [{"type": "fd", "str": "vnc"}]})
 
 
 def _make_generated_dirs(ctx: DomainContext) -> None:

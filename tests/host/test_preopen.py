@@ -153,3 +153,25 @@ def test_virt_install_guest_agent_channel_converts_and_starts(embed: Embed,
     while generated.parent.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not generated.parent.exists()
+
+
+def test_unusable_socket_paths_fail_in_one_line_and_change_nothing(embed: Embed,
+                                                                    vm_dir: VmDir) -> None:
+    notes = vm_dir.path / "notes.txt"
+    notes.write_text("keep me")
+    for name, path, message in (
+            ("bad1", notes, f"cannot create socket {notes}: something that is not a socket"),
+            ("bad2", vm_dir.path / "missing" / "x.sock",
+             f"create the directory {vm_dir.path / 'missing'}")):
+        xml = vm_dir.domain_xml(name, extra_devices=(
+            f"<channel type='unix'><source mode='bind' path='{path}'/>"
+            "<target type='virtio' name='org.example.x'/></channel>"))
+        proc = embed.cli("run", str(xml))
+        assert proc.returncode == 1, proc.stdout
+        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert notes.read_text() == "keep me"
+    assert not (vm_dir.path / "missing").exists()
+    run = embed.root / "run" / "qemu"
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == []

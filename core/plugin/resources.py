@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.domain.chardev import log_passed, passed_kind
 
 if TYPE_CHECKING:
-    from vmconfine.domain import DeviceSecLabel, Disk, Domain, Hostdev
+    from collections.abc import Iterable
+
+    from vmconfine.domain import Chardev, DeviceSecLabel, Disk, Domain, Hostdev
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +151,11 @@ def hostdev_resources(hostdev: Hostdev) -> list[Resource]:
     return []
 
 
-def chardev_resources(domain: Domain) -> list[Resource]:
+def chardev_resources(chardevs: Iterable[Chardev]) -> list[Resource]:
+    """The host side of character devices (one of them on hotplug): sources, then logs."""
+    chardevs = list(chardevs)
     out: list[Resource] = []
-    for chardev in domain.chardevs:
+    for chardev in chardevs:
         path = chardev.path
         if not path or chardev.type not in ("file", "dev", "unix", "pipe"):
             continue
@@ -164,7 +168,7 @@ def chardev_resources(domain: Domain) -> list[Resource]:
             continue
         out.append(Resource(path, "chardev", "rw", source=chardev, seclabels=labels,
                             passed=passed_kind(chardev)))
-    for chardev in domain.chardevs:
+    for chardev in chardevs:
         if log_passed(chardev):
             out.append(Resource(str(chardev.log_file), "chardev_log", "rw", source=chardev,
                                 passed="fdset"))
@@ -199,7 +203,7 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         out.extend(disk_resources(disk))
     for hostdev in domain.hostdevs:
         out.extend(hostdev_resources(hostdev))
-    out.extend(chardev_resources(domain))
+    out.extend(chardev_resources(domain.chardevs))
     out.extend(device_resources(domain))
     for g in domain.graphics:
         if g.type == "vnc" and g.socket:

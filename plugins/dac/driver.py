@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError, LabelError
@@ -294,5 +293,4 @@ def _chown_record(ctx: DomainContext, path: str) -> dict[str, Any] | None:
 
 def chardev_resources(ctx: DomainContext, chardev: Chardev) -> list[Resource]:
     """The resources of one chardev (which need not be in the domain yet: hotplug)."""
-    holder: Any = SimpleNamespace(chardevs=[chardev])
-    return core_resources.chardev_resources(holder)
+    return core_resources.chardev_resources([chardev])

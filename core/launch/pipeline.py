@@ -210,11 +210,11 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         log_path = inst.log_path(domain.name)
         try:
             pid = child.spawn(stack, ctx, command, preopened.fds, log_path)
-        finally:
-            vnc = preopened.take("vnc")
-            preopened.close()  # QEMU holds its own copies now
-            if vnc is not None:
-                preopened.sockets.append(vnc)
+        except BaseException:
+            preopened.close()
+            raise
+        # the parent keeps its copies until teardown: a QEMU that dies during start-up then
+        # leaves the monitor listening, so the handshake waits instead of being reset
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
         journal.record("pipeline", "started", pid=pid, starttime=process.starttime)
         launched = Launched(ctx, command, process, domain_id, lock, log_path, preopened)
@@ -222,6 +222,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         checkpoint("forked")
         # 5. connect monitor
         launched.client = await _connect_monitor(conn, launched)
+        vnc = preopened.take("vnc")
         if vnc is not None:
             await _hand_over_vnc(launched.client, launched, vnc)
         checkpoint("qmp")
@@ -321,8 +322,6 @@ async def _hand_over_vnc(client: QMPClient, launched: Launched, sock: socket.soc
         raise LaunchError(f"domain '{launched.name}': handing the VNC socket to QEMU failed: "
                           f"{exc}") from None
     finally:
-        launched.preopened.sockets.remove(sock)
-        launched.preopened.fds.pop("vnc", None)
         sock.close()
 
 

@@ -61,5 +61,9 @@ if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
   exit 1
 fi
 rm -f "$pip_log"
+# An editable install leaves the sources uncompiled; with PYTHONDONTWRITEBYTECODE set, every
+# command would compile them again (~70 ms per CLI start). Compile them once, as pip does for a
+# regular install (a source changed later is recompiled by Python as usual).
+.venv/bin/python -m compileall -q core plugins aa-helper >/dev/null
 .venv/bin/vmconfine --version >/dev/null
 echo "vmconfine is set up: .venv/bin/vmconfine"

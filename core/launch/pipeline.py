@@ -298,10 +298,12 @@ def _begin(conn: Connection, domain: Domain, *,
 
 def _make_runtime_dirs(ctx: DomainContext) -> None:
     inst = ctx.instance
-    for d in (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name)):
+    dirs = (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name))
+    for d in dirs:
         if d.exists():
             shutil.rmtree(d)
-        ctx.journal.record("pipeline", "mkdir", path=str(d))
+    ctx.journal.record_many([("pipeline", "mkdir", {"path": str(d)}) for d in dirs])
+    for d in dirs:
         d.mkdir(mode=0o750, parents=True)
 
 

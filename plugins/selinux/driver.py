@@ -123,8 +123,7 @@ class SELinuxDriver:
 
     def _apply(self, ctx: DomainContext, plans: list[labels.Plan]) -> None:
         on, prefix = self._remember(ctx)
-        for plan in plans:
-            self.labeller.set_plan(ctx.journal, plan, remember_on=on, prefix=prefix)
+        self.labeller.set_plans(ctx.journal, plans, remember_on=on, prefix=prefix)
 
     def _warn_or_raise(self, what: str, exc: OSError) -> None:
         if self.backend.enforcing():

@@ -9,6 +9,14 @@ Roles: ``disk`` (top image), ``backing`` (lower layers), ``kernel``, ``initrd``,
 ``input`` (evdev passthrough), ``rng`` (host entropy source), ``tpm`` (passthrough device),
 ``graphics`` (VNC socket), ``runtime_dir`` (the domain's runtime directories), ``devnode``
 (device nodes every QEMU needs, e.g. /dev/kvm).
+
+``passed``: vmconfine opens the resource itself and QEMU only gets a file descriptor
+(libvirt 9's fd passing, :mod:`vmconfine.qemu.fdpass`): ``"listen"`` (a listening unix socket
+vmconfine creates: chardevs in ``mode='bind'``), ``"fdset"`` (a file chardev or a chardev
+``<log>``, opened by vmconfine), ``"qmp"`` (the VNC socket, handed over QMP). QEMU never opens
+such a path: drivers that grant path access (DAC owners, Landlock rules, directory checks)
+skip it; drivers that check the use of a descriptor (SELinux file labels, AppArmor rules,
+which the kernel revalidates for inherited files at exec) still cover it.
 """
 
 from __future__ import annotations
@@ -19,8 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.domain.chardev import log_passed, passed_kind
+
 if TYPE_CHECKING:
-    from vmconfine.domain import DeviceSecLabel, Disk, Domain, Hostdev
+    from collections.abc import Iterable
+
+    from vmconfine.domain import Chardev, DeviceSecLabel, Disk, Domain, Hostdev
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,7 @@ class Resource:
     seclabels: list[DeviceSecLabel] = field(default_factory=list)
     create: bool = False  # QEMU may create the path (bind sockets, missing chardev files)
     is_dir: bool = False
+    passed: str | None = None  # "listen" | "fdset" | "qmp": QEMU gets an fd, not the path
 
     @property
     def writable(self) -> bool:
@@ -140,9 +153,11 @@ def hostdev_resources(hostdev: Hostdev) -> list[Resource]:
     return []
 
 
-def chardev_resources(domain: Domain) -> list[Resource]:
+def chardev_resources(chardevs: Iterable[Chardev]) -> list[Resource]:
+    """The host side of character devices (one of them on hotplug): sources, then logs."""
+    chardevs = list(chardevs)
     out: list[Resource] = []
-    for chardev in domain.chardevs:
+    for chardev in chardevs:
         path = chardev.path
         if not path or chardev.type not in ("file", "dev", "unix", "pipe"):
             continue
@@ -153,16 +168,12 @@ def chardev_resources(domain: Domain) -> list[Resource]:
             for p in paths:
                 out.append(Resource(p, "chardev", "rw", source=chardev, seclabels=labels))
             continue
-        create = chardev.type == "file" or (
-            chardev.type == "unix" and (chardev.mode or "bind") == "bind"
-        )
-        out.append(
-            Resource(path, "chardev", "rw", source=chardev, seclabels=labels, create=create)
-        )
-    for chardev in domain.chardevs:
-        log_file = getattr(chardev, "log_file", None)
-        if log_file:
-            out.append(Resource(log_file, "chardev_log", "rw", source=chardev, create=True))
+        out.append(Resource(path, "chardev", "rw", source=chardev, seclabels=labels,
+                            passed=passed_kind(chardev)))
+    for chardev in chardevs:
+        if log_passed(chardev):
+            out.append(Resource(str(chardev.log_file), "chardev_log", "rw", source=chardev,
+                                passed="fdset"))
     return out
 
 
@@ -196,11 +207,11 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         out.extend(disk_resources(disk))
     for hostdev in domain.hostdevs:
         out.extend(hostdev_resources(hostdev))
-    out.extend(chardev_resources(domain))
+    out.extend(chardev_resources(domain.chardevs))
     out.extend(device_resources(domain))
     for g in domain.graphics:
         if g.type == "vnc" and g.socket:
-            out.append(Resource(g.socket, "graphics", "rw", source=g, create=True))
+            out.append(Resource(g.socket, "graphics", "rw", source=g, passed="qmp"))
     os_ = domain.os
     if os_.loader is not None and os_.loader.path:
         out.append(

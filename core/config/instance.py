@@ -225,6 +225,12 @@ class Instance:
         """QEMU's HOME (libvirt: /var/lib/libvirt/qemu/domain-N-NAME)."""
         return self.lib_dir / f"domain-{name}"
 
+    def channel_dir(self, name: str) -> Path:
+        """Where a virtio channel's unix socket without a path is generated (libvirt:
+        ``/var/lib/libvirt/qemu/channel/target/domain-N-NAME/``); created ``0700`` for the
+        domain's start and removed at teardown: QEMU uses the sockets only through fds."""
+        return self.lib_dir / "channel" / "target" / f"domain-{name}"
+
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 

@@ -92,8 +92,14 @@ class DomainContext:
 
     @cached_property
     def resources(self) -> list[Resource]:
-        """Every host path QEMU will open, from the same model the argv is built from."""
-        return domain_resources(self.domain, self.runtime_dir,
+        """Every host path QEMU will open, from the same model the argv is built from.
+
+        The domain's runtime directory is not one of them: it holds only the sockets vmconfine
+        creates for QEMU (monitors, an automatic VNC socket), which QEMU gets as fds, so it
+        stays vmconfine's own (root's, 0750, in a privileged instance) and no QEMU can unlink
+        or replace a socket in it. QEMU's HOME is.
+        """
+        return domain_resources(self.domain, None,
                                 self.host.instance.domain_lib_dir(self.domain.name),
                                 hugepage_dir(self.domain, self.config))
 

@@ -216,7 +216,12 @@ def preflight(ctx: DomainContext) -> None:
 def set_all_labels(ctx: DomainContext) -> None:
     """Label / allow every resource of the domain (``ctx.resources``) before QEMU starts.
 
-    Set-type. When: after preflight, before fork. Journal each change before making it.
+    Set-type. When: after preflight and after the pre-opened resources exist (sockets bound,
+    chardev files opened: :mod:`vmconfine.launch.preopen`), before fork. Journal each change
+    before making it. A resource with ``passed`` set reaches QEMU only as a descriptor: grant
+    nothing that QEMU would need to open its path (owner, directory access, Landlock rules),
+    but do cover what the kernel checks on the use of a descriptor (an SELinux file label, an
+    AppArmor file rule: inherited files are revalidated at exec).
     """
 
 
@@ -267,6 +272,10 @@ def restore_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
 def set_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
     """Label one character device source (file, pipe, unix socket, device). Set-type.
 
+    When: hotplug of a chardev (start-up labels every chardev through ``set_all_labels``;
+    the resources of one chardev are :func:`vmconfine.plugin.resources.chardev_resources`,
+    with ``passed`` set for what vmconfine opens and hands over as a descriptor).
+
     Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
     can rely on it).
     """
@@ -283,9 +292,12 @@ def restore_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
 
 @hookspec
 def set_socket_label(ctx: DomainContext) -> None:
-    """Set the socket-create label for sockets vmconfine creates for the domain (monitors).
+    """Set the socket-create label for sockets vmconfine creates for the domain.
 
-    Set-type. When: just before the parent creates the domain's listening sockets.
+    Set-type. When: just before the parent creates the domain's listening sockets — the QMP
+    monitors, every chardev in ``mode='bind'`` and the VNC socket, all of which QEMU gets as
+    descriptors (:mod:`vmconfine.launch.preopen`) — and cleared right after. The socket
+    files stay owned by vmconfine (mode 0600): no driver needs to chown them.
     """
 
 

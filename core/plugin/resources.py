@@ -6,6 +6,14 @@ from one driver while present in another.
 
 Each resource has a :class:`Role` (a ``StrEnum``: it compares equal to, formats as and
 serialises to JSON as its string value, e.g. ``Role.DISK == "disk"``).
+
+``passed``: vmconfine opens the resource itself and QEMU only gets a file descriptor
+(libvirt 9's fd passing, :mod:`vmconfine.qemu.fdpass`): ``"listen"`` (a listening unix socket
+vmconfine creates: chardevs in ``mode='bind'``), ``"fdset"`` (a file chardev or a chardev
+``<log>``, opened by vmconfine), ``"qmp"`` (the VNC socket, handed over QMP). QEMU never opens
+such a path: drivers that grant path access (DAC owners, Landlock rules, directory checks)
+skip it; drivers that check the use of a descriptor (SELinux file labels, AppArmor rules,
+which the kernel revalidates for inherited files at exec) still cover it.
 """
 
 from __future__ import annotations
@@ -17,8 +25,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.domain.chardev import log_passed, passed_kind
+
 if TYPE_CHECKING:
-    from vmconfine.domain import DeviceSecLabel, Disk, Domain, Hostdev
+    from collections.abc import Iterable
+
+    from vmconfine.domain import Chardev, DeviceSecLabel, Disk, Domain, Hostdev
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +79,7 @@ class Resource:
     seclabels: list[DeviceSecLabel] = field(default_factory=list)
     create: bool = False  # QEMU may create the path (bind sockets, missing chardev files)
     is_dir: bool = False
+    passed: str | None = None  # "listen" | "fdset" | "qmp": QEMU gets an fd, not the path
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
@@ -164,9 +177,11 @@ def hostdev_resources(hostdev: Hostdev) -> list[Resource]:
     return []
 
 
-def chardev_resources(domain: Domain) -> list[Resource]:
+def chardev_resources(chardevs: Iterable[Chardev]) -> list[Resource]:
+    """The host side of character devices (one of them on hotplug): sources, then logs."""
+    chardevs = list(chardevs)
     out: list[Resource] = []
-    for chardev in domain.chardevs:
+    for chardev in chardevs:
         path = chardev.path
         if not path or chardev.type not in ("file", "dev", "unix", "pipe"):
             continue
@@ -177,16 +192,12 @@ def chardev_resources(domain: Domain) -> list[Resource]:
             for p in paths:
                 out.append(Resource(p, Role.CHARDEV, "rw", source=chardev, seclabels=labels))
             continue
-        create = chardev.type == "file" or (
-            chardev.type == "unix" and (chardev.mode or "bind") == "bind"
-        )
-        out.append(
-            Resource(path, Role.CHARDEV, "rw", source=chardev, seclabels=labels, create=create)
-        )
-    for chardev in domain.chardevs:
-        log_file = getattr(chardev, "log_file", None)
-        if log_file:
-            out.append(Resource(log_file, Role.CHARDEV_LOG, "rw", source=chardev, create=True))
+        out.append(Resource(path, Role.CHARDEV, "rw", source=chardev, seclabels=labels,
+                            passed=passed_kind(chardev)))
+    for chardev in chardevs:
+        if log_passed(chardev):
+            out.append(Resource(str(chardev.log_file), Role.CHARDEV_LOG, "rw", source=chardev,
+                                passed="fdset"))
     return out
 
 
@@ -220,11 +231,11 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         out.extend(disk_resources(disk))
     for hostdev in domain.hostdevs:
         out.extend(hostdev_resources(hostdev))
-    out.extend(chardev_resources(domain))
+    out.extend(chardev_resources(domain.chardevs))
     out.extend(device_resources(domain))
     for g in domain.graphics:
         if g.type == "vnc" and g.socket:
-            out.append(Resource(g.socket, Role.GRAPHICS, "rw", source=g, create=True))
+            out.append(Resource(g.socket, Role.GRAPHICS, "rw", source=g, passed="qmp"))
     os_ = domain.os
     if os_.loader is not None and os_.loader.path:
         out.append(

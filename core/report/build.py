@@ -73,6 +73,8 @@ class ResourceRow:
     file: dict[str, Any]
     drivers: dict[str, dict[str, Any]] = field(default_factory=dict)
     differences: list[str] = field(default_factory=list)
+    #: vmconfine opens it and QEMU gets the fd ("listen" | "fdset" | "qmp"), or None
+    passed: str | None = None
 
 
 @dataclass
@@ -299,7 +301,7 @@ def _owner(col: dict[str, Any]) -> tuple[int, int] | None:
 def _resource_row(stack: Stack, ctx: DomainContext, res: Resource, who: Identity,
                   problems: _Problems, running: bool) -> ResourceRow:
     view = file_view(res.path)
-    row = ResourceRow(res.path, res.role, res.access, view)
+    row = ResourceRow(res.path, res.role, res.access, view, passed=res.passed)
     owner_during: tuple[int, int] | None = None
     for d in stack.drivers:
         col = explain_resource(d, ctx, res)
@@ -339,6 +341,8 @@ def _file_problems(res: Resource, view: dict[str, Any], who: Identity,
         return
     if res.role == "runtime_dir" and not running:
         return  # vmconfine creates it for QEMU at start
+    if res.passed:
+        return  # vmconfine opens it and QEMU gets the fd: QEMU's ids need no access
     assert who.ids is not None
     want = 4 | (2 if res.writable else 0) | (1 if view.get("type") == "dir" else 0)
     found = denial(path, who.ids, want, owner=owner_during, role=res.role)

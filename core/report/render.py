@@ -180,7 +180,8 @@ def render_text(report: Report) -> str:
         now = (f"{f['type']} {f['owner']} {f['mode']}" if f["exists"] else "missing")
         mark = "!" if r.differences or any(
             c.get("allows") is False for c in r.drivers.values()) else ""
-        rows.append([mark, r.path, r.role, r.access, now,
+        access = f"{r.access}, passed as fd" if r.passed else r.access
+        rows.append([mark, r.path, r.role, access, now,
                      *(_cell(r.drivers.get(n)) for n in used)])
     lines.append(f"Resources ({len(rows)}; ! = denied or differs from what was applied)")
     lines += _table(header, rows)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError, LabelError
@@ -252,7 +251,8 @@ class DacDriver:
                 out["before"] = None
         before = out["before"] or "missing"
         if not plans:
-            out.update(action="none", during=None, summary=f"{before} (not chowned)")
+            note = "passed as fd" if resource.passed else "not chowned"
+            out.update(action="none", during=None, summary=f"{before} ({note})")
             return out
         p = plans[0]
         during = format_label(p.uid, p.gid)
@@ -324,5 +324,4 @@ def _chown_record(ctx: DomainContext, path: str) -> dict[str, Any] | None:
 
 def chardev_resources(ctx: DomainContext, chardev: Chardev) -> list[Resource]:
     """The resources of one chardev (which need not be in the domain yet: hotplug)."""
-    holder: Any = SimpleNamespace(chardevs=[chardev])
-    return core_resources.chardev_resources(holder)
+    return core_resources.chardev_resources([chardev])

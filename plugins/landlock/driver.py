@@ -324,6 +324,9 @@ class LandlockDriver:
             rs = state["explain_ruleset"] = self.ruleset(ctx)[0]
         if rs is None:
             return {"confined": False, "summary": "no Landlock in this kernel"}
+        if resource.passed:
+            return {"confined": True, "access": [], "rules": [], "allows": True,
+                    "summary": "passed as fd (no rule needed)"}
         real = os.path.realpath(resource.path)
         access: set[str] = set()
         rules = []
@@ -422,10 +425,6 @@ def summary(rs: Ruleset, mode: str) -> str:
 
 def _needed_access(resource: Resource, real: str) -> set[str]:
     """The Landlock rights opening ``resource`` as its role says takes."""
-    socket = resource.role == "graphics" or (
-        resource.role == "chardev" and getattr(resource.source, "type", None) == "unix")
-    if resource.create and socket:
-        return {"make_sock"}
     if resource.is_dir or os.path.isdir(real):
         return {"read_dir"} | ({"make_reg"} if resource.writable else set())
     return {"read_file"} | ({"write_file"} if resource.writable else set())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from vmconfine import __version__, cli_daemon
 from vmconfine.errors import VmconfineError
-from vmconfine.inputs import read_bounded
+from vmconfine.inputs import read_text
 from vmconfine.sanitize import SafeStream, json_text, one_line
 
 log = logging.getLogger("vmconfine")
@@ -36,11 +36,7 @@ def verb(name: str, help_text: str) -> Callable[[Handler], Handler]:
 
 
 def _read_input(path: str) -> tuple[str, str]:
-    data, source = read_bounded(path, expected="a domain XML file")
-    try:
-        return data.decode(), source
-    except UnicodeDecodeError as exc:
-        raise VmconfineError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    return read_text(path, expected="a domain XML file")
 
 
 def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]

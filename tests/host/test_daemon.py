@@ -70,7 +70,9 @@ class Daemon:
 
 def destroy_running(e: Embed) -> None:
     """Destroy every running domain of the instance (test cleanup)."""
-    destroy_running(e)
+    for line in e.cli("list").stdout.splitlines()[2:]:
+        if line.split() and line.split()[0].isdigit():
+            e.cli("destroy", line.split()[1])
 
 
 def _connects(path: Path) -> bool:

@@ -13,7 +13,8 @@ Defaults are libvirt's, except:
 * the keys vmconfine adds (documented on the fields below).
 
 Unprivileged instances also get ``dynamic_ownership = 0``, ``remember_owner = 0`` and no
-namespaces, as in libvirt's session daemon.
+namespaces by default, as in libvirt's session daemon (where libvirt refuses namespaces,
+vmconfine makes them in a user namespace when configured).
 
 Settings libvirt knows but vmconfine does not use (VNC TLS, SPICE, migration ports, ...) are
 type-checked like libvirt would and otherwise ignored; unknown settings are accepted. Both are
@@ -43,6 +44,9 @@ CGROUP_CONTROLLERS = (
     "perf_event", "name=systemd", "pids",
 )
 
+#: The namespaces ``namespaces`` may list: libvirt's "mount" and vmconfine's "root".
+NAMESPACES = ("mount", "root")
+
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 UINT_MAX = 2**32 - 1
 ULLONG_MAX = 2**64 - 1
@@ -67,6 +71,7 @@ class QemuConfig:
     # -- process (libvirt) ------------------------------------------------------------------
     clear_emulator_capabilities: bool = True
     seccomp_sandbox: int = -1  #: -1 = QEMU's default, 0 = off, 1 = on
+    #: "mount" = private /dev (libvirt); "root" (with "mount") = a per-domain root view
     namespaces: list[str] = field(default_factory=lambda: ["mount"])
     set_process_name: bool = False
     max_processes: int = 0  #: 0 = leave the limit alone
@@ -243,12 +248,15 @@ def _controllers(key: str, value: Any, where: str, privileged: bool) -> Any:
 
 
 def _namespaces(key: str, value: Any, where: str, privileged: bool) -> Any:
+    """libvirt knows "mount"; vmconfine adds "root" (a per-domain filesystem view, see
+    docs/namespaces.md), which needs "mount". Unprivileged instances may use both: the
+    namespaces driver makes them in a user namespace."""
     for name in value:
-        if name != "mount":
-            raise _err(where, f'Unknown namespace: {name} (the only namespace is "mount")')
-        if not privileged:
-            raise _err(where, "cannot use namespaces in session mode (remove 'namespaces' "
-                              "from the configuration of an unprivileged instance)")
+        if name not in NAMESPACES:
+            raise _err(where, f'Unknown namespace: {name} (known: "mount", "root")')
+    if "root" in value and "mount" not in value:
+        raise _err(where, 'the "root" namespace view needs "mount" (write namespaces = '
+                          '[ "mount", "root" ])')
     return list(dict.fromkeys(value))
 
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError, LabelError
 from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.qemu.emulator import emulator_files
 from vmconfine_landlock import syscalls
-from vmconfine_landlock.emulator import emulator_files
 from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset
 
 if TYPE_CHECKING:

@@ -1,5 +1,9 @@
 """What the emulator binary itself needs to run, from its resolved files (not a kept list).
 
+Shared by the drivers that must know the emulator's files: Landlock (its ruleset) and the
+namespaces driver (the per-domain root view, which also reproduces the symlinks on the way,
+:attr:`EmulatorFiles.names`).
+
 * the executable and its ELF interpreter (``PT_INTERP``), which need execute;
 * its shared libraries, exactly as the dynamic loader resolves them
   (``INTERPRETER --list EMULATOR``, the mechanism behind ``ldd``; the emulator is not run);
@@ -42,6 +46,10 @@ class EmulatorFiles:
     data_dirs: tuple[str, ...] = ()
     module_dirs: tuple[str, ...] = ()
     module_libraries: tuple[str, ...] = ()
+    #: the paths as the binary and the loader name them before symlinks are resolved (the
+    #: executable as given, ``PT_INTERP``, the loader's library paths): a filesystem view
+    #: holding only the resolved files must reproduce the symlinks on these paths
+    names: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -89,11 +97,20 @@ def loader_list(interpreter: str, target: str) -> list[str]:
 
     Raises OSError / subprocess.CalledProcessError when the loader cannot resolve them.
     """
+    libs: list[str] = []
+    for _name, real in loader_entries(interpreter, target):
+        if real not in libs:
+            libs.append(real)
+    return libs
+
+
+def loader_entries(interpreter: str, target: str) -> list[tuple[str, str]]:
+    """``(path as the loader names it, real path)`` for each library of ``target``."""
     out = subprocess.run(
         [interpreter, "--list", target], capture_output=True, text=True, check=True,
         env=_clean_env(), timeout=_TIMEOUT,
     ).stdout
-    libs: list[str] = []
+    entries: list[tuple[str, str]] = []
     for line in out.splitlines():
         if "not found" in line:
             raise OSError(f"{target}: the dynamic loader cannot find {line.split()[0]}")
@@ -103,10 +120,8 @@ def loader_list(interpreter: str, target: str) -> list[str]:
         path = m.group(2)
         if not path.startswith("/"):
             continue  # linux-vdso.so.1: in memory, no file
-        real = os.path.realpath(path)
-        if real not in libs:
-            libs.append(real)
-    return libs
+        entries.append((path, os.path.realpath(path)))
+    return entries
 
 
 def data_dirs(executable: str) -> list[str]:
@@ -175,13 +190,20 @@ def _resolve(executable: str) -> EmulatorFiles:
     exe = os.path.realpath(executable)
     notes: list[str] = []
     interp = elf_interpreter(exe)
+    names: list[str] = [executable]
     libs: list[str] = []
     if interp:
+        names.append(interp)
         interp = os.path.realpath(interp)
         try:
-            libs = [p for p in loader_list(interp, exe) if p != interp]
+            entries = loader_entries(interp, exe)
         except (OSError, subprocess.SubprocessError) as exc:
             raise OSError(f"cannot list the libraries of {exe}: {exc}") from exc
+        for name, real in entries:
+            if real != interp and real not in libs:
+                libs.append(real)
+            if name != real and name not in names:
+                names.append(name)
     else:
         notes.append(f"{exe} has no ELF interpreter (static): no libraries")
     cache = LOADER_CACHE if interp and os.path.isfile(LOADER_CACHE) else None
@@ -199,7 +221,7 @@ def _resolve(executable: str) -> EmulatorFiles:
     return EmulatorFiles(
         executable=exe, interpreter=interp, libraries=tuple(libs), loader_cache=cache,
         data_dirs=tuple(data_dirs(exe)), module_dirs=tuple(mdirs),
-        module_libraries=tuple(mod_libs), notes=tuple(notes),
+        module_libraries=tuple(mod_libs), names=tuple(names), notes=tuple(notes),
     )
 
 

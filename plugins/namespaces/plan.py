@@ -138,7 +138,11 @@ class Builder:
     def add(self, entry: Entry) -> None:
         old = self.by_path.get(entry.path)
         if old is not None:
-            if old.kind == "bind" and entry.kind == "bind" and old.readonly and \
+            if old.kind == "dir" and entry.kind == "bind" and entry.is_dir:
+                # a directory made only to hold other paths turns out to be needed whole
+                i = self.view.entries.index(old)
+                self.view.entries[i] = self.by_path[entry.path] = entry
+            elif old.kind == "bind" and entry.kind == "bind" and old.readonly and \
                     not entry.readonly:
                 # the same path needed read-write by another role: widen in place
                 i = self.view.entries.index(old)

@@ -10,7 +10,7 @@ Measured, alternating every run:
 
 - **floor**: the same QEMU command line spawned bare (root, no labels, no cgroup) with
   ``posix_spawn`` → ``qmp_capabilities`` → ``cont`` answered, with the same QMP client;
-- **vmconfine API** (in-process): ``pipeline.start()`` → ``supervise(on_ready=...)`` — fork,
+- **vmconfine API** (in-process): ``supervisor.run_domain(on_ready=...)`` — fork,
   child confinement, exec, QMP handshake, verification of the kernel's view, status XML,
   ``cont``; destroy = SIGTERM to QEMU in ``on_ready`` → ``supervise`` returns after teardown
   (labels given back, cgroup removed, runtime dirs and journal gone);
@@ -53,7 +53,7 @@ from bench.common import (
 from bench.libvirt_peer import LibvirtPeer, PeerUnavailable
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection
+    from vmconfine.launch.connection import Connection
     from vmconfine.launch.pipeline import Launched
 
 OVERHEAD_TARGET = 0.025
@@ -153,7 +153,7 @@ PHASE_TEXT = {
 @contextlib.contextmanager
 def phase_marks(marks: dict[str, float]) -> Iterator[None]:
     """Record when the pipeline passes each checkpoint (the crash-test pause points)."""
-    from vmconfine.launch import pipeline, supervisor
+    from vmconfine.launch import pipeline
     real = pipeline.checkpoint
 
     def mark(step: str) -> None:
@@ -161,20 +161,17 @@ def phase_marks(marks: dict[str, float]) -> Iterator[None]:
         real(step)
 
     pipeline.checkpoint = mark  # type: ignore[assignment]
-    supervisor.checkpoint = mark  # type: ignore[assignment]
     try:
         yield
     finally:
         pipeline.checkpoint = real  # type: ignore[assignment]
-        supervisor.checkpoint = real  # type: ignore[assignment]
 
 
 def api_once(conn: Connection, case: Case,
              phases: dict[str, Stats] | None = None) -> tuple[float, float]:
     """(start → ready, destroy → teardown done) through the in-process API."""
     from vmconfine.domain import parse_domain
-    from vmconfine.launch.pipeline import start
-    from vmconfine.launch.supervisor import supervise
+    from vmconfine.launch.supervisor import run_domain
 
     domain = parse_domain(case.xml)
     marks: dict[str, float] = {}
@@ -185,8 +182,7 @@ def api_once(conn: Connection, case: Case,
 
     with phase_marks(marks):
         t0 = now()
-        launched = start(conn, domain)
-        supervise(conn, launched, on_ready=on_ready, shutdown_timeout=5)
+        run_domain(conn, domain, on_ready=on_ready, shutdown_timeout=5)
         done = now()
     if phases is not None:
         prev = t0
@@ -255,7 +251,7 @@ def run(opts: Options) -> list[Table]:
     if not is_root():
         table.unavailable("all", "needs root (QEMU runs as vmconfine-qemu, files are chowned)")
         return [table]
-    from vmconfine.config.connection import Connection
+    from vmconfine.launch.connection import Connection
 
     with scratch("p1") as d:
         uri = embed_root(d / "instance")

@@ -1,11 +1,12 @@
 """P5: 32 domains started at the same time by 32 separate vmconfine processes (TCG, paused).
 
 Each worker process (``python -m bench.p5_concurrency --worker URI XML``) runs vmconfine's own
-start path — ``pipeline.start()`` then ``supervise()``, exactly what ``vmconfine run --paused``
-runs — on one embed instance shared by all of them, with the stack ``selinux, dac, cgroups``:
-real DAC (QEMU as vmconfine-qemu, chown + remembered owners) and real cgroups; SELinux runs on
-its fake backend (no SELinux on this host: file contexts in ``user.vmconfine.selinux``, the
-process context is not enforced and is reported back as requested), but its MCS labels come
+start path — ``supervisor.run_domain()`` (start sequence, then supervise), exactly what
+``vmconfine run --paused`` runs — on one embed instance shared by all of them, with the stack
+``selinux, dac, cgroups``: real DAC (QEMU as vmconfine-qemu, chown + remembered owners) and
+real cgroups; SELinux runs on its fake backend (no SELinux on this host: file contexts in
+``user.vmconfine.selinux``, the process context is not enforced and is reported back as the
+child set it), but its MCS labels come
 from the instance's real, file-locked registry, which all 32 processes share.
 
 Checked: every domain reaches QMP-ready, the 32 MCS labels are distinct, each image carries
@@ -68,7 +69,8 @@ def _bench_selinux_plugin(policy_dir: Path) -> tuple[types.ModuleType, Any]:
     from vmconfine_selinux.driver import SELinuxDriver
 
     backend = FakeBackend(str(policy_dir / "virtual_domain_context"),
-                          str(policy_dir / "virtual_image_context"), process_context=VIRTD)
+                          str(policy_dir / "virtual_image_context"), process_context=VIRTD,
+                          exec_record_dir=str(policy_dir))  # what a kernel would report
     mod = types.ModuleType("bench_selinux_fake")
 
     @hookimpl
@@ -84,29 +86,26 @@ def worker(uri: str, xml_path: str, policy_dir: str) -> int:
     """Start one domain paused and supervise it until its QEMU exits."""
     import vmconfine_cgroups
     import vmconfine_dac
-    from vmconfine.config.connection import Connection
     from vmconfine.config.instance import open_instance
     from vmconfine.domain import parse_domain
-    from vmconfine.launch.pipeline import start
-    from vmconfine.launch.supervisor import supervise
+    from vmconfine.launch.connection import Connection
+    from vmconfine.launch.supervisor import run_domain
     from vmconfine.plugin import nop
     from vmconfine.plugin.registry import make_plugin_manager
 
-    plugin, backend = _bench_selinux_plugin(Path(policy_dir))
+    plugin, _backend = _bench_selinux_plugin(Path(policy_dir))
     pm = make_plugin_manager(autoload=False,
                              plugins=[nop, vmconfine_dac, vmconfine_cgroups, plugin])
     conn = Connection(open_instance(uri), pm=pm)
     domain = parse_domain(Path(xml_path).read_text(), source=xml_path)
-    launched = start(conn, domain, paused=True)
-    sec = launched.ctx.domain.seclabel("selinux")
-    assert sec is not None and sec.label
-    backend.pid_contexts[launched.pid] = sec.label  # what a real kernel would report
 
     def on_ready(launched: Any) -> None:
+        sec = launched.ctx.domain.seclabel("selinux")
+        assert sec is not None and sec.label
         sys.stdout.write(f"READY {launched.pid} {sec.label} {sec.imagelabel}\n")
         sys.stdout.flush()
 
-    outcome = supervise(conn, launched, paused=True, on_ready=on_ready, shutdown_timeout=5)
+    outcome = run_domain(conn, domain, paused=True, on_ready=on_ready, shutdown_timeout=5)
     sys.stdout.write(f"DONE {outcome.reason}\n")
     return 0
 
@@ -336,7 +335,7 @@ def run(opts: Options) -> list[Table]:
     table.add("left behind: journals, status files, leases, cgroups",
               ", ".join(left[:5]) or "none", "-", "n/a", "report")
     table.notes += [
-        f"workers: python -m bench.p5_concurrency --worker (pipeline.start + supervise, "
+        f"workers: python -m bench.p5_concurrency --worker (supervisor.run_domain, "
         f"paused); stack selinux (fake backend, real MCS registry), dac, cgroups; {n} "
         "processes on " + str(os.cpu_count()) + " CPUs",
         "libvirt: the same XML defined, then concurrent 'virsh start --paused'",

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import traceback
@@ -44,7 +43,7 @@ def _read_input(path: str) -> tuple[str, str]:
 
 
 def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from vmconfine.config.connection import Connection
+    from vmconfine.launch.connection import Connection
 
     return Connection.open(args.connect)
 
@@ -147,29 +146,20 @@ def _print_started(conn, launched) -> None:  # type: ignore[no-untyped-def]
 
 @verb("run", "start a domain in the foreground and wait until it stops (like virt-qemu-run)")
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmconfine.launch.pipeline import start
-    from vmconfine.launch.supervisor import supervise
+    from vmconfine.launch.supervisor import run_domain
+    from vmconfine.report.build import open_failure_hint
 
     conn = _connect(args)
     domain = _parse_file(args.file)
-
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    # a SIGTERM/SIGHUP while labels are being set must undo them, as ^C does
-    old = {s: signal.signal(s, interrupted) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        launched = start(conn, domain, paused=args.paused)
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    outcome = supervise(conn, launched, paused=args.paused,
-                        shutdown_timeout=args.shutdown_timeout,
-                        on_ready=lambda started: _print_started(conn, started))
+    outcome = run_domain(conn, domain, paused=args.paused,
+                         shutdown_timeout=args.shutdown_timeout,
+                         on_ready=lambda started: _print_started(conn, started),
+                         diagnose=lambda ctx, tail: open_failure_hint(conn, ctx, tail))
+    name = domain.name
     if outcome.ok:
-        print(f"Domain '{launched.name}' stopped: {outcome.detail}")
+        print(f"Domain '{name}' stopped: {outcome.detail}")
         return 0
-    raise VmconfineError(f"domain '{launched.name}' stopped: {outcome.detail}")
+    raise VmconfineError(f"domain '{name}' stopped: {outcome.detail}")
 
 
 @verb("list", "list running domains")
@@ -237,14 +227,12 @@ def cmd_dominfo(args: argparse.Namespace) -> int:
 
 @verb("destroy", "kill a running domain (its supervising vmconfine tears it down)")
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from vmconfine.config.connection import kill_process
     from vmconfine.launch import runtime
-    from vmconfine.launch.supervisor import destroy_marker
 
     conn = _connect(args)
     dom = conn.lookup(args.domain)
-    destroy_marker(conn, dom.name).touch()
-    kill_process(dom.pid, dom.starttime)
+    conn.instance.destroy_marker_path(dom.name).touch()
+    runtime.kill_process(dom.pid, dom.starttime)
     deadline = time.monotonic() + 60
     while runtime.supervisor_alive(conn.instance, dom.name) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -277,8 +265,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 @verb("confinement", "show what confines a domain's QEMU, per resource and for the process "
       "(a domain XML before start, or a running domain's kernel view)")
 def cmd_confinement(args: argparse.Namespace) -> int:
-    from vmconfine.config.connection import Connection
     from vmconfine.config.instance import open_instance
+    from vmconfine.launch.connection import Connection
     from vmconfine.report.build import build_report
     from vmconfine.report.render import render_text
 
@@ -300,8 +288,8 @@ def cmd_confinement(args: argparse.Namespace) -> int:
 def cmd_host_validate(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from vmconfine.config.connection import Connection
     from vmconfine.config.instance import open_instance
+    from vmconfine.launch.connection import Connection
     from vmconfine.report.validate import host_validate, render_checks
 
     conn = Connection(open_instance(args.connect), recover=False)

@@ -1,5 +1,4 @@
 """Configuration (``vmconfine.config``): qemu.conf syntax (:mod:`~vmconfine.config.conf`), typed
-settings (:mod:`~vmconfine.config.settings`), instances and URIs
-(:mod:`~vmconfine.config.instance`) and a connection to one instance with its stack and
-running domains (:mod:`~vmconfine.config.connection`).
+settings (:mod:`~vmconfine.config.settings`) and instances and URIs
+(:mod:`~vmconfine.config.instance`).
 """

@@ -11,13 +11,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
+from vmconfine.config.settings import QemuConfig, load_config
 from vmconfine.errors import URIError
-
-if TYPE_CHECKING:
-    from vmconfine.config.settings import QemuConfig
 
 DEFAULT_URI_ENV = "VMCONFINE_DEFAULT_URI"
 REMOTE_TRANSPORTS = ("ssh", "tcp", "tls", "libssh", "libssh2", "ext")
@@ -102,8 +99,6 @@ class Instance:
     @property
     def config(self) -> QemuConfig:
         if self._config is None:
-            from vmconfine.config.settings import load_config
-
             path = self.config_path if self.config_path.exists() else None
             self._config = load_config(
                 path,
@@ -125,6 +120,10 @@ class Instance:
     def lock_path(self, name: str) -> Path:
         """Held (flock) by the supervising vmconfine process for the domain's lifetime."""
         return self.run_dir / f"{name}.lock"
+
+    def destroy_marker_path(self, name: str) -> Path:
+        """Exists while a destroy the admin asked for is under way (not a crash)."""
+        return self.run_dir / f"{name}.destroy"
 
     def domain_run_dir(self, name: str) -> Path:
         """Per-domain runtime directory (monitor sockets, VNC socket); removed at teardown."""

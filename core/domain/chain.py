@@ -25,12 +25,10 @@ import re
 import shutil
 import stat
 import subprocess
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from vmconfine.domain.devices import StorageSource
 from vmconfine.errors import VmconfineError
-
-if TYPE_CHECKING:
-    from vmconfine.domain.devices import StorageSource
 
 #: formats that can record a backing file (QEMU's "generic COW" formats)
 BACKING_FORMATS = frozenset({"qcow", "qcow2", "qed", "vmdk"})
@@ -67,8 +65,6 @@ def qemu_format(fmt: str | None) -> str:
 
 def _new_source(path: str, fmt: str) -> StorageSource:
     """A StorageSource for a backing layer found in an image header."""
-    from vmconfine.domain.devices import StorageSource
-
     kind = "file"
     try:
         if stat.S_ISBLK(os.stat(path).st_mode):

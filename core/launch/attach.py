@@ -45,10 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import LaunchError, NotRunningError, VmconfineError
 from vmconfine.launch import runtime
+from vmconfine.launch.journal import Journal
+from vmconfine.plugin.context import DomainContext
+from vmconfine.qemu import qmp
+from vmconfine.qemu.fromnative.convert import from_argv
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection, RunningDomain
     from vmconfine.domain import Domain
+    from vmconfine.launch.connection import Connection, RunningDomain
     from vmconfine.qemu.fromnative.convert import NativeResult
 
 log = logging.getLogger(__name__)
@@ -223,10 +227,6 @@ def _check_free(conn: Connection, domain: Domain, pid: int) -> None:
 
 def adopt(conn: Connection, pid: int) -> Adoption:
     """Read, check and lock an external QEMU; nothing on the host is changed."""
-    from vmconfine.launch.journal import Journal
-    from vmconfine.plugin.context import DomainContext
-    from vmconfine.qemu.fromnative.convert import from_argv
-
     inst = conn.instance
     try:
         pidfd = os.pidfd_open(pid)
@@ -288,9 +288,7 @@ def _qmp_lock_path(conn: Connection, name: str) -> Path:
 
 def finish(conn: Connection, a: Adoption) -> str:
     """Forget the domain (status, markers, lock); returns how it ended."""
-    from vmconfine.launch.supervisor import destroy_marker
-
-    marker = destroy_marker(conn, a.name)
+    marker = conn.instance.destroy_marker_path(a.name)
     how = "destroyed" if marker.exists() else (
         "stopped: QEMU exited" if _exited(a.pidfd) else
         "no longer supervised (QEMU keeps running)")
@@ -450,7 +448,6 @@ def monitor_command(conn: Connection, dom: RunningDomain,
                     payload: dict[str, Any]) -> dict[str, Any]:
     """``qemu-monitor-command``: the user monitor of a vmconfine-started domain, or the QMP
     socket of an adopted one."""
-    from vmconfine.qemu import qmp
     path = adopted_qmp_path(dom)
     if path is None:
         return qmp.command(conn.instance.user_monitor_path(dom.name), payload,

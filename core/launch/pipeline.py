@@ -1,14 +1,28 @@
-"""The launch pipeline: the one path every driver hooks into.
+"""The launch pipeline: the one start and stop sequence every driver hooks into.
 
-start: parse + validate → check seclabel models → resolve backing chains → gen labels → build
-argv → preflight → set all labels (transaction with rollback, journaled) → monitor sockets →
-fork → child: cgroup → exec label → identity → capabilities → no_new_privs → confine → exec
-QEMU → QMP handshake → verify the confinement the kernel reports (fail closed) → status XML →
-guest CPUs start.
+:func:`start` reads top to bottom as libvirt's ``qemuProcessStart``:
+
+1. *init* — validate the domain against the stack (seclabel models, each driver's ``verify``)
+   and resolve backing chains; reserve the name, UUID and id under the instance lock and
+   journal ``begin``;
+2. *prepare domain* — generate labels (``gen_label``), build the command line;
+3. *prepare host* — ``preflight``, runtime directories, ``set_all_labels`` (one transaction:
+   a failure rolls back every driver that ran), the listening monitor sockets
+   (``set_socket_label`` around their creation);
+4. *launch* — fork; the child runs the child hooks and execs QEMU (:mod:`~.child`);
+5. *connect monitor* — the QMP handshake, raced against QEMU exiting;
+6. *verify* — what the kernel reports for the pid against what every driver asked for, and
+   no_new_privs (beyond libvirt: fail closed);
+7. *finish start-up* — write the live status XML; start the guest CPUs unless paused.
+
+A failure at any step undoes everything done so far (:func:`teardown`, driven by the journal)
+before the error is raised; a failure after QEMU was spawned carries QEMU's last log lines and,
+through the caller's ``diagnose`` callback, which layer denied a path QEMU could not open.
 
 stop (any cause): kill QEMU if needed → restore all labels → release labels → remove runtime
 dir, status and journal. Each host change is journaled before it is made, so
-:meth:`vmconfine.config.connection.Connection.recover` can finish a teardown after a crash.
+:meth:`vmconfine.launch.connection.Connection.recover` can finish a teardown after a crash.
+Waiting for a started domain is :mod:`vmconfine.launch.supervisor`'s job.
 
 ``VMCONFINE_PAUSE_AT=STEP`` stops the pipeline at STEP (it prints ``paused at STEP`` on stderr and
 sleeps) so tests can SIGKILL vmconfine at every step. Steps: see :data:`STEPS`.
@@ -16,32 +30,33 @@ sleeps) so tests can SIGKILL vmconfine at every step. Steps: see :data:`STEPS`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import ctypes
-import fcntl
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
-import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.errors import LaunchError, VmconfineError
-from vmconfine.launch import runtime
+from vmconfine.launch import child, runtime
 from vmconfine.launch.journal import Journal
+from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
-from vmconfine.plugin.stack import CHILD_HOOKS
+from vmconfine.qemu import qmp
 from vmconfine.qemu.argv import CommandPaths, QemuCommand, build_command
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection
+    from qemu.qmp import QMPClient
+
     from vmconfine.domain import Domain
+    from vmconfine.launch.connection import Connection
     from vmconfine.plugin.stack import Stack
 
 log = logging.getLogger(__name__)
@@ -49,9 +64,10 @@ log = logging.getLogger(__name__)
 STEPS = ("begin", "labels", "preflight", "set-labels", "sockets", "forked", "qmp", "verified",
          "running")
 PAUSE_ENV = "VMCONFINE_PAUSE_AT"
-PR_SET_NO_NEW_PRIVS = 38
-PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
+
+#: ``diagnose(ctx, log_tail) -> "; why"``: explains a start failure from QEMU's log (which
+#: layer denied a path); given by the caller, so the launch layer needs no report code
+Diagnose = Callable[[DomainContext, str], str]
 
 
 def checkpoint(step: str) -> None:
@@ -69,16 +85,24 @@ class Launched:
 
     ctx: DomainContext
     command: QemuCommand
-    pid: int
-    starttime: int | None
+    process: QemuProcess
     domain_id: int
     lock: runtime.DomainLock
     log_path: Path
     monitor_socks: list[socket.socket] = field(default_factory=list)
+    client: QMPClient | None = None
 
     @property
     def name(self) -> str:
         return self.ctx.domain.name
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def starttime(self) -> int | None:
+        return self.process.starttime
 
 
 def command_paths(conn: Connection, domain: Domain, *, symbolic: bool) -> CommandPaths:
@@ -126,18 +150,95 @@ def native_command(conn: Connection, domain: Domain) -> QemuCommand:
                          symbolic=True)
 
 
+
+
 # ------------------------------------------------------------------------------------------------
 # start
 # ------------------------------------------------------------------------------------------------
 
 
-def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched:
-    """Start ``domain`` confined; return once QEMU's confinement is verified (and its CPUs run
-    unless ``paused``). On any failure everything done so far is undone before raising."""
+async def start(conn: Connection, domain: Domain, *, paused: bool = False,
+                diagnose: Diagnose | None = None) -> Launched:
+    """Start ``domain`` confined; return once QEMU's confinement is verified and its status
+    written (and its CPUs run unless ``paused``). On any failure everything done so far is
+    undone before raising."""
     inst = conn.instance
     inst.ensure_dirs()
     stack = conn.stack
+    # 1. init
     prepare_domain(conn, domain)
+    lock, journal, domain_id = _begin(conn, domain)
+    ctx = DomainContext(conn.host, domain, journal)
+    if domain.qemu_args or domain.qemu_env:
+        ctx.taint("custom-argv")
+        log.warning("domain %s is tainted: custom-argv (custom configuration parameters "
+                    "specified)", domain.name)
+    labels_generated = False
+    launched: Launched | None = None
+    try:
+        checkpoint("begin")
+        # 2. prepare domain
+        stack.gen_labels(ctx)
+        labels_generated = True
+        journal.record("pipeline", "labels", xml=domain.to_xml(live=True))
+        checkpoint("labels")
+        command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
+        ctx.state["pipeline"] = {"command": command}
+        # 3. prepare host
+        stack.preflight(ctx)
+        checkpoint("preflight")
+        _make_runtime_dirs(ctx)
+        stack.set("set_all_labels", ctx)
+        checkpoint("set-labels")
+        socks = _monitor_sockets(stack, ctx)
+        checkpoint("sockets")
+        # 4. launch
+        log_path = inst.log_path(domain.name)
+        pid = child.spawn(stack, ctx, command, socks, log_path)
+        process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
+        journal.record("pipeline", "started", pid=pid, starttime=process.starttime)
+        launched = Launched(ctx, command, process, domain_id, lock, log_path, socks)
+        process.watch(asyncio.get_running_loop())
+        checkpoint("forked")
+        # 5. connect monitor
+        launched.client = await _connect_monitor(conn, launched)
+        checkpoint("qmp")
+        # 6. verify
+        _verify(conn, launched)
+        checkpoint("verified")
+        # 7. finish start-up
+        write_status(conn, launched)
+        if not paused:
+            await launched.client.execute("cont")
+        checkpoint("running")
+        return launched
+    except BaseException as exc:
+        tail = ""
+        if launched is not None and isinstance(exc, LaunchError) and \
+                "not confined" not in exc.message:
+            launched.process.kill()
+            tail = log_tail(launched.log_path)
+            if diagnose is not None:
+                tail += diagnose(ctx, tail)
+        errors = await _abort(stack, ctx, launched, labels_generated=labels_generated)
+        lock.release()
+        if errors:
+            log.error("teardown after failed start left problems: %s", "; ".join(errors))
+        if tail:
+            assert isinstance(exc, LaunchError)
+            raise LaunchError(f"{exc.message}; QEMU log: {tail}") from None
+        if isinstance(exc, VmconfineError):
+            raise
+        if isinstance(exc, OSError):
+            raise LaunchError(f"starting domain '{domain.name}' failed: {exc}") from exc
+        raise
+
+
+def _begin(conn: Connection, domain: Domain) -> tuple[runtime.DomainLock, Journal, int]:
+    """Under the instance lock: refuse a second domain with this name or UUID, take the
+    domain's lifetime lock, pick its id and journal ``begin`` (with the stack that will make
+    the changes, so recovery undoes them with the same drivers)."""
+    inst = conn.instance
     lock = runtime.DomainLock(inst, domain.name)
     journal = Journal(inst.journal_path(domain.name))
     with runtime.instance_lock(inst):
@@ -158,59 +259,15 @@ def start(conn: Connection, domain: Domain, *, paused: bool = False) -> Launched
         if not lock.try_acquire():
             raise LaunchError(f"domain '{domain.name}' is being started by another process")
         domain_id = runtime.next_domain_id(inst)
-        from vmconfine.launch.supervisor import destroy_marker
-
-        destroy_marker(conn, domain.name).unlink(missing_ok=True)  # a stale one from before
+        inst.destroy_marker_path(domain.name).unlink(missing_ok=True)  # a stale one
         try:
             # written under the instance lock, so a concurrent start sees this UUID
             journal.record("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
-                           id=domain_id, uuid=domain.uuid, stack=stack.names())
+                           id=domain_id, uuid=domain.uuid, stack=conn.stack.names())
         except BaseException:
             lock.release()
             raise
-    ctx = DomainContext(conn.host, domain, journal)
-    if domain.qemu_args or domain.qemu_env:
-        ctx.taint("custom-argv")
-        log.warning("domain %s is tainted: custom-argv (custom configuration parameters "
-                    "specified)", domain.name)
-    labels_generated = False
-    launched: Launched | None = None
-    try:
-        checkpoint("begin")
-        stack.gen_labels(ctx)
-        labels_generated = True
-        journal.record("pipeline", "labels", xml=domain.to_xml(live=True))
-        checkpoint("labels")
-        command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
-        ctx.state["pipeline"] = {"command": command}
-        stack.preflight(ctx)
-        checkpoint("preflight")
-        _make_runtime_dirs(ctx)
-        stack.set("set_all_labels", ctx)
-        checkpoint("set-labels")
-        socks = _monitor_sockets(stack, ctx)
-        checkpoint("sockets")
-        log_path = inst.log_path(domain.name)
-        pid = _fork_exec(stack, ctx, command, socks, log_path)
-        starttime = ctx.state["pipeline"]["starttime"]
-        journal.record("pipeline", "started", pid=pid, starttime=starttime)
-        launched = Launched(ctx, command, pid, starttime, domain_id, lock, log_path, socks)
-        checkpoint("forked")
-        return launched
-    except BaseException as exc:
-        if ctx.pid is not None:
-            from vmconfine.config.connection import kill_process
-
-            kill_process(ctx.pid, ctx.state.get("pipeline", {}).get("starttime"))
-        errors = teardown(stack, ctx, labels_generated=labels_generated)
-        lock.release()
-        if errors:
-            log.error("teardown after failed start left problems: %s", "; ".join(errors))
-        if isinstance(exc, VmconfineError):
-            raise
-        if isinstance(exc, OSError):
-            raise LaunchError(f"starting domain '{domain.name}' failed: {exc}") from exc
-        raise
+    return lock, journal, domain_id
 
 
 def _starting(conn: Connection) -> list[tuple[str, str]]:
@@ -253,108 +310,75 @@ def _monitor_sockets(stack: Stack, ctx: DomainContext) -> list[socket.socket]:
         stack.restore("clear_socket_label", ctx)
 
 
-def _fork_exec(stack: Stack, ctx: DomainContext, command: QemuCommand,
-               socks: list[socket.socket], log_path: Path) -> int:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.write(log_fd, f"{time.strftime('%Y-%m-%d %H:%M:%S')}: starting up\n"
-                     f"{command.format_native()}\n".encode())
-    null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    fds = [s.fileno() for s in socks]
-    argv = command.argv(fds=fds)
-    env = dict(command.env)
-    parent_pid = os.getpid()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):  # closed or None: nothing buffered to duplicate
-            stream.flush()
-    pid = os.fork()
-    if pid == 0:  # ---- child ----
-        try:
-            os.close(err_r)
-            _child(stack, ctx, argv, env, fds, log_fd, null_fd, parent_pid)
-        except BaseException as exc:  # report to the parent, never return into its code
-            msg = str(exc) if isinstance(exc, VmconfineError) else (
-                f"{type(exc).__name__}: {exc}")
-            if os.environ.get("VMCONFINE_DEBUG"):
-                msg += "\n" + traceback.format_exc()
-            with contextlib.suppress(OSError):
-                os.write(err_w, msg.encode(errors="replace")[:65536])
-        os._exit(127)
-    # ---- parent ----
-    # journal the child before it can exec (a parent-death signal is not enough: an exec
-    # label change clears it), so a crash from here on is recovered by pid
-    ctx.pid = pid
-    starttime = runtime.proc_starttime(pid)
-    ctx.state["pipeline"]["starttime"] = starttime
-    with contextlib.suppress(Exception):
-        ctx.journal.record("pipeline", "forked", pid=pid, starttime=starttime)
-    os.close(err_w)
-    os.close(log_fd)
-    os.close(null_fd)
-    chunks = []
-    while True:
-        data = os.read(err_r, 65536)
-        if not data:
-            break
-        chunks.append(data)
-    os.close(err_r)
-    if chunks:
-        os.waitpid(pid, 0)
+def _make_runtime_dirs(ctx: DomainContext) -> None:
+    inst = ctx.instance
+    for d in (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name)):
+        if d.exists():
+            shutil.rmtree(d)
+        ctx.journal.record("pipeline", "mkdir", path=str(d))
+        d.mkdir(mode=0o750, parents=True)
+
+
+def _monitor_sockets(stack: Stack, ctx: DomainContext) -> list[socket.socket]:
+    """Create the listening QMP sockets in the parent; QEMU gets them as fds."""
+    inst = ctx.instance
+    stack.set("set_socket_label", ctx)
+    try:
+        socks = []
+        for path in (inst.monitor_path(ctx.domain.name), inst.user_monitor_path(ctx.domain.name)):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            s.bind(str(path))
+            os.chmod(path, 0o600)
+            s.listen(8)
+            socks.append(s)
+        return socks
+    finally:
+        stack.restore("clear_socket_label", ctx)
+
+
+async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
+    """QMP handshake, or a clear error as soon as QEMU exits instead of answering."""
+    process = launched.process
+    connect = asyncio.ensure_future(qmp.connect(
+        conn.instance.monitor_path(launched.name), f"vmconfine-{launched.name}"))
+    exited = asyncio.ensure_future(process.exited.wait())
+    try:
+        await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        exited.cancel()
+    if connect.done():
+        return connect.result()  # raises LaunchError when the handshake failed
+    connect.cancel()
+    with contextlib.suppress(BaseException):
+        await connect
+    raise LaunchError(f"domain '{launched.name}': QEMU exited during start-up "
+                      f"(exit status {process.exit_code})")
+
+
+def _verify(conn: Connection, launched: Launched) -> None:
+    """Fail closed: QEMU must be confined exactly as every driver asked."""
+    problems = core_checks(launched.pid) + conn.stack.verify_process(launched.ctx, launched.pid)
+    if problems:
         raise LaunchError(
-            f"domain '{ctx.domain.name}': preparing the QEMU process failed: "
-            f"{b''.join(chunks).decode(errors='replace')}"
+            f"domain '{launched.name}': QEMU is not confined as asked, killed it: "
+            + "; ".join(problems)
         )
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:  # died before exec without a word (e.g. killed)
-        raise LaunchError(
-            f"domain '{ctx.domain.name}': the QEMU process died before exec "
-            f"(status {os.waitstatus_to_exitcode(status)})")
-    return pid
 
 
-def _close_inherited(keep: set[int]) -> None:
-    """Close every fd above 2 that would survive exec (inherited from whoever started
-    vmconfine: an open /etc/shadow on fd 9 must not reach a confined QEMU), except ``keep``.
-    Close-on-exec fds (the journal, the error pipe, drivers' pipes) stay usable until exec."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= 2 or fd in keep:
-            continue
-        try:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-        except OSError:
-            continue  # the fd of the listdir itself, already closed
-        if not flags & fcntl.FD_CLOEXEC:
-            os.close(fd)
-
-
-def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str],
-           fds: list[int], log_fd: int, null_fd: int, parent_pid: int) -> None:
-    """In the forked child: apply the confinement in libvirt's order, then exec QEMU."""
-    for sig in signal.valid_signals():  # QEMU starts with default dispositions, no mask
-        with contextlib.suppress(OSError, ValueError):
-            signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    os.setsid()  # a terminal's ^C goes to vmconfine, which asks the guest to power off
-    os.dup2(null_fd, 0)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    _close_inherited(keep=set(fds))
-    for fd in fds:
-        os.set_inheritable(fd, True)
-    for hook in CHILD_HOOKS:
-        if hook == "child_confine":
-            if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-                raise LaunchError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: errno "
-                                  f"{ctypes.get_errno()}")
-        stack.run_child_hook(hook, ctx)
-    # the identity switch cleared any parent-death signal: set it last, then make sure the
-    # parent did not die before it took effect
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        raise LaunchError("vmconfine exited while QEMU was being prepared")
-    os.execve(argv[0], argv, env)
+def write_status(conn: Connection, launched: Launched) -> None:
+    """The live status XML: what ``list``, ``dominfo`` and ``dumpxml`` read."""
+    state = {
+        "id": str(launched.domain_id),
+        "pid": str(launched.pid),
+        "starttime": str(launched.starttime or ""),
+        "supervisor": str(os.getpid()),
+        "taints": ",".join(launched.ctx.taints),
+    }
+    xml = launched.ctx.domain.to_xml(live=True, extra={"id": launched.domain_id, "state": state})
+    with runtime.instance_lock(conn.instance):
+        runtime.write_atomic(conn.instance.status_path(launched.name), xml)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -387,4 +411,33 @@ def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True)
         ctx.journal.remove()
     else:
         ctx.journal.close()
+    return errors
+
+
+async def _abort(stack: Stack, ctx: DomainContext, launched: Launched | None, *,
+                 labels_generated: bool) -> list[str]:
+    """Undo a start that failed at any step: QEMU killed, monitor closed, host given back."""
+    if launched is not None:
+        if launched.client is not None:
+            await qmp.disconnect(launched.client)
+        launched.process.kill()
+        launched.process.close()
+        for s in launched.monitor_socks:
+            s.close()
+    elif ctx.pid is not None:  # forked, but died or failed before it was watched
+        runtime.kill_process(ctx.pid, ctx.state.get("pipeline", {}).get("starttime"))
+    errors = teardown(stack, ctx, labels_generated=labels_generated)
+    ctx.instance.destroy_marker_path(ctx.domain.name).unlink(missing_ok=True)
+    return errors
+
+
+def finish(conn: Connection, launched: Launched) -> list[str]:
+    """Tear down a domain whose QEMU has exited (or was killed): every host change given back,
+    the lifetime lock released. Returns the problems (the journal is kept if any)."""
+    for s in launched.monitor_socks:
+        s.close()
+    launched.process.close()
+    errors = teardown(conn.stack, launched.ctx)
+    conn.instance.destroy_marker_path(launched.name).unlink(missing_ok=True)
+    launched.lock.release()
     return errors

@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from vmconfine.config.instance import Instance
+from vmconfine.errors import VmconfineError
 
 
 def proc_starttime(pid: int) -> int | None:
@@ -171,3 +174,25 @@ def next_domain_id(instance: Instance) -> int:
         value = 1
     write_atomic(path, f"{value + 1}\n")
     return value
+
+
+def kill_process(pid: int, starttime: int | None, timeout: float = 10.0) -> None:
+    """SIGTERM then SIGKILL ``pid`` if it still is the process that started at ``starttime``."""
+    for sig, wait in ((signal.SIGTERM, timeout / 2), (signal.SIGKILL, timeout / 2)):
+        if not same_process(pid, starttime):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not same_process(pid, starttime):
+                return
+            try:  # reap it when it is our child
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.02)
+    if same_process(pid, starttime):
+        raise VmconfineError(f"QEMU process {pid} does not die after SIGKILL")

@@ -7,6 +7,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.plugin.resources import Resource, domain_resources
+
 if TYPE_CHECKING:
     import pluggy
 
@@ -15,7 +17,6 @@ if TYPE_CHECKING:
     from vmconfine.domain import Domain, SecLabel
     from vmconfine.launch.journal import Journal
     from vmconfine.plugin.registry import DriverRegistry
-    from vmconfine.plugin.resources import Resource
 
 
 @dataclass
@@ -63,8 +64,6 @@ class DomainContext:
     @cached_property
     def resources(self) -> list[Resource]:
         """Every host path QEMU will open, from the same model the argv is built from."""
-        from vmconfine.plugin.resources import domain_resources
-
         return domain_resources(self.domain, self.runtime_dir,
                                 self.host.instance.domain_lib_dir(self.domain.name))
 

@@ -7,10 +7,12 @@ import os
 import platform
 import pwd
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lxml import etree
 
-from vmconfine.config.connection import Connection
+if TYPE_CHECKING:
+    from vmconfine.launch.connection import Connection
 
 #: The seed's emulator names, plus the x86 ones modern distributions ship.
 EMULATOR_ARCH = {

@@ -23,10 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.domain.chain import resolve_chain
 from vmconfine.errors import VmconfineError
 from vmconfine.launch.journal import Journal
+from vmconfine.launch.pipeline import command_paths, core_checks
 from vmconfine.plugin.context import DomainContext
-from vmconfine.plugin.resources import Resource
+from vmconfine.plugin.resources import Resource, hostdev_resources
+from vmconfine.plugin.stack import Stack
+from vmconfine.qemu.argv import build_command
 from vmconfine.report.render import (
     apparmor_column,
     file_view,
@@ -37,9 +41,9 @@ from vmconfine.report.render import (
 from vmconfine.report.validate import QemuIds, dac_denial, xattr_support
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection, RunningDomain
     from vmconfine.domain import Domain
-    from vmconfine.plugin.stack import Driver, Stack
+    from vmconfine.launch.connection import Connection, RunningDomain
+    from vmconfine.plugin.stack import Driver
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +160,6 @@ class _Problems:
 
 def report_stack(conn: Connection, problems: _Problems) -> Stack:
     """The instance's stack; when it cannot be built, the drivers that work, and a problem."""
-    from vmconfine.plugin.stack import Stack
-
     try:
         return conn.stack
     except VmconfineError as exc:
@@ -174,10 +176,6 @@ def _dry_labels(conn: Connection, stack: Stack, ctx: DomainContext,
                 problems: _Problems) -> Stack | None:
     """Validate and generate labels on ``ctx.domain`` (a parsed copy); return the stack whose
     labels must be released afterwards, or None when generation failed."""
-    from vmconfine.launch.pipeline import command_paths
-    from vmconfine.plugin.stack import Stack
-    from vmconfine.qemu.argv import build_command
-
     domain = ctx.domain
     try:
         _prepare(stack, domain)
@@ -208,8 +206,6 @@ def _dry_labels(conn: Connection, stack: Stack, ctx: DomainContext,
 
 
 def _prepare(stack: Stack, domain: Domain) -> None:
-    from vmconfine.domain.chain import resolve_chain
-
     if stack.security_drivers:
         stack.check_models(domain)
     stack.verify(domain)
@@ -284,8 +280,6 @@ def _build(conn: Connection, stack: Stack, ctx: DomainContext, running: RunningD
     pid = running.pid if running is not None else None
     process, kernel = process_rows(conn, stack, ctx, descs, ids, pid)
     if running is not None:
-        from vmconfine.launch.pipeline import core_checks
-
         differences += [f"pipeline: {p}" for p in core_checks(running.pid)]
         differences += stack.verify_process(ctx, running.pid)
         for row in rows:
@@ -426,8 +420,6 @@ def _mount_of(path: str) -> str:
 
 
 def _hostdev_problems(ctx: DomainContext, problems: _Problems) -> None:
-    from vmconfine.plugin.resources import hostdev_resources
-
     for hd in ctx.domain.hostdevs:
         if not hostdev_resources(hd):
             problems.add("error", "device", f"<hostdev type='{hd.type}'> is not present on "

@@ -22,7 +22,7 @@ from vmconfine.launch.runtime import proc_status
 from vmconfine.report.validate import QemuIds, ids_from_config
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection
+    from vmconfine.launch.connection import Connection
     from vmconfine.plugin.context import DomainContext
     from vmconfine.plugin.resources import Resource
     from vmconfine.plugin.stack import Stack

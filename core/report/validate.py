@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmconfine.errors import VmconfineError
 from vmconfine.perms import R, W, X, can_access, describe_mode, has_acl, user_group_hint
+from vmconfine.plugin.stack import Stack
+from vmconfine.qemu.capabilities import find_emulators
 
 if TYPE_CHECKING:
-    from vmconfine.config.connection import Connection
     from vmconfine.config.instance import Instance
+    from vmconfine.launch.connection import Connection
 
 SYS_LANDLOCK_CREATE_RULESET = 444
 SELINUX_FS = Path("/sys/fs/selinux")
@@ -230,7 +233,6 @@ def check_kvm(conn: Connection, ids: QemuIds | None) -> Check:
 
 
 def check_emulators(conn: Connection) -> Check:
-    from vmconfine.qemu.capabilities import find_emulators
 
     search = list(conn.instance.config.emulator_search_path)
     found = find_emulators(search)
@@ -433,7 +435,6 @@ def check_directories(conn: Connection, ids: QemuIds | None) -> list[Check]:
 
 
 def check_drivers(conn: Connection) -> list[Check]:
-    from vmconfine.plugin.stack import Stack
 
     out = []
     for info, ok, why in Stack.probe_installed(conn.host):
@@ -443,7 +444,6 @@ def check_drivers(conn: Connection) -> list[Check]:
         else:
             out.append(Check("FAIL" if _configured(conn, info.name) else "WARN", name,
                              f"unavailable: {why}"))
-    from vmconfine.errors import VmconfineError
 
     try:
         names = conn.stack.names()

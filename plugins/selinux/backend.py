@@ -11,11 +11,13 @@ Errors are ``OSError`` with the errno libselinux reports; the driver turns them 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from vmconfine_selinux.contexts import Context
@@ -189,6 +191,9 @@ class FakeBackend:
     ``unsupported`` path prefixes answer EOPNOTSUPP like an NFS mount; ``defaults`` maps path
     prefixes (longest wins) to the policy default returned by :meth:`default_context`.
     ``pid_contexts`` answers :meth:`getpidcon`; the current pid answers ``process_context``.
+    With ``exec_record_dir`` set, :meth:`setexeccon` (called in the forked child) also records
+    the context under the calling pid there, and :meth:`getpidcon` answers it for that pid, as
+    a kernel would after the exec transition (for processes that verify another's exec).
     """
 
     domain_path: str
@@ -202,6 +207,7 @@ class FakeBackend:
     defaults: Mapping[str, str] = field(default_factory=dict)
     pid_contexts: dict[int, str] = field(default_factory=dict)
     exec_context: str | None = None
+    exec_record_dir: str | None = None
     sockcreate_context: str | None = None
     fail: dict[str, int] = field(default_factory=dict)  #: method name -> errno to raise
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
@@ -237,6 +243,9 @@ class FakeBackend:
         self._maybe_fail("getpidcon")
         if pid in self.pid_contexts:
             return self.pid_contexts[pid]
+        if self.exec_record_dir is not None:
+            with contextlib.suppress(FileNotFoundError):
+                return Path(self.exec_record_dir, str(pid)).read_text()
         if pid == os.getpid():
             return self.process_context
         raise OSError(errno.ESRCH, os.strerror(errno.ESRCH), f"/proc/{pid}/attr/current")
@@ -278,6 +287,8 @@ class FakeBackend:
     def setexeccon(self, context: str | None) -> None:
         self._maybe_fail("setexeccon")
         self.exec_context = context
+        if self.exec_record_dir is not None and context is not None:
+            Path(self.exec_record_dir, str(os.getpid())).write_text(context)
 
     def setsockcreatecon(self, context: str | None) -> None:
         self._maybe_fail("setsockcreatecon")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid as uuidlib
@@ -46,10 +47,10 @@ class Qemus:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True, cwd=self.dir)
         self.procs.append(proc)
-        # Popen returns after exec; with a QMP socket, wait until QEMU listens on it
+        # Popen returns after exec; with a QMP socket, wait until QEMU greets on it (its main
+        # loop runs: every chardev of the command line, e.g. a serial file, exists by then)
         deadline = time.monotonic() + 30
-        while qmp and not sock.exists() and proc.poll() is None and \
-                time.monotonic() < deadline:
+        while qmp and not greets(sock) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
         return proc, sock
@@ -59,6 +60,17 @@ class Qemus:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=30)
+
+
+def greets(sock: Path) -> bool:
+    """True once QEMU answers a QMP connection on ``sock`` with its greeting."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(sock))
+            return b'"QMP"' in s.recv(4096)
+    except OSError:
+        return False
 
 
 @pytest.fixture

@@ -29,13 +29,12 @@ pytestmark = pytest.mark.host
 HELPER = """
 import sys
 import vmconfine_cgroups
-from vmconfine.config.connection import Connection
+from vmconfine.launch.connection import Connection
 from vmconfine.domain import parse_domain
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine.config.instance import open_instance
-from vmconfine.launch.pipeline import start
 from vmconfine.plugin.registry import make_plugin_manager
-from vmconfine.launch.supervisor import supervise
+from vmconfine.launch.supervisor import run_domain
 from vmconfine.plugin import nop
 
 
@@ -65,10 +64,9 @@ if __name__ == "__main__":
         print("recovered", conn.recover(), flush=True)
         sys.exit(0)
     conn.instance.config.cgroup_devices_backend = mode.split("-")[1]  # run-v1 / run-v2
-    launched = start(conn, parse_domain(open(xml).read(), source=xml))
-    desc = conn.stack.describe(launched.ctx).get("cgroups", {})
-    supervise(conn, launched, on_ready=lambda l: print(
-        "started", l.pid, desc.get("summary"), flush=True))
+    run_domain(conn, parse_domain(open(xml).read(), source=xml), on_ready=lambda l: print(
+        "started", l.pid, conn.stack.describe(l.ctx).get("cgroups", {}).get("summary"),
+        flush=True))
 """
 
 

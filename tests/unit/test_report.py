@@ -17,8 +17,8 @@ import pytest
 
 import vmconfine_dac
 from tests.support import make_host, require_root
-from vmconfine.config.connection import Connection
 from vmconfine.domain import parse_domain
+from vmconfine.launch.connection import Connection
 from vmconfine.plugin import nop
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine.report.build import build_report, denied_paths, open_failure_hint

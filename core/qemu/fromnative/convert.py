@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from lxml import etree
 
+from vmconfine.domain import parse_domain
 from vmconfine.domain.devices import one_line
 from vmconfine.inputs import read_bounded
 from vmconfine.qemu.fromnative.model import Guest, Monitor, NativeArgsError, NChar, NDisk
@@ -413,8 +414,6 @@ def from_argv(env: list[tuple[str, str]], argv: list[str], *, source: str = "<st
     ``skip_bad_env``: environment entries the XML cannot hold are noted instead of refused
     (for ``/proc/PID/environ``).
     """
-    from vmconfine.domain import parse_domain
-
     if not argv:
         raise NativeArgsError(f"{source}: no QEMU command found")
     qemu_env: list[tuple[str, str]] = []

@@ -8,26 +8,23 @@ never left changed for longer than it takes to run the next command.
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmconfine.config.instance import Instance, open_instance
+from vmconfine.domain import Domain, parse_domain
 from vmconfine.errors import NotRunningError, VmconfineError, XMLError
 from vmconfine.launch import runtime
 from vmconfine.launch.journal import Journal
+from vmconfine.launch.pipeline import teardown
 from vmconfine.plugin.context import DomainContext, HostContext
 from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
+from vmconfine.plugin.stack import Stack
 
 if TYPE_CHECKING:
     import pluggy
-
-    from vmconfine.domain import Domain
-    from vmconfine.plugin.stack import Stack
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +63,10 @@ class Connection:
 
     @cached_property
     def stack(self) -> Stack:
-        from vmconfine.plugin.stack import Stack
-
         return Stack.build(self.host)
 
     # ---- running domains ----------------------------------------------------------------------
     def _read_status(self, name: str) -> RunningDomain | None:
-        from vmconfine.domain import parse_domain
-
         path = self.instance.status_path(name)
         try:
             text = path.read_text()
@@ -139,9 +132,6 @@ class Connection:
 
     def teardown_from_journal(self, name: str) -> None:
         """Kill a leftover QEMU and undo every change the journal lists (fresh process)."""
-        from vmconfine.domain import parse_domain
-        from vmconfine.launch.pipeline import teardown
-
         journal = Journal(self.instance.journal_path(name))
         xml_rec = journal.last("pipeline", "labels") or journal.last("pipeline", "begin")
         if xml_rec is None:
@@ -151,15 +141,13 @@ class Connection:
         domain = parse_domain(xml_rec["xml"], source=str(journal.path))
         started = journal.last("pipeline", "started") or journal.last("pipeline", "forked")
         if started:
-            kill_process(int(started["pid"]), started.get("starttime"))
+            runtime.kill_process(int(started["pid"]), started.get("starttime"))
         ctx = DomainContext(self.host, domain, journal, recovering=True)
         if started:
             ctx.pid = int(started["pid"])
         generated = bool(journal.last("pipeline", "labels"))
         begin = journal.last("pipeline", "begin") or {}
         if begin.get("stack"):
-            from vmconfine.plugin.stack import Stack
-
             stack = Stack.for_teardown(self.host, list(begin["stack"]))
         else:
             stack = self.stack
@@ -169,25 +157,3 @@ class Connection:
                 f"teardown of domain '{name}' left problems: {'; '.join(errors)}; "
                 f"the journal {journal.path} was kept, fix them and run any vmconfine command"
             )
-
-
-def kill_process(pid: int, starttime: int | None, timeout: float = 10.0) -> None:
-    """SIGTERM then SIGKILL ``pid`` if it still is the process that started at ``starttime``."""
-    for sig, wait in ((signal.SIGTERM, timeout / 2), (signal.SIGKILL, timeout / 2)):
-        if not runtime.same_process(pid, starttime):
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not runtime.same_process(pid, starttime):
-                return
-            try:  # reap it when it is our child
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.02)
-    if runtime.same_process(pid, starttime):
-        raise VmconfineError(f"QEMU process {pid} does not die after SIGKILL")

@@ -1,0 +1,142 @@
+"""From fork to exec: the QEMU child process.
+
+The parent forks; the child resets signal dispositions and mask, starts a session, points
+stdin at /dev/null and stdout/stderr at the domain log, closes every inherited fd except the
+monitor sockets, then runs the stack's child hooks in libvirt's order (cgroup → exec label →
+identity → capabilities → no_new_privs → confine) and execs QEMU. Any failure in the child is
+written to a close-on-exec pipe, so the parent learns of it exactly when exec did not happen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmconfine.errors import LaunchError, VmconfineError
+from vmconfine.launch import runtime
+from vmconfine.plugin.stack import CHILD_HOOKS
+
+if TYPE_CHECKING:
+    from vmconfine.plugin.context import DomainContext
+    from vmconfine.plugin.stack import Stack
+    from vmconfine.qemu.argv import QemuCommand
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
+          socks: list[socket.socket], log_path: Path) -> int:
+    """Fork; in the child apply every driver's child hooks in libvirt's order and exec QEMU
+    with the listening ``socks`` as its monitor fds. Returns QEMU's pid once it has exec'd (or
+    raises with the child's own error message)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    os.write(log_fd, f"{time.strftime('%Y-%m-%d %H:%M:%S')}: starting up\n"
+                     f"{command.format_native()}\n".encode())
+    null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    fds = [s.fileno() for s in socks]
+    argv = command.argv(fds=fds)
+    env = dict(command.env)
+    parent_pid = os.getpid()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # closed or None: nothing buffered to duplicate
+            stream.flush()
+    pid = os.fork()
+    if pid == 0:  # ---- child ----
+        try:
+            os.close(err_r)
+            _child(stack, ctx, argv, env, fds, log_fd, null_fd, parent_pid)
+        except BaseException as exc:  # report to the parent, never return into its code
+            msg = str(exc) if isinstance(exc, VmconfineError) else (
+                f"{type(exc).__name__}: {exc}")
+            if os.environ.get("VMCONFINE_DEBUG"):
+                msg += "\n" + traceback.format_exc()
+            with contextlib.suppress(OSError):
+                os.write(err_w, msg.encode(errors="replace")[:65536])
+        os._exit(127)
+    # ---- parent ----
+    # journal the child before it can exec (a parent-death signal is not enough: an exec
+    # label change clears it), so a crash from here on is recovered by pid
+    ctx.pid = pid
+    starttime = runtime.proc_starttime(pid)
+    ctx.state["pipeline"]["starttime"] = starttime
+    with contextlib.suppress(Exception):
+        ctx.journal.record("pipeline", "forked", pid=pid, starttime=starttime)
+    os.close(err_w)
+    os.close(log_fd)
+    os.close(null_fd)
+    chunks = []
+    while True:
+        data = os.read(err_r, 65536)
+        if not data:
+            break
+        chunks.append(data)
+    os.close(err_r)
+    if chunks:
+        os.waitpid(pid, 0)
+        raise LaunchError(
+            f"domain '{ctx.domain.name}': preparing the QEMU process failed: "
+            f"{b''.join(chunks).decode(errors='replace')}"
+        )
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:  # died before exec without a word (e.g. killed)
+        raise LaunchError(
+            f"domain '{ctx.domain.name}': the QEMU process died before exec "
+            f"(status {os.waitstatus_to_exitcode(status)})")
+    return pid
+
+
+def _close_inherited(keep: set[int]) -> None:
+    """Close every fd above 2 that would survive exec (inherited from whoever started
+    vmconfine: an open /etc/shadow on fd 9 must not reach a confined QEMU), except ``keep``.
+    Close-on-exec fds (the journal, the error pipe, drivers' pipes) stay usable until exec."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2 or fd in keep:
+            continue
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue  # the fd of the listdir itself, already closed
+        if not flags & fcntl.FD_CLOEXEC:
+            os.close(fd)
+
+
+def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str],
+           fds: list[int], log_fd: int, null_fd: int, parent_pid: int) -> None:
+    """In the forked child: apply the confinement in libvirt's order, then exec QEMU."""
+    for sig in signal.valid_signals():  # QEMU starts with default dispositions, no mask
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    os.setsid()  # a terminal's ^C goes to vmconfine, which asks the guest to power off
+    os.dup2(null_fd, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    _close_inherited(keep=set(fds))
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    for hook in CHILD_HOOKS:
+        if hook == "child_confine":
+            if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise LaunchError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: errno "
+                                  f"{ctypes.get_errno()}")
+        stack.run_child_hook(hook, ctx)
+    # the identity switch cleared any parent-death signal: set it last, then make sure the
+    # parent did not die before it took effect
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        raise LaunchError("vmconfine exited while QEMU was being prepared")
+    os.execve(argv[0], argv, env)

@@ -103,9 +103,16 @@ class NamespacesDriver:
 
     @hookimpl
     def probe(self, host: HostContext) -> tuple[bool, str]:
-        if not os.path.exists("/proc/self/ns/mnt"):
-            return False, "this kernel has no mount namespaces"
-        return True, ""
+        if not self.wanted():
+            return True, "not configured (namespaces = [] in qemu.conf)"
+        ok, why = self.available()
+        if ok:
+            return True, ""
+        if host.config.source("namespaces") != "default":
+            # configured: stay in the stack so that starting a domain fails (preflight)
+            # instead of running QEMU without the namespaces it was asked for
+            return True, f"configured but unavailable, domains will not start: {why}"
+        return False, why
 
     @hookimpl
     def enabled(self, host: HostContext) -> bool:

@@ -27,6 +27,12 @@ import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmconfine.qemu.argv import find_emulator
+
+if TYPE_CHECKING:
+    from vmconfine.plugin.context import DomainContext
 
 log = logging.getLogger(__name__)
 
@@ -240,3 +246,14 @@ def emulator_files(executable: str) -> EmulatorFiles:
     if found is None:
         found = _CACHE[key] = _resolve(exe)
     return found
+
+
+def domain_emulator(ctx: DomainContext) -> str:
+    """The binary a domain's QEMU runs: the one in the argv the pipeline built for this start
+    (``ctx.state["pipeline"]["command"]``), else the one ``find_emulator`` resolves (reports
+    made before any start)."""
+    command = ctx.state.get("pipeline", {}).get("command")
+    path = getattr(command, "emulator", None)
+    if path:
+        return str(path)
+    return find_emulator(ctx.domain, ctx.config)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError, LabelError
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine.qemu.emulator import emulator_files
+from vmconfine.qemu.emulator import domain_emulator, emulator_files
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset
 
@@ -66,17 +66,6 @@ def _missing_features(abi: int) -> list[str]:
     if abi < 7:
         out.append("audit logging")
     return out
-
-
-def _emulator_path(ctx: DomainContext) -> str:
-    """The exact binary the pipeline will exec, else the one ``find_emulator`` resolves."""
-    command = ctx.state.get("pipeline", {}).get("command")
-    path = getattr(command, "emulator", None)
-    if path:
-        return str(path)
-    from vmconfine.qemu.argv import find_emulator
-
-    return find_emulator(ctx.domain, ctx.config)
 
 
 class LandlockDriver:
@@ -131,7 +120,7 @@ class LandlockDriver:
             if _mode(self.host) == "enforce":
                 raise DriverError(f"landlock: {why}")
             return None, why
-        emulator = _emulator_path(ctx)
+        emulator = domain_emulator(ctx)
         try:
             emu = emulator_files(emulator)
         except OSError as exc:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.errors import DriverError
 from vmconfine.plugin.devacl import acl_list
 from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.qemu.emulator import domain_emulator, emulator_files
 from vmconfine_namespaces import build, syscalls
 from vmconfine_namespaces.plan import (
     Builder,
@@ -44,17 +45,6 @@ NAME = "namespaces"
 LOCALTIME = "/etc/localtime"
 #: view directories QEMU itself may fill (not compared after exec)
 _WRITABLE = ("/tmp", "/dev/shm")
-
-
-def _emulator_path(ctx: DomainContext) -> str:
-    """The exact binary the pipeline will exec, else the one ``find_emulator`` resolves."""
-    command = ctx.state.get("pipeline", {}).get("command")
-    path = getattr(command, "emulator", None)
-    if path:
-        return str(path)
-    from vmconfine.qemu.argv import find_emulator
-
-    return find_emulator(ctx.domain, ctx.config)
 
 
 def _userns_works() -> tuple[bool, str]:
@@ -134,8 +124,7 @@ class NamespacesDriver:
         resources = ctx.resources
         try:
             if root:
-                emulator = _emulator_path(ctx)
-                from vmconfine.qemu.emulator import emulator_files
+                emulator = domain_emulator(ctx)
 
                 try:
                     emu = emulator_files(emulator)

@@ -281,6 +281,9 @@ def root_entries(builder: Builder, *, emulator_paths: Iterable[str],
     for w in wanted:
         if w.path.startswith("/dev/"):
             continue  # the private /dev's business
+        norm = os.path.normpath(w.path)
+        if norm in builder.by_path or builder.covered(norm) is not None:
+            continue  # one of the domain's own directories (or in one), planned above
         if exists(w.path):
             builder.walk(w.path, w.role, readonly=not w.writable)
         elif w.create:

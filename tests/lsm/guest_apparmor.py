@@ -278,8 +278,11 @@ def test_vmconfine_run_starts_qemu_under_its_profile(work: Path) -> None:
     os.chmod(vm, 0o755)
     root = base / "inst"
     (root / "etc").mkdir(parents=True)
+    # QEMU also runs in its per-domain root view: the profile, attached at exec after the
+    # mounts, names the same paths inside the view (every resource is bound at its own path)
     (root / "etc" / "qemu.conf").write_text(
         'security_driver = "apparmor"\n'
+        'namespaces = [ "mount", "root" ]\n'
         f'apparmor_profile_dir = "{profiles}"\n')
     image = vm / "run.img"
     write_image(str(image), "hello from the confined guest", poweroff=False)
@@ -315,7 +318,13 @@ def test_vmconfine_run_starts_qemu_under_its_profile(work: Path) -> None:
         current = Path(f"/proc/{pid}/attr/current").read_text().strip("\x00\n")
         exe = os.readlink(f"/proc/{pid}/exe")
         record("run", {"label": current, "exe": exe, "dominfo": info.stdout,
-                       "loaded": loaded().get(name)})
+                       "loaded": loaded().get(name),
+                       "own_mount_ns": os.readlink(f"/proc/{pid}/ns/mnt")
+                       != os.readlink("/proc/self/ns/mnt"),
+                       "view_has_image": (Path(f"/proc/{pid}/root") /
+                                          str(image).lstrip("/")).exists(),
+                       "view_has_conf": (Path(f"/proc/{pid}/root") /
+                                         str(root).lstrip("/") / "etc").exists()})
         assert exe.endswith("qemu-system-x86_64")
         assert current == f"{name} (enforce)"
         assert f"Security label: {name} (enforce)" in info.stdout

@@ -4,7 +4,8 @@ One boot of the lsm guest (tests/lsm/harness.py) runs tests/lsm/guest_apparmor.p
 real driver and helper load per-domain profiles, a process in domain A's profile reads and
 writes A's disk and is denied B's disk, an unlisted file and /etc/shadow, an over-broad profile
 is caught leaking, teardown unloads the profile, a restart loads the cached compiled policy
-(no compile) that confines the same way, and ``vmconfine run`` starts QEMU under its profile.
+(no compile) that confines the same way, and ``vmconfine run`` starts QEMU under its profile
+inside its per-domain root view (the profile's host paths hold there, no denials).
 """
 
 from __future__ import annotations
@@ -45,4 +46,7 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     assert restart["confined"]["other_disk"] == restart["confined"]["shadow"] == "EACCES"
     assert seen["after_restart_teardown"] is False
     assert seen["run"]["label"].endswith(" (enforce)")
+    # ... in its per-domain root view (namespaces = ["mount", "root"]) with no denials
+    assert seen["run"]["own_mount_ns"] and seen["run"]["view_has_image"]
+    assert not seen["run"]["view_has_conf"]
     assert seen["run_after"] == {"loaded": False, "files": []}

@@ -241,3 +241,19 @@ def test_block_disk_node_is_planned_into_dev(tmp_path: Path) -> None:
     gone = drv.explain(ctx=ctx, resource=Resource("/dev/vda", "disk", "rw"))
     assert gone["allows"] is False and "cgroup_device_acl" in gone["why"]
     assert drv.explain(ctx=ctx, resource=Resource("/var/x.img", "disk", "rw")) is None
+
+
+def test_own_directories_not_yet_made_never_expose_their_parent(host: FakeHost) -> None:
+    """Before start (a report), the runtime and home directories do not exist yet: they are
+    planned as themselves, never as "QEMU creates it, bind the parent" (which would show
+    every domain's runtime directory)."""
+    host.dir("/run/vm")
+    b = builder(host, "root")
+    root_entries(b, emulator_paths=[], emulator_dirs=[],
+                 wanted=[Wanted("/run/vm/domain-a", "runtime_dir", True, create=True,
+                                is_dir=True),
+                         Wanted("/run/vm/domain-a/vnc.sock", "graphics", True, create=True)],
+                 private_dirs=["/run/vm/domain-a"], exists=host.exists)
+    assert b.view.by_path("/run/vm/domain-a").kind == "bind"
+    assert b.view.by_path("/run/vm").kind == "dir"
+    assert b.view.notes == []

@@ -3,8 +3,9 @@
 The parent forks; the child resets signal dispositions and mask, starts a session, points
 stdin at /dev/null and stdout/stderr at the domain log, closes every inherited fd except the
 monitor sockets, then runs the stack's child hooks in libvirt's order (cgroup → namespace →
-exec label → identity → capabilities → no_new_privs → confine) and execs QEMU. Any failure in the child is
-written to a close-on-exec pipe, so the parent learns of it exactly when exec did not happen.
+exec label → identity → capabilities → no_new_privs → confine) and execs QEMU. Any failure in
+the child is written to a close-on-exec pipe, so the parent learns of it exactly when exec did
+not happen.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable
 
 from vmconfine_namespaces import syscalls as sc
-from vmconfine_namespaces.plan import Entry, View
+from vmconfine_namespaces.plan import Entry, View, own_pid_path
 
 _TMPFS_FLAGS = {"/dev": sc.MS_NOSUID | sc.MS_NOEXEC,
                 "/dev/shm": sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
@@ -82,9 +82,10 @@ def _build_root(view: View, staging: str) -> None:
     try:
         _tmpfs(view.by_path("/"), staging)
         ours = {os.lstat(staging).st_dev}
+        pid = os.getpid()
         for e in view.entries:
             if e.path != "/":
-                _make(e, staging + e.path, ours, source)
+                _make(e, staging + own_pid_path(e.path, pid), ours, source)
     finally:
         os.close(handle)
     os.chdir(staging)

@@ -32,6 +32,7 @@ from vmconfine_namespaces.plan import (
     Wanted,
     dev_entries,
     order,
+    own_pid_path,
     root_entries,
 )
 
@@ -310,7 +311,8 @@ def check_process(view: View, pid: int) -> list[str]:
         except OSError as exc:
             problems.append(f"cannot read the user namespace of pid {pid}: {exc.strerror}")
     base = f"/proc/{pid}/root"
-    for directory, names in sorted(expected_children(view).items()):
+    for directory, planned in sorted(expected_children(view).items()):
+        names = {os.path.basename(own_pid_path(f"{directory}/{n}", pid)) for n in planned}
         if view.mode == "mount" and not directory.startswith("/dev"):
             continue
         try:

@@ -15,7 +15,7 @@ Mode ``mount`` (libvirt's ``namespaces = ["mount"]``) plans only ``/dev``: the h
 filesystem stays visible, ``/dev`` is a private tmpfs. Mode ``root`` plans a whole root: the
 emulator and its libraries/firmware/modules read-only, the domain's resources at their own
 paths, its runtime and home directories, a private ``/dev`` and ``/tmp``, and of ``/proc``
-only the process's own directory (``/proc/self``, ``/proc/thread-self``).
+only the process's own directory (``/proc/self``, ``/proc/thread-self`` and ``/proc/PID``).
 
 Device nodes are bind mounts of the host's nodes, never copies (``mknod``): the same inode
 keeps its owner, mode, ACLs and SELinux label, relabelling on the host applies inside at once,
@@ -45,7 +45,14 @@ STANDARD_LINKS = (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"
 MAX_LINKS = 40
 #: magic links the kernel resolves to the calling process's (thread's) /proc directory;
 #: bound in the child, they are QEMU's own
-OWN_PROC = ("/proc/self", "/proc/thread-self")  # Linux's MAXSYMLINKS
+OWN_PROC = ("/proc/self", "/proc/thread-self")
+#: the view path of the process's own /proc/PID (libapparmor writes /proc/TID/attr/...); the
+#: child knows its pid, the plan does not: ``own_pid_path`` fills it in
+OWN_PID = "/proc/@pid"
+
+
+def own_pid_path(path: str, pid: int) -> str:
+    return f"/proc/{pid}" if path == OWN_PID else path  # Linux's MAXSYMLINKS
 
 
 @dataclass(frozen=True)
@@ -302,6 +309,7 @@ def root_entries(builder: Builder, *, emulator_paths: Iterable[str],
     builder.add(Entry("/proc", "dir", role="proc"))
     for own in OWN_PROC:
         builder.add(Entry(own, "bind", own, False, True, "proc"))
+    builder.add(Entry(OWN_PID, "bind", "/proc/self", False, True, "proc"))
 
 
 def order(view: View) -> None:

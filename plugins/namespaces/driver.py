@@ -126,7 +126,6 @@ class NamespacesDriver:
         try:
             if root:
                 emulator = domain_emulator(ctx)
-
                 try:
                     emu = emulator_files(emulator)
                 except OSError as exc:
@@ -167,8 +166,10 @@ class NamespacesDriver:
     def preflight(self, ctx: DomainContext) -> None:
         ok, why = self.available()
         if not ok:
-            wanted = " and ".join(f'"{n}"' for n in self.wanted())
-            raise DriverError(f"namespaces: the {wanted} namespace is not available: {why} "
+            names = self.wanted()
+            listed = " and ".join(f'"{n}"' for n in names)
+            noun = "namespace is" if len(names) == 1 else "namespaces are"
+            raise DriverError(f"namespaces: the {listed} {noun} not available: {why} "
                               "(or remove it from 'namespaces' in qemu.conf)")
         self.view(ctx)
 

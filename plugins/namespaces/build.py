@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 
 from vmconfine_namespaces import syscalls as sc
-from vmconfine_namespaces.plan import Entry, View, own_pid_path
+from vmconfine_namespaces.plan import OWN_PID, Entry, View, own_pid_path
 
 _TMPFS_FLAGS = {"/dev": sc.MS_NOSUID | sc.MS_NOEXEC,
                 "/dev/shm": sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
@@ -85,7 +86,10 @@ def _build_root(view: View, staging: str) -> None:
         pid = os.getpid()
         for e in view.entries:
             if e.path != "/":
-                _make(e, staging + own_pid_path(e.path, pid), ours, source)
+                if OWN_PID in e.path or OWN_PID in e.source:
+                    e = replace(e, path=own_pid_path(e.path, pid),
+                                source=own_pid_path(e.source, pid))
+                _make(e, staging + e.path, ours, source)
     finally:
         os.close(handle)
     os.chdir(staging)

@@ -15,7 +15,7 @@ Mode ``mount`` (libvirt's ``namespaces = ["mount"]``) plans only ``/dev``: the h
 filesystem stays visible, ``/dev`` is a private tmpfs. Mode ``root`` plans a whole root: the
 emulator and its libraries/firmware/modules read-only, the domain's resources at their own
 paths, its runtime and home directories, a private ``/dev`` and ``/tmp``, and of ``/proc``
-only the process's own directory (``/proc/self``, ``/proc/thread-self`` and ``/proc/PID``).
+only the process's own ``/proc/PID`` (with ``self`` and ``thread-self`` links to it).
 
 Device nodes are bind mounts of the host's nodes, never copies (``mknod``): the same inode
 keeps its owner, mode, ACLs and SELinux label, relabelling on the host applies inside at once,
@@ -43,16 +43,16 @@ DEVPTS = "newinstance,ptmxmode=0666,mode=0620"
 STANDARD_LINKS = (("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
                   ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2"))
 MAX_LINKS = 40
-#: magic links the kernel resolves to the calling process's (thread's) /proc directory;
-#: bound in the child, they are QEMU's own
-OWN_PROC = ("/proc/self", "/proc/thread-self")
-#: the view path of the process's own /proc/PID (libapparmor writes /proc/TID/attr/...); the
-#: child knows its pid, the plan does not: ``own_pid_path`` fills it in
-OWN_PID = "/proc/@pid"
+#: QEMU's own /proc/PID in the view, and the links to it a process expects: the plan does
+#: not know the pid (the child does; :func:`own_pid_path` fills it in). Links, not binds of
+#: the magic links: path-based LSMs (AppArmor) then see the usual /proc/PID/... paths
+OWN_PID = "@pid"
+OWN_PROC = (("/proc/self", OWN_PID), ("/proc/thread-self", f"{OWN_PID}/task/{OWN_PID}"))
 
 
-def own_pid_path(path: str, pid: int) -> str:
-    return f"/proc/{pid}" if path == OWN_PID else path  # Linux's MAXSYMLINKS
+def own_pid_path(text: str, pid: int) -> str:
+    """``text`` (a view path or link target) with the placeholder for QEMU's pid filled in."""
+    return text.replace(OWN_PID, str(pid))  # Linux's MAXSYMLINKS
 
 
 @dataclass(frozen=True)
@@ -307,9 +307,9 @@ def root_entries(builder: Builder, *, emulator_paths: Iterable[str],
     # the process's own /proc directory only: /proc/PID of every other process (and its
     # "root" link into another domain's view) stays out of reach
     builder.add(Entry("/proc", "dir", role="proc"))
-    for own in OWN_PROC:
-        builder.add(Entry(own, "bind", own, False, True, "proc"))
-    builder.add(Entry(OWN_PID, "bind", "/proc/self", False, True, "proc"))
+    builder.add(Entry(f"/proc/{OWN_PID}", "bind", "/proc/self", False, True, "proc"))
+    for link, target in OWN_PROC:
+        builder.add(Entry(link, "symlink", target, role="proc"))
 
 
 def order(view: View) -> None:

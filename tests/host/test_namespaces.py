@@ -146,6 +146,7 @@ def test_system_compromised_qemu_cannot_reach_other_domain(
         assert (view_root / str(vm_dir.path / "b" / "nsb.img").lstrip("/")).exists()
         assert set(os.listdir(view_root / "dev")) == expected_dev(root_view=True)
         assert set(os.listdir(view_root / "proc")) == {"self", "thread-self", str(pid)}
+        assert os.readlink(view_root / "proc" / "self") == str(pid)
     for name in ("nsa", "nsb"):
         assert embed.cli("destroy", name).returncode == 0
 

@@ -156,7 +156,9 @@ def test_root_view_binds_resources_at_their_own_paths(host: FakeHost) -> None:
     assert "/img/a/missing.iso (disk) does not exist on the host" in v.notes
     assert v.entries[0].path == "/"
     assert v.top_names() == {"usr", "lib64", "img", "run", "lib", "logs", "tmp", "proc"}
-    assert v.by_path("/proc/self").kind == "bind"
+    assert v.by_path("/proc/self") == Entry("/proc/self", "symlink", "@pid", role="proc")
+    assert v.by_path("/proc/@pid").kind == "bind"
+    assert expected_children(v)["/proc"] == {"@pid", "self", "thread-self"}
     kids = expected_children(v)
     assert kids["/"] == v.top_names()
     assert kids["/img/a"] == {"disk.img", "base.img"}

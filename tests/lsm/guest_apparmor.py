@@ -309,7 +309,11 @@ def test_vmconfine_run_starts_qemu_under_its_profile(work: Path) -> None:
         if not any("started" in ln for ln in started):
             proc.kill()
             out, err = proc.communicate(timeout=30)
-            record("run_failed", {"stdout": "".join(started) + out, "stderr": err})
+            dmesg = subprocess.run(["dmesg"], capture_output=True, text=True,
+                                   check=False).stdout
+            record("run_failed", {"stdout": "".join(started) + out, "stderr": err,
+                                  "denials": [ln for ln in dmesg.splitlines()
+                                              if "apparmor=" in ln][-40:]})
             pytest.fail(f"vmconfine run did not start: {''.join(started)}{out}{err}")
         info = subprocess.run([*cli, "dominfo", "aa-run"], capture_output=True, text=True,
                               timeout=120, check=False)

@@ -36,6 +36,7 @@ BENCHMARKS = {
     "p4": "bench.p4_relabel",
     "p5": "bench.p5_concurrency",
     "p6": "bench.p6_memory",
+    "p7": "bench.p7_daemon",
 }
 
 

@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from vmconfine import __version__
+from vmconfine import __version__, cli_daemon
 from vmconfine.errors import VmconfineError
 from vmconfine.inputs import read_bounded
 
@@ -162,13 +162,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     raise VmconfineError(f"domain '{name}' stopped: {outcome.detail}")
 
 
-@verb("list", "list running domains")
+@verb("list", "list running domains (--all: defined ones too)")
 def cmd_list(args: argparse.Namespace) -> int:
+    from vmconfine.daemon.store import DefinitionStore
+
     conn = _connect(args)
     print(f" {'Id':<4} {'Name':<30} State")
     print("-" * 48)
-    for dom in conn.running():
+    running = conn.running()
+    for dom in running:
         print(f" {dom.id:<4} {dom.name:<30} {'running' if dom.alive else 'shut off'}")
+    if args.all:
+        names = {d.name for d in running}
+        for name in DefinitionStore(conn.instance).names():
+            if name not in names:
+                print(f" {'-':<4} {name:<30} shut off")
     print()
     return 0
 
@@ -186,39 +194,10 @@ def cmd_dumpxml(args: argparse.Namespace) -> int:
 
 @verb("dominfo", "print information about a running domain, including its security labels")
 def cmd_dominfo(args: argparse.Namespace) -> int:
-    from vmconfine.launch.attach import adopted_qmp_path
-    from vmconfine.launch.journal import Journal
-    from vmconfine.plugin.context import DomainContext
+    from vmconfine.launch.info import domain_info_rows
 
     conn = _connect(args)
-    dom = conn.lookup(args.domain)
-    d = dom.domain
-    rows = [
-        ("Id", str(dom.id)),
-        ("Name", d.name),
-        ("UUID", d.uuid),
-        ("OS Type", d.os.type or "hvm"),
-        ("State", "running" if dom.alive else "shut off"),
-        ("CPU(s)", str(d.vcpus)),
-        ("Max memory", f"{d.memory_kib} KiB"),
-        ("Used memory", f"{d.current_memory_kib or d.memory_kib} KiB"),
-        ("Persistent", "no"),
-        ("Autostart", "disable"),
-        ("Managed save", "no"),
-        ("PID", str(dom.pid)),
-    ]
-    ctx = DomainContext(conn.host, d, Journal(conn.instance.journal_path(d.name)), pid=dom.pid)
-    for model, doi, label in conn.stack.process_labels(ctx, dom.pid):
-        rows += [("Security model", model), ("Security DOI", doi),
-                 ("Security label", label or "-")]
-    adopted = adopted_qmp_path(dom)
-    if adopted is not None:  # started outside vmconfine: no confinement was applied
-        rows.append(("QMP socket", adopted))
-    for name, desc in (conn.stack.describe(ctx) if adopted is None else {}).items():
-        if isinstance(desc, dict) and desc.get("summary"):
-            rows.append((f"Confinement ({name})", str(desc["summary"])))
-    if dom.taints:
-        rows.append(("Tainted", ", ".join(dom.taints)))
+    rows = domain_info_rows(conn, conn.lookup(args.domain))
     for k, v in rows:
         print(f"{k + ':':<16}{v}")
     print()
@@ -343,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: $VMCONFINE_DEFAULT_URI, else system for root and session otherwise.",
     )
     p.add_argument("-c", "--connect", metavar="URI", help="instance to use")
+    p.add_argument("-r", "--readonly", action="store_true",
+                   help="use the daemon's read-only socket (queries only)")
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks, debug logging and pluggy hook tracing")
     p.add_argument("--version", action="version", version=f"vmconfine {__version__}")
@@ -372,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
                     help="on SIGINT/SIGTERM wait this long for an ACPI power-off before "
                     "destroying (default: qemu.conf shutdown_timeout, 30)")
-    add("list")
+    sp = add("list")
+    sp.add_argument("--all", action="store_true", help="also defined domains that are shut off")
     for name in ("dumpxml", "dominfo", "destroy"):
         sp = add(name)
         sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
@@ -397,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--image-dir", action="append", default=[], metavar="DIR",
                     help="also check xattr support where images live (repeatable)")
     sp.add_argument("--json", action="store_true", help="print the checks as JSON")
+
+    def add_daemon_verb(name: str, fn: Handler, help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(func=fn)
+        return sp
+
+    cli_daemon.add_parsers(add_daemon_verb, _seconds)
     return p
 
 
@@ -415,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:  # its own connection errors are reported by vmconfine in one line
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     try:
+        if args.verb in cli_daemon.DAEMON_FIRST:
+            status = cli_daemon.daemon_first(args)
+            if status is not None:
+                return status
         return args.func(args)
     except VmconfineError as exc:
         if debug:

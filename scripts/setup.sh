@@ -15,6 +15,7 @@ APT_PACKAGES=(
   selinux-policy-default selinux-utils policycoreutils semodule-utils secilc checkpolicy
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the peer: tests and benchmarks
   util-linux                            # setpriv, losetup
+  openssh-client openssh-server openssl # remote URIs: ssh transport, its test sshd, TLS test PKI
   ca-certificates
 )
 

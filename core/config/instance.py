@@ -2,8 +2,11 @@
 
 ``qemu:///system`` (root only), ``qemu:///session`` (any user), ``qemu:///embed?root=DIR``
 (everything under DIR; privileged when run by root, like libvirt's embedded driver).
-``qemu+unix:///...`` is the same as the local form. Remote forms are parsed and refused.
-Every path an instance uses is defined here and nowhere else.
+``qemu+unix:///...`` is the same as the local form. Remote forms (``qemu+ssh://``,
+``qemu+tls://``, and ``qemu://HOST/`` which is TLS, as in libvirt) are parsed into a
+:class:`RemoteURI` that the client uses to reach that host's daemon; ``qemu+tcp://`` is refused
+(libvirt needs SASL to make it safe). Every path an instance uses is defined here and nowhere
+else.
 """
 
 from __future__ import annotations
@@ -11,13 +14,34 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from vmconfine.config.settings import QemuConfig, load_config
 from vmconfine.errors import URIError
 
 DEFAULT_URI_ENV = "VMCONFINE_DEFAULT_URI"
 REMOTE_TRANSPORTS = ("ssh", "tcp", "tls", "libssh", "libssh2", "ext")
+#: URI parameters the client consumes (libvirt's names); the rest go to the remote side
+CLIENT_PARAMS = ("keyfile", "no_verify", "socket", "command", "known_hosts", "pkipath",
+                 "no_tty", "netcat", "sshauth", "mode", "proxy")
+TLS_PORT = 16514
+
+
+@dataclass(frozen=True)
+class RemoteURI:
+    """A remote connection: how to reach the host, and the local URI of its instance."""
+
+    uri: str
+    transport: str  # ssh | tls
+    host: str
+    port: int | None
+    user: str | None
+    remote_uri: str  # e.g. qemu:///system, as the remote side opens it
+    params: dict[str, str]
+
+    @property
+    def no_verify(self) -> bool:
+        return self.params.get("no_verify", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -41,8 +65,9 @@ def parse_uri(uri: str) -> ParsedURI:
         if transport and transport not in REMOTE_TRANSPORTS:
             raise URIError(f"unknown transport '{transport}' in URI '{uri}'")
         raise URIError(
-            f"remote connections are not available yet: '{uri}'; "
-            "run vmconfine on that host with a local URI such as qemu:///system"
+            f"'{uri}' is a remote URI: this verb runs on the host itself; remote "
+            "connections serve the daemon's verbs (list, dominfo, start, destroy, console, "
+            "event...)"
         )
     path = parts.path.rstrip("/") or "/"
     query = parse_qs(parts.query, keep_blank_values=True)
@@ -62,6 +87,40 @@ def parse_uri(uri: str) -> ParsedURI:
         f"unknown instance path '{parts.path}' in URI '{uri}' "
         "(expected /system, /session or /embed?root=DIR)"
     )
+
+
+def parse_remote(uri: str) -> RemoteURI | None:
+    """A remote URI's parts, or None for a local URI. Refuses what libvirt refuses (or what
+    would be unsafe) with a one-line reason."""
+    parts = urlsplit(uri)
+    driver, _, transport = parts.scheme.partition("+")
+    if driver != "qemu" or not (parts.netloc or transport not in ("", "unix")):
+        return None
+    if transport == "tcp":
+        raise URIError(f"'{uri}': qemu+tcp:// is plain, unauthenticated TCP (libvirt needs "
+                       "SASL to make it safe); use qemu+ssh://HOST/system or "
+                       "qemu+tls://HOST/system")
+    if transport in ("libssh", "libssh2", "ext"):
+        raise URIError(f"'{uri}': transport '{transport}' is not supported; use qemu+ssh:// "
+                       "(the system's OpenSSH client) or qemu+tls://")
+    if transport and transport not in REMOTE_TRANSPORTS:
+        raise URIError(f"unknown transport '{transport}' in URI '{uri}'")
+    transport = transport or "tls"  # libvirt: a host without a transport means TLS
+    try:
+        host, port, user = parts.hostname, parts.port, parts.username
+    except ValueError as exc:
+        raise URIError(f"'{uri}': {exc}") from None
+    if not host:
+        raise URIError(f"'{uri}' names no host")
+    if any(c.isspace() or c in "'\"`$;&|<>" for c in host) or host.startswith("-") or (
+            user and (user.startswith("-") or any(c.isspace() for c in user))):
+        raise URIError(f"'{uri}': not a valid host or user name")
+    query = parse_qs(parts.query, keep_blank_values=True)
+    params = {k: v[-1] for k, v in query.items() if k in CLIENT_PARAMS}
+    rest = {k: v[-1] for k, v in query.items() if k not in CLIENT_PARAMS}
+    local = f"qemu://{parts.path}" + (f"?{urlencode(rest, safe='/')}" if rest else "")
+    parse_uri(local)  # the remote side's instance must be a valid local URI
+    return RemoteURI(uri, transport, host, port, user, local, params)
 
 
 def default_uri() -> str:
@@ -148,6 +207,43 @@ class Instance:
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
+
+    # ---- the daemon and persistent definitions (libvirt: /etc/libvirt/qemu/NAME.xml) --------
+    @property
+    def daemon_dir(self) -> Path:
+        """Where the instance's daemon keeps its sockets and pid file."""
+        return self.run_dir.parent
+
+    @property
+    def daemon_socket_path(self) -> Path:
+        """The daemon's read-write API socket (libvirt: libvirt-sock)."""
+        return self.daemon_dir / "vmconfine-sock"
+
+    @property
+    def daemon_ro_socket_path(self) -> Path:
+        """The daemon's read-only API socket (libvirt: libvirt-sock-ro)."""
+        return self.daemon_dir / "vmconfine-sock-ro"
+
+    @property
+    def daemon_pid_path(self) -> Path:
+        return self.daemon_dir / "vmconfined.pid"
+
+    @property
+    def daemon_config_path(self) -> Path:
+        """The daemon's own settings (libvirt: virtqemud.conf / libvirtd.conf)."""
+        return self.config_path.parent / "vmconfined.conf"
+
+    @property
+    def definitions_dir(self) -> Path:
+        """Persistent domain definitions, one ``NAME.xml`` each."""
+        return self.config_path.parent / "qemu"
+
+    def definition_path(self, name: str) -> Path:
+        return self.definitions_dir / f"{name}.xml"
+
+    def autostart_path(self, name: str) -> Path:
+        """A symlink to the definition while the domain is marked autostart."""
+        return self.definitions_dir / "autostart" / f"{name}.xml"
 
     @property
     def instance_lock_path(self) -> Path:

@@ -37,10 +37,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
-          socks: list[socket.socket], log_path: Path) -> int:
+          socks: list[socket.socket], log_path: Path, *, outlive: bool = False) -> int:
     """Fork; in the child apply every driver's child hooks in libvirt's order and exec QEMU
     with the listening ``socks`` as its monitor fds. Returns QEMU's pid once it has exec'd (or
-    raises with the child's own error message)."""
+    raises with the child's own error message). Unless ``outlive``, QEMU gets SIGKILL when
+    this process dies (``run``); a daemon's QEMUs outlive it and are reconnected."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.write(log_fd, f"{time.strftime('%Y-%m-%d %H:%M:%S')}: starting up\n"
@@ -58,7 +59,7 @@ def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
     if pid == 0:  # ---- child ----
         try:
             os.close(err_r)
-            _child(stack, ctx, argv, env, fds, log_fd, null_fd, parent_pid)
+            _child(stack, ctx, argv, env, fds, log_fd, null_fd, parent_pid, outlive)
         except BaseException as exc:  # report to the parent, never return into its code
             msg = str(exc) if isinstance(exc, VmconfineError) else (
                 f"{type(exc).__name__}: {exc}")
@@ -116,7 +117,8 @@ def _close_inherited(keep: set[int]) -> None:
 
 
 def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str],
-           fds: list[int], log_fd: int, null_fd: int, parent_pid: int) -> None:
+           fds: list[int], log_fd: int, null_fd: int, parent_pid: int,
+           outlive: bool) -> None:
     """In the forked child: apply the confinement in libvirt's order, then exec QEMU."""
     for sig in signal.valid_signals():  # QEMU starts with default dispositions, no mask
         with contextlib.suppress(OSError, ValueError):
@@ -136,8 +138,10 @@ def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str
                                   f"{ctypes.get_errno()}")
         stack.run_child_hook(hook, ctx)
     # the identity switch cleared any parent-death signal: set it last, then make sure the
-    # parent did not die before it took effect
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # parent did not die before it took effect (or, for a QEMU that outlives its parent,
+    # before it was journaled)
+    if not outlive:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
         raise LaunchError("vmconfine exited while QEMU was being prepared")
     os.execve(argv[0], argv, env)

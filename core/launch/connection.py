@@ -66,7 +66,8 @@ class Connection:
         return Stack.build(self.host)
 
     # ---- running domains ----------------------------------------------------------------------
-    def _read_status(self, name: str) -> RunningDomain | None:
+    def read_status(self, name: str) -> RunningDomain | None:
+        """The running domain from its status file, or None when it has none."""
         path = self.instance.status_path(name)
         try:
             text = path.read_text()
@@ -92,7 +93,7 @@ class Connection:
         for rec in runtime.known_domains(self.instance):
             if not rec.alive:
                 continue
-            dom = self._read_status(rec.name)
+            dom = self.read_status(rec.name)
             if dom is not None:
                 out.append(dom)
         return sorted(out, key=lambda d: d.id)
@@ -108,10 +109,13 @@ class Connection:
 
     # ---- crash recovery -------------------------------------------------------------------------
     def recover(self) -> list[str]:
-        """Finish the teardown of every domain whose supervisor died; return their names."""
+        """Finish the teardown of every domain whose supervisor died; return their names.
+
+        A running domain started to outlive its supervisor (a daemon's) is left alone: its
+        daemon reconnects to it (see :meth:`awaits_reconnect`)."""
         done = []
         for rec in runtime.known_domains(self.instance):
-            if rec.alive:
+            if rec.alive or self.awaits_reconnect(rec.name):
                 continue
             lock = runtime.DomainLock(self.instance, rec.name)
             if not lock.try_acquire():
@@ -129,6 +133,18 @@ class Connection:
             finally:
                 lock.release()
         return done
+
+    def awaits_reconnect(self, name: str) -> bool:
+        """True for a domain whose QEMU was started to outlive its supervisor, finished
+        starting (its status exists) and still runs: a daemon will manage it again."""
+        journal_path = self.instance.journal_path(name)
+        if not journal_path.exists() or not self.instance.status_path(name).exists():
+            return False
+        journal = Journal(journal_path)
+        begin = journal.last("pipeline", "begin") or {}
+        started = journal.last("pipeline", "started")
+        return bool(begin.get("outlive")) and started is not None and runtime.same_process(
+            int(started["pid"]), started.get("starttime"))
 
     def teardown_from_journal(self, name: str) -> None:
         """Kill a leftover QEMU and undo every change the journal lists (fresh process)."""

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.errors import LaunchError, VmconfineError
-from vmconfine.launch import child, runtime
+from vmconfine.launch import checks, child, runtime
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
@@ -84,7 +84,7 @@ class Launched:
     """A started domain, supervised by this process."""
 
     ctx: DomainContext
-    command: QemuCommand
+    command: QemuCommand | None  #: None for a domain reconnected to after a restart
     process: QemuProcess
     domain_id: int
     lock: runtime.DomainLock
@@ -133,13 +133,16 @@ def _qemu_user_name(conn: Connection) -> str:
     return user
 
 
-def prepare_domain(conn: Connection, domain: Domain) -> None:
-    """Validation that changes nothing: seclabel models, driver checks, backing chains."""
-    conn.stack.check_models(domain)
-    conn.stack.verify(domain)
+def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None) -> None:
+    """Validation that changes nothing: disk sources, seclabel models, driver checks (of
+    ``stack``, default the instance's), backing chains."""
+    stack = stack if stack is not None else conn.stack
+    stack.check_models(domain)
+    stack.verify(domain)
     for disk in domain.disks:
         if disk.source is not None and disk.type in ("file", "block"):
             resolve_chain(disk.source)
+    checks.check_sources(domain)
 
 
 def native_command(conn: Connection, domain: Domain) -> QemuCommand:
@@ -158,16 +161,17 @@ def native_command(conn: Connection, domain: Domain) -> QemuCommand:
 
 
 async def start(conn: Connection, domain: Domain, *, paused: bool = False,
-                diagnose: Diagnose | None = None) -> Launched:
+                diagnose: Diagnose | None = None, outlive: bool = False) -> Launched:
     """Start ``domain`` confined; return once QEMU's confinement is verified and its status
     written (and its CPUs run unless ``paused``). On any failure everything done so far is
-    undone before raising."""
+    undone before raising. ``outlive``: QEMU keeps running if this process dies (the daemon,
+    which reconnects to it); otherwise it is killed with this process (``run``)."""
     inst = conn.instance
     inst.ensure_dirs()
     stack = conn.stack
     # 1. init
     prepare_domain(conn, domain)
-    lock, journal, domain_id = _begin(conn, domain)
+    lock, journal, domain_id = _begin(conn, domain, outlive=outlive)
     ctx = DomainContext(conn.host, domain, journal)
     if domain.qemu_args or domain.qemu_env:
         ctx.taint("custom-argv")
@@ -183,6 +187,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         journal.record("pipeline", "labels", xml=domain.to_xml(live=True))
         checkpoint("labels")
         command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
+        checks.check_emulator(command.emulator)
         ctx.state["pipeline"] = {"command": command}
         # 3. prepare host
         stack.preflight(ctx)
@@ -194,7 +199,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         checkpoint("sockets")
         # 4. launch
         log_path = inst.log_path(domain.name)
-        pid = child.spawn(stack, ctx, command, socks, log_path)
+        pid = child.spawn(stack, ctx, command, socks, log_path, outlive=outlive)
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
         journal.record("pipeline", "started", pid=pid, starttime=process.starttime)
         launched = Launched(ctx, command, process, domain_id, lock, log_path, socks)
@@ -234,7 +239,8 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         raise
 
 
-def _begin(conn: Connection, domain: Domain) -> tuple[runtime.DomainLock, Journal, int]:
+def _begin(conn: Connection, domain: Domain, *,
+           outlive: bool) -> tuple[runtime.DomainLock, Journal, int]:
     """Under the instance lock: refuse a second domain with this name or UUID, take the
     domain's lifetime lock, pick its id and journal ``begin`` (with the stack that will make
     the changes, so recovery undoes them with the same drivers)."""
@@ -242,20 +248,7 @@ def _begin(conn: Connection, domain: Domain) -> tuple[runtime.DomainLock, Journa
     lock = runtime.DomainLock(inst, domain.name)
     journal = Journal(inst.journal_path(domain.name))
     with runtime.instance_lock(inst):
-        for other in conn.running():
-            if other.name == domain.name:
-                raise LaunchError(f"domain '{domain.name}' is already running (id {other.id})")
-            if other.domain.uuid == domain.uuid:
-                raise LaunchError(
-                    f"domain '{domain.name}' has the same UUID {domain.uuid} as running "
-                    f"domain '{other.name}'; give it another <uuid>"
-                )
-        for name, uuid in _starting(conn):
-            if name != domain.name and uuid == domain.uuid:
-                raise LaunchError(
-                    f"domain '{domain.name}' has the same UUID {domain.uuid} as domain "
-                    f"'{name}', which is starting; give it another <uuid>"
-                )
+        checks.check_not_running(conn, domain)
         if not lock.try_acquire():
             raise LaunchError(f"domain '{domain.name}' is being started by another process")
         domain_id = runtime.next_domain_id(inst)
@@ -263,23 +256,12 @@ def _begin(conn: Connection, domain: Domain) -> tuple[runtime.DomainLock, Journa
         try:
             # written under the instance lock, so a concurrent start sees this UUID
             journal.record("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
-                           id=domain_id, uuid=domain.uuid, stack=conn.stack.names())
+                           id=domain_id, uuid=domain.uuid, stack=conn.stack.names(),
+                           outlive=outlive)
         except BaseException:
             lock.release()
             raise
     return lock, journal, domain_id
-
-
-def _starting(conn: Connection) -> list[tuple[str, str]]:
-    """(name, uuid) of domains whose supervisor is alive but that have no status yet."""
-    out = []
-    for rec in runtime.known_domains(conn.instance):
-        if not rec.alive or rec.status_path.exists() or not rec.journal_path.exists():
-            continue
-        begin = Journal(rec.journal_path).last("pipeline", "begin")
-        if begin and begin.get("uuid"):
-            out.append((rec.name, str(begin["uuid"])))
-    return out
 
 
 def _make_runtime_dirs(ctx: DomainContext) -> None:
@@ -357,9 +339,14 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
                       f"(exit status {process.exit_code})")
 
 
+def confinement_problems(conn: Connection, launched: Launched) -> list[str]:
+    """How the kernel's view of QEMU differs from what every driver asked (empty: none)."""
+    return core_checks(launched.pid) + conn.stack.verify_process(launched.ctx, launched.pid)
+
+
 def _verify(conn: Connection, launched: Launched) -> None:
     """Fail closed: QEMU must be confined exactly as every driver asked."""
-    problems = core_checks(launched.pid) + conn.stack.verify_process(launched.ctx, launched.pid)
+    problems = confinement_problems(conn, launched)
     if problems:
         raise LaunchError(
             f"domain '{launched.name}': QEMU is not confined as asked, killed it: "

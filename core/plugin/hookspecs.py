@@ -101,6 +101,36 @@ def base_label(virt_type: str) -> str | None:
     """The ``<baselabel type=virt_type>`` for capabilities ("qemu" or "kvm"), or None."""
 
 
+@hookspec(firstresult=True)
+def qemu_identity(host: HostContext, ctx: DomainContext | None) -> dict[str, Any] | None:
+    """Who QEMU runs as when this driver decides it (uid/gid switch drivers).
+
+    When: the confinement report and ``host-validate`` (parent; changes nothing). ``ctx`` is
+    the domain's context (its seclabel may pick the ids), or None for the instance's default.
+    Returns ``{"uid": int, "gid": int, "groups": [int, ...], "capabilities": "cleared" |
+    "kept"}`` (optionally ``"layer"``: how messages name the kernel's permission checks under
+    these ids, default the driver's name), or None when this driver does not decide QEMU's ids
+    (then QEMU runs as the caller, with the caller's capabilities). Raise when the configured
+    account does not exist. The first driver in stack order that answers decides; the report
+    files problems of the kernel's permission checks under its name.
+    """
+
+
+@hookspec
+def host_checks(host: HostContext, wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
+    """This driver's lines of ``vmconfine host-validate``: can it work on this host?
+
+    When: ``host-validate``, for every installed driver (in the stack or not). Parent; must
+    change nothing (probe xattrs with reads). ``wanted`` is True when qemu.conf's
+    ``security_driver`` names this driver (a missing feature is then a FAIL, else a WARN);
+    ``dirs`` are the directories whose file systems should support what the driver stores
+    there (the instance's run and lib directories, and any image directories given).
+    Returns ``[{"status": "PASS" | "WARN" | "FAIL", "name": ..., "detail": ..., "fix": ...}]``
+    (``fix`` may be empty). The generic checks (emulators, ``/dev/kvm``, instance
+    directories, the stack) are the core's.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 2: domain validation and label allocation (per driver, parent)
 # --------------------------------------------------------------------------------------------
@@ -122,6 +152,19 @@ def gen_label(ctx: DomainContext, seclabel: SecLabel) -> None:
     seclabel (implicit dynamic ones are added by the stack per ``security_default_confined``).
     Type ``none`` labels are not passed here. Allocation must be unique across all vmconfine
     processes of the instance (a driver with a pool keeps it on disk, locked).
+    """
+
+
+@hookspec
+def plan_label(ctx: DomainContext, seclabel: SecLabel) -> None:
+    """Fill ``seclabel`` with the label :func:`gen_label` WOULD generate, changing nothing.
+
+    When: ``vmconfine confinement FILE.xml`` (a dry run), in place of ``gen_label``, with the
+    same stack policy (implicit dynamic labels, ``security_require_confined``). Parent.
+    Validate as ``gen_label`` does and raise the same errors, but write, load, lock or reserve
+    nothing on the host; the label is never released. A driver whose ``gen_label`` changes
+    the host beyond a label pool of its own (e.g. writes and loads a policy) must implement
+    this hook; without it the report calls ``gen_label`` and then ``release_label``.
     """
 
 
@@ -304,7 +347,27 @@ def explain(ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
     EACCES/EPERM on a path (then ``resource`` may be a path the domain model does not list,
     role ``"other"``). Returns a JSON-serialisable dict, or None when the driver has nothing
     to say about this resource. Keys the report understands (all optional):
-    ``summary`` (one short cell of text), ``before`` / ``during`` (a label or owner before
-    start and while QEMU runs), ``allows`` (False = this driver would deny the access the
-    resource needs), ``why`` (one line: what denies it and the fix).
+    ``summary`` (one short cell of text), ``cell`` (the terminal table's text when it differs
+    from ``summary``), ``before`` / ``during`` (a label or owner before start and while QEMU
+    runs), ``allows`` (False = this driver would deny the access the resource needs; None
+    with ``why`` = a warning), ``why`` (one line: what denies it; ``"...; fix: ..."`` gives
+    the fix), ``owner`` (``[uid, gid]`` the driver gives the file before QEMU starts: the
+    kernel's permission checks are judged with it), ``difference`` (running domain only: one
+    line when what the file has now differs from what the driver applied at start).
+    """
+
+
+@hookspec(firstresult=True)
+def explain_process(ctx: DomainContext, kernel: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """This driver's rows of the report's process table. Changes nothing; parent.
+
+    When: ``vmconfine confinement``. ``kernel`` is the core's view of the running QEMU (keys
+    ``uid``, ``gid``, ``groups``, ``caps``, ``no_new_privs``, ``seccomp``, ``attr_current``,
+    ``cgroup`` (controller or ``"unified"`` -> path, from ``/proc/PID/cgroup``), ``exe``), or
+    None before start.
+    Returns rows ``{"item", "intended", "kernel", "differs"}`` (``kernel`` None before
+    start); ``[]`` for none. A security driver without this hook gets one row,
+    ``"<model> label"``: its seclabel's label against its ``process_label`` (else the
+    kernel's ``attr/current``). A driver's ``describe`` may add ``legend`` (one line printed
+    under the resource table, e.g. what the letters of its cells mean).
     """

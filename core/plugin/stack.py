@@ -309,8 +309,10 @@ class Stack:
         for d in self.security_drivers:
             d.call("verify", domain=domain, seclabel=domain.seclabel(d.model))
 
-    def gen_labels(self, ctx: DomainContext) -> None:
-        """libvirt's GenLabel policy, per security driver, in stack order."""
+    def gen_labels(self, ctx: DomainContext, *, plan: bool = False) -> None:
+        """libvirt's GenLabel policy, per security driver, in stack order. ``plan``: a dry run
+        (the report): drivers with a ``plan_label`` hook fill the label they would generate
+        and change nothing (see :meth:`generating`); the others generate as usual."""
         domain = ctx.domain
         done: list[Driver] = []
         try:
@@ -326,6 +328,9 @@ class Stack:
                     if self.require_confined:
                         raise LabelError("Unconfined guests are not allowed on this host")
                     continue
+                if plan and d.implements("plan_label"):
+                    d.call("plan_label", ctx=ctx, seclabel=sec)
+                    continue  # nothing was taken: nothing to release
                 d.call("gen_label", ctx=ctx, seclabel=sec)
                 done.append(d)
         except BaseException:
@@ -334,6 +339,13 @@ class Stack:
                 if sec is not None:
                     _best_effort(d, "release_label", ctx=ctx, seclabel=sec)
             raise
+
+    def generating(self) -> Stack:
+        """The drivers whose labels a dry run (``gen_labels(plan=True)``) generated for real,
+        i.e. the stack whose ``release_labels`` gives them back."""
+        return Stack(self.host, [d for d in self.drivers if not d.implements("plan_label")],
+                     default_confined=self.default_confined,
+                     require_confined=self.require_confined)
 
     def reserve_labels(self, ctx: DomainContext, pid: int) -> None:
         for d in self.security_drivers:

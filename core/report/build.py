@@ -2,54 +2,48 @@
 
 :func:`build_report` lists every resource QEMU will use (from the same resource model the
 drivers and the argv use) with, per stacked driver, what that driver applies to it (its
-``explain`` hook; for drivers without one, a view computed from their ``describe`` output and
-the seclabels), then the QEMU process as vmconfine intends it. For a running domain it adds the
-kernel's view (``/proc/PID/status``, ``attr/current``, ``/proc/PID/cgroup``, owners and
-``security.selinux`` xattrs of the files) and marks where it differs from the intent.
+``explain`` hook), then the QEMU process as vmconfine intends it (the drivers'
+``explain_process`` rows). For a running domain it adds the kernel's view
+(``/proc/PID/status``, ``attr/current``, ``/proc/PID/cgroup``, and what each driver's
+``explain`` reads back from the files) and marks where it differs from the intent.
 
-Building a report changes nothing on the host: for a domain XML the labels are generated on
-the parsed copy with an in-memory journal and released again, and the AppArmor profile is
-named, never written. Problems that would stop a start or weaken confinement are listed with
-their fix. The same reasoning explains why QEMU could not open a path at start
-(:func:`open_failure_hint`). Text rendering: :mod:`vmconfine.report.render`.
+Building a report changes nothing on the host: for a domain XML the labels are planned on
+the parsed copy with an in-memory journal (drivers with a ``plan_label`` hook only name the
+label; the others generate it and it is released again). Problems that would stop a start or
+weaken confinement are listed with their fix: the start's own checks
+(:func:`vmconfine.launch.pipeline.prepare_domain`, :mod:`vmconfine.launch.checks`), every
+driver's ``preflight``, what each driver's ``explain`` says it denies, and the kernel's
+permission checks for QEMU's ids (:mod:`vmconfine.perms`). The same reasoning explains why
+QEMU could not open a path at start (:func:`open_failure_hint`). Text rendering:
+:mod:`vmconfine.report.render`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmconfine.domain.chain import resolve_chain
 from vmconfine.errors import VmconfineError
+from vmconfine.launch import checks
 from vmconfine.launch.journal import Journal
-from vmconfine.launch.pipeline import command_paths, core_checks
+from vmconfine.launch.pipeline import command_paths, core_checks, prepare_domain
+from vmconfine.perms import QemuIds, denial
 from vmconfine.plugin.context import DomainContext
 from vmconfine.plugin.resources import Resource, hostdev_resources
-from vmconfine.plugin.stack import Stack
+from vmconfine.plugin.stack import Driver, Stack
 from vmconfine.qemu.argv import build_command
-from vmconfine.report.render import (
-    apparmor_column,
-    file_view,
-    process_rows,
-    qemu_ids,
-    selinux_column,
-)
-from vmconfine.report.validate import QemuIds, dac_denial, xattr_support
+from vmconfine.report.render import file_view, process_rows
+from vmconfine.report.validate import Identity, qemu_ids
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
     from vmconfine.launch.connection import Connection, RunningDomain
-    from vmconfine.plugin.stack import Driver
 
 log = logging.getLogger(__name__)
 
-#: security models whose ``gen_label`` writes to the host (AppArmor loads a profile): the
-#: report names their label instead of generating it
-HOST_WRITING_GEN = frozenset({"apparmor"})
 #: roles whose absence means the domain cannot start
 REQUIRED_ROLES = frozenset({"disk", "backing", "kernel", "initrd", "dtb", "loader", "nvram"})
 
@@ -59,7 +53,8 @@ class Problem:
     """Something that stops the start or weakens confinement, and how to fix it."""
 
     severity: str  # "error" | "warning"
-    layer: str  # a driver name, "dac" (kernel permissions), "stack", "device", "xattr"
+    layer: str  # a driver name, "stack", "domain", "device", or "permissions" (the kernel's
+    # permission checks when no driver decides QEMU's ids)
     message: str
     fix: str = ""
     path: str | None = None
@@ -149,8 +144,12 @@ class _Problems:
         self.items.append(Problem(severity, layer, message, fix, path))
 
     def from_error(self, layer: str, exc: VmconfineError) -> None:
-        message, _, fix = exc.message.partition("; fix: ")
-        self.add("error", layer, message, fix)
+        self.add_text("error", layer, exc.message)
+
+    def add_text(self, severity: str, layer: str, text: str, path: str | None = None) -> None:
+        """A problem from one line ``"message[; fix: fix]"``."""
+        message, _, fix = text.partition("; fix: ")
+        self.add(severity, layer, message, fix, path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,59 +171,40 @@ def report_stack(conn: Connection, problems: _Problems) -> Stack:
     return Stack.fallback(conn.host)
 
 
-def _dry_labels(conn: Connection, stack: Stack, ctx: DomainContext,
-                problems: _Problems) -> Stack | None:
-    """Validate and generate labels on ``ctx.domain`` (a parsed copy); return the stack whose
-    labels must be released afterwards, or None when generation failed."""
+def _dry_run(conn: Connection, stack: Stack, ctx: DomainContext,
+             problems: _Problems) -> Stack | None:
+    """What a start does before QEMU runs, changing nothing: the start's checks, then labels
+    planned on ``ctx.domain`` (a parsed copy) and the command built. Returns the stack whose
+    labels must be released afterwards, or None when label generation failed."""
     domain = ctx.domain
+    for step in (lambda: prepare_domain(conn, domain, stack),
+                 lambda: checks.check_not_running(conn, domain)):
+        try:
+            step()
+        except VmconfineError as exc:
+            problems.from_error("domain", exc)
     try:
-        _prepare(stack, domain)
-    except VmconfineError as exc:
-        problems.from_error("domain", exc)
-    gen = Stack(stack.host, [d for d in stack.drivers if d.model not in HOST_WRITING_GEN],
-                default_confined=stack.default_confined, require_confined=stack.require_confined)
-    for d in stack.security_drivers:
-        if d.model in HOST_WRITING_GEN:
-            _name_apparmor_label(ctx, d, stack.default_confined)
-            sec = domain.seclabel(d.model)
-            if sec is not None and sec.type == "none" and stack.require_confined:
-                problems.add("error", "stack", "Unconfined guests are not allowed on this host "
-                             f"(<seclabel model='{d.model}' type='none'>)",
-                             "remove the seclabel or set security_require_confined = 0")
-    try:
-        gen.gen_labels(ctx)
+        stack.gen_labels(ctx, plan=True)
     except VmconfineError as exc:
         problems.from_error("stack", exc)
         return None
     try:
-        paths = command_paths(conn, domain, symbolic=True)
-        ctx.state["pipeline"] = {"command": build_command(domain, conn.instance.config, paths,
-                                                          symbolic=True)}
+        command = build_command(domain, conn.instance.config,
+                                command_paths(conn, domain, symbolic=True), symbolic=True)
+        ctx.state["pipeline"] = {"command": command}
+        checks.check_emulator(command.emulator)
     except VmconfineError as exc:
         problems.from_error("domain", exc)
-    return gen
+    return stack.generating()
 
 
-def _prepare(stack: Stack, domain: Domain) -> None:
-    if stack.security_drivers:
-        stack.check_models(domain)
-    stack.verify(domain)
-    for disk in domain.disks:
-        if disk.source is not None and disk.type in ("file", "block"):
-            resolve_chain(disk.source)
-
-
-def _name_apparmor_label(ctx: DomainContext, driver: Driver, default_confined: bool) -> None:
-    """The profile name an AppArmor dynamic label gets at start (its gen_label would write and
-    load the profile, which a report must not do)."""
-    sec = ctx.domain.seclabel(driver.model)
-    if sec is None:
-        if not default_confined:
-            return
-        sec = ctx.domain.add_seclabel(driver.model, "dynamic", implicit=True)
-    if sec.type == "dynamic" and not sec.label:
-        name = f"{ctx.config.apparmor_profile_prefix}{ctx.domain.uuid}"
-        sec.label = sec.imagelabel = name
+def _identity(stack: Stack, ctx: DomainContext, problems: _Problems) -> Identity:
+    """Who QEMU runs as; the caller when the deciding driver cannot resolve its account."""
+    who = qemu_ids(stack, ctx)
+    if who.ids is None:
+        problems.add("error", who.layer, who.error)
+        return Identity(QemuIds.caller())
+    return who
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +224,7 @@ def build_report(conn: Connection, domain: Domain | None = None, *,
     else:
         assert domain is not None
         ctx = DomainContext(conn.host, domain, MemoryJournal())
-        release = _dry_labels(conn, stack, ctx, problems)
+        release = _dry_run(conn, stack, ctx, problems)
     try:
         return _build(conn, stack, ctx, running, problems)
     finally:
@@ -271,14 +251,14 @@ def _build(conn: Connection, stack: Stack, ctx: DomainContext, running: RunningD
                 problems.from_error(d.name, exc)
             except OSError as exc:
                 problems.add("error", d.name, f"preflight failed: {exc}")
-    ids = qemu_ids(conn, descs)
-    rows = [_resource_row(stack, ctx, res, descs, ids, problems, running is not None)
+    who = _identity(stack, ctx, problems)
+    rows = [_resource_row(stack, ctx, res, who, problems, running is not None)
             for res in ctx.resources]
     _hostdev_problems(ctx, problems)
     _stack_problems(stack, descs, problems)
     differences: list[str] = []
     pid = running.pid if running is not None else None
-    process, kernel = process_rows(conn, stack, ctx, descs, ids, pid)
+    process, kernel = process_rows(stack, ctx, who, pid)
     if running is not None:
         differences += [f"pipeline: {p}" for p in core_checks(running.pid)]
         differences += stack.verify_process(ctx, running.pid)
@@ -299,60 +279,48 @@ def _build(conn: Connection, stack: Stack, ctx: DomainContext, running: RunningD
                   drivers=descs, problems=problems.items, differences=differences)
 
 
-def explain_resource(driver: Driver, ctx: DomainContext, res: Resource,
-                     desc: dict[str, Any]) -> dict[str, Any] | None:
-    """What ``driver`` applies to ``res``: its ``explain`` hook, else a computed view."""
+def explain_resource(driver: Driver, ctx: DomainContext, res: Resource) -> dict[str, Any] | None:
+    """What ``driver`` applies to ``res`` (its ``explain`` hook; errors become the cell)."""
     try:
-        if driver.implements("explain"):
-            return driver.call("explain", ctx=ctx, resource=res)
-        if driver.model == "selinux":
-            return selinux_column(ctx, res, desc)
-        if driver.model == "apparmor":
-            return apparmor_column(ctx, res, desc)
+        return driver.call("explain", ctx=ctx, resource=res)
     except VmconfineError as exc:
         return {"summary": "error", "why": exc.message}
     except OSError as exc:
         return {"summary": "error", "why": f"{res.path}: {exc.strerror or exc}"}
+
+
+def _owner(col: dict[str, Any]) -> tuple[int, int] | None:
+    owner = col.get("owner")
+    if isinstance(owner, (list, tuple)) and len(owner) == 2:
+        return int(owner[0]), int(owner[1])
     return None
 
 
-def _resource_row(stack: Stack, ctx: DomainContext, res: Resource,
-                  descs: dict[str, dict[str, Any]], ids: QemuIds, problems: _Problems,
-                  running: bool) -> ResourceRow:
+def _resource_row(stack: Stack, ctx: DomainContext, res: Resource, who: Identity,
+                  problems: _Problems, running: bool) -> ResourceRow:
     view = file_view(res.path)
     row = ResourceRow(res.path, res.role, res.access, view)
     owner_during: tuple[int, int] | None = None
     for d in stack.drivers:
-        col = explain_resource(d, ctx, res, descs.get(d.name, {}))
+        col = explain_resource(d, ctx, res)
         if col is None:
             continue
         row.drivers[d.name] = col
         if col.get("allows") is False:
-            problems.add("error", d.name, col.get("why") or f"{d.name} denies {res.path}",
-                         path=res.path)
+            problems.add_text("error", d.name, col.get("why") or f"{d.name} denies {res.path}",
+                              path=res.path)
         elif col.get("allows") is None and col.get("why"):
-            problems.add("warning", d.name, col["why"], path=res.path)
-        during = col.get("during")
-        if d.model == "dac" and isinstance(during, str):
-            owner_during = _parse_ids(during)
-        if running and view["exists"] and isinstance(during, str):
-            now = view.get("owner") if d.model == "dac" else view.get("selinux")
-            if d.model in ("dac", "selinux") and now != during:
-                what = "owned by" if d.model == "dac" else "labelled"
-                row.differences.append(f"{d.name}: {what} {now} now, {during} was applied "
-                                       "at start")
-    _file_problems(ctx, res, view, ids, owner_during, problems, running)
+            problems.add_text("warning", d.name, col["why"], path=res.path)
+        owner_during = _owner(col) or owner_during
+        if running and col.get("difference"):
+            row.differences.append(f"{d.name}: {col['difference']}")
+    _file_problems(res, view, who, owner_during, problems, running)
     if running and not view["exists"] and not res.create:
         row.differences.append("no longer exists")
     return row
 
 
-def _parse_ids(label: str) -> tuple[int, int] | None:
-    m = re.fullmatch(r"\+?(\d+):\+?(\d+)", label)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def _file_problems(ctx: DomainContext, res: Resource, view: dict[str, Any], ids: QemuIds,
+def _file_problems(res: Resource, view: dict[str, Any], who: Identity,
                    owner_during: tuple[int, int] | None, problems: _Problems,
                    running: bool) -> None:
     path = res.path
@@ -371,52 +339,11 @@ def _file_problems(ctx: DomainContext, res: Resource, view: dict[str, Any], ids:
         return
     if res.role == "runtime_dir" and not running:
         return  # vmconfine creates it for QEMU at start
+    assert who.ids is not None
     want = 4 | (2 if res.writable else 0) | (1 if view.get("type") == "dir" else 0)
-    denial = dac_denial(path, ids, want, owner=owner_during)
-    if denial is not None:
-        message, fix, where = denial
-        problems.add("error", "dac", message, fix, where)
-    _xattr_problems(ctx, res, problems)
-
-
-def _xattr_problems(ctx: DomainContext, res: Resource, problems: _Problems) -> None:
-    cfg = ctx.config
-    names = []
-    if ctx.host.privileged and cfg.remember_owner and res.role in ("disk", "nvram", "kernel",
-                                                                   "initrd", "chardev"):
-        names.append((f"{cfg.remember_owner_xattr_prefix}.dac", "warning", "dac"))
-    sec = ctx.seclabel("selinux")
-    if sec is not None and sec.type != "none" and sec.relabel:
-        names.append(("security.selinux", "error", "selinux"))
-    for name, severity, layer in names:
-        if xattr_support(res.path, name) is not False:
-            continue
-        fs = _mount_of(res.path)
-        if layer == "selinux":
-            problems.add(severity, layer, f"{res.path} is on {fs}, which has no per-file "
-                         "SELinux labels", "mount it with context=\"<the image context>\" or "
-                         "use the virt_use_nfs / virt_use_fusefs boolean", res.path)
-        else:
-            problems.add(severity, "xattr", f"{res.path} is on {fs}, which has no {name} "
-                         "xattrs: its owner is remembered in the journal only, and another "
-                         "domain using it is not detected", "keep images on a local file "
-                         "system, or set remember_owner = 0", res.path)
-
-
-def _mount_of(path: str) -> str:
-    """``"MOUNTPOINT (FSTYPE)"`` of the file system holding ``path``."""
-    best, fstype = "/", "?"
-    real = os.path.realpath(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return "its file system"
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        mp = left.split()[4] if len(left.split()) > 4 else ""
-        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-            best, fstype = mp, right.split()[0] if right else "?"
-    return f"{best} ({fstype})"
+    found = denial(path, who.ids, want, owner=owner_during, role=res.role)
+    if found is not None:
+        problems.add("error", who.layer, found.message, found.fix, found.culprit)
 
 
 def _hostdev_problems(ctx: DomainContext, problems: _Problems) -> None:
@@ -462,7 +389,8 @@ def denied_paths(log_text: str) -> list[tuple[str, str]]:
 
 def open_failure_hint(conn: Connection, ctx: DomainContext, log_text: str) -> str:
     """``"; <diagnosis>"`` naming each path QEMU's log says it could not open and the layer(s)
-    that deny it (DAC, AppArmor rules, Landlock rules, cgroup device rules), or ``""``.
+    that deny it (the kernel's permission checks for QEMU's ids, and every driver whose
+    ``explain`` says it denies the path), or ``""``.
     Never raises: it only adds to an error that is already being reported."""
     try:
         paths = denied_paths(log_text)
@@ -480,23 +408,24 @@ def diagnose_path(conn: Connection, ctx: DomainContext, path: str, error: str) -
     res = next((r for r in ctx.resources if r.path == path), None)
     if res is None:
         res = Resource(path, "other", "rw" if _writable_guess(path) else "ro")
-    descs = {d.name: (d.call("describe", ctx=ctx) or {}) for d in stack.drivers}
-    ids = qemu_ids(conn, descs)
+    who = qemu_ids(stack, ctx)
+    ids = who.ids or QemuIds.caller()
     reasons: list[str] = []
     owner: tuple[int, int] | None = None
     for d in stack.drivers:
-        col = explain_resource(d, ctx, res, descs.get(d.name, {}))
+        col = explain_resource(d, ctx, res)
         if not col:
             continue
-        if d.model == "dac" and isinstance(col.get("during"), str) and res.role != "other":
-            owner = _parse_ids(col["during"])
+        if res.role != "other":
+            owner = _owner(col) or owner
         if col.get("allows") is False:
             reasons.append(f"{d.name}: {col.get('why') or 'denied'}")
     want = 4 | (2 if res.writable else 0)
-    denial = dac_denial(path, ids, want, owner=owner)
-    if denial is not None:
-        reasons.insert(0, f"DAC: {denial[0]}; fix: {denial[1]}")
-    checked = "DAC, " + ", ".join(d.name for d in stack.drivers if d.model != "dac")
+    found = denial(path, ids, want, owner=owner, role=res.role)
+    if found is not None:
+        reasons.insert(0, f"{who.layer_text}: {found.message}; fix: {found.fix}")
+    checked = ", ".join([who.layer_text, *(d.name for d in stack.drivers
+                                           if d.name != who.driver)])
     if not reasons:
         return (f"QEMU could not open {path} ({error}), but none of the layers vmconfine "
                 f"checks ({checked.rstrip(', ')}) denies it; look for an LSM denial in the "

@@ -1,45 +1,35 @@
-"""Views for the confinement report: the kernel's view of files and of the QEMU process, the
-columns of drivers without an ``explain`` hook, and the text rendering.
+"""Views for the confinement report: the kernel's view of files and of the QEMU process, and
+the text rendering.
 
-* :func:`file_view`: type, owner, mode and ``security.selinux`` of a path, as the kernel has it;
-* :func:`selinux_column`, :func:`apparmor_column`: what the SELinux and AppArmor drivers apply
-  to a resource, computed from the domain's seclabels, the driver's ``describe`` output (the
-  profile's ``.files`` rules, the files it relabelled) and the file's xattr;
+* :func:`file_view`: type, owner and mode of a path, as the kernel has it;
 * :func:`process_rows`: the QEMU process as intended, and (running domain) as
-  ``/proc/PID/{status,attr/current,cgroup}`` shows it, each row marked when they differ;
+  ``/proc/PID/{status,attr/current,cgroup}`` shows it, each row marked when they differ: QEMU's
+  ids, capabilities, no_new_privs and seccomp are the core's rows; each driver adds its own
+  (its ``explain_process`` hook, else one ``"<model> label"`` row per security driver);
 * :func:`render_text`: the report for a terminal.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.launch.runtime import proc_status
-from vmconfine.report.validate import QemuIds, ids_from_config
 
 if TYPE_CHECKING:
-    from vmconfine.launch.connection import Connection
     from vmconfine.plugin.context import DomainContext
-    from vmconfine.plugin.resources import Resource
-    from vmconfine.plugin.stack import Stack
+    from vmconfine.plugin.stack import Driver, Stack
     from vmconfine.report.build import Report
+    from vmconfine.report.validate import Identity
 
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 SECCOMP_MODES = {"0": "disabled", "1": "strict", "2": "filter"}
-#: SELinux: resources the driver leaves to the policy's own labels
-SELINUX_NOT_RELABELLED = frozenset({"loader", "graphics", "devnode", "socket"})
-_AA_RULE = re.compile(r'^\s*(deny\s+)?"([^"]+)"\s+([a-zA-Z]+)\s*,')
-_LANDLOCK_LETTERS = (("read_file", "r"), ("write_file", "w"), ("truncate", "t"),
-                     ("execute", "x"), ("read_dir", "d"), ("make_", "m"), ("remove_", "u"),
-                     ("ioctl_dev", "i"), ("refer", "f"))
 
 
 # ------------------------------------------------------------------------------------------------
-# files and identities
+# files
 # ------------------------------------------------------------------------------------------------
 
 
@@ -53,129 +43,12 @@ def file_view(path: str) -> dict[str, Any]:
              (stat.S_ISSOCK, "sock"), (stat.S_ISFIFO, "fifo"))
     kind = next((name for test, name in kinds if test(st.st_mode)), "file")
     out: dict[str, Any] = {"exists": True, "type": kind, "owner": f"+{st.st_uid}:+{st.st_gid}",
-                           "mode": f"{stat.S_IMODE(st.st_mode):04o}", "selinux": None}
+                           "mode": f"{stat.S_IMODE(st.st_mode):04o}"}
     if kind in ("chr", "blk"):
         out["device"] = f"{kind[0]} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     real = os.path.realpath(path)
     if real != path:
         out["resolved"] = real
-    try:
-        out["selinux"] = os.getxattr(path, "security.selinux").rstrip(b"\0").decode()
-    except (OSError, UnicodeDecodeError):
-        pass
-    return out
-
-
-def qemu_ids(conn: Connection, descs: dict[str, dict[str, Any]]) -> QemuIds:
-    """Who QEMU runs as: the DAC driver's view, else qemu.conf, else the caller."""
-    dac = descs.get("dac") or {}
-    m = re.fullmatch(r"\+?(\d+):\+?(\d+)", str(dac.get("label") or ""))
-    if m:
-        uid, gid = int(m.group(1)), int(m.group(2))
-        groups = tuple(sorted({int(g) for g in dac.get("groups") or []} | {gid}))
-        return QemuIds(uid, gid, groups, uid == 0 and dac.get("capabilities") == "kept")
-    ids = ids_from_config(conn.instance)
-    return ids if ids is not None else QemuIds(os.getuid(), os.getgid())
-
-
-# ------------------------------------------------------------------------------------------------
-# drivers without an explain hook
-# ------------------------------------------------------------------------------------------------
-
-
-def _context(label: str, type_: str | None = None, level: str | None = None) -> str:
-    parts = label.split(":", 3)
-    if len(parts) < 3:
-        return label
-    if type_:
-        parts[2] = type_
-    if level is not None:
-        parts = [*parts[:3], level]
-    return ":".join(parts)
-
-
-def selinux_column(ctx: DomainContext, res: Resource, desc: dict[str, Any]) -> dict[str, Any]:
-    """The SELinux label of ``res`` before start and while QEMU runs (libvirt's rules)."""
-    view_now = file_view(res.path).get("selinux")
-    sec = ctx.seclabel("selinux")
-    applied = {f.get("path"): f.get("label") for f in desc.get("files") or []}
-    real = os.path.realpath(res.path)
-    out: dict[str, Any] = {"now": view_now}
-    during: str | None = applied.get(real) or applied.get(res.path)
-    dev = res.seclabel("selinux")
-    image = (sec.imagelabel if sec is not None else None) or ""
-    if during is None and sec is not None and sec.type != "none" and sec.relabel and image:
-        if dev is not None and dev.relabel is False:
-            during = None
-        elif dev is not None and dev.label:
-            during = dev.label
-        elif res.role in SELINUX_NOT_RELABELLED or res.path == "/dev/vfio/vfio":
-            during = None
-        elif res.role == "disk" and res.shared:
-            during = _context(image, level="s0")
-        elif res.role in ("backing", "kernel", "initrd", "dtb") or (
-                res.role == "disk" and res.readonly):
-            during = _context(image, "virt_content_t", "s0")
-        else:
-            during = image
-    out["during"] = during
-    out["summary"] = (f"{view_now or '-'} -> {during}" if during
-                      else f"{view_now or '-'} (not relabelled)")
-    return out
-
-
-def apparmor_rules(ctx: DomainContext, desc: dict[str, Any]) -> list[str] | None:
-    """The profile's ``.files`` rules: the loaded profile's, else what the helper would write."""
-    rules = desc.get("rules")
-    if rules:
-        return list(rules)
-    cache = ctx.driver_state("report")
-    if "apparmor_rules" not in cache:
-        try:
-            from vmconfine_aa_helper.rules import domain_rules
-
-            cache["apparmor_rules"] = domain_rules(ctx.domain, ctx.instance).render().splitlines()
-        except Exception as exc:  # the helper refuses a path, or is not installed
-            cache["apparmor_rules"] = None
-            cache["apparmor_error"] = str(exc)
-    return cache["apparmor_rules"]
-
-
-def apparmor_column(ctx: DomainContext, res: Resource, desc: dict[str, Any]) -> dict[str, Any]:
-    """The per-domain profile rules that match ``res`` and whether they grant its access."""
-    sec = ctx.seclabel("apparmor")
-    if sec is None or sec.type == "none" or not sec.label:
-        return {"summary": "unconfined"}
-    lines = apparmor_rules(ctx, desc)
-    if lines is None:
-        err = ctx.driver_state("report").get("apparmor_error", "")
-        return {"profile": sec.label, "summary": "?", "allows": None,
-                "why": f"the AppArmor rules cannot be computed: {err}"}
-    real = os.path.realpath(res.path)
-    allow, deny, matched = set(), set(), []
-    for line in lines:
-        m = _AA_RULE.match(line)
-        if not m:
-            continue
-        pattern, perms = m.group(2), m.group(3)
-        hit = pattern in (real, res.path) or (
-            pattern.endswith("/**") and real.startswith(pattern[:-2]))
-        if hit:
-            (deny if m.group(1) else allow).update(perms)
-            matched.append(line.strip())
-    need = {"r", "w"} if res.writable else {"r"}
-    perms = "".join(ch for ch in "rwalkmix" if ch in allow)
-    out: dict[str, Any] = {"profile": sec.label, "rules": matched, "perms": perms}
-    if not matched:
-        out.update(summary="no rule", allows=None,
-                   why=f"no rule of AppArmor profile {sec.label} names {real} (only the shared "
-                   "abstraction can allow it)")
-    elif need - allow or need & deny:
-        out.update(summary=f"DENIED ({perms or '-'})", allows=False,
-                   why=f"AppArmor profile {sec.label} grants only '{perms}' on {real}; list the "
-                   "file in the domain XML so the profile allows it")
-    else:
-        out.update(summary=perms, allows=True)
     return out
 
 
@@ -191,32 +64,25 @@ def _read(path: str) -> str | None:
         return None
 
 
-def kernel_view(pid: int, cgroup_desc: dict[str, Any]) -> dict[str, Any]:
-    """What the kernel reports about ``pid``."""
+def kernel_view(pid: int) -> dict[str, Any]:
+    """What the kernel reports about ``pid`` (the keys drivers get in ``explain_process``)."""
     try:
         status = proc_status(pid)
     except OSError as exc:
         return {"error": f"cannot read /proc/{pid}/status: {exc.strerror}"}
-    cgroups = {}
+    groups = {}
     for line in (_read(f"/proc/{pid}/cgroup") or "").splitlines():
         parts = line.split(":", 2)
         if len(parts) == 3:
-            cgroups[parts[1] or "unified"] = parts[2]
-    out: dict[str, Any] = {
+            groups[parts[1] or "unified"] = parts[2]
+    return {
         "uid": status.get("Uid", "").split(), "gid": status.get("Gid", "").split(),
         "groups": status.get("Groups", "").split(),
         "caps": {k: status.get(k) for k in CAP_FIELDS},
         "no_new_privs": status.get("NoNewPrivs"), "seccomp": status.get("Seccomp"),
-        "attr_current": _read(f"/proc/{pid}/attr/apparmor/current")
-        or _read(f"/proc/{pid}/attr/current"),
-        "cgroups": cgroups, "exe": _read_link(f"/proc/{pid}/exe"),
+        "attr_current": _read(f"/proc/{pid}/attr/current"),
+        "cgroup": groups, "exe": _read_link(f"/proc/{pid}/exe"),
     }
-    for ctrls, d in (cgroup_desc.get("dirs") or {}).items():
-        if "devices" in ctrls.split(","):
-            listed = _read(os.path.join(d, "devices.list"))
-            if listed is not None:
-                out["devices_list"] = listed.splitlines()
-    return out
 
 
 def _read_link(path: str) -> str | None:
@@ -230,15 +96,26 @@ def _row(item: str, intended: Any, kernel: Any = None, differs: bool = False) ->
     return {"item": item, "intended": intended, "kernel": kernel, "differs": differs}
 
 
-def process_rows(conn: Connection, stack: Stack, ctx: DomainContext,
-                 descs: dict[str, dict[str, Any]], ids: QemuIds, pid: int | None,
+def _label_row(d: Driver, ctx: DomainContext, k: dict[str, Any] | None) -> dict[str, Any]:
+    """The generic row of a security driver without ``explain_process``."""
+    sec = ctx.seclabel(d.model)
+    label = sec.label if sec is not None and sec.type != "none" else None
+    have = None
+    if k is not None and ctx.pid is not None:
+        have = d.call("process_label", ctx=ctx, pid=ctx.pid) or k.get("attr_current")
+    return _row(f"{d.model} label", label or "unconfined", have,
+                k is not None and bool(label) and label not in (have or ""))
+
+
+def process_rows(stack: Stack, ctx: DomainContext, who: Identity, pid: int | None,
                  ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """(rows, kernel view): the process as intended and, for ``pid``, as the kernel has it."""
-    cg = descs.get("cgroups") or {}
-    k = kernel_view(pid, cg) if pid is not None else None
+    k = kernel_view(pid) if pid is not None else None
     live = k is not None and "error" not in k
-    dac = descs.get("dac") or {}
-    clear = dac.get("capabilities", "cleared") == "cleared" if dac else False
+    view = k if live else None
+    ids = who.ids
+    assert ids is not None
+    clear = who.capabilities == "cleared"
     rows = []
     for item, want, key in (("uid", ids.uid, "uid"), ("gid", ids.gid, "gid")):
         have = " ".join(k[key]) if live else None
@@ -257,30 +134,13 @@ def process_rows(conn: Connection, stack: Stack, ctx: DomainContext,
     have = SECCOMP_MODES.get(k["seccomp"], k["seccomp"]) if live else None
     rows.append(_row("seccomp sandbox", "filter (-sandbox on)" if seccomp_on else "off", have,
                      live and seccomp_on and k["seccomp"] != "2"))
-    for d in stack.security_drivers:
-        sec = ctx.seclabel(d.model)
-        if d.model in ("dac", "none"):
-            continue
-        label = sec.label if sec is not None and sec.type != "none" else None
-        if d.model == "landlock":
-            rows.append(_row("landlock ruleset", label or "none",
-                             "(not visible in /proc)" if live else None))
-            continue
-        have = k["attr_current"] if live else None
-        rows.append(_row(f"{d.model} label", label or "unconfined", have,
-                         live and bool(label) and label not in (have or "")))
-    for ctrls, d in (cg.get("dirs") or {}).items():
-        have = None
-        if live:  # a controller's group, or the cgroup2 one ("0::/...") where it lives there
-            found = [k["cgroups"][n] for n in [*ctrls.split(","), "unified"]
-                     if n in k["cgroups"]]
-            have = next((p for p in found if p != "/" and d.endswith(p)),
-                        found[0] if found else "(none)")
-        rows.append(_row(f"cgroup ({ctrls})", d, have, live and not (
-            have not in ("/", "(none)") and d.endswith(have or "-"))))
-    if cg:
-        rows.append(_row("device rules", f"{cg.get('devices')}: {', '.join(cg.get('rules', []))}",
-                         ", ".join(k.get("devices_list", [])) or None if live else None))
+    for d in stack.drivers:
+        if d.implements("explain_process"):
+            rows += [_row(str(r["item"]), r.get("intended"), r.get("kernel"),
+                          bool(r.get("differs")))
+                     for r in d.call("explain_process", ctx=ctx, kernel=view) or []]
+        elif d.kind == "security" and d.model != "none":
+            rows.append(_label_row(d, ctx, view))
     return rows, k
 
 
@@ -298,19 +158,10 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "  ") -> list
     return out
 
 
-def landlock_letters(access: list[str]) -> str:
-    """Landlock rights as letters (see the legend under the resource table)."""
-    return "".join(letter for prefix, letter in _LANDLOCK_LETTERS
-                   if any(a.startswith(prefix) for a in access)) or "-"
-
-
-def _cell(col: dict[str, Any] | None, name: str) -> str:
+def _cell(col: dict[str, Any] | None) -> str:
     if col is None:
         return ""
-    if name == "landlock" and col.get("confined") and "access" in col:
-        text = landlock_letters(col["access"])
-        return text if col.get("allows", True) else f"DENIED ({text})"
-    return str(col.get("summary", ""))
+    return str(col.get("cell", col.get("summary", "")))
 
 
 def render_text(report: Report) -> str:
@@ -330,12 +181,11 @@ def render_text(report: Report) -> str:
         mark = "!" if r.differences or any(
             c.get("allows") is False for c in r.drivers.values()) else ""
         rows.append([mark, r.path, r.role, r.access, now,
-                     *(_cell(r.drivers.get(n), n) for n in used)])
+                     *(_cell(r.drivers.get(n)) for n in used)])
     lines.append(f"Resources ({len(rows)}; ! = denied or differs from what was applied)")
     lines += _table(header, rows)
-    if "landlock" in used:
-        lines.append("  landlock: r read_file, w write_file, t truncate, x execute, d read_dir, "
-                     "m make_*, u remove_*, i ioctl_dev, f refer")
+    lines += [f"  {n}: {report.drivers[n]['legend']}" for n in used
+              if (report.drivers.get(n) or {}).get("legend")]
     lines.append("")
     running = report.state == "running"
     lines.append("Process" + (f" (kernel's view of pid {report.pid})" if running else ""))

@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import LabelError
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine_apparmor import kernel
+from vmconfine_apparmor import kernel, report
 
 if TYPE_CHECKING:
     from lxml import etree
 
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ class AppArmorDriver:
                                  "that name is loaded; load it with apparmor_parser -r first")
 
     @hookimpl
-    def gen_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
+    def plan_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
+        """The profile name a dynamic label gets, without writing or loading the profile."""
         if seclabel.type != "dynamic":
             return
         if seclabel.baselabel is not None:
@@ -147,6 +149,13 @@ class AppArmorDriver:
         name = self.profile_name(ctx.domain)
         seclabel.label = name
         seclabel.imagelabel = name
+
+    @hookimpl
+    def gen_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
+        if seclabel.type != "dynamic":
+            return
+        self.plan_label(ctx, seclabel)
+        name = seclabel.label or self.profile_name(ctx.domain)
         ctx.journal.record(NAME, "profile", name=name, dir=str(self.profile_dir),
                            prefix=self.prefix, uri=ctx.instance.uri)
         exists = (self.profile_dir / name).is_file()
@@ -283,6 +292,15 @@ class AppArmorDriver:
             out["rules"] = [ln.strip() for ln in text.splitlines()
                             if ln.strip() and not ln.lstrip().startswith("#")]
         return out
+
+    @hookimpl
+    def explain(self, ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
+        """The profile rules that match ``resource`` and whether they grant its access."""
+        return report.column(ctx, resource, self.describe(ctx))
+
+    @hookimpl
+    def host_checks(self, host: HostContext, wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
+        return report.host_checks(wanted)
 
     # ---- helpers -------------------------------------------------------------------------
     def _xml(self, ctx: DomainContext, *, add: etree._Element | None = None,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine_cgroups import bpf, placement, v1
+from vmconfine_cgroups import bpf, placement, report, v1
 from vmconfine_cgroups.rules import (
     DeviceRule,
     chardev_origin,
@@ -568,6 +568,16 @@ class CgroupsDriver:
                           f"'{missing}' on {resource.path} ({device}); add it to "
                           "cgroup_device_acl_extra in qemu.conf or list it in the domain XML")
         return out
+
+    @hookimpl
+    def explain_process(self, ctx: DomainContext, kernel: dict[str, Any] | None,
+                        ) -> list[dict[str, Any]]:
+        """The domain's cgroup per controller and its device rules (and the kernel's view)."""
+        return report.process_rows(self.describe(ctx), kernel)
+
+    @hookimpl
+    def host_checks(self, host: HostContext, wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
+        return report.host_checks(host.privileged)
 
     # ---- teardown -----------------------------------------------------------------------------
     @staticmethod

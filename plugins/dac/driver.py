@@ -17,7 +17,7 @@ from vmconfine.errors import ConfigError, DriverError, LabelError
 from vmconfine.plugin import resources as core_resources
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_dac import preflight as preflight_mod
-from vmconfine_dac import relabel
+from vmconfine_dac import relabel, report
 from vmconfine_dac.identity import (
     CAPNG_MISSING,
     Identity,
@@ -256,10 +256,41 @@ class DacDriver:
             return out
         p = plans[0]
         during = format_label(p.uid, p.gid)
-        out.update(action="chown", during=during, restore=p.restore,
+        out.update(action="chown", during=during, owner=[p.uid, p.gid], restore=p.restore,
                    remember=p.remember and bool(ctx.config.remember_owner),
                    summary=f"{before} -> {during}" + ("" if p.restore else " (kept)"))
+        if ctx.pid is not None:
+            try:
+                st = os.stat(resource.path)
+            except OSError:
+                st = None
+            now = format_label(st.st_uid, st.st_gid) if st is not None else None
+            if now is not None and now != during:
+                out["difference"] = f"owned by {now} now, {during} was applied at start"
+        warning = report.xattr_warning(ctx, resource)
+        if warning is not None:
+            out.update(allows=None, why=warning)
         return out
+
+    @hookimpl
+    def qemu_identity(self, host: HostContext, ctx: DomainContext | None) -> dict[str, Any]:
+        if ctx is not None:
+            ident = identity(ctx)
+        else:
+            uid, gid = config_ids(host.config)
+            ident = Identity(uid, gid, supplementary_groups(uid, gid),
+                             clear_caps=bool(host.config.clear_emulator_capabilities))
+        return {"uid": ident.uid, "gid": ident.gid, "groups": sorted({*ident.groups, ident.gid}),
+                "capabilities": "cleared" if ident.clear_caps else "kept", "layer": "DAC"}
+
+    @hookimpl
+    def host_checks(self, host: HostContext, wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
+        return report.host_checks(host, dirs)
+
+    @hookimpl
+    def explain_process(self, ctx: DomainContext, kernel: dict[str, Any] | None,
+                        ) -> list[dict[str, Any]]:
+        return []  # QEMU's ids: the core's rows, from qemu_identity
 
     @hookimpl
     def describe(self, ctx: DomainContext) -> dict[str, Any]:

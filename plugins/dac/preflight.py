@@ -18,7 +18,20 @@ import stat
 from typing import TYPE_CHECKING
 
 from vmconfine.errors import DriverError, LabelError
-from vmconfine.perms import R, W, X, can_access, describe_mode, has_acl, user_group_hint
+from vmconfine.perms import (
+    QemuIds,
+    R,
+    W,
+    X,
+    access_fix,
+    can_access,
+    create_fix,
+    describe_mode,
+    has_acl,
+    search_fix,
+    user_group_hint,
+    with_owner,
+)
 from vmconfine_dac.identity import CAPNG_MISSING, Identity, have_capng
 
 if TYPE_CHECKING:
@@ -35,6 +48,7 @@ class _Checker:
         self.ident = ident
         self.user_hint = user_hint  # "vmconfine-qemu:vmconfine-qemu" for chown suggestions
         self.privileged = ident.uid == 0 and not ident.clear_caps
+        self.ids = QemuIds(ident.uid, ident.gid, tuple(ident.groups), self.privileged)
         self.seen: set[str] = set()
 
     def ok(self, st: os.stat_result, want: int) -> bool:
@@ -45,7 +59,8 @@ class _Checker:
         groups = " ".join(str(g) for g in self.ident.groups) or "none"
         return f"QEMU's user {self.ident.label} (groups {groups})"
 
-    def search_parents(self, path: str, why: str, *, suggest_chown: bool = False) -> None:
+    def search_parents(self, path: str, why: str, *, suggest_chown: bool = False,
+                       role: str = "") -> None:
         """Every directory from / down to ``path``'s parent must be searchable."""
         parent = os.path.dirname(os.path.normpath(path))
         chain = []
@@ -55,9 +70,10 @@ class _Checker:
                 break
             parent = os.path.dirname(parent)
         for d in reversed(chain):
-            self.search_dir(d, why, suggest_chown=suggest_chown)
+            self.search_dir(d, why, suggest_chown=suggest_chown, target=path, role=role)
 
-    def search_dir(self, d: str, why: str, *, suggest_chown: bool = False) -> None:
+    def search_dir(self, d: str, why: str, *, suggest_chown: bool = False, target: str = "",
+                   role: str = "") -> None:
         if d in self.seen:
             return
         try:
@@ -69,11 +85,7 @@ class _Checker:
         self.seen.add(d)
         if not stat.S_ISDIR(st.st_mode) or self.ok(st, X) or has_acl(d):
             return
-        fix = f"chmod o+x {d}"
-        if suggest_chown:
-            fix = f"chown {self.user_hint} {d} (or {fix})"
-        else:
-            fix = f"{fix} (or chown {self.user_hint} {d})"
+        fix = search_fix(d, self.ids, target=target, prefer_chown=suggest_chown, role=role)
         raise LabelError(
             f"{self.who()} cannot search directory {d} ({describe_mode(st)}), which it needs "
             f"for {why}; fix: {fix}"
@@ -103,7 +115,7 @@ def _inside(path: str, d: str) -> bool:
 def _check_resource(c: _Checker, res: Resource, p: Plan | None) -> None:
     path = res.path
     why = f"{res.role} {path}"
-    c.search_parents(path, why)
+    c.search_parents(path, why, role=res.role)
     try:
         real = os.path.realpath(path, strict=True)
     except FileNotFoundError:
@@ -112,7 +124,7 @@ def _check_resource(c: _Checker, res: Resource, p: Plan | None) -> None:
     except OSError as exc:
         raise LabelError(f"cannot resolve {path}: {exc.strerror}") from None
     if real != os.path.normpath(path):
-        c.search_parents(real, f"{why} (which resolves to {real})")
+        c.search_parents(real, f"{why} (which resolves to {real})", role=res.role)
     if res.role == "runtime_dir" and p is not None:
         return  # chowned to QEMU's ids before it starts
     st = os.stat(real)
@@ -120,18 +132,11 @@ def _check_resource(c: _Checker, res: Resource, p: Plan | None) -> None:
     if res.is_dir or stat.S_ISDIR(st.st_mode):
         want |= X
     if p is not None:  # judge the inode as it will be once chowned
-        st = os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, p.uid, p.gid,
-                             st.st_size, int(st.st_atime), int(st.st_mtime), int(st.st_ctime)))
+        st = with_owner(st, (p.uid, p.gid))
     if c.ok(st, want) or has_acl(real):
         return
     what = "read and write" if want & W else "read"
-    if p is not None:
-        fix = f"chmod u+{'rw' if want & W else 'r'} {real}"
-    else:
-        fix = f"chown {c.user_hint} {real}, or chmod it so that user can {what} it"
-        if res.role == "devnode":
-            fix = (f"add {c.user_hint.split(':')[0]} to group {st.st_gid}, or grant access "
-                   f"to {real}")
+    fix = access_fix(real, st, c.ids, want, chowned=p is not None, role=res.role)
     state = "once chowned " if p is not None else ""
     raise LabelError(f"{c.who()} cannot {what} {real} ({state}{describe_mode(st)}), the "
                      f"domain's {res.role}; fix: {fix}")
@@ -154,8 +159,7 @@ def _check_missing(c: _Checker, res: Resource, p: Plan | None) -> None:
     if not c.ok(st, W | X) and not has_acl(parent):
         raise LabelError(
             f"{c.who()} cannot create {path}: directory {parent} is not writable for it "
-            f"({describe_mode(st)}); fix: chown {c.user_hint} {parent}, or use a directory "
-            "QEMU's user can write"
+            f"({describe_mode(st)}); fix: {create_fix(parent, c.ids)}"
         )
 
 

@@ -43,6 +43,20 @@ LABEL_RE = re.compile(r"^landlock:abi[0-9]+:[0-9a-f]{12}$")
 _REPORT_MAX = 4096
 
 
+#: Landlock rights as letters in the report's resource table
+LETTERS = (("read_file", "r"), ("write_file", "w"), ("truncate", "t"), ("execute", "x"),
+           ("read_dir", "d"), ("make_", "m"), ("remove_", "u"), ("ioctl_dev", "i"),
+           ("refer", "f"))
+LEGEND = ("r read_file, w write_file, t truncate, x execute, d read_dir, m make_*, "
+          "u remove_*, i ioctl_dev, f refer")
+
+
+def access_letters(access: list[str]) -> str:
+    """Landlock rights as letters (see :data:`LEGEND`)."""
+    return "".join(letter for prefix, letter in LETTERS
+                   if any(a.startswith(prefix) for a in access)) or "-"
+
+
 def _mode(host: HostContext) -> str:
     mode = getattr(host.config, "landlock_mode", "best-effort")
     if mode not in MODES:
@@ -281,6 +295,7 @@ class LandlockDriver:
             out["notes"] = [*out["notes"], f"the ruleset computed now ({rs.label}) differs from "
                             f"the one applied at start ({sec.label}): its files changed"]
         out["summary"] = summary(rs, mode)
+        out["legend"] = LEGEND
         return out
 
     @hookimpl
@@ -304,8 +319,10 @@ class LandlockDriver:
                 rules.append(r.path)
         need = _needed_access(resource, real)
         missing = sorted((need & rs.handled_fs) - access)
+        letters = access_letters(sorted(access))
         out: dict[str, Any] = {"confined": True, "access": sorted(access), "rules": rules,
-                               "allows": not missing}
+                               "allows": not missing,
+                               "cell": f"DENIED ({letters})" if missing else letters}
         if missing:
             out["why"] = (f"the Landlock ruleset {rs.label} does not grant {', '.join(missing)} "
                           f"on {real}; add the path to the domain XML so the ruleset covers it")
@@ -313,6 +330,29 @@ class LandlockDriver:
         else:
             out["summary"] = ",".join(sorted(access)) if access else "-"
         return out
+
+    @hookimpl
+    def explain_process(self, ctx: DomainContext, kernel: dict[str, Any] | None,
+                        ) -> list[dict[str, Any]]:
+        """Landlock has no per-process view in /proc: the ruleset vmconfine applies."""
+        sec = ctx.seclabel(NAME)
+        label = sec.label if sec is not None and sec.type != "none" else None
+        return [{"item": "landlock ruleset", "intended": label or "none",
+                 "kernel": "(not visible in /proc)" if kernel is not None else None,
+                 "differs": False}]
+
+    @hookimpl
+    def host_checks(self, host: HostContext, wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
+        abi, why = syscalls.probe_abi()
+        if abi > 0:
+            return [{"status": "PASS", "name": "Landlock", "detail": f"ABI {abi}", "fix": ""}]
+        try:
+            enforce = _mode(host) == "enforce"
+        except DriverError:
+            enforce = False  # config --check reports the invalid value
+        status = "FAIL" if wanted and enforce else "WARN"
+        return [{"status": status, "name": "Landlock", "detail": f"not available ({why})",
+                 "fix": "boot a kernel with Landlock in CONFIG_LSM (lsm=...,landlock)"}]
 
     # ---- helpers --------------------------------------------------------------------------
     def _confined(self, ctx: DomainContext) -> bool:

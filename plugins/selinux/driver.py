@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.errors import DriverError, LabelError, VmconfineError
 from vmconfine.launch import runtime
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine_selinux import labels
+from vmconfine_selinux import labels, report
 from vmconfine_selinux.backend import Backend, RealBackend
 from vmconfine_selinux.contexts import Context, PolicyContexts, load_policy_contexts, new_context
 from vmconfine_selinux.mcs import LabelRegistry, Lease, ensure_dir, parse_process_range
@@ -34,6 +34,7 @@ from vmconfine_selinux.relabel import DRIVER, Labeller
 if TYPE_CHECKING:
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +363,15 @@ class SELinuxDriver:
                     "did not allow the transition (check that the emulator binary is labelled "
                     "qemu_exec_t and that vmconfine's domain may transition to the label)"]
         return []
+
+    @hookimpl
+    def explain(self, ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
+        """The context ``resource`` has now and while QEMU runs (confinement report)."""
+        return report.column(self, ctx, resource, self.describe(ctx))
+
+    @hookimpl
+    def host_checks(self, host: HostContext, wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
+        return report.host_checks(wanted, dirs)
 
     @hookimpl
     def describe(self, ctx: DomainContext) -> dict[str, Any]:

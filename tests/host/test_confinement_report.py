@@ -14,7 +14,7 @@ import pytest
 
 from tests.host.conftest import Embed, VmDir, proc_status, qemu_pid
 from tests.support import require
-from vmconfine.report.validate import landlock_abi
+from vmconfine_landlock.syscalls import probe_abi as landlock_abi
 
 pytestmark = pytest.mark.host
 
@@ -147,3 +147,77 @@ def test_eacces_at_start_names_path_and_layer(embed: Embed, vm_dir: VmDir) -> No
     assert "+4321:+4321 0600" in err and f"chown vmconfine-qemu:vmconfine-qemu {secret}" in err
     # the start was undone: the image QEMU did get is its owner's again
     assert os.stat(vm_dir.path / "rep5.img").st_uid == 0
+
+
+def test_domain_xml_report_finds_what_run_stops_at(embed: Embed, vm_dir: VmDir) -> None:
+    """`confinement FILE.xml` reports what `run` refuses before QEMU starts: the domain (or its
+    UUID) is already running, the emulator does not exist; both with the start's own words."""
+    xml = vm_dir.domain_xml("rep6")
+    embed.start(xml)
+    rc, data = report(embed, str(xml))
+    assert rc == 1
+    errors = [p["message"] for p in data["problems"] if p["severity"] == "error"]
+    assert any("domain 'rep6' is already running" in m for m in errors), errors
+    again = embed.cli("run", str(xml))
+    assert again.returncode == 1 and "domain 'rep6' is already running" in again.stderr
+    twin = vm_dir.path / "rep6b.xml"
+    twin.write_text(xml.read_text().replace("<name>rep6</name>", "<name>rep6b</name>")
+                    .replace("/usr/bin/qemu-system-x86_64", f"{vm_dir.path}/no-qemu"))
+    rc, data = report(embed, str(twin))
+    errors = [p["message"] for p in data["problems"] if p["severity"] == "error"]
+    assert rc == 1 and any("same UUID" in m and "'rep6'" in m for m in errors), errors
+    assert any(f"Cannot check QEMU binary {vm_dir.path}/no-qemu" in m for m in errors), errors
+    embed.cli("destroy", "rep6", check=True)
+    rc, data = report(embed, str(twin))
+    errors = [p["message"] for p in data["problems"] if p["severity"] == "error"]
+    assert not any("same UUID" in m for m in errors), errors
+    proc = embed.cli("run", str(twin))
+    assert proc.returncode == 1
+    assert f"Cannot check QEMU binary {vm_dir.path}/no-qemu: No such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unprivileged_kvm_advice_is_group_membership(vm_dir: VmDir) -> None:
+    """An unprivileged instance with <domain type='kvm'> and a caller outside /dev/kvm's
+    group: the fix is `usermod -aG`, never a chown/chmod of the device node."""
+    import grp
+    import shutil
+    import subprocess
+
+    from tests.host.conftest import VMCONFINE
+
+    require(shutil.which("setpriv"), "setpriv is missing (util-linux)")
+    require(os.path.exists("/dev/kvm"), "/dev/kvm is missing")
+    st = os.stat("/dev/kvm")
+    require(not st.st_mode & 0o006 and st.st_gid != 0, "/dev/kvm is world-usable here")
+    nobody = 65534
+    require(st.st_gid != nobody, "/dev/kvm belongs to nobody's group")
+    home = vm_dir.path / "nobody"
+    home.mkdir()
+    os.chown(home, nobody, nobody)
+    xml = vm_dir.domain_xml("rep7", virt_type="kvm")
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", VMCONFINE,
+         "-c", f"qemu:///embed?root={home}/inst", "confinement", "--json", str(xml)],
+        capture_output=True, text=True, timeout=120, env={"HOME": str(home), "PATH":
+                                                          os.environ.get("PATH", "")})
+    assert proc.stdout, proc.stderr
+    problems = json.loads(proc.stdout)["problems"]
+    kvm = [p for p in problems if p.get("path") == "/dev/kvm"]
+    group = grp.getgrgid(st.st_gid).gr_name
+    assert kvm and kvm[0]["layer"] == "permissions", problems
+    assert f"usermod -aG {group} nobody" in kvm[0]["fix"], kvm
+    assert "chown" not in kvm[0]["fix"] and "chmod" not in kvm[0]["fix"], kvm
+
+
+def test_domain_xml_report_sees_a_start_in_progress(embed: Embed, vm_dir: VmDir) -> None:
+    """A `run` of the same domain that has begun (paused right after its journal's begin):
+    the report says what a second `run` would."""
+    xml = vm_dir.domain_xml("rep8")
+    embed.start(xml, env={**os.environ, "VMCONFINE_PAUSE_AT": "begin"}, wait_for="paused at begin")
+    rc, data = report(embed, str(xml))
+    errors = [p["message"] for p in data["problems"] if p["severity"] == "error"]
+    assert rc == 1 and any("'rep8' is being started by another process" in m
+                           for m in errors), errors
+    second = embed.cli("run", str(xml))
+    assert second.returncode == 1 and "is being started by another process" in second.stderr

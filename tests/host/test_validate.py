@@ -12,7 +12,7 @@ import pytest
 
 from tests.host.conftest import Embed, VmDir
 from tests.support import require
-from vmconfine.report.validate import landlock_abi
+from vmconfine_landlock.syscalls import probe_abi as landlock_abi
 
 pytestmark = pytest.mark.host
 

@@ -342,3 +342,17 @@ def test_helper_runs_isolated() -> None:
 
     cmd = helper_command()
     assert cmd[1:4] == ["-I", "-S", "-c"] and "vmconfine_aa_helper.main" in cmd[4]
+
+
+def test_plan_label_names_the_profile_and_writes_nothing(tmp_path: Path) -> None:
+    """The report's dry run: the profile name gen_label would load, no helper run, no file."""
+    s = Setup(tmp_path)
+    ctx = s.ctx()
+    sec = ctx.domain.seclabel("apparmor")
+    assert sec is not None
+    s.driver.plan_label(ctx, sec)
+    assert sec.label == sec.imagelabel == NAME
+    assert not s.profiles.exists() or not any(s.profiles.iterdir())
+    assert ctx.journal.records("apparmor") == []
+    with pytest.raises(LabelError, match="security label already defined"):
+        s.driver.plan_label(ctx, sec)  # the same validation as gen_label

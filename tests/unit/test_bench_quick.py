@@ -16,7 +16,7 @@ import pytest
 from tests.support import REPO
 
 BENCH_MODULES = ["p1_start", "p2_apparmor", "p3_mcs", "p4_relabel", "p5_concurrency",
-                 "p6_memory"]
+                 "p6_memory", "p7_daemon"]
 
 
 def tables(output: str) -> list[tuple[list[str], list[list[str]]]]:

@@ -62,9 +62,9 @@ def test_unknown_driver(tmp_path: Path) -> None:
                            "security driver 'foo' is not installed (installed: ")
 
 
-def test_remote_uri() -> None:
-    _assert_one_line_error(run("-c", "qemu+ssh://h/system", "list"),
-                           "remote connections are not available yet")
+def test_remote_uri_for_a_local_verb() -> None:
+    _assert_one_line_error(run("-c", "qemu+ssh://h/system", "capabilities"),
+                           "is a remote URI: this verb runs on the host itself")
 
 
 def test_not_running(tmp_path: Path) -> None:

@@ -130,7 +130,8 @@ def test_kvm_device_needs_the_kvm_group(d: Path) -> None:
                         domain_xml("kvm", virt_type="kvm"))
     with pytest.raises(LabelError, match=rf"user \+{free}:\+{free} \(groups none\) cannot "
                                          r"read and write /dev/kvm \(\+0:\+\d+ 0660\).*"
-                                         r"fix: add \d+ to group \d+"):
+                                         rf"fix: add {free} to group \w+ \(usermod -aG \w+ "
+                                         rf"{free}\)$"):
         drv.preflight(ctx)
 
 
@@ -151,3 +152,18 @@ def _has_pw(uid: int) -> bool:
         return True
     except KeyError:
         return False
+
+
+def test_image_under_root_is_never_a_chmod_of_root(d: Path) -> None:
+    """/root is a system path: the fix is an ACL for QEMU's user alone or moving the image,
+    never `chmod o+x /root` (which would open the admin's home to every account)."""
+    from tests.support import require
+
+    require(not os.stat("/root").st_mode & 0o001, "/root is searchable by others here")
+    drv, ctx = prepared(host_for(d), domain_xml("rooted", disk(Path("/root/vm/disk.img"))))
+    with pytest.raises(LabelError) as err:
+        drv.preflight(ctx)
+    msg = str(err.value)
+    assert "cannot search directory /root (" in msg, msg
+    assert "setfacl -m u:" in msg and ":x /root" in msg and "/var/lib/vmconfine/images" in msg
+    assert "chmod" not in msg and "chown" not in msg

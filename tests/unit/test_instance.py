@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vmconfine.config.instance import open_instance, parse_uri
+from vmconfine.config.instance import open_instance, parse_remote, parse_uri
 from vmconfine.errors import URIError
 
 
@@ -34,9 +34,47 @@ def test_local_uris(uri: str, kind: str) -> None:
         "qemu+tls://host/session",
     ],
 )
-def test_remote_uris_are_refused(uri: str) -> None:
-    with pytest.raises(URIError, match="remote connections are not available yet"):
+def test_remote_uris_are_not_local_instances(uri: str) -> None:
+    """A remote URI names another host's daemon: no local instance opens it."""
+    with pytest.raises(URIError, match="is a remote URI: this verb runs on the host itself"):
         parse_uri(uri)
+
+
+@pytest.mark.parametrize(
+    ("uri", "transport", "host", "port", "user", "remote_uri", "params"),
+    [
+        ("qemu+ssh://root@example.com/system", "ssh", "example.com", None, "root",
+         "qemu:///system", {}),
+        ("qemu+ssh://h:2222/session?keyfile=/k&no_verify=1&socket=/s&command=/bin/v", "ssh",
+         "h", 2222, None, "qemu:///session",
+         {"keyfile": "/k", "no_verify": "1", "socket": "/s", "command": "/bin/v"}),
+        ("qemu://example.com/system", "tls", "example.com", None, None, "qemu:///system", {}),
+        ("qemu+tls://h:16515/embed?root=/r&pkipath=/p", "tls", "h", 16515, None,
+         "qemu:///embed?root=/r", {"pkipath": "/p"}),
+    ],
+)
+def test_remote_uris_parse(uri: str, transport: str, host: str, port: int | None,
+                           user: str | None, remote_uri: str, params: dict[str, str]) -> None:
+    r = parse_remote(uri)
+    assert r is not None
+    assert (r.transport, r.host, r.port, r.user, r.remote_uri, r.params) == (
+        transport, host, port, user, remote_uri, params)
+    assert parse_remote("qemu:///system") is None
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("qemu+tcp://example.com/system", "plain, unauthenticated TCP"),
+        ("qemu+libssh://h/system", "transport 'libssh' is not supported"),
+        ("qemu+ssh:///system", "names no host"),
+        ("qemu+ssh://-oProxyCommand=x/system", "not a valid host or user name"),
+        ("qemu+ssh://h/other", "unknown instance path"),
+    ],
+)
+def test_bad_remote_uris(uri: str, message: str) -> None:
+    with pytest.raises(URIError, match=message):
+        parse_remote(uri)
 
 
 @pytest.mark.parametrize(

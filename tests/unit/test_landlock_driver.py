@@ -288,3 +288,17 @@ def test_stacked_behind_another_mac_driver(tmp_path: Path, abi: dict[str, int]) 
     stack.set("set_all_labels", ctx)
     assert ctx.state["landlock"]["ruleset"].label == ctx.domain.seclabel("landlock").label
     assert stack.restore("restore_all_labels", ctx) == []
+
+
+@pytest.mark.parametrize(("mode", "wanted", "status"), [
+    ("enforce", True, "FAIL"), ("best-effort", True, "WARN"), ("enforce", False, "WARN")])
+def test_host_check_without_landlock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str,
+                                     wanted: bool, status: str) -> None:
+    """host-validate's Landlock line: FAIL only when qemu.conf asks for Landlock, enforced."""
+    host = make_host(tmp_path / "root", [vmconfine_landlock],
+                     config=f'landlock_mode = "{mode}"\n')
+    monkeypatch.setattr(syscalls, "probe_abi", lambda: (0, "Landlock is disabled at boot"))
+    lines = LandlockDriver(host).host_checks(host, wanted, [])
+    assert lines == [{"status": status, "name": "Landlock",
+                      "detail": "not available (Landlock is disabled at boot)",
+                      "fix": "boot a kernel with Landlock in CONFIG_LSM (lsm=...,landlock)"}]

@@ -19,11 +19,13 @@ import vmconfine_dac
 from tests.support import make_host, require_root
 from vmconfine.domain import parse_domain
 from vmconfine.launch.connection import Connection
+from vmconfine.perms import QemuIds, denial
 from vmconfine.plugin import nop
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine.report.build import build_report, denied_paths, open_failure_hint
-from vmconfine.report.render import landlock_letters, render_text
-from vmconfine.report.validate import QemuIds, dac_denial, ids_from_config
+from vmconfine.report.render import render_text
+from vmconfine.report.validate import qemu_ids
+from vmconfine_landlock.driver import access_letters as landlock_letters
 
 UUID = "c7a5fdbd-edaf-9455-926a-d65c16db1809"
 
@@ -72,6 +74,24 @@ class FakeLsm:
             return {"allows": False, "summary": "DENIED",
                     "why": f"{self.name} forbids {resource.path}; allow it in fakelsm.conf"}
         return {"allows": True, "summary": f"ok {resource.access}"}
+
+
+class PlanningLsm(FakeLsm):
+    """A driver whose gen_label would change the host: the report must only plan its label."""
+
+    @hookimpl
+    def plan_label(self, ctx: Any, seclabel: Any) -> None:
+        seclabel.label = seclabel.imagelabel = f"{self.name}-{ctx.domain.uuid}"
+
+
+def dac_denial(path: str, ids: QemuIds, want: int, **kw: Any) -> tuple[str, str, str] | None:
+    found = denial(path, ids, want, **kw)
+    return None if found is None else (found.message, found.fix, found.culprit)
+
+
+def has_account(conn: Connection) -> bool:
+    """Does the stack resolve QEMU's ids (root: the configured account exists)?"""
+    return qemu_ids(conn.stack, None).ids is not None
 
 
 def plugin(*drivers: FakeLsm) -> types.ModuleType:
@@ -170,8 +190,8 @@ def test_json_shape_lists_every_resource_with_each_driver(scratch: Path) -> None
 def test_report_changes_nothing_and_releases_labels(scratch: Path) -> None:
     _image_files(scratch)
     lsm = FakeLsm()
-    aa = FakeLsm("apparmor")
-    conf = 'security_driver = ["fakelsm", "apparmor"]\nuser = "+4242"\ngroup = "+4242"\n'
+    aa = PlanningLsm("planner")
+    conf = 'security_driver = ["fakelsm", "planner"]\nuser = "+4242"\ngroup = "+4242"\n'
     conn = connect(scratch, [lsm, aa], conf)
 
     def snap() -> dict[str, tuple[int, int, int, int]]:
@@ -186,8 +206,8 @@ def test_report_changes_nothing_and_releases_labels(scratch: Path) -> None:
     assert snap() == before  # no chown, no journal, no runtime dir, no serial file
     assert not (scratch / "r1.serial").exists()
     assert lsm.gen_calls == 1 and lsm.pool == set()  # generated, then released
-    assert aa.gen_calls == 0  # AppArmor's gen_label loads a profile: only named
-    assert report.drivers["apparmor"]["label"] == f"vmconfine-{UUID}"
+    assert aa.gen_calls == 0 and aa.pool == set()  # it has plan_label: only planned
+    assert report.drivers["planner"]["label"] == f"planner-{UUID}"
 
 
 def test_parent_dir_0700_is_a_problem_with_its_fix(scratch: Path) -> None:
@@ -248,32 +268,50 @@ def test_unavailable_driver_with_require_confined(scratch: Path) -> None:
     assert report.resources  # the report is still built from the drivers that work
 
 
-def test_apparmor_and_selinux_columns_without_explain(scratch: Path) -> None:
+def test_apparmor_column_from_profile_rules(scratch: Path) -> None:
+    """The AppArmor driver's explain: the profile's .files rules that match each resource."""
+    from tests.support import make_ctx, make_host
+    from vmconfine_apparmor import report as aa_report
+
     images = _image_files(scratch)
-    aa = FakeLsm("apparmor", explain=False)
-    aa.rules = [  # type: ignore[attr-defined]
+    host = make_host(scratch / "inst", [nop], config=CONF)
+    ctx = make_ctx(host, rich_xml(scratch))
+    ctx.domain.add_seclabel("apparmor", "dynamic").label = f"vmconfine-{UUID}"
+    desc = {"rules": [
         "# DO NOT EDIT",
         f'  "{images["top.qcow2"]}" rwk,',
         f'  "{images["base.img"]}" rk,',
         f'  deny "{images["base.img"]}" w,',
         f'  "{images["vars.fd"]}" rk,',
-    ]
-    se = FakeLsm("selinux", explain=False)
-    conf = 'security_driver = ["selinux", "apparmor"]\nuser = "+4242"\ngroup = "+4242"\n'
-    conn = connect(scratch, [se, aa], conf)
+    ]}
+    cols = {r.role: aa_report.column(ctx, r, desc) for r in ctx.resources}
+    assert cols["disk"]["allows"] is True
+    assert cols["backing"]["summary"] == "rk"
+    assert cols["nvram"]["allows"] is False  # needs w, has rk
+    assert cols["kernel"]["allows"] is None and str(images["vmlinuz"]) in cols["kernel"]["why"]
+
+
+def test_selinux_column_through_the_report(scratch: Path) -> None:
+    """The SELinux driver (fake libselinux backend) in a real report: its explain gives each
+    resource the label set_all_labels would apply (libvirt's rules)."""
+    from tests.unit.test_selinux_support import CONTENT_CONTEXT, fake_backend
+    from tests.unit.test_selinux_support import plugin as selinux_plugin
+
+    _image_files(scratch)
+    host = make_host(scratch / "inst", [nop, vmconfine_dac,
+                                        selinux_plugin(fake_backend(scratch), dac=False)],
+                     config='security_driver = "selinux"\nuser = "+4242"\ngroup = "+4242"\n')
+    conn = Connection(host.instance, pm=host.pm, recover=False)
     report = build_report(conn, parse_domain(rich_xml(scratch)))
     rows = {r.role: r for r in report.resources}
-    assert rows["disk"].drivers["apparmor"]["allows"] is True
-    assert rows["backing"].drivers["apparmor"]["summary"] == "rk"
-    assert rows["nvram"].drivers["apparmor"]["allows"] is False  # needs w, has rk
-    assert rows["kernel"].drivers["apparmor"]["allows"] is None  # no rule: a warning
-    assert any(p.severity == "warning" and str(images["vmlinuz"]) in p.message
-               for p in report.problems)
-    image = "system_u:object_r:selinux_image_t:s0:c1,c2"
+    assert not [p for p in report.problems if p.layer == "stack"], report.problems
+    image = report.drivers["selinux"]["imagelabel"]
+    assert image and ":svirt_image_t:" in image
     assert rows["disk"].drivers["selinux"]["during"] == image
-    assert rows["backing"].drivers["selinux"]["during"] == \
-        "system_u:object_r:virt_content_t:s0"
+    assert rows["backing"].drivers["selinux"]["during"] == CONTENT_CONTEXT
     assert rows["loader"].drivers["selinux"]["during"] is None  # left to the policy
+    items = {p["item"]: p for p in report.process}
+    assert items["selinux label"]["intended"] == report.drivers["selinux"]["label"]
 
 
 QEMU_LOG = """2026-01-01T00:00:00.1Z qemu-system-x86_64: -drive file=/srv/a.img,format=raw,if=none,\
@@ -304,7 +342,7 @@ def test_open_failure_hint_names_path_and_layer(scratch: Path) -> None:
     hint = open_failure_hint(conn, ctx, f"x: Could not open '{secret}': Permission denied")
     assert hint.startswith(f"; QEMU could not open {secret} (Permission denied): denied by")
     assert "fakelsm: fakelsm forbids" in hint
-    if os.geteuid() == 0 and ids_from_config(conn.instance) is not None:
+    if os.geteuid() == 0 and has_account(conn):
         assert "DAC:" in hint and "0600" in hint  # +4242 is neither owner nor in the group
     assert open_failure_hint(conn, ctx, "all good") == ""
 
@@ -313,3 +351,30 @@ def test_landlock_letters() -> None:
     assert landlock_letters(["read_file", "write_file", "truncate"]) == "rwt"
     assert landlock_letters(["read_dir", "make_sock", "remove_file"]) == "dmu"
     assert landlock_letters([]) == "-"
+
+
+def test_start_checks_are_problems(scratch: Path) -> None:
+    """What `run` stops at before QEMU starts is a problem of the report too: an emulator
+    that does not exist, a disk without <source> (QEMU: "No drive specified")."""
+    _image_files(scratch)
+    conn = connect(scratch, [FakeLsm()], CONF)
+    xml = rich_xml(scratch).replace("/usr/bin/qemu-system-x86_64", f"{scratch}/no-qemu")
+    xml = xml.replace("<memballoon model='none'/>", "<disk type='file' device='disk'>"
+                      "<target dev='vdb' bus='virtio'/></disk><memballoon model='none'/>")
+    report = build_report(conn, parse_domain(xml))
+    msgs = [p.text() for p in report.errors]
+    assert any(f"Cannot check QEMU binary {scratch}/no-qemu: No such file" in m
+               for m in msgs), msgs
+    assert any("disk 'vdb' has no <source>" in m for m in msgs), msgs
+    assert "Problems (0)" not in render_text(report)
+
+
+def test_empty_source_file_is_a_problem(scratch: Path) -> None:
+    _image_files(scratch)
+    conn = connect(scratch, [FakeLsm()], CONF)
+    xml = rich_xml(scratch).replace(f"<source file='{scratch / 'top.qcow2'}'/>",
+                                    "<source file=''/>")
+    xml = xml.replace("<backingStore type='file'><format type='raw'/><source file='"
+                      f"{scratch}/base.img'/>\n        <backingStore/></backingStore>", "")
+    report = build_report(conn, parse_domain(xml))
+    assert any("disk 'vda' has no <source>" in p.message for p in report.errors), report.errors

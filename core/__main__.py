@@ -1,0 +1,7 @@
+"""``python -m vmconfine``: the command line."""
+
+import sys
+
+from vmconfine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,305 @@
+"""The CLI's daemon verbs, virsh's names and messages: a thin client of ``vmconfine daemon``.
+
+``define``, ``undefine``, ``start``, ``create``, ``shutdown``, ``reboot``, ``reset``,
+``suspend``, ``resume``, ``domstate``, ``autostart`` and ``event`` need the instance's daemon;
+``list``, ``dominfo``, ``dumpxml`` and ``destroy`` use it when it runs and work in-process
+otherwise (domains started by ``run``). With no daemon running, a ``qemu:///session`` client
+starts the session daemon (it exits once idle), as libvirt's does; for the system instance and
+embed roots the admin starts it (``vmconfine daemon --daemon``).
+
+This module imports only the standard library and :mod:`vmconfine.client` at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from vmconfine.errors import VmconfineError
+
+Handler = Callable[[argparse.Namespace], int]
+VERBS: dict[str, tuple[Handler, str]] = {}
+#: verbs that work without a daemon (in-process) but use it when it runs
+DAEMON_FIRST = ("list", "dominfo", "dumpxml", "destroy")
+VIRSH_EVENT = {"defined": "Defined", "undefined": "Undefined", "started": "Started",
+               "suspended": "Suspended", "resumed": "Resumed", "stopped": "Stopped",
+               "shutdown": "Shutdown", "crashed": "Crashed"}
+
+
+def verb(name: str, help_text: str) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        VERBS[name] = (fn, help_text)
+        return fn
+
+    return deco
+
+
+def _socket(args: argparse.Namespace) -> tuple[str, str, Path]:
+    from vmconfine.config.instance import open_instance
+
+    inst = open_instance(args.connect)
+    path = getattr(args, "socket", None) or (inst.daemon_ro_socket_path if args.readonly else
+                           inst.daemon_socket_path)
+    return inst.uri, inst.kind, Path(path)
+
+
+def client(args: argparse.Namespace, *, required: bool = True) -> Any:
+    """A client of the instance's daemon — over ssh or TLS for a remote URI; None when no
+    local daemon runs and ``required`` is False. A session client starts its daemon."""
+    from vmconfine.client import DaemonClient, listening, spawn_session_daemon
+    from vmconfine.config.instance import default_uri, parse_remote
+
+    remote = parse_remote(args.connect or default_uri())
+    if remote is not None:
+        from vmconfine.remote import SSHTransport, TLSTransport
+
+        if remote.transport == "ssh":
+            return DaemonClient(SSHTransport(remote, readonly=args.readonly))
+        return DaemonClient(TLSTransport(remote))
+    uri, kind, path = _socket(args)
+    if listening(path):
+        return DaemonClient(path)
+    if not required:
+        return None
+    if kind == "session":
+        spawn_session_daemon(uri, path)
+        return DaemonClient(path)
+    raise VmconfineError(f"no vmconfine daemon serves {uri}; start it with "
+                         f"'vmconfine -c \"{uri}\" daemon --daemon'")
+
+
+def _domain_url(name: str, suffix: str = "") -> str:
+    return f"/v1/domains/{quote(name, safe='')}{suffix}"
+
+
+def _read_xml(path: str) -> tuple[str, str]:
+    from vmconfine.inputs import read_bounded
+
+    data, source = read_bounded(path, expected="a domain XML file")
+    try:
+        return data.decode(), source
+    except UnicodeDecodeError as exc:
+        raise VmconfineError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+
+
+# ---- verbs that need the daemon -----------------------------------------------------------
+
+
+@verb("daemon", "serve this instance: managed domains, lifecycle, events (see docs/daemon.md)")
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from vmconfine.daemon.main import serve
+
+    return serve(args.connect, background=args.daemon, pid_file=args.pid_file,
+                 idle_timeout=args.timeout)
+
+
+@verb("daemon-bridge", "relay stdin/stdout to this instance's daemon socket (the remote end of "
+                      "qemu+ssh://, like libvirt's virt-ssh-helper)")
+def cmd_daemon_bridge(args: argparse.Namespace) -> int:
+    import os
+    import select
+    import socket
+
+    c = client(args)
+    sock = c.transport.connect(30)
+    sock.settimeout(None)
+    open_in = {0, sock.fileno()}
+    while open_in:
+        ready, _, _ = select.select(list(open_in), [], [])
+        for fd in ready:
+            data = os.read(fd, 65536) if fd == 0 else sock.recv(65536)
+            if not data:
+                open_in.discard(fd)
+                if fd == 0:
+                    sock.shutdown(socket.SHUT_WR)
+                else:
+                    return 0
+                continue
+            if fd == 0:
+                sock.sendall(data)
+            else:
+                os.write(1, data)
+    return 0
+
+
+@verb("define", "define (or update) a persistent domain from an XML file")
+def cmd_define(args: argparse.Namespace) -> int:
+    xml, source = _read_xml(args.file)
+    name = client(args).call("POST", "/v1/domains", {"xml": xml, "action": "define"})["name"]
+    print(f"Domain '{name}' defined from {source}")
+    return 0
+
+
+@verb("undefine", "remove a domain's persistent definition (a running domain keeps running)")
+def cmd_undefine(args: argparse.Namespace) -> int:
+    name = client(args).call("DELETE", _domain_url(args.domain))["name"]
+    print(f"Domain '{name}' has been undefined")
+    return 0
+
+
+@verb("start", "start a defined domain (managed by the daemon; it outlives this command)")
+def cmd_start(args: argparse.Namespace) -> int:
+    name = client(args).call("POST", _domain_url(args.domain, "/start"),
+                             {"paused": args.paused})["name"]
+    print(f"Domain '{name}' started")
+    return 0
+
+
+@verb("create", "start a transient domain from an XML file (managed by the daemon)")
+def cmd_create(args: argparse.Namespace) -> int:
+    xml, source = _read_xml(args.file)
+    name = client(args).call("POST", "/v1/domains", {"xml": xml, "action": "create",
+                                                      "paused": args.paused})["name"]
+    print(f"Domain '{name}' created from {source}")
+    return 0
+
+
+@verb("shutdown", "ask a domain's guest to power off (ACPI)")
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    name = client(args).call("POST", _domain_url(args.domain, "/shutdown"),
+                             {"timeout": args.timeout})["name"]
+    print(f"Domain '{name}' {'is shut off' if args.timeout is not None else 'is being shutdown'}")
+    return 0
+
+
+def _action(verb_name: str, message: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        name = client(args).call("POST", _domain_url(args.domain, f"/{verb_name}"))["name"]
+        print(message.format(name=name))
+        return 0
+
+    return handler
+
+
+verb("reboot", "reboot a domain: ACPI power-off, then a fresh start")(
+    _action("reboot", "Domain '{name}' is being rebooted"))
+verb("reset", "reset a domain's virtual hardware (like the reset button)")(
+    _action("reset", "Domain '{name}' was reset"))
+verb("suspend", "pause a domain's virtual CPUs")(_action("suspend", "Domain '{name}' suspended"))
+verb("resume", "resume a paused domain")(_action("resume", "Domain '{name}' resumed"))
+
+
+@verb("domstate", "print a domain's state (with --reason: why)")
+def cmd_domstate(args: argparse.Namespace) -> int:
+    st = client(args).call("GET", _domain_url(args.domain, "/state"))
+    print(f"{st['state']} ({st['reason']})" if args.reason else st["state"])
+    print()
+    return 0
+
+
+@verb("autostart", "start a defined domain whenever the daemon starts (--disable: not)")
+def cmd_autostart(args: argparse.Namespace) -> int:
+    name = client(args).call("PUT", _domain_url(args.domain, "/autostart"),
+                             {"enable": not args.disable})["name"]
+    print(f"Domain '{name}' {'unmarked' if args.disable else 'marked'} as autostarted")
+    return 0
+
+
+@verb("console", "connect this terminal to a domain's serial console (^] detaches)")
+def cmd_console(args: argparse.Namespace) -> int:
+    from vmconfine.client import UnixTransport, console_session
+
+    c = client(args)
+    name = c.call("GET", _domain_url(args.domain, "/state")) and args.domain
+    print(f"Connected to domain '{name}'\r\nEscape character is ^] (Ctrl + ])\r", flush=True)
+    url = _domain_url(args.domain, "/console")
+    if isinstance(c.transport, UnixTransport):
+        console_session(c, url, c.transport.path)
+    else:  # a remote daemon: the WebSocket client speaks to a local relay
+        from vmconfine.remote import unix_relay
+
+        with unix_relay(c.transport) as path:
+            console_session(c, url, path)
+    print("\r")
+    return 0
+
+
+@verb("event", "print lifecycle events (one, or all with --loop) until --timeout")
+def cmd_event(args: argparse.Namespace) -> int:
+    url = "/v1/events" + (f"?domain={quote(args.domain, safe='')}" if args.domain else "")
+    count = 0
+    for ev in client(args).stream(url, timeout=args.timeout):
+        kind = VIRSH_EVENT.get(ev["event"], ev["event"].title())
+        detail = str(ev["detail"]).replace("-", " ").title()
+        print(f"event 'lifecycle' for domain '{ev['domain']}': {kind} {detail}", flush=True)
+        count += 1
+        if not args.loop:
+            break
+    print(f"events received: {count}")
+    return 0
+
+
+# ---- verbs that work without the daemon too ---------------------------------------------------
+
+
+def daemon_first(args: argparse.Namespace) -> int | None:
+    """Run a DAEMON_FIRST verb through the daemon when one runs; None: do it in-process."""
+    c = client(args, required=False)
+    if c is None:
+        return None
+    if args.verb == "list":
+        domains = c.call("GET", "/v1/domains" + ("?all=1" if args.all else ""))["domains"]
+        print(f" {'Id':<4} {'Name':<30} State")
+        print("-" * 48)
+        for d in domains:
+            ident = "-" if d["id"] is None else str(d["id"])
+            print(f" {ident:<4} {d['name']:<30} {d['state']}")
+        print()
+    elif args.verb == "dominfo":
+        for k, v in c.call("GET", _domain_url(args.domain))["info"]:
+            print(f"{k + ':':<16}{v}")
+        print()
+    elif args.verb == "dumpxml":
+        sys.stdout.write(c.call("GET", _domain_url(args.domain, "/xml") +
+                                ("?inactive=1" if args.inactive else "")))
+    elif args.verb == "destroy":
+        name = c.call("POST", _domain_url(args.domain, "/destroy"))["name"]
+        print(f"Domain '{name}' destroyed")
+    return 0
+
+
+def add_parsers(add: Callable[[str, Handler, str], argparse.ArgumentParser],
+                seconds: Callable[[str], float]) -> None:
+    """Add this module's verbs to the CLI's parser."""
+
+    def sub(name: str) -> argparse.ArgumentParser:
+        fn, help_text = VERBS[name]
+        return add(name, fn, help_text)
+
+    sp = sub("daemon-bridge")
+    sp.add_argument("--socket", metavar="PATH", help="the daemon socket (default: the "
+                    "instance's, read-only with -r)")
+    sp = sub("daemon")
+    sp.add_argument("--daemon", action="store_true",
+                    help="fork into the background once the sockets listen")
+    sp.add_argument("--pid-file", metavar="FILE", help="pid file (default: in the instance's "
+                    "run directory)")
+    sp.add_argument("--timeout", type=seconds, default=0, metavar="SECONDS",
+                    help="exit after this long idle with no running domain (0: never)")
+    for name in ("define", "create"):
+        sp = sub(name)
+        sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
+        if name == "create":
+            sp.add_argument("--paused", action="store_true", help="leave the CPUs stopped")
+    for name in ("undefine", "start", "shutdown", "reboot", "reset", "suspend", "resume",
+                 "domstate", "autostart", "console"):
+        sp = sub(name)
+        sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
+        if name == "start":
+            sp.add_argument("--paused", action="store_true", help="leave the CPUs stopped")
+        elif name == "shutdown":
+            sp.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                            help="wait until the domain is shut off; fail after SECONDS")
+        elif name == "domstate":
+            sp.add_argument("--reason", action="store_true", help="also print why")
+        elif name == "autostart":
+            sp.add_argument("--disable", action="store_true", help="do not autostart it")
+    sp = sub("event")
+    sp.add_argument("--domain", metavar="NAME", help="only this domain's events")
+    sp.add_argument("--loop", action="store_true", help="keep printing events")
+    sp.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                    help="stop waiting after SECONDS")

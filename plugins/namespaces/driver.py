@@ -24,7 +24,7 @@ from vmconfine.errors import DriverError
 from vmconfine.plugin.devacl import acl_list
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine.qemu.emulator import domain_emulator, emulator_files
-from vmconfine_namespaces import build, syscalls
+from vmconfine_namespaces import build, report, syscalls
 from vmconfine_namespaces.plan import (
     Builder,
     PlanError,
@@ -237,6 +237,20 @@ class NamespacesDriver:
                 out["mount_ns"] = f"unreadable: {exc.strerror}"
         out["summary"] = summary(view, out.get("mount_ns"))
         return out
+
+    @hookimpl
+    def explain_process(self, ctx: DomainContext, kernel: dict[str, Any] | None,
+                        ) -> list[dict[str, Any]]:
+        view = self._state_view(ctx)
+        pid = ctx.pid if kernel is not None else None
+        return report.process_rows(view, pid, expected_children(view))
+
+    @hookimpl
+    def host_checks(self, host: HostContext, wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
+        names = self.wanted()
+        return report.host_checks(self.available() if names else (True, ""), names,
+                                  privileged=host.privileged,
+                                  explicit=host.config.source("namespaces") != "default")
 
     @hookimpl
     def explain(self, ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:

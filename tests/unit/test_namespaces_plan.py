@@ -259,3 +259,24 @@ def test_own_directories_not_yet_made_never_expose_their_parent(host: FakeHost) 
     assert b.view.by_path("/run/vm/domain-a").kind == "bind"
     assert b.view.by_path("/run/vm").kind == "dir"
     assert b.view.notes == []
+
+
+def test_host_validate_lines() -> None:
+    from vmconfine_namespaces.report import host_checks
+
+    assert host_checks((True, ""), ["mount"], privileged=True, explicit=False)[0]["status"] \
+        == "PASS"
+    bad = host_checks((False, "no userns"), ["mount", "root"], privileged=False, explicit=True)
+    assert bad[0]["status"] == "FAIL" and "user namespaces" in bad[0]["fix"]
+    assert host_checks((False, "x"), ["mount"], privileged=True, explicit=False)[0]["status"] \
+        == "WARN"
+
+
+def test_process_rows_before_start() -> None:
+    from vmconfine_namespaces.report import process_rows
+
+    view = View("mount", entries=[Entry("/dev", "tmpfs"), Entry("/dev/null", "bind", "/dev/null")])
+    rows = process_rows(view, None, expected_children(view))
+    assert [r["item"] for r in rows] == ["mount namespace", "/dev in QEMU's view"]
+    assert rows[1]["intended"] == "null" and rows[1]["kernel"] is None
+    assert not any(r["differs"] for r in rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -32,7 +33,9 @@ MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
-SYS_PIVOT_ROOT = 155  # x86_64
+#: (pivot_root, capset) system call numbers; libc wraps neither
+_SYSCALLS = {"x86_64": (155, 126), "aarch64": (41, 91), "riscv64": (41, 91)}
+SYS_PIVOT_ROOT, SYS_CAPSET = _SYSCALLS.get(platform.machine(), (-1, -1))
 
 
 def _check(rc: int, what: str, path: str | None = None) -> None:
@@ -68,6 +71,8 @@ def umount(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
+    if SYS_PIVOT_ROOT < 0:
+        raise OSError(38, f"pivot_root: no system call number known for {platform.machine()}")
     _check(int(_libc.syscall(SYS_PIVOT_ROOT, _b(new_root), _b(put_old))), "pivot_root",
            new_root)
 
@@ -83,7 +88,6 @@ def write_file(path: str, text: str) -> None:
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
-SYS_CAPSET = 126  # x86_64
 _CAP_VERSION_3 = 0x20080522
 
 
@@ -105,6 +109,8 @@ def drop_all_capabilities(last_cap: int) -> None:
         if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
             _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
     _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clear ambient caps")
+    if SYS_CAPSET < 0:
+        raise OSError(38, f"capset: no system call number known for {platform.machine()}")
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(int(_libc.syscall(SYS_CAPSET, ctypes.byref(header), ctypes.byref(data))), "capset")

@@ -7,7 +7,6 @@ pluggy hook tracing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ from collections.abc import Callable, Sequence
 from vmconfine import __version__, cli_daemon
 from vmconfine.errors import VmconfineError
 from vmconfine.inputs import read_bounded
+from vmconfine.sanitize import SafeStream, json_text, one_line
 
 log = logging.getLogger("vmconfine")
 
@@ -236,7 +236,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if args.hmp and "return" in reply:
         sys.stdout.write(str(reply["return"]))
         return 0 if "error" not in reply else 1
-    print(json.dumps(reply, indent=2 if args.pretty else None))
+    print(json_text(reply, indent=2 if args.pretty else None))
     _ = runtime
     return 1 if "error" in reply else 0
 
@@ -256,7 +256,7 @@ def cmd_confinement(args: argparse.Namespace) -> int:
     else:
         report = build_report(conn, running=conn.lookup(target))
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json_text(report.to_json(), indent=2))
     else:
         sys.stdout.write(render_text(report))
     return 1 if report.errors or report.differences else 0
@@ -274,7 +274,7 @@ def cmd_host_validate(args: argparse.Namespace) -> int:
     conn = Connection(open_instance(args.connect), recover=False)
     checks = host_validate(conn, args.image_dir)
     if args.json:
-        print(json.dumps([asdict(c) for c in checks], indent=2))
+        print(json_text([asdict(c) for c in checks], indent=2))
     else:
         sys.stdout.write(render_checks(checks))
     return 1 if any(c.status == "FAIL" for c in checks) else 0
@@ -390,6 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; everything it prints goes through :class:`SafeStream` (text from
+    QEMU, the guest, /proc or files vmconfine did not write never reaches the terminal raw)."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SafeStream(out), SafeStream(err)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = out, err
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("VMCONFINE_DEBUG", "") not in ("", "0")
@@ -402,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["VMCONFINE_TRACE_HOOKS"] = "1"
         os.environ["VMCONFINE_DEBUG"] = "1"
     else:  # its own connection errors are reported by vmconfine in one line
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)  # its tracebacks too
     try:
         if args.verb in cli_daemon.DAEMON_FIRST:
             status = cli_daemon.daemon_first(args)
@@ -412,7 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VmconfineError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc.message}", file=sys.stderr)
+        # one line (a value from the XML, QEMU or /proc cannot start a forged line of its
+        # own); --debug keeps multi-line details such as the child's traceback
+        print(f"error: {exc.message if debug else one_line(exc.message)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -421,12 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return 1
     except Exception as exc:  # never a traceback without --debug
         if debug:
             traceback.print_exc()
-        print(f"error: internal error: {type(exc).__name__}: {exc} "
+        print(f"error: internal error: {type(exc).__name__}: {one_line(str(exc))} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1
 

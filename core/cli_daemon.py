@@ -183,6 +183,24 @@ verb("suspend", "pause a domain's virtual CPUs")(_action("suspend", "Domain '{na
 verb("resume", "resume a paused domain")(_action("resume", "Domain '{name}' resumed"))
 
 
+def _device_verb(op: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        xml, _source = _read_xml(args.file)
+        client(args).call("POST", _domain_url(args.domain, f"/devices/{op}"),
+                          {"xml": xml, "live": args.live, "config": args.config,
+                           "persistent": args.persistent})
+        print(f"Device {op}ed successfully")
+        return 0
+
+    return handler
+
+
+verb("attach-device", "attach a disk to a domain (--live, --config, --persistent as virsh)")(
+    _device_verb("attach"))
+verb("detach-device", "detach a disk from a domain (--live, --config, --persistent)")(
+    _device_verb("detach"))
+
+
 @verb("domstate", "print a domain's state (with --reason: why)")
 def cmd_domstate(args: argparse.Namespace) -> int:
     st = client(args).call("GET", _domain_url(args.domain, "/state"))
@@ -298,6 +316,15 @@ def add_parsers(add: Callable[[str, Handler, str], argparse.ArgumentParser],
             sp.add_argument("--reason", action="store_true", help="also print why")
         elif name == "autostart":
             sp.add_argument("--disable", action="store_true", help="do not autostart it")
+    for name in ("attach-device", "detach-device"):
+        sp = sub(name)
+        sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
+        sp.add_argument("file", metavar="FILE.xml", help="the device's XML ('-' for stdin)")
+        sp.add_argument("--live", action="store_true", help="the running domain")
+        sp.add_argument("--config", action="store_true", help="the persistent definition")
+        sp.add_argument("--persistent", action="store_true", help="both (when running)")
+        sp.add_argument("--current", action="store_true",
+                        help="the running domain if it runs, else the definition (default)")
     sp = sub("event")
     sp.add_argument("--domain", metavar="NAME", help="only this domain's events")
     sp.add_argument("--loop", action="store_true", help="keep printing events")

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   python3-venv python3-selinux python3-libapparmor python3-cap-ng
   apparmor                              # apparmor_parser (profiles compile on the host)
   attr acl                              # getfattr/setfattr for inspecting remembered owners
+  libcap2-bin                           # setcap/getcap: file capabilities survive a domain
   busybox-static cpio kmod              # lsm test tier: initramfs of the booted kernel
   selinux-policy-default selinux-utils policycoreutils semodule-utils secilc checkpolicy
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the peer: tests and benchmarks

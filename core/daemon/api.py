@@ -235,6 +235,16 @@ async def autostart(request: web.Request) -> web.Response:
     return web.json_response({"name": name})
 
 
+async def devices(request: web.Request) -> web.Response:
+    """attach-device / detach-device: ``{"xml", "live", "config"}``."""
+    body = await _json_body(request)
+    mgr = request.app[MANAGER]
+    op = mgr.attach_device if request.match_info["op"] == "attach" else mgr.detach_device
+    name = await op(request.match_info["key"], _text(body, "xml"), live=_flag(body, "live"),
+                    config=_flag(body, "config"), persistent=_flag(body, "persistent"))
+    return web.json_response({"name": name})
+
+
 async def events(request: web.Request) -> web.StreamResponse:
     """Lifecycle events as newline-delimited JSON until the client goes away."""
     bus = request.app[EVENTS]
@@ -362,6 +372,7 @@ def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool,
     app.router.add_get("/v1/domains/{key}/state", domain_state)
     app.router.add_get("/v1/domains/{key}/xml", domain_xml)
     app.router.add_put("/v1/domains/{key}/autostart", autostart)
+    app.router.add_post("/v1/domains/{key}/devices/{op:attach|detach}", devices)
     app.router.add_post("/v1/domains/{key}/{action}", domain_action)
     app.router.add_get("/v1/domains/{key}/console", console)
     app.router.add_get("/v1/events", events)

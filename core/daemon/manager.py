@@ -24,7 +24,7 @@ from vmconfine.daemon.events import EventBus
 from vmconfine.daemon.store import DefinitionStore
 from vmconfine.domain import Domain, parse_domain
 from vmconfine.errors import LaunchError, NotRunningError, VmconfineError
-from vmconfine.launch import pipeline, runtime
+from vmconfine.launch import hotplug, pipeline, runtime
 from vmconfine.launch.connection import Connection, RunningDomain
 from vmconfine.launch.info import domain_info_rows
 from vmconfine.launch.journal import Journal
@@ -52,6 +52,8 @@ class Managed:
     watcher: asyncio.Task[None] | None = None
     reboot: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    #: device id -> resolved when QEMU reports DEVICE_DELETED
+    unplugged: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
 
 class DomainManager:
@@ -111,6 +113,8 @@ class DomainManager:
             raise
         managed = Managed(launched)
         managed.state, managed.reason = _state_of(reply)
+        for what in await hotplug.reconcile(self.conn, launched):
+            log.warning("domain %s: %s (interrupted hotplug)", name, what)
         self._watch(name, managed)
         log.info("domain %s: reconnected (pid %d, %s)", name, status.pid, managed.state)
 
@@ -396,6 +400,61 @@ class DomainManager:
         raise OperationError(f"domain '{name}' has no serial console of type pty; add "
                              "<serial type='pty'> (or <console type='pty'>) to its XML")
 
+    # ---- hotplug ----------------------------------------------------------------------------
+    def _scopes(self, name: str, *, live: bool, config: bool,
+                persistent: bool) -> tuple[bool, bool]:
+        """virsh's --live / --config / --persistent / --current (none: the current state)."""
+        running = name in self.managed
+        if persistent:
+            live, config = running, True
+        if not live and not config:
+            return running, not running
+        if live and not running:
+            raise OperationError(f"domain '{name}' is not running: drop --live")
+        if config and not self.conn.instance.definition_path(name).exists():
+            raise OperationError(f"domain '{name}' is transient: drop --config")
+        return live, config
+
+    async def attach_device(self, key: str, xml: str, *, live: bool, config: bool,
+                            persistent: bool = False) -> str:
+        name = self.resolve(key)
+        live, config = self._scopes(name, live=live, config=config, persistent=persistent)
+        if config:  # checked first, so a bad definition change attaches nothing
+            definition = self.store.load(name)
+            assert definition is not None
+            updated = hotplug.config_with_device(definition, xml)
+        if live:
+            await hotplug.attach_disk(self.conn, self.managed[name].launched, xml)
+        if config:
+            self.store.save(updated)
+        return name
+
+    async def detach_device(self, key: str, xml: str, *, live: bool, config: bool,
+                            persistent: bool = False) -> str:
+        name = self.resolve(key)
+        live, config = self._scopes(name, live=live, config=config, persistent=persistent)
+        target = hotplug.device_target(xml)
+        if config:
+            definition = self.store.load(name)
+            assert definition is not None
+            updated = hotplug.config_without_disk(definition, target)
+        if live:
+            m = self.managed[name]
+            domain = m.launched.ctx.domain
+            disk = next((d for d in domain.disks if d.target == target), None)
+            if disk is None:
+                raise OperationError(f"domain '{name}' has no disk {target}")
+            device_id = hotplug.device_id(self.conn, domain, disk)
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            m.unplugged[device_id] = future
+            try:
+                await hotplug.detach_disk(self.conn, m.launched, target, future)
+            finally:
+                m.unplugged.pop(device_id, None)
+        if config:
+            self.store.save(updated)
+        return name
+
     # ---- watching ---------------------------------------------------------------------------
     def _watch(self, name: str, m: Managed) -> None:
         self.managed[name] = m
@@ -448,6 +507,11 @@ class DomainManager:
             elif kind == "RESUME" and m.state == "paused":
                 m.state, m.reason = "running", "unpaused"
                 self.events.emit(name, "resumed", "unpaused")
+            elif kind == "DEVICE_DELETED":
+                device = str(event.get("data", {}).get("device", ""))
+                future = m.unplugged.get(device)
+                if future is not None and not future.done():
+                    future.set_result(None)
             elif kind == "SHUTDOWN":
                 m.state = "in shutdown"
                 m.reason = str(event.get("data", {}).get("reason", "shutdown"))

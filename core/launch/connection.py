@@ -132,7 +132,39 @@ class Connection:
                 done.append(rec.name)
             finally:
                 lock.release()
+        self._sweep_leftovers()
         return done
+
+    def _sweep_leftovers(self) -> None:
+        """Remove destroy markers and lock files no domain owns. ``destroy`` may mark a domain
+        whose teardown just finished, and a process killed between removing the journal and
+        releasing its lock leaves the lock file: neither may outlive its domain (a marker
+        would read as "destroyed" for the next domain of that name)."""
+        inst = self.instance
+
+        def owned(name: str) -> bool:  # a domain's: its teardown (or recovery) removes them
+            return inst.journal_path(name).exists() or inst.status_path(name).exists()
+
+        names = {p.name.rsplit(".", 1)[0] for pattern in ("*.destroy", "*.lock")
+                 for p in (inst.run_dir.glob(pattern) if inst.run_dir.is_dir() else [])
+                 if not p.name.startswith(".")}
+        names = {n for n in names if not owned(n)}
+        if not names:  # the usual case: no lock taken
+            return
+        # under the instance lock: a start takes its domain lock under it, so this never
+        # holds a domain lock a start is about to take
+        with runtime.instance_lock(inst):
+            for name in sorted(names):
+                if owned(name):
+                    continue
+                lock = runtime.DomainLock(inst, name)
+                if not lock.try_acquire():
+                    continue  # held: a live process owns the name
+                try:
+                    if not inst.journal_path(name).exists():
+                        inst.destroy_marker_path(name).unlink(missing_ok=True)
+                finally:
+                    lock.release()  # removes the lock file
 
     def awaits_reconnect(self, name: str) -> bool:
         """True for a domain whose QEMU was started to outlive its supervisor, finished

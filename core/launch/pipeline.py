@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qemu.qmp import QMPError
+
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.errors import LaunchError, VmconfineError
 from vmconfine.launch import checks, child, runtime
@@ -219,6 +221,10 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         return launched
     except BaseException as exc:
         tail = ""
+        if launched is not None and not isinstance(exc, (KeyboardInterrupt,
+                                                         asyncio.CancelledError)) \
+                and await _exited_during_start(launched, exc):
+            exc = LaunchError(exited_message(launched))  # whichever step noticed it first
         if launched is not None and isinstance(exc, LaunchError) and \
                 "not confined" not in exc.message:
             launched.process.kill()
@@ -233,7 +239,10 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
             assert isinstance(exc, LaunchError)
             raise LaunchError(f"{exc.message}; QEMU log: {tail}") from None
         if isinstance(exc, VmconfineError):
-            raise
+            raise exc from None
+        if isinstance(exc, (QMPError, EOFError)):  # the library's own, QEMU still running
+            raise LaunchError(f"domain '{domain.name}': QMP failed during start-up: "
+                              f"{qmp.describe(exc)}") from None
         if isinstance(exc, OSError):
             raise LaunchError(f"starting domain '{domain.name}' failed: {exc}") from exc
         raise
@@ -332,11 +341,41 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
         exited.cancel()
     if connect.done():
         return connect.result()  # raises LaunchError when the handshake failed
-    connect.cancel()
+    # QEMU is gone, but a connection may wait in the listening socket's backlog, which this
+    # process still holds: closing it resets that connection, so the library ends its
+    # handshake with its own error (cancelling it mid-handshake makes it log a traceback)
+    for s in launched.monitor_socks:
+        s.close()
+    done, _ = await asyncio.wait({connect}, timeout=5)
+    if not done:
+        connect.cancel()
     with contextlib.suppress(BaseException):
-        await connect
-    raise LaunchError(f"domain '{launched.name}': QEMU exited during start-up "
-                      f"(exit status {process.exit_code})")
+        client = await connect
+        await qmp.disconnect(client)
+    raise LaunchError(exited_message(launched))
+
+
+def exited_message(launched: Launched) -> str:
+    """The one start failure a user should see when QEMU exits before it is up."""
+    code = launched.process.exit_code
+    how = (f"killed by signal {-code}" if code is not None and code < 0
+           else f"exit status {code}")
+    return f"domain '{launched.name}': QEMU exited during start-up ({how})"
+
+
+#: what the QMP library and the connection under it raise when QEMU goes away
+_CONNECTION_ERRORS = (QMPError, EOFError, ConnectionError, LaunchError)
+
+
+async def _exited_during_start(launched: Launched, exc: BaseException) -> bool:
+    """Did QEMU exit (the real cause of ``exc``)? A QMP error gives it a moment to be reaped."""
+    if launched.process.exited.is_set():
+        return True
+    if not isinstance(exc, _CONNECTION_ERRORS):
+        return False
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(launched.process.exited.wait(), 2)
+    return launched.process.exited.is_set()
 
 
 def confinement_problems(conn: Connection, launched: Launched) -> list[str]:
@@ -394,6 +433,8 @@ def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True)
             shutil.rmtree(rec["path"])
     ctx.instance.status_path(ctx.domain.name).unlink(missing_ok=True)
     ctx.instance.qmp_lock_path(ctx.domain.name).unlink(missing_ok=True)
+    # before the journal goes: a crash up to here is finished by the next recovery
+    ctx.instance.destroy_marker_path(ctx.domain.name).unlink(missing_ok=True)
     if not errors:
         ctx.journal.remove()
     else:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from vmconfine.launch import runtime
+from vmconfine.sanitize import decode
 
 LOG_TAIL_LINES = 8
 
@@ -73,12 +74,13 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - 65536))
-            text = f.read().decode(errors="replace")
+            data = f.read()
     except OSError:
         return ""
-    all_lines = text.splitlines()
-    starts = [i for i, ln in enumerate(all_lines) if ln.endswith(": starting up")]
+    # split on line feeds only: a guest's \r or ESC sequence is shown escaped, never obeyed
+    all_lines = data.split(b"\n")
+    starts = [i for i, ln in enumerate(all_lines) if ln.rstrip(b"\r").endswith(b": starting up")]
     if starts:
         all_lines = all_lines[starts[-1] + 2:]  # skip the marker and the command line
-    tail = [ln for ln in all_lines if ln.strip()][-lines:]
+    tail = [decode(ln.rstrip(b"\r")) for ln in all_lines if ln.strip()][-lines:]
     return " | ".join(tail)

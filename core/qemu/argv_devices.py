@@ -315,17 +315,23 @@ def _front_end(b: Builder, disk: Disk) -> dict[str, Any]:
 def add_disks(b: Builder) -> None:
     """Every disk: its block graph, then its front-end device."""
     for disk in b.domain.disks:
-        front = _front_end(b, disk)
-        top = add_blockdevs(b, disk)
-        props: dict[str, Any] = {"driver": front.pop("driver")}
-        props.update(front)
-        if top is not None:
-            props["drive"] = top
-        if disk.shareable:
-            props["share-rw"] = True
-        if disk.serial:
-            props["serial"] = disk.serial
-        b.device(b.boot(props, disk))
+        b.device(disk_device(b, disk))
+
+
+def disk_device(b: Builder, disk: Disk) -> dict[str, Any]:
+    """One disk's ``-blockdev`` graph (appended to ``b``) and its front-end device's
+    properties (returned): the same for a start and for a hotplug."""
+    front = _front_end(b, disk)
+    top = add_blockdevs(b, disk)
+    props: dict[str, Any] = {"driver": front.pop("driver")}
+    props.update(front)
+    if top is not None:
+        props["drive"] = top
+    if disk.shareable:
+        props["share-rw"] = True
+    if disk.serial:
+        props["serial"] = disk.serial
+    return b.boot(props, disk)
 
 
 # --------------------------------------------------------------------------- network

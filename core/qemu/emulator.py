@@ -6,7 +6,7 @@ namespaces driver (the per-domain root view, which also reproduces the symlinks 
 
 * the executable and its ELF interpreter (``PT_INTERP``), which need execute;
 * its shared libraries, exactly as the dynamic loader resolves them
-  (``INTERPRETER --list EMULATOR``, the mechanism behind ``ldd``; the emulator is not run);
+  (``INTERPRETER --list EMULATOR``, the mechanism behind ``ldd``);
 * the loader's cache (``/etc/ld.so.cache``) when the loader uses one;
 * QEMU's firmware/data directories, as the emulator itself reports them (``EMULATOR -L help``,
   which prints the search path compiled into the package, e.g. /usr/share/qemu,
@@ -15,7 +15,8 @@ namespaces driver (the per-domain root view, which also reproduces the symlinks 
   directory path compiled into the binary that holds ``*.so`` modules, plus every module's own
   libraries (resolved the same way).
 
-Results are cached per process, keyed by the binary's identity (device, inode, size, mtime).
+Nothing here runs a program itself: the emulator and its loader run through
+:mod:`vmconfine.qemu.probe` (as QEMU's account, without privileges, cached there).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import struct
-import subprocess
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from vmconfine.qemu.argv import find_emulator
+from vmconfine.qemu.probe import EmulatorProbe, ProbeError, identity, regular_file
+from vmconfine.sanitize import one_line
 
 if TYPE_CHECKING:
     from vmconfine.plugin.context import DomainContext
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOADER_CACHE = "/etc/ld.so.cache"
-_TIMEOUT = 20
+SCAN_MAX = 512 << 20  #: largest binary scanned for module directories
 _LIST_LINE = re.compile(r"^\s*(?:(\S+)\s+=>\s+)?(\S+)\s+\(0x[0-9a-f]+\)\s*$")
 
 
@@ -52,11 +54,18 @@ class EmulatorFiles:
     data_dirs: tuple[str, ...] = ()
     module_dirs: tuple[str, ...] = ()
     module_libraries: tuple[str, ...] = ()
-    #: the paths as the binary and the loader name them before symlinks are resolved (the
-    #: executable as given, ``PT_INTERP``, the loader's library paths): a filesystem view
-    #: holding only the resolved files must reproduce the symlinks on these paths
+    #: the paths as the loader names them before symlinks are resolved (``PT_INTERP``, the
+    #: loader's library paths): a view holding only the resolved files must reproduce the
+    #: symlinks on these paths
     names: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def paths(self) -> list[str]:
+        """Every file and directory named, the executable first."""
+        out = [self.executable, *([self.interpreter] if self.interpreter else []),
+               *self.libraries, *([self.loader_cache] if self.loader_cache else []),
+               *self.data_dirs, *self.module_dirs, *self.module_libraries]
+        return list(dict.fromkeys(out))
 
 
 def elf_interpreter(path: str) -> str | None:
@@ -93,33 +102,27 @@ def elf_interpreter(path: str) -> str | None:
     return None
 
 
-def _clean_env() -> dict[str, str]:
-    """The loader must resolve as it will for QEMU: no LD_* from the caller."""
-    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-
-
-def loader_list(interpreter: str, target: str) -> list[str]:
-    """Libraries of ``target`` as ``interpreter --list`` resolves them (real paths, in order).
-
-    Raises OSError / subprocess.CalledProcessError when the loader cannot resolve them.
-    """
+def loader_list(interpreter: str, target: str, probe: EmulatorProbe, emulator: str) -> list[str]:
+    """Libraries of ``target`` as ``interpreter --list`` resolves them (real paths, in order),
+    run through ``probe`` (the interpreter is named by the emulator's ELF header, so it is as
+    untrusted as the emulator). Raises ProbeError / OSError when they cannot be resolved."""
     libs: list[str] = []
-    for _name, real in loader_entries(interpreter, target):
+    for _name, real in loader_entries(interpreter, target, probe, emulator):
         if real not in libs:
             libs.append(real)
     return libs
 
 
-def loader_entries(interpreter: str, target: str) -> list[tuple[str, str]]:
-    """``(path as the loader names it, real path)`` for each library of ``target``."""
-    out = subprocess.run(
-        [interpreter, "--list", target], capture_output=True, text=True, check=True,
-        env=_clean_env(), timeout=_TIMEOUT,
-    ).stdout
+def loader_entries(interpreter: str, target: str, probe: EmulatorProbe,
+                   emulator: str) -> list[tuple[str, str]]:
+    """``(path as the loader names it, real path)`` per library of ``target`` (see
+    :func:`loader_list`)."""
+    out = probe.run([interpreter, "--list", target], emulator=emulator,
+                    depends=[target, LOADER_CACHE])
     entries: list[tuple[str, str]] = []
     for line in out.splitlines():
         if "not found" in line:
-            raise OSError(f"{target}: the dynamic loader cannot find {line.split()[0]}")
+            raise OSError(f"{target}: the dynamic loader cannot find {one_line(line.split()[0])}")
         m = _LIST_LINE.match(line)
         if not m:
             continue
@@ -130,16 +133,10 @@ def loader_entries(interpreter: str, target: str) -> list[tuple[str, str]]:
     return entries
 
 
-def data_dirs(executable: str) -> list[str]:
-    """QEMU's firmware search path (``-L help``), real existing directories, in order."""
-    try:
-        out = subprocess.run(
-            [executable, "-L", "help"], capture_output=True, text=True, check=True,
-            env=_clean_env(), timeout=_TIMEOUT, stdin=subprocess.DEVNULL,
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("%s -L help failed (%s); using <prefix>/share/qemu", executable, exc)
-        out = str(Path(executable).resolve().parent.parent / "share" / "qemu")
+def data_dirs(executable: str, probe: EmulatorProbe) -> list[str]:
+    """QEMU's firmware search path (``EMULATOR -L help`` run through ``probe``), real existing
+    directories, in order. Raises ProbeError when the emulator cannot answer."""
+    out = probe.run([executable, "-L", "help"], emulator=executable)
     dirs: list[str] = []
     for line in out.splitlines():
         line = line.strip()
@@ -166,10 +163,14 @@ def module_dirs(executable: str) -> tuple[list[str], set[str]]:
     """QEMU's module directories: absolute directory paths compiled into the binary that hold
     ``NAME.so`` files whose NAME is a module the binary knows (its modinfo table, e.g.
     ``accel-tcg-x86_64``). Returns the real paths and the binary's known words (for
-    :func:`modules`).
+    :func:`modules`). Only a regular file of at most :data:`SCAN_MAX` bytes is read.
     """
     try:
-        data = Path(executable).read_bytes()
+        with open(executable, "rb", buffering=0, opener=_open_nonblock) as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > SCAN_MAX:
+                return [], set()
+            data = f.read()
     except OSError:
         return [], set()
     words, paths = _binary_strings(data)
@@ -192,19 +193,24 @@ def modules(directory: str, known: set[str]) -> list[str]:
     return sorted(n for n in names if n.endswith(".so") and n[:-3] in known)
 
 
-def _resolve(executable: str) -> EmulatorFiles:
-    exe = os.path.realpath(executable)
+def _open_nonblock(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+
+
+def _resolve(exe: str, probe: EmulatorProbe) -> EmulatorFiles:
     notes: list[str] = []
+    # the emulator answers first, as QEMU's account: a file that is no QEMU fails here
+    dirs = data_dirs(exe, probe)
     interp = elf_interpreter(exe)
-    names: list[str] = [executable]
     libs: list[str] = []
+    names: list[str] = []
     if interp:
         names.append(interp)
         interp = os.path.realpath(interp)
         try:
-            entries = loader_entries(interp, exe)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise OSError(f"cannot list the libraries of {exe}: {exc}") from exc
+            entries = loader_entries(interp, exe, probe, exe)
+        except (OSError, ProbeError) as exc:
+            raise ProbeError(f"cannot list the libraries of {one_line(exe)}: {exc}") from None
         for name, real in entries:
             if real != interp and real not in libs:
                 libs.append(real)
@@ -218,34 +224,51 @@ def _resolve(executable: str) -> EmulatorFiles:
     for d in mdirs:
         for name in modules(d, known) if interp else []:
             try:
-                for lib in loader_list(interp, os.path.join(d, name)):
+                for lib in loader_list(interp, os.path.join(d, name), probe, exe):
                     if lib != interp and lib not in libs and lib not in mod_libs:
                         mod_libs.append(lib)
-            except (OSError, subprocess.SubprocessError) as exc:
+            except (OSError, ProbeError) as exc:
                 # a module whose libraries are not installed cannot be loaded by QEMU either
                 notes.append(f"module {name} skipped: {exc}")
     return EmulatorFiles(
         executable=exe, interpreter=interp, libraries=tuple(libs), loader_cache=cache,
-        data_dirs=tuple(data_dirs(exe)), module_dirs=tuple(mdirs),
+        data_dirs=tuple(dirs), module_dirs=tuple(mdirs),
         module_libraries=tuple(mod_libs), names=tuple(names), notes=tuple(notes),
     )
 
 
-_CACHE: dict[tuple[str, int, int, int, int], EmulatorFiles] = {}
+def _to_json(files: EmulatorFiles) -> dict[str, Any]:
+    value = asdict(files)
+    value["stamps"] = [identity(p) for p in files.paths()]
+    return value
 
 
-def emulator_files(executable: str) -> EmulatorFiles:
-    """The resolved files ``executable`` needs (cached per binary identity).
+def _from_json(value: dict[str, Any]) -> EmulatorFiles:
+    fields = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in value.items() if k != "stamps"}
+    return EmulatorFiles(**fields)
 
-    Raises OSError when the binary is missing or its libraries cannot be resolved.
+
+def _fresh(value: Any) -> bool:
+    """A cached answer still describes the host: every file and directory it names is
+    unchanged (a module package installed, a library upgraded...)."""
+    try:
+        return all(identity(p[0]) == p for p in value["stamps"])
+    except (KeyError, TypeError, IndexError):
+        return False
+
+
+def emulator_files(executable: str, probe: EmulatorProbe) -> EmulatorFiles:
+    """The resolved files ``executable`` needs; every run of the emulator or its loader goes
+    through ``probe`` (QEMU's account, no privileges). Cached by the identity of the binary,
+    its loader cache and every file of the answer (in memory and in the instance's cache).
+
+    Raises ProbeError when the binary is not a regular file, cannot be run by QEMU's account or
+    its libraries cannot be resolved.
     """
-    exe = os.path.realpath(executable)
-    st = os.stat(exe)
-    key = (exe, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-    found = _CACHE.get(key)
-    if found is None:
-        found = _CACHE[key] = _resolve(exe)
-    return found
+    exe = regular_file(executable)
+    key = probe.key("emulator-files", exe, [exe, LOADER_CACHE])
+    return _from_json(probe.cached(key, lambda: _to_json(_resolve(exe, probe)), valid=_fresh))
 
 
 def domain_emulator(ctx: DomainContext) -> str:

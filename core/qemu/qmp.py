@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.message import Message
 
 from vmconfine.errors import LaunchError, VmconfineError
@@ -28,9 +28,22 @@ async def connect(path: Path | str, name: str, timeout: float = DEFAULT_TIMEOUT)
     client = QMPClient(name)
     try:
         await asyncio.wait_for(client.connect(str(path)), timeout)
-    except (TimeoutError, OSError) as exc:
-        raise LaunchError(f"cannot connect to QMP socket {path}: {exc}") from exc
+    except (TimeoutError, OSError, EOFError, QMPError) as exc:
+        # the library's own errors too (ConnectError when QEMU closes the socket mid-handshake)
+        raise LaunchError(f"cannot connect to QMP socket {path}: {describe(exc)}") from None
     return client
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an error of the QMP library or the connection under it."""
+    if isinstance(exc, ConnectError):  # "Failed to establish session: EOFError"
+        cause = exc.exc
+        return f"{exc.error_message}: {describe(cause) if cause is not None else ''}".rstrip(": ")
+    if isinstance(exc, EOFError):
+        return "QEMU closed the connection"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
 
 
 async def disconnect(client: QMPClient) -> None:

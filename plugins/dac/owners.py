@@ -4,7 +4,8 @@ The record is the shared remembered-label scheme of :mod:`vmconfine.remember` (l
 ``security_util.c``) for the driver ``dac``, reached through the file's fd-based
 :class:`~vmconfine_dac.fsops.FileHandle`:
 
-* ``PREFIX.dac``           the original owner, ``"+UID:+GID"``;
+* ``PREFIX.dac``           the original owner, ``"+UID:+GID"``, and the file's capabilities
+  (``security.capability``, cleared by the kernel on chown) as ``"+UID:+GID;caps=HEX"``;
 * ``PREFIX.ref_dac``       how many running domains use the file (decimal);
 * ``PREFIX.timestamp_dac`` the host boot time when the record was made (decimal seconds).
 
@@ -24,12 +25,27 @@ from vmconfine.errors import LabelError
 from vmconfine.remember import UNSUPPORTED, Record, clear, read
 from vmconfine_dac.fsops import FileHandle
 
-__all__ = ["DRIVER", "UNSUPPORTED", "Names", "Recall", "Record", "boot_time", "clear",
-           "format_owner", "parse_owner", "peek", "peek_ref", "read", "recall", "remember"]
+__all__ = ["DRIVER", "FCAPS", "UNSUPPORTED", "Names", "Recall", "Record", "boot_time", "clear",
+           "file_caps", "format_owner", "parse_owner", "parse_record", "peek", "peek_ref",
+           "read", "recall", "remember"]
 
 log = logging.getLogger(__name__)
 
 DRIVER = "dac"
+
+#: a file's capabilities (``setcap``); the kernel removes them on chown and on every write
+FCAPS = "security.capability"
+
+
+def file_caps(h: FileHandle) -> bytes | None:
+    """The file capabilities of ``h`` (None: none, or a file system without xattrs)."""
+    try:
+        return h.getxattr(FCAPS)
+    except OSError as exc:
+        if exc.errno in UNSUPPORTED:
+            return None
+        raise
+
 
 _SCHEME = shared.Scheme(
     DRIVER, log, what="remembered owner",
@@ -51,19 +67,34 @@ class Names(shared.Names):
         return cls.of(prefix, DRIVER)
 
 
-def format_owner(uid: int, gid: int) -> str:
-    return f"+{uid}:+{gid}"
+def format_owner(uid: int, gid: int, fcaps: bytes | None = None) -> str:
+    """``"+UID:+GID"``, with ``";caps=HEX"`` when the file had capabilities
+    (``security.capability``, which the kernel clears on chown)."""
+    text = f"+{uid}:+{gid}"
+    return f"{text};caps={fcaps.hex()}" if fcaps else text
+
+
+def parse_record(text: str) -> tuple[int, int, bytes | None]:
+    """What :func:`format_owner` wrote → ``(uid, gid, file capabilities or None)``."""
+    owner, _, extra = text.partition(";")
+    user, sep, group = owner.partition(":")
+    try:
+        if not sep or not user.startswith("+") or not group.startswith("+"):
+            raise ValueError(text)
+        fcaps = None
+        if extra:
+            if not extra.startswith("caps="):
+                raise ValueError(text)
+            fcaps = bytes.fromhex(extra[5:]) or None
+        return int(user[1:]), int(group[1:]), fcaps
+    except ValueError:
+        raise LabelError(f"remembered owner '{text}' is not +UID:+GID[;caps=HEX]") from None
 
 
 def parse_owner(text: str) -> tuple[int, int]:
     """``"+UID:+GID"`` (as written by :func:`format_owner`) → ids."""
-    user, sep, group = text.partition(":")
-    try:
-        if not sep or not user.startswith("+") or not group.startswith("+"):
-            raise ValueError(text)
-        return int(user[1:]), int(group[1:])
-    except ValueError:
-        raise LabelError(f"remembered owner '{text}' is not +UID:+GID") from None
+    uid, gid, _fcaps = parse_record(text)
+    return uid, gid
 
 
 def peek_ref(h: FileHandle, names: shared.Names) -> int | None:
@@ -81,12 +112,13 @@ def peek(h: FileHandle, names: shared.Names) -> Record | None:
 
 
 def remember(h: FileHandle, names: shared.Names, uid: int, gid: int,
-             seen: Record | None = None) -> int | None:
-    """Count one more user of ``h``; store ``uid:gid`` when it is the first.
+             seen: Record | None = None, fcaps: bytes | None = None) -> int | None:
+    """Count one more user of ``h``; store ``uid:gid`` (and its file capabilities ``fcaps``)
+    when it is the first.
 
     Returns the new refcount, or None when the file system cannot keep xattrs.
     """
-    return _SCHEME.remember(h, names, format_owner(uid, gid), seen)
+    return _SCHEME.remember(h, names, format_owner(uid, gid, fcaps), seen)
 
 
 @dataclass(frozen=True)
@@ -97,6 +129,7 @@ class Recall:
     owner: tuple[int, int] | None = None
     in_use: bool = False
     remaining: int = 0
+    fcaps: bytes | None = None  #: the file capabilities to give back with ``owner``
 
 
 def recall(h: FileHandle, names: shared.Names, seen: Record | None = None) -> Recall:
@@ -110,7 +143,8 @@ def recall(h: FileHandle, names: shared.Names, seen: Record | None = None) -> Re
     if got.label is None:
         return Recall()
     try:
-        return Recall(owner=parse_owner(got.label))
+        uid, gid, fcaps = parse_record(got.label)
+        return Recall(owner=(uid, gid), fcaps=fcaps)
     except LabelError as exc:
         log.warning("%s: %s; using the journal's record instead", h.name, exc)
         return Recall()

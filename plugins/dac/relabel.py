@@ -10,12 +10,18 @@ backing                 yes      never     never
 kernel, initrd, dtb     yes      yes       yes
 nvram                   yes      yes       yes
 chardev (file, pipe,    yes      yes       yes (a missing file/bind socket is left for
-unix, dev)                                 QEMU to create)
+unix, dev)                                 QEMU to create); a bind-mode unix socket: never
+                                           restored (QEMU replaces it with a new inode)
 hostdev                 yes      yes       yes; /dev/vfio/N no (restored from the journal);
                                            /dev/vfio/vfio is world-accessible: untouched
 runtime_dir             yes      yes       (directories cannot be remembered)
 loader, devnode, other  no       —         —
 ======================  =======  ========  ===============================================
+
+A chown makes the kernel drop the file's capabilities (``security.capability``) and set-id
+bits: the capabilities are remembered with the owner (journal and xattr record) and both are
+given back with it, unless the inode changed after the chown (its ctime, noted right after,
+differs: QEMU wrote to it, and a write drops them too).
 
 ``relabel='no'`` on the domain's DAC seclabel or on a device source skips it; a device
 ``<seclabel model='dac'><label>`` sets the owner (backing layers inherit the top image's).
@@ -102,6 +108,13 @@ def _dac_label(res: Resource) -> Any:
     return found
 
 
+def _bind_socket(res: Resource) -> bool:
+    """A unix socket chardev QEMU listens on (it replaces whatever is at the path)."""
+    src = res.source
+    return (res.role == "chardev" and getattr(src, "type", None) == "unix"
+            and getattr(src, "mode", None) == "bind")
+
+
 def plan(ctx: DomainContext, resources: Iterable[Resource], ident: Identity) -> list[Plan]:
     """The chowns ``set_all_labels`` will make for ``resources`` (empty when relabelling is
     off: dynamic_ownership = 0 or the domain's DAC seclabel has relabel='no')."""
@@ -147,6 +160,10 @@ def _plan_one(res: Resource, ident: Identity, image_ids: tuple[int, int]) -> Pla
         restore = remember = False
     elif role == "hostdev" and res.path.startswith("/dev/vfio/"):
         restore, remember = True, False
+    elif _bind_socket(res):
+        # libvirt's rule: a listening socket is never given back. QEMU (or the Landlock
+        # child, for it) unlinks a stale one and binds a new inode, so the chowned one is gone
+        restore = remember = False
     else:
         restore = remember = True
     access = R | W if res.access == "rw" else R
@@ -231,6 +248,7 @@ class _Item:
     st: os.stat_result | None = None
     seen: owners.Record | None = None  #: the remembered-owner record, read under the lock
     remember: bool = False
+    fcaps: bytes | None = None  #: the file's capabilities, which the chown clears
 
 
 def _close(batch: list[_Item]) -> None:
@@ -272,6 +290,8 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
         if seen is None:
             remember = False  # no xattrs here: the journal alone keeps the owner
         it.seen, it.remember, it.rid = seen, remember, os.urandom(8).hex()
+        if stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_gid) != (p.uid, p.gid):
+            it.fcaps = owners.file_caps(h)
         entries.append((DRIVER, "chown", {
             "id": it.rid, "path": res.resolved, "orig": res.path, "role": p.role,
             "device": p.device, "dev": res.dev, "ino": res.ino, "uid": st.st_uid,
@@ -279,6 +299,7 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
             "new_gid": p.gid, "remember": remember, "restore": p.restore,
             "prefix": prefix if remember else None,
             "ref_before": seen.ref if seen is not None else None,
+            "fcaps": it.fcaps.hex() if it.fcaps else None,
         }))
     journal.record_many(entries)
     done = 0
@@ -301,7 +322,7 @@ def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -
     h, p, res, st = it.handle, it.plan, it.res, it.st
     assert st is not None
     if it.remember:
-        ref = owners.remember(h, names, st.st_uid, st.st_gid, it.seen)
+        ref = owners.remember(h, names, st.st_uid, st.st_gid, it.seen, it.fcaps)
         journal.note(DRIVER, "remembered", id=it.rid, ref=ref)
         if ref is not None and ref > 1 and (st.st_uid, st.st_gid) != (p.uid, p.gid):
             journal.record(DRIVER, "restore", id=it.rid, ref=ref, label=None)
@@ -321,6 +342,12 @@ def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -
         h.chown(p.uid, p.gid)
     except OSError as exc:
         _chown_failed(journal, it.rid, res, st, p, ident, exc)
+        return
+    if it.fcaps or st.st_mode & 0o6000:
+        # the chown cleared privileges of the file (capabilities, set-id bits) that restore
+        # gives back only if nothing changed the inode after this moment (a write by QEMU
+        # clears them too, and must not get them back)
+        journal.note(DRIVER, "labelled", id=it.rid, ctime=h.stat().st_ctime_ns)
 
 
 def _make_file(journal: Journal, path: str) -> None:
@@ -380,10 +407,11 @@ def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = 
     done = {r["id"] for r in recs if r["op"] == "restored"}
     remembered = {r["id"]: r for r in recs if r["op"] == "remembered"}
     intents = {r["id"]: r for r in recs if r["op"] == "restore"}
+    labelled = {r["id"]: r["ctime"] for r in recs if r["op"] == "labelled"}
     todo: dict[str, dict[str, Any]] = {}
     for r in recs:  # one entry per id, even if a record was read back twice
         if r["op"] == "chown" and r["id"] not in done and (select is None or select(r)):
-            todo.setdefault(r["id"], r)
+            todo.setdefault(r["id"], dict(r, labelled=labelled.get(r["id"])))
     problems: list[str] = []
     batch: list[dict[str, Any]] = []
     inodes: set[tuple[Any, Any]] = set()
@@ -496,7 +524,7 @@ def _decide(h: FileHandle, rec: dict[str, Any], remembered: dict[str, Any] | Non
         if now is not None and before > 0 and now == before - 1:
             if now > 0:
                 return "in-use"
-            return owners.parse_owner(intent["label"]) if intent.get("label") else None
+            return owners.parse_record(intent["label"]) if intent.get("label") else None
     if remembered is not None:
         counted = remembered.get("ref") is not None
     else:  # stopped between the chown record and the remembered marker
@@ -511,22 +539,33 @@ def _decide(h: FileHandle, rec: dict[str, Any], remembered: dict[str, Any] | Non
 def _undo(it: _Undo) -> str:
     """Give one file back (its ``restore`` record, if any, is durable); return the how."""
     h, rec = it.handle, it.rec
+    # was the inode changed since the chown (a write, utimes, chmod)? read before the recall
+    untouched = rec.get("labelled") is not None and h.stat().st_ctime_ns == rec["labelled"]
     target: tuple[int, int] = (rec["uid"], rec["gid"])
+    fcaps = bytes.fromhex(rec["fcaps"]) if rec.get("fcaps") else None
     how = "journal"
     if rec["remember"]:
         found = it.found
         if isinstance(found, owners.Record):
             result = owners.recall(h, owners.Names.for_prefix(rec["prefix"]), seen=found)
-            found = "in-use" if result.in_use else result.owner
+            found = "in-use" if result.in_use else (
+                (*result.owner, result.fcaps) if result.owner else None)
         if found == "in-use":
             return "in-use"
         if isinstance(found, tuple):
-            target, how = found, "xattr"
-    _give_back(h, rec, target)
+            (*owner, fcaps), how = found, "xattr"
+            target = (owner[0], owner[1])
+    _give_back(h, rec, target, fcaps if untouched else None, untouched)
+    if fcaps and not untouched:
+        log.warning("dac: not giving the file capabilities back to %s: it changed while the "
+                    "domain ran (a write clears them, as the kernel does)", rec["path"])
     return how
 
 
-def _give_back(h: FileHandle, rec: dict[str, Any], target: tuple[int, int]) -> None:
+def _give_back(h: FileHandle, rec: dict[str, Any], target: tuple[int, int],
+               fcaps: bytes | None = None, untouched: bool = False) -> None:
+    """Restore the owner, then what the chown cleared (file capabilities, set-id bits) when
+    the inode was not changed since (``untouched``)."""
     st = h.stat()
     now = (st.st_uid, st.st_gid)
     ours = (rec["new_uid"], rec["new_gid"])
@@ -550,7 +589,14 @@ def _give_back(h: FileHandle, rec: dict[str, Any], target: tuple[int, int]) -> N
     mode = rec.get("mode")
     if mode is None or (st.st_uid, st.st_gid) != (rec["uid"], rec["gid"]):
         return
+    if fcaps and owners.file_caps(h) != fcaps:
+        log.info("dac: restoring the file capabilities of %s", rec["path"])
+        try:
+            h.setxattr(owners.FCAPS, fcaps)
+        except OSError as exc:
+            raise LabelError(f"cannot restore the file capabilities of {rec['path']}: "
+                             f"{exc.strerror}") from None
     cur = stat.S_IMODE(st.st_mode)
     # chown cleared set-id bits: put them back, and nothing else
-    if cur != mode and (cur ^ mode) & ~0o6000 == 0:
+    if untouched and cur != mode and (cur ^ mode) & ~0o6000 == 0:
         h.chmod(mode)

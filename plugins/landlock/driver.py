@@ -26,7 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError, LabelError
 from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.qemu import probe as emulator_probe
 from vmconfine.qemu.emulator import domain_emulator, emulator_files
+from vmconfine.qemu.probe import ProbeError
+from vmconfine.sanitize import one_line
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset
 
@@ -136,10 +139,12 @@ class LandlockDriver:
             return None, why
         emulator = domain_emulator(ctx)
         try:
-            emu = emulator_files(emulator)
+            emu = emulator_files(emulator, emulator_probe.for_instance(ctx.instance))
+        except ProbeError as exc:  # names the emulator already
+            raise DriverError(f"landlock: {exc.message}") from None
         except OSError as exc:
-            raise DriverError(f"landlock: cannot resolve the files of emulator {emulator}: "
-                              f"{exc}; check <emulator> / emulator_search_path") from exc
+            raise DriverError(f"landlock: cannot resolve the files of emulator "
+                              f"{one_line(emulator)}: {exc}") from None
         home = str(ctx.instance.domain_lib_dir(ctx.domain.name))
         full = derive_ruleset(ctx.domain, ctx.resources, emu, home_dir=home)
         return full.for_abi(abi), ""

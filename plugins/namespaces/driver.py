@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.errors import DriverError
 from vmconfine.plugin.devacl import acl_list
 from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine.qemu import probe as emulator_probe
 from vmconfine.qemu.emulator import domain_emulator, emulator_files
+from vmconfine.qemu.probe import ProbeError
+from vmconfine.sanitize import one_line
 from vmconfine_namespaces import build, report, syscalls
 from vmconfine_namespaces.plan import (
     Builder,
@@ -127,10 +130,12 @@ class NamespacesDriver:
             if root:
                 emulator = domain_emulator(ctx)
                 try:
-                    emu = emulator_files(emulator)
+                    emu = emulator_files(emulator, emulator_probe.for_instance(ctx.instance))
+                except ProbeError as exc:  # names the emulator already
+                    raise DriverError(f"namespaces: {exc}") from None
                 except OSError as exc:
                     raise DriverError(f"namespaces: cannot resolve the files of emulator "
-                                      f"{emulator}: {exc}; check <emulator>") from exc
+                                      f"{one_line(emulator)}: {exc}") from None
                 paths = [emulator, *emu.names, emu.executable, emu.interpreter,
                          *emu.libraries, emu.loader_cache, *emu.module_libraries]
                 if os.path.exists(LOCALTIME):

@@ -19,7 +19,8 @@ from tests.support import REPO, VENV_BIN, require_root
 from vmconfine.launch.runtime import proc_status  # noqa: F401 (used by the host tests)
 
 VMCONFINE = str(VENV_BIN / "vmconfine")
-BASE = Path("/var/tmp/vmconfine-tests")
+#: scratch dirs are made here, each a fresh mkdtemp (never a fixed, guessable path)
+SCRATCH_PARENT = "/var/tmp"
 
 DOMAIN_TEMPLATE = """<domain type='{virt_type}'>
   <name>{name}</name>
@@ -78,9 +79,7 @@ class VmDir:
 @pytest.fixture
 def vm_dir() -> Iterator[VmDir]:
     require_root()
-    BASE.mkdir(parents=True, exist_ok=True)
-    os.chmod(BASE, 0o755)
-    d = Path(tempfile.mkdtemp(dir=BASE))
+    d = Path(tempfile.mkdtemp(prefix="vmconfine-tests-", dir=SCRATCH_PARENT))
     os.chmod(d, 0o755)
     yield VmDir(d)
     shutil.rmtree(d, ignore_errors=True)

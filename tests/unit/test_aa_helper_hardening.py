@@ -120,16 +120,17 @@ def assert_ok(env: Env, args: list[str], xml: str = "") -> str:
 @pytest.mark.parametrize("args", [
     ["-z"], ["-A"], ["-c"], ["-p"], ["-c", "-n", "foo", "-u", NAME], ["-c", "-u"],
     ["-R"], ["-r"], [], ["-c", "-r", "-u", NAME], ["-u", NAME], ["-c", "-u", NAME, "extra"],
-    ["-a", "-u", NAME, "-f", "/tmp/x"], ["-c", "-u", NAME, "-F", "/tmp/x"],
+    ["-a", "-u", NAME, "-f", "TMP/x"], ["-c", "-u", NAME, "-F", "TMP/x"],
     ["-c", "-u", NAME, "--parser", "apparmor_parser"],
     ["-c", "-u", NAME, "--prefix", "bad prefix"],
-    ["-c", "-u", NAME, "-f", "/tmp/a", "-F", "/tmp/b"],
+    ["-c", "-u", NAME, "-f", "TMP/a", "-F", "TMP/b"],
     ["-a", "-u", NAME, "--cached", "0" * 64], ["-c", "-u", NAME, "--cached", "0" * 63],
     ["-c", "-u", NAME, "--cached", "0" * 64, "--no-cache"],
-    ["-c", "-u", NAME, "--cache-dir", "/tmp/a\nb"], ["-c", "-u", NAME, "--cache-dir", "rel"],
+    ["-c", "-u", NAME, "--cache-dir", "TMP/a\nb"], ["-c", "-u", NAME, "--cache-dir", "rel"],
     ["-c", "-u", NAME, "--prefix", "-x"],
 ], ids=lambda a: " ".join(a) or "no-args")
-def test_bad_command_lines(env: Env, args: list[str]) -> None:
+def test_bad_command_lines(env: Env, args: list[str], tmp_path: Path) -> None:
+    args = [a.replace("TMP/", f"{tmp_path}/") for a in args]  # never a fixed /tmp path
     assert_refused(env, args, env.xml())
 
 
@@ -302,10 +303,11 @@ def test_restricted_added_file(env: Env, flag: str) -> None:
     assert_refused(env, ["-r", "-u", NAME, flag, "/etc/passwd"], env.xml(), contains="/etc/")
 
 
-def test_bad_profile_directory(env: Env) -> None:
-    rc, _out, err = env.run(["-c", "-u", NAME, "-P", "/tmp/a\nb", "--compile-only"],
+def test_bad_profile_directory(env: Env, tmp_path: Path) -> None:
+    bad = tmp_path / "a\nb"
+    rc, _out, err = env.run(["-c", "-u", NAME, "-P", str(bad), "--compile-only"],
                            env.xml(), profile_dir=False)
-    assert rc == 1 and len(err.splitlines()) == 1 and not Path("/tmp/a\nb").exists()
+    assert rc == 1 and len(err.splitlines()) == 1 and not bad.exists()
 
 
 @pytest.mark.parametrize("uri", ["qemu:///session", "qemu+ssh://host/system",

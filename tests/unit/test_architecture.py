@@ -18,7 +18,8 @@ PACKAGE = "vmconfine"
 #: lowest first: a module may import its own layer and the layers before it
 LAYERS = ("base", "domain", "config", "plugin", "qemu", "launch", "report", "daemon", "cli")
 BASE_MODULES = {"vmconfine", "vmconfine.errors", "vmconfine.fsinfo", "vmconfine.inputs",
-                "vmconfine.perms", "vmconfine.remember", "vmconfine.client"}
+                "vmconfine.perms", "vmconfine.remember", "vmconfine.client",
+                "vmconfine.sanitize"}
 CLI_MODULES = {"vmconfine.cli", "vmconfine.cli_daemon", "vmconfine.__main__",
                "vmconfine.remote"}
 #: where a function-level import is allowed: the CLI imports each verb's code when the verb

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.test_dac_support import make_file, scratch, xattrs
+from vmconfine.errors import LabelError
 from vmconfine_dac import owners
 from vmconfine_dac.fsops import FileHandle, resolve
 
@@ -145,3 +146,15 @@ def test_metadata_lock_held_by_another_process_is_reported(
         os.waitpid(pid, 0)
     with _open(f) as h:  # free again
         assert h.locked
+
+
+def test_owner_record_keeps_file_capabilities() -> None:
+    caps = bytes.fromhex("0100000200200000000000000000000000000000")
+    text = owners.format_owner(12, 34, caps)
+    assert text == f"+12:+34;caps={caps.hex()}"
+    assert owners.parse_record(text) == (12, 34, caps)
+    assert owners.parse_record("+12:+34") == (12, 34, None)
+    assert owners.parse_owner(text) == (12, 34)
+    for bad in ("+12:+34;caps=zz", "+12:+34;other=1"):
+        with pytest.raises(LabelError):
+            owners.parse_record(bad)

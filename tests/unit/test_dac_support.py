@@ -21,7 +21,7 @@ import vmconfine_dac
 from tests.support import make_ctx, make_host, require_root
 from vmconfine_dac.driver import DacDriver
 
-BASE = Path("/var/tmp/vmconfine-unit")
+SCRATCH_PARENT = "/var/tmp"  #: each scratch dir is a fresh mkdtemp there
 QEMU_USER = "vmconfine-qemu"
 
 
@@ -40,9 +40,7 @@ def qemu_ids() -> tuple[int, int]:
 def scratch() -> Iterator[Path]:
     """A fresh 0755 directory QEMU's account can search; removed afterwards."""
     require_root()
-    BASE.mkdir(parents=True, exist_ok=True)
-    os.chmod(BASE, 0o755)
-    d = Path(tempfile.mkdtemp(dir=BASE))
+    d = Path(tempfile.mkdtemp(prefix="vmconfine-unit-", dir=SCRATCH_PARENT))
     os.chmod(d, 0o755)
     try:
         yield d

@@ -185,13 +185,13 @@ def test_full_chardevs(full: Domain) -> None:
         ("serial", "udp", None, None, None, None, 3),
         ("console", "pty", None, None, "serial", None, 0),
         ("console", "stdio", None, None, "virtio", None, 1),
-        ("parallel", "pipe", "/tmp/full-parallel", None, None, None, 0),
+        ("parallel", "pipe", "/srv/vmconfine-test/full-parallel", None, None, None, 0),
         ("parallel", "null", None, None, None, None, 1),
         ("channel", "unix", "/run/vmconfine/full/org.qemu.guest_agent.0", "bind", "virtio",
          "org.qemu.guest_agent.0", None),
         ("channel", "unix", None, "connect", "virtio", "org.example.auto", None),
         ("serial", "dev", "/dev/ttyS0", None, None, None, 4),
-        ("serial", "unix", "/tmp/full-serial.sock", "connect", None, None, 5),
+        ("serial", "unix", "/srv/vmconfine-test/full-serial.sock", "connect", None, None, 5),
     ]
     filedev = full.chardevs[1]
     assert filedev.log_file == "/var/log/vmconfine/full-serial1.log"

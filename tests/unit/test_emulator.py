@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.support import require
-from vmconfine.qemu import emulator
+from vmconfine.qemu import emulator, probe
+from vmconfine.qemu.probe import DiskCache, EmulatorProbe, ProbeUser
 
 LIST_OUTPUT = """\
 \tlinux-vdso.so.1 (0x00007ffd4b1f5000)
@@ -33,33 +33,36 @@ def test_elf_interpreter_non_elf(tmp_path: Path) -> None:
     assert emulator.elf_interpreter(str(tmp_path / "missing")) is None
 
 
-def test_loader_list_parses_resolved_paths(monkeypatch: pytest.MonkeyPatch,
-                                           tmp_path: Path) -> None:
+class FakeProbe:
+    """Records what would run and answers with canned output."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.calls: list[list[str]] = []
+
+    def run(self, argv: list[str], *, emulator: str, depends: list[str] = ()) -> str:
+        self.calls.append([*argv])
+        return self.out
+
+
+def test_loader_list_parses_resolved_paths(tmp_path: Path) -> None:
     real = tmp_path / "libz.so.1.2.13"
     real.write_bytes(b"")
     link = tmp_path / "libz.so.1"
     link.symlink_to(real.name)
-    seen: dict[str, object] = {}
-
-    def fake_run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
-        seen["cmd"], seen["env"] = cmd, kw.get("env")
-        return subprocess.CompletedProcess(cmd, 0, LIST_OUTPUT.format(lib=link), "")
-
-    monkeypatch.setattr(emulator.subprocess, "run", fake_run)
-    libs = emulator.loader_list("/lib64/ld-linux-x86-64.so.2", "/usr/bin/qemu")
-    assert seen["cmd"] == ["/lib64/ld-linux-x86-64.so.2", "--list", "/usr/bin/qemu"]
-    assert "LD_LIBRARY_PATH" not in seen["env"]  # type: ignore[operator]
+    probe = FakeProbe(LIST_OUTPUT.format(lib=link))
+    libs = emulator.loader_list("/lib64/ld-linux-x86-64.so.2", "/usr/bin/qemu",
+                                probe, "/usr/bin/qemu")  # type: ignore[arg-type]
+    assert probe.calls == [["/lib64/ld-linux-x86-64.so.2", "--list", "/usr/bin/qemu"]]
     # the vdso has no file; symlinks are resolved (rules attach to the real inode)
     assert libs[0] == str(real)
     assert all(os.path.isabs(p) for p in libs)
 
 
-def test_loader_list_missing_library_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    out = "\tlibfoo.so.1 => not found\n"
-    monkeypatch.setattr(emulator.subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, out, ""))
+def test_loader_list_missing_library_is_an_error() -> None:
+    probe = FakeProbe("\tlibfoo.so.1 => not found\n")
     with pytest.raises(OSError, match=r"cannot find libfoo\.so\.1"):
-        emulator.loader_list("/ld.so", "/usr/bin/qemu")
+        emulator.loader_list("/ld.so", "/usr/bin/qemu", probe, "/usr/bin/qemu")  # type: ignore[arg-type]
 
 
 def test_module_dirs_from_the_binary(tmp_path: Path) -> None:
@@ -80,10 +83,11 @@ def test_module_dirs_from_the_binary(tmp_path: Path) -> None:
     assert emulator.modules(str(libdir), words) == []
 
 
-def test_real_qemu_resolution() -> None:
+def test_real_qemu_resolution(tmp_path: Path) -> None:
     qemu = "/usr/bin/qemu-system-x86_64"
     require(os.path.exists(qemu), "qemu-system-x86_64 is not installed (run scripts/setup.sh)")
-    files = emulator.emulator_files(qemu)
+    user = ProbeUser(os.getuid(), os.getgid(), tuple(os.getgroups()))
+    files = emulator.emulator_files(qemu, EmulatorProbe(user, DiskCache(tmp_path)))
     assert files.executable == os.path.realpath(qemu)
     assert files.interpreter and os.path.exists(files.interpreter)
     names = {os.path.basename(p) for p in files.libraries}
@@ -93,4 +97,8 @@ def test_real_qemu_resolution() -> None:
     assert files.data_dirs and all(os.path.isdir(d) for d in files.data_dirs)
     # the firmware QEMU loads for machine pc is in one of the reported data dirs
     assert any(os.path.exists(os.path.join(d, "bios-256k.bin")) for d in files.data_dirs)
-    assert emulator.emulator_files(qemu) is files  # cached
+    # the on-disk cache answers a fresh process the same (nothing is run again)
+    probe._MEMORY.clear()
+    cached = emulator.emulator_files(qemu, EmulatorProbe(user, DiskCache(tmp_path)))
+    assert cached == files and cached.paths() == files.paths()
+    assert list((tmp_path / probe.CACHE_SUBDIR).iterdir())

@@ -48,7 +48,7 @@ def abi(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         return value["abi"]
 
     monkeypatch.setattr(syscalls, "abi_version", fake)
-    monkeypatch.setattr(drv_mod, "emulator_files", lambda path: EMU)
+    monkeypatch.setattr(drv_mod, "emulator_files", lambda path, probe: EMU)
     return value
 
 

@@ -234,21 +234,25 @@ def dev_entries(builder: Builder, nodes: Iterable[tuple[str, str, bool]], *, roo
     want_ptmx = False
     for path, role, required in nodes:
         if path == "/dev/ptmx":
+            # the kernel finds a ptmx node's devpts instance as "pts" next to the node's own
+            # dentry, so a bind of the host's node does not reach a devpts mounted here;
+            # libvirt's mknod is refused by the device cgroup joined before (no "m") and in
+            # a user namespace: /dev/ptmx is the link to the new instance's own ptmx (below)
             want_ptmx = True
-            if root_view:
-                continue  # the new devpts instance's own ptmx (below)
+            continue
         if not builder.walk(path, role, readonly=False, top="/dev"):
             if required:
                 view.notes.append(f"{path} ({role}) does not exist on the host")
+    # a devpts instance of QEMU's own (its ptys only; other domains' and the host's terminals
+    # are not there), whose ptmx it may open (the host's instance often has ptmxmode=000)
+    builder.add(Entry("/dev/pts", "devpts", role="pts", options=DEVPTS, readonly=False))
+    if want_ptmx:
+        builder.add(Entry("/dev/ptmx", "symlink", "pts/ptmx", role="acl"))
     if root_view:
-        builder.add(Entry("/dev/pts", "devpts", role="pts", options=DEVPTS, readonly=False))
-        if want_ptmx:
-            builder.add(Entry("/dev/ptmx", "symlink", "pts/ptmx", role="acl"))
         builder.add(Entry("/dev/shm", "tmpfs", role="shm", options=SHM_TMPFS, readonly=False))
     else:
-        # libvirt keeps the host's /dev/pts, /dev/shm and /dev/mqueue (pty paths QEMU
-        # reports stay valid on the host)
-        for sub, role in (("/dev/pts", "pts"), ("/dev/shm", "shm"), ("/dev/mqueue", "mqueue")):
+        # libvirt keeps the host's /dev/shm and /dev/mqueue
+        for sub, role in (("/dev/shm", "shm"), ("/dev/mqueue", "mqueue")):
             if host_has(sub):
                 builder.add(Entry(sub, "bind", sub, False, True, role))
     for link, target in STANDARD_LINKS:

@@ -87,12 +87,24 @@ def test_private_dev_holds_the_acl_nodes_that_exist_and_the_domains(host: FakeHo
     assert (link.kind, link.source) == ("symlink", "../../vda")
     assert b.view.by_path("/dev/vda").kind == "bind"
     assert b.view.notes == ["/dev/gone (disk) does not exist on the host"]
-    # the host's pts/shm are kept (libvirt), and the tmpfs is size-limited like libvirt's
-    assert b.view.by_path("/dev/pts").source == "/dev/pts"
+    # a devpts instance of QEMU's own, /dev/ptmx its ptmx; the host's shm kept (libvirt)
+    assert b.view.by_path("/dev/pts").kind == "devpts"
+    assert b.view.by_path("/dev/ptmx") == Entry("/dev/ptmx", "symlink", "pts/ptmx", role="acl")
+    assert b.view.by_path("/dev/shm").source == "/dev/shm"
+    # ... and the tmpfs is size-limited like libvirt's
     assert b.view.by_path("/dev").options == "mode=755,size=65536"
     paths = [e.path for e in b.view.entries]
     assert paths.index("/dev/disk") < paths.index("/dev/disk/by-id") < \
         paths.index("/dev/disk/by-id/ata-X")
+
+
+def test_user_namespace_gets_its_own_pts_instance(host: FakeHost) -> None:
+    b = builder(host)
+    b.view.userns = True  # no mknod there
+    dev_entries(b, [("/dev/ptmx", "acl", False)], root_view=False, host_has=host.isdir)
+    assert b.view.by_path("/dev/pts").kind == "devpts"
+    assert b.view.by_path("/dev/ptmx").kind == "symlink"
+    assert b.view.by_path("/dev/shm").kind == "bind"  # the host's, as libvirt
 
 
 def test_root_view_dev_gets_its_own_pts_instance_and_shm(host: FakeHost) -> None:

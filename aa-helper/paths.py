@@ -12,7 +12,14 @@ checks of libvirt's virt-aa-helper (``valid_path`` / ``vah_add_path``) and adds 
 * the resolved path may not lie under a restricted host prefix (``/etc/``, ``/usr/bin/``,
   ``/proc/``, ``/sys/``...). Firmware and boot directories (``/boot/``, ``/usr/share/qemu/``,
   OVMF...) may be granted read-only, never writable. The match is a plain string-prefix match,
-  as in libvirt (``/lib`` also covers ``/library``).
+  as in libvirt (``/lib`` also covers ``/library``);
+* unlike libvirt's ``valid_path`` (whose prefixes end in ``/``, so ``/etc`` itself passes and
+  ``<filesystem><source dir='/etc'/>`` becomes ``"/etc/**" rwl``), a restricted directory
+  itself, every ancestor of a restricted prefix (``/usr`` holds ``/usr/bin/``) and ``/`` are
+  refused as well: a rule on a directory is a rule on the tree below it once it is granted
+  recursively, and nothing QEMU needs is a host system directory or one of its parents. The
+  same holds for the read-only prefixes: ``/boot`` itself is read-only, its parent refused
+  for writing.
 
 A refused path raises :class:`Refusal` with a one-line reason.
 """
@@ -122,24 +129,53 @@ def _starts(path: str, prefixes: tuple[str, ...]) -> str | None:
     return None
 
 
+def _within(path: str, prefixes: tuple[str, ...]) -> str | None:
+    """The prefix ``path`` lies under, or names itself (``/etc`` for ``/etc/``)."""
+    for prefix in prefixes:
+        if path.startswith(prefix) or path == prefix.rstrip("/"):
+            return prefix
+    return None
+
+
+def _holds(path: str, prefixes: tuple[str, ...]) -> str | None:
+    """The prefix that lies strictly below directory ``path`` (``/usr`` holds ``/usr/bin/``)."""
+    base = path.rstrip("/") + "/"
+    for prefix in prefixes:
+        if prefix.startswith(base) and prefix.rstrip("/") != path:
+            return prefix
+    return None
+
+
 def check_allowed(resolved: str, *, writable: bool, original: str) -> None:
     """Refuse restricted host locations (``resolved`` is the canonical path)."""
     if _starts(resolved, ALWAYS_ALLOWED):
         return
-    ro = _starts(resolved, READ_ONLY)
+    shown = original if original == resolved else f"{original} (resolves to {resolved})"
+    if resolved.rstrip("/") == "":
+        raise Refusal(
+            f"path {shown} is the root directory, which holds every host system file; "
+            "give a directory of the guest's own"
+        )
+    ro = _within(resolved, READ_ONLY)
     if ro and not writable:
         return
-    shown = original if original == resolved else f"{original} (resolves to {resolved})"
     if ro:
         raise Refusal(
             f"path {shown} lies under {ro}, which may only be granted read-only; "
             "copy the file elsewhere or mark the device readonly"
         )
-    prefix = _starts(resolved, RESTRICTED)
+    prefix = _within(resolved, RESTRICTED)
     if prefix:
+        where = "is" if resolved == prefix.rstrip("/") else "lies under"
         raise Refusal(
-            f"path {shown} lies under the restricted host directory {prefix}; "
+            f"path {shown} {where} the restricted host directory {prefix}; "
             "a guest may not be given host system files, use a copy outside it"
+        )
+    held = _holds(resolved, RESTRICTED) or (_holds(resolved, READ_ONLY) if writable else None)
+    if held:
+        raise Refusal(
+            f"path {shown} contains the restricted host directory {held}; "
+            "a guest may not be given host system files, use a directory of its own"
         )
 
 

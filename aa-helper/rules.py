@@ -135,6 +135,7 @@ def _extra_paths(domain: Domain) -> Iterable[tuple[str, str, bool, str]]:
 def domain_rules(domain: Domain, instance: Instance | None,
                  extra_files: Iterable[str] = ()) -> RuleSet:
     """Every rule the domain needs; raise :class:`Refusal` for a path that may not be granted."""
+    from vmconfine.config.hugepages import hugepage_dir
     from vmconfine.plugin.resources import domain_resources
 
     rules = RuleSet()
@@ -143,7 +144,8 @@ def domain_rules(domain: Domain, instance: Instance | None,
         rules.add(str(instance.log_path(domain.name)), "w", what="QEMU log")
         rules.add(str(instance.domain_lib_dir(domain.name)), "rwk", recursive=True,
                   what="QEMU home directory")
-    for res in domain_resources(domain, run_dir):
+    huge = hugepage_dir(domain, instance.config) if instance is not None else None
+    for res in domain_resources(domain, run_dir, hugepage_dir=huge):
         if not res.path:
             continue
         if not os.path.isabs(res.path):

@@ -10,6 +10,10 @@ Measured, alternating every run:
 
 - **floor**: the same QEMU command line spawned bare (root, no labels, no cgroup) with
   ``posix_spawn`` → ``qmp_capabilities`` → ``cont`` answered, with the same QMP client;
+- **floor + cgroup move**: the same, but forked, the child writing itself into
+  ``cgroup.procs`` of every hierarchy before exec (a move to where it already is: the kernel
+  still takes its cgroup migration lock and waits for an RCU grace period, the cost the
+  pipeline's child pays for its real move); the child reports how long those writes took;
 - **vmconfine API** (in-process): ``supervisor.run_domain(on_ready=...)`` — fork,
   child confinement, exec, QMP handshake, verification of the kernel's view, status XML,
   ``cont``; destroy = SIGTERM to QEMU in ``on_ready`` → ``supervise`` returns after teardown
@@ -70,6 +74,8 @@ class Case:
     xml_path: Path
     xml: str
     floor: Stats = field(default_factory=Stats)
+    floor_moved: Stats = field(default_factory=Stats)
+    migration: Stats = field(default_factory=Stats)
     phases: dict[str, Stats] = field(default_factory=dict)
     api_start: Stats = field(default_factory=Stats)
     api_destroy: Stats = field(default_factory=Stats)
@@ -82,24 +88,71 @@ class Case:
 # ---- floor --------------------------------------------------------------------------------------
 
 
+def cgroup_procs_files() -> list[str]:
+    """``cgroup.procs`` of this process's own cgroup in every mounted hierarchy (v1 and v2)."""
+    from vmconfine_cgroups import placement
+
+    h = placement.detect()
+    files = {os.path.join(placement.join(mount, h.self_v1.get(ctrl, "/"), ""), "cgroup.procs")
+             for ctrl, mount in h.v1.items()}
+    if h.v2 is not None:
+        files.add(os.path.join(placement.join(h.v2, h.self_v2, ""), "cgroup.procs"))
+    return sorted(files)
+
+
+def _spawn_moved(argv: list[str], env: dict[str, str], procs: list[str]) -> tuple[int, float]:
+    """fork; the child writes itself into ``procs`` (where it already is: the kernel still
+    takes its cgroup migration lock, as for the pipeline's real move), reports how long that
+    took, and execs ``argv``. Returns (pid, seconds the child spent in the writes)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only os calls until exec
+        try:
+            os.close(rfd)
+            t0 = now()
+            for path in procs:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                os.write(fd, b"0")
+                os.close(fd)
+            os.write(wfd, repr(now() - t0).encode())
+            os.close(wfd)
+            null = os.open(os.devnull, os.O_RDWR)
+            for target in (0, 1, 2):
+                os.dup2(null, target)
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as f:
+        took = float(f.read() or b"nan")
+    return pid, took
+
+
 async def _floor_async(argv: list[str], env: dict[str, str], paths: list[str],
-                       socks: list[socket.socket]) -> tuple[float, int]:
+                       procs: list[str] | None) -> tuple[float, int, float]:
     from vmconfine.qemu import qmp
     t0 = now()
-    pid = os.posix_spawn(argv[0], argv, env, file_actions=[
-        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
-        (os.POSIX_SPAWN_DUP2, 1, 2),
-    ])
+    moved = 0.0
+    if procs is None:
+        pid = os.posix_spawn(argv[0], argv, env, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ])
+    else:
+        pid, moved = _spawn_moved(argv, env, procs)
     client = await qmp.connect(paths[0], "bench-floor")
     await client.execute("cont")
     elapsed = now() - t0
     await qmp.disconnect(client)
-    return elapsed, pid
+    return elapsed, pid, moved
 
 
-def floor_once(conn: Connection, case: Case, tmp: Path) -> float:
-    """Spawn the domain's own QEMU command line bare; return spawn → QMP ready + cont."""
+def floor_once(conn: Connection, case: Case, tmp: Path,
+               procs: list[str] | None = None) -> tuple[float, float]:
+    """Spawn the domain's own QEMU command line bare; return (spawn → QMP ready + cont, the
+    child's cgroup writes). With ``procs``: forked, the child moved through the kernel's cgroup
+    migration (see :func:`_spawn_moved`) before exec, as the pipeline's child is."""
     from vmconfine.domain import parse_domain
     from vmconfine.launch.pipeline import command_paths, prepare_domain
     from vmconfine.qemu.argv import build_command
@@ -121,13 +174,13 @@ def floor_once(conn: Connection, case: Case, tmp: Path) -> float:
         paths.append(path)
     argv = command.argv(fds=[s.fileno() for s in socks])
     try:
-        elapsed, pid = asyncio.run(_floor_async(argv, dict(command.env), paths, socks))
+        elapsed, pid, moved = asyncio.run(_floor_async(argv, dict(command.env), paths, procs))
     finally:
         for s in socks:
             s.close()
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    return elapsed
+    return elapsed, moved
 
 
 # ---- vmconfine ----------------------------------------------------------------------------------
@@ -278,10 +331,12 @@ def run(opts: Options) -> list[Table]:
             except PeerUnavailable as exc:
                 peer_error, peer = str(exc), None
             cli_cost, virsh_cost = Stats(), Stats()
+            procs = cgroup_procs_files()
             for i in range(opts.runs + 1):  # the first round warms caches and is not counted
                 keep = i > 0
                 for c in cases:
-                    f = floor_once(conn, c, d)
+                    f, _ = floor_once(conn, c, d)
+                    fm, mig = floor_once(conn, c, d, procs)
                     a_start, a_destroy = api_once(conn, c, c.phases if keep else None)
                     try:
                         cl_start, cl_destroy = cli_once(uri, c)
@@ -290,6 +345,8 @@ def run(opts: Options) -> list[Table]:
                         cl_start = cl_destroy = None
                     if keep:
                         c.floor.add(f)
+                        c.floor_moved.add(fm)
+                        c.migration.add(mig)
                         c.api_start.add(a_start)
                         c.api_destroy.add(a_destroy)
                         if cl_start is not None and cl_destroy is not None:
@@ -333,6 +390,15 @@ def run(opts: Options) -> list[Table]:
                   f"{overhead * 1e3:.1f} ms", f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
                   ratio(overhead, OVERHEAD_TARGET) + " (of budget)",
                   verdict(overhead <= OVERHEAD_TARGET, "<= 25 ms"))
+        table.add(f"floor + cgroup move, {disks}: the same, forked, child written into "
+                  "cgroup.procs before exec", c.floor_moved.fmt(), "-",
+                  ratio(c.api_start.median, c.floor_moved.median) + " (API/floor)", "-")
+        table.add(f"  of which the kernel's cgroup migration wait, {disks}",
+                  c.migration.fmt(), "-", "n/a", "report")
+        over_moved = c.api_start.median - c.floor_moved.median
+        table.add(f"pipeline overhead over floor + cgroup move, {disks}",
+                  f"{over_moved * 1e3:.1f} ms", f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  ratio(over_moved, OVERHEAD_TARGET) + " (of budget)", "report")
         table.add(f"destroy + teardown, {disks}: API vs virsh destroy", c.api_destroy.fmt(),
                   c.lv_destroy.fmt() if c.lv_destroy.n else "n/a",
                   ratio(c.api_destroy.median, lv_destroy), "report")

@@ -134,6 +134,24 @@ def isolated_helper() -> list[str] | None:
     return command(PYTHON)
 
 
+MODEL_FLOOR = "python -I -S, importing the domain model only (ratio: vs virt-aa-helper, 1 disk)"
+
+
+def model_floor(launched: list[str] | None) -> list[str] | None:
+    """The driver's helper command, but importing only what the rules are derived from (the
+    domain model with lxml, the resource list, the instance paths) and doing nothing: the
+    start-up no helper built on vmconfine's shared domain model can go below."""
+    if launched is None:
+        return None
+    boot = launched[-1]
+    tail = "from vmconfine_aa_helper.main import main\nsys.exit(main())\n"
+    if not boot.endswith(tail):
+        return None
+    imports = ("import vmconfine.domain, vmconfine.plugin.resources, vmconfine.config.instance, "
+               "vmconfine.errors\n")
+    return [*launched[:-1], boot[:-len(tail)] + imports]
+
+
 def spawn(argv: list[str], stdin_path: Path) -> float:
     """Whole-process wall time of ``argv`` with stdin from a file (output discarded)."""
     with open(stdin_path, "rb") as fh:
@@ -163,8 +181,12 @@ def generation(opts: Options, d: Path, sizes: list[int], missing: str | None) ->
     profiles = d / "gen-profiles"
     profiles.mkdir()
     launched = isolated_helper()
+    first_peer: Stats | None = None
     floors = {"venv python -c pass": ([PYTHON, "-c", "pass"], Stats()),
               "python -I -S -c pass": ([PYTHON, "-I", "-S", "-c", "pass"], Stats())}
+    model = model_floor(launched)
+    if model is not None:
+        floors[MODEL_FLOOR] = (model, Stats())
     for n in sizes:
         disks = make_disks(d, f"gen{n}", n, boot=False)
         uid = str(uuidlib.uuid4())
@@ -176,6 +198,8 @@ def generation(opts: Options, d: Path, sizes: list[int], missing: str | None) ->
             ours["as the driver runs it (python -I -S)"] = ([*launched, *args], Stats())
         lv = [VIRT_AA_HELPER, "-d", "-r", "-u", f"libvirt-{uid}"]
         theirs = Stats()
+        if n == sizes[0]:
+            first_peer = theirs
         for i in range(opts.runs + 1):
             samples = [(stats, spawn(argv, xml)) for argv, stats in ours.values()]
             samples.append((theirs, spawn(lv, xml)))
@@ -188,8 +212,13 @@ def generation(opts: Options, d: Path, sizes: list[int], missing: str | None) ->
             table.add(f"{n}: {how}", stats.fmt(), theirs.fmt(),
                       ratio(stats.median, theirs.median),
                       verdict(stats.median <= GEN_TARGET * theirs.median, f"<= {GEN_TARGET}x"))
+    first = first_peer.median if first_peer is not None and first_peer.n else None
     for what, (_, stats) in floors.items():
-        table.add(f"floor: {what}", stats.fmt(), "-", "n/a", "any Python helper pays this")
+        if what == MODEL_FLOOR:
+            table.add(f"floor: {what}", stats.fmt(), "-", ratio(stats.median, first),
+                      "a helper on the shared domain model pays this")
+        else:
+            table.add(f"floor: {what}", stats.fmt(), "-", "n/a", "any Python helper pays this")
     table.notes += [
         f"n = {opts.runs} per cell, alternating; raw 1 MiB disk images; the profile directory "
         "is a scratch directory (-P)",

@@ -48,11 +48,26 @@ def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     return Connection.open(args.connect)
 
 
-def _parse_file(path: str):  # type: ignore[no-untyped-def]
+def _parse_file(path: str, validate: bool = False):  # type: ignore[no-untyped-def]
     from vmconfine.domain import parse_domain
 
     text, source = _read_input(path)
+    if validate:
+        from vmconfine.domain.schema import validate as validate_schema
+
+        validate_schema(text, source)
     return parse_domain(text, source=source)
+
+
+def _load_domain(args: argparse.Namespace, conn):  # type: ignore[no-untyped-def]
+    """The domain XML a verb starts or shows: ``--validate`` against libvirt's schema, then
+    every element vmconfine does not implement warned about or refused (qemu.conf
+    ``unsupported_xml``)."""
+    from vmconfine.domain.support import enforce
+
+    domain = _parse_file(getattr(args, "file", None) or args.target, args.validate)
+    enforce(domain, conn.instance.config.unsupported_xml)
+    return domain
 
 
 # ---- verbs ------------------------------------------------------------------------------------
@@ -105,7 +120,7 @@ def cmd_to_native(args: argparse.Namespace) -> int:
     if args.format != "qemu-argv":
         raise VmconfineError(f"unsupported native format '{args.format}' (supported: qemu-argv)")
     conn = _connect(args)
-    domain = _parse_file(args.file)
+    domain = _load_domain(args, conn)
     print(native_command(conn, domain).format_native())
     return 0
 
@@ -150,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vmconfine.report.build import open_failure_hint
 
     conn = _connect(args)
-    domain = _parse_file(args.file)
+    domain = _load_domain(args, conn)
     outcome = run_domain(conn, domain, paused=args.paused,
                          shutdown_timeout=args.shutdown_timeout,
                          on_ready=lambda started: _print_started(conn, started),
@@ -252,7 +267,7 @@ def cmd_confinement(args: argparse.Namespace) -> int:
     conn = Connection(open_instance(args.connect), recover=False)  # a report changes nothing
     target = args.target
     if target == "-" or target.endswith(".xml") or os.path.isfile(target):
-        report = build_report(conn, _parse_file(target))
+        report = build_report(conn, _load_domain(args, conn))
     else:
         report = build_report(conn, running=conn.lookup(target))
     if args.json:
@@ -314,6 +329,11 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _validate_flag(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--validate", action="store_true",
+                    help="first validate the XML against libvirt's schema (domain.rng)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vmconfine",
@@ -343,12 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("domxml-to-native")
     sp.add_argument("format", metavar="FORMAT", help="native format: qemu-argv")
     sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
+    _validate_flag(sp)
     sp = add("domxml-from-native")
     sp.add_argument("format", metavar="FORMAT", help="native format: qemu-argv")
     sp.add_argument("file", metavar="FILE", help="file holding a QEMU command line ('-' for "
                     "stdin)")
     sp = add("run")
     sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
+    _validate_flag(sp)
     sp.add_argument("--paused", action="store_true", help="leave the guest CPUs stopped")
     sp.add_argument("--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
                     help="on SIGINT/SIGTERM wait this long for an ACPI power-off before "
@@ -375,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a running domain's name, id or UUID; exit status 1 when problems or "
                     "differences are found")
     sp.add_argument("--json", action="store_true", help="print the report as JSON")
+    _validate_flag(sp)
     sp = add("host-validate")
     sp.add_argument("--image-dir", action="append", default=[], metavar="DIR",
                     help="also check xattr support where images live (repeatable)")

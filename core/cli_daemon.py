@@ -126,9 +126,20 @@ def cmd_daemon_bridge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_domain_xml(args: argparse.Namespace) -> tuple[str, str]:
+    """The XML of ``define``/``create``; ``--validate`` checks it against libvirt's schema
+    first (the daemon warns about, or refuses, what vmconfine does not implement)."""
+    xml, source = _read_xml(args.file)
+    if args.validate:
+        from vmconfine.domain.schema import validate
+
+        validate(xml, source)
+    return xml, source
+
+
 @verb("define", "define (or update) a persistent domain from an XML file")
 def cmd_define(args: argparse.Namespace) -> int:
-    xml, source = _read_xml(args.file)
+    xml, source = _read_domain_xml(args)
     name = client(args).call("POST", "/v1/domains", {"xml": xml, "action": "define"})["name"]
     print(f"Domain '{name}' defined from {source}")
     return 0
@@ -151,7 +162,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 @verb("create", "start a transient domain from an XML file (managed by the daemon)")
 def cmd_create(args: argparse.Namespace) -> int:
-    xml, source = _read_xml(args.file)
+    xml, source = _read_domain_xml(args)
     name = client(args).call("POST", "/v1/domains", {"xml": xml, "action": "create",
                                                       "paused": args.paused})["name"]
     print(f"Domain '{name}' created from {source}")
@@ -301,6 +312,8 @@ def add_parsers(add: Callable[[str, Handler, str], argparse.ArgumentParser],
     for name in ("define", "create"):
         sp = sub(name)
         sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
+        sp.add_argument("--validate", action="store_true",
+                        help="first validate the XML against libvirt's schema (domain.rng)")
         if name == "create":
             sp.add_argument("--paused", action="store_true", help="leave the CPUs stopped")
     for name in ("undefine", "start", "shutdown", "reboot", "reset", "suspend", "resume",

@@ -125,6 +125,9 @@ class QemuConfig:
     #: Landlock on a kernel whose ABI lacks rights vmconfine uses: "best-effort" = apply what
     #: it offers; "enforce" = refuse. A kernel without Landlock is refused in both modes.
     landlock_mode: str = "best-effort"
+    #: Domain XML elements and attributes vmconfine does not implement: "warn" = one warning
+    #: line each and the guest runs without them; "error" = refuse the domain.
+    unsupported_xml: str = "warn"
 
     # -- bookkeeping (not settings) ---------------------------------------------------------
     path: str | None = field(default=None, compare=False)
@@ -347,6 +350,7 @@ _SPECS: dict[str, _Spec] = {
                            "trusted.vmconfine.security")),
     "shutdown_timeout": _Spec("uint", _positive),
     "landlock_mode": _Spec("string", _enum("enforce", "best-effort")),
+    "unsupported_xml": _Spec("string", _enum("warn", "error")),
 }
 
 #: Every setting vmconfine uses, in the order :meth:`QemuConfig.format` writes them.

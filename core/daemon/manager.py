@@ -23,6 +23,7 @@ from typing import Any
 from vmconfine.daemon.events import EventBus
 from vmconfine.daemon.store import DefinitionStore
 from vmconfine.domain import Domain, parse_domain
+from vmconfine.domain.support import enforce
 from vmconfine.errors import LaunchError, NotRunningError, VmconfineError
 from vmconfine.launch import hotplug, pipeline, runtime
 from vmconfine.launch.connection import Connection, RunningDomain
@@ -228,6 +229,7 @@ class DomainManager:
     # ---- definitions ------------------------------------------------------------------------
     def define(self, xml: str) -> str:
         domain = parse_domain(xml, source="<define>", live=False)
+        enforce(domain, self.conn.instance.config.unsupported_xml)
         self.conn.stack.check_models(domain)
         self.conn.stack.verify(domain)
         for name, other in self.store.load_all().items():
@@ -270,6 +272,7 @@ class DomainManager:
 
     async def create(self, xml: str, *, paused: bool = False) -> str:
         domain = parse_domain(xml, source="<create>", live=False)
+        enforce(domain, self.conn.instance.config.unsupported_xml)
         if self.conn.instance.definition_path(domain.name).exists():
             persistent = self.store.load(domain.name)
             if persistent is not None and persistent.uuid != domain.uuid:

@@ -8,6 +8,7 @@ parts live beside it: :mod:`~vmconfine.domain.xml` (safe parser, XML and unit he
 drivers write ``from vmconfine.domain import Disk``.
 """
 
+from vmconfine.domain.guest import Clock, Cpu, MemoryBacking
 from vmconfine.domain.model import (
     MAX_XML_BYTES,
     OS,
@@ -28,6 +29,7 @@ from vmconfine.domain.model import (
     SecLabel,
     StorageSource,
     Tpm,
+    Watchdog,
     default_disk_bus,
     find_device_seclabel,
     memory_to_kib,
@@ -41,7 +43,9 @@ __all__ = [
     "QEMU_NS",
     "VMCONFINE_NS",
     "Chardev",
+    "Clock",
     "Controller",
+    "Cpu",
     "DeviceSecLabel",
     "Disk",
     "Domain",
@@ -51,10 +55,12 @@ __all__ = [
     "Input",
     "Interface",
     "Loader",
+    "MemoryBacking",
     "Rng",
     "SecLabel",
     "StorageSource",
     "Tpm",
+    "Watchdog",
     "default_disk_bus",
     "find_device_seclabel",
     "memory_to_kib",

@@ -63,6 +63,7 @@ __all__ = [
     "Rng",
     "StorageSource",
     "Tpm",
+    "Watchdog",
     "attr",
     "child",
     "child_text",
@@ -91,9 +92,21 @@ MAX_BACKING_DEPTH = 200
 
 DISK_TYPES = ("file", "block", "dir", "network", "volume", "nvme", "vhostuser", "vhostvdpa")
 DISK_DEVICES = ("disk", "cdrom", "floppy", "lun")
+#: ``<disk><driver>`` attributes with libvirt's values: attribute → (Disk field, values)
+DISK_DRIVER_ENUMS = {
+    "cache": ("cache", ("none", "writethrough", "writeback", "directsync", "unsafe")),
+    "discard": ("discard", ("unmap", "ignore")),
+    "io": ("io", ("native", "threads", "io_uring")),
+    "detect_zeroes": ("detect_zeroes", ("off", "on", "unmap")),
+}
 _DISK_PATH_ATTR = {"file": "file", "block": "dev", "dir": "dir", "vhostuser": "path",
                    "vhostvdpa": "dev"}
 _BUS_PREFIXES = (("hd", "ide"), ("sd", "scsi"), ("vd", "virtio"), ("xvd", "xen"), ("ubd", "uml"))
+#: libvirt's (and PCI's) limits of a host PCI address
+PCI_ADDRESS_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 7}
+MAX_TCP_PORT = 65535
+#: a PCI controller's index is its bus number
+MAX_PCI_CONTROLLER_INDEX = 255
 INTERFACE_SOURCE_ATTR = {"network": "network", "bridge": "bridge", "direct": "dev",
                          "vhostuser": "path", "vdpa": "dev", "server": "address",
                          "client": "address", "mcast": "address", "udp": "address"}
@@ -145,6 +158,9 @@ class Disk:
     serial: str | None = None
     driver_name: str | None = None
     cache: str | None = None
+    discard: str | None = None
+    io: str | None = None
+    detect_zeroes: str | None = None
     transient: bool = False
     element: etree._Element | None = field(default=None, repr=False, compare=False)
 
@@ -240,6 +256,10 @@ def parse_disk(ctx: ParseContext, el: etree._Element) -> Disk:
                                **fields)
         seen = {source.path} if source.path else set()
         source.backing, source.backing_declared = _parse_backing(ctx, el, target, 1, seen)
+    if source is None and device in ("disk", "lun"):
+        # libvirt: only removable media (cdrom, floppy) may be empty
+        raise ctx.error(el, f"missing source information for device {target}; give the "
+                            f"disk a <source> with a non-empty path, or make it a cdrom")
     boot = child(el, "boot")
     boot_order = int_attr(ctx, boot, "order", "disk boot order") if boot is not None else None
     if boot_order == 0:
@@ -250,7 +270,22 @@ def parse_disk(ctx: ParseContext, el: etree._Element) -> Disk:
         readonly=child(el, "readonly") is not None or device == "cdrom",
         shareable=child(el, "shareable") is not None, boot_order=boot_order,
         serial=child_text(el, "serial"), driver_name=attr(drv, "name"),
-        cache=attr(drv, "cache"), transient=child(el, "transient") is not None, element=el)
+        transient=child(el, "transient") is not None, element=el,
+        **{key: _driver_enum(ctx, drv, name, values) for name, (key, values)
+           in DISK_DRIVER_ENUMS.items()})
+
+
+def _driver_enum(ctx: ParseContext, drv: etree._Element | None, name: str,
+                 values: tuple[str, ...]) -> str | None:
+    """A ``<driver>`` tuning attribute; None when absent or libvirt's 'default'."""
+    value = attr(drv, name)
+    if value is None or value == "default":
+        return None
+    if value not in values:
+        assert drv is not None
+        raise ctx.error(drv, f"unknown disk {name} mode '{one_line(value, 40)}'; use one of "
+                             f"{', '.join(values)}")
+    return value
 
 
 # --------------------------------------------------------------------------- graphics, nics
@@ -314,6 +349,10 @@ def parse_graphics(ctx: ParseContext, el: etree._Element) -> Graphics:
             g.port, g.autoport = -1, True
         else:
             g.port, g.autoport = port if port is not None else 0, autoport
+        for what, value in ((f"{gtype} port", g.port), ("websocket port", g.websocket)):
+            if value is not None and value > MAX_TCP_PORT:
+                raise ctx.error(el, f"{what} must be in range [5900,{MAX_TCP_PORT}], not "
+                                    f"{value}")
     return g
 
 
@@ -418,7 +457,9 @@ def parse_hostdev(ctx: ParseContext, el: etree._Element) -> Hostdev:
             if sub is not None:
                 if sub.get("id") is None:
                     raise ctx.error(sub, f"usb {name} needs an id attribute, e.g. id='0x1234'")
-                setattr(h, name, int_attr(ctx, sub, "id", f"usb {name} id", base0=True))
+                setattr(h, name, int_attr(ctx, sub, "id", f"usb {name} id", base0=True,
+                                          maximum=0xFFFF, too_large="{what} {value:#06x} is "
+                                          "not a USB id; USB ids are at most 0xffff"))
         if (h.vendor is None) != (h.product is None):
             raise ctx.error(src, "usb hostdev needs both <vendor id=...> and <product id=...>")
         if addr is not None:
@@ -433,8 +474,10 @@ def parse_hostdev(ctx: ParseContext, el: etree._Element) -> Hostdev:
         if addr is None:
             raise ctx.error(src, "pci hostdev needs <address domain=... bus=... slot=... "
                                  "function=...>")
-        for name in ("domain", "bus", "slot", "function"):
-            value = int_attr(ctx, addr, name, f"pci {name}", base0=True)
+        for name, limit in PCI_ADDRESS_LIMITS.items():
+            value = int_attr(ctx, addr, name, f"pci {name}", base0=True, maximum=limit,
+                             too_large=f"Invalid PCI address {name}='{{value:#x}}', must be "
+                                       f"<= {limit:#X}".replace("0X", "0x"))
             setattr(h, name, 0 if value is None else value)
     return h
 
@@ -471,8 +514,14 @@ class Controller:
 
 def parse_controller(ctx: ParseContext, el: etree._Element) -> Controller:
     """One ``<controller>``."""
-    return Controller(type=el.get("type"), model=el.get("model"), element=el,
-                      index=int_attr(ctx, el, "index", "controller index"))
+    ctype = el.get("type")
+    index = int_attr(ctx, el, "index", "controller index", signed=True)
+    if index is not None and index < 0:
+        raise ctx.error(el, f"controller index {index} is negative; give index='0' or more")
+    if ctype == "pci" and index is not None and index > MAX_PCI_CONTROLLER_INDEX:
+        raise ctx.error(el, f"PCI controller index {index} too high, maximum is "
+                            f"{MAX_PCI_CONTROLLER_INDEX}")
+    return Controller(type=ctype, model=el.get("model"), element=el, index=index)
 
 
 @dataclass
@@ -507,6 +556,32 @@ class Filesystem:
     element: etree._Element | None = field(default=None, repr=False, compare=False)
 
 
+WATCHDOG_MODELS = ("i6300esb", "ib700", "diag288", "itco")
+WATCHDOG_ACTIONS = ("reset", "shutdown", "poweroff", "pause", "dump", "none", "inject-nmi")
+
+
+@dataclass
+class Watchdog:
+    """A ``<watchdog model=... action=...>`` (libvirt's default action: reset)."""
+
+    model: str
+    action: str = "reset"
+    element: etree._Element | None = field(default=None, repr=False, compare=False)
+
+
+def parse_watchdog(ctx: ParseContext, el: etree._Element) -> Watchdog:
+    """One ``<watchdog>``."""
+    model = el.get("model")
+    if model not in WATCHDOG_MODELS:
+        raise ctx.error(el, f"unknown watchdog model '{one_line(model or '', 40)}'; use one of "
+                            f"{', '.join(WATCHDOG_MODELS)}")
+    action = el.get("action", "reset")
+    if action not in WATCHDOG_ACTIONS:
+        raise ctx.error(el, f"unknown watchdog action '{one_line(action, 40)}'; use one of "
+                            f"{', '.join(WATCHDOG_ACTIONS)}")
+    return Watchdog(model=model, action=action, element=el)
+
+
 @dataclass
 class Devices:
     """Everything under ``<devices>``, in document order per kind."""
@@ -523,6 +598,7 @@ class Devices:
     tpms: list[Tpm] = field(default_factory=list)
     rngs: list[Rng] = field(default_factory=list)
     filesystems: list[Filesystem] = field(default_factory=list)
+    watchdogs: list[Watchdog] = field(default_factory=list)
 
 
 def _parse_misc(ctx: ParseContext, el: etree._Element, out: Devices) -> None:
@@ -586,6 +662,8 @@ def parse_devices(ctx: ParseContext, devices: etree._Element | None) -> Devices:
             out.inputs.append(parse_input(ctx, el))
         elif tag == "controller":
             out.controllers.append(parse_controller(ctx, el))
+        elif tag == "watchdog":
+            out.watchdogs.append(parse_watchdog(ctx, el))
         else:
             _parse_misc(ctx, el, out)
     return out

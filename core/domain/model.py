@@ -46,8 +46,17 @@ from vmconfine.domain.devices import (
     Rng,
     StorageSource,
     Tpm,
+    Watchdog,
     default_disk_bus,
     parse_devices,
+)
+from vmconfine.domain.guest import (
+    Clock,
+    Cpu,
+    MemoryBacking,
+    parse_clock,
+    parse_cpu,
+    parse_memory_backing,
 )
 from vmconfine.domain.seclabel import (
     SECLABEL_TYPES,
@@ -63,6 +72,7 @@ from vmconfine.domain.state import VMCONFINE_NS, apply_live, drop_state, find_st
 from vmconfine.domain.xml import (
     BLANK,
     MAX_XML_BYTES,
+    UINT_MAX,
     ParseContext,
     child,
     child_text,
@@ -99,6 +109,7 @@ __all__ = [
     "SecLabel",
     "StorageSource",
     "Tpm",
+    "Watchdog",
     "default_disk_bus",
     "find_device_seclabel",
     "memory_to_kib",
@@ -219,6 +230,10 @@ class Domain:
     vcpus_current: int | None = None
     features: list[str] = field(default_factory=list)
     clock_offset: str = "utc"
+    clock: Clock = field(default_factory=Clock)
+    vmport: str | None = None  #: <features><vmport state='on|off'/>
+    cpu: Cpu | None = None
+    memory_backing: MemoryBacking | None = None
     on_poweroff: str = "destroy"
     on_reboot: str = "restart"
     on_crash: str = "destroy"
@@ -234,6 +249,7 @@ class Domain:
     tpms: list[Tpm] = field(default_factory=list)
     rngs: list[Rng] = field(default_factory=list)
     filesystems: list[Filesystem] = field(default_factory=list)
+    watchdogs: list[Watchdog] = field(default_factory=list)
     seclabels: list[SecLabel] = field(default_factory=list)
     qemu_args: list[str] = field(default_factory=list)
     qemu_env: list[tuple[str, str | None]] = field(default_factory=list)
@@ -359,6 +375,11 @@ def _memory(ctx: ParseContext, el: etree._Element | None, what: str,
         raise ctx.error(el, f"{what}: {exc}") from None
 
 
+#: the most vCPUs any QEMU machine type takes (x86 q35 since QEMU 9.0); libvirt checks the
+#: machine type's own limit later, vmconfine refuses larger counts at parse time (QEMU would
+#: otherwise size per-vCPU structures from the number before refusing it)
+MAX_VCPUS = 4096
+
 #: longest domain name: it names files such as ``.NAME.qmp.lock`` (file names ≤ 255 bytes)
 MAX_NAME_BYTES = 200
 
@@ -382,6 +403,16 @@ def _parse_name(ctx: ParseContext, root: etree._Element) -> str:
         raise ctx.error(name_el, f"domain name is {len(name.encode())} bytes long; "
                         f"at most {MAX_NAME_BYTES} are allowed (it names state files)")
     return name
+
+
+def _vmport(ctx: ParseContext, features: etree._Element | None) -> str | None:
+    vmport = child(features, "vmport") if features is not None else None
+    if vmport is None:
+        return None
+    state = vmport.get("state")
+    if state not in ("on", "off"):
+        raise ctx.error(vmport, "<vmport> needs state='on' or state='off'")
+    return state
 
 
 def _lifecycle(ctx: ParseContext, root: etree._Element, tag: str, default: str,
@@ -481,11 +512,15 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
     if vcpu_el is not None:
         text = "".join(vcpu_el.itertext())
         count = parse_dec_int(text)
-        if count is None or count < 0:
+        if count is None or not 0 <= count <= UINT_MAX:
             raise ctx.error(vcpu_el, f"maximum vcpus count must be an integer, not "
                                      f"'{one_line(text.strip(), 40)}'")
         if count == 0:
             raise ctx.error(vcpu_el, "a domain needs at least 1 vCPU")
+        if count > MAX_VCPUS:
+            raise ctx.error(vcpu_el, f"Maximum CPUs greater than the limit of every QEMU "
+                                     f"machine type ({MAX_VCPUS}): <vcpu>{count}</vcpu>; give "
+                                     "fewer vCPUs")
         vcpus = count
         vcpus_current = int_attr(ctx, vcpu_el, "current", "current vcpus count")
         if vcpus_current is not None and not 0 < vcpus_current <= vcpus:
@@ -494,6 +529,7 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
     devices = parse_devices(ctx, child(root, "devices"))
     device_boot = any(b.get("order") is not None for b in root.iterfind("devices/*/boot"))
     features_el = child(root, "features")
+    clock = parse_clock(ctx, root)
     dom = Domain(
         tree=tree, source=source, name=name, uuid=uuid, uuid_generated=generated,
         virt_type=virt_type, live=live, memory_kib=memory, current_memory_kib=current,
@@ -503,8 +539,9 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         max_memory_kib=_memory(ctx, child(root, "maxMemory"), "<maxMemory>"),
         features=[etree.QName(c).localname for c in features_el if isinstance(c.tag, str)]
         if features_el is not None else [],
-        clock_offset=(child(root, "clock").get("offset", "utc")
-                      if child(root, "clock") is not None else "utc"),
+        clock=clock, clock_offset=clock.offset, cpu=parse_cpu(ctx, root),
+        vmport=_vmport(ctx, features_el),
+        memory_backing=parse_memory_backing(ctx, root),
         on_poweroff=_lifecycle(ctx, root, "on_poweroff", "destroy", LIFECYCLE_ACTIONS),
         on_reboot=_lifecycle(ctx, root, "on_reboot", "restart", LIFECYCLE_ACTIONS),
         on_crash=_lifecycle(ctx, root, "on_crash", "destroy", CRASH_ACTIONS),
@@ -512,7 +549,8 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         graphics=devices.graphics, interfaces=devices.interfaces, hostdevs=devices.hostdevs,
         inputs=devices.inputs, controllers=devices.controllers,
         memballoon=devices.memballoon, tpms=devices.tpms, rngs=devices.rngs,
-        filesystems=devices.filesystems, seclabels=parse_seclabels(ctx, root),
+        filesystems=devices.filesystems, watchdogs=devices.watchdogs,
+        seclabels=parse_seclabels(ctx, root),
         state=read_state(root))
     dom.qemu_args, dom.qemu_env = _parse_qemu_namespace(ctx, root)
     return dom

@@ -101,9 +101,19 @@ def parse_dec_int(text: str) -> int | None:
     return int(text) if _DEC_INT.fullmatch(text) else None
 
 
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+UINT_MAX = 2**32 - 1
+
+
 def int_attr(ctx: ParseContext, elem: etree._Element, name: str, what: str, *,
-             base0: bool = False, signed: bool = False) -> int | None:
-    """Integer attribute (None when absent); a clear error when it is not a number."""
+             base0: bool = False, signed: bool = False, maximum: int | None = None,
+             too_large: str | None = None) -> int | None:
+    """Integer attribute (None when absent); a clear error when it is not a number.
+
+    Values are bounded like libvirt's C types: ``int`` when ``signed``, else ``unsigned int``
+    (libvirt's "Invalid value for attribute ... Expected (non-negative) integer value"), or
+    ``maximum`` when given; ``too_large`` is then the message (``{value}`` is filled in).
+    """
     raw = elem.get(name)
     if raw is None:
         return None
@@ -118,6 +128,15 @@ def int_attr(ctx: ParseContext, elem: etree._Element, name: str, what: str, *,
         kind = "an integer" if signed else "a non-negative integer"
         raise ctx.error(elem, f"{what} '{one_line(raw, 40)}' is not {kind}; fix the {name}= "
                               "attribute")
+    low, high = (INT_MIN, INT_MAX) if signed else (0, UINT_MAX)
+    if not low <= value <= high:
+        kind = "integer" if signed else "non-negative integer"
+        raise ctx.error(elem, f"Invalid value for attribute '{name}' in element '{elem.tag}': "
+                              f"'{one_line(raw, 40)}'. Expected {kind} value (from {low} to "
+                              f"{high}); fix the {what}")
+    if maximum is not None and value > maximum:
+        raise ctx.error(elem, (too_large or "{what} {value} is too large; the maximum is "
+                               "{maximum}").format(what=what, value=value, maximum=maximum))
     return value
 
 

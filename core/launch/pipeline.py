@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING
 
 from qemu.qmp import QMPError
 
+from vmconfine.config.hugepages import hugepage_dir
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.errors import LaunchError, VmconfineError
 from vmconfine.launch import checks, child, runtime
@@ -116,6 +117,7 @@ def command_paths(conn: Connection, domain: Domain, *, symbolic: bool) -> Comman
         user=_qemu_user_name(conn),
         path_env="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         user_monitor_socket=str(inst.user_monitor_path(domain.name)),
+        hugepage_dir=hugepage_dir(domain, inst.config),
     )
 
 
@@ -275,10 +277,16 @@ def _begin(conn: Connection, domain: Domain, *,
 
 def _make_runtime_dirs(ctx: DomainContext) -> None:
     inst = ctx.instance
-    for d in (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name)):
+    huge = hugepage_dir(ctx.domain, inst.config)
+    if huge is not None:  # <mount>/vmconfine stays, as libvirt's <mount>/libvirt/qemu
+        os.makedirs(os.path.dirname(huge), mode=0o755, exist_ok=True)
+    dirs = (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name),
+            *([Path(huge)] if huge else []))
+    for d in dirs:
         if d.exists():
             shutil.rmtree(d)
-        ctx.journal.record("pipeline", "mkdir", path=str(d))
+    ctx.journal.record_many([("pipeline", "mkdir", {"path": str(d)}) for d in dirs])
+    for d in dirs:
         d.mkdir(mode=0o750, parents=True)
 
 
@@ -303,7 +311,11 @@ def _monitor_sockets(stack: Stack, ctx: DomainContext) -> list[socket.socket]:
 
 def _make_runtime_dirs(ctx: DomainContext) -> None:
     inst = ctx.instance
-    for d in (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name)):
+    huge = hugepage_dir(ctx.domain, inst.config)
+    if huge is not None:  # <mount>/vmconfine stays, as libvirt's <mount>/libvirt/qemu
+        os.makedirs(os.path.dirname(huge), mode=0o755, exist_ok=True)
+    for d in (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name),
+              *([Path(huge)] if huge else [])):
         if d.exists():
             shutil.rmtree(d)
         ctx.journal.record("pipeline", "mkdir", path=str(d))

@@ -7,6 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.config.hugepages import hugepage_dir
 from vmconfine.plugin.resources import Resource, domain_resources
 
 if TYPE_CHECKING:
@@ -65,7 +66,8 @@ class DomainContext:
     def resources(self) -> list[Resource]:
         """Every host path QEMU will open, from the same model the argv is built from."""
         return domain_resources(self.domain, self.runtime_dir,
-                                self.host.instance.domain_lib_dir(self.domain.name))
+                                self.host.instance.domain_lib_dir(self.domain.name),
+                                hugepage_dir(self.domain, self.config))
 
     @property
     def runtime_dir(self) -> Path:

@@ -8,8 +8,10 @@ registered there exactly like third-party ones). Each plugin module implements
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -73,6 +75,56 @@ class DriverRegistry:
         return [self._drivers[n] for n in sorted(self._drivers)]
 
 
+def entry_points(group: str) -> list[tuple[str, str]]:
+    """(name, ``module[:attr]``) of every entry point in ``group``, distributions in
+    ``sys.path`` order — what pluggy's ``load_setuptools_entrypoints`` finds through
+    ``importlib.metadata``, read from the ``entry_points.txt`` files directly: importing
+    ``importlib.metadata`` (its e-mail based metadata parser) cost 15-25 ms of every command's
+    start-up (docs/performance.md, P1)."""
+    found: list[tuple[str, str]] = []
+    for entry in sys.path:
+        try:
+            names = sorted(n for n in os.listdir(entry or ".")
+                           if n.endswith((".dist-info", ".egg-info")))
+        except OSError:
+            continue
+        for dist in names:
+            try:
+                with open(os.path.join(entry or ".", dist, "entry_points.txt"),
+                          encoding="utf-8") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            found += _section(text, group)
+    return found
+
+
+def _section(text: str, group: str) -> list[tuple[str, str]]:
+    """The ``name = value`` lines of section ``[group]`` of an entry_points.txt (the format
+    importlib.metadata reads: ``#`` comments, ``[extras]`` after the value dropped)."""
+    out, inside = [], False
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            inside = line[1:-1].strip() == group
+            continue
+        if inside and "=" in line:
+            name, _sep, value = line.partition("=")
+            out.append((name.strip(), value.split("[", 1)[0].strip()))
+    return out
+
+
+def _load(value: str) -> object:
+    """Import ``module[:attr.attr]`` (an entry point's value)."""
+    module, _sep, attrs = value.partition(":")
+    obj: object = importlib.import_module(module.strip())
+    for attr in filter(None, attrs.strip().split(".")):
+        obj = getattr(obj, attr)
+    return obj
+
+
 def make_plugin_manager(
     *, autoload: bool = True, plugins: Iterable[object] = (), trace: bool | None = None
 ) -> pluggy.PluginManager:
@@ -81,7 +133,9 @@ def make_plugin_manager(
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if autoload:
-        pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        for name, value in entry_points(hookspecs.PROJECT):
+            if pm.get_plugin(name) is None and not pm.is_blocked(name):
+                pm.register(_load(value), name=name)
     for plugin in plugins:
         pm.register(plugin)
     if trace is None:

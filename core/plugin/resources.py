@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: device nodes any QEMU may open (read-write); /dev/kvm only for type='kvm'
+#: device nodes any QEMU may open; /dev/kvm only for type='kvm'
 BASE_DEVNODES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+#: those QEMU only reads (entropy; AppArmor's abstractions/base grants them ``r`` too)
+READ_ONLY_DEVNODES = frozenset({"/dev/random", "/dev/urandom"})
 
 
 @dataclass
@@ -181,11 +183,13 @@ def device_resources(domain: Domain) -> list[Resource]:
 
 
 def domain_resources(domain: Domain, runtime_dir: Path | None = None,
-                     home_dir: Path | None = None) -> list[Resource]:
+                     home_dir: Path | None = None,
+                     hugepage_dir: str | None = None) -> list[Resource]:
     """All resources of ``domain``, in libvirt's DAC SetAllLabel order.
 
-    ``runtime_dir`` (sockets) and ``home_dir`` (QEMU's HOME) are the per-domain directories
-    the pipeline creates and removes; they have the role ``runtime_dir``.
+    ``runtime_dir`` (sockets), ``home_dir`` (QEMU's HOME) and ``hugepage_dir`` (guest RAM of
+    a ``<hugepages/>`` domain, on hugetlbfs) are the per-domain directories the pipeline
+    creates and removes; they have the role ``runtime_dir``.
     """
     out: list[Resource] = []
     for disk in domain.disks:
@@ -209,7 +213,7 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         path = getattr(os_, role)
         if path:
             out.append(Resource(path, role, "ro", readonly=True))
-    for d in (runtime_dir, home_dir):
+    for d in (runtime_dir, home_dir, hugepage_dir):
         if d is not None:
             out.append(Resource(str(d), "runtime_dir", "rw", is_dir=True, create=True))
     nodes = list(BASE_DEVNODES)
@@ -217,5 +221,6 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         nodes.append("/dev/kvm")
     if any(c.type == "pty" for c in domain.chardevs):
         nodes.append("/dev/ptmx")
-    out.extend(Resource(n, "devnode", "rw") for n in nodes)
+    out.extend(Resource(n, "devnode", "ro" if n in READ_ONLY_DEVNODES else "rw")
+               for n in nodes)
     return out

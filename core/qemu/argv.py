@@ -38,6 +38,7 @@ from vmconfine.qemu.argv_devices import (
     escape_opt,
     to_json,
 )
+from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, memory_backend, smp
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
@@ -97,6 +98,9 @@ class CommandPaths:
     user: str
     path_env: str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     user_monitor_socket: str | None = None
+    #: the per-domain hugetlbfs directory of ``<hugepages/>`` guests
+    #: (:func:`vmconfine.config.hugepages.hugepage_dir`)
+    hugepage_dir: str | None = None
 
 
 @dataclass
@@ -257,7 +261,7 @@ def _firmware(b: Builder, machine_opts: list[str]) -> None:
         )
 
 
-def _machine(b: Builder, config: Any) -> None:
+def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
     domain = b.domain
     if domain.virt_type not in ("qemu", "kvm"):
         raise UnsupportedConfigError(
@@ -266,15 +270,18 @@ def _machine(b: Builder, config: Any) -> None:
     opts = [escape_opt(b.machine)]
     if b.arch in ("x86_64", "i686"):
         opts.append("usb=off")
+    if domain.vmport is not None:
+        opts.append(f"vmport={domain.vmport}")
     opts.append("dump-guest-core=" + ("on" if getattr(config, "dump_guest_core", False)
                                       else "off"))
     _firmware(b, opts)
     if b.arch in ("x86_64", "i686") and "acpi" not in domain.features:
         opts.append("acpi=off")
+    if ram is not None:
+        opts.append(f"memory-backend={ram['id']}")
     b.add("-machine", ",".join(opts))
     b.add("-accel", "kvm" if domain.virt_type == "kvm" else "tcg")
-    if b.arch == "i686":
-        b.add("-cpu", "qemu32")
+    add_cpu(b)
     if b.bios:
         b.add("-bios", b.bios)
 
@@ -408,14 +415,18 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     if getattr(config, "set_process_name", False):
         name += f",process=qemu:{escape_opt(domain.name)}"
     b.add("-name", name, "-S")
-    _machine(b, config)
+    ram = memory_backend(b, paths.hugepage_dir)
+    _machine(b, config, ram)
     b.add("-m", f"size={math.ceil(domain.memory_kib / 1024) * 1024}k")
-    b.add("-smp", str(domain.vcpus))
+    if ram is not None:
+        b.add("-object", to_json(ram))
+    b.add("-smp", smp(b))
     b.add("-uuid", domain.uuid)
     if not domain.graphics:
         b.add("-display", "none")
     b.add("-no-user-config", "-nodefaults")
     slots = _monitors(b, paths)
+    add_rtc(b)
     if domain.on_reboot == "destroy":
         b.add("-no-reboot")
     b.add("-boot", "strict=on")
@@ -436,6 +447,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_graphics(b, paths.runtime_dir)
     add_hostdevs(b)
     add_rngs(b)
+    add_watchdogs(b)
     add_memballoon(b)
 
     seccomp = int(getattr(config, "seccomp_sandbox", -1))

@@ -23,9 +23,11 @@ rtl8139 NICs) except where noted. Differences from libvirt, on purpose:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -201,9 +203,59 @@ def add_controllers(b: Builder) -> None:
 # --------------------------------------------------------------------------- disks
 
 
-def _storage_props(src: StorageSource, node: str, cdrom: bool) -> dict[str, Any]:
+#: <driver cache=...> → (cache.direct, cache.no-flush, the front end's write-cache), as libvirt's
+#: qemuDomainDiskCachemodeFlags
+CACHE_MODES = {
+    "none": (True, False, True), "writeback": (False, False, True),
+    "writethrough": (False, False, False), "directsync": (True, False, False),
+    "unsafe": (False, True, True),
+}
+
+
+def cache_mode(disk: Disk) -> str | None:
+    """The disk's cache mode: ``<driver cache>``, else 'none' for a writable shareable disk
+    (libvirt: the host page cache must not hide one guest's writes from another)."""
+    if disk.cache is None and disk.shareable and not disk.readonly:
+        return "none"
+    return disk.cache
+
+
+def _cache(disk: Disk) -> dict[str, Any]:
+    mode = cache_mode(disk)
+    if mode is None:
+        return {}
+    direct, no_flush, _ = CACHE_MODES[mode]
+    return {"cache": {"direct": direct, "no-flush": no_flush}}
+
+
+#: linux/cdrom.h
+CDROM_GET_CAPABILITY = 0x5331
+
+
+def is_cdrom_device(path: str | None) -> bool:
+    """True when ``path`` is a CD-ROM drive (libvirt's virFileIsCDROM: a block device that
+    answers CDROM_GET_CAPABILITY); QEMU's host_cdrom driver is only for those."""
+    if not path:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            return False
+        fcntl.ioctl(fd, CDROM_GET_CAPABILITY, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _storage_props(src: StorageSource, node: str, cdrom: bool,
+                   disk: Disk | None = None) -> dict[str, Any]:
     if src.type == "block":
-        driver = "host_cdrom" if cdrom else "host_device"
+        driver = "host_cdrom" if cdrom and is_cdrom_device(src.path) else "host_device"
     elif src.type == "file":
         driver = "file"
     else:
@@ -214,8 +266,14 @@ def _storage_props(src: StorageSource, node: str, cdrom: bool) -> dict[str, Any]
         raise UnsupportedConfigError(
             f"disk image path {src.path!r} is not absolute; give the full path"
         )
-    return {"driver": driver, "filename": src.path, "node-name": f"{node}-storage",
-            "auto-read-only": True, "discard": "unmap"}
+    props: dict[str, Any] = {"driver": driver, "filename": src.path}
+    if disk is not None and disk.io is not None:
+        props["aio"] = disk.io
+    props["node-name"] = f"{node}-storage"
+    if disk is not None:
+        props.update(_cache(disk))
+    props.update({"auto-read-only": True, "discard": "unmap"})
+    return props
 
 
 def add_blockdevs(b: Builder, disk: Disk) -> str | None:
@@ -231,6 +289,12 @@ def add_blockdevs(b: Builder, disk: Disk) -> str | None:
         raise UnsupportedConfigError(
             f"disk {disk.target}: <transient/> disks are not supported; remove <transient/>"
         )
+    mode = cache_mode(disk)
+    if disk.io == "native" and not (mode and CACHE_MODES[mode][0]):
+        raise UnsupportedConfigError(
+            f"disk {disk.target}: io='native' needs a cache mode that bypasses the host page "
+            f"cache; add cache='none' or cache='directsync'"
+        )
     chain = resolve_chain(disk.source)
     names = []
     for _ in chain:
@@ -240,16 +304,32 @@ def add_blockdevs(b: Builder, disk: Disk) -> str | None:
     for depth in range(len(chain) - 1, -1, -1):
         src, node = chain[depth], names[depth]
         cdrom = disk.device == "cdrom"
-        b.add("-blockdev", to_json(_storage_props(src, node, cdrom)))
+        b.add("-blockdev", to_json(_storage_props(src, node, cdrom, disk)))
         fmt = qemu_format(src.format)
         readonly = disk.readonly or depth > 0
         props: dict[str, Any] = {"node-name": f"{node}-format", "read-only": readonly,
+                                 **_cache(disk), **(_top_format_props(disk) if depth == 0
+                                                    else {}),
                                  "driver": fmt, "file": f"{node}-storage"}
         if fmt in BACKING_FORMATS:
             props["backing"] = below  # None: QEMU must not open a backing file itself
         b.add("-blockdev", to_json(props))
         below = f"{node}-format"
     return below
+
+
+def _top_format_props(disk: Disk) -> dict[str, Any]:
+    """discard and detect-zeroes of the top format node (libvirt: 'unmap' zero detection
+    needs discard='unmap', else it is 'on')."""
+    props: dict[str, Any] = {}
+    if disk.discard is not None:
+        props["discard"] = disk.discard
+    if disk.detect_zeroes is not None:
+        zeroes = disk.detect_zeroes
+        if zeroes == "unmap" and disk.discard != "unmap":
+            zeroes = "on"
+        props["detect-zeroes"] = zeroes
+    return props
 
 
 def _ide_like(b: Builder, disk: Disk, idx: int) -> dict[str, Any]:
@@ -331,7 +411,11 @@ def disk_device(b: Builder, disk: Disk) -> dict[str, Any]:
         props["share-rw"] = True
     if disk.serial:
         props["serial"] = disk.serial
-    return b.boot(props, disk)
+    b.boot(props, disk)
+    mode = cache_mode(disk)
+    if mode is not None:
+        props["write-cache"] = "on" if CACHE_MODES[mode][2] else "off"
+    return props
 
 
 # --------------------------------------------------------------------------- network
@@ -402,9 +486,19 @@ def chardev_backend(dev: Chardev, alias: str) -> str:
     )
 
 
+#: QEMU's ISA serial ports (MAX_ISA_SERIAL_PORTS)
+MAX_ISA_SERIAL_PORTS = 4
+
+
 def _serial_device(dev: Chardev, alias: str, index: int) -> dict[str, Any]:
     ttype = dev.target_type if dev.kind == "serial" else None
     if ttype in (None, "isa-serial", "serial"):
+        if index >= MAX_ISA_SERIAL_PORTS:
+            raise UnsupportedConfigError(
+                f"serial port {index} is out of range: QEMU has ISA serial ports 0 to "
+                f"{MAX_ISA_SERIAL_PORTS - 1}; fix <target port=...> or use "
+                f"<target type='pci-serial'/>"
+            )
         return {"driver": "isa-serial", "chardev": f"char{alias}", "id": alias, "index": index}
     if ttype == "pci-serial":
         return {"driver": "pci-serial", "chardev": f"char{alias}", "id": alias}

@@ -249,32 +249,53 @@ class CgroupsDriver:
         plan = self.plan(ctx)
         st = ctx.driver_state(NAME)
         st.update(plan=plan, rules=[], prog_id=None)
-        ctx.journal.record(NAME, "placement", plan=plan.to_json())
+        for leaf in plan.dirs.values():
+            self._clear_leftover(ctx, leaf)
+        # group commit: the placement and every directory about to be made are journaled with
+        # one fsync before the first mkdir (a record of a directory never made costs teardown
+        # one rmdir ENOENT)
+        recorded: set[str] = set()
+        entries: list[tuple[str, str, dict[str, Any]]] = [
+            (NAME, "placement", {"plan": plan.to_json()})]
         for mount, leaf in plan.dirs.items():
-            self._create(ctx, mount, plan.own[mount], plan.rel, leaf,
+            for path in placement.components(mount, plan.own[mount], plan.rel):
+                if path not in recorded and not os.path.isdir(path):
+                    recorded.add(path)
+                    entries.append((NAME, "mkdir", {"path": path, "leaf": path == leaf}))
+        ctx.journal.record_many(entries)
+        for mount, leaf in plan.dirs.items():
+            self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
                          cpuset="cpuset" in plan.controllers[mount])
         devnodes = [r.path for r in ctx.resources if r.role == "devnode"]
         rules = domain_rules(ctx.domain, self.host.config, devnodes=devnodes)
         self._apply(ctx, rules)
 
-    def _create(self, ctx: DomainContext, mount: str, own: str, rel: str, leaf: str, *,
-                cpuset: bool) -> None:
-        if os.path.isdir(leaf):
-            pids = v1.procs(leaf)
-            if pids:
-                raise DriverError(
-                    f"cgroup {leaf} already exists and holds processes "
-                    f"{' '.join(map(str, pids[:10]))}; is domain '{ctx.domain.name}' running "
-                    "elsewhere? stop it first")
-            why = v1.rmdir(leaf, wait=0)  # a leftover without journal: start from a clean group
-            if why:
-                raise DriverError(f"cannot remove the leftover cgroup {why}; remove it by hand")
+    @staticmethod
+    def _clear_leftover(ctx: DomainContext, leaf: str) -> None:
+        """A leaf group that exists already: refused while it holds processes, else removed
+        (a leftover without journal: start from a clean group)."""
+        if not os.path.isdir(leaf):
+            return
+        pids = v1.procs(leaf)
+        if pids:
+            raise DriverError(
+                f"cgroup {leaf} already exists and holds processes "
+                f"{' '.join(map(str, pids[:10]))}; is domain '{ctx.domain.name}' running "
+                "elsewhere? stop it first")
+        why = v1.rmdir(leaf, wait=0)
+        if why:
+            raise DriverError(f"cannot remove the leftover cgroup {why}; remove it by hand")
+
+    def _create(self, ctx: DomainContext, mount: str, own: str, rel: str, leaf: str,
+                recorded: set[str], *, cpuset: bool) -> None:
         comps = placement.components(mount, own, rel)
         for attempt in range(3):  # another domain's teardown may remove a shared parent
             try:
                 for path in comps:
                     if not os.path.isdir(path):
-                        ctx.journal.record(NAME, "mkdir", path=path, leaf=path == leaf)
+                        if path not in recorded:  # gone since the batch was journaled
+                            ctx.journal.record(NAME, "mkdir", path=path, leaf=path == leaf)
+                            recorded.add(path)
                         try:
                             os.mkdir(path, 0o755)
                         except FileExistsError:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import resource
@@ -271,6 +272,25 @@ def _resolve(dirs: DirCache, p: Plan) -> Resolved | None:
         raise LabelError(f"cannot resolve {p.path}: {exc.strerror}") from None
 
 
+class _RecordIds:
+    """Journal record ids: a random 64-bit prefix per process plus a counter (unique within a
+    journal, across processes and restarts, like one ``urandom`` per record was, without a
+    system call per file). A forked child draws a new prefix."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix, self.count = os.urandom(8).hex(), itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.count):x}"
+
+
+_record_id = _RecordIds()
+
+
 def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: owners.Names,
                prefix: str) -> None:
     """Lock, read, journal (one fsync), then change every file of ``batch``."""
@@ -289,7 +309,7 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
         seen = owners.peek(h, names) if remember else None
         if seen is None:
             remember = False  # no xattrs here: the journal alone keeps the owner
-        it.seen, it.remember, it.rid = seen, remember, os.urandom(8).hex()
+        it.seen, it.remember, it.rid = seen, remember, _record_id()
         if stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_gid) != (p.uid, p.gid):
             it.fcaps = owners.file_caps(h)
         entries.append((DRIVER, "chown", {

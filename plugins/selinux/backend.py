@@ -65,6 +65,14 @@ class Backend(Protocol):
     def check_context(self, context: str) -> bool:
         """True when the loaded policy accepts ``context``."""
 
+    def allowed(self, scon: str, tcon: str, tclass: str, perm: str) -> bool:
+        """True when the loaded policy grants ``perm`` on ``tclass`` from ``scon`` to ``tcon``
+        (``security_compute_av``: no audit record); a class or permission the policy does not
+        know counts as allowed. Raises OSError for contexts the policy refuses."""
+
+    def boolean(self, name: str) -> bool | None:
+        """The active value of policy boolean ``name``, None when the policy has none."""
+
     def domain_context_path(self) -> str:
         """Path of the policy's virtual_domain_context file."""
 
@@ -177,6 +185,22 @@ class RealBackend:
         except OSError:
             return False
 
+    def allowed(self, scon: str, tcon: str, tclass: str, perm: str) -> bool:
+        se = self.se
+        cls = se.string_to_security_class(tclass)
+        bit = se.string_to_av_perm(cls, perm) if cls else 0
+        if not cls or not bit:
+            return True
+        avd = se.av_decision()
+        se.security_compute_av_raw(scon, tcon, cls, bit, avd)
+        return bool(avd.allowed & bit)
+
+    def boolean(self, name: str) -> bool | None:
+        try:
+            return bool(self.se.security_get_boolean_active(name) == 1)
+        except OSError:
+            return None
+
     def domain_context_path(self) -> str:
         return str(self.se.selinux_virtual_domain_context_path())
 
@@ -191,6 +215,8 @@ class FakeBackend:
     ``unsupported`` path prefixes answer EOPNOTSUPP like an NFS mount; ``defaults`` maps path
     prefixes (longest wins) to the policy default returned by :meth:`default_context`.
     ``pid_contexts`` answers :meth:`getpidcon`; the current pid answers ``process_context``.
+    ``denied`` holds the (source type, target type, class, permission) the policy refuses
+    (everything else is allowed); ``booleans`` the policy's booleans.
     With ``exec_record_dir`` set, :meth:`setexeccon` (called in the forked child) also records
     the context under the calling pid there, and :meth:`getpidcon` answers it for that pid, as
     a kernel would after the exec transition (for processes that verify another's exec).
@@ -212,6 +238,8 @@ class FakeBackend:
     fail: dict[str, int] = field(default_factory=dict)  #: method name -> errno to raise
     calls: list[tuple[str, str, str | None]] = field(default_factory=list)
     on_set: Callable[[str, str], None] | None = None
+    denied: set[tuple[str, str, str, str]] = field(default_factory=set)
+    booleans: dict[str, bool] = field(default_factory=dict)
 
     def _maybe_fail(self, name: str) -> None:
         if name in self.fail:
@@ -300,6 +328,13 @@ class FakeBackend:
         except ValueError:
             return False
         return True
+
+    def allowed(self, scon: str, tcon: str, tclass: str, perm: str) -> bool:
+        key = (Context.parse(scon).type, Context.parse(tcon).type, tclass, perm)
+        return key not in self.denied
+
+    def boolean(self, name: str) -> bool | None:
+        return self.booleans.get(name)
 
     def domain_context_path(self) -> str:
         return self.domain_path

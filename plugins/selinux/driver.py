@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.errors import DriverError, LabelError, VmconfineError
 from vmconfine.launch import runtime
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine_selinux import labels, report
+from vmconfine_selinux import labels, report, transition
 from vmconfine_selinux.backend import Backend, RealBackend
 from vmconfine_selinux.contexts import Context, PolicyContexts, load_policy_contexts, new_context
 from vmconfine_selinux.mcs import LabelRegistry, Lease, ensure_dir, parse_process_range
@@ -123,8 +123,7 @@ class SELinuxDriver:
 
     def _apply(self, ctx: DomainContext, plans: list[labels.Plan]) -> None:
         on, prefix = self._remember(ctx)
-        for plan in plans:
-            self.labeller.set_plan(ctx.journal, plan, remember_on=on, prefix=prefix)
+        self.labeller.set_plans(ctx.journal, plans, remember_on=on, prefix=prefix)
 
     def _warn_or_raise(self, what: str, exc: OSError) -> None:
         if self.backend.enforcing():
@@ -268,6 +267,28 @@ class SELinuxDriver:
                 raise LabelError(f"{plan.path} ({plan.role}) does not exist, so it cannot get "
                                  f"the SELinux label '{plan.label}'; fix the path in the domain "
                                  "XML or create the file")
+        self._check_exec(ctx)
+
+    def _check_exec(self, ctx: DomainContext) -> None:
+        """Ask the policy whether QEMU can enter its label (vmconfine_selinux.transition);
+        refuse to start when enforcing, warn otherwise."""
+        label = self._process_label(ctx)
+        if label is None:
+            return
+        from vmconfine.qemu.argv import find_emulator
+
+        try:
+            emulator = find_emulator(ctx.domain, ctx.config)
+        except VmconfineError:
+            return  # the pipeline reports a missing emulator itself
+        problems = transition.check_exec(self.backend, self.own_context(), label, emulator,
+                                         ctx.domain.virt_type)
+        if not problems:
+            return
+        text = "; also ".join(p.message for p in problems)
+        if self.backend.enforcing():
+            raise LabelError(f"QEMU cannot start as '{label}': {text}")
+        log.warning("QEMU would be refused '%s' in enforcing mode: %s", label, text)
 
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:

@@ -33,14 +33,19 @@ from vmconfine.errors import LabelError
 
 log = logging.getLogger(__name__)
 
-#: magic, version, dirty, capacity, count, high, free_head, boot, generation
-_HEADER = struct.Struct("<8sIIIIIiQQ")
+#: magic, version, dirty, capacity, count, high, free_head, boot, generation (native byte
+#: order: the file is per boot and never leaves the host)
+_HEADER = struct.Struct("=8sIIIIIiQQ")
 _HEADER_SIZE = 64
-_DIRTY_AT = 12
+#: the header's 32-bit words and 64-bit words as indexes of int views into the mapping (an
+#: index into a memoryview is several times cheaper than a struct call on the hot path)
+_H_DIRTY, _H_CAP, _H_COUNT, _H_HIGH, _H_FREE = 3, 4, 5, 6, 7
+_H_BOOT, _H_GEN = 0, 1
 _MAGIC = b"VMCLEASE"
 _VERSION = 1
 #: state, next free, owner / name / level lengths (+ pad), then the three fields
-_SLOT_HEAD = struct.Struct("<IiHHHH")
+_SLOT_HEAD = struct.Struct("=IiHHHH")
+_OLEN = struct.Struct("=H")
 SLOT = 512
 OWNER_MAX, NAME_MAX, LEVEL_MAX = 64, 256, 160
 _OWNER_AT = _SLOT_HEAD.size
@@ -49,6 +54,7 @@ _LEVEL_AT = _NAME_AT + NAME_MAX
 USED = 0x53454C56  # a slot holds a lease only with this exact state word
 FIRST_CAPACITY = 64
 _OWNER_RE = re.compile(r"[0-9a-fA-F-]{1,64}")
+_FREE_LINK = struct.Struct("=Ii")  # a free slot's state word and next-free link
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class LeaseTable:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._mm: mmap.mmap | None = None
         self._index: memoryview | None = None
+        self._h: memoryview | None = None  # header, 32-bit words
+        self._h64: memoryview | None = None  # header, 64-bit words from byte 32
         self.capacity = 0
         self._map()
 
@@ -83,8 +91,10 @@ class LeaseTable:
         if size < _size(FIRST_CAPACITY):
             return
         mm = mmap.mmap(self._fd, size)
-        cap = struct.unpack_from("<I", mm, 16)[0]
-        if _size(cap) > size:  # garbage header: start over (open() resets it)
+        self._h = memoryview(mm)[:32].cast("i")
+        self._h64 = memoryview(mm)[32:48].cast("q")
+        cap = self._h[_H_CAP]
+        if cap <= 0 or _size(cap) > size:  # garbage header: start over (open() resets it)
             cap = 0
         self._mm, self.capacity = mm, cap
         if cap:
@@ -92,9 +102,10 @@ class LeaseTable:
             self._index = memoryview(mm)[start:start + 8 * cap].cast("i")
 
     def _unmap(self) -> None:
-        if self._index is not None:
-            self._index.release()
-            self._index = None
+        for view in (self._index, self._h, self._h64):
+            if view is not None:
+                view.release()
+        self._index = self._h = self._h64 = None
         if self._mm is not None:
             self._mm.close()
             self._mm = None
@@ -107,17 +118,17 @@ class LeaseTable:
     def open(self, boot: int) -> None:
         """Make the mapping current (another process may have grown the file), start over
         for a new boot or a bad header, and repair a table left dirty by a crash."""
-        mm = self._mm
-        if mm is None or struct.unpack_from("<I", mm, 16)[0] != self.capacity:
+        h = self._h
+        if h is None or h[_H_CAP] != self.capacity:
             self._map()
-            mm = self._mm
-        if mm is None or self.capacity == 0:
+            h = self._h
+        mm, h64 = self._mm, self._h64
+        if mm is None or h is None or h64 is None or self.capacity == 0:
             self._reset(boot)
             return
-        magic, version, dirty, _cap, _count, _high, _free, stamp, _gen = _HEADER.unpack_from(mm)
-        if magic != _MAGIC or version != _VERSION or stamp != boot:
+        if mm[:8] != _MAGIC or h[2] != _VERSION or h64[_H_BOOT] != boot:
             self._reset(boot)
-        elif dirty:
+        elif h[_H_DIRTY]:
             self._repair()
 
     def _reset(self, boot: int) -> None:
@@ -131,45 +142,47 @@ class LeaseTable:
         self._map()
 
     # ---- header fields -------------------------------------------------------------------------
-    def _get(self, at: int, fmt: str = "<I") -> int:
-        assert self._mm is not None
-        return int(struct.unpack_from(fmt, self._mm, at)[0])
-
-    def _put(self, at: int, value: int, fmt: str = "<I") -> None:
-        assert self._mm is not None
-        struct.pack_into(fmt, self._mm, at, value)
+    @property
+    def _hdr(self) -> memoryview:
+        assert self._h is not None
+        return self._h
 
     def _dirty(self, on: bool) -> None:
-        self._put(_DIRTY_AT, 1 if on else 0)
+        self._hdr[_H_DIRTY] = 1 if on else 0
 
     @property
     def count(self) -> int:
-        return self._get(20)
+        return int(self._hdr[_H_COUNT])
 
     @property
     def boot(self) -> int:
-        return self._get(32, "<Q")
+        assert self._h64 is not None
+        return int(self._h64[_H_BOOT])
 
     @property
     def generation(self) -> int:
         """Bumped by every change: a pool built for another generation is out of date."""
-        return self._get(40, "<Q")
+        assert self._h64 is not None
+        return int(self._h64[_H_GEN])
 
     def _bump(self) -> None:
-        self._put(40, self.generation + 1, "<Q")
+        assert self._h64 is not None
+        self._h64[_H_GEN] += 1
 
     # ---- slots ---------------------------------------------------------------------------------
     def _slot_at(self, slot: int) -> int:
         return _HEADER_SIZE + slot * SLOT
 
     def _state(self, slot: int) -> int:
-        return self._get(self._slot_at(slot))
+        assert self._mm is not None
+        return int(_SLOT_HEAD.unpack_from(self._mm, self._slot_at(slot))[0])
 
     def _owner_bytes(self, slot: int) -> bytes:
-        at = self._slot_at(slot)
-        assert self._mm is not None
-        olen = struct.unpack_from("<H", self._mm, at + 8)[0]
-        return bytes(self._mm[at + _OWNER_AT:at + _OWNER_AT + min(olen, OWNER_MAX)])
+        at = _HEADER_SIZE + slot * SLOT
+        mm = self._mm
+        assert mm is not None
+        olen = _OLEN.unpack_from(mm, at + 8)[0]
+        return mm[at + _OWNER_AT:at + _OWNER_AT + min(olen, OWNER_MAX)]
 
     def get(self, slot: int) -> Lease | None:
         """The lease in ``slot``; None for a free slot. Raises ValueError for a corrupt one."""
@@ -190,7 +203,7 @@ class LeaseTable:
 
     def items(self) -> Iterator[tuple[int, Lease]]:
         """Every (slot, lease); a corrupt slot is dropped with a warning."""
-        high = self._get(24)
+        high = self._hdr[_H_HIGH]
         for slot in range(min(high, self.capacity)):
             try:
                 lease = self.get(slot)
@@ -264,44 +277,45 @@ class LeaseTable:
         if len(lb) > LEVEL_MAX or len(key) > OWNER_MAX:
             raise LabelError(f"MCS level '{level[:40]}...' is longer than {LEVEL_MAX} bytes; "
                              "the MCS registry cannot hold it")
-        if self.count + 1 > self.capacity:
+        if self._hdr[_H_COUNT] + 1 > self.capacity:
             self._grow()
-        mm = self._mm
-        assert mm is not None
-        self._dirty(True)
-        free = self._get(28, "<i")
+        mm, h, h64 = self._mm, self._h, self._h64
+        assert mm is not None and h is not None and h64 is not None
+        h[_H_DIRTY] = 1
+        free = h[_H_FREE]
         if free >= 0:
             slot = free
-            self._put(28, struct.unpack_from("<i", mm, self._slot_at(slot) + 4)[0], "<i")
+            h[_H_FREE] = _SLOT_HEAD.unpack_from(mm, _HEADER_SIZE + slot * SLOT)[1]
         else:
-            slot = self._get(24)
-            self._put(24, slot + 1)
-        at = self._slot_at(slot)
+            slot = h[_H_HIGH]
+            h[_H_HIGH] = slot + 1
+        at = _HEADER_SIZE + slot * SLOT
         mm[at + _OWNER_AT:at + _OWNER_AT + len(key)] = key
         mm[at + _NAME_AT:at + _NAME_AT + len(nb)] = nb
         mm[at + _LEVEL_AT:at + _LEVEL_AT + len(lb)] = lb
         _SLOT_HEAD.pack_into(mm, at, USED, -1, len(key), len(nb), len(lb), 0)
         self._index_add(slot, key)
-        self._put(20, self.count + 1)
-        self._bump()
-        self._dirty(False)
+        h[_H_COUNT] += 1
+        h64[_H_GEN] += 1
+        h[_H_DIRTY] = 0
         return slot
 
     def remove(self, slot: int) -> None:
         """Free ``slot`` (its lease, if any, is gone)."""
-        self._dirty(True)
+        h = self._hdr
+        h[_H_DIRTY] = 1
         if self._state(slot) == USED:
             self._index_remove(slot)
-            self._put(20, self.count - 1)
+            h[_H_COUNT] -= 1
         self._free_slot(slot)
         self._bump()
-        self._dirty(False)
+        h[_H_DIRTY] = 0
 
     def _free_slot(self, slot: int) -> None:
-        at = self._slot_at(slot)
-        self._put(at, 0)
-        self._put(at + 4, self._get(28, "<i"), "<i")
-        self._put(28, slot, "<i")
+        assert self._mm is not None
+        h = self._hdr
+        _FREE_LINK.pack_into(self._mm, self._slot_at(slot), 0, h[_H_FREE])
+        h[_H_FREE] = slot
 
     def _grow(self) -> None:
         """Double the capacity in place: slots keep their numbers, the index moves behind."""
@@ -309,7 +323,7 @@ class LeaseTable:
         new = 2 * old
         os.ftruncate(self._fd, _size(new))  # first: a header never names a size not there
         self._dirty(True)
-        self._put(16, new)  # a crash from here on: _repair() rebuilds at the new capacity
+        self._hdr[_H_CAP] = new  # a crash from here on: _repair() rebuilds at the new capacity
         self._map()
         assert self._mm is not None and self.capacity == new
         start = self._slot_at(old)
@@ -320,10 +334,11 @@ class LeaseTable:
         """Rebuild the index, count and free chain from the slots' state words."""
         mm, index = self._mm, self._index
         assert mm is not None and index is not None
+        h = self._hdr
         self._dirty(True)
         index[:] = memoryview(bytes(4 * len(index))).cast("i")
-        self._put(28, -1, "<i")
-        high = min(self._get(24), self.capacity)
+        h[_H_FREE] = -1
+        high = min(h[_H_HIGH], self.capacity)
         count = 0
         for slot in range(high - 1, -1, -1):
             state, _next, olen, nlen, llen, _pad = _SLOT_HEAD.unpack_from(mm, self._slot_at(slot))
@@ -332,8 +347,8 @@ class LeaseTable:
                 count += 1
             else:
                 self._free_slot(slot)
-        self._put(24, high)
-        self._put(20, count)
+        h[_H_HIGH] = high
+        h[_H_COUNT] = count
         self._bump()
         self._dirty(False)
         log.debug("MCS lease table %s rebuilt: %d leases", self.path, count)

@@ -22,7 +22,6 @@ instance's ``lib_dir`` by an earlier vmconfine is taken over once (:meth:`import
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import json
@@ -31,7 +30,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +143,22 @@ def parse_process_range(context: str) -> McsRange:
     return McsRange(sens, low, high)
 
 
+class _ForkCount:
+    """How many forks lie between this process and the one that imported the module: a
+    registry whose lock fd was opened at another count is in a forked child, which must open
+    its own (a ``flock`` is per open file). A counter, not ``os.getpid()`` per operation."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        os.register_at_fork(after_in_child=self.bump)
+
+    def bump(self) -> None:
+        self.count += 1
+
+
+_FORKS = _ForkCount()
+
+
 class LabelRegistry:
     """Persistent, file-locked MCS allocation shared by every vmconfine process of an instance.
 
@@ -158,7 +173,8 @@ class LabelRegistry:
         self.range = rng
         self.is_live = is_live
         self._lock_fd: int | None = None
-        self._lock_pid = 0
+        self._lock_forks = -1  # the _FORKS.count the lock fd was opened at
+        self._lock_owner = 0  # the pid that opened it
         self._table: LeaseTable | None = None
         self._pool: McsPool | None = None
 
@@ -166,35 +182,28 @@ class LabelRegistry:
     def _lock(self) -> int:
         """The lock file's fd, opened once per process (a forked child opens its own: flock
         is per open file, and parent and child must exclude each other)."""
-        pid = os.getpid()
-        if self._lock_fd is None or self._lock_pid != pid:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            # (a child leaves its copy of the parent's fd alone: its number may be reused)
-            self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                    0o600)
-            self._lock_pid = pid
+        if self._lock_fd is not None and self._lock_forks == _FORKS.count:
+            return self._lock_fd
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # (a child leaves its copy of the parent's fd alone: its number may be reused)
+        self._lock_fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_forks = _FORKS.count
+        self._lock_owner = os.getpid()
         return self._lock_fd
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[tuple[LeaseTable, McsPool]]:
+    def _locked(self) -> _Operation:
         """Hold the lock; the pool is marked dirty until the operation completes (a deliberate
         LabelError also completes it: those are raised where nothing is half done)."""
-        fd = self._lock()
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            table, pool = self._open()
-            pool.begin()
-            try:
-                yield table, pool
-            except LabelError:
-                pool.end(table.generation)
-                raise
-            pool.end(table.generation)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        return _Operation(self)
 
     def _open(self) -> tuple[LeaseTable, McsPool]:
         boot = boot_time()
+        table, pool = self._table, self._pool
+        if table is not None and pool is not None:  # the usual case: both open already
+            table.open(boot)
+            if not pool.valid(boot, table.generation):
+                self._rebuild(table, pool)
+            return table, pool
         if self._table is None:
             self._table = LeaseTable(self.dir / "leases")
         table = self._table
@@ -226,7 +235,7 @@ class LabelRegistry:
             if obj is not None:
                 obj.close()
         self._pool = self._table = None
-        if self._lock_fd is not None and self._lock_pid == os.getpid():
+        if self._lock_fd is not None and self._lock_owner == os.getpid():
             os.close(self._lock_fd)
         self._lock_fd = None
 
@@ -403,6 +412,35 @@ class LabelRegistry:
         log.info("MCS registry: took over %d lease(s) from %s", count, old)
         shutil.rmtree(old, ignore_errors=True)
         return count
+
+
+class _Operation:
+    """One registry operation (see :meth:`LabelRegistry._locked`); a class, not a generator
+    context manager, because allocation is timed in microseconds."""
+
+    __slots__ = ("fd", "pool", "registry", "table")
+
+    def __init__(self, registry: LabelRegistry) -> None:
+        self.registry = registry
+
+    def __enter__(self) -> tuple[LeaseTable, McsPool]:
+        self.fd = self.registry._lock()
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            self.table, self.pool = self.registry._open()
+            self.pool.begin()
+        except BaseException:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            raise
+        return self.table, self.pool
+
+    def __exit__(self, exc_type: type[BaseException] | None, _exc: object,
+                 _tb: object) -> None:
+        try:
+            if exc_type is None or issubclass(exc_type, LabelError):
+                self.pool.end(self.table.generation)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 def ensure_dir(path: Path) -> None:

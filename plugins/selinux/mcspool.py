@@ -19,7 +19,6 @@ from __future__ import annotations
 import array
 import mmap
 import os
-import secrets
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,14 +27,44 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from vmconfine_selinux.mcs import McsRange
 
-#: magic, version, dirty, npairs, nfree, boot, range key, lease-table generation
-_HEADER = struct.Struct("<8sIIIIQ32sQ")
-_DIRTY_AT = 12  # byte offsets of the fields changed in place
-_NFREE_AT = 20
-_GEN_AT = 64
+#: magic, version, dirty, npairs, nfree, boot, range key, lease-table generation (native byte
+#: order, like the int arrays behind it: the file is per boot and never leaves the host)
+_HEADER = struct.Struct("=8sIIIIQ32sQ")
+#: the 32-bit header words (version, dirty, npairs, nfree) as indexes of an int view
+_H_VERSION, _H_DIRTY, _H_N, _H_NFREE = 2, 3, 4, 5
+_KEY_AT, _GEN_AT = 32, 64
 _MAGIC = b"VMCMCS01"
 _VERSION = 2
 _INT = 4
+
+
+class _Entropy:
+    """``os.urandom`` bytes drawn 4 KiB at a time: a uniform draw costs no system call (one
+    ``getrandom`` per draw was a tenth of an allocation). A forked child starts afresh, so
+    parent and child never draw the same numbers."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.at = 0
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.buf, self.at = b"", 0
+
+    def below(self, n: int) -> int:
+        """Uniform in ``0 .. n-1`` (rejection sampling on the top bits of 64-bit words)."""
+        shift = 64 - n.bit_length()
+        while True:
+            at = self.at
+            if at + 8 > len(self.buf):
+                self.buf, at = os.urandom(4096), 0
+            self.at = at + 8
+            value = int.from_bytes(self.buf[at:at + 8], "little") >> shift
+            if value < n:
+                return value
+
+
+_ENTROPY = _Entropy()
 
 
 class McsPool:
@@ -54,39 +83,44 @@ class McsPool:
             self._mm = mmap.mmap(fd, self.size)
         finally:
             os.close(fd)
+        self._h = memoryview(self._mm)[:24].cast("i")
+        self._boot = memoryview(self._mm)[24:32].cast("q")
+        self._gen = memoryview(self._mm)[_GEN_AT:_GEN_AT + 8].cast("q")
+        self._key = rng.key.encode().ljust(_GEN_AT - _KEY_AT, b"\0")
         self._ints = memoryview(self._mm)[_HEADER.size:].cast("i")
         self.free = self._ints[: self.n]
         self.pos = self._ints[self.n : 2 * self.n]
         self.holder = self._ints[2 * self.n :]
 
     def close(self) -> None:
-        for view in (self.free, self.pos, self.holder, self._ints):
+        for view in (self.free, self.pos, self.holder, self._ints, self._h, self._boot,
+                     self._gen):
             view.release()
         self._mm.close()
 
     # ---- header ------------------------------------------------------------------------------
     def valid(self, boot: int, generation: int) -> bool:
         """Built for this boot and lease-table generation, and not left dirty."""
-        magic, version, dirty, n, _nfree, stamp, key, gen = _HEADER.unpack_from(self._mm, 0)
-        return (magic == _MAGIC and version == _VERSION and dirty == 0 and n == self.n
-                and stamp == boot and gen == generation
-                and key.rstrip(b"\0") == self.range.key.encode())
+        h, mm = self._h, self._mm
+        return (h[_H_DIRTY] == 0 and self._gen[0] == generation and self._boot[0] == boot
+                and h[_H_N] == self.n and h[_H_VERSION] == _VERSION and mm[:8] == _MAGIC
+                and mm[_KEY_AT:_GEN_AT] == self._key)
 
     @property
     def nfree(self) -> int:
-        return int(struct.unpack_from("<I", self._mm, _NFREE_AT)[0])
+        return int(self._h[_H_NFREE])
 
     def _set_nfree(self, value: int) -> None:
-        struct.pack_into("<I", self._mm, _NFREE_AT, value)
+        self._h[_H_NFREE] = value
 
     def begin(self) -> None:
         """Mark the pool dirty for the duration of an operation."""
-        struct.pack_into("<I", self._mm, _DIRTY_AT, 1)
+        self._h[_H_DIRTY] = 1
 
     def end(self, generation: int) -> None:
         """The operation is complete: the pool matches lease-table ``generation``."""
-        struct.pack_into("<Q", self._mm, _GEN_AT, generation)
-        struct.pack_into("<I", self._mm, _DIRTY_AT, 0)
+        self._gen[0] = generation
+        self._h[_H_DIRTY] = 0
 
     @property
     def used(self) -> int:
@@ -113,25 +147,26 @@ class McsPool:
 
     def take(self, pair: int) -> bool:
         """Mark ``pair`` used (no holder yet); False when it already was."""
-        nfree = self.nfree
-        p = self.pos[pair]
+        h, free, pos = self._h, self.free, self.pos
+        nfree = h[_H_NFREE]
+        p = pos[pair]
         if p >= nfree:
             return False
-        last = self.free[nfree - 1]
-        self.free[p] = last
-        self.pos[last] = p
-        self.free[nfree - 1] = pair
-        self.pos[pair] = nfree - 1
+        last = free[nfree - 1]
+        free[p] = last
+        pos[last] = p
+        free[nfree - 1] = pair
+        pos[pair] = nfree - 1
         self.holder[pair] = 0
-        self._set_nfree(nfree - 1)
+        h[_H_NFREE] = nfree - 1
         return True
 
     def take_random(self) -> int | None:
         """A uniformly random free pair, now used; None when the pool is full."""
-        nfree = self.nfree
+        nfree = self._h[_H_NFREE]
         if nfree == 0:
             return None
-        pair = self.free[secrets.randbelow(nfree)]
+        pair = self.free[_ENTROPY.below(nfree)]
         self.take(pair)
         return pair
 

@@ -4,12 +4,23 @@ Every change is recorded in the domain's journal BEFORE it is made (``driver="se
 
 * ``relabel``: ``n`` (sequence number), ``path`` and its ``resolved`` form, the ``label`` set,
   the ``previous`` context (None: the file had none), whether the original is ``remember``-ed
-  in xattrs (and under which ``prefix``), whether to ``restore`` without a record, and the
-  ``group`` (``disk:vda``...) for hot-unplug;
-* ``restored``: ``n`` of a relabel record that has been undone.
+  in xattrs (and under which ``prefix``, with the refcount found before, ``ref_before``),
+  whether to ``restore`` without a record, and the ``group`` (``disk:vda``...) for hot-unplug;
+* ``remembered``: ``n`` and the new ``ref`` once the original is remembered (a note: durable
+  with the next fsync);
+* ``restore``: ``n``, the refcount ``ref`` and remembered ``label`` found just before a
+  restore counts the file down (durable before the count-down);
+* ``restored``: ``n`` of a relabel record that has been undone (or never made: ``how``).
 
-:func:`restore_records` works from those records alone, so a fresh process can finish a
-teardown after a crash, and running it twice changes nothing the second time.
+Group commit, as the DAC driver: files go in batches of :data:`BATCH` (a batch also ends
+before a file it already holds); a batch's ``relabel`` records are written with one ``fsync``
+before any of its changes, and a restore batch's ``restore`` records with one ``fsync`` before
+any count-down. After a crash, a ``relabel`` record without its ``remembered`` note counted
+the file only if the refcount is now ``ref_before + 1`` (else nothing was changed: remember
+comes before the relabel); a ``restore`` record without its ``restored`` marker counted down
+only if the refcount is no longer its ``ref`` (then only its ``label`` is put back). So
+:func:`restore_records` works from the records alone, a fresh process can finish a teardown
+after a crash, and running it twice changes nothing the second time.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +43,8 @@ DRIVER = "selinux"
 #: labelling is not possible on this file system: libvirt treats it as a warning
 UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EROFS})
 NFS_TYPES = frozenset({"nfs", "nfs4"})
+#: files per group commit (the DAC driver's usual batch)
+BATCH = 128
 
 
 def fs_type(path: str) -> str | None:
@@ -75,15 +88,41 @@ class Labeller:
     privileged: bool
 
     # ---- set ---------------------------------------------------------------------------------
-    def set_plan(self, journal: Any, plan: Plan, *, remember_on: bool, prefix: str) -> None:
-        """Label ``plan.path`` with ``plan.label`` (journal first, then remember, then set)."""
+    def set_plans(self, journal: Any, plans: list[Plan], *, remember_on: bool,
+                  prefix: str) -> None:
+        """Label every ``plan.path`` with ``plan.label``: per batch, the records first (one
+        fsync), then per file remember and set. Every record is durable when this returns."""
+        names = rem.Names.for_prefix(prefix)
+        batch: list[_Set] = []
+        reals: set[str] = set()
         try:
-            real = os.path.realpath(plan.path, strict=True)
+            for plan in plans:
+                real = self._resolve(plan)
+                if len(batch) >= BATCH or real in reals:
+                    self._set_batch(journal, batch, names, prefix)
+                    batch, reals = [], set()
+                batch.append(self._prepare(plan, real, remember_on, names))
+                reals.add(real)
+            self._set_batch(journal, batch, names, prefix)
+        finally:
+            journal.sync()
+
+    def set_plan(self, journal: Any, plan: Plan, *, remember_on: bool, prefix: str) -> None:
+        """Label one file (:meth:`set_plans` of one)."""
+        self.set_plans(journal, [plan], remember_on=remember_on, prefix=prefix)
+
+    @staticmethod
+    def _resolve(plan: Plan) -> str:
+        try:
+            return os.path.realpath(plan.path, strict=True)
         except OSError as exc:
             raise LabelError(
                 f"unable to set security context '{plan.label}' on '{plan.path}': "
                 f"{exc.strerror}; {_hint(plan.path, exc.errno or 0)}"
             ) from None
+
+    def _prepare(self, plan: Plan, real: str, remember_on: bool, names: rem.Names) -> _Set:
+        """Read what the file has now (its context, its remembered refcount)."""
         unsupported = False
         try:
             current = self.backend.getfilecon(real)
@@ -92,18 +131,54 @@ class Labeller:
                 raise LabelError(f"cannot read the security context of '{real}': "
                                  f"{exc.strerror}; {_hint(real, exc.errno or 0)}") from None
             current, unsupported = None, True
-        remember_on = remember_on and plan.remember and not unsupported
-        n = journal.count(DRIVER, "relabel")  # the next number (O(1): no filtered copy)
-        journal.record(DRIVER, "relabel", n=n, path=plan.path, resolved=real, label=plan.label,
-                       previous=current, remember=remember_on, prefix=prefix,
-                       restore=plan.restore_without_record, group=plan.group, role=plan.role)
-        names = rem.Names.for_prefix(prefix)
-        if remember_on:
+        item = _Set(plan, real, current, remember_on and plan.remember and not unsupported)
+        if item.remember:
+            try:
+                seen = rem.peek(real, names)
+            except OSError as exc:
+                raise LabelError(f"{real}: cannot read the remembered SELinux context: "
+                                 f"{exc.strerror}") from None
+            item.remember = seen is not None  # None: no xattrs on this file system
+            item.ref_before = seen.ref if seen is not None else None
+        return item
+
+    def _set_batch(self, journal: Any, batch: list[_Set], names: rem.Names,
+                   prefix: str) -> None:
+        if not batch:
+            return
+        base = journal.count(DRIVER, "relabel")  # the next number (O(1): no filtered copy)
+        entries = []
+        for i, it in enumerate(batch):
+            it.n = base + i
+            p = it.plan
+            entries.append((DRIVER, "relabel", {
+                "n": it.n, "path": p.path, "resolved": it.real, "label": p.label,
+                "previous": it.current, "remember": it.remember, "prefix": prefix,
+                "ref_before": it.ref_before, "restore": p.restore_without_record,
+                "group": p.group, "role": p.role}))
+        journal.record_many(entries)
+        done = 0
+        try:
+            for it in batch:
+                self._change(journal, it, names)
+                done += 1
+        except BaseException:
+            # the files after the failing one were journaled but not touched: say so, so that
+            # the rollback leaves them (and their remembered counts) alone
+            journal.note_many([(DRIVER, "restored", {"n": it.n, "how": "not-made"})
+                               for it in batch[done + 1:]])
+            raise
+
+    def _change(self, journal: Any, it: _Set, names: rem.Names) -> None:
+        """Remember (when wanted) and set the context of one file whose record is durable."""
+        plan, real, current, n = it.plan, it.real, it.current, it.n
+        if it.remember:
             try:
                 ref = rem.remember(real, names, current)
             except LabelError:
                 journal.record(DRIVER, "restored", n=n)
                 raise
+            journal.note(DRIVER, "remembered", n=n, ref=ref)
             if ref is not None and ref > 1 and current != plan.label:
                 rem.recall(real, names)
                 journal.record(DRIVER, "restored", n=n)
@@ -121,7 +196,7 @@ class Labeller:
         except OSError as exc:
             if self._tolerated(real, plan.label, exc):
                 return
-            if remember_on:
+            if it.remember:
                 rem.recall(real, names)
             journal.record(DRIVER, "restored", n=n)
             raise LabelError(
@@ -154,18 +229,88 @@ class Labeller:
 
         Raises one LabelError listing every failure after trying them all.
         """
-        done = {r.get("n") for r in journal.records(DRIVER, "restored")}
-        errors = []
-        for rec in reversed(journal.records(DRIVER, "relabel")):
-            if rec.get("n") in done or (group is not None and rec.get("group") != group):
-                continue
-            journal.record(DRIVER, "restored", n=rec.get("n"))
-            try:
-                self.restore_one(rec)
-            except LabelError as exc:
-                errors.append(exc.message)
+        recs = journal.records(DRIVER)
+        done = {r.get("n") for r in recs if r.get("op") == "restored"}
+        remembered = {r.get("n") for r in recs if r.get("op") == "remembered"}
+        intents = {r.get("n"): r for r in recs if r.get("op") == "restore"}
+        todo: dict[Any, dict[str, Any]] = {}
+        for r in recs:  # one entry per number, even if a record was read back twice
+            if (r.get("op") == "relabel" and r.get("n") not in done
+                    and (group is None or r.get("group") == group)):
+                todo.setdefault(r.get("n"), r)
+        errors: list[str] = []
+        batch: list[dict[str, Any]] = []
+        reals: set[str] = set()
+        try:
+            for rec in reversed(list(todo.values())):
+                real = str(rec.get("resolved"))
+                if len(batch) >= BATCH or real in reals:
+                    self._restore_batch(journal, batch, remembered, intents, errors)
+                    batch, reals = [], set()
+                batch.append(rec)
+                reals.add(real)
+            self._restore_batch(journal, batch, remembered, intents, errors)
+        finally:
+            journal.sync()
         if errors:
             raise LabelError("; ".join(errors))
+
+    def _restore_batch(self, journal: Any, batch: list[dict[str, Any]], remembered: set[Any],
+                       intents: dict[Any, dict[str, Any]], errors: list[str]) -> None:
+        """Decide per record (see the module docstring), write the batch's ``restore``
+        records with one fsync, then undo each and mark it ``restored``."""
+        plan: list[tuple[dict[str, Any], str, dict[str, Any] | None]] = []
+        new_intents = []
+        for rec in batch:
+            n = rec.get("n")
+            if not rec.get("remember") or not os.path.lexists(str(rec["resolved"])):
+                plan.append((rec, "undo", None))
+                continue
+            try:
+                record = rem.peek(str(rec["resolved"]), rem.Names.for_prefix(str(rec["prefix"])))
+            except OSError as exc:
+                errors.append(f"{rec['resolved']}: cannot read the remembered SELinux "
+                              f"context: {exc.strerror}")
+                plan.append((rec, "failed", None))
+                continue
+            now = record.ref if record is not None else None
+            intent = intents.get(n)
+            if intent is not None:  # an earlier restore stopped after its durable intent
+                counted_down = now is not None and now != intent.get("ref")
+                plan.append((rec, "finish" if counted_down else "undo", intent))
+                continue
+            before = rec.get("ref_before")
+            counted = (n in remembered or before is None
+                       or (now is not None and now == int(before) + 1))
+            if not counted:  # stopped before remembering: nothing was changed
+                plan.append((rec, "not-made", None))
+                continue
+            if record is not None and record.ref > 0:
+                new_intents.append((DRIVER, "restore", {"n": n, "ref": record.ref,
+                                                        "label": record.label}))
+            plan.append((rec, "undo", None))
+        journal.record_many(new_intents)
+        markers = []
+        try:
+            for rec, how, intent in plan:
+                try:
+                    if how == "undo":
+                        self.restore_one(rec)
+                    elif how == "finish" and intent is not None:
+                        self._finish(rec, intent)
+                except LabelError as exc:
+                    errors.append(exc.message)
+                markers.append((DRIVER, "restored", {"n": rec.get("n"), "how": how}))
+        finally:
+            journal.note_many(markers)
+
+    def _finish(self, rec: dict[str, Any], intent: dict[str, Any]) -> None:
+        """The count-down of an interrupted restore happened: put the remembered label back
+        when this domain was the last user (its ``restore`` record says what it was)."""
+        real = str(rec["resolved"])
+        if int(intent.get("ref") or 0) == 1 and os.path.lexists(real):
+            label = intent.get("label")
+            self._put(real, str(label) if label else None)
 
     def restore_one(self, rec: dict[str, Any]) -> None:
         """Undo one relabel record: remembered context, else policy default, else previous."""
@@ -222,3 +367,15 @@ class Labeller:
                 f"(current '{current or 'none'}'): {exc.strerror}; "
                 f"{_hint(path, exc.errno or 0)}"
             ) from None
+
+
+@dataclass(slots=True)
+class _Set:
+    """One file of a set batch: its plan, resolved path and what was read from it."""
+
+    plan: Plan
+    real: str
+    current: str | None
+    remember: bool
+    ref_before: int | None = None
+    n: int = field(default=0)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from vmconfine import remember as shared
 from vmconfine.remember import UNSUPPORTED, PathXattrs, Record, boot_time
 
-__all__ = ["DRIVER", "UNSUPPORTED", "Names", "Recall", "Record", "boot_time", "clear", "read",
-           "recall", "remember"]
+__all__ = ["DRIVER", "UNSUPPORTED", "Names", "Recall", "Record", "boot_time", "clear", "peek",
+           "read", "recall", "remember"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,12 @@ def read(path: str, names: shared.Names) -> Record:
 def clear(path: str, names: shared.Names) -> None:
     """Remove the whole record (the admin's reset, and the end of a record's life)."""
     shared.clear(PathXattrs(path), names)
+
+
+def peek(path: str, names: shared.Names) -> Record | None:
+    """The valid record on ``path`` (``ref`` 0: none), None when the file system cannot keep
+    xattrs. A stale record is discarded."""
+    return _SCHEME.peek(PathXattrs(path), names)
 
 
 def remember(path: str, names: shared.Names, label: str | None) -> int | None:

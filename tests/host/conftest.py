@@ -85,6 +85,26 @@ def vm_dir() -> Iterator[VmDir]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def wait_for_line(proc: subprocess.Popen[str], text: str, *, stderr: bool = False,
+                  timeout: float = 60) -> str:
+    """Read a background `vmconfine run`'s stdout (or stderr) until a line holds ``text``;
+    return that line. On EOF or timeout kill it and fail with everything it printed."""
+    stream = proc.stderr if stderr else proc.stdout
+    assert stream is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return line
+    proc.kill()
+    out, err = proc.communicate(timeout=60)
+    raise AssertionError(f"vmconfine run never said {text!r}: {''.join(seen)}{out}{err}")
+
+
 class Embed:
     """An embed instance rooted in a fresh dir, driven through the CLI."""
 
@@ -114,20 +134,8 @@ class Embed:
                              stdin=subprocess.DEVNULL, env=env, cwd=REPO,
                              start_new_session=True)
         self.procs.append(p)
-        stream = p.stderr if wait_for.startswith("paused") else p.stdout
-        assert stream is not None
-        deadline = time.monotonic() + 60
-        seen = []
-        while time.monotonic() < deadline:
-            line = stream.readline()
-            if not line:
-                break
-            seen.append(line)
-            if wait_for in line:
-                return p
-        p.kill()
-        out, err = p.communicate(timeout=10)
-        raise AssertionError(f"vmconfine run never said {wait_for!r}: {''.join(seen)}{out}{err}")
+        wait_for_line(p, wait_for, stderr=wait_for.startswith("paused"))
+        return p
 
     def cleanup(self) -> None:
         for p in self.procs:

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.host.conftest import Embed, VmDir, proc_status, qemu_pid
+from tests.support import require
 from vmconfine.launch.pipeline import STEPS
+from vmconfine_landlock import syscalls
 
 
 def snapshot(paths: list[Path]) -> dict[str, tuple[int, int, int, dict[str, bytes]]]:
@@ -84,9 +86,21 @@ def test_same_name_or_uuid_cannot_run_twice(embed: Embed, vm_dir: VmDir) -> None
     embed.cli("destroy", "dup", check=True)
 
 
+#: the security_driver stacks killed at every step (dac and cgroups are appended to both)
+CRASH_STACKS = {
+    "none": 'security_driver = "none"\n',
+    "landlock": 'security_driver = "landlock"\nlandlock_mode = "enforce"\n',
+}
+
+
+@pytest.mark.parametrize("driver", CRASH_STACKS)
 @pytest.mark.parametrize("step", STEPS)
 def test_sigkill_at_each_step_is_finished_by_next_command(
-        embed: Embed, vm_dir: VmDir, step: str) -> None:
+        embed: Embed, vm_dir: VmDir, step: str, driver: str) -> None:
+    if driver == "landlock":
+        abi, why = syscalls.probe_abi()
+        require(abi > 0, f"needs Landlock: {why}")
+    embed.configure(CRASH_STACKS[driver])
     xml = vm_dir.domain_xml("crash")
     img = vm_dir.path / "crash.img"
     os.chown(img, 1000, 1000)
@@ -94,8 +108,10 @@ def test_sigkill_at_each_step_is_finished_by_next_command(
     env = dict(os.environ, VMCONFINE_PAUSE_AT=step)
     run = embed.start(xml, env=env, wait_for=f"paused at {step}")
     journal = embed.root / "run" / "qemu" / "crash.journal"
-    started = [json.loads(x) for x in journal.read_text().splitlines()
-               if '"started"' in x] if journal.exists() else []
+    records = [json.loads(x) for x in journal.read_text().splitlines()]
+    begin = next(r for r in records if r.get("op") == "begin")
+    assert driver in begin["stack"]
+    started = [r for r in records if r.get("op") == "started"]
     run.send_signal(signal.SIGKILL)  # the supervisor only; QEMU dies with it (PDEATHSIG)
     run.wait(timeout=30)
     proc = embed.cli("list", check=True)

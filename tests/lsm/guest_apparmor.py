@@ -5,7 +5,8 @@ enforcing kernel; a process moved into domain A's profile (exactly as the forked
 is, through the driver's ``child_exec_label``) must read and write A's disk and be denied B's
 disk, a file no rule names and /etc/shadow. A deliberately over-broad profile must make the same
 probe report the leak (so the denial checks can fail). Teardown must unload the profile.
-Finally ``vmconfine run`` starts a real QEMU (TCG) under its profile.
+``vmconfine run`` with a real QEMU under its profile is tests/lsm/guest_e2e.py, run in the same
+boot.
 
 Observations go to ``$VMCONFINE_GUEST_RESULTS/apparmor-driver.json`` for the host side.
 """
@@ -17,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -31,7 +31,6 @@ LSM = os.environ.get("VMCONFINE_LSM", "")
 RESULTS = Path(os.environ.get("VMCONFINE_GUEST_RESULTS", "/run/out"))
 WORK = Path("/run/vmconfine-aa")
 PROFILES_LIST = Path("/sys/kernel/security/apparmor/profiles")
-VENV_BIN = Path(sys.executable).parent
 OBSERVED: dict[str, Any] = {}
 
 XML = """<domain type='qemu'>
@@ -265,94 +264,3 @@ def test_over_broad_profile_is_caught(work: Path) -> None:
     record("broken_profile", seen)
     assert seen["label"].startswith("vmconfine-")
     assert seen["other_disk"] == "ok", "the over-broad profile should have leaked B's disk"
-
-
-def test_vmconfine_run_starts_qemu_under_its_profile(work: Path) -> None:
-    from examples.mkbootimg import write_image
-
-    base = work / "run"
-    profiles = base / "profiles"
-    vm = base / "vm"
-    vm.mkdir(parents=True)
-    os.chmod(base, 0o755)
-    os.chmod(vm, 0o755)
-    root = base / "inst"
-    (root / "etc").mkdir(parents=True)
-    # QEMU also runs in its per-domain root view: the profile, attached at exec after the
-    # mounts, names the same paths inside the view (every resource is bound at its own path)
-    (root / "etc" / "qemu.conf").write_text(
-        'security_driver = "apparmor"\n'
-        'namespaces = [ "mount", "root" ]\n'
-        f'apparmor_profile_dir = "{profiles}"\n')
-    image = vm / "run.img"
-    write_image(str(image), "hello from the confined guest", poweroff=False)
-    uuid = str(uuidlib.uuid4())
-    xml = vm / "run.xml"
-    xml.write_text(XML.format(name="aa-run", uuid=uuid, disk=image, serial=vm / "run.serial"))
-    uri = f"qemu:///embed?root={root}"
-    cli = [str(VENV_BIN / "vmconfine"), "-c", uri]
-    proc = subprocess.Popen([*cli, "run", str(xml)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    name = f"vmconfine-{uuid}"
-    try:
-        assert proc.stdout is not None
-        started = []
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            started.append(line)
-            if "started" in line:
-                break
-        if not any("started" in ln for ln in started):
-            proc.kill()
-            out, err = proc.communicate(timeout=30)
-            dmesg = subprocess.run(["dmesg"], capture_output=True, text=True,
-                                   check=False).stdout
-            record("run_failed", {"stdout": "".join(started) + out, "stderr": err,
-                                  "denials": [ln for ln in dmesg.splitlines()
-                                              if "apparmor=" in ln][-40:]})
-            pytest.fail(f"vmconfine run did not start: {''.join(started)}{out}{err}")
-        info = subprocess.run([*cli, "dominfo", "aa-run"], capture_output=True, text=True,
-                              timeout=120, check=False)
-        pid = next(int(ln.split()[1]) for ln in info.stdout.splitlines()
-                   if ln.startswith("PID:"))
-        current = Path(f"/proc/{pid}/attr/current").read_text().strip("\x00\n")
-        exe = os.readlink(f"/proc/{pid}/exe")
-        record("run", {"label": current, "exe": exe, "dominfo": info.stdout,
-                       "loaded": loaded().get(name),
-                       "own_mount_ns": os.readlink(f"/proc/{pid}/ns/mnt")
-                       != os.readlink("/proc/self/ns/mnt"),
-                       "view_has_image": (Path(f"/proc/{pid}/root") /
-                                          str(image).lstrip("/")).exists(),
-                       "view_has_conf": (Path(f"/proc/{pid}/root") /
-                                         str(root).lstrip("/") / "etc").exists()})
-        assert exe.endswith("qemu-system-x86_64")
-        assert current == f"{name} (enforce)"
-        assert f"Security label: {name} (enforce)" in info.stdout
-        assert loaded().get(name) == "enforce"
-        serial = vm / "run.serial"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "hello from the confined guest" not in (
-                serial.read_text() if serial.exists() else ""):
-            time.sleep(0.5)
-        record("run_serial", serial.read_text() if serial.exists() else None)
-        assert "hello from the confined guest" in serial.read_text()
-        destroy = subprocess.run([*cli, "destroy", "aa-run"], capture_output=True, text=True,
-                                 timeout=120, check=False)
-        assert destroy.returncode == 0, destroy.stderr
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    audit = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
-    denials = [ln for ln in audit.splitlines() if f'profile="{name}"' in ln]
-    record("run_denials", denials)
-    record("run_after", {"loaded": name in loaded(),
-                         "files": sorted(p.name for p in profiles.iterdir())})
-    assert name not in loaded()
-    assert sorted(p.name for p in profiles.iterdir()) == []
-    assert denials == [], "QEMU hit denials: the abstraction misses something it needs"

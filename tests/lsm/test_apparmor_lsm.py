@@ -4,8 +4,10 @@ One boot of the lsm guest (tests/lsm/harness.py) runs tests/lsm/guest_apparmor.p
 real driver and helper load per-domain profiles, a process in domain A's profile reads and
 writes A's disk and is denied B's disk, an unlisted file and /etc/shadow, an over-broad profile
 is caught leaking, teardown unloads the profile, a restart loads the cached compiled policy
-(no compile) that confines the same way, and ``vmconfine run`` starts QEMU under its profile
-inside its per-domain root view (the profile's host paths hold there, no denials).
+(no compile) that confines the same way. The same boot runs tests/lsm/guest_e2e.py: ``vmconfine
+run`` starts real QEMUs under their profiles, a QEMU asked over QMP to open another domain's
+image or a file outside its domain is refused (a ``none`` control run opens both), and SIGKILL
+of ``vmconfine run`` at every pipeline step is cleaned up by the next command.
 """
 
 from __future__ import annotations
@@ -15,22 +17,26 @@ from pathlib import Path
 
 import pytest
 
+from tests.lsm.e2e_checks import assert_e2e
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
 
 GUEST = "tests/lsm/guest_apparmor.py"
+E2E = "tests/lsm/guest_e2e.py"
 
 
 def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
                                                 tmp_path: Path) -> None:
     result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
-                          timeout=600, memory_mib=768)
+                          timeout=900, memory_mib=1024, pytest_args=[E2E])
     assert not result.timed_out, result.tail()
     assert result.outcomes() == {
         "test_driver_profile_confines_and_is_unloaded": "passed",
         "test_over_broad_profile_is_caught": "passed",
-        "test_vmconfine_run_starts_qemu_under_its_profile": "passed",
+        "test_selinux_names_what_the_policy_lacks": "skipped",
+        "test_confined_qemu_opens_only_its_own_image": "passed",
+        "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
     }, result.tail(120)
     assert result.exit_code == 0, result.tail()
     seen = json.loads((tmp_path / "apparmor-driver.json").read_text())
@@ -45,8 +51,4 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     assert restart["confined"]["own_disk"] == "ok"
     assert restart["confined"]["other_disk"] == restart["confined"]["shadow"] == "EACCES"
     assert seen["after_restart_teardown"] is False
-    assert seen["run"]["label"].endswith(" (enforce)")
-    # ... in its per-domain root view (namespaces = ["mount", "root"]) with no denials
-    assert seen["run"]["own_mount_ns"] and seen["run"]["view_has_image"]
-    assert not seen["run"]["view_has_conf"]
-    assert seen["run_after"] == {"loaded": False, "files": []}
+    assert_e2e(tmp_path / "e2e-apparmor.json")

@@ -3,8 +3,13 @@
 Boots the lsm guest with SELinux enforcing (tests/lsm/harness.py) and runs
 ``tests/lsm/guest_selinux.py`` inside it: the driver, with the real libselinux and the
 guest's loaded refpolicy, labels two domains' images, and processes running with those labels
-are kept apart by the kernel. A second boot labels domain A's image with B's label on purpose
-and must make the guest test fail, so a broken driver cannot pass this tier.
+are kept apart by the kernel. The same boot runs tests/lsm/guest_e2e.py: ``vmconfine run``
+starts real QEMUs under sVirt (refused first, with both fixes named, while the emulator is
+mislabelled and TCG lacks execmem), a QEMU asked over QMP to open another domain's image or a
+file outside its domain is refused (a ``none`` control run opens both), and SIGKILL of
+``vmconfine run`` at every pipeline step is cleaned up by the next command. A second boot labels
+domain A's image with B's label on purpose and must make the guest test fail, so a broken
+driver cannot pass this tier.
 """
 
 from __future__ import annotations
@@ -14,20 +19,28 @@ from pathlib import Path
 
 import pytest
 
+from tests.lsm.e2e_checks import assert_e2e
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
 
 GUEST_TEST = "tests/lsm/guest_selinux.py"
 NODE = "test_svirt_keeps_two_domains_apart"
+E2E = "tests/lsm/guest_e2e.py"
 
 
 def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
         selinux_guest_kernel: GuestKernel, tmp_path: Path) -> None:
-    result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=300,
-                          results_dir=tmp_path / "guest")
-    assert result.outcomes() == {NODE: "passed"}, result.tail()
+    result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=900,
+                          results_dir=tmp_path / "guest", memory_mib=1024, pytest_args=[E2E])
+    assert result.outcomes() == {
+        NODE: "passed",
+        "test_selinux_names_what_the_policy_lacks": "passed",
+        "test_confined_qemu_opens_only_its_own_image": "passed",
+        "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
+    }, result.tail(120)
     assert result.ok, result.tail()
+    assert_e2e(result.results_dir / "e2e-selinux.json")
     seen = json.loads((result.results_dir / "selinux-svirt.json").read_text())
     assert seen["A"] != seen["B"]
     level_a, level_b = (seen[k].split(":", 3)[3] for k in ("A", "B"))

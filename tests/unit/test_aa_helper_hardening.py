@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmconfine_aa_helper.main import MAX_XML_BYTES, run
+from vmconfine_aa_helper.paths import READ_ONLY, RESTRICTED
 
 UUID = "00000000-0000-0000-0000-0123456789ab"
 NAME = f"vmconfine-{UUID}"
@@ -220,6 +221,68 @@ def test_oversized_xml(env: Env) -> None:
 ])
 def test_restricted_disks(env: Env, disk: str) -> None:
     assert_refused(env, ["-c", "-u", NAME], env.xml(disk=disk), contains=" under ")
+
+
+def _ancestors(prefix: str) -> list[str]:
+    """Every proper ancestor directory of ``prefix``, ``/`` included."""
+    parts = prefix.strip("/").split("/")[:-1]
+    return ["/", *("/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1))]
+
+
+def _tree_cases() -> list[tuple[str, bool]]:
+    """(source dir, readonly) pairs a <filesystem> may never be given: every restricted
+    prefix itself with and without its trailing slash, every ancestor of one, ``/``; the
+    read-only prefixes and their ancestors for writing."""
+    cases: dict[tuple[str, bool], None] = {}
+    for prefix in RESTRICTED:
+        bare = prefix.rstrip("/")
+        for path in (bare, bare + "/", bare + "//", *_ancestors(prefix)):
+            cases[(path, False)] = None
+            cases[(path, True)] = None
+    for prefix in READ_ONLY:
+        bare = prefix.rstrip("/")
+        for path in (bare, bare + "/", *_ancestors(prefix)):
+            cases[(path, False)] = None
+    for path in ("/", "//", "/.", "/etc/..", "/usr/./"):
+        cases[(path, True)] = None
+    return list(cases)
+
+
+def _filesystem(source: str, readonly: bool) -> str:
+    return (f"\n    <filesystem type='mount' accessmode='passthrough'><source dir='{source}'/>"
+            f"<target dir='share'/>{'<readonly/>' if readonly else ''}</filesystem>")
+
+
+@pytest.mark.parametrize("source,readonly", _tree_cases(),
+                         ids=lambda v: v if isinstance(v, str) else ("ro" if v else "rw"))
+def test_restricted_trees_and_their_ancestors(env: Env, source: str, readonly: bool) -> None:
+    """A restricted directory itself (libvirt's virt-aa-helper compares /etc with /etc/ and
+    grants "/etc/**"), any ancestor of one and / are refused, read-only or not."""
+    line = assert_refused(env, ["-c", "-u", NAME], env.xml(devices=_filesystem(source, readonly)))
+    assert "restricted" in line or "root directory" in line or "read-only" in line, line
+
+
+@pytest.mark.parametrize("source", ["/boot", "/boot/", "/usr/share/qemu", "/usr/share/OVMF/"])
+def test_read_only_trees_may_be_shared_read_only(env: Env, source: str) -> None:
+    out = assert_ok(env, ["-c", "-u", NAME], env.xml(devices=_filesystem(source, True)))
+    bare = source.rstrip("/")
+    assert f'"{bare}/**" r,' in out and f'deny "{bare}/**" w,' in out
+
+
+@pytest.mark.parametrize("target", ["/", "/usr", "/etc", "/sys"])
+def test_symlink_to_a_restricted_tree_is_judged_by_its_target(env: Env, target: str) -> None:
+    link = env.base / "share"
+    link.symlink_to(target)
+    line = assert_refused(env, ["-c", "-u", NAME], env.xml(devices=_filesystem(str(link), False)))
+    assert f"resolves to {target}" in line
+
+
+def test_tree_next_to_a_restricted_prefix_is_granted(env: Env) -> None:
+    """Only the prefixes and their ancestors: a sibling directory is a normal share."""
+    share = env.base / "etc"
+    share.mkdir()
+    out = assert_ok(env, ["-c", "-u", NAME], env.xml(devices=_filesystem(str(share), False)))
+    assert f'"{share}/**" rwl,' in out
 
 
 def test_restricted_second_disk(env: Env) -> None:

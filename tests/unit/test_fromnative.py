@@ -365,16 +365,16 @@ def test_environment_becomes_qemu_env() -> None:
 
 
 def test_unknown_options_are_kept_with_a_warning() -> None:
-    res = conv("-m 64 -rtc base=localtime -no-hpet -foo bar -global x.y=1 "
+    res = conv("-m 64 -rtc clock=vm -no-hpet -foo bar -global x.y=1 "
                "-device usb-storage,drive=stick "
                "-blockdev driver=file,filename=/i/stick.img,node-name=stick")
-    assert res.domain.qemu_args == ["-rtc", "base=localtime", "-no-hpet", "-foo", "bar",
+    assert res.domain.qemu_args == ["-rtc", "clock=vm", "-no-hpet", "-foo", "bar",
                                     "-global", "x.y=1", "-device", "usb-storage,drive=stick",
                                     "-blockdev", "driver=file,filename=/i/stick.img,"
                                     "node-name=stick"]
     warning = res.warning or ""
     assert warning.startswith("kept as <qemu:arg>")
-    for word in ("-rtc base=localtime", "-no-hpet", "-foo bar", "-global x.y=1",
+    for word in ("-rtc clock=vm", "-no-hpet", "-foo bar", "-global x.y=1",
                  "usb-storage"):
         assert word in warning
     assert res.domain.disks == []  # the blockdev belongs to the device that is kept
@@ -440,12 +440,12 @@ def test_bad_input_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_cli_prints_xml_and_one_warning_line(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     args = tmp_path / "x.args"
-    args.write_text(f"{QEMU} -name cli -m 64 -rtc base=localtime -hda /i/a.img\n")
+    args.write_text(f"{QEMU} -name cli -m 64 -rtc clock=vm -hda /i/a.img\n")
     assert main(["domxml-from-native", "qemu-argv", str(args)]) == 0
     out, err = capsys.readouterr()
     assert parse_domain(out).name == "cli"
     assert err.count("\n") == 1 and err.startswith("warning: kept as <qemu:arg>")
-    assert "-rtc base=localtime" in err and "raw assumed" in err
+    assert "-rtc clock=vm" in err and "raw assumed" in err
 
 
 def test_from_argv_skips_environment_it_cannot_hold() -> None:
@@ -468,7 +468,27 @@ def bindir(tmp_path: Path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("case", ARGV_CASES)
+#: to-native cases domxml-from-native cannot turn back into the same XML, and why
+NO_ROUND_TRIP = {
+    "platform": "the guest-platform flags (-cpu model and flags, -smp topology, -rtc driftfix, "
+                "-global kvm-pit, -no-hpet, vmport, the watchdog, disk cache/aio/discard) are "
+                "not converted back yet: they are kept as <qemu:arg>",
+}
+
+
+def test_cases_without_round_trip_still_convert_with_a_warning(
+        bindir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chain, "read_image_header", fake_header)
+    monkeypatch.setattr(chain, "path_exists", lambda path: True)
+    cfg = QemuConfig(emulator_search_path=[str(bindir)])
+    for case in NO_ROUND_TRIP:
+        res = from_native(build_command(parse_domain(corpus_xml(case)), cfg,
+                                        command_paths(case), symbolic=True).format_native(),
+                          f"{case}.args")
+        assert res.warning and "kept as <qemu:arg>" in res.warning
+
+
+@pytest.mark.parametrize("case", [c for c in ARGV_CASES if c not in NO_ROUND_TRIP])
 def test_round_trip_over_the_to_native_corpus(case: str, bindir: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(chain, "read_image_header", fake_header)

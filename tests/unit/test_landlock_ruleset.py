@@ -115,6 +115,8 @@ def test_corpus_invariants(case: str, tmp_path: Path) -> None:
     known |= {os.path.realpath(os.path.dirname(r.path)) for r in res if r.path and r.create}
     known |= EMU_PATHS | {"/dev/pts", "/dev/urandom",
                           os.path.realpath(tmp_path / "lib" / f"domain-{domain.name}")}
+    if domain.clock_offset == "localtime":  # the time zone QEMU reads for -rtc base=localtime
+        known.add(os.path.realpath("/etc/localtime"))
     assert {r.path for r in rs.path_rules} <= known
     assert rs.handled_fs == ALL_FS
 

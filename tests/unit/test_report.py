@@ -18,6 +18,7 @@ import pytest
 import vmconfine_dac
 from tests.support import make_host, require_root
 from vmconfine.domain import parse_domain
+from vmconfine.errors import XMLError
 from vmconfine.launch.connection import Connection
 from vmconfine.perms import QemuIds, denial
 from vmconfine.plugin import nop
@@ -355,26 +356,29 @@ def test_landlock_letters() -> None:
 
 def test_start_checks_are_problems(scratch: Path) -> None:
     """What `run` stops at before QEMU starts is a problem of the report too: an emulator
-    that does not exist, a disk without <source> (QEMU: "No drive specified")."""
+    that does not exist. (A disk without <source> never gets this far: the XML is refused
+    when it is read, see test_empty_source_file_is_refused_when_read.)"""
     _image_files(scratch)
     conn = connect(scratch, [FakeLsm()], CONF)
     xml = rich_xml(scratch).replace("/usr/bin/qemu-system-x86_64", f"{scratch}/no-qemu")
-    xml = xml.replace("<memballoon model='none'/>", "<disk type='file' device='disk'>"
-                      "<target dev='vdb' bus='virtio'/></disk><memballoon model='none'/>")
     report = build_report(conn, parse_domain(xml))
     msgs = [p.text() for p in report.errors]
     assert any(f"Cannot check QEMU binary {scratch}/no-qemu: No such file" in m
                for m in msgs), msgs
-    assert any("disk 'vdb' has no <source>" in m for m in msgs), msgs
     assert "Problems (0)" not in render_text(report)
 
 
-def test_empty_source_file_is_a_problem(scratch: Path) -> None:
-    _image_files(scratch)
-    conn = connect(scratch, [FakeLsm()], CONF)
+def test_empty_source_file_is_refused_when_read(scratch: Path) -> None:
+    """libvirt's "missing source information for device vda", for `confinement` as for
+    `run` (QEMU would stop with "No drive specified")."""
     xml = rich_xml(scratch).replace(f"<source file='{scratch / 'top.qcow2'}'/>",
                                     "<source file=''/>")
     xml = xml.replace("<backingStore type='file'><format type='raw'/><source file='"
                       f"{scratch}/base.img'/>\n        <backingStore/></backingStore>", "")
-    report = build_report(conn, parse_domain(xml))
-    assert any("disk 'vda' has no <source>" in p.message for p in report.errors), report.errors
+    with pytest.raises(XMLError, match=r"line \d+: missing source information for device vda"):
+        parse_domain(xml)
+    no_source = rich_xml(scratch).replace("<memballoon model='none'/>",
+                                          "<disk type='file' device='disk'><target dev='vdb' "
+                                          "bus='virtio'/></disk><memballoon model='none'/>")
+    with pytest.raises(XMLError, match="missing source information for device vdb"):
+        parse_domain(no_source)

@@ -10,6 +10,7 @@ import errno
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -211,8 +212,10 @@ def test_restore_from_a_fresh_process_after_a_crash(tmp_path: Path) -> None:
     assert {f: label_of(f) for f in originals} == originals
 
 
-def test_shared_and_backing_files_are_restored_by_the_last_user(tmp_path: Path) -> None:
-    host, drv, _be = setup(tmp_path)
+def _two_domains(tmp_path: Path) -> tuple[Any, Any, Path, dict[Path, str | None], Any, Any]:
+    """(driver, backend, image dir, original labels, ctx vm1, ctx vm2): two domains sharing
+    shared.raw and base.raw, labels generated, nothing set yet."""
+    host, drv, be = setup(tmp_path)
     d = tmp_path / "img"
     originals = _prepare(d, "vm1")
     originals.update(_prepare(d, "vm2"))
@@ -220,6 +223,12 @@ def test_shared_and_backing_files_are_restored_by_the_last_user(tmp_path: Path) 
     b = make_ctx(host, _busy_domain(d, "vm2", UUID_B))
     gen(drv, a)
     gen(drv, b)
+    a.journal.record("pipeline", "labels", xml=a.domain.to_xml(live=True))
+    return drv, be, d, originals, a, b
+
+
+def test_shared_and_backing_files_are_restored_by_the_last_user(tmp_path: Path) -> None:
+    drv, _be, d, originals, a, b = _two_domains(tmp_path)
     drv.set_all_labels(a)
     drv.set_all_labels(b)
     assert remembered(d / "shared.raw")["ref_selinux"] == "2"
@@ -467,3 +476,114 @@ def test_many_files_number_their_records_without_rereading_the_journal(
     drv.restore_all_labels(ctx)
     assert all(label_of(f) is None for f in files)
     assert {r["n"] for r in ctx.journal.records("selinux", "restored")} == set(range(60))
+
+
+# ---- group commit: a crash anywhere in a batch ---------------------------------------------
+
+
+def _crash_in_child(work: object) -> None:
+    """Run ``work()`` in a forked child that dies (``os._exit``, no cleanup, no fsync of
+    notes) where ``work`` says; the parent waits for it."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            work()  # type: ignore[operator]
+        finally:
+            os._exit(3)  # reached only when work() did not crash where it meant to
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9, "the child did not crash where meant to"
+
+
+def _die_after(monkeypatch: pytest.MonkeyPatch, module: object, name: str, *,
+               calls: int, when: str) -> None:
+    """Make ``module.name`` kill the process at its ``calls``-th call, before or after it."""
+    real = getattr(module, name)
+    seen = [0]
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        seen[0] += 1
+        if seen[0] == calls and when == "before":
+            os._exit(9)
+        out = real(*args, **kwargs)
+        if seen[0] == calls and when == "after":
+            os._exit(9)
+        return out
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def _recover_vm1(tmp_path: Path, be: Any, a: Any, d: Path,
+                 originals: dict[Path, str | None]) -> None:
+    """What the next command does after vm1's process died: restore from the journal alone
+    (twice: idempotent); vm1's files are back, vm2's count on the shared image is 1."""
+    from vmconfine_selinux.driver import SELinuxDriver
+
+    host2, _drv, _ = setup(tmp_path, backend=be)
+    fresh = SELinuxDriver(host2, be)
+    rebuilt = fresh_ctx(host2, a)
+    fresh.restore_all_labels(rebuilt)
+    fresh.restore_all_labels(rebuilt)
+    assert remembered(d / "shared.raw")["ref_selinux"] == "1", "vm2's count was taken or kept"
+    mine = {f: v for f, v in originals.items() if "vm1" in f.name}
+    assert {f: label_of(f) for f in mine} == mine
+
+
+@pytest.mark.parametrize(("where", "calls", "when"), [
+    ("remember", 1, "before"),   # records durable, nothing changed yet
+    ("remember", 2, "after"),    # vm1.raw done; shared.raw counted, its note not durable
+    ("remember", 3, "before"),   # shared.raw counted and noted, the rest untouched
+])
+def test_crash_while_setting_a_batch_is_undone_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, calls: int,
+        when: str) -> None:
+    """One fsync for a batch's records: after a crash anywhere in the batch, recovery undoes
+    what was done and only that; vm2's count on the shared image survives."""
+    from vmconfine_selinux import relabel
+    from vmconfine_selinux import remember as rem
+
+    drv, be, d, originals, a, b = _two_domains(tmp_path)
+    drv.set_all_labels(b)
+    shared_b = label_of(d / "shared.raw")
+    assert remembered(d / "shared.raw")["ref_selinux"] == "1"
+    a.journal.close()
+    assert relabel.BATCH >= 9  # the whole domain is one batch
+
+    def work() -> None:
+        _die_after(monkeypatch, rem, where, calls=calls, when=when)
+        drv.set_all_labels(a)
+
+    _crash_in_child(work)
+    monkeypatch.undo()
+    _recover_vm1(tmp_path, be, a, d, originals)
+    assert label_of(d / "shared.raw") == shared_b
+    drv.restore_all_labels(b)
+    assert {f: label_of(f) for f in originals} == originals
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_crash_while_restoring_a_batch_counts_down_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """The batch's restore records are durable before any count-down: a crash just before or
+    just after vm1 counts itself out of the shared image is finished exactly once."""
+    from vmconfine_selinux import remember as rem
+
+    drv, be, d, originals, a, b = _two_domains(tmp_path)
+    drv.set_all_labels(a)
+    drv.set_all_labels(b)
+    a.journal.close()
+    assert remembered(d / "shared.raw")["ref_selinux"] == "2"
+    recalls = [i for i, r in enumerate(reversed(a.journal.records("selinux", "relabel")))
+               if r["remember"]]
+    shared_at = [r["path"] for r in reversed(a.journal.records("selinux", "relabel"))
+                 if r["remember"]].index(str(d / "shared.raw"))
+
+    def work() -> None:
+        _die_after(monkeypatch, rem, "recall", calls=shared_at + 1, when=when)
+        drv.restore_all_labels(a)
+
+    assert recalls
+    _crash_in_child(work)
+    monkeypatch.undo()
+    _recover_vm1(tmp_path, be, a, d, originals)
+    drv.restore_all_labels(b)
+    assert {f: label_of(f) for f in originals} == originals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import re
 import struct
 from pathlib import Path
@@ -281,16 +282,41 @@ def test_allocation_draws_one_random_number_at_any_occupancy(
     reg = _registry(tmp_path, rng)
     reg.fill(list(range(rng.pairs - 100)))  # 99.7% in use
     draws: list[int] = []
-    real = mcspool.secrets.randbelow
+    real = mcspool._ENTROPY.below
 
     def counting(n: int) -> int:
         draws.append(n)
         return real(n)
 
-    monkeypatch.setattr(mcspool.secrets, "randbelow", counting)
+    monkeypatch.setattr(mcspool._ENTROPY, "below", counting)
     got = [reg.allocate(_owner(i), f"vm{i}") for i in range(100)]
     assert len(set(got)) == 100
     assert draws == list(range(100, 0, -1)), "exactly one draw over the free pairs each time"
+
+
+def test_buffered_draws_are_uniform_and_not_shared_with_a_forked_child() -> None:
+    """The pool draws from a buffer of os.urandom bytes: every value of 0..n-1 comes up, none
+    outside it, and a forked child does not replay the parent's buffer."""
+    entropy = mcspool._Entropy()
+    counts = [0] * 7
+    for _ in range(7000):
+        counts[entropy.below(7)] += 1
+    assert all(700 < c < 1300 for c in counts), counts
+    assert {entropy.below(1) for _ in range(50)} == {0}
+    entropy.below(1 << 40)  # fill the buffer
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its draws must not be the parent's next ones
+        os.close(read)
+        os.write(write, b"".join(entropy.below(1 << 62).to_bytes(8, "little")
+                                 for _ in range(4)))
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64)
+    os.close(read)
+    os.waitpid(pid, 0)
+    mine = b"".join(entropy.below(1 << 62).to_bytes(8, "little") for _ in range(4))
+    assert len(child) == 32 and child != mine
 
 
 # ---- the lease table: one file, O(1) release, growth, crashes, forks ---------------------------

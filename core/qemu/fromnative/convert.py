@@ -377,7 +377,7 @@ def build_xml(c: Converter, env: list[tuple[str, str]], args: list[str]) -> str:
             _sub(os_el, tag, value)
     if s.acpi and g.arch in ("x86_64", "i686"):
         _sub(_sub(root, "features"), "acpi")
-    _sub(root, "clock", offset="utc")
+    _sub(root, "clock", offset=g.clock_offset)
     for tag, value in (("on_poweroff", "destroy"), ("on_reboot", s.on_reboot),
                        ("on_crash", "destroy")):
         _sub(root, tag, value)

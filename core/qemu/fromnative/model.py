@@ -257,6 +257,7 @@ class Guest:
     balloon: bool = False
     loader: tuple[str, str, bool] | None = None
     nvram: str | None = None
+    clock_offset: str = "utc"  #: -rtc base=
     monitors: list[Monitor] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 

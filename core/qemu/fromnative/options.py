@@ -390,8 +390,9 @@ class Converter:
     _opt_chroot = _opt_runas
 
     def _opt_rtc(self, opt: Opt) -> None:
-        if opt.value not in ("base=utc",):
+        if opt.value not in ("base=utc", "base=localtime"):
             raise Unconvertible("RTC settings")
+        self.g.clock_offset = opt.value.removeprefix("base=")
         opt.status = "drop"
 
     def _opt_overcommit(self, opt: Opt) -> None:

@@ -1,0 +1,53 @@
+"""Host-side checks of what tests/lsm/guest_e2e.py observed in a guest (both LSMs).
+
+The guest asserts the same things; reading them back here means a guest test that silently did
+less (a skipped branch, a missing record) cannot pass the host test.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vmconfine.launch.pipeline import STEPS
+
+
+def assert_confined(lsm: str, got: dict[str, Any]) -> None:
+    """QEMU runs with the domain's label and (SELinux) its image carries the image label."""
+    if lsm == "selinux":
+        assert got["current"] == got["label"]
+        assert got["image"][3]["security.selinux"] == got["imagelabel"]
+    else:
+        assert got["current"] == f"{got['label']} (enforce)"
+
+
+def assert_e2e(path: Path) -> dict[str, Any]:
+    """Assert the e2e observations in ``path`` (``e2e-<lsm>.json``); return them."""
+    seen = json.loads(path.read_text())
+    lsm = path.stem.split("-", 1)[1]
+    confined = seen["confined"]
+    for name in ("dom-a", "dom-b"):
+        assert_confined(lsm, confined[name])
+    opens = seen["opens"]
+    assert opens["own"] == "ok"
+    assert "Permission denied" in opens["other"] and "Permission denied" in opens["secret"]
+    assert opens["control_other"] == opens["control_secret"] == "ok"
+    after = seen["after"]
+    assert after["profiles"] == [] and after["leases"] == 0 and after["qemu_gone"]
+    crash = seen["sigkill"]
+    assert len(crash["after"]["qemus"]) == len(STEPS) - STEPS.index("forked")
+    assert crash["after"]["qemu_alive"] == [] and crash["after"]["state"] == []
+    assert crash["after"]["profiles"] == [] and crash["after"]["leases"] == 0
+    if lsm == "selinux":
+        levels = seen["levels"]
+        assert len(set(levels)) == 2
+        assert crash["during"]["leases"] == len(STEPS) - 1
+        # the sVirt exec is AT_SECURE (refpolicy grants no noatsecure), which clears the
+        # parent-death signal: these QEMUs survived the supervisor, the next command killed them
+        assert crash["left_running"] == crash["after"]["qemus"]
+        assert seen["refused"]["rc"] == 1
+        assert "setsebool -P virt_use_execmem on" in seen["refused"]["stderr"]
+    else:
+        assert len(crash["during"]["profiles"]) == len(STEPS) - 1
+    return seen

@@ -161,8 +161,14 @@ def floor_once(conn: Connection, case: Case, tmp: Path,
     prepare_domain(conn, domain)
     command = build_command(domain, conn.instance.config,
                             command_paths(conn, domain, symbolic=False))
-    socks, paths = [], []
-    for i in range(len(command.fd_slots)):
+    socks, paths, files, fds = [], [], [], {}
+    for i, passed in enumerate(command.inherited):
+        if passed.kind != "listen":  # a chardev file or log: any writable file will do
+            fd = os.open(tmp / f"floor-{i}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.set_inheritable(fd, True)
+            files.append(fd)
+            fds[passed.name] = fd
+            continue
         path = str(tmp / f"floor-{i}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -172,12 +178,15 @@ def floor_once(conn: Connection, case: Case, tmp: Path,
         s.set_inheritable(True)
         socks.append(s)
         paths.append(path)
-    argv = command.argv(fds=[s.fileno() for s in socks])
+        fds[passed.name] = s.fileno()
+    argv = command.argv(fds=fds)
     try:
         elapsed, pid, moved = asyncio.run(_floor_async(argv, dict(command.env), paths, procs))
     finally:
         for s in socks:
             s.close()
+        for fd in files:
+            os.close(fd)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     return elapsed, moved
@@ -187,14 +196,14 @@ def floor_once(conn: Connection, case: Case, tmp: Path,
 
 
 #: the pipeline's checkpoints, in order (see vmconfine.launch.pipeline.STEPS), then on_ready
-PHASES = ("begin", "labels", "preflight", "set-labels", "sockets", "forked", "qmp", "verified",
+PHASES = ("begin", "labels", "preflight", "sockets", "set-labels", "forked", "qmp", "verified",
           "running", "ready")
 PHASE_TEXT = {
     "begin": "prepare, checks, ids, journal begin",
     "labels": "generate labels",
     "preflight": "build argv, preflight",
-    "set-labels": "runtime dirs, set all labels (DAC, cgroup + device rules)",
-    "sockets": "monitor sockets",
+    "sockets": "runtime dirs, pre-opened sockets and chardev files",
+    "set-labels": "set all labels (DAC, cgroup + device rules)",
     "forked": "fork, child: cgroup move, ids, caps, exec",
     "qmp": "QEMU start-up until QMP answers",
     "verified": "verify the kernel's view of QEMU",

@@ -199,6 +199,8 @@ def dac_driver() -> Driver:
 
 
 def selinux_driver(d: Path) -> Driver:
+    import vmconfine_selinux
+    from vmconfine.plugin.hookspecs import hookimpl
     from vmconfine_selinux.backend import FakeBackend
     from vmconfine_selinux.driver import SELinuxDriver
 
@@ -208,8 +210,16 @@ def selinux_driver(d: Path) -> Driver:
     dom.write_text("system_u:system_r:svirt_t:s0\nsystem_u:system_r:svirt_tcg_t:s0\n")
     img.write_text("system_u:object_r:svirt_image_t:s0\nsystem_u:object_r:virt_content_t:s0\n")
     backend = FakeBackend(str(dom), str(img), process_context=VIRTD)
+    mod = types.ModuleType("bench_p4_selinux_fake")
+
+    @hookimpl
+    def vmconfine_register_drivers(registry: Any) -> None:
+        registry.add("selinux", lambda host: SELinuxDriver(host, backend), "fake backend",
+                     settings=vmconfine_selinux.SETTINGS)
+
+    mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     return Driver("SELinux (fake backend)", "selinux",
-                  lambda host: SELinuxDriver(host, backend), None)
+                  lambda host: SELinuxDriver(host, backend), mod)
 
 
 def one_sample(drv: Driver, state_base: Path, xml: str, paths: list[str]) -> dict[str, float]:

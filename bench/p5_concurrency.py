@@ -65,6 +65,7 @@ READY_TIMEOUT = 180.0
 def _bench_selinux_plugin(policy_dir: Path) -> tuple[types.ModuleType, Any]:
     """A plugin registering ``selinux`` on the fake backend (contexts in an xattr)."""
     from vmconfine.plugin.hookspecs import hookimpl
+    from vmconfine_selinux import SETTINGS as SELINUX_SETTINGS
     from vmconfine_selinux.backend import FakeBackend
     from vmconfine_selinux.driver import SELinuxDriver
 
@@ -76,7 +77,7 @@ def _bench_selinux_plugin(policy_dir: Path) -> tuple[types.ModuleType, Any]:
     @hookimpl
     def vmconfine_register_drivers(registry: Any) -> None:
         registry.add("selinux", lambda host: SELinuxDriver(host, backend),
-                     "SELinux on the fake backend (benchmark)")
+                     "SELinux on the fake backend (benchmark)", settings=SELINUX_SETTINGS)
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     return mod, backend

@@ -14,10 +14,11 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from vmconfine import __version__, cli_daemon
 from vmconfine.errors import VmconfineError
-from vmconfine.inputs import read_bounded
+from vmconfine.inputs import read_text
 from vmconfine.sanitize import SafeStream, json_text, one_line
 
 log = logging.getLogger("vmconfine")
@@ -35,11 +36,7 @@ def verb(name: str, help_text: str) -> Callable[[Handler], Handler]:
 
 
 def _read_input(path: str) -> tuple[str, str]:
-    data, source = read_bounded(path, expected="a domain XML file")
-    try:
-        return data.decode(), source
-    except UnicodeDecodeError as exc:
-        raise VmconfineError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    return read_text(path, expected="a domain XML file")
 
 
 def _connect(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -100,17 +97,24 @@ def cmd_drivers(args: argparse.Namespace) -> int:
 
 @verb("config", "print the effective qemu.conf settings (with --check: report problems)")
 def cmd_config(args: argparse.Namespace) -> int:
+    from vmconfine.plugin.stack import Stack
+
     conn = _connect(args)
-    cfg = conn.instance.config
-    if args.check:
-        problems = cfg.check()
-        for p in problems:
-            print(p)
-        if not problems:
-            print(f"{conn.instance.config_path}: no problems found")
+    host = conn.host
+    if args.file is not None:  # another file, e.g. before installing it: it must exist
+        host = conn.host.with_config_file(Path(args.file))
+    cfg = host.config
+    if not args.check:
+        sys.stdout.write(cfg.format())
         return 0
-    sys.stdout.write(cfg.format())
-    return 0
+    problems = cfg.check()
+    stack_problems = Stack.check_config(host)
+    for p in [*problems, *stack_problems]:
+        print(p)
+    if not problems and not stack_problems:
+        where = cfg.path or f"{host.instance.config_path} (absent: every setting has its default)"
+        print(f"{where}: no problems found")
+    return 1 if cfg.unknown or stack_problems else 0
 
 
 @verb("domxml-to-native", "print the QEMU command line for a domain XML (format qemu-argv)")
@@ -359,7 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("capabilities")
     add("drivers")
     sp = add("config")
-    sp.add_argument("--check", action="store_true", help="list problems (unknown keys...)")
+    sp.add_argument("--check", action="store_true", help="list problems; exit status 1 for an "
+                    "unknown key or a configured security driver that is not installed or "
+                    "not available")
+    sp.add_argument("file", nargs="?", metavar="FILE", help="a qemu.conf to read instead of "
+                    "the instance's (it must exist)")
     sp = add("domxml-to-native")
     sp.add_argument("format", metavar="FORMAT", help="native format: qemu-argv")
     sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")

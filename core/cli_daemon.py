@@ -77,13 +77,9 @@ def _domain_url(name: str, suffix: str = "") -> str:
 
 
 def _read_xml(path: str) -> tuple[str, str]:
-    from vmconfine.inputs import read_bounded
+    from vmconfine.inputs import read_text
 
-    data, source = read_bounded(path, expected="a domain XML file")
-    try:
-        return data.decode(), source
-    except UnicodeDecodeError as exc:
-        raise VmconfineError(f"{source}: not UTF-8 text (byte {exc.start})") from None
+    return read_text(path, expected="a domain XML file")
 
 
 # ---- verbs that need the daemon -----------------------------------------------------------

@@ -33,3 +33,12 @@ def read_bounded(path: str, *, expected: str, error: type[VmconfineError] = Vmco
     if len(data) > MAX_INPUT:
         raise error(f"{source}: larger than 10 MiB{too_large_hint}")
     return data, source
+
+
+def read_text(path: str, *, expected: str) -> tuple[str, str]:
+    """:func:`read_bounded`, decoded as UTF-8 (one-line error naming the first bad byte)."""
+    data, source = read_bounded(path, expected=expected)
+    try:
+        return data.decode(), source
+    except UnicodeDecodeError as exc:
+        raise VmconfineError(f"{source}: not UTF-8 text (byte {exc.start})") from None

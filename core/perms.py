@@ -244,11 +244,3 @@ def access_fix(path: str, st: os.stat_result, ids: QemuIds, want: int, *,
         return f"chmod u+{rights} {path}"
     what = "read and write" if want & W else "read"
     return f"chown {ids.hint()} {path}, or chmod it so that user can {what} it"
-
-
-def create_fix(directory: str, ids: QemuIds) -> str:
-    """How to let ``ids`` create a file in ``directory``."""
-    if protected(directory):
-        return (f"use a directory QEMU's user can write (e.g. under {IMAGE_DIR}) instead of "
-                f"{directory}")
-    return f"chown {ids.hint()} {directory}, or use a directory QEMU's user can write"

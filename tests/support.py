@@ -71,3 +71,15 @@ def make_ctx(host, xml: str):  # type: ignore[no-untyped-def]
 
     domain = parse_domain(xml)
     return DomainContext(host, domain, Journal(host.instance.journal_path(domain.name)))
+
+
+def install_plugin_package(site: Path, name: str, source: str) -> None:
+    """Install module ``name`` (its ``__init__.py`` is ``source``) under ``site`` as pip would
+    leave a distribution: a dist-info with a ``vmconfine`` entry point, so a vmconfine run with
+    ``site`` on PYTHONPATH discovers it like any installed driver package."""
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(source)
+    dist = site / f"{name}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[vmconfine]\n{name} = {name}\n")

@@ -14,10 +14,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from vmconfine.config.settings import QemuConfig, load_config
 from vmconfine.errors import URIError
+
+if TYPE_CHECKING:
+    from vmconfine.config.keys import Setting
 
 DEFAULT_URI_ENV = "VMCONFINE_DEFAULT_URI"
 REMOTE_TRANSPORTS = ("ssh", "tcp", "tls", "libssh", "libssh2", "ext")
@@ -153,10 +157,14 @@ class Instance:
     caller_uid: int = field(default_factory=os.getuid)
     caller_gid: int = field(default_factory=os.getgid)
     _config: QemuConfig | None = field(default=None, repr=False)
+    #: the installed drivers' qemu.conf keys, once a plugin host declared them
+    _drivers: list[tuple[str, tuple[Setting, ...]]] | None = field(default=None, repr=False)
 
     # ---- configuration -------------------------------------------------------------------
     @property
     def config(self) -> QemuConfig:
+        """qemu.conf, loaded on first use with the keys the installed drivers declared; each
+        unknown key is warned about once (with the nearest known key)."""
         if self._config is None:
             path = self.config_path if self.config_path.exists() else None
             self._config = load_config(
@@ -164,8 +172,20 @@ class Instance:
                 privileged=self.privileged,
                 caller_uid=self.caller_uid,
                 caller_gid=self.caller_gid,
+                drivers=self._drivers or (),
             )
+            if self._drivers is not None:
+                self._config.warn_unknown()
         return self._config
+
+    def declare_drivers(self, drivers: list[tuple[str, tuple[Setting, ...]]]) -> None:
+        """Make the installed drivers' qemu.conf keys known (the plugin host does this before
+        anything reads the configuration; a configuration read earlier gets them too)."""
+        self._drivers = list(drivers)
+        if self._config is not None:
+            for name, settings in self._drivers:
+                self._config.declare(name, settings)
+            self._config.warn_unknown()
 
     # ---- per-domain paths (the only place they are spelled) --------------------------------
     def status_path(self, name: str) -> Path:
@@ -204,6 +224,12 @@ class Instance:
     def domain_lib_dir(self, name: str) -> Path:
         """QEMU's HOME (libvirt: /var/lib/libvirt/qemu/domain-N-NAME)."""
         return self.lib_dir / f"domain-{name}"
+
+    def channel_dir(self, name: str) -> Path:
+        """Where a virtio channel's unix socket without a path is generated (libvirt:
+        ``/var/lib/libvirt/qemu/channel/target/domain-N-NAME/``); created ``0700`` for the
+        domain's start and removed at teardown: QEMU uses the sockets only through fds."""
+        return self.lib_dir / "channel" / "target" / f"domain-{name}"
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"

@@ -1,9 +1,19 @@
 """Typed ``qemu.conf`` settings with libvirt's defaults, each remembering where it came from.
 
 :func:`load_config` reads a qemu.conf (virConf syntax, :mod:`vmconfine.config.conf`) into a
-:class:`QemuConfig`: one typed field per setting vmconfine knows (:data:`KNOWN_KEYS`). Types
-are checked as libvirt's ``virConfGetValue*`` getters check them, with the same messages
-prefixed by ``FILE:LINE``. Only the first occurrence of a key counts (libvirt's rule).
+:class:`QemuConfig`: one typed field per instance-wide setting (:data:`KNOWN_KEYS`), and one
+:class:`~vmconfine.config.keys.DriverSettings` per driver for the keys that driver declared
+when it registered (:meth:`QemuConfig.driver_settings`). Types are checked as libvirt's
+``virConfGetValue*`` getters check them, with the same messages prefixed by ``FILE:LINE``
+(:mod:`vmconfine.config.keys`). Only the first occurrence of a key counts (libvirt's rule).
+
+Core owns only what the whole instance uses: the stack (``security_*``), the account QEMU runs
+as (``user``/``group``, which the launch, the emulator probes and the permission checks need,
+as libvirt's qemu driver does), owner remembering (shared by every driver that remembers
+owners or labels), the process, device, graphics and path settings, and
+``shutdown_timeout``. Every driver-specific key (``dynamic_ownership``, ``cgroup_*``,
+``apparmor_*``, ``selinux_mode``, ``landlock_mode``, a third-party driver's keys) belongs to
+its driver.
 
 Defaults are libvirt's, except:
 
@@ -12,44 +22,55 @@ Defaults are libvirt's, except:
 * ``swtpm_user`` / ``swtpm_group`` default to ``tss`` (privileged) or the caller's ids;
 * the keys vmconfine adds (documented on the fields below).
 
-Unprivileged instances also get ``dynamic_ownership = 0``, ``remember_owner = 0`` and no
-namespaces by default, as in libvirt's session daemon (where libvirt refuses namespaces,
-vmconfine makes them in a user namespace when configured).
+Unprivileged instances also get ``remember_owner = 0`` and no namespaces by default (and the
+DAC driver ``dynamic_ownership = 0``), as in libvirt's session daemon (where libvirt refuses
+namespaces, vmconfine makes them in a user namespace when configured).
 
 Settings libvirt knows but vmconfine does not use (VNC TLS, SPICE, migration ports, ...) are
-type-checked like libvirt would and otherwise ignored; unknown settings are accepted. Both are
-reported by :meth:`QemuConfig.check`. A missing file means all defaults (libvirt's rule); a
-file that exists but cannot be read is an error (libvirt would silently use defaults, which
-could drop settings such as ``security_require_confined``).
+type-checked like libvirt would and otherwise ignored. An unknown setting (no core key, no key of
+an installed driver) is kept with its location and warned about, with the nearest known key
+(``did you mean security_driver?``); :meth:`QemuConfig.check` lists both. A missing file
+means all defaults (libvirt's rule); a file that exists but cannot be read is an error
+(libvirt would silently use defaults, which could drop settings such as
+``security_require_confined``).
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
-import re
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from vmconfine.config.conf import ConfEntry, ConfFile, format_value, parse_conf, read_conf_file
+from vmconfine.config.keys import (
+    UINT_MAX,
+    DriverSettings,
+    Setting,
+    Spec,
+    absolute,
+    apply,
+    enum,
+    error,
+    pattern,
+    positive,
+    typed,
+)
 from vmconfine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: Account QEMU runs as in a privileged instance unless qemu.conf says otherwise.
 SYSTEM_ACCOUNT = "vmconfine-qemu"
 
-#: libvirt's cgroup controller names (``virCgroupController``).
-CGROUP_CONTROLLERS = (
-    "cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "net_cls",
-    "perf_event", "name=systemd", "pids",
-)
+#: A driver's name and the keys it declared (``DriverRegistry.settings()``).
+Declarations = Iterable[tuple[str, Iterable[Setting]]]
 
 #: The namespaces ``namespaces`` may list: libvirt's "mount" and vmconfine's "root".
 NAMESPACES = ("mount", "root")
-
-INT_MIN, INT_MAX = -(2**31), 2**31 - 1
-UINT_MAX = 2**32 - 1
-ULLONG_MAX = 2**64 - 1
 
 
 @dataclass
@@ -60,14 +81,10 @@ class QemuConfig:
     security_driver: list[str] | None = None  #: None = autodetect: selinux, apparmor, none
     security_default_confined: bool = True
     security_require_confined: bool = False
-    # -- DAC (libvirt) ----------------------------------------------------------------------
+    # -- the account QEMU runs as, owner remembering (libvirt) -------------------------------
     user: str = SYSTEM_ACCOUNT  #: a user name or "+UID"
     group: str = SYSTEM_ACCOUNT  #: a group name or "+GID"
-    dynamic_ownership: bool = True
     remember_owner: bool = True
-    # -- cgroups (libvirt) ------------------------------------------------------------------
-    cgroup_controllers: list[str] | None = None  #: None = autodetect
-    cgroup_device_acl: list[str] | None = None  #: None = the cgroups plugin's built-in list
     # -- process (libvirt) ------------------------------------------------------------------
     clear_emulator_capabilities: bool = True
     seccomp_sandbox: int = -1  #: -1 = QEMU's default, 0 = off, 1 = on
@@ -102,29 +119,14 @@ class QemuConfig:
     slirp_helper: str = "slirp-helper"
     dbus_daemon: str = "dbus-daemon"
     # -- vmconfine's own settings -----------------------------------------------------------
-    #: Device paths allowed in addition to cgroup_device_acl (or to the built-in list).
-    cgroup_device_acl_extra: list[str] = field(default_factory=list)
-    #: cgroup partition for domains whose XML has no <resource><partition> (libvirt's default).
-    cgroup_partition: str = "/machine"
-    #: Device filter backend: "auto" (cgroup v2 BPF when available, else v1), "v1" or "v2".
-    cgroup_devices_backend: str = "auto"
     #: Directories searched for qemu-system-* when the domain XML has no <emulator>.
     emulator_search_path: list[str] = field(
         default_factory=lambda: ["/usr/bin", "/usr/local/bin"]
     )
-    #: Where vmconfine-aa-helper writes per-domain AppArmor profiles.
-    apparmor_profile_dir: str = "/etc/apparmor.d/vmconfine"
-    #: Prefix of per-domain AppArmor profile names (libvirt uses "libvirt-").
-    apparmor_profile_prefix: str = "vmconfine-"
-    #: "svirt" = per-domain MCS categories; "basic" = one shared label, no categories.
-    selinux_mode: str = "svirt"
     #: XATTR name prefix for remembered owners/labels (libvirt: trusted.libvirt.security).
     remember_owner_xattr_prefix: str = "trusted.vmconfine.security"
     #: Seconds a guest gets to power off before QEMU is killed.
     shutdown_timeout: int = 30
-    #: Landlock on a kernel whose ABI lacks rights vmconfine uses: "best-effort" = apply what
-    #: it offers; "enforce" = refuse. A kernel without Landlock is refused in both modes.
-    landlock_mode: str = "best-effort"
     #: Domain XML elements and attributes vmconfine does not implement: "warn" = one warning
     #: line each and the guest runs without them; "error" = refuse the domain.
     unsupported_xml: str = "warn"
@@ -135,46 +137,128 @@ class QemuConfig:
     unknown: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     ignored: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     _sources: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
-    _notes: list[str] = field(default_factory=list, compare=False, repr=False)
+    _notes: list[tuple[int, str]] = field(default_factory=list, compare=False, repr=False)
+    #: driver name -> its declared keys' values, in declaration order
+    _drivers: dict[str, DriverSettings] = field(default_factory=dict, compare=False,
+                                                repr=False)
+    #: keys no one declared yet: name -> (raw value, FILE:LINE, line)
+    _raw: dict[str, tuple[Any, str, int]] = field(default_factory=dict, compare=False,
+                                                  repr=False)
+    _warned: bool = field(default=False, compare=False, repr=False)
 
     @classmethod
-    def defaults(cls, *, privileged: bool, caller_uid: int, caller_gid: int) -> QemuConfig:
-        """All-default settings for a privileged (system) or unprivileged (session) instance."""
+    def defaults(cls, *, privileged: bool, caller_uid: int, caller_gid: int,
+                 drivers: Declarations = ()) -> QemuConfig:
+        """All-default settings for a privileged (system) or unprivileged (session) instance,
+        with the keys ``drivers`` declare."""
         cfg = cls(privileged=privileged)
         if not privileged:
             cfg.user = cfg.swtpm_user = f"+{caller_uid}"
             cfg.group = cfg.swtpm_group = f"+{caller_gid}"
-            cfg.dynamic_ownership = False
             cfg.remember_owner = False
             cfg.namespaces = []
+        for name, settings in drivers:
+            cfg.declare(name, settings)
         return cfg
 
+    # -- driver keys ------------------------------------------------------------------------
+    def declare(self, driver: str, settings: Iterable[Setting]) -> None:
+        """Add ``driver``'s keys (idempotent): defaults first, then the values this file set,
+        type-checked (a bad value raises ``FILE:LINE: ...``)."""
+        if driver in self._drivers:
+            return
+        values = DriverSettings(driver, settings, self.privileged)
+        for key in values:
+            if key in _SPECS or self.owner(key) is not None:
+                raise ConfigError(
+                    f"driver '{driver}' declares qemu.conf key '{key}', which "
+                    f"{self.owner(key) or 'core'} already owns; rename the driver's key")
+        for key, spec in values.specs.items():
+            raw = self._raw.get(key)
+            if raw is None:
+                continue
+            value, where, line = raw
+            values.set(key, apply(spec, key, value, where, self.privileged), where)
+            del self._raw[key]
+            self.unknown.pop(key, None)
+            if key in self.ignored:
+                self.ignored.pop(key)
+                self._notes = [n for n in self._notes if n[0] != line]
+            if spec.privileged_only and not self.privileged:
+                self._notes.append((line, f"{where}: '{key}' has no effect in an unprivileged "
+                                          "instance (QEMU runs as the caller, without DAC "
+                                          "relabelling)"))
+        self._drivers[driver] = values
+
+    def driver_settings(self, driver: str) -> DriverSettings:
+        """The typed values of the keys ``driver`` declared (empty when it declared none)."""
+        found = self._drivers.get(driver)
+        if found is None:  # not declared (yet): no keys
+            return DriverSettings(driver, (), self.privileged)
+        return found
+
+    def owner(self, key: str) -> str | None:
+        """The driver that declared ``key``, or None (a core key, or nobody's)."""
+        for name, values in self._drivers.items():
+            if key in values:
+                return name
+        return None
+
+    # -- reading ----------------------------------------------------------------------------
     def source(self, key: str) -> str:
         """``"default"`` or ``"FILE:LINE"`` of the statement that set ``key``."""
+        owner = self.owner(key)
+        if owner is not None:
+            return self._drivers[owner].source(key)
         if key not in _SPECS:
             raise KeyError(f"unknown qemu.conf setting {key!r}")
         return self._sources.get(key, "default")
 
+    def known_keys(self) -> list[str]:
+        """Core keys, then each driver's keys, in :meth:`format` order."""
+        return [*KNOWN_KEYS, *(k for values in self._drivers.values() for k in values)]
+
     def values(self) -> dict[str, Any]:
-        """The settings as a ``{key: value}`` dict in :data:`KNOWN_KEYS` order."""
-        return {key: getattr(self, key) for key in KNOWN_KEYS}
+        """The settings (core and every driver's) as a ``{key: value}`` dict."""
+        out = {key: getattr(self, key) for key in KNOWN_KEYS}
+        for values in self._drivers.values():
+            out.update(values.values())
+        return out
 
     def check(self) -> list[str]:
-        """Problems that do not stop vmconfine: unknown, unused and repeated settings."""
-        return list(self._notes)
+        """Problems that do not stop vmconfine: unknown, unused and repeated settings, in file
+        order."""
+        notes = list(self._notes)
+        notes.extend((line, f"{where}: {_unknown_text(key, self._candidates())}")
+                     for key, (_v, where, line) in self._raw.items() if key in self.unknown)
+        return [text for _line, text in sorted(notes, key=lambda n: n[0])]
+
+    def warn_unknown(self) -> None:
+        """Log one warning per unknown key (once per loaded configuration)."""
+        if self._warned:
+            return
+        self._warned = True
+        candidates = self._candidates()
+        for key, where in self.unknown.items():
+            log.warning("%s: %s", _one_line(where), _unknown_text(key, candidates))
+
+    def _candidates(self) -> list[str]:
+        return [*self.known_keys(), *LIBVIRT_UNUSED_KEYS]
 
     def format(self) -> str:
         """The effective settings as a valid qemu.conf, each line saying where it came from."""
         kind = "privileged" if self.privileged else "unprivileged"
         origin = f"read from {self.path}" if self.path else "no configuration file was read"
         out = [f"# vmconfine settings in effect ({kind} instance; {origin})\n"]
-        for key in KNOWN_KEYS:
-            value = getattr(self, key)
-            where = _one_line(self.source(key))
-            if value is None:
-                out.append(f"#{key} = ({_SPECS[key].unset}) # {where}\n")
-            else:
-                out.append(f"{key} = {format_value(value)} # {where}\n")
+        out.extend(_format_key(key, getattr(self, key), _SPECS[key], self.source(key))
+                   for key in KNOWN_KEYS)
+        for driver, values in self._drivers.items():
+            if not values.specs:
+                continue
+            out.append(f"# -- keys of the '{driver}' driver --\n")
+            for key, spec in values.specs.items():
+                out.append(f"## {_one_line(spec.doc)}\n")
+                out.append(_format_key(key, values[key], spec, values.source(key)))
         for title, table in (("libvirt settings vmconfine does not use", self.ignored),
                              ("unknown settings", self.unknown)):
             if table:
@@ -183,71 +267,42 @@ class QemuConfig:
         return "".join(out)
 
 
+def _format_key(key: str, value: Any, spec: Spec, where: str) -> str:
+    if value is None:
+        return f"#{key} = ({spec.unset}) # {_one_line(where)}\n"
+    return f"{key} = {format_value(value)} # {_one_line(where)}\n"
+
+
+def _unknown_text(key: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1)
+    hint = (f"did you mean {close[0]}?" if close else
+            "check the spelling; 'vmconfine config' lists the known settings")
+    return f"unknown setting '{key}' is ignored ({hint})"
+
+
 # -- key specifications -------------------------------------------------------------------
-
-Check = Callable[[str, Any, str, bool], Any]
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """How one key is typed: ``kind`` picks the libvirt getter; ``check`` validates further."""
-
-    kind: str
-    check: Check | None = None
-    unset: str = ""  #: meaning of None, for format()
-
-
-def _err(where: str, message: str) -> ConfigError:
-    return ConfigError(f"{where}: {message}")
-
-
-def _enum(*choices: str, message: str = "unknown {key} value '{value}'") -> Check:
-    def check(key: str, value: Any, where: str, privileged: bool) -> Any:
-        if value not in choices:
-            allowed = ", ".join(f'"{c}"' for c in choices)
-            text = message.format(key=key, value=value)
-            raise _err(where, f"{text} (use one of {allowed})")
-        return value
-
-    return check
-
-
-def _absolute(key: str, value: Any, where: str, privileged: bool) -> Any:
-    for path in value if isinstance(value, list) else [value]:
-        if not path.startswith("/"):
-            raise _err(where, f"'{path}' in '{key}' is not an absolute path (start it with '/')")
-    return value
-
 
 def _account(key: str, value: Any, where: str, privileged: bool) -> Any:
     if value == "":
-        raise _err(where, f"'{key}' is empty (give a name, or +ID for a numeric id)")
+        raise error(where, f"'{key}' is empty (give a name, or +ID for a numeric id)")
     if value.startswith("+") and not (value[1:].isascii() and value[1:].isdigit()):
-        raise _err(where, f"'{key}' value '{value}' is not +ID with a decimal id (e.g. +107)")
+        raise error(where, f"'{key}' value '{value}' is not +ID with a decimal id (e.g. +107)")
     if value.startswith("+") and int(value[1:]) > UINT_MAX - 1:
-        raise _err(where, f"'{key}' id {value} is out of range")
+        raise error(where, f"'{key}' id {value} is out of range")
     return value
 
 
 def _security_driver(key: str, value: Any, where: str, privileged: bool) -> Any:
     for i, name in enumerate(value):
         if name in value[i + 1 :]:
-            raise _err(where, f"Duplicate security driver {name} (list each driver once)")
+            raise error(where, f"Duplicate security driver {name} (list each driver once)")
     if "dac" in value:
-        raise _err(where, 'security_driver cannot contain "dac" (the DAC driver is added '
-                          "automatically for privileged instances; remove it)")
+        raise error(where, 'security_driver cannot contain "dac" (the DAC driver is added '
+                           "automatically for privileged instances; remove it)")
     if "none" in value and len(value) > 1:
-        raise _err(where, '"none" cannot appear in a list of drivers (write '
-                          'security_driver = "none" on its own)')
+        raise error(where, '"none" cannot appear in a list of drivers (write '
+                           'security_driver = "none" on its own)')
     return value or None  # an empty list means autodetect, as in libvirt
-
-
-def _controllers(key: str, value: Any, where: str, privileged: bool) -> Any:
-    for name in value:
-        if name not in CGROUP_CONTROLLERS:
-            raise _err(where, f"Unknown cgroup controller '{name}' (known: "
-                              f"{', '.join(CGROUP_CONTROLLERS)})")
-    return value
 
 
 def _namespaces(key: str, value: Any, where: str, privileged: bool) -> Any:
@@ -256,104 +311,67 @@ def _namespaces(key: str, value: Any, where: str, privileged: bool) -> Any:
     namespaces driver makes them in a user namespace."""
     for name in value:
         if name not in NAMESPACES:
-            raise _err(where, f'Unknown namespace: {name} (known: "mount", "root")')
+            raise error(where, f'Unknown namespace: {name} (known: "mount", "root")')
     if "root" in value and "mount" not in value:
-        raise _err(where, 'the "root" namespace view needs "mount" (write namespaces = '
-                          '[ "mount", "root" ])')
+        raise error(where, 'the "root" namespace view needs "mount" (write namespaces = '
+                           '[ "mount", "root" ])')
     return list(dict.fromkeys(value))
 
 
 def _no_probing(key: str, value: Any, where: str, privileged: bool) -> Any:
     if value:
-        raise _err(where, "allow_disk_format_probing is no longer supported (remove it and "
-                          "give each disk's format in the domain XML)")
+        raise error(where, "allow_disk_format_probing is no longer supported (remove it and "
+                           "give each disk's format in the domain XML)")
     return value
 
 
-def _partition(key: str, value: Any, where: str, privileged: bool) -> Any:
-    if not value.startswith("/"):
-        raise _err(where, f"Resource partition '{value}' must start with '/'")
-    if ".." in value.split("/"):
-        raise _err(where, f"Resource partition '{value}' must not contain '..'")
-    return value
-
-
-def _pattern(regex: str, example: str) -> Check:
-    compiled = re.compile(regex)
-
-    def check(key: str, value: Any, where: str, privileged: bool) -> Any:
-        if not compiled.fullmatch(value):
-            raise _err(where, f"'{key}' value '{value}' is not valid (expected something like "
-                              f"'{example}')")
-        return value
-
-    return check
-
-
-def _positive(key: str, value: Any, where: str, privileged: bool) -> Any:
-    if value < 1:
-        raise _err(where, f"value for '{key}' parameter must be at least 1")
-    return value
-
-
-_SPECS: dict[str, _Spec] = {
-    "security_driver": _Spec("strlist_compat", _security_driver,
-                             "autodetect: selinux, apparmor, none"),
-    "security_default_confined": _Spec("bool"),
-    "security_require_confined": _Spec("bool"),
-    "user": _Spec("string", _account),
-    "group": _Spec("string", _account),
-    "dynamic_ownership": _Spec("bool"),
-    "remember_owner": _Spec("bool"),
-    "cgroup_controllers": _Spec("strlist", _controllers, "autodetect"),
-    "cgroup_device_acl": _Spec("strlist", _absolute, "built-in device list"),
-    "clear_emulator_capabilities": _Spec("bool"),
-    "seccomp_sandbox": _Spec("int"),
-    "namespaces": _Spec("strlist", _namespaces),
-    "set_process_name": _Spec("bool"),
-    "max_processes": _Spec("uint"),
-    "max_files": _Spec("uint"),
-    "max_threads_per_process": _Spec("uint"),
-    "max_core": _Spec("max_core"),
-    "dump_guest_core": _Spec("bool"),
-    "stdio_handler": _Spec("string", _enum("logd", "file",
-                                           message="Unknown stdio handler {value}")),
-    "sched_core": _Spec("string", _enum("none", "vcpus", "emulator", "full",
-                                        message="Unknown sched_core value {value}")),
-    "relaxed_acs_check": _Spec("bool"),
-    "mac_filter": _Spec("bool"),
-    "allow_disk_format_probing": _Spec("bool", _no_probing),
-    "lock_manager": _Spec("string", None, "no disk locking"),
-    "swtpm_user": _Spec("string", _account),
-    "swtpm_group": _Spec("string", _account),
-    "shared_filesystems": _Spec("strlist", _absolute),
-    "vnc_listen": _Spec("string"),
-    "vnc_auto_unix_socket": _Spec("bool"),
-    "vnc_allow_host_audio": _Spec("bool"),
-    "nographics_allow_host_audio": _Spec("bool"),
-    "memory_backing_dir": _Spec("string", _absolute, "instance default"),
-    "hugetlbfs_mount": _Spec("strlist_compat", _absolute, "autodetect"),
-    "bridge_helper": _Spec("string"),
-    "pr_helper": _Spec("string"),
-    "slirp_helper": _Spec("string"),
-    "dbus_daemon": _Spec("string"),
-    "cgroup_device_acl_extra": _Spec("strlist", _absolute),
-    "cgroup_partition": _Spec("string", _partition),
-    "cgroup_devices_backend": _Spec("string", _enum("auto", "v1", "v2")),
-    "emulator_search_path": _Spec("strlist", _absolute),
-    "apparmor_profile_dir": _Spec("string", _absolute),
-    "apparmor_profile_prefix": _Spec("string", _pattern(r"[A-Za-z0-9][A-Za-z0-9_.-]*",
-                                                        "vmconfine-")),
-    "selinux_mode": _Spec("string", _enum("svirt", "basic")),
-    "remember_owner_xattr_prefix": _Spec(
-        "string", _pattern(r"(trusted|security|user)\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*",
-                           "trusted.vmconfine.security")),
-    "shutdown_timeout": _Spec("uint", _positive),
-    "landlock_mode": _Spec("string", _enum("enforce", "best-effort")),
-    "unsupported_xml": _Spec("string", _enum("warn", "error")),
+_SPECS: dict[str, Spec] = {
+    "security_driver": Spec("strlist_compat", _security_driver,
+                            "autodetect: selinux, apparmor, none"),
+    "security_default_confined": Spec("bool"),
+    "security_require_confined": Spec("bool"),
+    "user": Spec("string", _account),
+    "group": Spec("string", _account),
+    "remember_owner": Spec("bool"),
+    "clear_emulator_capabilities": Spec("bool"),
+    "seccomp_sandbox": Spec("int"),
+    "namespaces": Spec("strlist", _namespaces),
+    "set_process_name": Spec("bool"),
+    "max_processes": Spec("uint"),
+    "max_files": Spec("uint"),
+    "max_threads_per_process": Spec("uint"),
+    "max_core": Spec("max_core"),
+    "dump_guest_core": Spec("bool"),
+    "stdio_handler": Spec("string", enum("logd", "file",
+                                         message="Unknown stdio handler {value}")),
+    "sched_core": Spec("string", enum("none", "vcpus", "emulator", "full",
+                                      message="Unknown sched_core value {value}")),
+    "relaxed_acs_check": Spec("bool"),
+    "mac_filter": Spec("bool"),
+    "allow_disk_format_probing": Spec("bool", _no_probing),
+    "lock_manager": Spec("string", None, "no disk locking"),
+    "swtpm_user": Spec("string", _account),
+    "swtpm_group": Spec("string", _account),
+    "shared_filesystems": Spec("strlist", absolute),
+    "vnc_listen": Spec("string"),
+    "vnc_auto_unix_socket": Spec("bool"),
+    "vnc_allow_host_audio": Spec("bool"),
+    "nographics_allow_host_audio": Spec("bool"),
+    "memory_backing_dir": Spec("string", absolute, "instance default"),
+    "hugetlbfs_mount": Spec("strlist_compat", absolute, "autodetect"),
+    "bridge_helper": Spec("string"),
+    "pr_helper": Spec("string"),
+    "slirp_helper": Spec("string"),
+    "dbus_daemon": Spec("string"),
+    "emulator_search_path": Spec("strlist", absolute),
+    "remember_owner_xattr_prefix": Spec(
+        "string", pattern(r"(trusted|security|user)\.[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*",
+                          "trusted.vmconfine.security")),
+    "shutdown_timeout": Spec("uint", positive),
+    "unsupported_xml": Spec("string", enum("warn", "error")),
 }
 
-#: Every setting vmconfine uses, in the order :meth:`QemuConfig.format` writes them.
+#: Every instance-wide setting, in the order :meth:`QemuConfig.format` writes them.
 KNOWN_KEYS: tuple[str, ...] = tuple(_SPECS)
 
 _BOOL = ("vnc_tls", "vnc_tls_x509_verify", "vnc_sasl", "spice_tls", "spice_sasl",
@@ -383,55 +401,10 @@ LIBVIRT_UNUSED_KEYS: dict[str, str] = {
 }
 
 #: Settings that only matter when QEMU runs under another account (privileged instances).
-_PRIVILEGED_ONLY = ("user", "group", "dynamic_ownership", "remember_owner")
+_PRIVILEGED_ONLY = ("user", "group", "remember_owner")
 
-
-# -- typed getters (libvirt's virConfGetValue* rules) -------------------------------------
-
-def _typed(kind: str, key: str, value: Any, where: str) -> Any:
-    """Check ``value`` against ``kind`` as libvirt's getter for that kind does."""
-    if kind == "bool":
-        if not isinstance(value, int) or value < 0:
-            raise _err(where, f"expected a bool for '{key}' parameter (write 0 or 1)")
-        if value > 1:
-            raise _err(where, f"value for '{key}' parameter must be 0 or 1")
-        return value == 1
-    if kind == "int":
-        if not isinstance(value, int):
-            raise _err(where, f"expected a signed integer for '{key}' parameter")
-        if not INT_MIN <= value <= INT_MAX:
-            raise _err(where, f"value for '{key}' parameter must be in range "
-                              f"{INT_MIN}:{INT_MAX}")
-        return value
-    if kind in ("uint", "ullong"):
-        if not isinstance(value, int) or value < 0:
-            raise _err(where, f"expected an unsigned integer for '{key}' parameter")
-        top = UINT_MAX if kind == "uint" else ULLONG_MAX
-        if value > top:
-            raise _err(where, f"value for '{key}' parameter must be in range 0:{top}")
-        return value
-    if kind == "string":
-        if not isinstance(value, str):
-            raise _err(where, f"expected a string for '{key}' parameter (put it in quotes)")
-        return value
-    if kind in ("strlist", "strlist_compat"):
-        if kind == "strlist_compat" and isinstance(value, str):
-            return [value]
-        if kind == "strlist_compat" and not isinstance(value, list):
-            raise _err(where, f"expected a string or string list for '{key}' parameter "
-                              '(write "a" or [ "a", "b" ])')
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _err(where, f"expected a string list for '{key}' parameter "
-                              '(write [ "a", "b" ])')
-        return list(value)
-    if kind == "max_core":
-        if isinstance(value, str):
-            if value != "unlimited":
-                raise _err(where, f"Unknown core size '{value}' (use \"unlimited\" or a "
-                                  "number of bytes)")
-            return value
-        return _typed("ullong", key, value, where)
-    raise AssertionError(f"unknown kind {kind}")
+#: sort position of a note about a key left at its default: after every line's notes
+_END = 2**62
 
 
 def _one_line(text: str) -> str:
@@ -441,86 +414,95 @@ def _one_line(text: str) -> str:
 # -- loading --------------------------------------------------------------------------------
 
 def config_from_conf(conf: ConfFile, *, privileged: bool, caller_uid: int,
-                     caller_gid: int) -> QemuConfig:
-    """Type-check a parsed qemu.conf and apply it over the instance's defaults."""
+                     caller_gid: int, drivers: Declarations = ()) -> QemuConfig:
+    """Type-check a parsed qemu.conf and apply it over the instance's defaults, with the keys
+    ``drivers`` declare (more can be declared later with :meth:`QemuConfig.declare`)."""
     cfg = QemuConfig.defaults(privileged=privileged, caller_uid=caller_uid,
                               caller_gid=caller_gid)
     cfg.path = conf.filename
     first: dict[str, ConfEntry] = {}
+    lines: dict[str, int] = {}
     for entry in conf.entries:
-        where = conf.where(entry)
-        if entry.name in first:
-            cfg._notes.append(f"{where}: '{entry.name}' is set again and this line is ignored; "
-                              f"the first setting at {conf.where(first[entry.name])} wins")
+        where, name = conf.where(entry), entry.name
+        if name in first:
+            cfg._notes.append((entry.line, f"{where}: '{name}' is set again and this line is "
+                                           f"ignored; the first setting at "
+                                           f"{conf.where(first[name])} wins"))
             continue
-        first[entry.name] = entry
-        if entry.name in _SPECS:
-            spec = _SPECS[entry.name]
-            value = _typed(spec.kind, entry.name, entry.value, where)
-            if spec.check is not None:
-                value = spec.check(entry.name, value, where, privileged)
-            setattr(cfg, entry.name, value)
-            cfg._sources[entry.name] = where
-            if entry.name in _PRIVILEGED_ONLY and not privileged:
-                cfg._notes.append(f"{where}: '{entry.name}' has no effect in an unprivileged "
-                                  "instance (QEMU runs as the caller, without DAC relabelling)")
-            if entry.name == "lock_manager":
-                cfg._notes.append(f"{where}: lock_manager is not implemented by vmconfine; "
-                                  "disks are not locked")
-        elif entry.name in LIBVIRT_UNUSED_KEYS:
-            _typed(LIBVIRT_UNUSED_KEYS[entry.name], entry.name, entry.value, where)
-            cfg.ignored[entry.name] = where
-            cfg._notes.append(f"{where}: '{entry.name}' is a libvirt setting vmconfine does "
-                              "not use; it has no effect")
+        first[name] = entry
+        if name in _SPECS:
+            setattr(cfg, name, apply(_SPECS[name], name, entry.value, where, privileged))
+            cfg._sources[name] = where
+            lines[name] = entry.line
+            if name in _PRIVILEGED_ONLY and not privileged:
+                cfg._notes.append((entry.line, f"{where}: '{name}' has no effect in an "
+                                               "unprivileged instance (QEMU runs as the "
+                                               "caller, without DAC relabelling)"))
+            if name == "lock_manager":
+                cfg._notes.append((entry.line, f"{where}: lock_manager is not implemented by "
+                                               "vmconfine; disks are not locked"))
+            continue
+        cfg._raw[name] = (entry.value, where, entry.line)
+        if name in LIBVIRT_UNUSED_KEYS:
+            typed(LIBVIRT_UNUSED_KEYS[name], name, entry.value, where)
+            cfg.ignored[name] = where
+            cfg._notes.append((entry.line, f"{where}: '{name}' is a libvirt setting vmconfine "
+                                           "does not use; it has no effect"))
         else:
-            cfg.unknown[entry.name] = where
-            cfg._notes.append(f"{where}: unknown setting '{entry.name}' is ignored (check the "
-                              "spelling; 'vmconfine config' lists the known settings)")
-    _note_high_privileges(cfg)
+            cfg.unknown[name] = where
+    _note_high_privileges(cfg, lines)
+    for driver, settings in drivers:
+        cfg.declare(driver, settings)
     return cfg
 
 
-def _note_high_privileges(cfg: QemuConfig) -> None:
+def _note_high_privileges(cfg: QemuConfig, lines: dict[str, int]) -> None:
     """Note the settings libvirt taints as "high-privileges" (QEMU keeps root powers)."""
     if not cfg.privileged:
         return
     for key in ("user", "group"):
         if getattr(cfg, key) in ("root", "+0"):
-            cfg._notes.append(f"{cfg.source(key)}: '{key}' is root, so QEMU runs with root "
-                              "privileges and DAC confinement is lost; use an unprivileged "
-                              "account")
+            cfg._notes.append((lines.get(key, _END),
+                               f"{cfg.source(key)}: '{key}' is root, so QEMU runs with root "
+                               "privileges and DAC confinement is lost; use an unprivileged "
+                               "account"))
     if not cfg.clear_emulator_capabilities:
-        cfg._notes.append(f"{cfg.source('clear_emulator_capabilities')}: "
-                          "clear_emulator_capabilities = 0 lets QEMU keep its capabilities; "
-                          "set it to 1 unless a device really needs them")
+        cfg._notes.append((lines.get("clear_emulator_capabilities", _END),
+                           f"{cfg.source('clear_emulator_capabilities')}: "
+                           "clear_emulator_capabilities = 0 lets QEMU keep its capabilities; "
+                           "set it to 1 unless a device really needs them"))
 
 
 def config_from_text(text: str, filename: str = "memory conf", *, privileged: bool,
-                     caller_uid: int, caller_gid: int) -> QemuConfig:
+                     caller_uid: int, caller_gid: int,
+                     drivers: Declarations = ()) -> QemuConfig:
     """Parse qemu.conf text and apply it (see :func:`config_from_conf`)."""
     return config_from_conf(parse_conf(text, filename), privileged=privileged,
-                            caller_uid=caller_uid, caller_gid=caller_gid)
+                            caller_uid=caller_uid, caller_gid=caller_gid, drivers=drivers)
 
 
 def load_config(path: Path | None, *, privileged: bool, caller_uid: int,
-                caller_gid: int) -> QemuConfig:
-    """Load qemu.conf from ``path``; None or a missing file gives all defaults.
+                caller_gid: int, drivers: Declarations = (),
+                missing_ok: bool = True) -> QemuConfig:
+    """Load qemu.conf from ``path``; None or a missing file gives all defaults (unless
+    ``missing_ok`` is off: then a missing file is an error).
 
     Raises ConfigError (``FILE:LINE: message``) for syntax errors, bad values and files that
     exist but cannot be read.
     """
-    defaults = QemuConfig.defaults(privileged=privileged, caller_uid=caller_uid,
-                                   caller_gid=caller_gid)
     if path is None:
-        return defaults
+        return QemuConfig.defaults(privileged=privileged, caller_uid=caller_uid,
+                                   caller_gid=caller_gid, drivers=drivers)
     try:
         os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
-        return defaults
+        if missing_ok:
+            return QemuConfig.defaults(privileged=privileged, caller_uid=caller_uid,
+                                       caller_gid=caller_gid, drivers=drivers)
     except OSError:
         pass  # read_conf_file reports it
     return config_from_conf(read_conf_file(path), privileged=privileged,
-                            caller_uid=caller_uid, caller_gid=caller_gid)
+                            caller_uid=caller_uid, caller_gid=caller_gid, drivers=drivers)
 
 
 assert set(KNOWN_KEYS) == {f.name for f in fields(QemuConfig) if f.init and f.compare}

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
+from vmconfine.domain.chardev import drop_generated_paths
 from vmconfine.domain.devices import (
     Chardev,
     Controller,
@@ -254,6 +255,9 @@ class Domain:
     qemu_args: list[str] = field(default_factory=list)
     qemu_env: list[tuple[str, str | None]] = field(default_factory=list)
     state: dict[str, str | list[str]] = field(default_factory=dict)
+    #: chardev source paths vmconfine generated at start (virtio channels without a path);
+    #: kept in live XML as state ``generated`` and left out of the inactive XML
+    generated_paths: list[str] = field(default_factory=list)
 
     @property
     def root(self) -> etree._Element:
@@ -333,6 +337,7 @@ class Domain:
                 normalise_live_seclabel(copies[i], sec)
         else:
             root.attrib.pop("id", None)
+            drop_generated_paths(root, self.generated_paths)
             for i, sec in positions.items():
                 inactive_seclabel(copies[i], sec)
             drop_device_labelskip(root)
@@ -552,5 +557,7 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         filesystems=devices.filesystems, watchdogs=devices.watchdogs,
         seclabels=parse_seclabels(ctx, root),
         state=read_state(root))
+    generated = dom.state.get("generated", [])
+    dom.generated_paths = list(generated) if isinstance(generated, list) else []
     dom.qemu_args, dom.qemu_env = _parse_qemu_namespace(ctx, root)
     return dom

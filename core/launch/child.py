@@ -2,10 +2,10 @@
 
 The parent forks; the child resets signal dispositions and mask, starts a session, points
 stdin at /dev/null and stdout/stderr at the domain log, closes every inherited fd except the
-monitor sockets, then runs the stack's child hooks in libvirt's order (cgroup → namespace →
-exec label → identity → capabilities → no_new_privs → confine) and execs QEMU. Any failure in
-the child is written to a close-on-exec pipe, so the parent learns of it exactly when exec did
-not happen.
+descriptors vmconfine pre-opened for QEMU (sockets, chardev files), then runs the stack's
+child hooks in libvirt's order (cgroup → namespace → exec label → identity →
+capabilities → no_new_privs → confine) and execs QEMU. Any failure in the child is
+written to a close-on-exec pipe, so the parent learns of it exactly when exec did not happen.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import ctypes
 import fcntl
 import os
 import signal
-import socket
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,19 +37,20 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
-          socks: list[socket.socket], log_path: Path, *, outlive: bool = False) -> int:
+          passed: Mapping[str, int], log_path: Path, *, outlive: bool = False) -> int:
     """Fork; in the child apply every driver's child hooks in libvirt's order and exec QEMU
-    with the listening ``socks`` as its monitor fds. Returns QEMU's pid once it has exec'd (or
-    raises with the child's own error message). Unless ``outlive``, QEMU gets SIGKILL when
-    this process dies (``run``); a daemon's QEMUs outlive it and are reconnected."""
+    with the pre-opened resources (``passed``: descriptor by name, see
+    :mod:`vmconfine.launch.preopen`) as inherited fds. Returns QEMU's pid once it has exec'd
+    (or raises with the child's own error message). Unless ``outlive``, QEMU gets SIGKILL
+    when this process dies (``run``); a daemon's QEMUs outlive it and are reconnected."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.write(log_fd, f"{time.strftime('%Y-%m-%d %H:%M:%S')}: starting up\n"
                      f"{command.format_native()}\n".encode())
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    fds = [s.fileno() for s in socks]
-    argv = command.argv(fds=fds)
+    argv = command.argv(fds=passed)
+    fds = sorted({passed[p.name] for p in command.inherited})
     env = dict(command.env)
     parent_pid = os.getpid()
     for stream in (sys.stdout, sys.stderr):

@@ -6,11 +6,14 @@
    and resolve backing chains; reserve the name, UUID and id under the instance lock and
    journal ``begin``;
 2. *prepare domain* — generate labels (``gen_label``), build the command line;
-3. *prepare host* — ``preflight``, runtime directories, ``set_all_labels`` (one transaction:
-   a failure rolls back every driver that ran), the listening monitor sockets
-   (``set_socket_label`` around their creation);
+3. *prepare host* — ``preflight``, runtime directories, the pre-opened resources
+   (:mod:`~.preopen`: every listening socket — QMP monitors, chardevs in ``mode='bind'``, the
+   VNC socket — created with ``set_socket_label`` around it, every chardev file and log
+   opened; QEMU gets them as fds), ``set_all_labels`` (one transaction: a failure rolls back
+   every driver that ran);
 4. *launch* — fork; the child runs the child hooks and execs QEMU (:mod:`~.child`);
-5. *connect monitor* — the QMP handshake, raced against QEMU exiting;
+5. *connect monitor* — the QMP handshake, raced against QEMU exiting; the VNC socket is
+   handed over it (``getfd`` + ``display-update``: QEMU 7.2's ``-vnc`` takes no fd);
 6. *verify* — what the kernel reports for the pid against what every driver asked for, and
    no_new_privs (beyond libvirt: fail closed);
 7. *finish start-up* — write the live status XML; start the guest CPUs unless paused.
@@ -47,9 +50,11 @@ from qemu.qmp import QMPError
 
 from vmconfine.config.hugepages import hugepage_dir
 from vmconfine.domain.chain import resolve_chain
+from vmconfine.domain.chardev import fill_channel_paths
 from vmconfine.errors import LaunchError, VmconfineError
-from vmconfine.launch import checks, child, runtime
+from vmconfine.launch import checks, child, preopen, runtime
 from vmconfine.launch.journal import Journal
+from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
 from vmconfine.qemu import qmp
@@ -64,7 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STEPS = ("begin", "labels", "preflight", "set-labels", "sockets", "forked", "qmp", "verified",
+STEPS = ("begin", "labels", "preflight", "sockets", "set-labels", "forked", "qmp", "verified",
          "running")
 PAUSE_ENV = "VMCONFINE_PAUSE_AT"
 
@@ -92,7 +97,7 @@ class Launched:
     domain_id: int
     lock: runtime.DomainLock
     log_path: Path
-    monitor_socks: list[socket.socket] = field(default_factory=list)
+    preopened: PreOpened = field(default_factory=PreOpened)
     client: QMPClient | None = None
 
     @property
@@ -138,8 +143,13 @@ def _qemu_user_name(conn: Connection) -> str:
 
 
 def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None) -> None:
-    """Validation that changes nothing: disk sources, seclabel models, driver checks (of
-    ``stack``, default the instance's), backing chains."""
+    """Validation that changes nothing on the host: disk sources, seclabel models, driver
+    checks (of ``stack``, default the instance's), backing chains; a virtio channel's unix
+    socket without a path gets one generated (libvirt's ``qemuDomainPrepareChannel``), shown
+    in the live XML."""
+    if not domain.generated_paths:
+        domain.generated_paths = fill_channel_paths(
+            domain.chardevs, str(conn.instance.channel_dir(domain.name)))
     stack = stack if stack is not None else conn.stack
     stack.check_models(domain)
     stack.verify(domain)
@@ -192,25 +202,39 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         checkpoint("labels")
         command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
         checks.check_emulator(command.emulator)
-        ctx.state["pipeline"] = {"command": command}
+        ctx.command = command
+        ctx.state["pipeline"] = {}
         # 3. prepare host
         stack.preflight(ctx)
         checkpoint("preflight")
         _make_runtime_dirs(ctx)
-        stack.set("set_all_labels", ctx)
-        checkpoint("set-labels")
-        socks = _monitor_sockets(stack, ctx)
+        preopened = preopen.open_all(stack, ctx, command)
         checkpoint("sockets")
+        try:
+            stack.set("set_all_labels", ctx)
+        except BaseException:
+            preopened.close()
+            raise
+        checkpoint("set-labels")
         # 4. launch
         log_path = inst.log_path(domain.name)
-        pid = child.spawn(stack, ctx, command, socks, log_path, outlive=outlive)
+        try:
+            pid = child.spawn(stack, ctx, command, preopened.fds, log_path, outlive=outlive)
+        except BaseException:
+            preopened.close()
+            raise
+        # the parent keeps its copies until teardown: a QEMU that dies during start-up then
+        # leaves the monitor listening, so the handshake waits instead of being reset
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
         journal.record("pipeline", "started", pid=pid, starttime=process.starttime)
-        launched = Launched(ctx, command, process, domain_id, lock, log_path, socks)
+        launched = Launched(ctx, command, process, domain_id, lock, log_path, preopened)
         process.watch(asyncio.get_running_loop())
         checkpoint("forked")
         # 5. connect monitor
         launched.client = await _connect_monitor(conn, launched)
+        vnc = preopened.take("vnc")
+        if vnc is not None:
+            await _hand_over_vnc(launched.client, launched, vnc)
         checkpoint("qmp")
         # 6. verify
         _verify(conn, launched)
@@ -290,55 +314,15 @@ def _make_runtime_dirs(ctx: DomainContext) -> None:
         d.mkdir(mode=0o750, parents=True)
 
 
-def _monitor_sockets(stack: Stack, ctx: DomainContext) -> list[socket.socket]:
-    """Create the listening QMP sockets in the parent; QEMU gets them as fds."""
-    inst = ctx.instance
-    stack.set("set_socket_label", ctx)
+async def _hand_over_vnc(client: QMPClient, launched: Launched, sock: socket.socket) -> None:
+    """Give QEMU the VNC listening socket vmconfine created (``-vnc none`` at exec)."""
     try:
-        socks = []
-        for path in (inst.monitor_path(ctx.domain.name), inst.user_monitor_path(ctx.domain.name)):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            s.bind(str(path))
-            os.chmod(path, 0o600)
-            s.listen(8)
-            socks.append(s)
-        return socks
+        await preopen.hand_over_vnc(client, sock)
+    except Exception as exc:
+        raise LaunchError(f"domain '{launched.name}': handing the VNC socket to QEMU failed: "
+                          f"{exc}") from None
     finally:
-        stack.restore("clear_socket_label", ctx)
-
-
-def _make_runtime_dirs(ctx: DomainContext) -> None:
-    inst = ctx.instance
-    huge = hugepage_dir(ctx.domain, inst.config)
-    if huge is not None:  # <mount>/vmconfine stays, as libvirt's <mount>/libvirt/qemu
-        os.makedirs(os.path.dirname(huge), mode=0o755, exist_ok=True)
-    for d in (inst.domain_run_dir(ctx.domain.name), inst.domain_lib_dir(ctx.domain.name),
-              *([Path(huge)] if huge else [])):
-        if d.exists():
-            shutil.rmtree(d)
-        ctx.journal.record("pipeline", "mkdir", path=str(d))
-        d.mkdir(mode=0o750, parents=True)
-
-
-def _monitor_sockets(stack: Stack, ctx: DomainContext) -> list[socket.socket]:
-    """Create the listening QMP sockets in the parent; QEMU gets them as fds."""
-    inst = ctx.instance
-    stack.set("set_socket_label", ctx)
-    try:
-        socks = []
-        for path in (inst.monitor_path(ctx.domain.name), inst.user_monitor_path(ctx.domain.name)):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            s.bind(str(path))
-            os.chmod(path, 0o600)
-            s.listen(8)
-            socks.append(s)
-        return socks
-    finally:
-        stack.restore("clear_socket_label", ctx)
+        sock.close()
 
 
 async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
@@ -413,6 +397,7 @@ def write_status(conn: Connection, launched: Launched) -> None:
         "starttime": str(launched.starttime or ""),
         "supervisor": str(os.getpid()),
         "taints": ",".join(launched.ctx.taints),
+        "generated": list(launched.ctx.domain.generated_paths),
     }
     xml = launched.ctx.domain.to_xml(live=True, extra={"id": launched.domain_id, "state": state})
     with runtime.instance_lock(conn.instance):
@@ -440,6 +425,8 @@ def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True)
     errors = stack.restore("restore_all_labels", ctx)
     if labels_generated:
         errors += stack.release_labels(ctx)
+    errors += preopen.remove_sockets(ctx.journal.records("pipeline", "socket"),
+                                     ctx.journal.records("pipeline", "socket-inode"))
     for rec in reversed(ctx.journal.records("pipeline", "mkdir")):
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(rec["path"])
@@ -462,8 +449,7 @@ async def _abort(stack: Stack, ctx: DomainContext, launched: Launched | None, *,
             await qmp.disconnect(launched.client)
         launched.process.kill()
         launched.process.close()
-        for s in launched.monitor_socks:
-            s.close()
+        launched.preopened.close()
     elif ctx.pid is not None:  # forked, but died or failed before it was watched
         runtime.kill_process(ctx.pid, ctx.state.get("pipeline", {}).get("starttime"))
     errors = teardown(stack, ctx, labels_generated=labels_generated)
@@ -474,8 +460,7 @@ async def _abort(stack: Stack, ctx: DomainContext, launched: Launched | None, *,
 def finish(conn: Connection, launched: Launched) -> list[str]:
     """Tear down a domain whose QEMU has exited (or was killed): every host change given back,
     the lifetime lock released. Returns the problems (the journal is kept if any)."""
-    for s in launched.monitor_socks:
-        s.close()
+    launched.preopened.close()
     launched.process.close()
     errors = teardown(conn.stack, launched.ctx)
     conn.instance.destroy_marker_path(launched.name).unlink(missing_ok=True)

@@ -3,23 +3,35 @@
 A *plugin module* (found through the ``vmconfine`` entry-point group, or registered by a test)
 implements :func:`vmconfine_register_drivers` and adds one or more drivers to the registry. A
 *driver* is an object whose methods are pluggy hook implementations of the per-driver hooks
-below (decorate them with :data:`vmconfine.hookimpl`). The stack calls each driver's hooks
-explicitly, in configured order, through pluggy (so hook tracing and signature validation
-apply); it never relies on pluggy's LIFO ordering.
+below (decorate them with :data:`hookimpl` of this module). The stack calls each driver's
+hooks explicitly, in configured order, through pluggy (so hook tracing and signature
+validation apply); it never relies on pluggy's LIFO ordering.
 
 Conventions for every per-driver hook:
 
 * ``ctx`` is a :class:`vmconfine.plugin.context.DomainContext`: the domain model
-  (``ctx.domain``), the
-  instance and its config (``ctx.host``), the journal (``ctx.journal``), the resources QEMU will
-  open (``ctx.resources``), the driver's own seclabel (``ctx.seclabel(model)``), and after fork the
-  QEMU pid (``ctx.pid``).
+  (``ctx.domain``), the instance and its config (``ctx.host``, ``ctx.config``), the journal
+  (``ctx.journal``), the resources QEMU will open (``ctx.resources``, each with a
+  :class:`~vmconfine.plugin.resources.Role`), the driver's own seclabel
+  (``ctx.seclabel(model)``), the QEMU command once the argv is built (``ctx.command``, a
+  :class:`~vmconfine.qemu.argv.QemuCommand`, from ``preflight`` on), and after fork the QEMU
+  pid (``ctx.pid``).
+* A driver reads its own qemu.conf keys, declared with ``registry.add(..., settings=[...])``,
+  as ``ctx.config.driver_settings(NAME)`` (typed, with their ``FILE:LINE`` sources); core keys
+  (``user``, ``security_require_confined``, ...) are attributes of ``ctx.config``.
 * Failures raise :class:`vmconfine.errors.VmconfineError` subclasses (one clear line). Returning
-  normally means success. A driver that does not implement a hook is treated as succeeding, as
-  libvirt's manager does for optional hooks.
+  normally means success. Any other exception escaping a hook (an ``OSError``, a bug) becomes
+  a :class:`~vmconfine.errors.DriverError` naming the driver and the hook. A driver that does
+  not implement a hook is treated as succeeding, as libvirt's manager does for optional hooks.
+* The contract is checked when a plugin module is loaded and when a driver object is built: a
+  method marked ``@hookimpl`` whose name is no hook (``child_confined``), a method named like a
+  hook without the marker, or a signature pluggy refuses is an error naming the plugin or
+  driver, the method and the fix.
 * *Set-type* hooks (``set_*``) run in stack order; when one raises, the stack runs the matching
-  *restore-type* hook of every driver that already succeeded, in reverse order, then re-raises.
-  Restore-type hooks run on every driver even when some fail; every failure is reported.
+  *restore-type* hook of the failing driver and every earlier one, in reverse order, then
+  re-raises. Restore-type hooks run on every driver even when some fail; every failure is
+  reported. Each restore runs once per context: the teardown after a failed set does not
+  repeat the restores the rollback already ran (it reports their failures again).
 * Anything a driver changes on the host must be recorded in ``ctx.journal`` BEFORE the change,
   so that a teardown after a crash of vmconfine (``restore_all_labels`` called from a fresh process
   with a context rebuilt from the journal) can undo exactly what was done.
@@ -55,10 +67,15 @@ def vmconfine_register_drivers(registry: DriverRegistry) -> None:
     """Register this plugin's drivers.
 
     When: once, when the plugin manager is built (every command). Runs in the parent.
-    Gets: the registry. Call ``registry.add(name, factory, description, kind=...)`` per driver:
-    ``factory(host: HostContext) -> driver object``; ``kind`` is ``"security"`` (selectable in
-    ``security_driver``; DAC is ``"security"`` too, appended by the stack rule) or ``"pipeline"``
-    (always considered, e.g. cgroups; its ``enabled`` hook decides per instance).
+    Gets: the registry. Call ``registry.add(name, factory, description, kind=..., settings=...,
+    labels=...)`` per driver: ``factory(host: HostContext) -> driver object``; ``kind`` is
+    ``"security"`` (selectable in ``security_driver``; DAC is ``"security"`` too, appended by
+    the stack rule) or ``"pipeline"`` (always considered, e.g. cgroups; its ``enabled`` hook
+    decides per instance); ``settings`` are the driver's own qemu.conf keys
+    (:class:`vmconfine.config.keys.Setting`: name, kind, default, doc, optional check), known
+    before any stack is built; ``labels=False`` marks a security driver that confines without
+    a label (no ``<seclabel>``, ``<secmodel>`` or ``dominfo`` line; ``gen_label``, ``verify``
+    and ``process_label`` are not called for it).
     Returns: nothing.
     """
 
@@ -170,7 +187,10 @@ def plan_label(ctx: DomainContext, seclabel: SecLabel) -> None:
 
 @hookspec
 def reserve_label(ctx: DomainContext, seclabel: SecLabel, pid: int) -> None:
-    """Mark a running domain's label as in use (reconnect / adoption). Raise if taken."""
+    """Mark a running domain's label as in use (reconnect / adoption). Raise if taken.
+
+    When: the daemon reconnecting to a running domain (``Stack.reserve_labels``).
+    """
 
 
 @hookspec
@@ -196,7 +216,12 @@ def preflight(ctx: DomainContext) -> None:
 def set_all_labels(ctx: DomainContext) -> None:
     """Label / allow every resource of the domain (``ctx.resources``) before QEMU starts.
 
-    Set-type. When: after preflight, before fork. Journal each change before making it.
+    Set-type. When: after preflight and after the pre-opened resources exist (sockets bound,
+    chardev files opened: :mod:`vmconfine.launch.preopen`), before fork. Journal each change
+    before making it. A resource with ``passed`` set reaches QEMU only as a descriptor: grant
+    nothing that QEMU would need to open its path (owner, directory access, Landlock rules),
+    but do cover what the kernel checks on the use of a descriptor (an SELinux file label, an
+    AppArmor file rule: inherited files are revalidated at exec).
     """
 
 
@@ -211,39 +236,68 @@ def restore_all_labels(ctx: DomainContext) -> None:
 
 @hookspec
 def set_image_label(ctx: DomainContext, disk: Disk) -> None:
-    """Label one disk and its whole backing chain (hotplug). Set-type."""
+    """Label one disk and its whole backing chain (hotplug). Set-type.
+
+    When: disk hotplug (``vmconfine.launch.hotplug``), before QEMU gets the image.
+    """
 
 
 @hookspec
 def restore_image_label(ctx: DomainContext, disk: Disk) -> None:
-    """Undo ``set_image_label`` for one disk (hot-unplug). Restore-type."""
+    """Undo ``set_image_label`` for one disk (hot-unplug). Restore-type.
+
+    When: disk hot-unplug, and a failed hotplug's rollback (``vmconfine.launch.hotplug``).
+    """
 
 
 @hookspec
 def set_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
-    """Label / allow one host device's nodes (hotplug). Set-type."""
+    """Label / allow one host device's nodes (hotplug). Set-type.
+
+    Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
+    can rely on it).
+    """
 
 
 @hookspec
 def restore_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
-    """Undo ``set_hostdev_label``. Restore-type."""
+    """Undo ``set_hostdev_label``. Restore-type.
+
+    Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
+    can rely on it).
+    """
 
 
 @hookspec
 def set_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
-    """Label one character device source (file, pipe, unix socket, device). Set-type."""
+    """Label one character device source (file, pipe, unix socket, device). Set-type.
+
+    When: hotplug of a chardev (start-up labels every chardev through ``set_all_labels``;
+    the resources of one chardev are :func:`vmconfine.plugin.resources.chardev_resources`,
+    with ``passed`` set for what vmconfine opens and hands over as a descriptor).
+
+    Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
+    can rely on it).
+    """
 
 
 @hookspec
 def restore_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
-    """Undo ``set_chardev_label``. Restore-type."""
+    """Undo ``set_chardev_label``. Restore-type.
+
+    Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
+    can rely on it).
+    """
 
 
 @hookspec
 def set_socket_label(ctx: DomainContext) -> None:
-    """Set the socket-create label for sockets vmconfine creates for the domain (monitors).
+    """Set the socket-create label for sockets vmconfine creates for the domain.
 
-    Set-type. When: just before the parent creates the domain's listening sockets.
+    Set-type. When: just before the parent creates the domain's listening sockets — the QMP
+    monitors, every chardev in ``mode='bind'`` and the VNC socket, all of which QEMU gets as
+    descriptors (:mod:`vmconfine.launch.preopen`) — and cleared right after. The socket
+    files stay owned by vmconfine (mode 0600): no driver needs to chown them.
     """
 
 
@@ -371,3 +425,11 @@ def explain_process(ctx: DomainContext, kernel: dict[str, Any] | None) -> list[d
     kernel's ``attr/current``). A driver's ``describe`` may add ``legend`` (one line printed
     under the resource table, e.g. what the letters of its cells mean).
     """
+
+
+#: Every hook name of the contract (a driver method with one of these names must be marked
+#: ``@hookimpl``; a marked method must have one of these names).
+HOOK_NAMES: frozenset[str] = frozenset(
+    name for name, fn in list(globals().items())
+    if callable(fn) and hasattr(fn, f"{PROJECT}_spec")
+)

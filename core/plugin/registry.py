@@ -8,7 +8,9 @@ registered there exactly like third-party ones). Each plugin module implements
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from vmconfine.config.keys import Setting
+from vmconfine.config.settings import KNOWN_KEYS
 from vmconfine.errors import DriverError
 from vmconfine.plugin import hookspecs
 
@@ -32,13 +36,16 @@ KINDS = ("security", "pipeline")
 
 @dataclass(frozen=True)
 class DriverInfo:
-    """One registered driver: its name, how to build it, and a one-line description."""
+    """One registered driver: its name, how to build it, a one-line description, its
+    qemu.conf keys and whether it is a label-bearing security model."""
 
     name: str
     factory: DriverFactory
     description: str
     kind: str = "security"
     plugin: str = ""
+    settings: tuple[Setting, ...] = ()
+    labels: bool = True
 
 
 class DriverRegistry:
@@ -49,9 +56,16 @@ class DriverRegistry:
         self._current_plugin = ""
 
     def add(
-        self, name: str, factory: DriverFactory, description: str, kind: str = "security"
+        self, name: str, factory: DriverFactory, description: str, kind: str = "security",
+        *, settings: Iterable[Setting] = (), labels: bool = True,
     ) -> None:
-        """Register driver ``name``; a second registration of the same name is an error."""
+        """Register driver ``name``; a second registration of the same name is an error.
+
+        ``settings`` declares the driver's own qemu.conf keys (known before any stack is
+        built: ``vmconfine config`` lists them, a bad value is a ``FILE:LINE`` error, the
+        driver reads them with ``host.config.driver_settings(name)``). ``labels=False`` says
+        the driver is not a label-bearing security model: it gets no ``<seclabel>``, no
+        ``<secmodel>`` in capabilities and no label row in ``dominfo``."""
         if kind not in KINDS:
             raise DriverError(
                 f"driver '{name}': kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -63,7 +77,32 @@ class DriverRegistry:
                 f"security driver '{name}' is registered twice (by {other} and "
                 f"{self._current_plugin}); uninstall one of them"
             )
-        self._drivers[name] = DriverInfo(name, factory, description, kind, self._current_plugin)
+        settings = tuple(settings)
+        for setting in settings:
+            if not isinstance(setting, Setting):
+                raise DriverError(
+                    f"driver '{name}': settings must be vmconfine.config.keys.Setting objects, "
+                    f"not {type(setting).__name__}")
+            owner = self._key_owner(setting.name)
+            if setting.name in KNOWN_KEYS or owner is not None:
+                raise DriverError(
+                    f"driver '{name}' declares qemu.conf key '{setting.name}', which "
+                    f"{f'driver {owner!r}' if owner else 'core'} already owns; give the "
+                    "driver's key a name of its own (e.g. prefixed with the driver's name)")
+        if len({s.name for s in settings}) != len(settings):
+            raise DriverError(f"driver '{name}' declares a qemu.conf key twice")
+        self._drivers[name] = DriverInfo(name, factory, description, kind, self._current_plugin,
+                                         settings, bool(labels))
+
+    def _key_owner(self, key: str) -> str | None:
+        for info in self._drivers.values():
+            if any(s.name == key for s in info.settings):
+                return info.name
+        return None
+
+    def settings(self) -> list[tuple[str, tuple[Setting, ...]]]:
+        """Every driver's declared qemu.conf keys, by driver name."""
+        return [(info.name, info.settings) for info in self.infos()]
 
     def get(self, name: str) -> DriverInfo | None:
         return self._drivers.get(name)
@@ -73,6 +112,48 @@ class DriverRegistry:
 
     def infos(self) -> list[DriverInfo]:
         return [self._drivers[n] for n in sorted(self._drivers)]
+
+
+def check_contract(pm: pluggy.PluginManager, plugin: object, who: str) -> None:
+    """Refuse a plugin module or driver object that vmconfine would silently ignore in part:
+    a method marked ``@hookimpl`` whose name is no hook (a misspelt ``child_confined``), or a
+    method named like a hook without the marker. ``who`` names it in the error."""
+    for name in dir(plugin):
+        if name.startswith("_"):
+            continue
+        marked = pm.parse_hookimpl_opts(plugin, name) is not None
+        if marked and name not in hookspecs.HOOK_NAMES:
+            close = difflib.get_close_matches(name, sorted(hookspecs.HOOK_NAMES), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise DriverError(
+                f"{who}: method '{name}' is marked @hookimpl but vmconfine has no hook of that "
+                f"name, so it would never be called ({hint}rename it to a hook of "
+                "vmconfine.plugin.hookspecs, or remove the marker)")
+        if not marked and name in hookspecs.HOOK_NAMES:
+            attr = inspect.getattr_static(plugin, name, None)
+            if inspect.ismodule(plugin) and getattr(attr, "__module__", None) != plugin.__name__:
+                continue  # a module's imported names are not its methods
+            if isinstance(attr, (staticmethod, classmethod)) or callable(attr):
+                raise DriverError(
+                    f"{who}: method '{name}' has the name of a vmconfine hook but no @hookimpl "
+                    "marker, so it would never be called (decorate it with @hookimpl from "
+                    "vmconfine.plugin.hookspecs, or rename it)")
+
+
+def register_checked(pm: pluggy.PluginManager, plugin: object, who: str,
+                     name: str | None = None) -> None:
+    """Register ``plugin`` after :func:`check_contract`; a hook signature pluggy refuses, or
+    an unknown hook pluggy finds (``check_pending``), is a one-line error naming ``who``."""
+    check_contract(pm, plugin, who)
+    try:
+        pm.register(plugin, name=name)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise DriverError(f"{who}: {text} (make the method match its hook in "
+                          "vmconfine.plugin.hookspecs)") from None
 
 
 def entry_points(group: str) -> list[tuple[str, str]]:
@@ -129,21 +210,36 @@ def make_plugin_manager(
     *, autoload: bool = True, plugins: Iterable[object] = (), trace: bool | None = None
 ) -> pluggy.PluginManager:
     """Build the plugin manager: hookspecs, entry-point plugins (unless ``autoload`` is off),
-    then ``plugins``. ``trace`` (default: env ``VMCONFINE_TRACE_HOOKS``) logs every hook call."""
+    then ``plugins``. ``trace`` (default: env ``VMCONFINE_TRACE_HOOKS``) logs every hook call.
+
+    Every plugin module must keep the contract (:func:`check_contract`): a violation is a
+    :class:`DriverError` naming the plugin, the method and the fix."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     if autoload:
         for name, value in entry_points(hookspecs.PROJECT):
             if pm.get_plugin(name) is None and not pm.is_blocked(name):
-                pm.register(_load(value), name=name)
+                register_checked(pm, _load(value), f"plugin '{name}'", name=name)
     for plugin in plugins:
-        pm.register(plugin)
+        register_checked(pm, plugin, f"plugin '{_module_name(plugin)}'")
+    for plugin in pm.get_plugins():
+        check_contract(pm, plugin, f"plugin '{pm.get_name(plugin)}'")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise DriverError(f"plugin '{pm.get_name(exc.plugin)}': "
+                          f"{' '.join(str(exc).split())} (rename it to a hook of "
+                          "vmconfine.plugin.hookspecs)") from None
     if trace is None:
         trace = os.environ.get("VMCONFINE_TRACE_HOOKS", "") not in ("", "0")
     if trace:
         pm.trace.root.setwriter(lambda msg: log.debug("hook: %s", msg.rstrip()))
         pm.enable_tracing()
     return pm
+
+
+def _module_name(plugin: object) -> str:
+    return str(getattr(plugin, "__name__", None) or type(plugin).__name__)
 
 
 def collect_drivers(pm: pluggy.PluginManager) -> DriverRegistry:

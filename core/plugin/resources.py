@@ -4,11 +4,16 @@ Drivers map these to their own rules (DAC owners, SELinux labels, AppArmor rules
 access, cgroup device rules, the confinement report), so a path QEMU opens is never missing
 from one driver while present in another.
 
-Roles: ``disk`` (top image), ``backing`` (lower layers), ``kernel``, ``initrd``, ``dtb``,
-``loader``, ``nvram``, ``chardev``, ``chardev_log`` (a chardev's ``<log file>``), ``hostdev``,
-``input`` (evdev passthrough), ``rng`` (host entropy source), ``tpm`` (passthrough device),
-``graphics`` (VNC socket), ``runtime_dir`` (the domain's runtime directories), ``devnode``
-(device nodes every QEMU needs, e.g. /dev/kvm).
+Each resource has a :class:`Role` (a ``StrEnum``: it compares equal to, formats as and
+serialises to JSON as its string value, e.g. ``Role.DISK == "disk"``).
+
+``passed``: vmconfine opens the resource itself and QEMU only gets a file descriptor
+(libvirt 9's fd passing, :mod:`vmconfine.qemu.fdpass`): ``"listen"`` (a listening unix socket
+vmconfine creates: chardevs in ``mode='bind'``), ``"fdset"`` (a file chardev or a chardev
+``<log>``, opened by vmconfine), ``"qmp"`` (the VNC socket, handed over QMP). QEMU never opens
+such a path: drivers that grant path access (DAC owners, Landlock rules, directory checks)
+skip it; drivers that check the use of a descriptor (SELinux file labels, AppArmor rules,
+which the kernel revalidates for inherited files at exec) still cover it.
 """
 
 from __future__ import annotations
@@ -16,11 +21,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.domain.chardev import log_passed, passed_kind
+
 if TYPE_CHECKING:
-    from vmconfine.domain import DeviceSecLabel, Disk, Domain, Hostdev
+    from collections.abc import Iterable
+
+    from vmconfine.domain import Chardev, DeviceSecLabel, Disk, Domain, Hostdev
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +40,35 @@ BASE_DEVNODES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/ura
 READ_ONLY_DEVNODES = frozenset({"/dev/random", "/dev/urandom"})
 
 
+class Role(StrEnum):
+    """What a resource is to QEMU."""
+
+    DISK = "disk"  #: a disk's top image
+    BACKING = "backing"  #: a lower layer of a disk's backing chain
+    KERNEL = "kernel"
+    INITRD = "initrd"
+    DTB = "dtb"
+    LOADER = "loader"  #: firmware (``<loader>``)
+    NVRAM = "nvram"
+    CHARDEV = "chardev"  #: a character device's file, pipe, socket or device
+    CHARDEV_LOG = "chardev_log"  #: a chardev's ``<log file>``
+    HOSTDEV = "hostdev"  #: a host device's nodes (USB, VFIO)
+    INPUT = "input"  #: evdev passthrough
+    RNG = "rng"  #: a host entropy source
+    TPM = "tpm"  #: a passthrough TPM device
+    GRAPHICS = "graphics"  #: the VNC socket
+    RUNTIME_DIR = "runtime_dir"  #: the domain's runtime and home directories
+    DEVNODE = "devnode"  #: device nodes every QEMU needs (/dev/null, /dev/kvm, ...)
+    OTHER = "other"  #: a path the domain model does not list (diagnosing a denial)
+
+
 @dataclass
 class Resource:
-    """One host path QEMU uses, and how."""
+    """One host path QEMU uses, and how. A ``role`` given as a string becomes a
+    :class:`Role` (an unknown one is an error)."""
 
     path: str
-    role: str
+    role: Role
     access: str  # "rw" | "ro"
     chain_top: bool = True
     readonly: bool = False
@@ -46,6 +79,10 @@ class Resource:
     seclabels: list[DeviceSecLabel] = field(default_factory=list)
     create: bool = False  # QEMU may create the path (bind sockets, missing chardev files)
     is_dir: bool = False
+    passed: str | None = None  # "listen" | "fdset" | "qmp": QEMU gets an fd, not the path
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)
 
     @property
     def writable(self) -> bool:
@@ -74,7 +111,7 @@ def disk_resources(disk: Disk) -> list[Resource]:
         out.append(
             Resource(
                 path=src.path,
-                role="disk" if top else "backing",
+                role=Role.DISK if top else Role.BACKING,
                 access="rw" if top and not disk.readonly else "ro",
                 chain_top=top,
                 readonly=disk.readonly or not top,
@@ -130,19 +167,21 @@ def vfio_group_path(hostdev: Hostdev) -> str | None:
 def hostdev_resources(hostdev: Hostdev) -> list[Resource]:
     if hostdev.type == "usb":
         path = usb_device_path(hostdev)
-        return [Resource(path or "", "hostdev", "rw", hostdev=hostdev)] if path else []
+        return [Resource(path or "", Role.HOSTDEV, "rw", hostdev=hostdev)] if path else []
     if hostdev.type == "pci":
         group = vfio_group_path(hostdev)
-        out = [Resource("/dev/vfio/vfio", "hostdev", "rw", hostdev=hostdev)]
+        out = [Resource("/dev/vfio/vfio", Role.HOSTDEV, "rw", hostdev=hostdev)]
         if group:
-            out.append(Resource(group, "hostdev", "rw", hostdev=hostdev))
+            out.append(Resource(group, Role.HOSTDEV, "rw", hostdev=hostdev))
         return out
     return []
 
 
-def chardev_resources(domain: Domain) -> list[Resource]:
+def chardev_resources(chardevs: Iterable[Chardev]) -> list[Resource]:
+    """The host side of character devices (one of them on hotplug): sources, then logs."""
+    chardevs = list(chardevs)
     out: list[Resource] = []
-    for chardev in domain.chardevs:
+    for chardev in chardevs:
         path = chardev.path
         if not path or chardev.type not in ("file", "dev", "unix", "pipe"):
             continue
@@ -151,18 +190,14 @@ def chardev_resources(domain: Domain) -> list[Resource]:
             pin, pout = f"{path}.in", f"{path}.out"
             paths = [pin, pout] if os.path.exists(pin) and os.path.exists(pout) else [path]
             for p in paths:
-                out.append(Resource(p, "chardev", "rw", source=chardev, seclabels=labels))
+                out.append(Resource(p, Role.CHARDEV, "rw", source=chardev, seclabels=labels))
             continue
-        create = chardev.type == "file" or (
-            chardev.type == "unix" and (chardev.mode or "bind") == "bind"
-        )
-        out.append(
-            Resource(path, "chardev", "rw", source=chardev, seclabels=labels, create=create)
-        )
-    for chardev in domain.chardevs:
-        log_file = getattr(chardev, "log_file", None)
-        if log_file:
-            out.append(Resource(log_file, "chardev_log", "rw", source=chardev, create=True))
+        out.append(Resource(path, Role.CHARDEV, "rw", source=chardev, seclabels=labels,
+                            passed=passed_kind(chardev)))
+    for chardev in chardevs:
+        if log_passed(chardev):
+            out.append(Resource(str(chardev.log_file), Role.CHARDEV_LOG, "rw", source=chardev,
+                                passed="fdset"))
     return out
 
 
@@ -171,14 +206,14 @@ def device_resources(domain: Domain) -> list[Resource]:
     out: list[Resource] = []
     for inp in getattr(domain, "inputs", []):
         if getattr(inp, "evdev", None):
-            out.append(Resource(inp.evdev, "input", "rw", source=inp))
+            out.append(Resource(inp.evdev, Role.INPUT, "rw", source=inp))
     for rng in getattr(domain, "rngs", []):
         # /dev/random and /dev/urandom are base device nodes already (read-write)
         if rng.backend_model == "random" and rng.path and rng.path not in BASE_DEVNODES:
-            out.append(Resource(rng.path, "rng", "ro", source=rng))
+            out.append(Resource(rng.path, Role.RNG, "ro", source=rng))
     for tpm in getattr(domain, "tpms", []):
         if getattr(tpm, "backend", None) == "passthrough" and tpm.device_path:
-            out.append(Resource(tpm.device_path, "tpm", "rw", source=tpm))
+            out.append(Resource(tpm.device_path, Role.TPM, "rw", source=tpm))
     return out
 
 
@@ -196,31 +231,31 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         out.extend(disk_resources(disk))
     for hostdev in domain.hostdevs:
         out.extend(hostdev_resources(hostdev))
-    out.extend(chardev_resources(domain))
+    out.extend(chardev_resources(domain.chardevs))
     out.extend(device_resources(domain))
     for g in domain.graphics:
         if g.type == "vnc" and g.socket:
-            out.append(Resource(g.socket, "graphics", "rw", source=g, create=True))
+            out.append(Resource(g.socket, Role.GRAPHICS, "rw", source=g, passed="qmp"))
     os_ = domain.os
     if os_.loader is not None and os_.loader.path:
         out.append(
-            Resource(os_.loader.path, "loader", "ro" if os_.loader.readonly else "rw",
+            Resource(os_.loader.path, Role.LOADER, "ro" if os_.loader.readonly else "rw",
                      readonly=bool(os_.loader.readonly), source=os_.loader)
         )
     if os_.nvram:
-        out.append(Resource(os_.nvram, "nvram", "rw"))
-    for role in ("kernel", "initrd", "dtb"):
-        path = getattr(os_, role)
+        out.append(Resource(os_.nvram, Role.NVRAM, "rw"))
+    for role in (Role.KERNEL, Role.INITRD, Role.DTB):
+        path = getattr(os_, role.value)
         if path:
             out.append(Resource(path, role, "ro", readonly=True))
     for d in (runtime_dir, home_dir, hugepage_dir):
         if d is not None:
-            out.append(Resource(str(d), "runtime_dir", "rw", is_dir=True, create=True))
+            out.append(Resource(str(d), Role.RUNTIME_DIR, "rw", is_dir=True, create=True))
     nodes = list(BASE_DEVNODES)
     if domain.virt_type == "kvm":
         nodes.append("/dev/kvm")
     if any(c.type == "pty" for c in domain.chardevs):
         nodes.append("/dev/ptmx")
-    out.extend(Resource(n, "devnode", "ro" if n in READ_ONLY_DEVNODES else "rw")
+    out.extend(Resource(n, Role.DEVNODE, "ro" if n in READ_ONLY_DEVNODES else "rw")
                for n in nodes)
     return out

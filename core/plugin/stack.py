@@ -17,12 +17,14 @@ The stack owns the semantics once, so drivers stay simple:
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError, LabelError, VmconfineError
+from vmconfine.plugin.registry import register_checked
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
@@ -68,6 +70,11 @@ class Driver:
     def kind(self) -> str:
         return self.info.kind
 
+    @property
+    def labels(self) -> bool:
+        """A label-bearing security model (``registry.add(..., labels=True)``, the default)."""
+        return self.kind == "security" and self.info.labels
+
     def implements(self, hook: str) -> bool:
         return callable(getattr(self.obj, hook, None)) and any(
             impl.plugin is self.obj for impl in getattr(self.host.pm.hook, hook).get_hookimpls()
@@ -86,7 +93,12 @@ class Driver:
             others = [p for p in pm.get_plugins() if p is not self.obj]
             caller = pm.subset_hook_caller(hook, others)
             self._callers[hook] = caller
-        result = caller(**kwargs)
+        try:
+            result = caller(**kwargs)
+        except VmconfineError:
+            raise
+        except Exception as exc:  # a driver's bug or an unexpected OSError: name the driver
+            raise DriverError(f"{self.name}: {hook} failed: {_describe(exc)}") from exc
         spec = caller.spec
         if spec is not None and spec.opts.get("firstresult"):
             return result
@@ -112,9 +124,16 @@ def load_driver(host: HostContext, info: DriverInfo) -> Driver:
     Each driver object is registered under a name of its own, so loading a driver again (for
     ``vmconfine drivers`` or a report) never unregisters one a built stack is using."""
     pm = host.pm
-    obj = info.factory(host)
+    try:
+        obj = info.factory(host)
+    except VmconfineError:
+        raise
+    except Exception as exc:
+        raise DriverError(f"{info.name}: building the driver failed: {_describe(exc)} "
+                          f"(plugin {info.plugin or '?'})") from exc
     if not pm.is_registered(obj):
-        pm.register(obj, name=f"driver:{info.name}:{next(_driver_serial)}")
+        register_checked(pm, obj, f"driver '{info.name}' (plugin {info.plugin or '?'})",
+                         name=f"driver:{info.name}:{next(_driver_serial)}")
     return Driver(info.name, info, obj, host)
 
 
@@ -185,6 +204,15 @@ class Stack:
             if not ok:
                 raise DriverError(f"Security driver {name} not enabled: {why}")
             drivers.append(drv)
+        if not any(d.labels for d in drivers):  # only drivers that set no label
+            if require_confined:
+                raise DriverError(
+                    f"security_require_confined = 1 needs a security driver that labels the "
+                    f"domain, but {', '.join(names)} set no label; add one to security_driver "
+                    "or set security_require_confined = 0")
+            nop = host.registry.get("none")
+            if nop is not None:  # the stack's primary model, as for security_driver = "none"
+                drivers.insert(0, load_driver(host, nop))
         if names == ["none"]:
             if require_confined:
                 raise DriverError(
@@ -244,8 +272,8 @@ class Stack:
         drivers = [load_driver(host, i) for i in infos if i is not None and i.kind == "security"]
         drivers = [d for d in drivers if d.probe()[0]]
         fallback = host.registry.get("none")
-        if not drivers and fallback is not None:
-            drivers.append(load_driver(host, fallback))  # the stack needs a primary model
+        if not any(d.labels for d in drivers) and fallback is not None:
+            drivers.insert(0, load_driver(host, fallback))  # the stack needs a primary model
         dac = host.registry.get("dac")
         if host.privileged and dac is not None:
             drivers.append(load_driver(host, dac))
@@ -266,14 +294,49 @@ class Stack:
             out.append((info, ok, why))
         return out
 
+    @classmethod
+    def check_config(cls, host: HostContext) -> list[str]:
+        """Problems of the configured stack, for ``config --check``: each configured security
+        driver that is not installed or not available on this host, else why the stack cannot
+        be built. Empty when :meth:`build` would succeed."""
+        cfg = host.config
+        source = cfg.source("security_driver")
+        where = "security_driver" if source == "default" else source
+        problems = []
+        for name in cfg.security_driver or []:
+            info = host.registry.get(name)
+            if info is None or info.kind != "security":
+                close = difflib.get_close_matches(name, host.registry.names("security"), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"{where}: {_not_installed(host, name).message}{hint}")
+                continue
+            ok, why = load_driver(host, info).probe()
+            if not ok:
+                problems.append(f"{where}: security driver '{name}' is not available on this "
+                                f"host: {why}")
+        if not problems:
+            try:
+                cls.build(host)
+            except VmconfineError as exc:
+                problems.append(f"{where}: {exc.message}")
+        return problems
+
     # ---- views -------------------------------------------------------------------------------
     @property
     def security_drivers(self) -> list[Driver]:
         return [d for d in self.drivers if d.kind == "security"]
 
     @property
+    def label_drivers(self) -> list[Driver]:
+        """The label-bearing security models, in stack order: they get a ``<seclabel>``, a
+        ``<secmodel>`` in capabilities and a line in ``dominfo``; drivers registered with
+        ``labels=False`` (confinement without a label) do not."""
+        return [d for d in self.security_drivers if d.labels]
+
+    @property
     def primary(self) -> Driver:
-        return self.security_drivers[0]
+        """The first label-bearing security driver (libvirt's primary security manager)."""
+        return self.label_drivers[0]
 
     def names(self) -> list[str]:
         return [d.name for d in self.drivers]
@@ -281,7 +344,7 @@ class Stack:
     def secmodels(self) -> list[dict[str, Any]]:
         """One entry per security driver, in stack order, for capabilities."""
         out = []
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             base = {vt: d.call("base_label", virt_type=vt) for vt in ("kvm", "qemu")}
             out.append({"model": d.model, "doi": d.doi,
                         "baselabels": {k: v for k, v in base.items() if v}})
@@ -290,7 +353,7 @@ class Stack:
     # ---- validation and labels ----------------------------------------------------------------
     def check_models(self, domain: Domain) -> None:
         """Every seclabel model in the XML must be "none" or a model of this stack."""
-        models = {d.model for d in self.security_drivers}
+        models = {d.model for d in self.label_drivers}
         primary = self.primary.model
         for sec in domain.seclabels:
             if sec.model is None:
@@ -306,7 +369,7 @@ class Stack:
                 )
 
     def verify(self, domain: Domain) -> None:
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             d.call("verify", domain=domain, seclabel=domain.seclabel(d.model))
 
     def gen_labels(self, ctx: DomainContext, *, plan: bool = False) -> None:
@@ -316,7 +379,7 @@ class Stack:
         domain = ctx.domain
         done: list[Driver] = []
         try:
-            for d in self.security_drivers:
+            for d in self.label_drivers:
                 if d.model == "none":
                     continue
                 sec = domain.seclabel(d.model)
@@ -348,14 +411,14 @@ class Stack:
                      require_confined=self.require_confined)
 
     def reserve_labels(self, ctx: DomainContext, pid: int) -> None:
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             sec = ctx.domain.seclabel(d.model)
             if sec is not None and sec.type == "dynamic":
                 d.call("reserve_label", ctx=ctx, seclabel=sec, pid=pid)
 
     def release_labels(self, ctx: DomainContext) -> list[str]:
         errors: list[str] = []
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             sec = ctx.domain.seclabel(d.model)
             if sec is not None and sec.type != "none":
                 err = _best_effort(d, "release_label", ctx=ctx, seclabel=sec)
@@ -366,14 +429,17 @@ class Stack:
     # ---- set / restore ------------------------------------------------------------------------
     def set(self, hook: str, ctx: DomainContext, **kwargs: Any) -> None:
         """Run set-type ``hook`` in order; on failure restore the failing and earlier drivers in
-        reverse order, then re-raise."""
+        reverse order, then re-raise. A later :meth:`restore` of the same hook (the
+        pipeline's teardown) does not run those restores again: each runs once."""
         restore = RESTORE_OF[hook]
+        for d in self.drivers:  # a new set makes its restore due again
+            ctx.restored.pop(_restore_key(d, restore, kwargs), None)
         for i, d in enumerate(self.drivers):
             try:
                 d.call(hook, ctx=ctx, **kwargs)
             except BaseException as exc:
                 for prev in reversed(self.drivers[: i + 1]):
-                    err = _best_effort(prev, restore, ctx=ctx, **kwargs)
+                    err = self._restore_once(prev, restore, ctx, kwargs)
                     if err:
                         log.warning(
                             "Unable to restore labels after failed %s of driver %s: %s",
@@ -384,13 +450,24 @@ class Stack:
                 raise
 
     def restore(self, hook: str, ctx: DomainContext, **kwargs: Any) -> list[str]:
-        """Run restore-type ``hook`` on every driver (reverse stack order); return failures."""
+        """Run restore-type ``hook`` on every driver (reverse stack order); return failures.
+
+        A driver whose restore already ran for this context (a rollback in :meth:`set`) is
+        not called again; its failure, if it failed, is returned again."""
         errors = []
         for d in reversed(self.drivers):
-            err = _best_effort(d, hook, ctx=ctx, **kwargs)
+            err = self._restore_once(d, hook, ctx, kwargs)
             if err:
                 errors.append(err)
         return errors
+
+    @staticmethod
+    def _restore_once(d: Driver, hook: str, ctx: DomainContext,
+                      kwargs: dict[str, Any]) -> str | None:
+        key = _restore_key(d, hook, kwargs)
+        if key not in ctx.restored:  # the objects are kept so their ids are not reused
+            ctx.restored[key] = (_best_effort(d, hook, ctx=ctx, **kwargs), d.obj, kwargs)
+        return ctx.restored[key][0]
 
     def preflight(self, ctx: DomainContext) -> None:
         for d in self.drivers:
@@ -413,7 +490,7 @@ class Stack:
     def process_labels(self, ctx: DomainContext, pid: int) -> list[tuple[str, str, str]]:
         """(model, doi, label) per security driver, for ``dominfo``."""
         out = []
-        for d in self.security_drivers:
+        for d in self.label_drivers:
             label = d.call("process_label", ctx=ctx, pid=pid)
             out.append((d.model, d.doi, label or ""))
         return out
@@ -426,9 +503,23 @@ def _best_effort(d: Driver, hook: str, **kwargs: Any) -> str | None:
     try:
         d.call(hook, **kwargs)
     except Exception as exc:  # restore-type: report, never stop
-        log.warning("%s: %s failed: %s", d.name, hook, exc)
-        return f"{d.name}: {exc}"
+        text = str(exc) if str(exc).startswith(f"{d.name}:") else f"{d.name}: {exc}"
+        log.warning("%s", text)
+        return text
     return None
+
+
+def _restore_key(d: Driver, hook: str, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Which restore call this is: the driver, the hook and the objects it is about."""
+    return (d.name, id(d.obj), hook, *sorted((k, id(v)) for k, v in kwargs.items()))
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception that is not a VmconfineError."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def _device_seclabel_models(domain: Domain) -> list[str]:

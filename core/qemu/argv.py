@@ -18,7 +18,7 @@ import math
 import os
 import platform
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,10 +35,19 @@ from vmconfine.qemu.argv_devices import (
     add_memballoon,
     add_rngs,
     element_boot_order,
-    escape_opt,
     to_json,
 )
 from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, memory_backend, smp
+from vmconfine.qemu.fdpass import (
+    FDSET,
+    LISTEN,
+    QMP,
+    Part,
+    PassedFd,
+    add_fd_args,
+    escape_opt,
+    render,
+)
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
@@ -46,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CommandPaths",
     "EmulatorNotFoundError",
+    "PassedFd",
     "QemuCommand",
     "UnsupportedConfigError",
     "build_command",
@@ -107,18 +117,22 @@ class CommandPaths:
 class QemuCommand:
     """A QEMU command line: environment, binary and arguments.
 
-    ``args`` show every QMP monitor as a unix socket QEMU creates itself (``path=``), which is
-    what ``domxml-to-native`` prints and what runs when the line is used by hand.
-    ``fd_slots`` lists those monitor arguments (index into ``args``, chardev id) in order:
-    ``vmconfine run`` creates the listening sockets itself and passes them with
-    ``argv(fds=[...])``, which switches each slot to ``fd=N`` (the per-start value).
+    ``args`` are the symbolic form: every resource vmconfine opens itself shows as the path
+    QEMU would open (what ``domxml-to-native`` prints and what runs when the line is used by
+    hand). ``passed`` lists those resources (:class:`vmconfine.qemu.fdpass.PassedFd`: the QMP
+    monitors, chardev sockets in ``mode='bind'``, chardev files and logs, the VNC socket) in
+    command-line order; ``slots`` maps an ``args`` index to its value's parts. ``vmconfine
+    run`` opens them (:mod:`vmconfine.launch.preopen`) and calls :meth:`argv` with their
+    descriptors by name, which gives ``fd=N``, ``-add-fd`` + ``/dev/fdset/S`` and ``-vnc none``
+    (the per-start values).
     """
 
     env: dict[str, str]
     emulator: str
     args: list[str]
     taints: list[str] = field(default_factory=list)
-    fd_slots: list[tuple[int, str]] = field(default_factory=list)
+    slots: dict[int, tuple[Part, ...]] = field(default_factory=dict)
+    passed: list[PassedFd] = field(default_factory=list)
     symbolic: bool = False
 
     @property
@@ -126,22 +140,33 @@ class QemuCommand:
         """True when the domain uses unsupported pass-through (see :func:`domain_taints`)."""
         return bool(self.taints)
 
-    def _args(self, fds: Sequence[int] | None) -> list[str]:
+    @property
+    def inherited(self) -> list[PassedFd]:
+        """The passed resources QEMU inherits at exec (all but the VNC socket)."""
+        return [p for p in self.passed if p.inherited]
+
+    def _args(self, fds: Mapping[str, int] | None) -> list[str]:
         if fds is None:
             return list(self.args)
-        if len(fds) != len(self.fd_slots):
-            raise ValueError(f"expected {len(self.fd_slots)} monitor fds, got {len(fds)}")
-        args = list(self.args)
-        for (index, chardev_id), fd in zip(self.fd_slots, fds, strict=True):
-            args[index] = f"socket,id={chardev_id},fd={int(fd)},server=on,wait=off"
-        return args
+        missing = [p.name for p in self.inherited if p.name not in fds]
+        if missing:
+            raise ValueError(f"no descriptor for {', '.join(missing)}")
+        fdsets = {p.name: n for n, p in enumerate(x for x in self.passed if x.kind == FDSET)}
+        out: list[str] = []
+        for i, arg in enumerate(self.args):
+            parts = self.slots.get(i + 1)
+            if parts is not None:
+                out += add_fd_args(parts, fds, fdsets)
+            parts = self.slots.get(i)
+            out.append(arg if parts is None else render(parts, fds, fdsets))
+        return out
 
-    def argv(self, fds: Sequence[int] | None = None) -> list[str]:
+    def argv(self, fds: Mapping[str, int] | None = None) -> list[str]:
         """``[emulator, *args]`` for ``os.execve`` (with :attr:`env` as the environment);
-        ``fds``: inherited listening sockets for the monitors, in ``fd_slots`` order."""
+        ``fds``: the descriptor of every :attr:`inherited` resource, by name."""
         return [self.emulator, *self._args(fds)]
 
-    def format_native(self, fds: Sequence[int] | None = None) -> str:
+    def format_native(self, fds: Mapping[str, int] | None = None) -> str:
         """One shell line: ``LC_ALL=C PATH=... HOME=... USER=... LOGNAME=... EMULATOR ARGS``."""
         words = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
         words += [shlex.quote(a) for a in self.argv(fds)]
@@ -286,30 +311,40 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
         b.add("-bios", b.bios)
 
 
-def _monitors(b: Builder, paths: CommandPaths) -> list[tuple[int, str]]:
-    """QMP monitors (vmconfine's own, then the user monitor); returns their fd slots."""
-    slots = []
+def _monitors(b: Builder, paths: CommandPaths) -> None:
+    """QMP monitors (vmconfine's own, then the user monitor), passed as listening fds."""
     monitors = [("charmonitor", "monitor", paths.monitor_socket)]
     if paths.user_monitor_socket:
         monitors.append(("charusermonitor", "usermonitor", paths.user_monitor_socket))
     for chardev_id, mon_id, path in monitors:
-        b.add("-chardev")
-        slots.append((len(b.args), chardev_id))
-        b.add(f"socket,id={chardev_id},path={escape_opt(path)},server=on,wait=off")
+        b.add_passed("-chardev", (f"socket,id={chardev_id},", PassedFd(LISTEN, path, chardev_id),
+                                  ",server=on,wait=off"))
         b.add("-mon", f"chardev={chardev_id},id={mon_id},mode=control")
-    return slots
 
 
-def _vnc_address(b: Builder, runtime_dir: str) -> str:
-    g = next(x for x in b.domain.graphics if x.type == "vnc")
+def vnc_socket(domain: Domain, config: Any, runtime_dir: str) -> str | None:
+    """The unix socket the VNC display listens on (``<graphics socket=>`` or, with
+    ``vnc_auto_unix_socket = 1``, ``vnc.sock`` in the domain's runtime directory), or None."""
+    g = next((x for x in domain.graphics if x.type == "vnc"), None)
+    if g is None:
+        return None
     if g.socket:
-        return f"unix:{escape_opt(g.socket)}"
+        return str(g.socket)
+    if g.listen is None and g.listen_type is None and \
+            getattr(config, "vnc_auto_unix_socket", False):
+        return os.path.join(runtime_dir, "vnc.sock")
+    return None
+
+
+def _vnc_address(b: Builder, runtime_dir: str) -> tuple[Part, ...]:
+    g = next(x for x in b.domain.graphics if x.type == "vnc")
+    socket_path = vnc_socket(b.domain, b.config, runtime_dir)
+    if socket_path:
+        return (PassedFd(QMP, socket_path, "vnc"),)
     if g.listen_type == "none":
-        return "none"
+        return ("none",)
     listen = g.listen
     if listen is None and g.listen_type is None:
-        if getattr(b.config, "vnc_auto_unix_socket", False):
-            return f"unix:{escape_opt(os.path.join(runtime_dir, 'vnc.sock'))}"
         listen = getattr(b.config, "vnc_listen", "127.0.0.1")
     host = listen or "127.0.0.1"
     if ":" in host and not host.startswith("["):
@@ -325,7 +360,7 @@ def _vnc_address(b: Builder, runtime_dir: str) -> str:
         addr = f"{host}:{g.port - 5900}"
     if g.websocket is not None and g.websocket != 0:
         addr += ",websocket=" + ("on" if g.websocket < 0 else str(g.websocket))
-    return addr
+    return (addr,)
 
 
 def add_graphics(b: Builder, runtime_dir: str) -> None:
@@ -339,7 +374,7 @@ def add_graphics(b: Builder, runtime_dir: str) -> None:
     if len(types) > 1:
         raise UnsupportedConfigError("only one <graphics type='vnc'> is supported")
     if types:
-        b.add("-vnc", _vnc_address(b, runtime_dir))
+        b.add_passed("-vnc", _vnc_address(b, runtime_dir))
     models = [v for v in video_models(b.domain) if v != "none"]
     if not models and types and "none" not in video_models(b.domain):
         models = ["cirrus"]  # libvirt's implicit video device for a graphical x86 guest
@@ -425,7 +460,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     if not domain.graphics:
         b.add("-display", "none")
     b.add("-no-user-config", "-nodefaults")
-    slots = _monitors(b, paths)
+    _monitors(b, paths)
     add_rtc(b)
     if domain.on_reboot == "destroy":
         b.add("-no-reboot")
@@ -455,4 +490,5 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     b.add("-msg", "timestamp=on")
     b.add(*domain.qemu_args)
     return QemuCommand(env=_environment(domain, paths), emulator=emulator, args=b.args,
-                       taints=domain_taints(domain), fd_slots=slots, symbolic=symbolic)
+                       taints=domain_taints(domain), slots=b.slots, passed=b.passed,
+                       symbolic=symbolic)

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.domain.chain import BACKING_FORMATS, qemu_format, resolve_chain
+from vmconfine.domain.chardev import log_passed, passed_kind, virtio_serial_ports
 from vmconfine.errors import XMLError
+from vmconfine.qemu.fdpass import FDSET, LISTEN, Part, PassedFd, escape_opt, render
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
@@ -41,11 +43,6 @@ if TYPE_CHECKING:
 
 class UnsupportedConfigError(XMLError):
     """The domain XML asks for something vmconfine cannot express on the QEMU command line."""
-
-
-def escape_opt(value: str) -> str:
-    """Escape a value for QEMU's ``key=value,...`` option syntax (a comma is doubled)."""
-    return value.replace(",", ",,")
 
 
 def to_json(props: dict[str, Any]) -> str:
@@ -108,10 +105,21 @@ class Builder:
     node_count: int = 0
     bios: str | None = None
     _scsi_models: dict[int, str] = field(default_factory=dict)
+    #: args index → the parts of an option value with fd placeholders (see fdpass)
+    slots: dict[int, tuple[Part, ...]] = field(default_factory=dict)
+    passed: list[PassedFd] = field(default_factory=list)
 
     def add(self, *items: str) -> None:
         """Append options."""
         self.args.extend(items)
+
+    def add_passed(self, option: str, parts: tuple[Part, ...]) -> None:
+        """Append ``option`` with a value whose resources vmconfine opens (fd placeholders);
+        ``args`` gets the symbolic form."""
+        self.args.append(option)
+        self.slots[len(self.args)] = parts
+        self.args.append(render(parts, None, {}))
+        self.passed.extend(p for p in parts if isinstance(p, PassedFd))
 
     def device(self, props: dict[str, Any]) -> None:
         """Append one ``-device`` (JSON)."""
@@ -450,8 +458,10 @@ def add_interfaces(b: Builder) -> None:
 # --------------------------------------------------------------------------- chardevs
 
 
-def chardev_backend(dev: Chardev, alias: str) -> str:
-    """The ``-chardev`` value for a character device's host side."""
+def chardev_backend(dev: Chardev, alias: str) -> tuple[Part, ...]:
+    """The ``-chardev`` value for a character device's host side, as parts: a unix socket in
+    ``mode='bind'``, a file and a ``<log file>`` are opened by vmconfine and passed as fds
+    (:func:`vmconfine.domain.chardev.passed_kind`)."""
     cid = f"char{alias}"
 
     def need_path() -> str:
@@ -459,31 +469,40 @@ def chardev_backend(dev: Chardev, alias: str) -> str:
             raise UnsupportedConfigError(f"<{dev.kind} type='{dev.type}'> needs a source path")
         return escape_opt(dev.path)
 
-    if dev.type == "pty":
-        return f"pty,id={cid}"
-    if dev.type == "null":
-        return f"null,id={cid}"
-    if dev.type == "vc":
-        return f"vc,id={cid}"
-    if dev.type == "stdio":
-        return f"stdio,id={cid}"
-    if dev.type == "file":
-        return f"file,id={cid},path={need_path()}"
-    if dev.type == "pipe":
-        return f"pipe,id={cid},path={need_path()}"
-    if dev.type == "dev":
+    kind = passed_kind(dev)
+    parts: tuple[Part, ...]
+    if dev.type in ("pty", "null", "vc", "stdio"):
+        parts = (f"{dev.type},id={cid}",)
+    elif kind == FDSET:
+        parts = (f"file,id={cid},path=",
+                 PassedFd(FDSET, str(dev.path), f"{cid}-source",
+                          append=bool(dev.append)))
+        if dev.append is not None:
+            parts += (f",append={'on' if dev.append else 'off'}",)
+    elif dev.type == "pipe":
+        parts = (f"pipe,id={cid},path={need_path()}",)
+    elif dev.type == "dev":
         backend = "parallel" if dev.kind == "parallel" else "serial"
-        return f"{backend},id={cid},path={need_path()}"
-    if dev.type == "unix":
-        out = f"socket,id={cid},path={need_path()}"
-        return out + (",server=on,wait=off" if dev.mode == "bind" else "")
-    if dev.type == "tcp" and dev.host is not None and dev.service:
+        parts = (f"{backend},id={cid},path={need_path()}",)
+    elif kind == LISTEN:
+        parts = (f"socket,id={cid},", PassedFd(LISTEN, str(dev.path), cid),
+                 ",server=on,wait=off")
+    elif dev.type == "unix":
+        parts = (f"socket,id={cid},path={need_path()}",)
+    elif dev.type == "tcp" and dev.host is not None and dev.service:
         out = f"socket,id={cid},host={escape_opt(dev.host)},port={escape_opt(dev.service)}"
-        return out + (",server=on,wait=off" if dev.mode == "bind" else "")
-    raise UnsupportedConfigError(
-        f"<{dev.kind} type='{dev.type}'> is not supported; use pty, file, unix, pipe, dev or "
-        f"null"
-    )
+        parts = (out + (",server=on,wait=off" if dev.mode == "bind" else ""),)
+    else:
+        raise UnsupportedConfigError(
+            f"<{dev.kind} type='{dev.type}'> is not supported; use pty, file, unix, pipe, dev "
+            f"or null"
+        )
+    if log_passed(dev):
+        parts += (",logfile=", PassedFd(FDSET, str(dev.log_file), f"{cid}-log",
+                                        append=bool(dev.log_append)))
+        if dev.log_append is not None:
+            parts += (f",logappend={'on' if dev.log_append else 'off'}",)
+    return parts
 
 
 #: QEMU's ISA serial ports (MAX_ISA_SERIAL_PORTS)
@@ -532,17 +551,17 @@ def add_chardevs(b: Builder) -> None:
     for n, dev in enumerate(serials):
         alias = f"serial{n}"
         port = dev.target_port if dev.kind == "serial" and dev.target_port is not None else n
-        b.add("-chardev", chardev_backend(dev, alias))
+        b.add_passed("-chardev", chardev_backend(dev, alias))
         b.device(_serial_device(dev, alias, port))
     for n, dev in enumerate(c for c in chardevs if c.kind == "parallel"):
         alias = f"parallel{n}"
-        b.add("-chardev", chardev_backend(dev, alias))
+        b.add_passed("-chardev", chardev_backend(dev, alias))
         b.device({"driver": "isa-parallel", "chardev": f"char{alias}", "id": alias})
     for i, dev in virtio_consoles:
         alias = f"console{i}"
-        b.add("-chardev", chardev_backend(dev, alias))
+        b.add_passed("-chardev", chardev_backend(dev, alias))
         b.device({"driver": "virtconsole", "chardev": f"char{alias}", "id": alias})
-    nr = max(1, len(virtio_consoles))
+    ports = virtio_serial_ports(chardevs)
     for n, dev in enumerate(c for c in chardevs if c.kind == "channel"):
         if dev.target_type != "virtio":
             raise UnsupportedConfigError(
@@ -550,10 +569,9 @@ def add_chardevs(b: Builder) -> None:
                 f"<target type='virtio' name='...'/>"
             )
         alias = f"channel{n}"
-        b.add("-chardev", chardev_backend(dev, alias))
+        b.add_passed("-chardev", chardev_backend(dev, alias))
         props: dict[str, Any] = {"driver": "virtserialport", "bus": "virtio-serial0.0",
-                                 "nr": nr, "chardev": f"char{alias}", "id": alias}
-        nr += 1
+                                 "nr": ports[id(dev)], "chardev": f"char{alias}", "id": alias}
         if dev.target_name:
             props["name"] = dev.target_name
         b.device(props)

@@ -273,10 +273,9 @@ def emulator_files(executable: str, probe: EmulatorProbe) -> EmulatorFiles:
 
 def domain_emulator(ctx: DomainContext) -> str:
     """The binary a domain's QEMU runs: the one in the argv the pipeline built for this start
-    (``ctx.state["pipeline"]["command"]``), else the one ``find_emulator`` resolves (reports
+    (``ctx.command``), else the one ``find_emulator`` resolves (reports
     made before any start)."""
-    command = ctx.state.get("pipeline", {}).get("command")
-    path = getattr(command, "emulator", None)
-    if path:
-        return str(path)
+    command = getattr(ctx, "command", None)
+    if command is not None and command.emulator:
+        return str(command.emulator)
     return find_emulator(ctx.domain, ctx.config)

@@ -32,7 +32,7 @@ from vmconfine.launch.journal import Journal
 from vmconfine.launch.pipeline import command_paths, core_checks, prepare_domain
 from vmconfine.perms import QemuIds, denial
 from vmconfine.plugin.context import DomainContext
-from vmconfine.plugin.resources import Resource, hostdev_resources
+from vmconfine.plugin.resources import Resource, Role, hostdev_resources
 from vmconfine.plugin.stack import Driver, Stack
 from vmconfine.qemu.argv import build_command
 from vmconfine.report.render import file_view, process_rows
@@ -73,6 +73,8 @@ class ResourceRow:
     file: dict[str, Any]
     drivers: dict[str, dict[str, Any]] = field(default_factory=dict)
     differences: list[str] = field(default_factory=list)
+    #: vmconfine opens it and QEMU gets the fd ("listen" | "fdset" | "qmp"), or None
+    passed: str | None = None
 
 
 @dataclass
@@ -191,7 +193,7 @@ def _dry_run(conn: Connection, stack: Stack, ctx: DomainContext,
     try:
         command = build_command(domain, conn.instance.config,
                                 command_paths(conn, domain, symbolic=True), symbolic=True)
-        ctx.state["pipeline"] = {"command": command}
+        ctx.command = command
         checks.check_emulator(command.emulator)
     except VmconfineError as exc:
         problems.from_error("domain", exc)
@@ -299,7 +301,7 @@ def _owner(col: dict[str, Any]) -> tuple[int, int] | None:
 def _resource_row(stack: Stack, ctx: DomainContext, res: Resource, who: Identity,
                   problems: _Problems, running: bool) -> ResourceRow:
     view = file_view(res.path)
-    row = ResourceRow(res.path, res.role, res.access, view)
+    row = ResourceRow(res.path, res.role, res.access, view, passed=res.passed)
     owner_during: tuple[int, int] | None = None
     for d in stack.drivers:
         col = explain_resource(d, ctx, res)
@@ -339,6 +341,8 @@ def _file_problems(res: Resource, view: dict[str, Any], who: Identity,
         return
     if res.role == "runtime_dir" and not running:
         return  # vmconfine creates it for QEMU at start
+    if res.passed:
+        return  # vmconfine opens it and QEMU gets the fd: QEMU's ids need no access
     assert who.ids is not None
     want = 4 | (2 if res.writable else 0) | (1 if view.get("type") == "dir" else 0)
     found = denial(path, who.ids, want, owner=owner_during, role=res.role)
@@ -407,7 +411,7 @@ def diagnose_path(conn: Connection, ctx: DomainContext, path: str, error: str) -
     stack = conn.stack
     res = next((r for r in ctx.resources if r.path == path), None)
     if res is None:
-        res = Resource(path, "other", "rw" if _writable_guess(path) else "ro")
+        res = Resource(path, Role.OTHER, "rw" if _writable_guess(path) else "ro")
     who = qemu_ids(stack, ctx)
     ids = who.ids or QemuIds.caller()
     reasons: list[str] = []

@@ -139,7 +139,7 @@ def process_rows(stack: Stack, ctx: DomainContext, who: Identity, pid: int | Non
             rows += [_row(str(r["item"]), r.get("intended"), r.get("kernel"),
                           bool(r.get("differs")))
                      for r in d.call("explain_process", ctx=ctx, kernel=view) or []]
-        elif d.kind == "security" and d.model != "none":
+        elif d.labels and d.model != "none":
             rows.append(_label_row(d, ctx, view))
     return rows, k
 
@@ -180,7 +180,8 @@ def render_text(report: Report) -> str:
         now = (f"{f['type']} {f['owner']} {f['mode']}" if f["exists"] else "missing")
         mark = "!" if r.differences or any(
             c.get("allows") is False for c in r.drivers.values()) else ""
-        rows.append([mark, r.path, r.role, r.access, now,
+        access = f"{r.access}, passed as fd" if r.passed else r.access
+        rows.append([mark, r.path, r.role, access, now,
                      *(_cell(r.drivers.get(n)) for n in used)])
     lines.append(f"Resources ({len(rows)}; ! = denied or differs from what was applied)")
     lines += _table(header, rows)

@@ -90,11 +90,11 @@ class AppArmorDriver:
 
     @property
     def profile_dir(self) -> Path:
-        return Path(self.host.config.apparmor_profile_dir)
+        return Path(self.host.config.driver_settings(NAME).apparmor_profile_dir)
 
     @property
     def prefix(self) -> str:
-        return self.host.config.apparmor_profile_prefix
+        return self.host.config.driver_settings(NAME).apparmor_profile_prefix
 
     def profile_name(self, domain: Domain) -> str:
         return f"{self.prefix}{domain.uuid}"
@@ -108,8 +108,7 @@ class AppArmorDriver:
         if not host.privileged:
             return False, ("loading AppArmor profiles needs root; use qemu:///system or run "
                            "the embed instance as root")
-        cfg = host.config
-        template = Path(cfg.apparmor_profile_dir) / TEMPLATE
+        template = Path(host.config.driver_settings(NAME).apparmor_profile_dir) / TEMPLATE
         if not template.is_file() and not (PACKAGE_DIR / TEMPLATE).is_file():
             return False, f"template '{template}' does not exist; reinstall vmconfine"
         if not os.access(PARSER, os.X_OK):

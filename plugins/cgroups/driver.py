@@ -45,6 +45,7 @@ from vmconfine_cgroups.rules import (
 )
 
 if TYPE_CHECKING:
+    from vmconfine.config.keys import DriverSettings
     from vmconfine.domain import Chardev, Disk, Hostdev
     from vmconfine.plugin.context import DomainContext, HostContext
     from vmconfine.plugin.resources import Resource
@@ -100,6 +101,11 @@ class CgroupsDriver:
         self._hier: placement.Hierarchies | None = None
         self._bpf_ok: tuple[bool, str, int] | None = None
 
+    @property
+    def settings(self) -> DriverSettings:
+        """This driver's qemu.conf keys (``cgroup_*``)."""
+        return self.host.config.driver_settings(NAME)
+
     # ---- host ---------------------------------------------------------------------------------
     @property
     def hier(self) -> placement.Hierarchies:
@@ -131,7 +137,7 @@ class CgroupsDriver:
 
     @hookimpl
     def enabled(self, host: HostContext) -> bool:
-        if self.hier.empty or host.config.cgroup_controllers == []:
+        if self.hier.empty or host.config.driver_settings(NAME).cgroup_controllers == []:
             return False
         if host.privileged:
             return True
@@ -139,7 +145,7 @@ class CgroupsDriver:
 
     # ---- planning -----------------------------------------------------------------------------
     def backend_setting(self) -> str:
-        value = str(getattr(self.host.config, "cgroup_devices_backend", "auto") or "auto")
+        value = str(self.settings.cgroup_devices_backend or "auto")
         if value not in BACKENDS:
             raise ConfigError(f"cgroup_devices_backend must be one of {', '.join(BACKENDS)}, "
                               f"not '{value}'")
@@ -147,7 +153,7 @@ class CgroupsDriver:
 
     def plan(self, ctx: DomainContext) -> Plan:
         """Decide the domain's directories and device backend (changes nothing)."""
-        h, cfg = self.hier, self.host.config
+        h, cfg = self.hier, self.settings
         wanted = cfg.cgroup_controllers
         names = list(placement.AUTODETECT) if wanted is None else list(wanted)
         for n in names:
@@ -267,7 +273,7 @@ class CgroupsDriver:
             self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
                          cpuset="cpuset" in plan.controllers[mount])
         devnodes = [r.path for r in ctx.resources if r.role == "devnode"]
-        rules = domain_rules(ctx.domain, self.host.config, devnodes=devnodes)
+        rules = domain_rules(ctx.domain, self.settings, devnodes=devnodes)
         self._apply(ctx, rules)
 
     @staticmethod
@@ -545,7 +551,7 @@ class CgroupsDriver:
         except (ConfigError, DriverError):
             return None, [], False
         devnodes = [r.path for r in ctx.resources if r.role == "devnode"]
-        return plan, domain_rules(ctx.domain, self.host.config, devnodes=devnodes), True
+        return plan, domain_rules(ctx.domain, self.settings, devnodes=devnodes), True
 
     @hookimpl
     def describe(self, ctx: DomainContext) -> dict[str, Any]:

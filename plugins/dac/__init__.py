@@ -11,9 +11,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmconfine.config.keys import Setting
 from vmconfine.plugin.hookspecs import hookimpl
 
-__all__ = ["vmconfine_register_drivers"]
+__all__ = ["SETTINGS", "vmconfine_register_drivers"]
+
+#: The DAC driver's qemu.conf keys (``user``, ``group`` and ``remember_owner`` are
+#: instance-wide: core and other drivers use them too).
+SETTINGS = (
+    Setting(name="dynamic_ownership", kind="bool", default=True, unprivileged=False,
+            privileged_only=True,
+            doc="chown QEMU's files to user/group while it runs and give them back after "
+                "(libvirt's default: 1; always 0 in an unprivileged instance)"),
+)
 
 
 def _factory(host: Any) -> Any:
@@ -27,4 +37,4 @@ def _factory(host: Any) -> Any:
 def vmconfine_register_drivers(registry: Any) -> None:
     """Register the ``dac`` driver (the stack appends it for privileged instances)."""
     registry.add("dac", _factory, "POSIX DAC: run QEMU as qemu.conf user/group, chown its "
-                 "files and give them back, drop capabilities")
+                 "files and give them back, drop capabilities", settings=SETTINGS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError, LabelError
@@ -252,7 +251,8 @@ class DacDriver:
                 out["before"] = None
         before = out["before"] or "missing"
         if not plans:
-            out.update(action="none", during=None, summary=f"{before} (not chowned)")
+            note = "passed as fd" if resource.passed else "not chowned"
+            out.update(action="none", during=None, summary=f"{before} ({note})")
             return out
         p = plans[0]
         during = format_label(p.uid, p.gid)
@@ -302,7 +302,7 @@ class DacDriver:
             "imagelabel": sec.imagelabel if sec is not None else None,
             "groups": list(ident.groups),
             "capabilities": "cleared" if ident.clear_caps else "kept",
-            "dynamic_ownership": bool(ctx.config.dynamic_ownership),
+            "dynamic_ownership": bool(ctx.config.driver_settings(MODEL).dynamic_ownership),
             "remember_owner": bool(ctx.config.remember_owner),
             "owned": owned,
         }
@@ -324,5 +324,4 @@ def _chown_record(ctx: DomainContext, path: str) -> dict[str, Any] | None:
 
 def chardev_resources(ctx: DomainContext, chardev: Chardev) -> list[Resource]:
     """The resources of one chardev (which need not be in the domain yet: hotplug)."""
-    holder: Any = SimpleNamespace(chardevs=[chardev])
-    return core_resources.chardev_resources(holder)
+    return core_resources.chardev_resources([chardev])

@@ -25,7 +25,6 @@ from vmconfine.perms import (
     X,
     access_fix,
     can_access,
-    create_fix,
     describe_mode,
     has_acl,
     search_fix,
@@ -105,6 +104,8 @@ def check(ctx: DomainContext, ident: Identity, plans: list[Plan], user_hint: str
     for res in ctx.resources:
         if not res.path or _inside(res.path, runtime_dir):
             continue  # lives in the runtime dir, which vmconfine creates for QEMU
+        if res.passed:
+            continue  # vmconfine opens it and QEMU gets the fd: QEMU never uses the path
         _check_resource(c, res, planned.get(res.path))
 
 
@@ -148,19 +149,7 @@ def _check_missing(c: _Checker, res: Resource, p: Plan | None) -> None:
         return  # vmconfine creates it after preflight
     if res.role in REQUIRED_ROLES:
         raise LabelError(f"{res.role} {path} does not exist; fix the path in the domain XML")
-    if not res.create or (p is not None and p.make):
-        return  # optional, or vmconfine creates it
-    parent = os.path.dirname(os.path.normpath(path))
-    try:
-        st = os.stat(parent)
-    except OSError as exc:
-        raise LabelError(f"directory {parent} for {res.role} {path} is missing "
-                         f"({exc.strerror}); create it") from None
-    if not c.ok(st, W | X) and not has_acl(parent):
-        raise LabelError(
-            f"{c.who()} cannot create {path}: directory {parent} is not writable for it "
-            f"({describe_mode(st)}); fix: {create_fix(parent, c.ids)}"
-        )
+    # anything else missing is optional, or created by vmconfine (passed as an fd)
 
 
 def user_hint(ident: Identity) -> str:

@@ -9,13 +9,15 @@ disk (top image)        yes      unless readonly or shareable (then never restor
 backing                 yes      never     never
 kernel, initrd, dtb     yes      yes       yes
 nvram                   yes      yes       yes
-chardev (file, pipe,    yes      yes       yes (a missing file/bind socket is left for
-unix, dev)                                 QEMU to create); a bind-mode unix socket: never
-                                           restored (QEMU replaces it with a new inode)
+chardev (pipe, dev,     yes      yes       yes
+connecting unix)
 hostdev                 yes      yes       yes; /dev/vfio/N no (restored from the journal);
                                            /dev/vfio/vfio is world-accessible: untouched
 runtime_dir             yes      yes       (directories cannot be remembered)
 loader, devnode, other  no       —         —
+passed as fd            no       —         — (bind sockets, file chardevs, chardev logs,
+                                           the VNC socket: vmconfine opens them and QEMU
+                                           only gets the descriptor; they stay root's)
 ======================  =======  ========  ===============================================
 
 A chown makes the kernel drop the file's capabilities (``security.capability``) and set-id
@@ -89,7 +91,6 @@ class Plan(NamedTuple):
     remember: bool
     access: int
     create: bool = False  #: QEMU may create it (a missing path is not an error)
-    make: bool = False  #: vmconfine creates it when missing (file chardevs, as libvirt)
 
 
 def device_tag(res: Resource) -> str:
@@ -109,18 +110,10 @@ def _dac_label(res: Resource) -> Any:
     return found
 
 
-def _bind_socket(res: Resource) -> bool:
-    """A unix socket chardev QEMU listens on (it replaces whatever is at the path)."""
-    src = res.source
-    return (res.role == "chardev" and getattr(src, "type", None) == "unix"
-            and getattr(src, "mode", None) == "bind")
-
-
 def plan(ctx: DomainContext, resources: Iterable[Resource], ident: Identity) -> list[Plan]:
     """The chowns ``set_all_labels`` will make for ``resources`` (empty when relabelling is
     off: dynamic_ownership = 0 or the domain's DAC seclabel has relabel='no')."""
-    config = ctx.config
-    if not config.dynamic_ownership:
+    if not ctx.config.driver_settings(DRIVER).dynamic_ownership:
         return []
     sec = ctx.seclabel(DRIVER)
     if sec is not None and not sec.relabel:
@@ -140,6 +133,8 @@ def _plan_one(res: Resource, ident: Identity, image_ids: tuple[int, int]) -> Pla
     role = res.role
     if role in SKIPPED_ROLES or not res.path:
         return None
+    if res.passed:
+        return None  # vmconfine opens it and passes the fd: QEMU never opens the path
     if role not in IMAGE_ROLES | {"chardev", "hostdev", "runtime_dir"}:
         log.debug("dac: resource role %s (%s) is not relabelled", role, res.path)
         return None
@@ -161,16 +156,11 @@ def _plan_one(res: Resource, ident: Identity, image_ids: tuple[int, int]) -> Pla
         restore = remember = False
     elif role == "hostdev" and res.path.startswith("/dev/vfio/"):
         restore, remember = True, False
-    elif _bind_socket(res):
-        # libvirt's rule: a listening socket is never given back. QEMU (or the Landlock
-        # child, for it) unlinks a stale one and binds a new inode, so the chowned one is gone
-        restore = remember = False
     else:
         restore = remember = True
     access = R | W if res.access == "rw" else R
-    make = role == "chardev" and getattr(res.source, "type", None) == "file"
     return Plan(res.path, role, device_tag(res), uid, gid, restore, remember, access,
-                res.create, make)
+                res.create)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,8 +188,6 @@ def apply(ctx: DomainContext, plans: list[Plan], ident: Identity) -> list[str]:
     with DirCache() as dirs:
         try:
             for p in plans:
-                if p.make:
-                    _make_file(journal, p.path)
                 res = _resolve(dirs, p)
                 if res is None:
                     continue
@@ -368,23 +356,6 @@ def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -
         # gives back only if nothing changed the inode after this moment (a write by QEMU
         # clears them too, and must not get them back)
         journal.note(DRIVER, "labelled", id=it.rid, ctime=h.stat().st_ctime_ns)
-
-
-def _make_file(journal: Journal, path: str) -> None:
-    """Create a missing file chardev as root, 0600, so it can be given to QEMU (libvirt's
-    qemuPrepareChardevDevice); it stays after the domain stops (it holds the output)."""
-    if os.path.lexists(path):
-        return
-    journal.record(DRIVER, "create", path=path)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-    except FileExistsError:
-        return
-    except OSError as exc:
-        raise LabelError(f"cannot create chardev file {path}: {exc.strerror}; create it or "
-                         "fix its directory") from None
-    os.close(fd)
 
 
 def _chown_failed(journal: Journal, rid: str, res: Resolved, st: os.stat_result, p: Plan,

@@ -61,7 +61,7 @@ def access_letters(access: list[str]) -> str:
 
 
 def _mode(host: HostContext) -> str:
-    mode = getattr(host.config, "landlock_mode", "best-effort")
+    mode = host.config.driver_settings(NAME).landlock_mode
     if mode not in MODES:
         raise DriverError(f"landlock_mode = {mode!r} in qemu.conf is not valid; use "
                           f"\"enforce\" or \"best-effort\"")
@@ -315,6 +315,9 @@ class LandlockDriver:
             rs = state["explain_ruleset"] = self.ruleset(ctx)[0]
         if rs is None:
             return {"confined": False, "summary": "no Landlock in this kernel"}
+        if resource.passed:
+            return {"confined": True, "access": [], "rules": [], "allows": True,
+                    "summary": "passed as fd (no rule needed)"}
         real = os.path.realpath(resource.path)
         access: set[str] = set()
         rules = []
@@ -413,10 +416,6 @@ def summary(rs: Ruleset, mode: str) -> str:
 
 def _needed_access(resource: Resource, real: str) -> set[str]:
     """The Landlock rights opening ``resource`` as its role says takes."""
-    socket = resource.role == "graphics" or (
-        resource.role == "chardev" and getattr(resource.source, "type", None) == "unix")
-    if resource.create and socket:
-        return {"make_sock"}
     if resource.is_dir or os.path.isdir(real):
         return {"read_dir"} | ({"make_reg"} if resource.writable else set())
     return {"read_file"} | ({"write_file"} if resource.writable else set())

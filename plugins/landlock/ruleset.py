@@ -8,16 +8,17 @@ runs in the forked child: it opens every rule path with ``O_PATH``, adds the rul
 
 How resources map to access rights (roles from :mod:`vmconfine.plugin.resources`):
 
-* read-write files (top disks, nvram, writable loader, chardev files, hostdev nodes):
+* read-write files (top disks, nvram, writable loader, chardev pipes and devices, hostdev
+  nodes):
   ``read_file write_file truncate`` (+ ``ioctl_dev`` when the path is a device node);
 * read-only files (read-only disks, backing layers, kernel, initrd, dtb, read-only loader):
   ``read_file`` (+ ``ioctl_dev`` for device nodes, e.g. a CD-ROM drive);
 * directories QEMU owns (the domain's runtime directory and its HOME): everything except
   execute, device creation and ``refer``;
-* files QEMU creates (chardev files): read-write on the file itself, which the child creates
-  (empty, as the QEMU user, as QEMU would) just before ``landlock_restrict_self`` when it does
-  not exist yet; unix sockets QEMU binds: ``make_sock`` on the parent directory, and the child
-  removes a stale socket at that path first (QEMU's own unlink would be denied);
+* resources QEMU gets as file descriptors (``Resource.passed``: chardev sockets in
+  ``mode='bind'``, chardev files and logs, the VNC socket): no rule at all. vmconfine creates
+  and opens them before ``landlock_restrict_self``, and Landlock checks opens, not the use of
+  a descriptor, so QEMU needs no ``make_sock``/``make_reg`` on any directory of the admin's;
 * the emulator and its ELF interpreter: ``read_file execute``; its libraries, module libraries
   and the loader cache: ``read_file``; QEMU's firmware and module directories: ``read_file
   read_dir``.
@@ -25,7 +26,6 @@ How resources map to access rights (roles from :mod:`vmconfine.plugin.resources`
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -51,7 +51,6 @@ RO_DIR = frozenset({"read_file", "read_dir"})
 RW_DIR = RO_DIR | RW_FILE | {
     "remove_dir", "remove_file", "make_dir", "make_reg", "make_sock", "make_fifo", "make_sym",
 }
-CREATE_SOCKET = frozenset({"make_sock"})
 PTS_DIR = frozenset({"read_file", "write_file", "ioctl_dev"})
 
 #: Handled at the newest ABI: every filesystem right (deny by default), both TCP rights, both
@@ -79,19 +78,15 @@ class PathRule:
     is_dir: bool = False
     roles: tuple[str, ...] = ()
     optional: bool = False  #: a missing path is skipped instead of failing the start
-    #: what the child does before opening the path: ("create-file", PATH) creates an empty
-    #: file when missing; ("remove-stale-socket", PATH) removes a unix socket left behind
-    prepare: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "access": sorted(self.access), "dir": self.is_dir,
-                "roles": list(self.roles), "optional": self.optional,
-                "prepare": [list(p) for p in self.prepare]}
+                "roles": list(self.roles), "optional": self.optional}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PathRule:
         return cls(d["path"], frozenset(d["access"]), bool(d["dir"]), tuple(d["roles"]),
-                   bool(d["optional"]), tuple((a, p) for a, p in d.get("prepare", ())))
+                   bool(d["optional"]))
 
 
 @dataclass(frozen=True)
@@ -216,18 +211,16 @@ class _Builder:
         self.notes: list[str] = []
 
     def path(self, path: str, access: Iterable[str], role: str, *, is_dir: bool = False,
-             optional: bool = False, prepare: tuple[str, str] | None = None) -> None:
+             optional: bool = False) -> None:
         real = os.path.realpath(path)
         access = frozenset(access)
-        prep = (prepare,) if prepare else ()
         old = self.paths.get(real)
         if old is None:
-            self.paths[real] = PathRule(real, access, is_dir, (role,), optional, prep)
+            self.paths[real] = PathRule(real, access, is_dir, (role,), optional)
             return
         roles = old.roles if role in old.roles else (*old.roles, role)
-        merged = tuple(sorted(set(old.prepare) | set(prep)))
         self.paths[real] = PathRule(real, old.access | access, old.is_dir or is_dir, roles,
-                                    old.optional and optional, merged)
+                                    old.optional and optional)
 
     def port(self, port: int, access: str, role: str) -> None:
         old = self.ports.get(port)
@@ -245,16 +238,10 @@ def _stat(path: str) -> os.stat_result | None:
         return None
 
 
-def _socket_role(res: Resource) -> bool:
-    if res.role == "graphics":
-        return True
-    src = res.source
-    return res.role == "chardev" and getattr(src, "type", None) == "unix"
-
-
 def add_resource(b: _Builder, res: Resource) -> None:
-    """The rule(s) for one resource QEMU opens."""
-    if not res.path:
+    """The rule(s) for one resource QEMU opens (none for a resource QEMU gets as an fd:
+    Landlock checks opens, and vmconfine opened it before ``restrict_self``)."""
+    if not res.path or res.passed:
         return
     st = _stat(res.path)
     is_dir = res.is_dir or (st is not None and stat.S_ISDIR(st.st_mode))
@@ -262,18 +249,10 @@ def add_resource(b: _Builder, res: Resource) -> None:
     if is_dir:
         b.path(res.path, RW_DIR if res.writable else RO_DIR, res.role, is_dir=True)
         return
-    if res.create and _socket_role(res):
-        # a socket is created by bind() in the parent directory; the child clears a stale one
-        sock = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(res.path))),
-                            os.path.basename(res.path))
-        b.path(os.path.dirname(sock), CREATE_SOCKET, res.role, is_dir=True,
-               prepare=("remove-stale-socket", sock))
-        return
     access = RW_FILE if res.writable else RO_FILE
     if is_dev:
         access = access | {"ioctl_dev"}
-    prepare = ("create-file", os.path.realpath(res.path)) if res.create else None
-    b.path(res.path, access, res.role, optional=res.role == "devnode", prepare=prepare)
+    b.path(res.path, access, res.role, optional=res.role == "devnode")
 
 
 def add_emulator(b: _Builder, emu: EmulatorFiles) -> None:
@@ -425,25 +404,7 @@ def apply_ruleset(rs: Ruleset) -> dict[str, Any]:
             "ports": len(rs.net_rules), "skipped": skipped, "selftest": selftest(rs)}
 
 
-def _prepare(rule: PathRule) -> None:
-    """Create a missing chardev file / remove a stale socket, as QEMU itself would."""
-    for action, path in rule.prepare:
-        try:
-            if action == "create-file":
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY, 0o666)
-                os.close(fd)
-            elif action == "remove-stale-socket":
-                with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.lstat(path).st_mode):
-                        os.unlink(path)
-        except OSError as err:
-            raise DriverError(f"landlock: preparing {path} ({action}) as uid {os.getuid()} "
-                              f"failed: {err.strerror}; check the permissions of its "
-                              "directory") from err
-
-
 def _add_path(ruleset_fd: int, rule: PathRule, skipped: list[str]) -> None:
-    _prepare(rule)
     try:
         fd = os.open(rule.path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:

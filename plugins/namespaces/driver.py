@@ -144,8 +144,11 @@ class NamespacesDriver:
                     builder,
                     emulator_paths=[p for p in paths if p],
                     emulator_dirs=[*emu.data_dirs, *emu.module_dirs],
+                    # a resource vmconfine opened for QEMU (Resource.passed) reaches it as an
+                    # fd: its path needs no place in the view
                     wanted=[Wanted(r.path, r.role, r.writable, r.create, r.is_dir)
-                            for r in resources if r.role != "devnode" and r.path],
+                            for r in resources if r.role != "devnode" and r.path
+                            and not getattr(r, "passed", None)],
                     private_dirs=[str(ctx.runtime_dir),
                                   str(ctx.instance.domain_lib_dir(ctx.domain.name))],
                     exists=os.path.lexists,

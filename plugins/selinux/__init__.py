@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmconfine.config.keys import Setting, enum
 from vmconfine.plugin.hookspecs import hookimpl
+
+#: The selinux driver's qemu.conf keys.
+SETTINGS = (
+    Setting(name="selinux_mode", kind="string", check=enum("svirt", "basic"), default="svirt",
+            doc='"svirt" = per-domain MCS categories; "basic" = one shared label, no '
+                "categories"),
+)
 
 
 def _factory(host: Any) -> Any:
@@ -22,4 +30,5 @@ def _factory(host: Any) -> Any:
 def vmconfine_register_drivers(registry: Any) -> None:
     """Add the ``selinux`` security driver (libselinux through python3-selinux)."""
     registry.add("selinux", _factory,
-                 "SELinux: sVirt MCS labels per domain (libvirt's selinux driver)")
+                 "SELinux: sVirt MCS labels per domain (libvirt's selinux driver)",
+                 settings=SETTINGS)

@@ -70,7 +70,8 @@ class SELinuxDriver:
     def mode(self, ctx: DomainContext | None = None) -> str:
         """``svirt`` or ``basic`` for this instance and policy."""
         host = ctx.host if ctx is not None else self.host
-        wanted = host.config.selinux_mode if host is not None else "svirt"
+        wanted = (host.config.driver_settings(MODEL).selinux_mode if host is not None
+                  else "svirt")
         if wanted == "svirt" and not (self.backend.mcs_enabled() and self.contexts().has_mcs):
             if not self._warned_basic:
                 self._warned_basic = True

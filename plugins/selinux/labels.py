@@ -11,10 +11,13 @@ to relabel. Rules (``security_selinux.c``):
 * disk top layer: ``<shareable/>`` → the image context at its own level (``svirt_image_t:s0``,
   every domain may use it), ``<readonly/>`` → the content context (``virt_content_t``), else
   the domain's image label; backing layers → the content context;
-* kernel, initrd, dtb → the content context; nvram, chardev files/devices/pipes/connect
-  sockets, USB and VFIO group nodes, the domain's runtime directory → the image label;
-* not relabelled: the firmware loader, the VNC socket and other sockets QEMU creates itself,
-  ``/dev/vfio/vfio`` and the device nodes every QEMU opens (the policy labels those).
+* kernel, initrd, dtb → the content context; nvram, chardev files/devices/pipes/sockets and
+  chardev logs (also those QEMU only gets as fds: the kernel checks a descriptor's use against
+  the file's label; the bind sockets vmconfine creates exist by then), USB and VFIO group
+  nodes, QEMU's HOME → the image label;
+* not relabelled: the firmware loader, the VNC socket (its listening socket gets the domain's
+  context from ``set_socket_label``), ``/dev/vfio/vfio`` and the device nodes every QEMU
+  opens (the policy labels those).
 
 ``remember`` says whether the original context is counted in the remembered-label xattrs
 (vmconfine counts every file it relabels, so files several domains share are restored by the
@@ -31,7 +34,8 @@ import os
 from dataclasses import dataclass
 
 from vmconfine.domain import Chardev, DeviceSecLabel, Disk, Hostdev, SecLabel
-from vmconfine.plugin.resources import Resource, usb_device_path, vfio_group_path
+from vmconfine.plugin.resources import Resource, Role, usb_device_path, vfio_group_path
+from vmconfine.plugin.resources import chardev_resources as core_chardev_resources
 from vmconfine_selinux.contexts import PolicyContexts
 
 log = logging.getLogger(__name__)
@@ -83,8 +87,8 @@ def plan_resource(res: Resource, sec: SecLabel | None, contexts: PolicyContexts)
     image = sec.imagelabel
     if image is None:
         return None
-    if res.create and not os.path.lexists(res.path):
-        return None  # QEMU (or the pipeline) creates it: bind sockets, log files, run dirs
+    if (res.create or res.passed) and not os.path.lexists(res.path):
+        return None  # the pipeline creates it: bind sockets, chardev files and logs, run dirs
     group = _group(res)
     if res.role in ("disk", "backing"):
         dev = _device_label(res)
@@ -106,7 +110,9 @@ def plan_resource(res: Resource, sec: SecLabel | None, contexts: PolicyContexts)
         return Plan(res.path, contexts.content, res.role, group)
     if res.role == "nvram":
         return Plan(res.path, image, res.role, group)
-    if res.role == "chardev":
+    if res.role in ("chardev", "chardev_log"):
+        # also the files and sockets QEMU only gets as fds: SELinux checks the use of a
+        # descriptor against the file's label (libvirt labels bind sockets it passes, too)
         dev = _device_label(res)
         if dev is not None and not dev.relabel:
             return None
@@ -150,7 +156,7 @@ def disk_resources(disk: Disk) -> list[Resource]:
             continue
         top = depth == 0
         out.append(Resource(
-            path=src.path, role="disk" if top else "backing",
+            path=src.path, role=Role.DISK if top else Role.BACKING,
             access="rw" if top and not disk.readonly else "ro", chain_top=top,
             readonly=disk.readonly or not top, shared=disk.shareable, disk=disk, source=src,
             seclabels=list(src.seclabels) or top_labels,
@@ -162,23 +168,14 @@ def hostdev_resources(hostdev: Hostdev) -> list[Resource]:
     """The device nodes of one host device."""
     if hostdev.type == "usb":
         path = usb_device_path(hostdev)
-        return [Resource(path, "hostdev", "rw", hostdev=hostdev)] if path else []
+        return [Resource(path, Role.HOSTDEV, "rw", hostdev=hostdev)] if path else []
     if hostdev.type == "pci":
         group = vfio_group_path(hostdev)
-        return [Resource(group, "hostdev", "rw", hostdev=hostdev)] if group else []
+        return [Resource(group, Role.HOSTDEV, "rw", hostdev=hostdev)] if group else []
     return []
 
 
 def chardev_resources(chardev: Chardev) -> list[Resource]:
-    """The paths of one character device source (pipes: ``.in``/``.out`` when both exist)."""
-    path = chardev.path
-    if not path or chardev.type not in ("file", "dev", "unix", "pipe"):
-        return []
-    labels = list(chardev.seclabels)
-    if chardev.type == "pipe":
-        pin, pout = f"{path}.in", f"{path}.out"
-        paths = [pin, pout] if os.path.exists(pin) and os.path.exists(pout) else [path]
-        return [Resource(p, "chardev", "rw", source=chardev, seclabels=labels) for p in paths]
-    create = chardev.type == "file" or (chardev.type == "unix" and
-                                        (chardev.mode or "bind") == "bind")
-    return [Resource(path, "chardev", "rw", source=chardev, seclabels=labels, create=create)]
+    """The paths of one character device source and its log (pipes: ``.in``/``.out`` when
+    both exist), as the resource model lists them."""
+    return core_chardev_resources([chardev])

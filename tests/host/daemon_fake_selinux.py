@@ -15,6 +15,7 @@ from vmconfine.daemon.main import serve
 from vmconfine.plugin import nop
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine.plugin.registry import make_plugin_manager
+from vmconfine_selinux import SETTINGS as SELINUX_SETTINGS
 from vmconfine_selinux.backend import FakeBackend
 from vmconfine_selinux.driver import SELinuxDriver
 
@@ -39,7 +40,7 @@ def plugin(policy: Path) -> types.ModuleType:
     @hookimpl
     def vmconfine_register_drivers(registry: Any) -> None:
         registry.add("selinux", lambda host: SELinuxDriver(host, backend),
-                     "SELinux on the fake backend (tests)")
+                     "SELinux on the fake backend (tests)", settings=SELINUX_SETTINGS)
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     return mod

@@ -39,6 +39,8 @@ from qemu.qmp import ConnectError, QMPClient
 from tests.support import require
 from vmconfine.config.settings import QemuConfig
 from vmconfine.domain import Domain, parse_domain
+from vmconfine.launch import preopen
+from vmconfine.launch.journal import Journal
 from vmconfine.qemu.argv import CommandPaths, QemuCommand, build_command
 
 pytestmark = pytest.mark.host
@@ -320,7 +322,8 @@ def _pci_devices(buses: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-async def _collect(sock: str, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+async def _collect(sock: str, proc: subprocess.Popen[bytes],
+                   vnc: socket.socket | None = None) -> dict[str, Any]:
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -334,6 +337,8 @@ async def _collect(sock: str, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
                 pass
         await asyncio.sleep(0.02)
     try:
+        if vnc is not None:  # as `vmconfine run` does after the handshake
+            await preopen.hand_over_vnc(client, vnc)
         view: dict[str, Any] = {}
         view["status"] = (await client.execute("query-status"))["status"]
         view["name"] = (await client.execute("query-name")).get("name")
@@ -374,11 +379,11 @@ async def _collect(sock: str, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     return view
 
 
-def qmp_view(sock: str, proc: subprocess.Popen[bytes], ws: Workspace, tag: str = "qemu"
-             ) -> dict[str, Any]:
-    """Connect to a paused QEMU, read its view of the VM, then quit it."""
+def qmp_view(sock: str, proc: subprocess.Popen[bytes], ws: Workspace, tag: str = "qemu",
+             vnc: socket.socket | None = None) -> dict[str, Any]:
+    """Connect to a paused QEMU (handing it ``vnc``), read its view of the VM, quit it."""
     try:
-        return asyncio.run(asyncio.wait_for(_collect(sock, proc), 60))
+        return asyncio.run(asyncio.wait_for(_collect(sock, proc, vnc), 60))
     except Exception as exc:
         raise AssertionError(f"QMP failed: {exc!r}; QEMU said: {qemu_log(ws, tag)}") from exc
 
@@ -493,6 +498,18 @@ def expected_chardev_labels(domain: Domain) -> set[str]:
 # --------------------------------------------------------------------------- tests
 
 
+def preopened(cmd: QemuCommand, ws: Workspace
+              ) -> tuple[list[str], dict[str, int], socket.socket | None]:
+    """What the pipeline passes QEMU (vmconfine.launch.preopen): argv, inherited fds by
+    name, and the VNC socket to hand over QMP."""
+    opened = preopen.open_passed(Journal(ws.root / "preopen.journal"), cmd.passed)
+    ws.defer(opened.close)
+    vnc = opened.take("vnc")
+    if vnc is not None:
+        ws.defer(vnc.close)
+    return cmd.argv(fds=opened.fds), dict(opened.fds), vnc
+
+
 @pytest.fixture
 def ws() -> Any:
     # unix socket paths must stay under 108 bytes: use a short directory
@@ -512,15 +529,12 @@ STARTABLE = [c for c in CASES if c not in REFUSED]
 def test_qemu_builds_the_described_vm(case: str, ws: Workspace) -> None:
     qemu_binary()
     domain, cmd, paths = prepare(case, ws)
-    # as `vmconfine run` does: create the listening monitor socket, QEMU inherits it
-    monitor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ws.defer(monitor.close)
-    monitor.bind(paths.monitor_socket)
-    monitor.listen(8)
-    argv = cmd.argv(fds=[monitor.fileno()])
-    assert f"socket,id=charmonitor,fd={monitor.fileno()},server=on,wait=off" in argv
-    proc = launch(argv, cmd.env, ws, pass_fds=(monitor.fileno(),))
-    view = qmp_view(paths.monitor_socket, proc, ws)
+    # as `vmconfine run` does: create the listening sockets and open the chardev files,
+    # QEMU inherits them (the VNC socket follows over QMP)
+    argv, fds, vnc = preopened(cmd, ws)
+    assert f"socket,id=charmonitor,fd={fds['charmonitor']},server=on,wait=off" in argv
+    proc = launch(argv, cmd.env, ws, pass_fds=tuple(fds.values()))
+    view = qmp_view(paths.monitor_socket, proc, ws, vnc=vnc)
     check_view(case, domain, cmd, view)
     assert wait_exit(proc) == 0, qemu_log(ws)
     for server in ws.servers:  # QEMU connected to each connect-mode unix socket

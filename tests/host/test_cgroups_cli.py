@@ -63,7 +63,8 @@ if __name__ == "__main__":
     if mode == "recover":
         print("recovered", conn.recover(), flush=True)
         sys.exit(0)
-    conn.instance.config.cgroup_devices_backend = mode.split("-")[1]  # run-v1 / run-v2
+    settings = conn.instance.config.driver_settings("cgroups")
+    settings.cgroup_devices_backend = mode.split("-")[1]  # run-v1 / run-v2
     run_domain(conn, parse_domain(open(xml).read(), source=xml), on_ready=lambda l: print(
         "started", l.pid, conn.stack.describe(l.ctx).get("cgroups", {}).get("summary"),
         flush=True))

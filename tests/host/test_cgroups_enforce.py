@@ -137,8 +137,8 @@ class Env:
 
     def _configure(self, host: Any) -> None:
         cfg = host.config
-        cfg.cgroup_controllers = list(self.controllers)
-        cfg.cgroup_devices_backend = self.backend
+        cfg.driver_settings("cgroups").cgroup_controllers = list(self.controllers)
+        cfg.driver_settings("cgroups").cgroup_devices_backend = self.backend
 
     def driver(self, host: Any | None = None) -> CgroupsDriver:
         host = host or self.host

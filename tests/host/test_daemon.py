@@ -68,6 +68,11 @@ class Daemon:
         return self.cli("domstate", "--reason", name).stdout.strip()
 
 
+def destroy_running(e: Embed) -> None:
+    """Destroy every running domain of the instance (test cleanup)."""
+    destroy_running(e)
+
+
 def _connects(path: Path) -> bool:
     with socket.socket(socket.AF_UNIX) as s:
         try:
@@ -85,10 +90,7 @@ def daemon(vm_dir: VmDir) -> Iterator[Daemon]:
     d.start()
     yield d
     if d.proc is not None and d.proc.poll() is None:
-        listing = e.cli("list").stdout
-        for line in listing.splitlines()[2:]:
-            if line.split() and line.split()[0].isdigit():
-                e.cli("destroy", line.split()[1])
+        destroy_running(e)
         d.stop()
     e.cleanup()
 
@@ -543,8 +545,6 @@ def test_mcs_pairs_stay_reserved_across_a_killed_daemon(vm_dir: VmDir) -> None:
             d.cli("destroy", name)
     finally:
         if d.proc is not None and d.proc.poll() is None:
-            for line in e.cli("list").stdout.splitlines()[2:]:
-                if line.split() and line.split()[0].isdigit():
-                    e.cli("destroy", line.split()[1])
+            destroy_running(e)
             d.stop()
         e.cleanup()

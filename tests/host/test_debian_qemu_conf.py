@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from vmconfine.config.conf import parse_conf, read_conf_file
-from vmconfine.config.settings import KNOWN_KEYS, LIBVIRT_UNUSED_KEYS, QemuConfig, load_config
+from vmconfine.config.settings import LIBVIRT_UNUSED_KEYS, QemuConfig, load_config
 from vmconfine.errors import ConfigError
+from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
 
 try:
     from tests.support import require, require_binary
@@ -27,7 +28,9 @@ except ModuleNotFoundError:  # tests/host is not a package: make the checkout im
 pytestmark = pytest.mark.host
 
 PACKAGES = ("libvirt-daemon-driver-qemu", "libvirt-daemon-system")
-SYSTEM = {"privileged": True, "caller_uid": 0, "caller_gid": 0}
+#: with the keys the installed (built-in) drivers declare, as every command loads qemu.conf
+SYSTEM = {"privileged": True, "caller_uid": 0, "caller_gid": 0,
+          "drivers": collect_drivers(make_plugin_manager()).settings()}
 
 
 def _fetch(workdir: Path) -> tuple[Path | None, list[str]]:
@@ -110,7 +113,7 @@ def test_parses_unchanged(debian_qemu_conf: Path) -> None:
 def test_loads_as_all_defaults(debian_qemu_conf: Path) -> None:
     cfg = load_config(debian_qemu_conf, **SYSTEM)
     assert cfg.values() == QemuConfig.defaults(**SYSTEM).values()
-    assert all(cfg.source(key) == "default" for key in KNOWN_KEYS)
+    assert all(cfg.source(key) == "default" for key in cfg.known_keys())
     assert cfg.check() == []
 
 
@@ -142,15 +145,16 @@ def test_loads_with_every_example_switched_on(debian_qemu_conf: Path, tmp_path: 
     cfg = load_config(edited, **SYSTEM)
     assert cfg.unknown == {}  # vmconfine knows every setting Debian documents
     for key, line in first_line.items():
-        assert key in KNOWN_KEYS or key in LIBVIRT_UNUSED_KEYS
-        if key in KNOWN_KEYS:
+        assert key in cfg.known_keys() or key in LIBVIRT_UNUSED_KEYS
+        if key in cfg.known_keys():
             assert cfg.source(key) == f"{edited}:{line}"
         else:
             assert cfg.ignored[key] == f"{edited}:{line}"
     assert cfg.security_driver == ["selinux"]
     assert cfg.user == "libvirt-qemu"
-    assert cfg.cgroup_device_acl is not None and "/dev/kvm" in cfg.cgroup_device_acl
-    assert cfg.cgroup_controllers == ["cpu", "devices", "memory", "blkio", "cpuset", "cpuacct"]
+    cgroups = cfg.driver_settings("cgroups")
+    assert cgroups.cgroup_device_acl is not None and "/dev/kvm" in cgroups.cgroup_device_acl
+    assert cgroups.cgroup_controllers == ["cpu", "devices", "memory", "blkio", "cpuset", "cpuacct"]
     assert cfg.max_core == "unlimited"
     assert cfg.namespaces == ["mount"]
     again = parse_conf(cfg.format())

@@ -10,8 +10,6 @@ helpers of test_argv_qmp.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from tests.host.test_argv_qmp import (
@@ -20,6 +18,7 @@ from tests.host.test_argv_qmp import (
     check_view,
     config_for,
     launch,
+    preopened,
     prepare,
     qemu_binary,
     qemu_log,
@@ -45,13 +44,9 @@ def test_converted_back_domain_starts_the_same_vm(case: str, ws: Workspace) -> N
     assert again.env == cmd.env
     assert again.emulator == cmd.emulator
 
-    monitor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    ws.defer(monitor.close)
-    monitor.bind(paths.monitor_socket)
-    monitor.listen(8)
-    proc = launch(again.argv(fds=[monitor.fileno()]), again.env, ws,
-                  pass_fds=(monitor.fileno(),))
-    view = qmp_view(paths.monitor_socket, proc, ws)
+    argv, fds, vnc = preopened(again, ws)
+    proc = launch(argv, again.env, ws, pass_fds=tuple(fds.values()))
+    view = qmp_view(paths.monitor_socket, proc, ws, vnc=vnc)
     check_view(case, domain, again, view)  # the VM the original XML describes
     check_view(case, converted, again, view)  # and the one the converted XML describes
     assert wait_exit(proc) == 0, qemu_log(ws)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.host.conftest import VMCONFINE, Embed, VmDir
-from tests.host.test_daemon import Daemon
+from tests.host.test_daemon import Daemon, destroy_running
 from tests.support import REPO
 
 pytestmark = pytest.mark.host
@@ -56,9 +56,7 @@ def daemon(vm_dir: VmDir) -> Iterator[Daemon]:
     d.start()
     yield d
     if d.proc is not None and d.proc.poll() is None:
-        for line in e.cli("list").stdout.splitlines()[2:]:
-            if line.split() and line.split()[0].isdigit():
-                e.cli("destroy", line.split()[1])
+        destroy_running(e)
         d.stop()
     e.cleanup()
 
@@ -206,9 +204,7 @@ def test_kill_during_attach_is_rolled_back_at_reconnect(vm_dir: VmDir) -> None:
         assert "sdb" not in d.cli("dumpxml", "crash").stdout
         assert re.search(r"^\s*\d+\s+crash\s+running$", d.cli("list").stdout, re.M)
     finally:
-        for line in e.cli("list").stdout.splitlines()[2:]:
-            if line.split() and line.split()[0].isdigit():
-                e.cli("destroy", line.split()[1])
+        destroy_running(e)
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
         e.cleanup()

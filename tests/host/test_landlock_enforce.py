@@ -12,7 +12,6 @@ import ctypes
 import json
 import os
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,8 @@ import vmconfine_landlock
 from examples.mkbootimg import write_image
 from tests.host.conftest import VmDir
 from tests.support import make_ctx, make_host, require
+from vmconfine.launch import preopen
+from vmconfine.launch.journal import Journal
 from vmconfine.qemu.argv import CommandPaths, build_command
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.driver import LandlockDriver
@@ -168,10 +169,11 @@ def test_disk_allowed_same_users_outside_file_denied(scene: Scene) -> None:
     assert out["results"] == [
         "ok", "Permission denied", "Permission denied", "Permission denied",
         "Permission denied", "ok", "Permission denied",
-        # the disk's directory is not writable as a whole: the serial file was pre-created
+        # the disk's directory is not writable as a whole
         "Permission denied",
     ]
-    assert (scene.guest / "fs.serial").exists()  # created by the child, before the ruleset
+    # the serial file is passed as an fd: vmconfine opens it, the ruleset needs no rule
+    assert not (scene.guest / "fs.serial").exists()
     assert not (scene.outside / "new").exists()
 
 
@@ -216,10 +218,12 @@ def test_tcp_only_the_vnc_port_and_ipc_scoped(scene: Scene) -> None:
 
 
 def _wait_for(path: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"QEMU never created {path}"
-        time.sleep(0.02)
+    """Until QEMU answers on its monitor: the socket exists before exec (vmconfine creates
+    it), so wait for QMP's greeting, which only the exec'd QEMU sends."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        assert s.recv(4096).startswith(b'{"QMP"'), f"QEMU never answered on {path}"
 
 
 def _qmp_cont(sock_path: Path, timeout: float = 30) -> None:
@@ -257,14 +261,18 @@ def exec_qemu_confined(scene: Scene, name: str, *, extra_args: tuple[str, ...] =
                          home_dir=str(inst.domain_lib_dir(name)),
                          runtime_dir=str(inst.domain_run_dir(name)), user="nobody")
     cmd = build_command(ctx.domain, inst.config, paths)
-    ctx.state["pipeline"] = {"command": cmd}
+    ctx.command = cmd
     drv.set_all_labels(ctx)
     rs = ctx.state["landlock"]["ruleset"]
-    argv = [*cmd.argv(), *extra_args]
+    # the monitor socket and the serial file are pre-opened, as the pipeline does
+    opened = preopen.open_passed(Journal(scene.guest / f"{name}.preopen"), cmd.passed)
+    argv = [*cmd.argv(fds=opened.fds), *extra_args]
     err_path = scene.guest / f"{name}.stderr"
     pid = os.fork()
     if pid == 0:
         try:
+            for passed in opened.fds.values():
+                os.set_inheritable(passed, True)
             fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 2)
             drop_to(NOBODY)
@@ -272,6 +280,7 @@ def exec_qemu_confined(scene: Scene, name: str, *, extra_args: tuple[str, ...] =
             os.execve(argv[0], argv, cmd.env)
         finally:
             os._exit(127)
+    opened.close()
     problems = None
     status_pipe = f"pipe:[{os.fstat(ctx.state['landlock']['status_fds'][0]).st_ino}]"
     try:

@@ -101,10 +101,17 @@ def test_sigkill_at_each_step_is_finished_by_next_command(
         abi, why = syscalls.probe_abi()
         require(abi > 0, f"needs Landlock: {why}")
     embed.configure(CRASH_STACKS[driver])
-    xml = vm_dir.domain_xml("crash")
+    # with sockets vmconfine creates: one in a root-owned 0755 dir, one at a generated path
+    sock = vm_dir.path / "crash-agent.sock"
+    xml = vm_dir.domain_xml("crash", extra_devices=(
+        f"<channel type='unix'><source mode='bind' path='{sock}'/>"
+        "<target type='virtio' name='org.example.crash'/></channel>"
+        "<channel type='unix'><source mode='bind'/>"
+        "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"))
     img = vm_dir.path / "crash.img"
     os.chown(img, 1000, 1000)
     before = snapshot([img])
+    channel_dir = embed.root / "lib" / "qemu" / "channel" / "target" / "domain-crash"
     env = dict(os.environ, VMCONFINE_PAUSE_AT=step)
     run = embed.start(xml, env=env, wait_for=f"paused at {step}")
     journal = embed.root / "run" / "qemu" / "crash.journal"
@@ -119,6 +126,7 @@ def test_sigkill_at_each_step_is_finished_by_next_command(
     assert state_files(embed) == []
     assert snapshot([img]) == before
     assert not (embed.root / "run" / "qemu" / "domain-crash").exists()
+    assert not os.path.lexists(sock) and not channel_dir.exists()
     for rec in started:
         deadline = time.monotonic() + 10
         while Path(f"/proc/{rec['pid']}").exists() and time.monotonic() < deadline:
@@ -197,11 +205,20 @@ def test_domxml_to_native_is_what_run_executes(embed: Embed, vm_dir: VmDir) -> N
     env_words = [w for w in native if "=" in w.split(",")[0] and not w.startswith("-")
                  and w.split("=")[0].isupper()]
     argv = native[len(env_words):]
+    # per-start: the serial file reaches QEMU through an fdset (-add-fd before its -chardev)
+    i = cmdline.index("-add-fd")
+    assert cmdline[i + 1].startswith("set=0,fd=") and \
+        cmdline[i + 1].endswith(",opaque=charserial0-source")
+    del cmdline[i:i + 2]
     assert len(argv) == len(cmdline)
     for want, got in zip(argv, cmdline, strict=True):
         if "id=charmonitor," in want or "id=charusermonitor," in want:
             # per-start: run hands QEMU the listening monitor sockets as inherited fds
             assert "fd=" in got and "path=" in want
+            continue
+        if "id=charserial0," in want:
+            assert want == f"file,id=charserial0,path={vm_dir.path / 'same.serial'}"
+            assert got == "file,id=charserial0,path=/dev/fdset/0"
             continue
         assert want == got
     embed.cli("destroy", "same", check=True)

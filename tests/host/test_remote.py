@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.host.conftest import VMCONFINE, Embed, VmDir
-from tests.host.test_daemon import Daemon
+from tests.host.test_daemon import Daemon, destroy_running
 from tests.support import require
 
 pytestmark = pytest.mark.host
@@ -98,9 +98,7 @@ def tls(vm_dir: VmDir) -> Iterator[tuple[Daemon, dict[str, str]]]:
                       f"&pkipath={pki / 'good'}",
     }
     yield d, uris
-    for line in e.cli("list").stdout.splitlines()[2:]:
-        if line.split() and line.split()[0].isdigit():
-            e.cli("destroy", line.split()[1])
+    destroy_running(e)
     d.stop()
     e.cleanup()
 
@@ -246,8 +244,6 @@ def test_ssh_verbs_console_and_refusals(sshd: dict[str, str], vm_dir: VmDir) -> 
         one_line_error(run(f"{base}&keyfile={sshd['stranger']}", "list"),
                        "ssh to 127.0.0.1 failed: ")
     finally:
-        for line in e.cli("list").stdout.splitlines()[2:]:
-            if line.split() and line.split()[0].isdigit():
-                e.cli("destroy", line.split()[1])
+        destroy_running(e)
         d.stop()
         e.cleanup()

@@ -255,18 +255,71 @@ def test_monitors_and_inherited_fds(bindir: Path) -> None:
     assert opts(cmd, "-mon") == ["chardev=charmonitor,id=monitor,mode=control",
                                  "chardev=charusermonitor,id=usermonitor,mode=control"]
     # `run` passes the listening sockets it created; only the monitor arguments change
-    with_fds = cmd.argv(fds=[7, 9])
+    assert [p.name for p in cmd.inherited] == ["charmonitor", "charusermonitor"]
+    fds = {"charmonitor": 7, "charusermonitor": 9}
+    with_fds = cmd.argv(fds=fds)
     assert opts(QemuCommand(cmd.env, cmd.emulator, with_fds[1:]), "-chardev") == [
         "socket,id=charmonitor,fd=7,server=on,wait=off",
         "socket,id=charusermonitor,fd=9,server=on,wait=off"]
     changed = [i for i, (x, y) in enumerate(zip(cmd.argv(), with_fds, strict=True)) if x != y]
     assert len(changed) == 2
-    assert "fd=7" in cmd.format_native(fds=[7, 9]) and "fd=" not in cmd.format_native()
-    with pytest.raises(ValueError, match="expected 2 monitor fds"):
-        cmd.argv(fds=[7])
+    assert "fd=7" in cmd.format_native(fds=fds) and "fd=" not in cmd.format_native()
+    with pytest.raises(ValueError, match="no descriptor for charusermonitor"):
+        cmd.argv(fds={"charmonitor": 7})
     # domxml-to-native (symbolic) prints the same line run would log
     shown = build_command(domain, config_for("qemu-pc", bindir), paths, symbolic=True)
     assert shown.format_native() == cmd.format_native()
+
+
+PASSED_DEVICES = """
+    <serial type='file'><source path='/srv/a,b/serial.log' append='on'/>
+      <log file='/srv/serial0.log' append='off'/><target port='0'/></serial>
+    <channel type='unix'><source mode='bind'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    <channel type='unix'><source mode='bind'/><target type='virtio'/></channel>
+    <channel type='unix'><source mode='connect' path='/srv/peer.sock'/>
+      <target type='virtio' name='peer'/></channel>
+    <graphics type='vnc' socket='/srv/vnc.sock'/>
+"""
+
+
+def test_preopened_chardevs_files_logs_and_vnc(bindir: Path) -> None:
+    """libvirt 9's fd passing: bind sockets as fd=N, files and logs through -add-fd and
+    /dev/fdset/N, the VNC socket over QMP (-vnc none); paths in the symbolic line."""
+    from vmconfine.domain.chardev import fill_channel_paths
+
+    xml = corpus_xml("qemu-pc").replace("</devices>", PASSED_DEVICES + "</devices>")
+    domain = parse_domain(xml)
+    generated = fill_channel_paths(domain.chardevs, "/var/lib/vmc/channel/target/domain-x")
+    assert generated == ["/var/lib/vmc/channel/target/domain-x/org.qemu.guest_agent.0",
+                         "/var/lib/vmc/channel/target/domain-x/vioser-00-00-02.sock"]
+    assert "path=\"/var/lib/vmc/channel/target/domain-x/org.qemu.guest_agent.0\"" in \
+        domain.to_xml(live=True)
+    cmd = build_command(domain, config_for("qemu-pc", bindir), command_paths("qemu-pc"))
+    assert [(p.kind, p.name) for p in cmd.passed] == [
+        ("listen", "charmonitor"), ("fdset", "charserial0-source"), ("fdset", "charserial0-log"),
+        ("listen", "charchannel0"), ("listen", "charchannel1"), ("qmp", "vnc")]
+    chardevs = opts(cmd, "-chardev")
+    assert "file,id=charserial0,path=/srv/a,,b/serial.log,append=on,"\
+           "logfile=/srv/serial0.log,logappend=off" in chardevs
+    assert "socket,id=charchannel0,path=/var/lib/vmc/channel/target/domain-x/"\
+           "org.qemu.guest_agent.0,server=on,wait=off" in chardevs
+    assert "socket,id=charchannel2,path=/srv/peer.sock" in chardevs  # QEMU connects
+    assert opts(cmd, "-vnc") == ["unix:/srv/vnc.sock"]
+    fds = {p.name: 20 + n for n, p in enumerate(cmd.inherited)}
+    assert "vnc" not in fds
+    run = cmd.argv(fds=fds)[1:]
+    assert opts(QemuCommand(cmd.env, cmd.emulator, run), "-add-fd") == [
+        "set=0,fd=21,opaque=charserial0-source", "set=1,fd=22,opaque=charserial0-log"]
+    # each -add-fd comes right before the -chardev that uses its set
+    i = run.index("file,id=charserial0,path=/dev/fdset/0,append=on,logfile=/dev/fdset/1,"
+                  "logappend=off")
+    assert run[i - 5:i] == ["-add-fd", "set=0,fd=21,opaque=charserial0-source",
+                            "-add-fd", "set=1,fd=22,opaque=charserial0-log", "-chardev"]
+    assert "socket,id=charchannel0,fd=23,server=on,wait=off" in run
+    assert run[run.index("-vnc") + 1] == "none"
+    ports = {d["id"]: d.get("nr") for d in devices(cmd) if d["driver"] == "virtserialport"}
+    assert ports == {"channel0": 1, "channel1": 2, "channel2": 3}
 
 
 def test_commas_in_paths_are_escaped(bindir: Path) -> None:

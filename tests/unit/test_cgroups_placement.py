@@ -28,7 +28,10 @@ def instance(kind: str, root: str | None = None, privileged: bool = True) -> Ins
 
 
 def cfg(text: str = "") -> Any:
-    return config_from_text(text, privileged=True, caller_uid=0, caller_gid=0)
+    """The cgroups driver's settings from qemu.conf ``text``."""
+    return config_from_text(text, privileged=True, caller_uid=0, caller_gid=0,
+                            drivers=[("cgroups", vmconfine_cgroups.SETTINGS)]
+                            ).driver_settings("cgroups")
 
 
 def dom(name: str = "vm1", extra: str = "") -> Any:
@@ -134,9 +137,9 @@ def driver(tmp_path: Path, *, bpf_ok: bool = True, backend: str | None = None,
            hier: placement.Hierarchies | None = None) -> tuple[CgroupsDriver, Any]:
     host = make_host(tmp_path / "inst", [vmconfine_cgroups])
     host.instance.privileged = True
-    host.config.cgroup_controllers = controllers
+    host.config.driver_settings("cgroups").cgroup_controllers = controllers
     if backend is not None:
-        host.config.cgroup_devices_backend = backend
+        host.config.driver_settings("cgroups").cgroup_devices_backend = backend
     info = host.registry.get("cgroups")
     assert info is not None and info.kind == "pipeline"
     drv: CgroupsDriver = info.factory(host)
@@ -189,9 +192,9 @@ def test_enabled_rules(tmp_path: Path) -> None:
     drv, _ctx = driver(tmp_path)
     host = drv.host
     assert drv.enabled(host=host) is True
-    host.config.cgroup_controllers = []
+    host.config.driver_settings("cgroups").cgroup_controllers = []
     assert drv.enabled(host=host) is False
-    host.config.cgroup_controllers = None
+    host.config.driver_settings("cgroups").cgroup_controllers = None
     host.instance.privileged = False
     drv._hier = placement.Hierarchies(v2=str(tmp_path / "no-such-cgroup"), self_v2="/")
     assert drv.enabled(host=host) is False  # session without a delegated subtree

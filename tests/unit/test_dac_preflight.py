@@ -111,14 +111,22 @@ def test_missing_disk_is_reported(d: Path) -> None:
         drv.preflight(ctx)
 
 
-def test_socket_qemu_creates_needs_a_writable_directory(d: Path) -> None:
-    sock = d / "agent.sock"
+def test_passed_sockets_and_files_need_no_writable_directory(d: Path) -> None:
+    """vmconfine creates bind sockets and opens file chardevs itself and passes the fds
+    (libvirt 9): a root-owned 0755 directory is fine, and nothing there is chowned."""
+    os.chmod(d, 0o755)
+    sock, out, log = d / "agent.sock", d / "serial.out", d / "serial.log"
     drv, ctx = prepared(host_for(d), domain_xml(
         "bind", f"<channel type='unix'><source mode='bind' path='{sock}'/>"
-                "<target type='virtio' name='org.example.agent'/></channel>"))
-    with pytest.raises(LabelError, match=f"cannot create {sock}: directory {d} is not "
-                                         "writable"):
-        drv.preflight(ctx)
+                "<target type='virtio' name='org.example.agent'/></channel>"
+                f"<serial type='file'><source path='{out}'/><log file='{log}'/></serial>"))
+    drv.preflight(ctx)
+    from vmconfine_dac import relabel
+    from vmconfine_dac.driver import identity
+
+    passed = [r for r in ctx.resources if r.passed]
+    assert {r.path for r in passed} == {str(sock), str(out), str(log)}
+    assert relabel.plan(ctx, passed, identity(ctx)) == []
 
 
 def test_kvm_device_needs_the_kvm_group(d: Path) -> None:

@@ -67,7 +67,7 @@ class Files:
 
     @property
     def restored(self) -> list[Path]:
-        return [self.top, self.kernel, self.initrd, self.dtb, self.nvram, self.serial,
+        return [self.top, self.kernel, self.initrd, self.dtb, self.nvram,
                 self.pipe_in, self.pipe_out, self.sock_path, self.chr]
 
     @property
@@ -76,7 +76,7 @@ class Files:
 
     @property
     def all(self) -> list[Path]:
-        return [*self.restored, *self.kept, self.loader]
+        return [*self.restored, *self.kept, self.loader, self.serial]
 
     def xml(self, name: str = "roles", top_extra: str = "") -> str:
         backing = (f"<backingStore type='file'><format type='raw'/><source file='{self.base}'/>"
@@ -111,18 +111,20 @@ def test_rules_per_role(d: Path, files: Files) -> None:
     drv.set_all_labels(ctx)
     for p in [*files.restored, *files.kept]:
         assert owner(p) == (uid, gid), p
-    # remembered: rw top images, kernel/initrd/dtb, nvram and the chardev files
-    for p in (files.top, files.kernel, files.initrd, files.dtb, files.nvram, files.serial):
+    # remembered: rw top images, kernel/initrd/dtb, nvram
+    for p in (files.top, files.kernel, files.initrd, files.dtb, files.nvram):
         assert xattrs(p)[REF] == b"1", p
         assert xattrs(p)[LABEL] == f"+{before[str(p)][0]}:+{before[str(p)][1]}".encode()
     # backing, readonly and shareable images: chowned, never remembered
     for p in files.kept:
         assert xattrs(p) == {}, p
     assert snapshot([files.loader]) == {str(files.loader): before[str(files.loader)]}
+    # a file chardev is opened by vmconfine and passed as an fd: never chowned
+    assert snapshot([files.serial]) == {str(files.serial): before[str(files.serial)]}
     assert owner("/dev/null") == (0, 0)
     drv.restore_all_labels(ctx)
     after = snapshot(files.all)
-    for p in [*files.restored, files.loader]:
+    for p in [*files.restored, files.loader, files.serial]:
         assert after[str(p)] == before[str(p)], p
     for p in files.kept:  # libvirt: other domains may still use them
         assert after[str(p)][:2] == (uid, gid)
@@ -329,14 +331,16 @@ def test_missing_disk_is_an_error(d: Path) -> None:
         drv.set_all_labels(ctx)
 
 
-def test_missing_file_chardev_is_created_for_qemu(d: Path) -> None:
-    log = d / "console.log"
+def test_passed_file_chardev_and_log_are_left_to_the_pipeline(d: Path) -> None:
+    """The pipeline opens them and passes the fds: DAC neither creates nor chowns them."""
+    log, out = d / "console.log", d / "console.out"
     drv, ctx = prepared(host_for(d), domain_xml(
-        "mk", f"<serial type='file'><source path='{log}'/><target port='0'/></serial>"))
+        "mk", f"<serial type='file'><source path='{out}'/><log file='{log}'/>"
+              "<target port='0'/></serial>"))
     drv.set_all_labels(ctx)
-    assert owner(log) == qemu_ids() and stat.S_IMODE(os.stat(log).st_mode) == 0o600
+    assert not log.exists() and not out.exists()
+    assert ops(ctx, "chown") == []
     drv.restore_all_labels(ctx)
-    assert owner(log) == (0, 0) and xattrs(log) == {}
 
 
 def test_setid_bits_cleared_by_chown_come_back(d: Path) -> None:

@@ -501,7 +501,8 @@ def test_round_trip_over_the_to_native_corpus(case: str, bindir: Path,
     assert again.args == first.args
     assert again.env == first.env
     assert again.emulator == first.emulator
-    assert again.argv(fds=[7]) == first.argv(fds=[7])  # the fd-passing form as well
+    fds = {p.name: 7 + n for n, p in enumerate(first.inherited)}
+    assert again.argv(fds=fds) == first.argv(fds=fds)  # the fd-passing form as well
 
 
 # --------------------------------------------------------------------------- qemu-attach helpers

@@ -11,6 +11,7 @@ from pathlib import Path
 import pluggy
 import pytest
 
+from tests.support import install_plugin_package
 from vmconfine.errors import DriverError
 from vmconfine.plugin.registry import DriverRegistry, collect_drivers, make_plugin_manager
 
@@ -39,15 +40,10 @@ def vmconfine_register_drivers(registry):
 
 
 def install_fake_package(site: Path) -> None:
-    """An installed distribution (dist-info with entry points) on a path importlib sees."""
-    pkg = site / "vmconfine_tagger"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(PLUGIN)
-    dist = site / "vmconfine_tagger-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vmconfine-tagger\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[vmconfine]\ntagger = vmconfine_tagger\n")
-    (dist / "RECORD").write_text("")
+    """The tagger plugin as an installed distribution (entry point ``tagger``)."""
+    install_plugin_package(site, "vmconfine_tagger", PLUGIN)
+    (site / "vmconfine_tagger-1.0.dist-info" / "entry_points.txt").write_text(
+        "[vmconfine]\ntagger = vmconfine_tagger\n")
 
 
 def test_builtin_drivers_come_from_entry_points() -> None:

@@ -186,6 +186,13 @@ def test_json_shape_lists_every_resource_with_each_driver(scratch: Path) -> None
         assert "dac" not in roles["loader"]["drivers"] or \
             roles["loader"]["drivers"]["dac"]["action"] == "none"
     assert "r1" in render_text(report) and "Problems (" in render_text(report)
+    # the serial file is opened by vmconfine and passed as an fd
+    assert roles["chardev"]["passed"] == "fdset" and roles["disk"]["passed"] is None
+    row = next(ln for ln in render_text(report).splitlines() if "r1.serial" in ln)
+    assert "rw, passed as fd" in row
+    if os.geteuid() == 0:
+        assert roles["chardev"]["drivers"]["dac"]["summary"].endswith("(passed as fd)")
+    assert not [p for p in data["problems"] if p.get("path") == str(scratch / "r1.serial")]
 
 
 def test_report_changes_nothing_and_releases_labels(scratch: Path) -> None:

@@ -17,6 +17,7 @@ from vmconfine.domain import SecLabel, parse_domain
 from vmconfine.launch.journal import Journal
 from vmconfine.plugin.context import DomainContext
 from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine_selinux import SETTINGS as SELINUX_SETTINGS
 from vmconfine_selinux.backend import FakeBackend
 from vmconfine_selinux.driver import SELinuxDriver
 
@@ -61,7 +62,8 @@ def plugin(backend: FakeBackend, dac: bool = True) -> types.ModuleType:
 
     @hookimpl
     def vmconfine_register_drivers(registry: Any) -> None:
-        registry.add("selinux", lambda host: SELinuxDriver(host, backend), "selinux (fake)")
+        registry.add("selinux", lambda host: SELinuxDriver(host, backend), "selinux (fake)",
+                     settings=SELINUX_SETTINGS)
         if dac:
             registry.add("dac", lambda host: NoDac(), "dac stand-in")
 

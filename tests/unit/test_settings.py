@@ -18,9 +18,14 @@ from vmconfine.config.settings import (
     load_config,
 )
 from vmconfine.errors import ConfigError
+from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
 
-SYSTEM = {"privileged": True, "caller_uid": 0, "caller_gid": 0}
-SESSION = {"privileged": False, "caller_uid": 1000, "caller_gid": 1001}
+#: the keys the installed (built-in) drivers declare
+BUILTIN = collect_drivers(make_plugin_manager()).settings()
+SYSTEM: dict[str, Any] = {"privileged": True, "caller_uid": 0, "caller_gid": 0,
+                          "drivers": BUILTIN}
+SESSION: dict[str, Any] = {"privileged": False, "caller_uid": 1000, "caller_gid": 1001,
+                           "drivers": BUILTIN}
 
 
 def system(text: str, filename: str = "q.conf") -> QemuConfig:
@@ -39,9 +44,10 @@ def test_system_defaults() -> None:
     assert cfg.security_driver is None
     assert cfg.security_default_confined is True
     assert cfg.security_require_confined is False
+    values = cfg.values()
     assert (cfg.user, cfg.group) == ("vmconfine-qemu", "vmconfine-qemu")
-    assert cfg.dynamic_ownership is True and cfg.remember_owner is True
-    assert cfg.cgroup_controllers is None and cfg.cgroup_device_acl is None
+    assert values["dynamic_ownership"] is True and cfg.remember_owner is True
+    assert values["cgroup_controllers"] is None and values["cgroup_device_acl"] is None
     assert cfg.clear_emulator_capabilities is True
     assert cfg.seccomp_sandbox == -1
     assert cfg.namespaces == ["mount"]
@@ -51,16 +57,16 @@ def test_system_defaults() -> None:
     assert cfg.lock_manager is None
     assert (cfg.swtpm_user, cfg.swtpm_group) == ("tss", "tss")
     assert cfg.vnc_listen == "127.0.0.1"
-    assert cfg.cgroup_device_acl_extra == []
-    assert cfg.cgroup_partition == "/machine"
+    assert values["cgroup_device_acl_extra"] == []
+    assert values["cgroup_partition"] == "/machine"
     assert cfg.emulator_search_path == ["/usr/bin", "/usr/local/bin"]
-    assert cfg.apparmor_profile_dir == "/etc/apparmor.d/vmconfine"
-    assert cfg.apparmor_profile_prefix == "vmconfine-"
-    assert cfg.selinux_mode == "svirt"
+    assert values["apparmor_profile_dir"] == "/etc/apparmor.d/vmconfine"
+    assert values["apparmor_profile_prefix"] == "vmconfine-"
+    assert values["selinux_mode"] == "svirt"
     assert cfg.remember_owner_xattr_prefix == "trusted.vmconfine.security"
     assert cfg.shutdown_timeout == 30
-    assert cfg.landlock_mode == "best-effort"
-    assert all(cfg.source(key) == "default" for key in KNOWN_KEYS)
+    assert values["landlock_mode"] == "best-effort"
+    assert all(cfg.source(key) == "default" for key in cfg.known_keys())
     assert cfg.check() == []
 
 
@@ -69,7 +75,8 @@ def test_session_defaults() -> None:
     assert cfg.privileged is False
     assert (cfg.user, cfg.group) == ("+1000", "+1001")
     assert (cfg.swtpm_user, cfg.swtpm_group) == ("+1000", "+1001")
-    assert cfg.dynamic_ownership is False and cfg.remember_owner is False
+    assert cfg.driver_settings("dac").dynamic_ownership is False
+    assert cfg.remember_owner is False
     assert cfg.namespaces == []
     assert cfg.security_default_confined is True
     assert cfg.check() == []
@@ -175,7 +182,7 @@ def test_load_from_file_records_sources(tmp_path: Path) -> None:
 )
 def test_values(text: str, key: str, value: Any) -> None:
     cfg = system(text + "\n")
-    assert getattr(cfg, key) == value
+    assert cfg.values()[key] == value
     assert cfg.source(key) == "q.conf:1"
 
 
@@ -337,15 +344,16 @@ def test_format_lines_name_each_key_and_its_source() -> None:
     cfg = config_from_text(FULL, "/etc/q.conf", **SYSTEM)
     rendered = cfg.format()
     parsed = parse_conf(rendered)
+    values = cfg.values()
     assert [e.name for e in parsed.entries] == [
-        key for key in KNOWN_KEYS if getattr(cfg, key) is not None
+        key for key in cfg.known_keys() if values[key] is not None
     ]
     for entry in parsed.entries:
         assert entry.comment == f" {cfg.source(entry.name)}"
     assert parsed.get("security_driver").comment == " /etc/q.conf:1"  # type: ignore[union-attr]
     assert parsed.get("mac_filter").comment == " default"  # type: ignore[union-attr]
     lines = rendered.splitlines()
-    for key in KNOWN_KEYS:
+    for key in cfg.known_keys():
         mine = [ln for ln in lines if ln.startswith((f"{key} = ", f"#{key} = "))]
         assert len(mine) == 1, key
         assert mine[0].endswith((" # default", f" # {cfg.source(key)}"))
@@ -393,12 +401,17 @@ def test_check_notes_settings_without_effect_or_with_high_privileges() -> None:
 
 
 def test_key_tables() -> None:
-    for key in ("security_driver", "user", "group", "dynamic_ownership", "remember_owner",
-                "cgroup_controllers", "cgroup_device_acl", "namespaces", "max_core",
-                "allow_disk_format_probing", "swtpm_user", "vnc_listen",
-                "cgroup_device_acl_extra", "cgroup_partition", "emulator_search_path",
-                "apparmor_profile_dir", "apparmor_profile_prefix", "selinux_mode",
-                "remember_owner_xattr_prefix", "shutdown_timeout", "landlock_mode"):
+    for key in ("security_driver", "user", "group", "remember_owner", "namespaces",
+                "max_core", "allow_disk_format_probing", "swtpm_user", "vnc_listen",
+                "emulator_search_path", "remember_owner_xattr_prefix", "shutdown_timeout"):
         assert key in KNOWN_KEYS
+    owners = {key: driver for driver, settings in BUILTIN for key in (s.name for s in settings)}
+    assert owners == {
+        "dynamic_ownership": "dac", "cgroup_controllers": "cgroups",
+        "cgroup_device_acl": "cgroups", "cgroup_device_acl_extra": "cgroups",
+        "cgroup_partition": "cgroups", "cgroup_devices_backend": "cgroups",
+        "apparmor_profile_dir": "apparmor", "apparmor_profile_prefix": "apparmor",
+        "selinux_mode": "selinux", "landlock_mode": "landlock"}
+    assert not set(KNOWN_KEYS) & set(owners)  # a driver's key is never a core key
     assert not set(KNOWN_KEYS) & set(LIBVIRT_UNUSED_KEYS)
     assert len(set(KNOWN_KEYS)) == len(KNOWN_KEYS)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -131,8 +133,19 @@ def test_system_compromised_qemu_cannot_reach_other_domain(
     view neither exists for B. B's own disk still boots its guest."""
     embed, vm_dir = system_pair
     embed.configure(SYSTEM_CONF.format(ns=namespaces))
-    sock = embed.root / "run" / "qemu" / "domain-nsa" / "serial.sock"
-    a = domain_xml(vm_dir.path / "a", "nsa", extra_devices=unix_serial(sock))
+    # A's bind sockets are vmconfine's own (root, 0600: pre-opened), so B's target is a
+    # service socket A connects to, owned by the QEMU account like a vhost-user or swtpm one
+    (vm_dir.path / "a").mkdir(mode=0o755)
+    sock = vm_dir.path / "a" / "service.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(8)
+    qemu_user = pwd.getpwnam("vmconfine-qemu")
+    os.chown(sock, qemu_user.pw_uid, qemu_user.pw_gid)
+    os.chmod(sock, 0o600)
+    a = domain_xml(vm_dir.path / "a", "nsa", extra_devices=(
+        f"<serial type='unix'><source mode='connect' path='{sock}'/><target port='1'/>"
+        "</serial>"))
     b = domain_xml(vm_dir.path / "b", "nsb", greeting="hello from nsb")
     embed.start(a)
     embed.start(b)
@@ -151,6 +164,7 @@ def test_system_compromised_qemu_cannot_reach_other_domain(
         assert os.readlink(view_root / "proc" / "self") == str(pid)
     for name in ("nsa", "nsb"):
         assert embed.cli("destroy", name).returncode == 0
+    listener.close()
 
 
 @pytest.mark.parametrize("step", STEPS)

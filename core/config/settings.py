@@ -22,8 +22,9 @@ Defaults are libvirt's, except:
 * ``swtpm_user`` / ``swtpm_group`` default to ``tss`` (privileged) or the caller's ids;
 * the keys vmconfine adds (documented on the fields below).
 
-Unprivileged instances also get ``remember_owner = 0`` and no namespaces (and the DAC driver
-``dynamic_ownership = 0``), as in libvirt's session daemon.
+Unprivileged instances also get ``remember_owner = 0`` and no namespaces by default (and the
+DAC driver ``dynamic_ownership = 0``), as in libvirt's session daemon (where libvirt refuses
+namespaces, vmconfine makes them in a user namespace when configured).
 
 Settings libvirt knows but vmconfine does not use (VNC TLS, SPICE, migration ports, ...) are
 type-checked like libvirt would and otherwise ignored. An unknown setting (no core key, no key of
@@ -68,6 +69,9 @@ SYSTEM_ACCOUNT = "vmconfine-qemu"
 #: A driver's name and the keys it declared (``DriverRegistry.settings()``).
 Declarations = Iterable[tuple[str, Iterable[Setting]]]
 
+#: The namespaces ``namespaces`` may list: libvirt's "mount" and vmconfine's "root".
+NAMESPACES = ("mount", "root")
+
 
 @dataclass
 class QemuConfig:
@@ -84,6 +88,7 @@ class QemuConfig:
     # -- process (libvirt) ------------------------------------------------------------------
     clear_emulator_capabilities: bool = True
     seccomp_sandbox: int = -1  #: -1 = QEMU's default, 0 = off, 1 = on
+    #: "mount" = private /dev (libvirt); "root" (with "mount") = a per-domain root view
     namespaces: list[str] = field(default_factory=lambda: ["mount"])
     set_process_name: bool = False
     max_processes: int = 0  #: 0 = leave the limit alone
@@ -301,12 +306,15 @@ def _security_driver(key: str, value: Any, where: str, privileged: bool) -> Any:
 
 
 def _namespaces(key: str, value: Any, where: str, privileged: bool) -> Any:
+    """libvirt knows "mount"; vmconfine adds "root" (a per-domain filesystem view, see
+    docs/namespaces.md), which needs "mount". Unprivileged instances may use both: the
+    namespaces driver makes them in a user namespace."""
     for name in value:
-        if name != "mount":
-            raise error(where, f'Unknown namespace: {name} (the only namespace is "mount")')
-        if not privileged:
-            raise error(where, "cannot use namespaces in session mode (remove 'namespaces' "
-                               "from the configuration of an unprivileged instance)")
+        if name not in NAMESPACES:
+            raise error(where, f'Unknown namespace: {name} (known: "mount", "root")')
+    if "root" in value and "mount" not in value:
+        raise error(where, 'the "root" namespace view needs "mount" (write namespaces = '
+                           '[ "mount", "root" ])')
     return list(dict.fromkeys(value))
 
 

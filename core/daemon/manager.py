@@ -391,7 +391,9 @@ class DomainManager:
         self.events.emit(name, "stopped", "destroyed")
 
     async def console_pty(self, key: str) -> tuple[str, str]:
-        """The domain's first serial console pty (``/dev/pts/N``, from QMP query-chardev)."""
+        """The domain's first serial console pty (``/dev/pts/N``, from QMP query-chardev), as
+        a path through QEMU's own root (``/proc/PID/root/dev/pts/N``): QEMU may run in a mount
+        namespace with a devpts instance of its own (docs/namespaces.md)."""
         name, m = self._running(key)
         assert m.launched.client is not None
         chardevs = await m.launched.client.execute("query-chardev")
@@ -399,7 +401,7 @@ class DomainManager:
                 if str(c.get("filename", "")).startswith("pty:")}
         for label in ("charserial0", "charconsole0", *sorted(ptys)):
             if label in ptys:
-                return name, ptys[label]
+                return name, f"/proc/{m.launched.pid}/root{ptys[label]}"
         raise OperationError(f"domain '{name}' has no serial console of type pty; add "
                              "<serial type='pty'> (or <console type='pty'>) to its XML")
 

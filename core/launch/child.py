@@ -3,8 +3,8 @@
 The parent forks; the child resets signal dispositions and mask, starts a session, points
 stdin at /dev/null and stdout/stderr at the domain log, closes every inherited fd except the
 descriptors vmconfine pre-opened for QEMU (sockets, chardev files), then runs the stack's
-child hooks in libvirt's order (cgroup → exec label → identity → capabilities →
-no_new_privs → confine) and execs QEMU. Any failure in the child is
+child hooks in libvirt's order (cgroup → namespace → exec label → identity →
+capabilities → no_new_privs → confine) and execs QEMU. Any failure in the child is
 written to a close-on-exec pipe, so the parent learns of it exactly when exec did not happen.
 """
 

@@ -320,10 +320,25 @@ def child_cgroup(ctx: DomainContext) -> None:
 
 
 @hookspec
+def child_namespace(ctx: DomainContext) -> None:
+    """Child: put the future QEMU into the namespaces it will run in (e.g. a mount namespace
+    with a private /dev, or a per-domain root it pivots into).
+
+    Runs after ``child_cgroup`` (the cgroup is joined from the host's view) and before
+    ``child_exec_label``, while the child still has every privilege (mounts need
+    CAP_SYS_ADMIN; an unprivileged instance may create a user namespace for them). Whatever
+    runs after it sees the new view: later child hooks must not import modules or load
+    libraries they did not load in the parent, and may find only the paths QEMU is given.
+    Nothing created here may outlive the process (a mount namespace dies with its last
+    member); anything created on the host's filesystem must be journaled by the parent.
+    """
+
+
+@hookspec
 def child_exec_label(ctx: DomainContext) -> None:
     """Child: set the MAC label QEMU will run under (SELinux setexeccon, AppArmor change_profile).
 
-    Runs after ``child_cgroup`` and before the identity switch.
+    Runs after ``child_namespace`` and before the identity switch.
     """
 
 

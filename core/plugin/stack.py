@@ -48,6 +48,7 @@ _driver_serial = itertools.count(1)
 
 CHILD_HOOKS = (
     "child_cgroup",
+    "child_namespace",
     "child_exec_label",
     "child_identity",
     "child_capabilities",

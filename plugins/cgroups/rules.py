@@ -24,17 +24,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmconfine.plugin.devacl import DEFAULT_DEVICE_ACL, acl_list
+
 if TYPE_CHECKING:
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev
 
 log = logging.getLogger(__name__)
 
-#: libvirt's current ``defaultDeviceACL`` (qemu_cgroup.c), used when qemu.conf has no
-#: ``cgroup_device_acl``.
-DEFAULT_DEVICE_ACL = (
-    "/dev/null", "/dev/full", "/dev/zero", "/dev/random", "/dev/urandom", "/dev/ptmx",
-    "/dev/kvm",
-)
 #: The list the original QEMU-driver documentation shows (kept for reference and docs only).
 HISTORICAL_DEVICE_ACL = (*DEFAULT_DEVICE_ACL, "/dev/kqemu", "/dev/rtc", "/dev/hpet",
                          "/dev/net/tun")
@@ -233,16 +229,6 @@ def hostdev_rules(hostdev: Hostdev, sysfs_root: Path = Path("/sys")) -> list[Dev
         if rule is not None:
             out.append(rule)
     return out
-
-
-def acl_list(config: Any) -> list[str]:
-    """``cgroup_device_acl`` (or the default list) followed by ``cgroup_device_acl_extra``."""
-    base = getattr(config, "cgroup_device_acl", None)
-    paths = list(DEFAULT_DEVICE_ACL if base is None else base)
-    for extra in getattr(config, "cgroup_device_acl_extra", None) or []:
-        if extra not in paths:
-            paths.append(extra)
-    return paths
 
 
 def domain_rules(domain: Domain, config: Any, *, devnodes: Sequence[str] = (),

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.errors import DriverError, LabelError
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine.qemu import probe as emulator_probe
+from vmconfine.qemu.emulator import domain_emulator, emulator_files
 from vmconfine.qemu.probe import ProbeError
 from vmconfine.sanitize import one_line
 from vmconfine_landlock import syscalls
-from vmconfine_landlock.emulator import emulator_files
 from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset
 
 if TYPE_CHECKING:
@@ -85,15 +85,6 @@ def _missing_features(abi: int) -> list[str]:
     return out
 
 
-def _emulator_path(ctx: DomainContext) -> str:
-    """The exact binary the pipeline will exec, else the one ``find_emulator`` resolves."""
-    if ctx.command is not None and ctx.command.emulator:
-        return str(ctx.command.emulator)
-    from vmconfine.qemu.argv import find_emulator
-
-    return find_emulator(ctx.domain, ctx.config)
-
-
 class LandlockDriver:
     """libvirt has no Landlock driver; this one follows the same hook contract."""
 
@@ -146,7 +137,7 @@ class LandlockDriver:
             if _mode(self.host) == "enforce":
                 raise DriverError(f"landlock: {why}")
             return None, why
-        emulator = _emulator_path(ctx)
+        emulator = domain_emulator(ctx)
         try:
             emu = emulator_files(emulator, emulator_probe.for_instance(ctx.instance))
         except ProbeError as exc:  # names the emulator already

@@ -42,7 +42,7 @@ from vmconfine_landlock import syscalls
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
     from vmconfine.plugin.resources import Resource
-    from vmconfine_landlock.emulator import EmulatorFiles
+    from vmconfine.qemu.emulator import EmulatorFiles
 
 RO_FILE = frozenset({"read_file"})
 RW_FILE = frozenset({"read_file", "write_file", "truncate"})

@@ -14,10 +14,10 @@ from vmconfine.errors import DriverError, LabelError
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine.plugin.nop import NopDriver
 from vmconfine.plugin.stack import Stack
+from vmconfine.qemu.emulator import EmulatorFiles
 from vmconfine_landlock import driver as drv_mod
 from vmconfine_landlock import syscalls
 from vmconfine_landlock.driver import LABEL_RE, LandlockDriver
-from vmconfine_landlock.emulator import EmulatorFiles
 
 EMU = EmulatorFiles(executable="/opt/emu/qemu", interpreter="/opt/emu/ld.so",
                     libraries=("/opt/emu/libc.so.6",), data_dirs=("/opt/emu/share",))

@@ -12,8 +12,8 @@ import pytest
 
 from vmconfine.domain import parse_domain
 from vmconfine.plugin.resources import domain_resources
+from vmconfine.qemu.emulator import EmulatorFiles
 from vmconfine_landlock import syscalls
-from vmconfine_landlock.emulator import EmulatorFiles
 from vmconfine_landlock.ruleset import (
     ALL_FS,
     EXEC_FILE,

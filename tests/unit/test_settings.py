@@ -293,10 +293,13 @@ def test_errors(text: str, message: str) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_namespaces_refused_in_session_mode() -> None:
-    with pytest.raises(ConfigError, match=r"^q\.conf:1: cannot use namespaces in session mode"):
-        session('namespaces = [ "mount" ]\n')
+def test_namespaces_in_session_mode_and_the_root_view() -> None:
+    # libvirt refuses namespaces in session mode; vmconfine makes them in a user namespace
+    assert session('namespaces = [ "mount", "root" ]\n').namespaces == ["mount", "root"]
     assert session("namespaces = []\n").namespaces == []
+    assert system('namespaces = [ "root", "mount" ]\n').namespaces == ["root", "mount"]
+    with pytest.raises(ConfigError, match=r'^q\.conf:1: the "root" namespace view needs "mount"'):
+        session('namespaces = [ "root" ]\n')
 
 
 # -- format() -------------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """What the emulator binary itself needs to run, from its resolved files (not a kept list).
 
+Shared by the drivers that must know the emulator's files: Landlock (its ruleset) and the
+namespaces driver (the per-domain root view, which also reproduces the symlinks on the way,
+:attr:`EmulatorFiles.names`).
+
 * the executable and its ELF interpreter (``PT_INTERP``), which need execute;
 * its shared libraries, exactly as the dynamic loader resolves them
   (``INTERPRETER --list EMULATOR``, the mechanism behind ``ldd``);
@@ -23,10 +27,14 @@ import re
 import stat
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from vmconfine.qemu.argv import find_emulator
 from vmconfine.qemu.probe import EmulatorProbe, ProbeError, identity, regular_file
 from vmconfine.sanitize import one_line
+
+if TYPE_CHECKING:
+    from vmconfine.plugin.context import DomainContext
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,10 @@ class EmulatorFiles:
     data_dirs: tuple[str, ...] = ()
     module_dirs: tuple[str, ...] = ()
     module_libraries: tuple[str, ...] = ()
+    #: the paths as the loader names them before symlinks are resolved (``PT_INTERP``, the
+    #: loader's library paths): a view holding only the resolved files must reproduce the
+    #: symlinks on these paths
+    names: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def paths(self) -> list[str]:
@@ -94,9 +106,20 @@ def loader_list(interpreter: str, target: str, probe: EmulatorProbe, emulator: s
     """Libraries of ``target`` as ``interpreter --list`` resolves them (real paths, in order),
     run through ``probe`` (the interpreter is named by the emulator's ELF header, so it is as
     untrusted as the emulator). Raises ProbeError / OSError when they cannot be resolved."""
+    libs: list[str] = []
+    for _name, real in loader_entries(interpreter, target, probe, emulator):
+        if real not in libs:
+            libs.append(real)
+    return libs
+
+
+def loader_entries(interpreter: str, target: str, probe: EmulatorProbe,
+                   emulator: str) -> list[tuple[str, str]]:
+    """``(path as the loader names it, real path)`` per library of ``target`` (see
+    :func:`loader_list`)."""
     out = probe.run([interpreter, "--list", target], emulator=emulator,
                     depends=[target, LOADER_CACHE])
-    libs: list[str] = []
+    entries: list[tuple[str, str]] = []
     for line in out.splitlines():
         if "not found" in line:
             raise OSError(f"{target}: the dynamic loader cannot find {one_line(line.split()[0])}")
@@ -106,10 +129,8 @@ def loader_list(interpreter: str, target: str, probe: EmulatorProbe, emulator: s
         path = m.group(2)
         if not path.startswith("/"):
             continue  # linux-vdso.so.1: in memory, no file
-        real = os.path.realpath(path)
-        if real not in libs:
-            libs.append(real)
-    return libs
+        entries.append((path, os.path.realpath(path)))
+    return entries
 
 
 def data_dirs(executable: str, probe: EmulatorProbe) -> list[str]:
@@ -182,12 +203,19 @@ def _resolve(exe: str, probe: EmulatorProbe) -> EmulatorFiles:
     dirs = data_dirs(exe, probe)
     interp = elf_interpreter(exe)
     libs: list[str] = []
+    names: list[str] = []
     if interp:
+        names.append(interp)
         interp = os.path.realpath(interp)
         try:
-            libs = [p for p in loader_list(interp, exe, probe, exe) if p != interp]
+            entries = loader_entries(interp, exe, probe, exe)
         except (OSError, ProbeError) as exc:
             raise ProbeError(f"cannot list the libraries of {one_line(exe)}: {exc}") from None
+        for name, real in entries:
+            if real != interp and real not in libs:
+                libs.append(real)
+            if name != real and name not in names:
+                names.append(name)
     else:
         notes.append(f"{exe} has no ELF interpreter (static): no libraries")
     cache = LOADER_CACHE if interp and os.path.isfile(LOADER_CACHE) else None
@@ -205,7 +233,7 @@ def _resolve(exe: str, probe: EmulatorProbe) -> EmulatorFiles:
     return EmulatorFiles(
         executable=exe, interpreter=interp, libraries=tuple(libs), loader_cache=cache,
         data_dirs=tuple(dirs), module_dirs=tuple(mdirs),
-        module_libraries=tuple(mod_libs), notes=tuple(notes),
+        module_libraries=tuple(mod_libs), names=tuple(names), notes=tuple(notes),
     )
 
 
@@ -239,5 +267,15 @@ def emulator_files(executable: str, probe: EmulatorProbe) -> EmulatorFiles:
     its libraries cannot be resolved.
     """
     exe = regular_file(executable)
-    key = probe.key("landlock-emulator-files", exe, [exe, LOADER_CACHE])
+    key = probe.key("emulator-files", exe, [exe, LOADER_CACHE])
     return _from_json(probe.cached(key, lambda: _to_json(_resolve(exe, probe)), valid=_fresh))
+
+
+def domain_emulator(ctx: DomainContext) -> str:
+    """The binary a domain's QEMU runs: the one in the argv the pipeline built for this start
+    (``ctx.command``), else the one ``find_emulator`` resolves (reports
+    made before any start)."""
+    command = getattr(ctx, "command", None)
+    if command is not None and command.emulator:
+        return str(command.emulator)
+    return find_emulator(ctx.domain, ctx.config)

@@ -1,4 +1,4 @@
-"""Resolving the emulator's own files (vmconfine_landlock.emulator) without a kept list."""
+"""Resolving the emulator's own files (vmconfine.qemu.emulator) without a kept list."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import require
-from vmconfine.qemu import probe
+from vmconfine.qemu import emulator, probe
 from vmconfine.qemu.probe import DiskCache, EmulatorProbe, ProbeUser
-from vmconfine_landlock import emulator
 
 LIST_OUTPUT = """\
 \tlinux-vdso.so.1 (0x00007ffd4b1f5000)

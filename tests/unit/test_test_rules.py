@@ -55,3 +55,22 @@ def test_the_scan_finds_what_it_forbids() -> None:
             'from tests.support import require\n'
             f'assert not protected("{tmp}/x")  {WAIVER}\n')
     assert violations(good, "good.py") == []
+
+
+def duplicate_basenames(paths: list[Path]) -> list[str]:
+    seen: dict[str, Path] = {}
+    dups = []
+    for p in paths:
+        if p.name in seen:
+            dups.append(f"{seen[p.name]} and {p}")
+        seen.setdefault(p.name, p)
+    return dups
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """The tier folders are not packages: two test_x.py in different tiers collide when one
+    pytest run collects both (as CI does)."""
+    modules = sorted(p for p in TESTS.rglob("test_*.py") if "guest" not in p.parts)
+    assert duplicate_basenames(modules) == []
+    assert duplicate_basenames([Path("a/test_x.py"), Path("b/test_x.py")]) == [
+        "a/test_x.py and b/test_x.py"]

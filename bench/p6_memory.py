@@ -7,8 +7,8 @@ Measured once every domain is up: RSS and PSS (``/proc/PID/smaps_rollup``; PSS d
 pages between the processes that map them, so the sum of PSS is the real total) of the
 supervising processes only — QEMU itself is the same on both sides and not counted.
 
-The daemon planned for later (one process for every domain) is expected to bring 16 domains
-under 40 MB; today's one-process-per-domain model is reported as it is.
+This is the foreground model (``vmconfine run``, one supervisor per domain); the daemon, one
+process for every domain, is measured by P7 (bench/p7_daemon.py).
 
 usage: python -m bench.p6_memory [--quick]
 """
@@ -41,7 +41,6 @@ from bench.common import (
 from bench.libvirt_peer import LibvirtPeer, PeerUnavailable
 
 STARTED_RE = re.compile(r"started \(id \d+, pid (\d+)\)")
-DAEMON_TARGET_MB = 40
 
 
 def mib(kib: float) -> str:
@@ -133,8 +132,7 @@ def run(opts: Options) -> list[Table]:
         lv = theirs.get(k)
         lv_rss = sum(r for r, _ in lv) if lv else None
         lv_pss = sum(p for _, p in lv) if lv else None
-        target = (f"report (daemon later: < {DAEMON_TARGET_MB} MB for 16)" if k >= 16
-                  else "report")
+        target = "report (the daemon: P7)" if k >= 16 else "report"
         table.add(f"{k}: total RSS ({k} process{'es' if k > 1 else ''})", mib(rss),
                   mib(lv_rss) if lv_rss else f"n/a ({peer_error})", ratio(rss, lv_rss), target)
         table.add(f"{k}: total PSS (shared pages counted once)", mib(pss),

@@ -340,8 +340,7 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
     # QEMU is gone, but a connection may wait in the listening socket's backlog, which this
     # process still holds: closing it resets that connection, so the library ends its
     # handshake with its own error (cancelling it mid-handshake makes it log a traceback)
-    for s in launched.monitor_socks:
-        s.close()
+    launched.preopened.close()
     done, _ = await asyncio.wait({connect}, timeout=5)
     if not done:
         connect.cancel()

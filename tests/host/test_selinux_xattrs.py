@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import vmconfine_selinux
 from tests.support import make_ctx, make_host, require, require_root
 from vmconfine.errors import LabelError
 from vmconfine_selinux.backend import RealBackend
@@ -88,7 +89,7 @@ def domain(name: str, uuid: str, d: Path) -> str:
 
 
 def setup(scratch: Path, backend: RealBackend, config: str = "") -> tuple[Any, SELinuxDriver]:
-    host = make_host(scratch / "inst", [], config=config)
+    host = make_host(scratch / "inst", [vmconfine_selinux], config=config)  # its qemu.conf keys
     return host, SELinuxDriver(host, backend)
 
 

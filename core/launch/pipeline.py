@@ -344,8 +344,8 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
     done, _ = await asyncio.wait({connect}, timeout=5)
     if not done:
         connect.cancel()
-    with contextlib.suppress(BaseException):
-        client = await connect
+    with contextlib.suppress(BaseException):  # bounded: a library that ignores the cancel
+        client = await asyncio.wait_for(connect, 5)
         await qmp.disconnect(client)
     raise LaunchError(exited_message(launched))
 

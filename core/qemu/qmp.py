@@ -46,10 +46,11 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def disconnect(client: QMPClient) -> None:
-    # disconnect() right after QEMU quits may raise EOFError (a race with QEMU closing)
+async def disconnect(client: QMPClient, timeout: float = 5.0) -> None:
+    """Close the connection; never raises and never waits longer than ``timeout`` (right
+    after QEMU quits the library may raise EOFError, or wait on a peer that is gone)."""
     with contextlib.suppress(Exception):
-        await client.disconnect()
+        await asyncio.wait_for(client.disconnect(), timeout)
 
 
 async def _raw(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -119,13 +119,14 @@ def test_attach_list_dumpxml_dominfo_monitor_destroy(embed: Embed, qemus: Qemus,
     assert f"Domain 'adopted' attached (id 1, pid {proc.pid})" in out.stdout
     assert f"QMP monitor: {sock} (QEMU status: prelaunch)" in out.stdout
     assert "tainted: external-launch" in out.stdout
-    assert "-rtc base=localtime" in out.stderr  # the conversion warning
+    assert "-rtc" not in out.stderr  # converted, not kept as <qemu:arg> with a warning
 
     listing = embed.cli("list", check=True).stdout
     assert re.search(r"^\s*1\s+adopted\s+running$", listing, re.M), listing
 
     xml = embed.cli("dumpxml", "adopted", check=True).stdout
     assert "<name>adopted</name>" in xml and f"<source file=\"{image}\"/>" in xml
+    assert '<clock offset="localtime"' in xml
     assert '<seclabel type="static" model="dac" relabel="no">' in xml
     assert "<label>+0:+0</label>" in xml  # the uid/gid QEMU runs as now (root here)
     assert '<qemu:env name="VMC_TEST" value="attach"/>' in xml

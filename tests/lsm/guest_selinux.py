@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+import vmconfine_selinux
 from tests.support import make_ctx, make_host
 from vmconfine.errors import LabelError
 
@@ -106,7 +107,7 @@ def test_svirt_keeps_two_domains_apart(work: Path) -> None:
         (img / name).write_text(f"{name}\n")
     originals = {p: getfilecon(p) for p in img.iterdir()}
 
-    host = make_host(work / "inst", [])
+    host = make_host(work / "inst", [vmconfine_selinux])  # declares the driver's qemu.conf keys
     drv = SELinuxDriver(host)
     ok, why = drv.probe(host)
     assert ok, why

@@ -231,6 +231,12 @@ class Instance:
         domain's start and removed at teardown: QEMU uses the sockets only through fds."""
         return self.lib_dir / "channel" / "target" / f"domain-{name}"
 
+    @property
+    def nvram_dir(self) -> Path:
+        """Where auto-selected firmware's NVRAM files live (libvirt:
+        ``/var/lib/libvirt/qemu/nvram``); they outlive the domain's runs."""
+        return self.lib_dir / "nvram"
+
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 

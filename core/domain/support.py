@@ -118,10 +118,13 @@ IMPLEMENTED = E("type id", {
     "os": E("firmware", {
         "type": E("arch machine"), "boot": E("dev"), "kernel": E(), "initrd": E(),
         "cmdline": E(), "dtb": E(),
-        "loader": E("readonly type secure", values={"secure": "no"}),
-        "nvram": E("", {"source": E("file")}),
-    }),
-    "features": E("", {"acpi": E(), "apic": E(), "pae": E(), "vmport": E("state")}),
+        "firmware": E("", {"feature": E("enabled name")}),
+        "loader": E("readonly type secure"),
+        "nvram": E("template", {"source": E("file")}),
+    }, values={"firmware": "efi bios"}),
+    "features": E("", {"acpi": E(), "apic": E(), "pae": E(), "vmport": E("state"),
+                       "smm": E("state")}),
+    "pm": E("", {"suspend-to-mem": E("enabled"), "suspend-to-disk": E("enabled")}),
     "cpu": E("mode match check migratable", {
         "model": E("fallback"),
         "feature": E("policy name"),

@@ -37,7 +37,14 @@ from vmconfine.qemu.argv_devices import (
     element_boot_order,
     to_json,
 )
-from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, memory_backend, smp
+from vmconfine.qemu.argv_platform import (
+    add_cpu,
+    add_pm,
+    add_rtc,
+    add_watchdogs,
+    memory_backend,
+    smp,
+)
 from vmconfine.qemu.fdpass import (
     FDSET,
     LISTEN,
@@ -189,6 +196,11 @@ def guest_arch(domain: Domain) -> str:
     return {"amd64": "x86_64", "i386": "i686"}.get(arch, arch)
 
 
+def guest_machine(domain: Domain) -> str | None:
+    """The machine type as the XML gives it, else the architecture's default (None: none)."""
+    return domain.os.machine or _DEFAULT_MACHINES.get(guest_arch(domain))
+
+
 def find_emulator(domain: Domain, config: Any) -> str:
     """The QEMU binary: ``<emulator>`` if given, else ``qemu-system-<arch>`` searched in
     ``emulator_search_path`` (i686 tries qemu-system-i386, then qemu-system-x86_64)."""
@@ -297,6 +309,8 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
         opts.append("usb=off")
     if domain.vmport is not None:
         opts.append(f"vmport={domain.vmport}")
+    if domain.smm is not None:
+        opts.append(f"smm={domain.smm}")
     opts.append("dump-guest-core=" + ("on" if getattr(config, "dump_guest_core", False)
                                       else "off"))
     _firmware(b, opts)
@@ -307,6 +321,14 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
     b.add("-machine", ",".join(opts))
     b.add("-accel", "kvm" if domain.virt_type == "kvm" else "tcg")
     add_cpu(b)
+    loader = domain.os.loader
+    if loader is not None and loader.secure:
+        if not b.q35:
+            raise UnsupportedConfigError(
+                f"Secure boot is supported with q35 machine types only (machine '{b.machine}')"
+                "; use <type machine='q35'>"
+            )
+        b.add("-global", "driver=cfi.pflash01,property=secure,value=on")
     if b.bios:
         b.add("-bios", b.bios)
 
@@ -413,10 +435,11 @@ def _check_unsupported(domain: Domain) -> None:
         raise UnsupportedConfigError(
             "<filesystem> shares are not supported; remove the <filesystem> or use a disk"
         )
-    if domain.os.firmware and (domain.os.loader is None or not domain.os.loader.path):
+    if domain.os.firmware:
         raise UnsupportedConfigError(
-            f"firmware auto-selection (<os firmware='{domain.os.firmware}'>) is not "
-            f"supported; give <loader type='pflash'>PATH</loader> (and <nvram>)"
+            f"<os firmware='{domain.os.firmware}'> has not been resolved: firmware "
+            f"auto-selection runs in `vmconfine run` and `domxml-to-native` (or give "
+            f"<loader type='pflash'>PATH</loader> and <nvram>)"
         )
 
 
@@ -437,7 +460,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
         )
     _check_unsupported(domain)
     arch = guest_arch(domain)
-    machine = domain.os.machine or _DEFAULT_MACHINES.get(arch)
+    machine = guest_machine(domain)
     if not machine:
         raise UnsupportedConfigError(
             f"no default machine type for arch '{arch}'; give <type machine=...>"
@@ -464,6 +487,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_rtc(b)
     if domain.on_reboot == "destroy":
         b.add("-no-reboot")
+    add_pm(b)
     b.add("-boot", "strict=on")
     if domain.os.kernel:
         b.add("-kernel", domain.os.kernel)

@@ -1,6 +1,6 @@
 """The guest-platform half of the QEMU command line (see :mod:`vmconfine.qemu.argv`): vCPUs and
-their model (``-smp``, ``-cpu``), the RTC (``-rtc``), guest RAM (``-m`` and a hugetlbfs memory
-backend) and the watchdog (``-device`` + ``-action watchdog=``).
+their model (``-smp``, ``-cpu``), the RTC (``-rtc``), ACPI suspend (``<pm>``), guest RAM (``-m``
+and a hugetlbfs memory backend) and the watchdog (``-device`` + ``-action watchdog=``).
 
 Renderings follow libvirt 9.0's ``qemu_command.c`` (checked with ``virsh domxml-to-native``)
 with these differences, on purpose:
@@ -127,6 +127,25 @@ def add_rtc(b: Builder) -> None:
         elif timer.name == "hpet" and timer.present is False:
             extra.append("-no-hpet")
     b.add("-rtc", rtc, *extra)
+
+
+#: the ACPI power-management device whose S3/S4 support ``<pm>`` switches, per machine
+PM_DEVICES = {True: "ICH9-LPC", False: "PIIX4_PM"}
+
+
+def add_pm(b: Builder) -> None:
+    """``<pm><suspend-to-mem|suspend-to-disk enabled>``: ``-global DEV.disable_s3=0|1`` (and
+    ``disable_s4``) on the machine's ACPI device, as libvirt's qemuBuildPMCommandLine."""
+    pm = b.domain.pm
+    if not pm:
+        return
+    if b.arch not in ("x86_64", "i686"):
+        raise UnsupportedConfigError("<pm> suspend settings are implemented for x86 machines "
+                                     "only; remove <pm>")
+    dev = PM_DEVICES[b.q35]
+    for key in ("s3", "s4"):
+        if key in pm:
+            b.add("-global", f"{dev}.disable_{key}={0 if pm[key] else 1}")
 
 
 def memory_backend(b: Builder, hugepage_dir: str | None) -> dict[str, Any] | None:

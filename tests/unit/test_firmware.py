@@ -3,6 +3,7 @@ the domain filled in, the NVRAM file made from its template."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -297,3 +298,34 @@ def test_argv_of_selected_firmware(debian: list[firmware.Descriptor], tmp_path: 
     assert [args[i + 1] for i, a in enumerate(args) if a == "-global"] == ["PIIX4_PM.disable_s3=0"]
     with pytest.raises(XMLError, match="has not been resolved"):
         build_command(dom(), QemuConfig(), paths)
+
+
+# --------------------------------------------------------------------------- every driver sees it
+
+
+def test_selected_firmware_reaches_every_driver(tmp_path: Path) -> None:
+    """The filled loader and NVRAM are resources (DAC, SELinux, Landlock, cgroups, namespaces
+    map those) and in the live XML the AppArmor helper reads: firmware read-only, NVRAM
+    read-write."""
+    from vmconfine.plugin.resources import Role, domain_resources
+    from vmconfine_aa_helper.main import run
+
+    code, template = tmp_path / "CODE.fd", tmp_path / "VARS.fd"
+    code.write_bytes(b"c")
+    template.write_bytes(b"v")
+    fws = firmware.load([str(write(tmp_path / "fw", {"10-x.json": descriptor(
+        str(code), str(template), ["pc-q35-*"], ["requires-smm", "secure-boot"])}))])
+    d = dom()
+    nvram = tmp_path / "nvram" / "fw_VARS.fd"
+    firmware.fill(d, fws, Q35, "x86_64", str(nvram))
+    firmware.create_nvram(str(nvram), str(template))
+    res = {(r.role, r.path): (r.access, r.readonly) for r in domain_resources(d)}
+    assert res[(Role.LOADER, str(code))] == ("ro", True)
+    assert res[(Role.NVRAM, str(nvram))] == ("rw", False)
+    out, err = io.StringIO(), io.StringIO()
+    rc = run(["--dryrun", "-c", "-u", f"vmconfine-{d.uuid}", "-P", str(tmp_path / "profiles"),
+              "--uri", f"qemu:///embed?root={tmp_path}/inst"],
+             io.BytesIO(d.to_xml(live=True).encode()), out, err)
+    assert rc == 0, err.getvalue()
+    rules = out.getvalue()
+    assert f'"{code}" rk,' in rules and f'"{nvram}" rwk,' in rules, rules

@@ -510,6 +510,7 @@ class Controller:
     index: int | None = None
     model: str | None = None
     element: etree._Element | None = field(default=None, repr=False, compare=False)
+    ports: int | None = None  #: ``ports=`` of a USB controller (xHCI port count)
 
 
 def parse_controller(ctx: ParseContext, el: etree._Element) -> Controller:
@@ -521,7 +522,9 @@ def parse_controller(ctx: ParseContext, el: etree._Element) -> Controller:
     if ctype == "pci" and index is not None and index > MAX_PCI_CONTROLLER_INDEX:
         raise ctx.error(el, f"PCI controller index {index} too high, maximum is "
                             f"{MAX_PCI_CONTROLLER_INDEX}")
-    return Controller(type=ctype, model=el.get("model"), element=el, index=index)
+    ports = int_attr(ctx, el, "ports", "USB port count", maximum=15,
+                     too_large="a USB controller has at most {maximum} ports, not {value}")
+    return Controller(type=ctype, model=el.get("model"), element=el, index=index, ports=ports)
 
 
 @dataclass

@@ -264,6 +264,9 @@ class Domain:
     clock: Clock = field(default_factory=Clock)
     vmport: str | None = None  #: <features><vmport state='on|off'/>
     smm: str | None = None  #: <features><smm state='on|off'/>
+    #: ``<features><hyperv>`` enlightenments in document order: (name, value) with value
+    #: ``on``/``off``, the spinlock retry count or the vendor id
+    hyperv: list[tuple[str, str]] = field(default_factory=list)
     #: ``<pm><suspend-to-mem|suspend-to-disk enabled>``: "s3"/"s4" → enabled (absent: QEMU's)
     pm: dict[str, bool] = field(default_factory=dict)
     #: the ``<os>`` element as configured, when firmware auto-selection filled in the loader
@@ -527,6 +530,50 @@ def _on_off(ctx: ParseContext, features: etree._Element | None, tag: str) -> str
     return state
 
 
+#: the Hyper-V enlightenments vmconfine renders (libvirt 9.0's names)
+HYPERV_FEATURES = ("relaxed", "vapic", "spinlocks", "vpindex", "runtime", "synic", "stimer",
+                   "reset", "vendor_id", "frequencies", "reenlightenment", "tlbflush", "ipi",
+                   "evmcs")
+#: the fewest spinlock retries Hyper-V accepts (libvirt's check)
+MIN_SPINLOCK_RETRIES = 4095
+
+
+def _hyperv(ctx: ParseContext, features: etree._Element | None) -> list[tuple[str, str]]:
+    """``<features><hyperv mode='custom'>`` with libvirt's rules."""
+    hv = child(features, "hyperv") if features is not None else None
+    if hv is None:
+        return []
+    if hv.get("mode", "custom") != "custom":
+        raise ctx.error(hv, f"hyperv mode '{one_line(hv.get('mode', ''), 20)}' is not "
+                            "supported; use mode='custom' (the default)")
+    out: list[tuple[str, str]] = []
+    for el in hv:
+        if not isinstance(el.tag, str):
+            continue
+        if el.tag not in HYPERV_FEATURES:
+            raise ctx.error(el, f"unsupported HyperV Enlightenment feature: "
+                                f"{one_line(el.tag, 40)}")
+        state = el.get("state")
+        if state not in ("on", "off"):
+            raise ctx.error(el, f"<hyperv><{el.tag}> needs state='on' or state='off'")
+        value = state
+        if el.tag == "spinlocks" and state == "on":
+            retries = int_attr(ctx, el, "retries", "spinlock retries")
+            if retries is None:
+                raise ctx.error(el, "missing HyperV spinlock retry count; add retries='8191'")
+            if retries < MIN_SPINLOCK_RETRIES:
+                raise ctx.error(el, f"HyperV spinlock retry count must be at least "
+                                    f"{MIN_SPINLOCK_RETRIES}, not {retries}")
+            value = str(retries)
+        elif el.tag == "vendor_id" and state == "on":
+            vendor = el.get("value") or ""
+            if not 0 < len(vendor) <= 12 or not vendor.isascii() or not vendor.isalnum():
+                raise ctx.error(el, "HyperV vendor_id value must be 1 to 12 letters or digits")
+            value = vendor
+        out.append((el.tag, value))
+    return out
+
+
 def _pm(ctx: ParseContext, root: etree._Element) -> dict[str, bool]:
     """``<pm>``: suspend-to-mem (S3) and suspend-to-disk (S4) enabled yes/no."""
     pm = child(root, "pm")
@@ -664,7 +711,7 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         if features_el is not None else [],
         clock=clock, clock_offset=clock.offset, cpu=parse_cpu(ctx, root),
         vmport=_on_off(ctx, features_el, "vmport"), smm=_on_off(ctx, features_el, "smm"),
-        pm=_pm(ctx, root),
+        pm=_pm(ctx, root), hyperv=_hyperv(ctx, features_el),
         memory_backing=parse_memory_backing(ctx, root),
         on_poweroff=_lifecycle(ctx, root, "on_poweroff", "destroy", LIFECYCLE_ACTIONS),
         on_reboot=_lifecycle(ctx, root, "on_reboot", "restart", LIFECYCLE_ACTIONS),

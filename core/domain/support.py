@@ -69,10 +69,10 @@ def _storage() -> dict[str, Node]:
     return {"source": source, "backingStore": backing}
 
 
-def _chardev(target: str) -> Node:
+def _chardev(target: str, target_children: dict[str, Node] | None = None) -> Node:
     return E("type", {
         "source": E("path mode host service", {"seclabel": _seclabel()}),
-        "target": E(target),
+        "target": E(target, target_children),
         "log": E("file append"),
         "protocol": E("type", values={"type": "raw"}),
     })
@@ -87,10 +87,12 @@ _DEVICES = E("", {
         "readonly": E(), "shareable": E(), "transient": E(), "serial": E(),
         "boot": E("order"),
     }),
-    "controller": E("type index model"),
+    "controller": E("type index model ports"),
+    "sound": E("model", {"codec": E("type")},
+               values={"model": "ich9 ich6 ac97 es1370 sb16"}),
     "interface": E("type", {"mac": E("address"), "model": E("type"),
                             "source": E("network"), "boot": E("order")}),
-    "serial": _chardev("type port"),
+    "serial": _chardev("type port", {"model": E("name", values={"name": "isa-serial"})}),
     "console": _chardev("type port"),
     "parallel": _chardev("port"),
     "channel": _chardev("type name"),
@@ -123,7 +125,14 @@ IMPLEMENTED = E("type id", {
         "nvram": E("template", {"source": E("file")}),
     }, values={"firmware": "efi bios"}),
     "features": E("", {"acpi": E(), "apic": E(), "pae": E(), "vmport": E("state"),
-                       "smm": E("state")}),
+                       "smm": E("state"), "hyperv": E("mode", {
+                           "relaxed": E("state"), "vapic": E("state"),
+                           "spinlocks": E("state retries"), "vpindex": E("state"),
+                           "runtime": E("state"), "synic": E("state"), "stimer": E("state"),
+                           "reset": E("state"), "vendor_id": E("state value"),
+                           "frequencies": E("state"), "reenlightenment": E("state"),
+                           "tlbflush": E("state"), "ipi": E("state"), "evmcs": E("state"),
+                       }, values={"mode": "custom"})}),
     "pm": E("", {"suspend-to-mem": E("enabled"), "suspend-to-disk": E("enabled")}),
     "cpu": E("mode match check migratable", {
         "model": E("fallback"),
@@ -131,7 +140,7 @@ IMPLEMENTED = E("type id", {
         "topology": E("sockets dies cores threads"),
     }, values={"migratable": "on"}),
     "clock": E("offset", {"timer": E("name tickpolicy present track", values={
-        "name": "rtc pit hpet", "tickpolicy": "delay catchup discard",
+        "name": "rtc pit hpet hypervclock", "tickpolicy": "delay catchup discard",
         "track": "guest wall realtime"})}),
     "memoryBacking": E("", {"hugepages": E("", {"page": E("size unit")})}),
     "on_poweroff": E(text="destroy"),

@@ -45,6 +45,7 @@ from vmconfine.qemu.argv_platform import (
     memory_backend,
     smp,
 )
+from vmconfine.qemu.argv_sound import add_sound
 from vmconfine.qemu.fdpass import (
     FDSET,
     LISTEN,
@@ -504,6 +505,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_chardevs(b)
     add_inputs(b)
     add_graphics(b, paths.runtime_dir)
+    add_sound(b)
     add_hostdevs(b)
     add_rngs(b)
     add_watchdogs(b)

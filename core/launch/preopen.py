@@ -166,6 +166,10 @@ def open_file(journal: Journal, p: PassedFd) -> int:
     return fd
 
 
+#: the longest unix socket path (``sun_path`` is 108 bytes with its NUL)
+SUN_PATH_MAX = 107
+
+
 def listen(journal: Journal, path: str) -> socket.socket:
     """A listening unix socket at ``path``, mode :data:`SOCKET_MODE`, journaled."""
     try:
@@ -175,6 +179,10 @@ def listen(journal: Journal, path: str) -> socket.socket:
     except OSError as exc:
         raise LaunchError(f"cannot create socket {path}: {exc.strerror}; {_fix(path, exc)}"
                           ) from None
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise LaunchError(f"cannot create socket {path}: the path is {len(os.fsencode(path))} "
+                          f"bytes long and a unix socket path holds at most {SUN_PATH_MAX}; "
+                          "give the chardev a shorter path")
     if st is not None and not stat.S_ISSOCK(st.st_mode):
         raise LaunchError(f"cannot create socket {path}: something that is not a socket is "
                           "there; remove it or give the chardev another path")

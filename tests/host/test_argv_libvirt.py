@@ -11,9 +11,10 @@ flags, memory, CPUs, resolved machine type, chardevs, PCI device classes and ids
 Left out on purpose: network interfaces (libvirt's domxml-to-native turns them into tap
 devices that need /dev/net/tun; they are removed from the XML given to both), libvirt's
 master-key secret object and its monitor (each side's monitor is only used to ask QMP), PCI
-bridges (libvirt adds pcie-root-ports on q35; vmconfine lets QEMU place devices on the root
-bus). ``type='kvm'`` guests run as ``type='qemu'`` here (both command lines use TCG). Host
-devices cannot be compared (libvirt needs the devices present).
+bridges (libvirt adds pcie-root-ports on q35, and a pcie-to-pci bridge for a conventional PCI
+device such as the i6300esb watchdog; vmconfine lets QEMU place devices on the root bus).
+``type='kvm'`` guests run as ``type='qemu'`` here (both command lines use TCG). Host devices
+cannot be compared (libvirt needs the devices present).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ QEMU_CONF = {
     "seccomp_sandbox": lambda v: f"seccomp_sandbox = {int(v)}",
     "set_process_name": lambda v: f"set_process_name = {1 if v else 0}",
 }
-BRIDGES = ("pcie-root-port", "pci-bridge")
+BRIDGES = ("pcie-root-port", "pci-bridge", "pcie-pci-bridge")
 NOBODY = 65534
 
 

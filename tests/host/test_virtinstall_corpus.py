@@ -1,0 +1,199 @@
+"""Domains as virt-install writes them run as they are (issue 22's "done when").
+
+Every ready domain of the corpus (tests/virtinstall.py, tests/data/virtinstall/) goes through
+what ``vmconfine domxml-to-native`` and ``vmconfine run --paused`` do, in this process (the
+same functions, without a Python start-up per domain): every element must be implemented
+(``unsupported_xml = "error"``), firmware auto-selection, the start pipeline with the
+instance's default stack, QEMU paused under TCG; QMP is read once it is up and the domain is
+torn down at once. One embed instance, one QEMU at a time.
+
+Then the same XML goes through libvirt 9.0's ``domxml-to-native`` (its NICs removed: libvirt
+turns them into tap devices) and QEMU started from libvirt's line must show the same VM over
+QMP (tests/host/test_argv_libvirt.py's comparison, with our NIC and second monitor left out)
+and the same flags (disks' block graphs, machine options, CPU, boot order, ``-global``s, the
+audio backend).
+
+Domains in ``waiting.json`` need a feature still being built; tests/unit/test_virtinstall_
+corpus.py checks that they fail today for exactly that feature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import virtinstall
+from tests.host.test_argv_libvirt import (
+    LibvirtEmbed,
+    comparable,
+    flags,
+    libvirt,  # noqa: F401 (fixture)
+    libvirt_runtime,
+    split_native,
+)
+from tests.host.test_argv_qmp import (
+    Workspace,
+    fake_bzimage,
+    launch,
+    qemu_binary,
+    qemu_img,
+    qmp_view,
+    read_view,
+    wait_exit,
+)
+from tests.support import require_root
+from vmconfine.domain import Domain, parse_domain
+from vmconfine.domain.support import enforce
+from vmconfine.launch import pipeline
+from vmconfine.launch.connection import Connection
+from vmconfine.qemu import qmp
+
+CONF = 'unsupported_xml = "error"\n'
+#: QEMU device types of guest NICs (left out of our view: libvirt's side has no NICs)
+NIC_TYPES = {"virtio-net-pci", "e1000e", "e1000", "rtl8139"}
+
+
+class Corpus:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.scratch = root / "images"
+        self.scratch.mkdir()
+        (root / "i" / "etc").mkdir(parents=True)
+        (root / "i" / "etc" / "qemu.conf").write_text(CONF)
+        self.conn = Connection.open(f"qemu:///embed?root={root / 'i'}")
+
+
+@pytest.fixture(scope="module")
+def corpus() -> Iterator[Corpus]:
+    require_root()
+    qemu_binary()
+    # short: generated channel sockets live under the instance root (107-byte socket paths)
+    root = Path(tempfile.mkdtemp(prefix="vi", dir="/tmp"))
+    os.chmod(root, 0o755)
+    try:
+        yield Corpus(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def create_files(domain: Domain, scratch: Path) -> None:
+    """The images, ISOs, kernel and initrd the domain names (all in ``scratch``)."""
+    for disk in domain.disks:
+        path = disk.source.path if disk.source is not None else None
+        if path and not os.path.exists(path):
+            fmt = "qcow2" if disk.source is not None and disk.source.format == "qcow2" else "raw"
+            subprocess.run([qemu_img(), "create", "-q", "-f", fmt, path, "16M"], check=True)
+    if domain.os.kernel and not os.path.exists(domain.os.kernel):
+        fake_bzimage(Path(domain.os.kernel))
+    if domain.os.initrd and not os.path.exists(domain.os.initrd):
+        Path(domain.os.initrd).write_bytes(bytes(4096))
+    for path in (scratch,):
+        os.chmod(path, 0o755)
+
+
+async def run_paused(conn: Connection, domain: Domain) -> dict[str, Any]:
+    """Start as ``run --paused`` does, read QMP, destroy; return the view."""
+    launched = await pipeline.start(conn, domain, paused=True)
+    try:
+        assert launched.client is not None
+        return await read_view(launched.client)
+    finally:
+        if launched.client is not None:
+            await qmp.disconnect(launched.client)
+            launched.client = None
+        launched.process.kill()
+        await asyncio.wait_for(launched.process.exited.wait(), 30)
+        assert pipeline.finish(conn, launched) == []
+
+
+def ours_only(view: dict[str, Any]) -> dict[str, Any]:
+    """Our view without what libvirt's side cannot have: the NIC, the second monitor."""
+    nics = {k for k, v in view["peripheral"].items() if v in NIC_TYPES}
+    view = dict(view)
+    view["peripheral"] = {k: v for k, v in view["peripheral"].items() if k not in nics}
+    view["pci"] = [(qid, cls) for qid, cls in view["pci"] if qid not in nics]
+    view["chardev"] = {k: v for k, v in view["chardev"].items() if k != "charusermonitor"}
+    return view
+
+
+def replaced(value: Any, old: str, new: str) -> Any:
+    """``value`` (a QMP view) with the string ``old`` replaced by ``new`` everywhere."""
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, dict):
+        return {replaced(k, old, new): replaced(v, old, new) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(replaced(v, old, new) for v in value)
+    return value
+
+
+def options(argv: list[str], name: str) -> list[str]:
+    return sorted(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name)
+
+
+def audio(argv: list[str]) -> list[str]:
+    return [json.loads(v)["driver"] for v in options(argv, "-audiodev")]
+
+
+def test_corpus_is_big_enough() -> None:
+    assert len(virtinstall.CASES) >= 30
+    assert len(virtinstall.READY) >= 30
+
+
+@pytest.mark.parametrize("case", virtinstall.READY)
+def test_runs_as_written_and_as_libvirt_builds_it(case: str, corpus: Corpus,
+                                                  libvirt: LibvirtEmbed) -> None:  # noqa: F811
+    xml = virtinstall.for_host(virtinstall.text(case), corpus.scratch)
+    domain = parse_domain(xml, f"{case}.xml")
+    assert enforce(domain, "error") == []
+    create_files(domain, corpus.scratch)
+    ours = pipeline.native_command(corpus.conn, parse_domain(xml, f"{case}.xml"))
+    view = ours_only(asyncio.run(run_paused(corpus.conn, domain)))
+    assert view["status"] == "prelaunch"
+    assert (view["name"], view["uuid"]) == (domain.name, domain.uuid)
+    assert corpus.conn.running() == []
+
+    # libvirt 9.0, the same XML without NICs
+    env, theirs = split_native(libvirt.domxml_to_native(
+        case, virtinstall.without_interfaces(xml), {}))
+    ws = Workspace(Path(tempfile.mkdtemp(prefix="vmc-vi-lv-", dir="/tmp")))
+    try:
+        monitor = libvirt_runtime(theirs)
+        for value in options(theirs, "-chardev"):  # the channel directory libvirt makes
+            found = re.search(r"^socket,.*?path=((?:[^,]|,,)+)", value)
+            if found:
+                Path(found.group(1).replace(",,", ",")).parent.mkdir(parents=True,
+                                                                     exist_ok=True)
+        nvram_theirs = None
+        if domain.os.nvram:
+            assert domain.os.nvram_template is not None
+            nvram_theirs = json.loads(next(v for v in options(theirs, "-blockdev")
+                                           if "pflash1-storage" in v))["filename"]
+            Path(nvram_theirs).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(domain.os.nvram_template, nvram_theirs)
+        proc = launch(theirs, env, ws, "libvirt")
+        view_libvirt = qmp_view(monitor, proc, ws, "libvirt")
+        assert wait_exit(proc) == 0
+    finally:
+        ws.close()
+        shutil.rmtree(ws.root, ignore_errors=True)
+    if nvram_theirs is not None:  # each side has its own NVRAM file, made from one template
+        view_libvirt = replaced(view_libvirt, nvram_theirs, str(domain.os.nvram))
+        view_libvirt["nodes"] = sorted(view_libvirt["nodes"])
+    assert comparable(view) == comparable(view_libvirt)
+    mine = [ours.emulator, *ours.args]
+    topology = bool(domain.cpu and domain.cpu.topology)
+    assert flags(mine, topology) == flags(theirs, topology)
+    assert options(mine, "-global") == options(theirs, "-global")
+    if "<sound " in xml:  # libvirt 9.0 adds an unused "none" backend to every domain
+        assert audio(mine) == audio(theirs)

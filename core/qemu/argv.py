@@ -324,6 +324,11 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
     add_cpu(b)
     loader = domain.os.loader
     if loader is not None and loader.secure:
+        if not loader.path or loader.type != "pflash":
+            raise UnsupportedConfigError(
+                "<loader secure='yes'> needs a pflash firmware: give <os firmware='efi'> or "
+                "<loader type='pflash' readonly='yes'>PATH</loader>"
+            )
         if not b.q35:
             raise UnsupportedConfigError(
                 f"Secure boot is supported with q35 machine types only (machine '{b.machine}')"

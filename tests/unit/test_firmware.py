@@ -298,6 +298,8 @@ def test_argv_of_selected_firmware(debian: list[firmware.Descriptor], tmp_path: 
     assert [args[i + 1] for i, a in enumerate(args) if a == "-global"] == ["PIIX4_PM.disable_s3=0"]
     with pytest.raises(XMLError, match="has not been resolved"):
         build_command(dom(), QemuConfig(), paths)
+    with pytest.raises(XMLError, match="secure='yes'> needs a pflash firmware"):
+        build_command(dom("", "<loader secure='yes'/>"), QemuConfig(), paths)
 
 
 # --------------------------------------------------------------------------- every driver sees it

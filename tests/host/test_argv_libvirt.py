@@ -164,6 +164,39 @@ def libvirt_runtime(argv: list[str]) -> str:
     return path
 
 
+def options(argv: list[str], name: str) -> list[str]:
+    """The values of every ``name`` option of ``argv``, sorted."""
+    return sorted(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name)
+
+
+def run_libvirt(argv: list[str], env: dict[str, str], nvram_template: str | None = None,
+                ) -> tuple[dict[str, Any], str | None]:
+    """QEMU started paused from libvirt's command line, with what libvirt makes at start (its
+    domain directory and master key, the generated channel directory, the NVRAM copied from
+    ``nvram_template``); return its QMP view and the NVRAM path (None: no NVRAM)."""
+    ws = Workspace(Path(tempfile.mkdtemp(prefix="vmc-lv-run-", dir="/tmp")))
+    try:
+        monitor = libvirt_runtime(argv)
+        for value in options(argv, "-chardev"):
+            found = re.search(r"^socket,.*?path=((?:[^,]|,,)+)", value)
+            if found:
+                Path(found.group(1).replace(",,", ",")).parent.mkdir(parents=True,
+                                                                     exist_ok=True)
+        nvram = next((json.loads(v)["filename"] for v in options(argv, "-blockdev")
+                      if "pflash1-storage" in v), None)
+        if nvram is not None:
+            assert nvram_template is not None, "libvirt's command line has an NVRAM"
+            Path(nvram).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(nvram_template, nvram)
+        proc = launch(argv, env, ws, "libvirt")
+        view = qmp_view(monitor, proc, ws, "libvirt")
+        assert wait_exit(proc) == 0
+    finally:
+        ws.close()
+        shutil.rmtree(ws.root, ignore_errors=True)
+    return view, nvram
+
+
 def comparable(view: dict[str, Any]) -> dict[str, Any]:
     """The parts of a QMP view both command lines must agree on."""
     vnc = view["vnc"]

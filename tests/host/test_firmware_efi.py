@@ -26,10 +26,10 @@ from tests.host.test_argv_libvirt import (
     LibvirtEmbed,
     flags,
     libvirt,  # noqa: F401 (fixture)
-    libvirt_runtime,
+    options,
+    run_libvirt,
     split_native,
 )
-from tests.host.test_argv_qmp import Workspace, launch, qmp_view, wait_exit
 from tests.host.test_landlock_enforce import require_landlock
 from tests.host.test_landlock_readonly import Qmp
 from tests.support import require, require_root
@@ -191,25 +191,11 @@ def test_same_firmware_as_libvirt(efi: Efi, libvirt: LibvirtEmbed) -> None:  # n
                                                              f"{NAME}_VARS.fd"]
     assert flags(ours)["machine"] == flags(theirs)["machine"]  # smm=on, both pflash chains
 
-    def globals_(argv: list[str]) -> list[str]:
-        return sorted(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-global")
-
-    assert globals_(ours) == globals_(theirs) == [
+    assert options(ours, "-global") == options(theirs, "-global") == [
         "ICH9-LPC.disable_s3=1", "ICH9-LPC.disable_s4=1",
         "driver=cfi.pflash01,property=secure,value=on"]
     # libvirt's command line runs with its NVRAM made from the same template: same flash
-    ws = Workspace(Path(tempfile.mkdtemp(prefix="vmc-efi-lv-", dir="/tmp")))
-    try:
-        monitor = libvirt_runtime(theirs)
-        nvram = Path(pflash(theirs)[1])
-        nvram.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(TEMPLATE, nvram)
-        proc = launch(theirs, env, ws, "libvirt")
-        view = qmp_view(monitor, proc, ws, "libvirt")
-        assert wait_exit(proc) == 0
-    finally:
-        ws.close()
-        shutil.rmtree(ws.root, ignore_errors=True)
+    view, _nvram = run_libvirt(theirs, env, TEMPLATE)
     flash = {k: (os.path.basename(v["file"]), v["ro"], v["drv"])
              for k, v in view["block"].items() if k.startswith("system.flash")}
     assert flash == {"system.flash0": (os.path.basename(LOADER), True, "raw"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -38,19 +37,11 @@ from tests.host.test_argv_libvirt import (
     comparable,
     flags,
     libvirt,  # noqa: F401 (fixture)
-    libvirt_runtime,
+    options,
+    run_libvirt,
     split_native,
 )
-from tests.host.test_argv_qmp import (
-    Workspace,
-    fake_bzimage,
-    launch,
-    qemu_binary,
-    qemu_img,
-    qmp_view,
-    read_view,
-    wait_exit,
-)
+from tests.host.test_argv_qmp import fake_bzimage, qemu_binary, qemu_img, read_view
 from tests.support import require_root
 from vmconfine.domain import Domain, parse_domain
 from vmconfine.domain.support import enforce
@@ -137,10 +128,6 @@ def replaced(value: Any, old: str, new: str) -> Any:
     return value
 
 
-def options(argv: list[str], name: str) -> list[str]:
-    return sorted(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name)
-
-
 def audio(argv: list[str]) -> list[str]:
     return [json.loads(v)["driver"] for v in options(argv, "-audiodev")]
 
@@ -166,27 +153,7 @@ def test_runs_as_written_and_as_libvirt_builds_it(case: str, corpus: Corpus,
     # libvirt 9.0, the same XML without NICs
     env, theirs = split_native(libvirt.domxml_to_native(
         case, virtinstall.without_interfaces(xml), {}))
-    ws = Workspace(Path(tempfile.mkdtemp(prefix="vmc-vi-lv-", dir="/tmp")))
-    try:
-        monitor = libvirt_runtime(theirs)
-        for value in options(theirs, "-chardev"):  # the channel directory libvirt makes
-            found = re.search(r"^socket,.*?path=((?:[^,]|,,)+)", value)
-            if found:
-                Path(found.group(1).replace(",,", ",")).parent.mkdir(parents=True,
-                                                                     exist_ok=True)
-        nvram_theirs = None
-        if domain.os.nvram:
-            assert domain.os.nvram_template is not None
-            nvram_theirs = json.loads(next(v for v in options(theirs, "-blockdev")
-                                           if "pflash1-storage" in v))["filename"]
-            Path(nvram_theirs).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(domain.os.nvram_template, nvram_theirs)
-        proc = launch(theirs, env, ws, "libvirt")
-        view_libvirt = qmp_view(monitor, proc, ws, "libvirt")
-        assert wait_exit(proc) == 0
-    finally:
-        ws.close()
-        shutil.rmtree(ws.root, ignore_errors=True)
+    view_libvirt, nvram_theirs = run_libvirt(theirs, env, domain.os.nvram_template)
     if nvram_theirs is not None:  # each side has its own NVRAM file, made from one template
         view_libvirt = replaced(view_libvirt, nvram_theirs, str(domain.os.nvram))
         view_libvirt["nodes"] = sorted(view_libvirt["nodes"])

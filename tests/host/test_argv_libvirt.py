@@ -68,6 +68,8 @@ QEMU_CONF = {
     "seccomp_sandbox": lambda v: f"seccomp_sandbox = {int(v)}",
     "set_process_name": lambda v: f"set_process_name = {1 if v else 0}",
 }
+#: separates the answers of a virsh script (domxml_to_native_many)
+MARK = "@@vmconfine-next@@"
 BRIDGES = ("pcie-root-port", "pci-bridge", "pcie-pci-bridge")
 NOBODY = 65534
 
@@ -80,12 +82,35 @@ class LibvirtEmbed:
         self.virsh = virsh
         self.uri = f"qemu:///embed?root={root}"
 
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         env = ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={self.root}"]
         cmd = [*env, self.virsh, "-q", "-c", self.uri, *args]
         if os.geteuid() == 0:
             cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                              input=stdin)
+
+    def domxml_to_native_many(self, xmls: dict[str, str]) -> dict[str, str]:
+        """``domxml-to-native`` of many domains in one virsh (commands read from stdin, as a
+        virsh script: one connection instead of one per domain); name → the command line, or
+        ``error: ...`` when libvirt refused the domain."""
+        script = []
+        for name, xml in xmls.items():
+            path = self.root / f"{name}.xml"
+            path.write_text(xml)
+            path.chmod(0o644)
+            script += [f"domxml-to-native qemu-argv {path}", f"echo {MARK}"]
+        proc = self._run(stdin="\n".join(script) + "\n")
+        # virsh echoes a prompt line per command (readline may redraw it), then the answer: a
+        # single line, without a final newline
+        chunks = proc.stdout.split(f"virsh # echo {MARK}\n")[:-1]
+        answers = [next((ln for ln in c.split("\n") if ln.startswith("LC_ALL=")), "")
+                   for c in chunks]
+        errors = iter(ln for ln in proc.stderr.splitlines() if ln.startswith("error:"))
+        result = {name: answer.strip() or next(errors, "error: (no message)")
+                  for name, answer in zip(xmls, answers, strict=False)}
+        assert len(result) == len(xmls), proc.stderr
+        return result
 
     def domxml_to_native(self, name: str, xml: str, settings: dict[str, Any]) -> str:
         conf = self.root / "etc" / "qemu.conf"

@@ -370,18 +370,10 @@ class Domain:
         loader_el.attrib.clear()
         loader_el.attrib.update(attrs)
         loader_el.text = loader
-        nvram_el = child(os_el, "nvram")
-        if nvram_el is None:
-            nvram_el = etree.Element("nvram")
-            insert_element(os_el, os_el.index(loader_el) + 1, nvram_el)
-        if template is not None:
-            nvram_el.set("template", template)
-        if child(nvram_el, "source") is None:
-            nvram_el.text = nvram
         self.os.firmware = None
         self.os.firmware_features = {}
         self.os.loader = Loader(path=loader, readonly=True, type="pflash", secure=secure)
-        self.os.nvram, self.os.nvram_template = nvram, template
+        self.fill_nvram(nvram, template)
         if smm and self.smm is None:
             features = child(self.root, "features")
             if features is None:
@@ -394,6 +386,26 @@ class Domain:
             self.features.append("smm")
             self.smm = "on"
             self.smm_filled = True
+
+    def fill_nvram(self, nvram: str, template: str | None = None) -> None:
+        """Give the pflash loader its NVRAM file when the XML names none (libvirt's default
+        ``<nvram_dir>/<name>_VARS.fd``) and record the template; only the live XML shows it."""
+        os_el = child(self.root, "os")
+        assert os_el is not None
+        if self.config_os is None:
+            self.config_os = etree.tostring(os_el, encoding="unicode", with_tail=False)
+        nvram_el = child(os_el, "nvram")
+        if nvram_el is None:
+            loader_el = child(os_el, "loader")
+            after = loader_el if loader_el is not None else child(os_el, "type")
+            nvram_el = etree.Element("nvram")
+            insert_element(os_el, os_el.index(after) + 1, nvram_el)
+        if template is not None:
+            nvram_el.set("template", template)
+        if child(nvram_el, "source") is None and not (nvram_el.text or "").strip(BLANK):
+            nvram_el.text = nvram
+        self.os.nvram = self.os.nvram or nvram
+        self.os.nvram_template = template or self.os.nvram_template
 
     def to_xml(self, live: bool = False, extra: Mapping[str, object] | None = None) -> str:
         """Serialise the tree (unknown elements, attributes, namespaces, comments included).

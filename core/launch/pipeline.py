@@ -178,14 +178,17 @@ def select_firmware(conn: Connection, domain: Domain) -> None:
     firmware.check_secure_boot(domain, machine)
     os_ = domain.os
     nvram_exists = bool(os_.nvram) and os.path.exists(str(os_.nvram))
-    if not firmware.needs_selection(domain, nvram_exists):
-        return
     inst = conn.instance
-    emulator = find_emulator(domain, inst.config)
-    resolved = machines.canonical(emulator, machine, emulator_probe.for_instance(inst))
-    descriptors = firmware.load(firmware.search_dirs(inst.privileged))
-    firmware.fill(domain, descriptors, resolved, guest_arch(domain),
-                  firmware.nvram_file(inst.nvram_dir, domain.name))
+    nvram = firmware.nvram_file(inst.nvram_dir, domain.name)
+    if firmware.needs_selection(domain, nvram_exists):
+        emulator = find_emulator(domain, inst.config)
+        resolved = machines.canonical(emulator, machine, emulator_probe.for_instance(inst))
+        descriptors = firmware.load(firmware.search_dirs(inst.privileged))
+        firmware.fill(domain, descriptors, resolved, guest_arch(domain), nvram)
+    loader = domain.os.loader
+    if loader is not None and loader.type == "pflash" and loader.readonly and \
+            not domain.os.nvram:
+        domain.fill_nvram(nvram)  # libvirt's default NVRAM of a read-only pflash loader
 
 
 def prepare_nvram(domain: Domain, *, reset: bool = False) -> None:

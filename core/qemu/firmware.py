@@ -308,8 +308,9 @@ def _asked(domain: Domain) -> str:
 
 def create_nvram(path: str, template: str, *, reset: bool = False) -> bool:
     """Make the NVRAM file ``path`` from ``template`` (mode 0600, the caller's owner) unless it
-    exists (``reset``: replace it). Never follows a symlink at ``path``; returns True when the
-    file was written."""
+    exists (``reset``: replace it). Never follows a symlink at ``path``; the template must be a
+    world-readable regular file (its content ends up readable by QEMU's account); returns True
+    when the file was written."""
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o755, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -319,10 +320,18 @@ def create_nvram(path: str, template: str, *, reset: bool = False) -> bool:
                 raise FirmwareError(f"NVRAM {one_line(path)} is not a regular file; remove it")
             return False
     try:
-        src = os.open(template, os.O_RDONLY | os.O_CLOEXEC)
+        src = os.open(template, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise FirmwareError(f"cannot read the NVRAM template {one_line(template)}: "
                             f"{exc.strerror}") from None
+    st = os.fstat(src)
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & stat.S_IROTH:
+        os.close(src)
+        # vmconfine copies it as root into a file QEMU's account then owns: only public
+        # firmware files qualify (never /etc/shadow named in a domain XML)
+        raise FirmwareError(f"NVRAM template {one_line(template)} is not a regular file that "
+                            "everybody may read; give a firmware variable store such as "
+                            "/usr/share/OVMF/OVMF_VARS_4M.fd")
     tmp = f"{path}.new"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)

@@ -200,3 +200,44 @@ def test_same_firmware_as_libvirt(efi: Efi, libvirt: LibvirtEmbed) -> None:  # n
              for k, v in view["block"].items() if k.startswith("system.flash")}
     assert flash == {"system.flash0": (os.path.basename(LOADER), True, "raw"),
                      "system.flash1": (f"{NAME}_VARS.fd", False, "raw")}
+
+
+NATIVE, RUN = ["domxml-to-native", "qemu-argv"], ["run", "--paused"]
+#: (replacements in XML, the verbs that refuse it, the error): the NVRAM template is only read
+#: when the domain starts
+BAD = {
+    "secret-template": (
+        [("<os firmware='efi'>", "<os>"),
+         ("<boot dev='hd'/>", "<loader readonly='yes' type='pflash'>/usr/share/OVMF/"
+                              "OVMF_CODE_4M.fd</loader><nvram template='/etc/shadow'/>"
+                              "<boot dev='hd'/>")],
+        [RUN], "NVRAM template /etc/shadow is not a regular file that everybody may read"),
+    "secure-i440fx": (
+        [("machine='q35'", "machine='pc'"),
+         ("<boot dev='hd'/>", "<firmware><feature enabled='yes' name='secure-boot'/>"
+                              "</firmware><boot dev='hd'/>")],
+        [NATIVE, RUN], "Secure boot is supported with q35 machine types only"),
+    "no-firmware": (
+        [("<suspend-to-disk enabled='no'/>", "<suspend-to-disk enabled='yes'/>")],
+        [NATIVE, RUN], "Unable to find any firmware to satisfy 'efi' for x86_64 machine "
+                       "'pc-q35-7.2' (descriptors: 40-edk2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_firmware_requests_are_one_line_and_change_nothing(efi: Efi, case: str) -> None:
+    edits, verbs, message = BAD[case]
+    name = f"efi-{case}"
+    text = XML.replace(NAME, name).replace("6f1c1b8e", "7f1c1b8e")
+    for old, new in edits:
+        assert old in text
+        text = text.replace(old, new)
+    xml = efi.root / f"{name}.xml"
+    xml.write_text(text)
+    for verb in verbs:
+        proc = efi.embed.cli(*verb, str(xml))
+        assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+        assert proc.stderr.startswith(f"error: {message}"), proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+    assert not (efi.nvram.parent / f"{name}_VARS.fd").exists()
+    assert efi.embed.cli("list", check=True).stdout.count("efi-") == 1  # only the good one

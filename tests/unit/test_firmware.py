@@ -279,6 +279,20 @@ def test_nvram_never_writes_through_a_symlink(tmp_path: Path) -> None:
         firmware.create_nvram(str(tmp_path / "x"), str(tmp_path / "missing"))
 
 
+def test_a_private_file_is_never_a_template(tmp_path: Path) -> None:
+    """A template named in the XML is copied by root into a file QEMU's account owns: a
+    secret (0600, like /etc/shadow) or a device or directory is refused, nothing is made."""
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:$6$secret")
+    secret.chmod(0o600)
+    for template in (secret, tmp_path, Path("/dev/zero")):
+        with pytest.raises(firmware.FirmwareError, match="not a regular file that everybody"):
+            firmware.create_nvram(str(tmp_path / "fw_VARS.fd"), str(template))
+    assert not (tmp_path / "fw_VARS.fd").exists()
+    secret.chmod(0o644)
+    assert firmware.create_nvram(str(tmp_path / "fw_VARS.fd"), str(secret))
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -331,3 +345,12 @@ def test_selected_firmware_reaches_every_driver(tmp_path: Path) -> None:
     assert rc == 0, err.getvalue()
     rules = out.getvalue()
     assert f'"{code}" rk,' in rules and f'"{nvram}" rwk,' in rules, rules
+
+
+def test_a_readonly_pflash_loader_gets_the_default_nvram() -> None:
+    d = dom("", f"<loader readonly='yes' type='pflash'>{CODE}</loader><nvram template='{VARS}'/>")
+    configured = d.to_xml()
+    d.fill_nvram("/nv/fw_VARS.fd")
+    assert (d.os.nvram, d.os.nvram_template) == ("/nv/fw_VARS.fd", VARS)
+    assert f'<nvram template="{VARS}">/nv/fw_VARS.fd</nvram>' in d.to_xml(live=True)
+    assert d.to_xml() == configured

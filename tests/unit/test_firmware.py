@@ -92,6 +92,9 @@ def test_later_dirs_override_by_name_and_empty_files_hide(tmp_path: Path) -> Non
      "unknown interface type 'cloud'"),
     (json.dumps({**DEBIAN["60-edk2-x86_64.json"], "targets": [{"machines": []}]}),
      "architecture"),
+    (" " * (firmware.MAX_DESCRIPTOR + 1), "larger than 1 MiB"),
+    (json.dumps({**DEBIAN["60-edk2-x86_64.json"], "mapping": {"device": "flash"}}),
+     "mapping 'executable' needs a filename and a format"),
 ])
 def test_a_broken_descriptor_is_one_line_naming_the_file(tmp_path: Path, content: str,
                                                          why: str) -> None:

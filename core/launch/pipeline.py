@@ -400,7 +400,7 @@ def write_status(conn: Connection, launched: Launched) -> None:
     }
     xml = launched.ctx.domain.to_xml(live=True, extra={"id": launched.domain_id, "state": state})
     with runtime.instance_lock(conn.instance):
-        runtime.write_atomic(conn.instance.status_path(launched.name), xml)
+        runtime.write_atomic(conn.instance.status_path(launched.name), xml, durable=False)
 
 
 # ------------------------------------------------------------------------------------------------

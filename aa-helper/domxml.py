@@ -6,8 +6,8 @@ start-up is most of its time: the shared domain model (:mod:`vmconfine.domain`, 
 dataclasses, ~40 regexes) and the resource list around it cost 4x virt-aa-helper's whole run
 before any work is done (docs/performance.md, P2a). This module reads just what the rules are
 made of: the name and UUID, the emulator, file and block disks without backing chains,
-character devices, inputs, entropy and TPM passthrough devices, filesystems, interfaces and
-the firmware and kernel paths.
+character devices, VNC sockets, inputs, entropy and TPM passthrough devices, filesystems,
+interfaces and the firmware and kernel paths.
 
 It is deliberately narrow. :func:`read` returns a :class:`View` only for a document it
 understands completely: every element and attribute it meets is on its lists, with values it
@@ -29,6 +29,7 @@ _NS_SEP = " "
 BLANK = " \t\r\n"
 MAX_NAME_BYTES = 200  # vmconfine.domain.model.MAX_NAME_BYTES
 MAX_VCPUS = 4096  # vmconfine.domain.model.MAX_VCPUS
+MAX_TCP_PORT = 65535
 _HEX = frozenset("0123456789abcdefABCDEF")
 _DIGITS = frozenset("0123456789")
 #: memory units whose value is a plain decimal count (vmconfine.domain.xml.unit_scale)
@@ -169,8 +170,8 @@ class Loader:
 class View:
     """What the helper's rules are made of (attribute names as in ``vmconfine.domain``):
     ``inputs`` are evdev paths, ``rngs`` host entropy paths (``<backend model='random'>``),
-    ``tpms`` passthrough device paths, ``filesystems`` (source, readonly) of mount
-    filesystems, ``interfaces`` (type, model)."""
+    ``tpms`` passthrough device paths, ``graphics`` VNC sockets, ``filesystems`` (source,
+    readonly) of mount filesystems, ``interfaces`` (type, model)."""
 
     __slots__ = (
         "chardevs",
@@ -178,6 +179,7 @@ class View:
         "dtb",
         "emulator",
         "filesystems",
+        "graphics",
         "initrd",
         "inputs",
         "interfaces",
@@ -199,6 +201,7 @@ class View:
         self.inputs: list[str] = []
         self.rngs: list[str] = []
         self.tpms: list[str] = []
+        self.graphics: list[str] = []
         self.filesystems: list[tuple[str, bool]] = []
         self.interfaces: list[tuple[str, str | None]] = []
         self.loader: Loader | None = None
@@ -359,6 +362,37 @@ def _chardev(el: Element) -> Chardev:
     return Chardev(el.tag, ctype, path, mode, target_type, log_file)
 
 
+def _port(value: str | None) -> None:
+    if value is not None and value != "-1" and _count(value, "port") > MAX_TCP_PORT:
+        raise Fallback("port")
+
+
+def _graphics(el: Element) -> str | None:
+    """A VNC or SPICE display; the VNC socket QEMU listens on (None: none)."""
+    el.only(("type", "port", "autoport", "listen", "socket", "keymap"), ("listen",))
+    gtype = el.attrs.get("type")
+    if gtype not in ("vnc", "spice"):
+        raise Fallback("graphics type")
+    _port(el.attrs.get("port"))
+    _yes_no(el, "autoport")
+    socket = el.attrs.get("socket") or None
+    listen = el.attrs.get("listen")
+    for i, c in enumerate(el.children):
+        c.only(("type", "address", "socket"))
+        ltype = c.attrs.get("type")
+        if ltype not in ("address", "socket"):
+            raise Fallback("graphics listen type")
+        if i:
+            continue
+        if ltype == "address":
+            addr = c.attrs.get("address")
+            if listen and addr and addr != listen:
+                raise Fallback("graphics listen mismatch")  # refused by the model
+        else:
+            socket = c.attrs.get("socket") or socket
+    return socket if gtype == "vnc" else None
+
+
 def _seclabel(el: Element) -> None:
     """The AppArmor seclabel the driver writes into the live XML; other models fall back."""
     el.only(("type", "model", "relabel"), ("label", "imagelabel"))
@@ -417,8 +451,12 @@ def _device(view: View, el: Element, targets: set[str]) -> None:
             view.filesystems.append((path, el.child("readonly") is not None))
     elif tag == "controller":
         el.only(("type", "index", "model"), ("address", "alias", "model", "target", "driver"))
-        if "index" in el.attrs:
-            _count(el.attrs["index"], "controller index")
+        if "index" in el.attrs and _count(el.attrs["index"], "controller index") > 255:
+            raise Fallback("controller index")  # a PCI index above 255 is refused
+    elif tag == "graphics":
+        socket = _graphics(el)
+        if socket:
+            view.graphics.append(socket)
     elif tag == "memballoon":
         if not el.attrs.get("model"):
             raise Fallback("memballoon model")

@@ -181,10 +181,10 @@ def _grant(rules: RuleSet, path: str | None, perms: str, what: str, *,
 def view_rules(view: View, dirs: tuple[str, str, str] | None,
                extra_files: Iterable[str] = ()) -> RuleSet:
     """:func:`domain_rules` for the helper's fast reader (:mod:`vmconfine_aa_helper.domxml`):
-    the same rules in the same order, from a :class:`~vmconfine_aa_helper.domxml.View`
-    (no hostdevs, backing chains, graphics or hugepages: those documents take the model's
-    path). ``dirs``: the domain's QEMU log, home and runtime directory. A test compares both
-    functions over the test corpus."""
+    the same rules in the same order, from a :class:`~vmconfine_aa_helper.domxml.View` (no
+    hostdevs, backing chains or hugepages: those documents take the model's path). ``dirs``:
+    the domain's QEMU log, home and runtime directory. A test compares both functions over
+    the test corpus."""
     rules = RuleSet()
     if dirs is not None:
         rules.add(dirs[0], "w", what="QEMU log")
@@ -211,6 +211,8 @@ def view_rules(view: View, dirs: tuple[str, str, str] | None,
             _grant(rules, p, "r", "rng path")
     for p in view.tpms:
         _grant(rules, p, "rw", "tpm path")
+    for p in view.graphics:
+        _grant(rules, p, "rw", "graphics path")
     loader = view.loader
     if loader is not None and loader.path:
         pflash_rw = not loader.readonly and loader.type == "pflash"

@@ -42,6 +42,7 @@ def compare(xml: bytes, uri: str) -> bool:
     assert [(c.kind, c.type, c.path, c.mode, c.target_type, c.log_file)
             for c in view.chardevs] == [(c.kind, c.type, c.path, c.mode, c.target_type,
                                          c.log_file) for c in model.chardevs]
+    assert view.graphics == [g.socket for g in model.graphics if g.type == "vnc" and g.socket]
     assert (view.kernel, view.initrd, view.dtb, view.nvram) == (
         model.os.kernel, model.os.initrd, model.os.dtb, model.os.nvram)
     inst = open_instance(uri)
@@ -106,6 +107,16 @@ def test_unusual_documents_fall_back(mutate) -> None:  # type: ignore[no-untyped
     xml = mutate((DATA / "apparmor" / "minimal.xml").read_text())
     with pytest.raises(domxml.Fallback):
         domxml.read(xml.encode())
+
+
+def test_the_hardening_tests_take_the_fast_path() -> None:
+    """The helper's refusals (test_aa_helper_hardening) are exercised through this reader."""
+    import test_aa_helper_hardening as hardening
+
+    xml = hardening.TEMPLATE.format(name="n", uuid=hardening.UUID, disk="/srv/1.img",
+                                    devices="", os_extra="", disk_extra="", ostype="hvm",
+                                    emulator="/usr/bin/qemu-system-x86_64")
+    assert domxml.read(xml.encode()).disks[0].source.path == "/srv/1.img"
 
 
 def test_minimal_is_read() -> None:

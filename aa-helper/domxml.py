@@ -393,15 +393,29 @@ def _graphics(el: Element) -> str | None:
     return socket if gtype == "vnc" else None
 
 
-def _seclabel(el: Element) -> None:
-    """The AppArmor seclabel the driver writes into the live XML; other models fall back."""
-    el.only(("type", "model", "relabel"), ("label", "imagelabel"))
-    if el.attrs.get("model") != "apparmor" or el.attrs.get("type") != "dynamic" or \
-            el.attrs.get("relabel", "yes") != "yes":
-        raise Fallback("seclabel")
-    for c in el.children:
-        c.only()
-        c.leaf_text()
+def _seclabels(labels: list[Element]) -> None:
+    """Domain ``<seclabel>``s (the live XML the driver sends carries the stack's labels):
+    the domain model's rules, for explicit types and models only; anything else falls back."""
+    models: set[str] = set()
+    for el in labels:
+        el.only(("type", "model", "relabel"), ("label", "imagelabel", "baselabel"))
+        stype, model = el.attrs.get("type"), el.attrs.get("model")
+        if stype not in ("dynamic", "static", "none") or not model or model == "none" or \
+                model in models:
+            raise Fallback("seclabel")
+        models.add(model)
+        relabel = el.attrs.get("relabel")
+        if relabel not in (None, "yes", "no"):
+            raise Fallback("seclabel relabel")
+        relabel_on = relabel == "yes" or (relabel is None and stype == "dynamic")
+        texts = {}
+        for c in el.children:
+            c.only()
+            texts.setdefault(c.tag, c.leaf_text())
+        if (stype == "dynamic" and not relabel_on) or (stype == "none" and relabel_on) or \
+                (stype == "static" and not texts.get("label")) or \
+                ("baselabel" in texts and stype != "dynamic"):
+            raise Fallback("seclabel combination")  # refused by the model
 
 
 def _device(view: View, el: Element, targets: set[str]) -> None:
@@ -512,8 +526,7 @@ def read(data: bytes) -> View:
         elif c.tag in ("on_poweroff", "on_reboot", "on_crash"):
             if c.leaf_text() not in ("destroy", "restart"):
                 raise Fallback("lifecycle action")
-        elif c.tag == "seclabel":
-            _seclabel(c)
+    _seclabels([c for c in root.children if c.tag == "seclabel"])
     devices = root.child("devices")
     if devices is not None:
         if devices.attrs:

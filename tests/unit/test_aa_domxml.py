@@ -79,11 +79,31 @@ def test_apparmor_corpus(tmp_path: Path) -> None:
 
 
 def test_driver_live_xml_takes_the_fast_path(tmp_path: Path) -> None:
+    """What the AppArmor driver sends: live XML with the stack's seclabels (DAC's too)."""
     base = tmp_path / "c"
     base.mkdir()
     model = parse_domain(prepare("disk-virtio", base))
-    model.add_seclabel("apparmor", "dynamic", implicit=True)
+    for sec in ("dac", "apparmor"):
+        model.add_seclabel(sec, "dynamic", implicit=True)
+    dac = model.seclabel("dac")
+    assert dac is not None
+    dac.label = dac.imagelabel = "+107:+107"
     assert compare(model.to_xml(live=True).encode(), f"qemu:///embed?root={base}/inst")
+
+
+@pytest.mark.parametrize("label", [
+    "<seclabel type='dynamic' model='dac' relabel='no'/>",
+    "<seclabel type='static' model='dac'/>",
+    "<seclabel type='none' model='dac' relabel='yes'/>",
+    "<seclabel type='static' model='dac'><label>+1:+1</label><baselabel>x</baselabel></seclabel>",
+    "<seclabel type='dynamic'/>",
+    "<seclabel type='dynamic' model='dac'/><seclabel type='dynamic' model='dac'/>",
+])
+def test_seclabels_the_model_refuses_fall_back(label: str) -> None:
+    xml = (DATA / "apparmor" / "minimal.xml").read_text().replace("</domain>",
+                                                                  label + "</domain>")
+    with pytest.raises(domxml.Fallback):
+        domxml.read(xml.encode())
 
 
 @pytest.mark.parametrize("mutate", [

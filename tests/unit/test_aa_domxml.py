@@ -12,11 +12,12 @@ import os
 from pathlib import Path
 
 import pytest
-from test_aa_profiles import CASES as AA_CASES
-from test_aa_profiles import prepare
 
+from tests.unit import test_aa_helper_hardening as hardening
+from tests.unit.test_aa_profiles import CASES as AA_CASES
+from tests.unit.test_aa_profiles import prepare
 from vmconfine.config.instance import open_instance, parse_uri
-from vmconfine.config.layout import plain_uri
+from vmconfine.config.layout import embed_dirs, plain_uri
 from vmconfine.domain import parse_domain
 from vmconfine.plugin import resources
 from vmconfine_aa_helper import domxml, rules
@@ -74,7 +75,6 @@ def test_apparmor_corpus(tmp_path: Path) -> None:
             fast.append(case)
     # the reader must stay useful: most of the corpus (everything without hostdevs, backing
     # chains, graphics, namespaces) takes the fast path
-    print(len(fast), len(AA_CASES), sorted(set(AA_CASES) - set(fast)))
     assert len(fast) >= 20, fast
 
 
@@ -131,8 +131,6 @@ def test_unusual_documents_fall_back(mutate) -> None:  # type: ignore[no-untyped
 
 def test_the_hardening_tests_take_the_fast_path() -> None:
     """The helper's refusals (test_aa_helper_hardening) are exercised through this reader."""
-    import test_aa_helper_hardening as hardening
-
     xml = hardening.TEMPLATE.format(name="n", uuid=hardening.UUID, disk="/srv/1.img",
                                     devices="", os_extra="", disk_extra="", ostype="hvm",
                                     emulator="/usr/bin/qemu-system-x86_64")
@@ -164,7 +162,6 @@ def test_plain_uri_agrees_with_the_uri_parser(uri: str) -> None:
     assert (parsed.kind, str(parsed.root) if parsed.root else None) == plain
     inst = open_instance(uri) if parsed.kind == "embed" or os.geteuid() == 0 else None
     if inst is not None and plain[1] is not None:
-        from vmconfine.config.layout import embed_dirs
         assert embed_dirs(plain[1]) == (str(inst.config_path), str(inst.run_dir),
                                         str(inst.lib_dir), str(inst.cache_dir),
                                         str(inst.log_dir))

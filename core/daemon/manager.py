@@ -25,7 +25,7 @@ from vmconfine.daemon.store import DefinitionStore
 from vmconfine.domain import Domain, parse_domain
 from vmconfine.domain.support import enforce
 from vmconfine.errors import LaunchError, NotRunningError, VmconfineError
-from vmconfine.launch import hotplug, pipeline, runtime
+from vmconfine.launch import hotplug, pipeline, runtime, swtpm
 from vmconfine.launch.connection import Connection, RunningDomain
 from vmconfine.launch.info import domain_info_rows
 from vmconfine.launch.journal import Journal
@@ -247,7 +247,12 @@ class DomainManager:
         name = self.resolve(key)
         if not self.conn.instance.definition_path(name).exists():
             raise OperationError(f"cannot undefine transient domain '{name}'")
+        domain = self.store.load(name)
         self.store.remove(name)
+        if domain is not None and not keep_tpm and name not in self.managed:
+            # virsh undefine removes the TPM emulator's state unless --keep-tpm (a running
+            # domain's state is in use: it stays)
+            swtpm.remove_state(self.conn.instance, domain)
         if name in self.managed:
             self.transient.add(name)  # libvirt: a running domain becomes transient
         self.events.emit(name, "undefined", "removed")

@@ -107,6 +107,7 @@ def helpers(ctx: DomainContext) -> tuple[Helper, Helper] | None:
                  paths=(*_program_paths(swtpm), *system, *own), owned=(state,))
     # swtpm_setup runs swtpm and the local CA's tools (/usr/bin), which write their CA
     setup_paths = (*_program_paths(setup), HelperPath("/usr/bin", "rx", tree=True), *system,
+                   HelperPath("/dev/null", "rw"),
                    HelperPath(LOCALCA_DIR, "rw", tree=True), HelperPath("/tmp", "rw", tree=True),
                    *own)
     return (Helper("swtpm_setup", setup, cfg.swtpm_user, cfg.swtpm_group,

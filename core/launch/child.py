@@ -67,11 +67,12 @@ def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
 
 def spawn_helper(stack: Stack, ctx: DomainContext, helper: Helper, argv: list[str],
                  fds: list[int], log_fd: int, forked: Callable[[int], None], *,
-                 outlive: bool = False) -> int:
+                 env: Mapping[str, str] | None = None, outlive: bool = False) -> int:
     """Fork and exec a helper process of the domain (``swtpm``), confined through every
     driver's ``child_helper`` in the same steps as QEMU; ``forked(pid)`` journals it before it
-    can exec. ``log_fd`` (closed here) becomes its stdout/stderr."""
-    env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    can exec. ``log_fd`` (closed here) becomes its stdout/stderr. The environment is
+    ``LC_ALL=C``, a system ``PATH`` and ``env``."""
+    env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **(env or {})}
     return fork_exec(argv, env, fds, log_fd,
                      lambda hook: stack.run_helper_child(hook, ctx, helper), forked,
                      what=f"domain '{ctx.domain.name}': preparing the {helper.name} process",

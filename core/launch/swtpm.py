@@ -105,13 +105,28 @@ def helpers(ctx: DomainContext) -> tuple[Helper, Helper] | None:
     own = (HelperPath(state, "rw", tree=True),)
     run = Helper("swtpm", swtpm, cfg.swtpm_user, cfg.swtpm_group,
                  paths=(*_program_paths(swtpm), *system, *own), owned=(state,))
-    # swtpm_setup runs swtpm and the local CA's tools (/usr/bin), which write their CA
+    # swtpm_setup runs swtpm and the local CA's tools (/usr/bin), which write their CA: the
+    # system's (Debian's swtpm-tools, the tss account's), or a user's in its configuration
+    # directory (unprivileged instances, as libvirt's session daemon)
+    ca = LOCALCA_DIR if inst.privileged else _config_home()
     setup_paths = (*_program_paths(setup), HelperPath("/usr/bin", "rx", tree=True), *system,
-                   HelperPath("/dev/null", "rw"),
-                   HelperPath(LOCALCA_DIR, "rw", tree=True), HelperPath("/tmp", "rw", tree=True),
-                   *own)
+                   HelperPath("/dev/null", "rw"), HelperPath(ca, "rw", tree=True),
+                   HelperPath("/tmp", "rw", tree=True), *own)
     return (Helper("swtpm_setup", setup, cfg.swtpm_user, cfg.swtpm_group,
                    paths=setup_paths, owned=(state,)), run)
+
+
+def _config_home() -> str:
+    return os.environ.get("XDG_CONFIG_HOME") or os.path.join(
+        os.environ.get("HOME") or os.path.expanduser("~"), ".config")
+
+
+def _user_env(ctx: DomainContext) -> dict[str, str]:
+    """An unprivileged instance's swtpm_setup finds the user's CA configuration (HOME)."""
+    if ctx.instance.privileged:
+        return {}
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    return {"HOME": home, "XDG_CONFIG_HOME": _config_home()}
 
 
 def check(stack: Stack, ctx: DomainContext) -> None:
@@ -155,7 +170,7 @@ def _spawn(stack: Stack, ctx: DomainContext, helper: Helper, argv: list[str],
                            starttime=runtime.proc_starttime(pid))
 
     pid = child.spawn_helper(stack, ctx, helper, argv, fds, _open_log(ctx), forked,
-                             outlive=outlive)
+                             env=_user_env(ctx), outlive=outlive)
     return pid, runtime.proc_starttime(pid)
 
 
@@ -168,6 +183,19 @@ async def _wait(pid: int, timeout: float) -> int | None:
             return os.waitstatus_to_exitcode(status)
         await asyncio.sleep(0.02)
     return None
+
+
+async def _setup(stack: Stack, ctx: DomainContext, setup: Helper, argv: list[str]) -> None:
+    """Run swtpm_setup confined and wait for it (bounded)."""
+    pid, _ = _spawn(stack, ctx, setup, argv, [], outlive=False)
+    code = await _wait(pid, SETUP_TIMEOUT)
+    if code is None:
+        runtime.kill_process(pid, None)
+    if code != 0:
+        raise LaunchError(
+            f"domain '{ctx.domain.name}': swtpm_setup failed "
+            f"({'timed out' if code is None else f'exit status {code}'}); its log "
+            f"{log_path(ctx.instance, ctx.domain)}: {_log_tail(ctx)}")
 
 
 def _verify(stack: Stack, ctx: DomainContext, helper: Helper, pid: int) -> None:
@@ -197,19 +225,15 @@ async def start(stack: Stack, ctx: DomainContext, fds: dict[str, int], *,
         ctx.journal.record("pipeline", "helper", helper=helper.to_json())
         stack.set("set_helper_label", ctx, helper=helper)
     if not (state / STATE_FILES[version]).exists():
-        argv = [setup.executable, *(["--tpm2"] if version == "2.0" else []),
-                "--tpm-state", str(state), "--vmid", f"{ctx.domain.name}:{ctx.domain.uuid}",
-                "--createek", "--create-ek-cert", "--create-platform-cert", "--lock-nvram",
-                "--not-overwrite"]
-        pid, _ = _spawn(stack, ctx, setup, argv, [], outlive=False)
-        code = await _wait(pid, SETUP_TIMEOUT)
-        if code is None:
-            runtime.kill_process(pid, None)
-        if code != 0:
-            raise LaunchError(
-                f"domain '{ctx.domain.name}': swtpm_setup failed "
-                f"({'timed out' if code is None else f'exit status {code}'}); its log "
-                f"{log_path(ctx.instance, ctx.domain)}: {_log_tail(ctx)}")
+        if not ctx.instance.privileged:  # the user's local CA (libvirt does the same)
+            os.makedirs(_config_home(), mode=0o700, exist_ok=True)
+            await _setup(stack, ctx, setup, [setup.executable, "--create-config-files",
+                                             "skip-if-exist"])
+        tpm2 = ["--tpm2"] if version == "2.0" else []
+        await _setup(stack, ctx, setup, [
+            setup.executable, *tpm2, "--tpm-state", str(state),
+            "--vmid", f"{ctx.domain.name}:{ctx.domain.uuid}", "--createek", "--create-ek-cert",
+            "--create-platform-cert", "--lock-nvram", "--not-overwrite"])
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         argv = [run.executable, "socket", *(["--tpm2"] if version == "2.0" else []),

@@ -275,5 +275,9 @@ def remove_state(instance: Instance, domain: Domain) -> bool:
     root = storage_root(instance, domain)
     if not root.exists():
         return False
-    shutil.rmtree(root)
+    try:
+        shutil.rmtree(root)
+    except OSError as exc:
+        raise LaunchError(f"domain '{domain.name}': removing its TPM state {root} failed: "
+                          f"{exc.strerror or exc}") from None
     return True

@@ -198,12 +198,21 @@ def test_state_is_reused_by_the_next_start(env: TpmEnv) -> None:
     assert not (env.embed.root / "run" / "qemu" / f"{NAME}.journal").exists()
 
 
-def test_undefine_removes_the_tpm_state_unless_keep_tpm(env: TpmEnv) -> None:
+def test_daemon_start_and_undefine_with_and_without_keep_tpm(env: TpmEnv) -> None:
     d = Daemon(env.embed)
     d.start()
     try:
         d.cli("define", str(env.xml))
-        d.cli("undefine", "--keep-tpm", NAME)
+        d.cli("start", "--paused", NAME)  # the daemon's swtpm outlives no one: QEMU's peer
+        assert _qmp(env, "query-tpm")[0]["model"] == "tpm-crb"  # type: ignore[index]
+        pid, start = env.swtpm()
+        assert proc_status(pid)["Uid"].split()[0] == str(pwd.getpwnam("tss").pw_uid)
+        d.cli("undefine", "--keep-tpm", NAME)  # running: becomes transient, state kept
+        d.cli("destroy", NAME)
+        assert _gone(pid, start), "destroy did not stop swtpm"
+        deadline = time.monotonic() + 30
+        while NAME in d.cli("list", "--all").stdout and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert env.state_file.exists(), "--keep-tpm must keep the TPM state"
         d.cli("define", str(env.xml))
         out = d.cli("undefine", NAME).stdout

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from vmconfine.plugin.stack import Stack
 
 SETUP_TIMEOUT = 60.0
+#: the programs a TPM emulator needs (Debian's swtpm and swtpm-tools)
+PROGRAMS = ("swtpm", "swtpm_setup")
 #: the state file swtpm writes (its presence means swtpm_setup already ran)
 STATE_FILES = {"2.0": "tpm2-00.permall", "1.2": "tpm-00.permall"}
 #: where Debian's swtpm-tools keeps the local CA that signs the EK certificates

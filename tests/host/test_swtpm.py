@@ -2,7 +2,7 @@
 QEMU, confined by the landlock + dac + cgroups (+ namespaces) stack.
 
 One domain is started once and shared: QMP ``query-tpm``, swtpm's ids, capabilities,
-no_new_privs and cgroup from /proc, then a kill -9 of vmconfine (no swtpm left), a restart
+no_new_privs and cgroup from /proc, a compromised QEMU denied the TPM state, then a kill -9 of vmconfine (no swtpm left), a restart
 that reuses the state (swtpm_setup does not run again, the EK in the state file stays), the
 daemon's ``undefine --keep-tpm`` / ``undefine``. Also: swtpm missing from PATH is one line and
 changes nothing, the helper's Landlock ruleset really denies another domain's state (with a
@@ -161,6 +161,27 @@ def test_swtpm_runs_confined(env: TpmEnv, running: subprocess.Popen[str]) -> Non
     assert env.storage.stat().st_uid == 0
     # the control channel is a socket pair: no socket file anywhere for another QEMU
     assert not list(env.embed.root.rglob("*swtpm*.sock"))
+
+
+def _blockdev_add(env: TpmEnv, node: str, path: Path) -> str:
+    """A compromised QEMU opening ``path`` (QMP blockdev-add): "" or QEMU's error."""
+    cmd = {"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": node,
+                                                     "filename": str(path), "read-only": True}}
+    out = env.embed.cli("qemu-monitor-command", NAME, json.dumps(cmd)).stdout
+    reply = json.loads(out)
+    return reply["error"]["desc"] if "error" in reply else ""
+
+
+def test_compromised_qemu_cannot_read_the_tpm_state(env: TpmEnv,
+                                                    running: subprocess.Popen[str]) -> None:
+    """QEMU holds only its end of the channel: the TPM's state (its keys) stays out of its
+    reach. Control: the same QMP open of a file in QEMU's own HOME succeeds."""
+    home = env.embed.root / "lib" / "qemu" / f"domain-{NAME}" / "control.img"
+    home.write_bytes(b"\0" * 512)
+    os.chown(home, pwd.getpwnam("vmconfine-qemu").pw_uid, -1)
+    assert _blockdev_add(env, "control0", home) == ""
+    denied = _blockdev_add(env, "stolen0", env.state_file)
+    assert "Permission denied" in denied, denied
 
 
 def test_kill9_of_vmconfine_leaves_no_swtpm(env: TpmEnv,

@@ -2,11 +2,12 @@
 QEMU, confined by the landlock + dac + cgroups (+ namespaces) stack.
 
 One domain is started once and shared: QMP ``query-tpm``, swtpm's ids, capabilities,
-no_new_privs and cgroup from /proc, a compromised QEMU denied the TPM state, then a kill -9 of vmconfine (no swtpm left), a restart
-that reuses the state (swtpm_setup does not run again, the EK in the state file stays), the
-daemon's ``undefine --keep-tpm`` / ``undefine``. Also: swtpm missing from PATH is one line and
-changes nothing, the helper's Landlock ruleset really denies another domain's state (with a
-control), and the TPM options are libvirt's ``domxml-to-native``'s.
+no_new_privs and cgroup from /proc, a compromised QEMU denied the TPM state, then a kill -9 of
+vmconfine (no swtpm left; also between swtpm's start and QEMU's fork), a restart that reuses
+the state (swtpm_setup does not run again, the EK in the state file stays), the daemon's
+``start``, ``undefine --keep-tpm`` and ``undefine``. Also: swtpm missing from PATH is one line
+and changes nothing, the helper's Landlock ruleset really denies another domain's state (with
+a control), and the TPM options are libvirt's ``domxml-to-native``'s.
 """
 
 from __future__ import annotations
@@ -196,6 +197,24 @@ def test_kill9_of_vmconfine_leaves_no_swtpm(env: TpmEnv,
     env.embed.cli("list", check=True)  # the next command finishes the teardown
     assert not (env.embed.root / "run" / "qemu" / f"{NAME}.journal").exists()
     assert env.state_file.exists(), "the TPM state must survive a crash"
+
+
+def test_kill9_between_swtpm_and_qemu_leaves_no_swtpm(env: TpmEnv) -> None:
+    """vmconfine killed after swtpm started and before QEMU was forked: swtpm dies with it
+    (parent-death signal), and the next command finishes the teardown from the journal."""
+    name = "tpm-window"
+    xml = env.vm_dir.path / "window.xml"
+    xml.write_text(XML.format(name=name, uuid=str(uuidlib.uuid4()), model="tpm-tis"))
+    proc = env.embed.start(xml, "--paused", env={**os.environ, "VMCONFINE_PAUSE_AT": "helpers"},
+                           wait_for="paused at helpers")
+    journal = Journal(env.embed.root / "run" / "qemu" / f"{name}.journal")
+    rec = [r for r in journal.records("pipeline", "helper-forked") if r["name"] == "swtpm"][-1]
+    assert same_process(int(rec["pid"]), rec["starttime"])
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _gone(int(rec["pid"]), rec["starttime"]), "swtpm outlived vmconfine"
+    env.embed.cli("list", check=True)
+    assert not journal.path.exists()
 
 
 def test_state_is_reused_by_the_next_start(env: TpmEnv) -> None:

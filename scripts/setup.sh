@@ -17,6 +17,7 @@ APT_PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the peer: tests and benchmarks
   libvirt0                              # domain.rng, the schema of --validate
   util-linux                            # setpriv, losetup
+  swtpm swtpm-tools                     # <tpm><backend type='emulator'>: swtpm, swtpm_setup
   openssh-client openssh-server openssl # remote URIs: ssh transport, its test sshd, TLS test PKI
   ca-certificates
 )

@@ -532,6 +532,8 @@ class Tpm:
     backend: str | None
     device_path: str | None = None
     element: etree._Element | None = field(default=None, repr=False, compare=False)
+    #: the emulator's TPM version (``<backend version=...>``): "2.0" or "1.2"
+    version: str | None = None
 
 
 @dataclass
@@ -613,7 +615,7 @@ def _parse_misc(ctx: ParseContext, el: etree._Element, out: Devices) -> None:
         be = child(el, "backend")
         out.tpms.append(Tpm(model=el.get("model"), backend=attr(be, "type"), element=el,
                             device_path=attr(child(be, "device"), "path")
-                            if be is not None else None))
+                            if be is not None else None, version=attr(be, "version")))
     elif tag == "rng":
         be = child(el, "backend")
         text = "".join(be.itertext()).strip() if be is not None else ""

@@ -107,6 +107,8 @@ _DEVICES = E("", {
     "memballoon": E("model"),
     "rng": E("model", {"backend": E("model")}),
     "watchdog": E("model action"),
+    "tpm": E("model", {"backend": E("type version", values={"type": "emulator"})},
+             values={"model": "tpm-tis tpm-crb"}),
 })
 
 #: Everything vmconfine implements, as a tree under ``<domain>``.

@@ -52,7 +52,7 @@ from vmconfine.config.hugepages import hugepage_dir
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.domain.chardev import fill_channel_paths
 from vmconfine.errors import LaunchError, VmconfineError
-from vmconfine.launch import checks, child, preopen, runtime
+from vmconfine.launch import checks, child, preopen, runtime, swtpm
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 STEPS = ("begin", "labels", "preflight", "sockets", "set-labels", "forked", "qmp", "verified",
          "running")
+#: a step only domains with a helper process reach (swtpm started, QEMU not yet forked)
+HELPER_STEP = "helpers"
 PAUSE_ENV = "VMCONFINE_PAUSE_AT"
 
 #: ``diagnose(ctx, log_tail) -> "; why"``: explains a start failure from QEMU's log (which
@@ -202,6 +204,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         checkpoint("labels")
         command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
         checks.check_emulator(command.emulator)
+        swtpm.check(stack, ctx)
         ctx.command = command
         ctx.state["pipeline"] = {}
         # 3. prepare host
@@ -212,10 +215,13 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         checkpoint("sockets")
         try:
             stack.set("set_all_labels", ctx)
+            checkpoint("set-labels")
+            # external devices before QEMU, as qemuExtDevicesStart: the TPM emulator
+            await swtpm.start(stack, ctx, preopened.fds, outlive=outlive)
         except BaseException:
             preopened.close()
             raise
-        checkpoint("set-labels")
+        checkpoint(HELPER_STEP)
         # 4. launch
         log_path = inst.log_path(domain.name)
         try:
@@ -223,6 +229,8 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         except BaseException:
             preopened.close()
             raise
+        # swtpm ends (--terminate) when QEMU, the only other holder, closes the channel
+        preopened.discard(swtpm.TPM_CHARDEV)
         # the parent keeps its copies until teardown: a QEMU that dies during start-up then
         # leaves the monitor listening, so the handshake waits instead of being reset
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
@@ -421,7 +429,8 @@ def core_checks(pid: int) -> list[str]:
 
 def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True) -> list[str]:
     """Undo everything the journal lists; return the problems (the journal is kept if any)."""
-    errors = stack.restore("restore_all_labels", ctx)
+    errors = swtpm.stop_helpers(stack, ctx)  # after QEMU, before the labels they share
+    errors += stack.restore("restore_all_labels", ctx)
     if labels_generated:
         errors += stack.release_labels(ctx)
     errors += preopen.remove_sockets(ctx.journal.records("pipeline", "socket"),

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vmconfine.errors import LaunchError
-from vmconfine.qemu.fdpass import FDSET, PassedFd
+from vmconfine.qemu.fdpass import FDSET, LISTEN, QMP, PassedFd
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -73,6 +73,13 @@ class PreOpened:
         self.fds.clear()
         self.sockets.clear()
 
+    def discard(self, name: str) -> None:
+        """Close the descriptor ``name`` (one that is not a listening socket) now."""
+        fd = self.fds.pop(name, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def take(self, name: str) -> socket.socket | None:
         """Hand the socket ``name`` over to the caller (the VNC socket, sent over QMP)."""
         for s in self.sockets:
@@ -90,7 +97,7 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
     is journaled, so teardown removes it."""
     _make_generated_dirs(ctx)
     out = open_passed(ctx.journal, [p for p in command.passed if p.kind == FDSET])
-    sockets = [p for p in command.passed if p.kind != FDSET]
+    sockets = [p for p in command.passed if p.kind in (LISTEN, QMP)]
     if not sockets:
         return out
     try:

@@ -34,6 +34,7 @@ from vmconfine.qemu.argv_devices import (
     add_interfaces,
     add_memballoon,
     add_rngs,
+    add_tpms,
     element_boot_order,
     to_json,
 )
@@ -407,8 +408,10 @@ def video_models(domain: Domain) -> list[str]:
 
 def _check_unsupported(domain: Domain) -> None:
     """Refuse devices vmconfine cannot start (better than silently leaving them out)."""
-    if domain.tpms:
-        raise UnsupportedConfigError("<tpm> devices are not supported; remove the <tpm>")
+    if any(t.backend != "emulator" for t in domain.tpms):
+        raise UnsupportedConfigError(
+            "<tpm> with a passthrough backend is not supported; use <backend type='emulator'>"
+        )
     if domain.filesystems:
         raise UnsupportedConfigError(
             "<filesystem> shares are not supported; remove the <filesystem> or use a disk"
@@ -482,6 +485,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_graphics(b, paths.runtime_dir)
     add_hostdevs(b)
     add_rngs(b)
+    add_tpms(b, paths.runtime_dir)
     add_watchdogs(b)
     add_memballoon(b)
 

@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.domain.chain import BACKING_FORMATS, qemu_format, resolve_chain
 from vmconfine.domain.chardev import log_passed, passed_kind, virtio_serial_ports
 from vmconfine.errors import XMLError
-from vmconfine.qemu.fdpass import FDSET, LISTEN, Part, PassedFd, escape_opt, render
+from vmconfine.qemu.fdpass import CONNECTED, FDSET, LISTEN, Part, PassedFd, escape_opt, render
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
-    from vmconfine.domain.devices import Chardev, Disk, StorageSource
+    from vmconfine.domain.devices import Chardev, Disk, StorageSource, Tpm
 
 
 class UnsupportedConfigError(XMLError):
@@ -668,6 +668,55 @@ def add_rngs(b: Builder) -> None:
         b.add("-object", to_json({"qom-type": "rng-random", "id": f"objrng{i}",
                                   "filename": path}))
         b.device({"driver": "virtio-rng-pci", "rng": f"objrng{i}", "id": f"rng{i}"})
+
+
+TPM_MODELS = ("tpm-tis", "tpm-crb")
+TPM_VERSIONS = ("2.0", "1.2")
+#: the TPM emulator's control channel: QEMU gets one end of a socket pair, swtpm the other
+TPM_CHARDEV = "chrtpm"
+
+
+def tpm_version(tpm: Tpm) -> str:
+    """The emulated TPM's version (libvirt's default for an emulator: 2.0)."""
+    return tpm.version or "2.0"
+
+
+def check_tpm(domain: Domain) -> Tpm | None:
+    """The domain's emulated TPM (at most one), validated as libvirt validates it."""
+    if not domain.tpms:
+        return None
+    if len(domain.tpms) > 1:
+        raise UnsupportedConfigError("only one <tpm> device is supported; remove the others")
+    tpm = domain.tpms[0]
+    model = tpm.model or "tpm-tis"
+    if model not in TPM_MODELS:
+        raise UnsupportedConfigError(f"<tpm model='{model}'> is not supported; use one of "
+                                     f"{', '.join(TPM_MODELS)}")
+    version = tpm_version(tpm)
+    if version not in TPM_VERSIONS:
+        raise UnsupportedConfigError(f"<backend version='{version}'> of the TPM emulator is "
+                                     f"not supported; use '2.0' or '1.2'")
+    if model == "tpm-crb" and version == "1.2":
+        raise UnsupportedConfigError("TPM 1.2 is not supported with the CRB interface; use "
+                                     "model='tpm-tis' or version='2.0'")
+    return tpm
+
+
+def tpm_socket_path(runtime_dir: str) -> str:
+    """Where a swtpm started by hand would listen (what ``domxml-to-native`` shows)."""
+    return os.path.join(runtime_dir, "swtpm.sock")
+
+
+def add_tpms(b: Builder, runtime_dir: str) -> None:
+    """The emulated TPM as libvirt writes it: ``-chardev socket,id=chrtpm`` (here one end of a
+    socket pair whose other end swtpm holds), ``-tpmdev emulator`` and the TIS/CRB device."""
+    tpm = check_tpm(b.domain)
+    if tpm is None:
+        return
+    b.add_passed("-chardev", (f"socket,id={TPM_CHARDEV},",
+                              PassedFd(CONNECTED, tpm_socket_path(runtime_dir), TPM_CHARDEV)))
+    b.add("-tpmdev", f"emulator,id=tpm-tpm0,chardev={TPM_CHARDEV}")
+    b.device({"driver": tpm.model or "tpm-tis", "tpmdev": "tpm-tpm0", "id": "tpm0"})
 
 
 def add_memballoon(b: Builder) -> None:

@@ -28,6 +28,10 @@ LISTEN = "listen"
 FDSET = "fdset"
 #: a listening socket handed to QEMU over QMP (``getfd``) after the handshake: VNC
 QMP = "qmp"
+#: one end of a connected socket pair whose other end a helper process holds (the TPM
+#: emulator's control channel): ``fd=N``; symbolically the socket path a helper would listen
+#: on (libvirt's)
+CONNECTED = "connected"
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ def escape_opt(value: str) -> str:
 
 
 def symbolic_part(p: PassedFd) -> str:
-    if p.kind == LISTEN:
+    if p.kind in (LISTEN, CONNECTED):
         return f"path={escape_opt(p.path)}"
     if p.kind == QMP:
         return f"unix:{escape_opt(p.path)}"
@@ -75,7 +79,7 @@ def render(parts: Sequence[Part], fds: Mapping[str, int] | None,
             out.append(p)
         elif fds is None:
             out.append(symbolic_part(p))
-        elif p.kind == LISTEN:
+        elif p.kind in (LISTEN, CONNECTED):
             out.append(f"fd={int(fds[p.name])}")
         elif p.kind == FDSET:
             out.append(f"/dev/fdset/{fdsets[p.name]}")

@@ -14,10 +14,13 @@ the stack's ``qemu_identity`` hook).
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import VmconfineError
+from vmconfine.launch import swtpm
 from vmconfine.perms import QemuIds, R, W, denial, describe_mode, has_acl
 from vmconfine.plugin.stack import Driver, Stack, load_driver
 from vmconfine.qemu.capabilities import find_emulators
@@ -129,6 +132,25 @@ def check_emulators(conn: Connection) -> Check:
     return _ok("QEMU emulators", ", ".join(p for p, _arch in found))
 
 
+def check_swtpm(conn: Connection) -> Check:
+    """The TPM emulator's programs (only ``<tpm><backend type='emulator'>`` needs them) and,
+    in a privileged instance, the account they run as (qemu.conf ``swtpm_user``)."""
+    name = "TPM emulator (swtpm)"
+    missing = [p for p in swtpm.PROGRAMS if shutil.which(p) is None]
+    if missing:
+        return Check("WARN", name, f"{', '.join(missing)} not found in PATH: domains with "
+                     "<tpm><backend type='emulator'> cannot start",
+                     "apt-get install swtpm swtpm-tools")
+    user = conn.instance.config.swtpm_user
+    if conn.instance.privileged and not user.startswith("+"):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            return Check("WARN", name, f"qemu.conf swtpm_user '{user}' does not exist",
+                         "apt-get install swtpm-tools (creates tss), or set swtpm_user")
+    return _ok(name, ", ".join(shutil.which(p) or p for p in swtpm.PROGRAMS))
+
+
 def check_directories(conn: Connection, ids: QemuIds | None) -> list[Check]:
     inst = conn.instance
     if ids is None:
@@ -198,7 +220,7 @@ def host_validate(conn: Connection, image_dirs: list[str] | None = None) -> list
     inst = conn.instance
     dirs = [str(inst.run_dir), str(inst.lib_dir), *(image_dirs or [])]
     drivers = [load_driver(conn.host, info) for info in conn.host.registry.infos()]
-    checks = [check_kvm(ids), check_emulators(conn)]
+    checks = [check_kvm(ids), check_emulators(conn), check_swtpm(conn)]
     checks += check_driver_hosts(conn, drivers, dirs)
     checks += check_directories(conn, ids)
     checks += check_drivers(conn)

@@ -41,6 +41,7 @@ from vmconfine_landlock import syscalls
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.resources import Resource
     from vmconfine.qemu.emulator import EmulatorFiles
 
@@ -358,6 +359,29 @@ def derive_ruleset(domain: Domain, resources: list[Resource], emulator: Emulator
         scoped=ALL_SCOPES, flags=FLAGS, path_rules=tuple(rules),
         net_rules=tuple(n for n in nrules if n.access), notes=tuple(dict.fromkeys(b.notes)),
     )
+
+
+#: a helper path's access (:class:`vmconfine.plugin.helper.HelperPath`) -> rights, for a file
+#: and for a directory tree
+HELPER_ACCESS = {
+    "r": (RO_FILE, RO_DIR),
+    "rw": (RW_FILE, RW_DIR),
+    "rx": (EXEC_FILE, RO_DIR | {"execute"}),
+}
+
+
+def helper_ruleset(helper: Helper) -> Ruleset:
+    """The ruleset of a helper process (swtpm): exactly the paths it lists (its program,
+    the system trees it reads, its state), no TCP, the same scopes as QEMU."""
+    b = _Builder()
+    for hp in helper.paths:
+        file_access, dir_access = HELPER_ACCESS[hp.access]
+        b.path(hp.path, dir_access if hp.tree else file_access, helper.name, is_dir=hp.tree)
+    rules = tuple(replace(r, access=r.access if r.is_dir else r.access &
+                          syscalls.FILE_ONLY_ACCESS)
+                  for r in sorted(b.paths.values(), key=lambda r: r.path))
+    return Ruleset(abi=syscalls.MAX_KNOWN_ABI, handled_fs=ALL_FS, handled_net=ALL_NET,
+                   scoped=ALL_SCOPES, flags=FLAGS, path_rules=rules)
 
 
 # --------------------------------------------------------------------------------------------

@@ -362,7 +362,11 @@ def _modified(case: str, old: str, new: str) -> str:
         ("input-usb", "model='qemu-xhci'", "model='none'", "needs a USB controller"),
         ("firmware-rom", "<loader type='rom'>", "<loader type='bogus'>", "loader type"),
         ("qemu-pc", "<memballoon model='virtio'/>",
-         "<tpm model='tpm-tis'><backend type='emulator'/></tpm>", "<tpm>"),
+         "<tpm model='tpm-crb'><backend type='emulator' version='1.2'/></tpm>",
+         "TPM 1.2 is not supported with the CRB interface"),
+        ("qemu-pc", "<memballoon model='virtio'/>",
+         "<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/>"
+         "</backend></tpm>", "passthrough backend is not supported"),
         ("vnc-port", "type='vnc'", "type='spice'", "graphics type 'spice'"),
         ("serial-pty", "<target type='serial' port='0'/>", "<target type='sclp'/>",
          "console target type"),

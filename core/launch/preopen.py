@@ -12,6 +12,8 @@ with ``qemu_fd.c``; the command-line side is :mod:`vmconfine.qemu.fdpass`).
 * File chardevs and every chardev ``<log file>`` are opened by vmconfine (``O_WRONLY``, created
   ``0600`` when missing; truncated unless ``append='on'``, as QEMU would) and reach QEMU through
   ``-add-fd`` as ``/dev/fdset/N``. The files keep their owner: QEMU never opens the path.
+* Network interfaces backed by a tap or macvtap: created and opened by
+  :mod:`vmconfine.launch.netdev`; QEMU gets the queue (and vhost-net) descriptors.
 * A stale socket at a socket's path is removed first (libvirt unlinks it too); anything else
   there is refused. A missing directory is refused (vmconfine creates only the directories
   of paths it generated: a virtio channel without a path gets ``<lib_dir>/channel/target/
@@ -37,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vmconfine.errors import LaunchError
-from vmconfine.qemu.fdpass import FDSET, PassedFd
+from vmconfine.launch import netdev
+from vmconfine.qemu.fdpass import FDSET, NETFD, PassedFd
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -90,7 +93,12 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
     is journaled, so teardown removes it."""
     _make_generated_dirs(ctx)
     out = open_passed(ctx.journal, [p for p in command.passed if p.kind == FDSET])
-    sockets = [p for p in command.passed if p.kind != FDSET]
+    sockets = [p for p in command.passed if p.kind not in (FDSET, NETFD)]
+    try:
+        out.fds.update(netdev.open_interfaces(ctx, command.networks))
+    except BaseException:
+        out.close()
+        raise
     if not sockets:
         return out
     try:

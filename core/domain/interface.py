@@ -29,6 +29,7 @@ from vmconfine.domain.xml import (
     ParseContext,
     attr,
     child,
+    children,
     int_attr,
     one_line,
     remove_element,
@@ -192,11 +193,11 @@ def drop_generated_ifnames(root: etree._Element) -> None:
     XML has none, as libvirt's (a new one is made at each start)."""
     for devices in (c for c in root if c.tag == "devices"):
         for iface in (c for c in devices if c.tag == "interface"):
-            tgt = child(iface, "target")
-            if tgt is not None and is_generated_ifname(tgt.get("dev")):
-                del tgt.attrib["dev"]
-                if not tgt.attrib and len(tgt) == 0:
-                    remove_element(tgt)
+            for tgt in children(iface, "target"):
+                if is_generated_ifname(tgt.get("dev")):
+                    del tgt.attrib["dev"]
+                    if not tgt.attrib and len(tgt) == 0:
+                        remove_element(tgt)
             src = child(iface, "source")
             if iface.get("type") == "network" and src is not None:
                 src.attrib.pop("bridge", None)  # the live XML's resolved bridge

@@ -130,7 +130,7 @@ def _kind(link: Any) -> str | None:
 # --------------------------------------------------------------------------- descriptors
 
 
-def _tun_ioctl(fd: int, name: str, flags: int) -> str:
+def tun_ioctl(fd: int, name: str, flags: int) -> str:
     """``TUNSETIFF`` on ``fd``; returns the name the kernel gave."""
     ifr = struct.pack(_IFREQ, name.encode(), flags)
     out = fcntl.ioctl(fd, TUNSETIFF, ifr)
@@ -163,7 +163,7 @@ def open_tap_queues(name: str, plan: NetPlan) -> tuple[list[int], str]:
             fd = _open_tun()
             fds.append(fd)
             try:
-                name = _tun_ioctl(fd, name, flags)
+                name = tun_ioctl(fd, name, flags)
             except OSError as exc:
                 hint = ("vmconfine needs CAP_NET_ADMIN to create taps: use a privileged "
                         "instance" if exc.errno == errno.EPERM else
@@ -212,7 +212,7 @@ def _open_macvtap_queues(ifindex: int, plan: NetPlan) -> list[int]:
                                   "/dev must be devtmpfs (or udev must create it)") from None
             fds.append(fd)
             if not plan.vnet_hdr:  # macvtap starts with IFF_VNET_HDR
-                _tun_ioctl(fd, "", IFF_TAP | IFF_NO_PI | (IFF_MULTI_QUEUE if plan.queues > 1
+                tun_ioctl(fd, "", IFF_TAP | IFF_NO_PI | (IFF_MULTI_QUEUE if plan.queues > 1
                                                           else 0))
     except BaseException:
         for fd in fds:

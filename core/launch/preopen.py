@@ -116,11 +116,14 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
 
 
 def open_passed(journal: Journal, passed: Iterable[PassedFd]) -> PreOpened:
-    """Open ``passed`` (files and listening sockets, no labels): what :func:`open_all` does
-    for one kind; also what a caller that runs QEMU by itself uses (tests, benchmarks)."""
+    """Open ``passed`` (files and listening sockets, no labels; network descriptors are left
+    out): what :func:`open_all` does for one kind; also what a caller that runs QEMU by
+    itself uses (tests, benchmarks)."""
     out = PreOpened()
     try:
         for p in passed:
+            if p.kind == NETFD:
+                continue  # taps and vhost-net: vmconfine.launch.netdev opens them
             if p.kind == FDSET:
                 out.fds[p.name] = open_file(journal, p)
             else:

@@ -40,7 +40,7 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +130,18 @@ def _kind(link: Any) -> str | None:
 # --------------------------------------------------------------------------- descriptors
 
 
+@contextlib.contextmanager
+def _close_on_error(fds: list[int]) -> Iterator[list[int]]:
+    """Close every descriptor in ``fds`` if the block fails (a tap goes with its fds)."""
+    try:
+        yield fds
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+
+
 def tun_ioctl(fd: int, name: str, flags: int) -> str:
     """``TUNSETIFF`` on ``fd``; returns the name the kernel gave."""
     ifr = struct.pack(_IFREQ, name.encode(), flags)
@@ -157,8 +169,7 @@ def open_tap_queues(name: str, plan: NetPlan) -> tuple[list[int], str]:
         flags |= IFF_VNET_HDR
     if plan.queues > 1:
         flags |= IFF_MULTI_QUEUE
-    fds: list[int] = []
-    try:
+    with _close_on_error([]) as fds:
         for _ in range(plan.queues):
             fd = _open_tun()
             fds.append(fd)
@@ -172,17 +183,12 @@ def open_tap_queues(name: str, plan: NetPlan) -> tuple[list[int], str]:
                         (errno.EINVAL, errno.EBUSY) else "check the interface name")
                 raise LaunchError(f"cannot open tap '{name}': {exc.strerror}; {hint}"
                                   ) from None
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
     return fds, name
 
 
 def open_vhost(plan: NetPlan) -> list[int]:
     """``/dev/vhost-net`` once per queue (none when the plan uses no vhost)."""
-    fds: list[int] = []
-    try:
+    with _close_on_error([]) as fds:
         for _ in plan.vhost_names:
             try:
                 fds.append(os.open(VHOST_PATH, os.O_RDWR | os.O_CLOEXEC))
@@ -190,10 +196,6 @@ def open_vhost(plan: NetPlan) -> list[int]:
                 raise LaunchError(f"vhost-net was requested for interface {plan.index}, but "
                                   f"{VHOST_PATH} cannot be opened: {exc.strerror}; load the "
                                   "vhost_net module or use <driver name='qemu'/>") from None
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
     return fds
 
 
@@ -202,8 +204,7 @@ def _open_macvtap_queues(ifindex: int, plan: NetPlan) -> list[int]:
     deadline = time.monotonic() + TAP_NODE_WAIT
     while not os.path.exists(node) and time.monotonic() < deadline:
         time.sleep(0.02)
-    fds: list[int] = []
-    try:
+    with _close_on_error([]) as fds:
         for _ in range(plan.queues):
             try:
                 fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
@@ -214,10 +215,6 @@ def _open_macvtap_queues(ifindex: int, plan: NetPlan) -> list[int]:
             if not plan.vnet_hdr:  # macvtap starts with IFF_VNET_HDR
                 tun_ioctl(fd, "", IFF_TAP | IFF_NO_PI | (IFF_MULTI_QUEUE if plan.queues > 1
                                                           else 0))
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
     return fds
 
 
@@ -285,7 +282,7 @@ def _tap(ipr: Any, journal: Journal, plan: NetPlan) -> list[int]:
     journal.record(OWN, "netdev", kind="tap", ifname=name, mac=host_mac(plan.mac),
                    netns=netns_id())
     fds, name = open_tap_queues(name, plan)
-    try:
+    with _close_on_error(fds):
         link = _link(ipr, name)
         assert link is not None, name
         index = link["index"]
@@ -296,10 +293,6 @@ def _tap(ipr: Any, journal: Journal, plan: NetPlan) -> list[int]:
         if bridge is not None:
             ipr.link("set", index=index, master=bridge["index"])
         ipr.link("set", index=index, state="up")
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
     _set_live(plan, name)
     return fds
 
@@ -355,22 +348,20 @@ def open_interfaces(ctx: DomainContext, plans: Iterable[NetPlan]) -> dict[str, i
     fds: dict[str, int] = {}
     if not plans:
         return fds
-    try:
-        with _ipr() as ipr:
-            for plan in plans:
-                try:
-                    queues = (_macvtap(ipr, ctx.journal, plan) if plan.iface.type == "direct"
-                              else _tap(ipr, ctx.journal, plan))
-                except pyroute2.NetlinkError as exc:
-                    raise LaunchError(f"interface {plan.index}: netlink: "
-                                      f"{_netlink_error(exc)}") from None
-                fds.update(zip(plan.tap_names, queues, strict=True))
-                fds.update(zip(plan.vhost_names, open_vhost(plan), strict=True))
-    except BaseException:
-        for fd in fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        raise
+    opened: list[int] = []
+    with _close_on_error(opened), _ipr() as ipr:
+        for plan in plans:
+            try:
+                queues = (_macvtap(ipr, ctx.journal, plan) if plan.iface.type == "direct"
+                          else _tap(ipr, ctx.journal, plan))
+            except pyroute2.NetlinkError as exc:
+                raise LaunchError(f"interface {plan.index}: netlink: "
+                                  f"{_netlink_error(exc)}") from None
+            opened += queues
+            vhost = open_vhost(plan)
+            opened += vhost
+            fds.update(zip(plan.tap_names, queues, strict=True))
+            fds.update(zip(plan.vhost_names, vhost, strict=True))
     return fds
 
 

@@ -10,7 +10,8 @@ import pytest
 from vmconfine.config.networks import load_network
 from vmconfine.domain import parse_domain
 from vmconfine.domain.support import unsupported
-from vmconfine.errors import ConfigError, XMLError
+from vmconfine.errors import ConfigError, LaunchError, XMLError
+from vmconfine.launch import netdev as host
 from vmconfine.qemu import netdev
 from vmconfine.qemu.argv import CommandPaths, UnsupportedConfigError, build_command
 
@@ -137,3 +138,15 @@ def test_network_definitions(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             load_network(tmp_path, name)
         assert message in err.value.message and "\n" not in err.value.message
+
+
+def test_tun_missing_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(host, "TUN_PATH", str(tmp_path / "tun"))
+    domain = parse_domain(domain_xml("<interface type='bridge'><source bridge='br0'/>"
+                                     "</interface>"))
+    plan = netdev.plan_interface(domain, 0, domain.interfaces[0], "rtl8139")
+    with pytest.raises(LaunchError) as err:
+        host.open_tap_queues("vnet%d", plan)
+    assert err.value.message == (f"tun is not available: {tmp_path}/tun does not exist; load "
+                                 "the tun module (modprobe tun)")
+    assert host.host_mac("52:54:00:0a:0b:0c") == "fe:54:00:0a:0b:0c"

@@ -261,9 +261,20 @@ def _made(journal: Journal, kind: str, ifname: str, ifindex: int, mac: str) -> N
                  netns=netns_id())
 
 
-def _tap(ipr: Any, journal: Journal, plan: NetPlan) -> list[int]:
+def _check(ipr: Any, plan: NetPlan) -> Any | None:
+    """What must exist before anything is made (changes nothing): the bridge, the macvtap's
+    lower device, an unmanaged tap; a free ``<target dev>`` name. Returns the bridge (tap
+    types) or the lower device (``direct``)."""
     iface = plan.iface
-    bridge = _bridge(ipr, plan) if iface.bridge else None
+    if iface.type == "direct":
+        assert iface.source is not None
+        lower = _link(ipr, iface.source) if valid_ifname(iface.source) else None
+        if lower is None:
+            raise LaunchError(f"source dev '{iface.source}' of <interface type='direct'> does "
+                              "not exist; give an existing host network device")
+        found = lower
+    else:
+        found = _bridge(ipr, plan) if iface.bridge else None
     name = plan.ifname_template
     existing = _link(ipr, name) if iface.target_dev else None
     if iface.type == "ethernet" and not iface.managed:
@@ -271,14 +282,40 @@ def _tap(ipr: Any, journal: Journal, plan: NetPlan) -> list[int]:
             raise LaunchError(f"tap '{name}' does not exist (managed='no' uses an existing "
                               f"tap as it is); create it (ip tuntap add {name} mode tap) or "
                               "remove managed='no'")
+    elif existing is not None:
+        raise LaunchError(f"interface '{name}' already exists; give <target dev> a free name, "
+                          "or, for an existing tap, use <interface type='ethernet'> with "
+                          "<target dev='NAME' managed='no'/>")
+    return found
+
+
+def check_devices(plans: Iterable[NetPlan]) -> None:
+    """The checks a start makes before it creates network devices (for the confinement
+    report: it finds what ``run`` would stop at); raises ``LaunchError``."""
+    plans = [p for p in plans if p.iface.tap]
+    if not plans:
+        return
+    if any(p.iface.type != "direct" for p in plans) and not os.path.exists(TUN_PATH):
+        raise LaunchError(f"tun is not available: {TUN_PATH} does not exist; load the tun "
+                          "module (modprobe tun)")
+    with _ipr() as ipr:
+        for plan in plans:
+            try:
+                _check(ipr, plan)
+            except pyroute2.NetlinkError as exc:
+                raise LaunchError(f"interface {plan.index}: netlink: "
+                                  f"{_netlink_error(exc)}") from None
+
+
+def _tap(ipr: Any, journal: Journal, plan: NetPlan) -> list[int]:
+    iface = plan.iface
+    bridge = _check(ipr, plan)
+    name = plan.ifname_template
+    if iface.type == "ethernet" and not iface.managed:
         fds, _ = open_tap_queues(name, plan)
         journal.note(OWN, "netdev-opened", ifname=name)
         _set_live(plan, name)
         return fds
-    if existing is not None:
-        raise LaunchError(f"interface '{name}' already exists; give <target dev> a free name, "
-                          "or, for an existing tap, use <interface type='ethernet'> with "
-                          "<target dev='NAME' managed='no'/>")
     journal.record(OWN, "netdev", kind="tap", ifname=name, mac=host_mac(plan.mac),
                    netns=netns_id())
     fds, name = open_tap_queues(name, plan)
@@ -307,11 +344,7 @@ def _free_macvtap_name(ipr: Any) -> str:
 
 def _macvtap(ipr: Any, journal: Journal, plan: NetPlan) -> list[int]:
     iface = plan.iface
-    assert iface.source is not None
-    lower = _link(ipr, iface.source) if valid_ifname(iface.source) else None
-    if lower is None:
-        raise LaunchError(f"source dev '{iface.source}' of <interface type='direct'> does not "
-                          "exist; give an existing host network device")
+    lower = _check(ipr, plan)
     for _attempt in range(8):
         name = iface.target_dev or _free_macvtap_name(ipr)
         journal.record(OWN, "netdev", kind="macvtap", ifname=name, mac=plan.mac,

@@ -8,7 +8,8 @@ the namespace (``ip netns exec``), real QEMU confined by landlock + dac + namesp
 * QEMU holds the taps as descriptors (``/dev/net/tun`` in /proc/PID/fd), has no
   capabilities, and a compromised QEMU cannot open a tap of its own (``netdev_add``);
 * teardown leaves no tap; kill -9 of vmconfine with a tap and a macvtap link made (before QEMU
-  runs, and while it runs) leaves none after the next command.
+  runs, and while it runs) leaves none after the next command, and the admin's own tap
+  (``managed='no'``) is used as it is and never removed.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def ns() -> Iterator[str]:
         with NetNS(name) as ipr:
             ipr.link("add", ifname="br0", kind="bridge")
             ipr.link("add", ifname="v0", kind="veth", peer="v1")
-            for dev in ("lo", "br0", "v0", "v1"):
+            ipr.link("add", ifname="tapx", kind="tuntap", mode="tap")  # persistent, the admin's
+            for dev in ("lo", "br0", "v0", "v1", "tapx"):
                 ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], state="up")
         yield name
     finally:
@@ -144,7 +146,7 @@ def test_two_guests_on_a_bridge(net_embed: Embed, vm_dir: VmDir, ns: str) -> Non
         sniff.close()
 
     now = links(ns)
-    taps = {v["mac"]: (k, v) for k, v in now.items() if v["kind"] == "tun"}
+    taps = {v["mac"]: (k, v) for k, v in now.items() if v["kind"] == "tun" and k != "tapx"}
     assert set(taps) == {"fe:54:00:0a:00:01", "fe:54:00:0b:00:01"}  # host side: fe:...
     bridge = now["br0"]["index"]
     assert all(v["master"] == bridge for _, v in taps.values())
@@ -169,7 +171,7 @@ def test_two_guests_on_a_bridge(net_embed: Embed, vm_dir: VmDir, ns: str) -> Non
     for name, run in (("na", run_a), ("nb", run_b)):
         e.cli("destroy", name, check=True)
         assert run.wait(timeout=60) == 0
-    assert [k for k, v in links(ns).items() if v["kind"] in ("tun", "macvtap")] == []
+    assert [k for k, v in links(ns).items() if v["kind"] in ("tun", "macvtap")] == ["tapx"]
 
 
 @pytest.mark.parametrize("step", ["sockets", "running"])
@@ -178,14 +180,18 @@ def test_kill_9_leaves_no_network_device(net_embed: Embed, vm_dir: VmDir, ns: st
     e = net_embed
     xml = interface(vm_dir.domain_xml(f"nk{step[0]}"), (
         f"<interface type='direct'><source dev='v0' mode='bridge'/><mac address='{MAC_C}'/>"
-        "</interface><interface type='bridge'><source bridge='br0'/></interface>"))
+        "</interface><interface type='bridge'><source bridge='br0'/></interface>"
+        "<interface type='ethernet'><target dev='tapx' managed='no'/></interface>"))
+    tapx = links(ns)["tapx"]
     if step == "running":
         run = e.start(xml)
-        assert len(tun_fds(qemu_pid(e, xml.stem))) == 2  # the tap and /dev/tapN
+        fds = tun_fds(qemu_pid(e, xml.stem))  # the new tap, tapx and /dev/tapN
+        assert fds[:2] == ["/dev/net/tun"] * 2 and fds[2].startswith("/dev/tap"), fds
     else:
         run = e.start(xml, env={**os.environ, "VMCONFINE_PAUSE_AT": step},
                       wait_for=f"paused at {step}")
-    made = {k: v for k, v in links(ns).items() if v["kind"] in ("tun", "macvtap")}
+    made = {k: v for k, v in links(ns).items() if v["kind"] in ("tun", "macvtap")
+            and k != "tapx"}
     assert sorted(v["kind"] for v in made.values()) == ["macvtap", "tun"]
     macvtap = next(k for k, v in made.items() if v["kind"] == "macvtap")
     assert made[macvtap]["mac"] == MAC_C
@@ -193,7 +199,9 @@ def test_kill_9_leaves_no_network_device(net_embed: Embed, vm_dir: VmDir, ns: st
     run.wait(timeout=30)
     assert macvtap in links(ns)  # a macvtap link outlives its descriptors
     e.cli("list", check=True)  # the next command finishes the teardown
-    assert [k for k, v in links(ns).items() if v["kind"] in ("tun", "macvtap")] == []
+    left = links(ns)
+    assert [k for k, v in left.items() if v["kind"] in ("tun", "macvtap")] == ["tapx"]
+    assert left["tapx"] == tapx  # the admin's tap: opened as it is, never changed or removed
     assert not (e.root / "run" / "qemu" / f"{xml.stem}.journal").exists()
 
 
@@ -220,5 +228,5 @@ def test_missing_host_device_is_one_line(net_embed: Embed, vm_dir: VmDir, ns: st
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
-    assert [k for k, v in links(ns).items() if v["kind"] in ("tun", "macvtap")] == []
+    assert [k for k, v in links(ns).items() if v["kind"] in ("tun", "macvtap")] == ["tapx"]
     assert not (net_embed.root / "run" / "qemu" / "ne.journal").exists()

@@ -14,6 +14,7 @@ from vmconfine.errors import ConfigError, LaunchError, XMLError
 from vmconfine.launch import netdev as host
 from vmconfine.qemu import netdev
 from vmconfine.qemu.argv import CommandPaths, UnsupportedConfigError, build_command
+from vmconfine.report.validate import check_network
 
 PATHS = CommandPaths(monitor_socket="/run/m.sock", home_dir="/var/lib/h", runtime_dir="/run/r",
                      user="qemu")
@@ -150,3 +151,14 @@ def test_tun_missing_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert err.value.message == (f"tun is not available: {tmp_path}/tun does not exist; load "
                                  "the tun module (modprobe tun)")
     assert host.host_mac("52:54:00:0a:0b:0c") == "fe:54:00:0a:0b:0c"
+
+
+def test_host_validate_network_lines(tmp_path: Path) -> None:
+    (tmp_path / "tun").touch()
+    tun, vhost = str(tmp_path / "tun"), str(tmp_path / "vhost-net")
+    ok, slow = check_network(True, tun=tun, vhost=vhost)
+    assert (ok.status, slow.status) == ("PASS", "WARN") and "vhost_net" in slow.fix
+    assert check_network(False, tun=tun, vhost=vhost)[0].status == "WARN"
+    missing = check_network(True, tun=str(tmp_path / "none"), vhost=vhost)[0]
+    assert missing.status == "WARN" and "modprobe tun" in missing.fix
+    assert check_network(True, tun=tun, vhost=vhost, netlink=False)[0].status == "FAIL"

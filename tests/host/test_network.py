@@ -187,6 +187,8 @@ def test_kill_9_leaves_no_network_device(net_embed: Embed, vm_dir: VmDir, ns: st
         run = e.start(xml)
         fds = tun_fds(qemu_pid(e, xml.stem))  # the new tap, tapx and /dev/tapN
         assert fds[:2] == ["/dev/net/tun"] * 2 and fds[2].startswith("/dev/tap"), fds
+        live = e.cli("dumpxml", xml.stem, check=True).stdout  # generated MACs shown too
+        assert live.count("<mac address=") == 3 and '<target dev="tapx"' in live
     else:
         run = e.start(xml, env={**os.environ, "VMCONFINE_PAUSE_AT": step},
                       wait_for=f"paused at {step}")

@@ -75,7 +75,6 @@ except ImportError:  # reported when a network device is needed
 
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
-TUNGETIFF = 0x800454D2
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000

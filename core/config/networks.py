@@ -12,12 +12,15 @@ naming it: never a silent fall back to user-mode networking.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmconfine.domain.xml import child, one_line, safe_tree
 from vmconfine.errors import ConfigError
+from vmconfine.inputs import MAX_INPUT
 
 if TYPE_CHECKING:
     from vmconfine.config.instance import Instance
@@ -45,8 +48,8 @@ def load_network(directory: Path, name: str) -> Network:
     it is not defined or has no bridge."""
     _check_name(name)
     path = directory / f"{name}.xml"
-    try:
-        data = path.read_bytes()
+    try:  # O_NONBLOCK: a FIFO there must not hang the start
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigError(
             f"network '{one_line(name, 80)}' is not defined: there is no {path}; define it "
@@ -54,6 +57,12 @@ def load_network(directory: Path, name: str) -> Network:
             "type='bridge'><source bridge='BRIDGE'/>") from None
     except OSError as exc:
         raise ConfigError(f"cannot read network definition {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConfigError(f"network definition {path} is not a regular file")
+        data = f.read(MAX_INPUT + 1)
+    if len(data) > MAX_INPUT:
+        raise ConfigError(f"network definition {path} is larger than 10 MiB")
     root = safe_tree(data, str(path)).getroot()
     if root.tag != "network":
         raise ConfigError(f"{path}: not a network definition (root element <{root.tag}>, "

@@ -3,6 +3,7 @@ changes: the host side is tested in tests/host/test_network.py)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -129,12 +130,14 @@ def test_network_definitions(tmp_path: Path) -> None:
     (tmp_path / "lan.xml").write_text("<network><name>lan</name><bridge name='br7'/></network>")
     (tmp_path / "nat.xml").write_text("<network><name>nat</name><forward mode='nat'/></network>")
     (tmp_path / "other.xml").write_text("<network><name>lan</name><bridge name='b'/></network>")
+    os.mkfifo(tmp_path / "fifo.xml")
     assert load_network(tmp_path, "lan").bridge == "br7"
     for name, message in [
         ("default", f"network 'default' is not defined: there is no {tmp_path}/default.xml"),
         ("nat", "network 'nat' (" + str(tmp_path / "nat.xml") + ") has no <bridge name="),
         ("other", "defines network 'lan', not 'other'"),
         ("../x", "network name '../x' is not valid"),
+        ("fifo", f"network definition {tmp_path}/fifo.xml is not a regular file"),
     ]:
         with pytest.raises(ConfigError) as err:
             load_network(tmp_path, name)

@@ -4,10 +4,13 @@ vmconfine runs no virtual-network daemon. A network is a libvirt network XML fil
 ``NAME.xml`` in the instance's networks directory
 (:attr:`vmconfine.config.instance.Instance.networks_dir`: ``/etc/vmconfine/qemu/networks``
 for ``qemu:///system``, ``ROOT/etc/qemu/networks`` for ``qemu:///embed?root=ROOT``), and
-vmconfine reads one thing from it: ``<bridge name='...'/>``, the existing Linux bridge the
-guest's tap joins (created by the admin, systemd-networkd, ifupdown, or libvirt's own network
-driver for ``virbr0``). An interface that names a network without a definition is an error
-naming it: never a silent fall back to user-mode networking.
+vmconfine reads ``<bridge name='...'/>``, the existing Linux bridge the guest's tap joins
+(created by the admin, systemd-networkd, ifupdown, or libvirt's own network driver for
+``virbr0``), or, for a macvtap network (``<forward mode='bridge|vepa|private|passthrough'>``
+with ``<interface dev='eth0'/>`` and no bridge), the device and mode of the guest's macvtap
+link (the first ``<interface>``, as libvirt when none is in use). An interface that names a
+network without a definition is an error naming it: never a silent fall back to user-mode
+networking.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vmconfine.domain.interface import DIRECT_MODES
 from vmconfine.domain.xml import child, one_line, safe_tree
 from vmconfine.errors import ConfigError
 from vmconfine.inputs import MAX_INPUT
@@ -29,12 +33,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Network:
-    """One network definition: its name, file, bridge and forward mode (informative)."""
+    """One network definition: its name, file, and either the bridge its guests join or,
+    for a macvtap network, the device and mode of their macvtap links."""
 
     name: str
     path: Path
-    bridge: str
+    bridge: str | None
     forward: str | None = None
+    direct_dev: str | None = None
 
 
 def _check_name(name: str) -> None:
@@ -76,15 +82,25 @@ def load_network(directory: Path, name: str) -> Network:
     bridge = bridge_el.get("name") if bridge_el is not None else None
     forward_el = child(root, "forward")
     forward = forward_el.get("mode", "nat") if forward_el is not None else None
-    if not bridge:
-        raise ConfigError(
-            f"network '{one_line(name, 80)}' ({path}) has no <bridge name='...'/>; vmconfine "
-            "attaches guests of a network to its existing Linux bridge only")
-    return Network(name=name, path=path, bridge=bridge, forward=forward)
+    if bridge:
+        return Network(name=name, path=path, bridge=bridge, forward=forward)
+    pool = child(forward_el, "interface") if forward_el is not None else None
+    if forward in DIRECT_MODES and pool is not None and pool.get("dev"):
+        return Network(name=name, path=path, bridge=None, forward=forward,
+                       direct_dev=pool.get("dev"))
+    raise ConfigError(
+        f"network '{one_line(name, 80)}' ({path}) has no <bridge name='...'/> and is no "
+        "macvtap network (<forward mode='bridge|vepa|private|passthrough'><interface "
+        "dev='...'/></forward>); vmconfine connects guests to an existing Linux bridge or "
+        "through macvtap")
 
 
 def resolve_interfaces(instance: Instance, domain: Domain) -> None:
-    """Fill ``bridge`` of every ``type='network'`` interface from its definition."""
+    """Fill in every ``type='network'`` interface from its definition: the bridge, or the
+    macvtap device and mode (libvirt uses the first ``<forward><interface>``)."""
     for iface in domain.interfaces:
         if iface.type == "network" and iface.source is not None:
-            iface.bridge = load_network(instance.networks_dir, iface.source).bridge
+            net = load_network(instance.networks_dir, iface.source)
+            iface.bridge, iface.direct_dev = net.bridge, net.direct_dev
+            if net.direct_dev is not None:
+                iface.source_mode = net.forward

@@ -76,12 +76,20 @@ class Interface:
     queues: int | None = None
     mtu: int | None = None
     bridge: str | None = None
+    #: the macvtap lower device: ``<source dev>`` of ``type='direct'``, or the ``<forward>``
+    #: device of a macvtap network
+    direct_dev: str | None = None
     element: etree._Element | None = field(default=None, repr=False, compare=False)
 
     @property
     def tap(self) -> bool:
         """True when QEMU's back end is a tap (or macvtap) fd vmconfine opens."""
         return self.type in TAP_TYPES or self.type == "direct"
+
+    @property
+    def macvtap(self) -> bool:
+        """True for a macvtap link: ``type='direct'``, or a network that resolved to one."""
+        return self.direct_dev is not None
 
 
 def parse_mac(text: str) -> str | None:
@@ -185,7 +193,7 @@ def parse_interface(ctx: ParseContext, el: etree._Element) -> Interface:
                      script=attr(child(el, "script"), "path"), managed=managed,
                      source_mode=mode, driver_name=driver_name, queues=queues,
                      mtu=_mtu(ctx, el), bridge=source if itype == "bridge" else None,
-                     element=el)
+                     direct_dev=source if itype == "direct" else None, element=el)
 
 
 def drop_generated_ifnames(root: etree._Element) -> None:

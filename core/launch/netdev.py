@@ -251,7 +251,8 @@ def _set_live(plan: NetPlan, ifname: str) -> None:
             el.append(sub)
         sub.set(name, value)
     src = child(el, "source")
-    if plan.iface.type == "network" and src is not None and plan.iface.bridge:
+    if plan.iface.type == "network" and src is not None and plan.iface.bridge and \
+            not plan.iface.macvtap:
         src.set("bridge", plan.iface.bridge)
 
 
@@ -265,12 +266,15 @@ def _check(ipr: Any, plan: NetPlan) -> Any | None:
     lower device, an unmanaged tap; a free ``<target dev>`` name. Returns the bridge (tap
     types) or the lower device (``direct``)."""
     iface = plan.iface
-    if iface.type == "direct":
-        assert iface.source is not None
-        lower = _link(ipr, iface.source) if valid_ifname(iface.source) else None
+    if iface.macvtap:
+        dev = iface.direct_dev
+        assert dev is not None
+        lower = _link(ipr, dev) if valid_ifname(dev) else None
         if lower is None:
-            raise LaunchError(f"source dev '{iface.source}' of <interface type='direct'> does "
-                              "not exist; give an existing host network device")
+            where = (f"network '{iface.source}'" if iface.type == "network"
+                     else "<interface type='direct'>")
+            raise LaunchError(f"source dev '{dev}' of {where} does not exist; give an "
+                              "existing host network device")
         found = lower
     else:
         found = _bridge(ipr, plan) if iface.bridge else None
@@ -294,7 +298,7 @@ def check_devices(plans: Iterable[NetPlan]) -> None:
     plans = [p for p in plans if p.iface.tap]
     if not plans:
         return
-    if any(p.iface.type != "direct" for p in plans) and not os.path.exists(TUN_PATH):
+    if any(not p.iface.macvtap for p in plans) and not os.path.exists(TUN_PATH):
         raise LaunchError(f"tun is not available: {TUN_PATH} does not exist; load the tun "
                           "module (modprobe tun)")
     with _ipr() as ipr:
@@ -355,10 +359,10 @@ def _macvtap(ipr: Any, journal: Journal, plan: NetPlan) -> list[int]:
         except pyroute2.NetlinkError as exc:
             if exc.code == errno.EEXIST and not iface.target_dev:
                 continue  # another start took the name first
-            raise LaunchError(f"cannot create macvtap '{name}' on '{iface.source}': "
+            raise LaunchError(f"cannot create macvtap '{name}' on '{iface.direct_dev}': "
                               f"{_netlink_error(exc)}") from None
     else:
-        raise LaunchError(f"cannot create a macvtap link on '{iface.source}': every name "
+        raise LaunchError(f"cannot create a macvtap link on '{iface.direct_dev}': every name "
                           "tried was taken")
     link = _link(ipr, name)
     assert link is not None, name
@@ -384,7 +388,7 @@ def open_interfaces(ctx: DomainContext, plans: Iterable[NetPlan]) -> dict[str, i
     with _close_on_error(opened), _ipr() as ipr:
         for plan in plans:
             try:
-                queues = (_macvtap(ipr, ctx.journal, plan) if plan.iface.type == "direct"
+                queues = (_macvtap(ipr, ctx.journal, plan) if plan.iface.macvtap
                           else _tap(ipr, ctx.journal, plan))
             except pyroute2.NetlinkError as exc:
                 raise LaunchError(f"interface {plan.index}: netlink: "

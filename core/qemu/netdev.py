@@ -91,7 +91,7 @@ class NetPlan:
         """The name asked of the kernel: the XML's ``<target dev>``, else a template."""
         if self.iface.target_dev:
             return self.iface.target_dev
-        return MACVTAP_TEMPLATE if self.iface.type == "direct" else TAP_TEMPLATE
+        return MACVTAP_TEMPLATE if self.iface.macvtap else TAP_TEMPLATE
 
 
 def plan_interface(domain: Domain, index: int, iface: Interface, model: str) -> NetPlan:
@@ -135,7 +135,7 @@ def netdev_value(plan: NetPlan) -> tuple[str | Alt, ...] | str:
     iface = plan.iface
     if iface.type == "user":
         return f"user,id={plan.netdev_id}"
-    source = "/dev/tap" if iface.type == "direct" else TUN_PATH
+    source = "/dev/tap" if iface.macvtap else TUN_PATH
     fds: list[str | PassedFd] = ["tap,", *_fd_list("fd", plan.tap_names, source)]
     symbolic = (f"tap,id={plan.netdev_id},ifname={escape_opt(plan.ifname_template)},"
                 "script=no,downscript=no")

@@ -8,7 +8,7 @@ the namespace (``ip netns exec``), real QEMU confined by landlock + dac + namesp
 * QEMU holds the taps as descriptors (``/dev/net/tun`` in /proc/PID/fd), has no
   capabilities, and a compromised QEMU cannot open a tap of its own (``netdev_add``);
 * teardown leaves no tap; kill -9 of vmconfine with a tap and a macvtap link made (before QEMU
-  runs, and while it runs) leaves none after the next command, and the admin's own tap
+  runs, through a macvtap network definition, and while it runs, through ``type='direct'``) leaves none after the next command, and the admin's own tap
   (``managed='no'``) is used as it is and never removed.
 """
 
@@ -118,6 +118,8 @@ def net_embed(embed: Embed, ns: str) -> Embed:
     networks.mkdir(parents=True)
     (networks / "lan.xml").write_text("<network><name>lan</name><forward mode='bridge'/>"
                                       "<bridge name='br0'/></network>")
+    (networks / "mv.xml").write_text("<network><name>mv</name><forward mode='bridge'>"
+                                     "<interface dev='v0'/></forward></network>")  # macvtap
     return embed
 
 
@@ -178,8 +180,10 @@ def test_two_guests_on_a_bridge(net_embed: Embed, vm_dir: VmDir, ns: str) -> Non
 def test_kill_9_leaves_no_network_device(net_embed: Embed, vm_dir: VmDir, ns: str,
                                           step: str) -> None:
     e = net_embed
+    first = ("<interface type='direct'><source dev='v0' mode='bridge'/>" if step == "running"
+             else "<interface type='network'><source network='mv'/>")  # a macvtap network
     xml = interface(vm_dir.domain_xml(f"nk{step[0]}"), (
-        f"<interface type='direct'><source dev='v0' mode='bridge'/><mac address='{MAC_C}'/>"
+        f"{first}<mac address='{MAC_C}'/>"
         "</interface><interface type='bridge'><source bridge='br0'/></interface>"
         "<interface type='ethernet'><target dev='tapx' managed='no'/></interface>"))
     tapx = links(ns)["tapx"]
@@ -197,6 +201,9 @@ def test_kill_9_leaves_no_network_device(net_embed: Embed, vm_dir: VmDir, ns: st
     assert sorted(v["kind"] for v in made.values()) == ["macvtap", "tun"]
     macvtap = next(k for k, v in made.items() if v["kind"] == "macvtap")
     assert made[macvtap]["mac"] == MAC_C
+    lower = links(ns)["v0"]["index"]
+    with NetNS(ns) as ipr:
+        assert ipr.get_links(ifname=macvtap)[0].get_attr("IFLA_LINK") == lower
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=30)
     assert macvtap in links(ns)  # a macvtap link outlives its descriptors

@@ -131,7 +131,12 @@ def test_network_definitions(tmp_path: Path) -> None:
     (tmp_path / "nat.xml").write_text("<network><name>nat</name><forward mode='nat'/></network>")
     (tmp_path / "other.xml").write_text("<network><name>lan</name><bridge name='b'/></network>")
     os.mkfifo(tmp_path / "fifo.xml")
+    (tmp_path / "mv.xml").write_text("<network><name>mv</name><forward mode='private'>"
+                                     "<interface dev='eth3'/><interface dev='eth4'/>"
+                                     "</forward></network>")
     assert load_network(tmp_path, "lan").bridge == "br7"
+    mv = load_network(tmp_path, "mv")
+    assert (mv.bridge, mv.direct_dev, mv.forward) == (None, "eth3", "private")
     for name, message in [
         ("default", f"network 'default' is not defined: there is no {tmp_path}/default.xml"),
         ("nat", "network 'nat' (" + str(tmp_path / "nat.xml") + ") has no <bridge name="),

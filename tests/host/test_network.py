@@ -8,8 +8,9 @@ the namespace (``ip netns exec``), real QEMU confined by landlock + dac + namesp
 * QEMU holds the taps as descriptors (``/dev/net/tun`` in /proc/PID/fd), has no
   capabilities, and a compromised QEMU cannot open a tap of its own (``netdev_add``);
 * teardown leaves no tap; kill -9 of vmconfine with a tap and a macvtap link made (before QEMU
-  runs, through a macvtap network definition, and while it runs, through ``type='direct'``) leaves none after the next command, and the admin's own tap
-  (``managed='no'``) is used as it is and never removed.
+  runs, through a macvtap network definition, and while it runs, through ``type='direct'``)
+  leaves none after the next command, and the admin's own tap (``managed='no'``) is used as it
+  is and never removed.
 """
 
 from __future__ import annotations

@@ -170,3 +170,25 @@ def test_host_validate_network_lines(tmp_path: Path) -> None:
     missing = check_network(True, tun=str(tmp_path / "none"), vhost=vhost)[0]
     assert missing.status == "WARN" and "modprobe tun" in missing.fix
     assert check_network(True, tun=tun, vhost=vhost, netlink=False)[0].status == "FAIL"
+
+
+def test_apparmor_rule_for_a_running_macvtap(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The macvtap descriptor QEMU inherits is revalidated by AppArmor at exec: the helper
+    adds its node, found from the live XML's <target dev> through sysfs (as libvirt's
+    AppArmorSetFDLabel adds the descriptor's path)."""
+    from vmconfine_aa_helper import rules
+
+    (tmp_path / "macvtap3" / "macvtap" / "tap17").mkdir(parents=True)
+    (tmp_path / "vnet0").mkdir()  # a tap: no macvtap node
+    monkeypatch.setattr(rules, "SYSFS_NET", str(tmp_path))
+    domain = parse_domain(domain_xml(
+        "<interface type='direct'><source dev='eth0'/><target dev='macvtap3'/></interface>"
+        "<interface type='bridge'><source bridge='br0'/><target dev='vnet0'/></interface>"
+        ).replace("<domain ", "<domain id='3' ").replace(
+        "</devices>", "</devices><metadata><vmconfine:state xmlns:vmconfine="
+        "'https://vmconfine.dev/xmlns/1.0'/></metadata>"))
+    assert domain.interfaces[0].target_dev == "macvtap3"  # live XML keeps the name
+    text = rules.domain_rules(domain, None).render()
+    assert '"/dev/tap17" rw,' in text and "vnet0" not in text
+    assert rules.macvtap_node("../etc") is None and rules.macvtap_node(None) is None

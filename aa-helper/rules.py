@@ -18,6 +18,7 @@ device nodes (/dev/kvm ...)     ``rw``
 runtime and home directories    ``r`` on the directory, ``rwk`` below it
 QEMU log                        ``w``
 /dev/vhost-net                  ``rw`` for virtio NICs of kvm domains
+/dev/tapN                       ``rw`` for a running macvtap interface (its descriptor)
 ==============================  ==============================================================
 
 Permissions of one path are merged; a ``deny w`` is only written when nothing grants ``w``.
@@ -132,6 +133,29 @@ def _extra_paths(domain: Domain) -> Iterable[tuple[str, str, bool, str]]:
         for i in domain.interfaces
     ):
         yield "/dev/vhost-net", "rw", False, "vhost-net device"
+    for iface in domain.interfaces:
+        node = macvtap_node(iface.target_dev)
+        if node is not None:
+            yield node, "rw", False, "macvtap device"
+
+
+#: where the kernel lists a macvtap link's character device (``tapIFINDEX``)
+SYSFS_NET = "/sys/class/net"
+
+
+def macvtap_node(ifname: str | None) -> str | None:
+    """``/dev/tapN`` of the macvtap link ``ifname`` (live XML's ``<target dev>``, made before
+    the profile is reloaded at start), None for any other device. AppArmor revalidates the
+    descriptors QEMU inherits at exec, so the node it got as a descriptor needs a rule
+    (libvirt's AppArmorSetFDLabel adds the same path)."""
+    if not ifname or "/" in ifname or ifname in (".", ".."):
+        return None
+    try:
+        names = os.listdir(os.path.join(SYSFS_NET, ifname, "macvtap"))
+    except OSError:
+        return None
+    taps = [n for n in names if n.startswith("tap") and n[3:].isdigit()]
+    return f"/dev/{taps[0]}" if len(taps) == 1 else None
 
 
 def domain_rules(domain: Domain, instance: Instance | None,

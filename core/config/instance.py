@@ -265,6 +265,13 @@ class Instance:
         """Persistent domain definitions, one ``NAME.xml`` each."""
         return self.config_path.parent / "qemu"
 
+    @property
+    def networks_dir(self) -> Path:
+        """Network definitions (libvirt's network XML, ``NAME.xml``) that ``<interface
+        type='network'>`` names: ``/etc/vmconfine/qemu/networks`` for the system instance
+        (libvirt: ``/etc/libvirt/qemu/networks``), ``ROOT/etc/qemu/networks`` for an embed one."""
+        return self.definitions_dir / "networks"
+
     def definition_path(self, name: str) -> Path:
         return self.definitions_dir / f"{name}.xml"
 

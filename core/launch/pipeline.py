@@ -22,9 +22,10 @@ A failure at any step undoes everything done so far (:func:`teardown`, driven by
 before the error is raised; a failure after QEMU was spawned carries QEMU's last log lines and,
 through the caller's ``diagnose`` callback, which layer denied a path QEMU could not open.
 
-stop (any cause): kill QEMU if needed → restore all labels → release labels → remove runtime
-dir, status and journal. Each host change is journaled before it is made, so
-:meth:`vmconfine.launch.connection.Connection.recover` can finish a teardown after a crash.
+stop (any cause): kill QEMU if needed → restore all labels → release labels → remove the
+sockets and network devices vmconfine made, runtime dir, status and journal. Each host change
+is journaled before it is made, so :meth:`vmconfine.launch.connection.Connection.recover` can
+finish a teardown after a crash.
 Waiting for a started domain is :mod:`vmconfine.launch.supervisor`'s job.
 
 ``VMCONFINE_PAUSE_AT=STEP`` stops the pipeline at STEP (it prints ``paused at STEP`` on stderr and
@@ -49,10 +50,11 @@ from typing import TYPE_CHECKING
 from qemu.qmp import QMPError
 
 from vmconfine.config.hugepages import hugepage_dir
+from vmconfine.config.networks import resolve_interfaces
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.domain.chardev import fill_channel_paths
 from vmconfine.errors import LaunchError, VmconfineError
-from vmconfine.launch import checks, child, preopen, runtime, swtpm
+from vmconfine.launch import checks, child, netdev, preopen, runtime, swtpm
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
@@ -146,12 +148,13 @@ def _qemu_user_name(conn: Connection) -> str:
 
 def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None) -> None:
     """Validation that changes nothing on the host: disk sources, seclabel models, driver
-    checks (of ``stack``, default the instance's), backing chains; a virtio channel's unix
-    socket without a path gets one generated (libvirt's ``qemuDomainPrepareChannel``), shown
-    in the live XML."""
+    checks (of ``stack``, default the instance's), backing chains, network definitions
+    (``type='network'`` → its bridge); a virtio channel's unix socket without a path gets one
+    generated (libvirt's ``qemuDomainPrepareChannel``), shown in the live XML."""
     if not domain.generated_paths:
         domain.generated_paths = fill_channel_paths(
             domain.chardevs, str(conn.instance.channel_dir(domain.name)))
+    resolve_interfaces(conn.instance, domain)
     stack = stack if stack is not None else conn.stack
     stack.check_models(domain)
     stack.verify(domain)
@@ -435,6 +438,7 @@ def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True)
         errors += stack.release_labels(ctx)
     errors += preopen.remove_sockets(ctx.journal.records("pipeline", "socket"),
                                      ctx.journal.records("pipeline", "socket-inode"))
+    errors += netdev.remove_devices(ctx.journal)
     for rec in reversed(ctx.journal.records("pipeline", "mkdir")):
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(rec["path"])

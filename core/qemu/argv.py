@@ -52,6 +52,7 @@ from vmconfine.qemu.fdpass import (
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
+    from vmconfine.qemu.netdev import NetPlan
 
 __all__ = [
     "CommandPaths",
@@ -135,6 +136,8 @@ class QemuCommand:
     slots: dict[int, tuple[Part, ...]] = field(default_factory=dict)
     passed: list[PassedFd] = field(default_factory=list)
     symbolic: bool = False
+    #: how each ``<interface>`` is connected (:class:`vmconfine.qemu.netdev.NetPlan`)
+    networks: list[NetPlan] = field(default_factory=list)
 
     @property
     def tainted(self) -> bool:
@@ -495,4 +498,4 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     b.add(*domain.qemu_args)
     return QemuCommand(env=_environment(domain, paths), emulator=emulator, args=b.args,
                        taints=domain_taints(domain), slots=b.slots, passed=b.passed,
-                       symbolic=symbolic)
+                       symbolic=symbolic, networks=b.networks)

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import VmconfineError
-from vmconfine.launch import swtpm
+from vmconfine.launch import netdev, swtpm
 from vmconfine.perms import QemuIds, R, W, denial, describe_mode, has_acl
 from vmconfine.plugin.stack import Driver, Stack, load_driver
 from vmconfine.qemu.capabilities import find_emulators
+from vmconfine.qemu.netdev import TUN_PATH, VHOST_PATH
 
 if TYPE_CHECKING:
     from vmconfine.launch.connection import Connection
@@ -121,6 +122,30 @@ def check_kvm(ids: QemuIds | None) -> Check:
         return _ok(name, f"{describe_mode(st)}, {ids.label} may open it read-write")
     return Check("FAIL", name, f"{ids.who()} cannot open /dev/kvm ({describe_mode(st)})",
                  found.fix)
+
+
+def check_network(privileged: bool, *, tun: str = TUN_PATH, vhost: str = VHOST_PATH,
+                  netlink: bool = True) -> list[Check]:
+    """Tap-backed interfaces (bridge, network, ethernet, direct: vmconfine makes the device
+    and opens it, docs/networking.md) and vhost-net."""
+    name = "tap interfaces"
+    if not netlink:
+        taps = Check("FAIL", name, "the pyroute2 library is not installed",
+                     "apt-get install python3-pyroute2 (or bash scripts/setup.sh)")
+    elif not privileged:
+        taps = Check("WARN", name, "this instance is not privileged: only <interface "
+                     "type='user'> can be used", "use qemu:///system for bridged guests")
+    elif not os.path.exists(tun):
+        taps = Check("WARN", name, f"{tun} does not exist: only <interface type='user'> can "
+                     "be used", "load the tun module (modprobe tun)")
+    else:
+        taps = _ok(name, f"{tun} present; QEMU gets the tap descriptors")
+    if os.path.exists(vhost):
+        accel = _ok("vhost-net", f"{vhost} present (virtio NICs of kvm guests)")
+    else:
+        accel = Check("WARN", "vhost-net", f"{vhost} does not exist: virtio NICs use QEMU's "
+                      "own back end (slower)", "load the vhost_net module (modprobe vhost_net)")
+    return [taps, accel]
 
 
 def check_emulators(conn: Connection) -> Check:
@@ -221,6 +246,7 @@ def host_validate(conn: Connection, image_dirs: list[str] | None = None) -> list
     dirs = [str(inst.run_dir), str(inst.lib_dir), *(image_dirs or [])]
     drivers = [load_driver(conn.host, info) for info in conn.host.registry.infos()]
     checks = [check_kvm(ids), check_emulators(conn), check_swtpm(conn)]
+    checks += check_network(inst.privileged, netlink=netdev.pyroute2 is not None)
     checks += check_driver_hosts(conn, drivers, dirs)
     checks += check_directories(conn, ids)
     checks += check_drivers(conn)

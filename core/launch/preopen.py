@@ -123,9 +123,9 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
 
 
 def open_passed(journal: Journal, passed: Iterable[PassedFd]) -> PreOpened:
-    """Open ``passed`` (files and listening sockets, no labels; network descriptors and helper
-    channels are left out): what :func:`open_all` does for one kind; also what a caller that runs QEMU by
-    itself uses (tests, benchmarks)."""
+    """Open ``passed`` (files and listening sockets, no labels; network descriptors and
+    helper channels are left out): what :func:`open_all` does for one kind; also what a caller
+    that runs QEMU by itself uses (tests, benchmarks)."""
     out = PreOpened()
     try:
         for p in passed:

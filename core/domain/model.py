@@ -59,6 +59,7 @@ from vmconfine.domain.guest import (
     parse_cpu,
     parse_memory_backing,
 )
+from vmconfine.domain.interface import drop_generated_ifnames
 from vmconfine.domain.seclabel import (
     SECLABEL_TYPES,
     DeviceSecLabel,
@@ -443,6 +444,7 @@ class Domain:
             drop_generated_paths(root, self.generated_paths)
             if self.config_os is not None:
                 _restore_os(root, self.config_os, self.smm_filled)
+            drop_generated_ifnames(root)
             for i, sec in positions.items():
                 inactive_seclabel(copies[i], sec)
             drop_device_labelskip(root)

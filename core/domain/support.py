@@ -91,7 +91,9 @@ _DEVICES = E("", {
     "sound": E("model", {"codec": E("type")},
                values={"model": "ich9 ich6 ac97 es1370 sb16"}),
     "interface": E("type", {"mac": E("address"), "model": E("type"),
-                            "source": E("network"), "boot": E("order")}),
+                            "source": E("network bridge dev mode"),
+                            "target": E("dev managed"), "driver": E("name queues"),
+                            "mtu": E("size"), "boot": E("order")}),
     "serial": _chardev("type port", {"model": E("name", values={"name": "isa-serial"})}),
     "console": _chardev("type port"),
     "parallel": _chardev("port"),
@@ -109,6 +111,8 @@ _DEVICES = E("", {
     "memballoon": E("model"),
     "rng": E("model", {"backend": E("model")}),
     "watchdog": E("model action"),
+    "tpm": E("model", {"backend": E("type version", values={"type": "emulator"})},
+             values={"model": "tpm-tis tpm-crb"}),
 })
 
 #: Everything vmconfine implements, as a tree under ``<domain>``.

@@ -27,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -198,7 +199,8 @@ def run_libvirt(argv: list[str], env: dict[str, str], nvram_template: str | None
                 ) -> tuple[dict[str, Any], str | None]:
     """QEMU started paused from libvirt's command line, with what libvirt makes at start (its
     domain directory and master key, the generated channel directory, the NVRAM copied from
-    ``nvram_template``); return its QMP view and the NVRAM path (None: no NVRAM)."""
+    ``nvram_template``, swtpm for a TPM emulator); return its QMP view and the NVRAM path
+    (None: no NVRAM)."""
     ws = Workspace(Path(tempfile.mkdtemp(prefix="vmc-lv-run-", dir="/tmp")))
     try:
         monitor = libvirt_runtime(argv)
@@ -213,13 +215,46 @@ def run_libvirt(argv: list[str], env: dict[str, str], nvram_template: str | None
             assert nvram_template is not None, "libvirt's command line has an NVRAM"
             Path(nvram).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(nvram_template, nvram)
-        proc = launch(argv, env, ws, "libvirt")
+        proc = launch(_with_swtpm(argv, ws), env, ws, "libvirt")
         view = qmp_view(monitor, proc, ws, "libvirt")
         assert wait_exit(proc) == 0
     finally:
         ws.close()
         shutil.rmtree(ws.root, ignore_errors=True)
     return view, nvram
+
+
+def _with_swtpm(argv: list[str], ws: Workspace) -> list[str]:
+    """libvirt's command line as libvirt runs it: ``domxml-to-native`` shows a TPM emulator's
+    chardev as ``null`` (no swtpm in a dry run); at start libvirt starts swtpm and gives QEMU
+    its socket, which this does too."""
+    out = list(argv)
+    for i, value in enumerate(out):
+        found = re.fullmatch(r"null,id=(chrtpm\d*)", value)
+        if i and out[i - 1] == "-chardev" and found:
+            sock = str(ws.root / f"{found.group(1)}.sock")
+            _swtpm(sock, ws)
+            out[i] = f"socket,id={found.group(1)},path={sock}"
+    return out
+
+
+def _swtpm(sock: str, ws: Workspace) -> None:
+    """swtpm on ``sock``, as libvirt starts it before QEMU (it ends when QEMU lets go)."""
+    swtpm = shutil.which("swtpm")
+    require(swtpm, "swtpm is not installed (apt-get install swtpm)")
+    assert swtpm is not None
+    state = ws.root / f"tpm-{len(list(ws.root.glob('tpm-*')))}"
+    state.mkdir()
+    Path(sock).parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}", "--ctrl",
+                             f"type=unixio,path={sock}", "--terminate"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ws.defer(lambda: (proc.kill(), proc.wait(timeout=30)))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, "swtpm did not listen"
+        time.sleep(0.02)
 
 
 def comparable(view: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +270,7 @@ def comparable(view: dict[str, Any]) -> dict[str, Any]:
         "builtin_pci": sorted(cls for qid, cls in view["pci"] if not qid),
         "devices": {k: v for k, v in view["peripheral"].items() if v not in BRIDGES},
         "vnc": (vnc["enabled"], vnc["family"], vnc["host"]),
+        "tpm": view["tpm"],
     }
 
 

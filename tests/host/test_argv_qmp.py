@@ -353,7 +353,7 @@ async def _collect(sock: str, proc: subprocess.Popen[bytes],
 
 async def read_view(client: QMPClient) -> dict[str, Any]:
     """What QMP shows of the VM (compared by the tests): status, name, UUID, CPUs, memory,
-    accelerator, machine, block devices and nodes, chardevs, PCI classes, devices, VNC."""
+    accelerator, machine, block devices and nodes, chardevs, PCI classes, devices, VNC, TPMs."""
     view: dict[str, Any] = {}
     view["status"] = (await client.execute("query-status"))["status"]
     view["name"] = (await client.execute("query-name")).get("name")
@@ -387,6 +387,8 @@ async def read_view(client: QMPClient) -> dict[str, Any]:
         if p["type"].startswith("child<")}
     vnc = await client.execute("query-vnc")
     view["vnc"] = {k: vnc.get(k) for k in ("enabled", "family", "host", "service")}
+    view["tpm"] = sorted((t["model"], t["options"]["type"])
+                         for t in await client.execute("query-tpm"))
     return view
 
 

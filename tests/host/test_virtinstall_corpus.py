@@ -20,6 +20,7 @@ corpus.py checks that they fail today for exactly that feature.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2 import NetNS, netns
 
 from tests import virtinstall
 from tests.host.test_argv_libvirt import (
@@ -50,18 +52,33 @@ from vmconfine.launch.connection import Connection
 from vmconfine.qemu import qmp
 
 CONF = 'unsupported_xml = "error"\n'
+#: the bridges the corpus names (``network=default`` is ``virbr0``, as libvirt's default network)
+BRIDGES = ("br0", "virbr0", "virbr1")
+DEFAULT_NETWORK = ("<network><name>default</name><forward mode='nat'/><bridge name='virbr0'/>"
+                   "</network>")
 #: QEMU device types of guest NICs (left out of our view: libvirt's side has no NICs)
 NIC_TYPES = {"virtio-net-pci", "e1000e", "e1000", "rtl8139"}
 
 
 class Corpus:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, ns: str) -> None:
         self.root = root
+        self.ns = ns
         self.scratch = root / "images"
         self.scratch.mkdir()
-        (root / "i" / "etc").mkdir(parents=True)
+        (root / "i" / "etc" / "qemu" / "networks").mkdir(parents=True)
         (root / "i" / "etc" / "qemu.conf").write_text(CONF)
+        (root / "i" / "etc" / "qemu" / "networks" / "default.xml").write_text(DEFAULT_NETWORK)
         self.conn = Connection.open(f"qemu:///embed?root={root / 'i'}")
+
+    @contextlib.contextmanager
+    def in_netns(self) -> Iterator[None]:
+        """vmconfine's part runs in the test's network namespace, where the bridges are."""
+        netns.pushns(self.ns)
+        try:
+            yield
+        finally:
+            netns.popns()
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +88,17 @@ def corpus() -> Iterator[Corpus]:
     # short: generated channel sockets live under the instance root (107-byte socket paths)
     root = Path(tempfile.mkdtemp(prefix="vi", dir="/tmp"))
     os.chmod(root, 0o755)
+    ns = f"vmc-vi-{os.getpid()}-{root.name[-6:]}"
+    netns.create(ns)  # the host's interfaces are never touched
     try:
-        yield Corpus(root)
+        with NetNS(ns) as ipr:
+            for bridge in BRIDGES:
+                ipr.link("add", ifname=bridge, kind="bridge")
+            for dev in ("lo", *BRIDGES):
+                ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], state="up")
+        yield Corpus(root, ns)
     finally:
+        netns.remove(ns)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -153,8 +178,9 @@ def test_runs_as_written_and_as_libvirt_builds_it(case: str, corpus: Corpus,
     domain = parse_domain(xml, f"{case}.xml")
     assert enforce(domain, "error") == []
     create_files(domain, corpus.scratch)
-    ours = pipeline.native_command(corpus.conn, parse_domain(xml, f"{case}.xml"))
-    view = ours_only(asyncio.run(run_paused(corpus.conn, domain)))
+    with corpus.in_netns():
+        ours = pipeline.native_command(corpus.conn, parse_domain(xml, f"{case}.xml"))
+        view = ours_only(asyncio.run(run_paused(corpus.conn, domain)))
     assert view["status"] == "prelaunch"
     assert (view["name"], view["uuid"]) == (domain.name, domain.uuid)
     assert corpus.conn.running() == []

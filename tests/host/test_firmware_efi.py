@@ -216,7 +216,7 @@ BAD = {
         [("machine='q35'", "machine='pc'"),
          ("<boot dev='hd'/>", "<firmware><feature enabled='yes' name='secure-boot'/>"
                               "</firmware><boot dev='hd'/>")],
-        [NATIVE, RUN], "Secure boot is supported with q35 machine types only"),
+        [RUN], "Secure boot is supported with q35 machine types only"),
     "no-firmware": (
         [("<suspend-to-disk enabled='no'/>", "<suspend-to-disk enabled='yes'/>")],
         [NATIVE, RUN], "Unable to find any firmware to satisfy 'efi' for x86_64 machine "

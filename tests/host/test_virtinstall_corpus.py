@@ -13,8 +13,10 @@ QMP (tests/host/test_argv_libvirt.py's comparison, with our NIC and second monit
 and the same flags (disks' block graphs, machine options, CPU, boot order, ``-global``s, the
 audio backend).
 
-Domains in ``waiting.json`` need a feature still being built; tests/unit/test_virtinstall_
-corpus.py checks that they fail today for exactly that feature.
+Domains in ``waiting.json`` need a feature still being built; tests/unit/test_virtinstall_xml.py
+checks that they fail today for exactly that feature. vmconfine's side runs in a network
+namespace of the test's own holding the bridges the corpus names (``network='default'`` is
+``virbr0`` through a network definition); libvirt's TPM line gets swtpm as libvirt starts it.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ UNPLUG_WAIT = 10.0
 _NODE = re.compile(r"^vmc-(\d+)-")
 
 
-async def _qmp(client: QMPClient, command: str, args: dict[str, Any] | None = None) -> Any:
+async def call(client: QMPClient, command: str, args: dict[str, Any] | None = None) -> Any:
     try:
         return await client.execute(command, args)
     except Exception as exc:
@@ -48,7 +48,7 @@ async def _qmp(client: QMPClient, command: str, args: dict[str, Any] | None = No
 
 
 async def _next_node(client: QMPClient) -> int:
-    nodes = await _qmp(client, "query-named-block-nodes")
+    nodes = await call(client, "query-named-block-nodes")
     numbers = [int(m.group(1)) for n in nodes if (m := _NODE.match(str(n.get("node-name"))))]
     return max(numbers, default=0) + 100
 
@@ -79,7 +79,7 @@ async def _pass_fds(client: QMPClient, plan: DiskPlan, fdsets: list[int]) -> Non
                 args: dict[str, Any] = {"opaque": f"vmconfine:{plan.disk.target}"}
                 if fdset is not None:
                     args["fdset-id"] = fdset
-                reply = await _qmp(client, "add-fd", args)
+                reply = await call(client, "add-fd", args)
             finally:
                 os.close(fd)
             if fdset is None:
@@ -107,9 +107,9 @@ async def attach_disk(conn: Connection, launched: Launched, device_xml: str) -> 
     try:
         await _pass_fds(client, plan, fdsets)
         for node in plan.blockdevs:
-            await _qmp(client, "blockdev-add", node)
+            await call(client, "blockdev-add", node)
             added.append(node["node-name"])
-        await _qmp(client, "device_add", plan.device)
+        await call(client, "device_add", plan.device)
     except BaseException:
         await _undo_nodes(client, added, fdsets)
         conn.stack.restore("restore_image_label", ctx, disk=disk)
@@ -126,7 +126,7 @@ async def _check_bus(client: QMPClient, plan: DiskPlan) -> None:
     if not bus:
         return
     controller = str(bus).split(".")[0]
-    children = await _qmp(client, "qom-list", {"path": "/machine/peripheral"})
+    children = await call(client, "qom-list", {"path": "/machine/peripheral"})
     if not any(c.get("name") == controller for c in children):
         raise VmconfineError(f"disk {plan.disk.target}: the domain has no controller "
                              f"'{controller}' (controllers are not hotplugged: add it to the "
@@ -136,10 +136,10 @@ async def _check_bus(client: QMPClient, plan: DiskPlan) -> None:
 async def _undo_nodes(client: QMPClient, nodes: list[str], fdsets: list[int]) -> None:
     for name in reversed(nodes):
         with contextlib.suppress(LaunchError):
-            await _qmp(client, "blockdev-del", {"node-name": name})
+            await call(client, "blockdev-del", {"node-name": name})
     for fdset in fdsets:
         with contextlib.suppress(LaunchError):
-            await _qmp(client, "remove-fd", {"fdset-id": fdset})
+            await call(client, "remove-fd", {"fdset-id": fdset})
 
 
 async def detach_disk(conn: Connection, launched: Launched, target: str,
@@ -155,14 +155,14 @@ async def detach_disk(conn: Connection, launched: Launched, target: str,
     if not device_id:
         raise VmconfineError(f"disk {target} has no device id to unplug")
     ctx.journal.record(JOURNAL, "detach", target=target)
-    await _qmp(client, "device_del", {"id": device_id})
+    await call(client, "device_del", {"id": device_id})
     try:
         await asyncio.wait_for(asyncio.shield(deleted), UNPLUG_WAIT)
     except TimeoutError:
         raise VmconfineError(f"disk {target}: the guest did not release the device within "
                              f"{UNPLUG_WAIT:g}s (it may ignore the unplug request; it stays "
                              "attached)") from None
-    if _has_device(await _qmp(client, "query-block"), device_id):
+    if _has_device(await call(client, "query-block"), device_id):
         raise VmconfineError(f"disk {target}: QEMU still has the device")
     nodes = await _disk_nodes(client, ctx, target)
     await _undo_nodes(client, nodes, _fdsets(ctx, target))
@@ -206,8 +206,9 @@ async def reconcile(conn: Connection, launched: Launched) -> list[str]:
     ctx = launched.ctx
     last: dict[str, dict[str, Any]] = {}
     for rec in ctx.journal.records(JOURNAL):
-        last[str(rec.get("target"))] = rec
-    block = await _qmp(client, "query-block")
+        if rec.get("kind", "disk") == "disk":  # chardevs, hostdevs: hotplug_devices
+            last[str(rec.get("target"))] = rec
+    block = await call(client, "query-block")
 
     def present(device_id: object) -> bool:
         return _has_device(block, str(device_id))
@@ -264,7 +265,7 @@ def device_id(conn: Connection, domain: Domain, disk: Disk) -> str:
 
 
 def config_with_device(definition: Domain, device_xml: str) -> Domain:
-    """The inactive definition with the device added (``--config``)."""
+    """The inactive definition with the disk added (``--config``)."""
     new, _disk = with_device(definition, device_xml)
     return parse_domain(new.to_xml(live=False), live=False)
 

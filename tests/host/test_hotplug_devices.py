@@ -1,0 +1,248 @@
+"""change-media, chardev and USB hostdev hotplug through the daemon on one real, paused QEMU
+(Landlock enforcing, DAC, cgroups, the private /dev of the namespaces driver): every device
+reaches QEMU as a descriptor, goes through every driver's per-device hooks, and detach or
+eject gives everything back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.host.conftest import SCRATCH_PARENT, Embed
+from tests.host.test_daemon import Daemon, destroy_running
+from tests.support import require
+
+pytestmark = pytest.mark.host
+
+NAME = "hpdev"
+
+
+class Env:
+    def __init__(self, d: Daemon, path: Path) -> None:
+        self.d, self.path = d, path
+
+    def qmp(self, command: str, **args: object) -> dict:
+        payload = {"execute": command, **({"arguments": args} if args else {})}
+        out = self.d.cli("qemu-monitor-command", NAME, json.dumps(payload), check=False)
+        return json.loads(out.stdout) if out.stdout.strip() else {"error": out.stderr}
+
+    def cli(self, *args: str, check: bool = False):  # type: ignore[no-untyped-def]
+        return self.d.cli(*args, check=check)
+
+    def pid(self) -> int:
+        return self.d.qemu_pid(NAME)
+
+    def medium(self, device: str) -> str | None:
+        for b in self.qmp("query-block")["return"]:
+            if b["qdev"].removeprefix("/machine/peripheral/").split("/")[0] == device:
+                return b.get("inserted", {}).get("file")
+        raise AssertionError(f"no drive {device}")
+
+    def peripherals(self) -> set[str]:
+        return {d["name"] for d in self.qmp("qom-list", path="/machine/peripheral")["return"]}
+
+
+def image(path: Path) -> Path:
+    path.write_bytes(bytes(1 << 20))
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    require(os.geteuid() == 0, "needs root (a system-like embed instance)")
+    path = Path(tempfile.mkdtemp(prefix="vmconfine-hpdev-", dir=SCRATCH_PARENT))
+    os.chmod(path, 0o755)
+    e = Embed(path / "instance")
+    e.configure('security_driver = "landlock"\nlandlock_mode = "enforce"\n')
+    d = Daemon(e)
+    d.start()
+    old = image(path / "old.iso")
+    floppy = image(path / "old.img")
+    xml = path / "dom.xml"
+    xml.write_text(
+        f"<domain type='qemu'><name>{NAME}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+        "<emulator>/usr/bin/qemu-system-x86_64</emulator>"
+        "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+        f"<source file='{old}'/><target dev='hdc' bus='ide'/><readonly/></disk>"
+        "<disk type='file' device='floppy'><driver name='qemu' type='raw'/>"
+        f"<source file='{floppy}'/><target dev='fda' bus='fdc'/></disk>"
+        "<controller type='virtio-serial'/><memballoon model='none'/></devices></domain>")
+    d.cli("define", str(xml))
+    d.cli("start", "--paused", NAME)
+    try:
+        yield Env(d, path)
+    finally:
+        destroy_running(e)
+        d.stop()
+        e.cleanup()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_change_media_eject_insert_update(env: Env) -> None:
+    old, new, other = env.path / "old.img", image(env.path / "new.img"), \
+        image(env.path / "other.iso")
+    owner = (new.stat().st_uid, new.stat().st_gid)
+    assert old.stat().st_uid != 0  # DAC gave the start's medium to QEMU's account
+    # a compromised QEMU cannot open the new medium itself: Landlock was fixed at exec
+    denied = env.qmp("blockdev-add", driver="file", filename=str(new), **{"node-name": "evil"})
+    assert "Permission denied" in json.dumps(denied), denied
+
+    out = env.cli("change-media", NAME, "fda", str(new), "--update")
+    assert out.returncode == 0 and out.stdout.strip() == "Successfully updated media.", out.stderr
+    assert (env.medium("fdc0-0-0") or "").startswith("/dev/fdset/")
+    assert new.stat().st_uid != owner[0]  # labelled for QEMU
+    assert old.stat().st_uid == 0  # the old medium's owner given back
+    assert str(new) in env.cli("dumpxml", NAME).stdout
+    assert str(old) in env.cli("dumpxml", "--inactive", NAME).stdout  # --live only
+    # QEMU reads the new medium through the fd
+    assert "error" not in env.qmp("human-monitor-command",
+                                  **{"command-line": 'qemu-io fdc0-0-0 "read 0 512"'})
+
+    out = env.cli("change-media", NAME, "fda", "--eject")
+    assert out.stdout.strip() == "Successfully ejected media.", out.stderr
+    assert env.medium("fdc0-0-0") is None
+    assert (new.stat().st_uid, new.stat().st_gid) == owner
+    # the medium's nodes are gone (QEMU closes removed fd sets only while the guest runs)
+    assert "new.img" not in json.dumps(env.qmp("query-named-block-nodes"))
+    assert "new.img" not in env.cli("dumpxml", NAME).stdout
+    again = env.cli("change-media", NAME, "fda", "--eject")
+    assert again.returncode == 1 and "doesn't have media" in again.stderr
+
+    # a CD-ROM (read-only media keep their label, as in libvirt); --config too
+    out = env.cli("change-media", NAME, "hdc", str(other), "--update", "--live", "--config")
+    assert out.returncode == 0, out.stderr
+    assert (env.medium("ide0-1-0") or "").startswith("/dev/fdset/")
+    assert str(other) in env.cli("dumpxml", NAME).stdout
+    assert str(other) in env.cli("dumpxml", "--inactive", NAME).stdout
+    # refusals change nothing
+    for args, words in ((("hdc", str(new), "--insert"), "already has media"),
+                        (("fda", str(env.path / "missing.img")), "No such file"),
+                        (("hdz", str(new)), "No disk found"),
+                        (("fda", str(env.path)), "neither a regular file")):
+        bad = env.cli("change-media", NAME, *args)
+        assert bad.returncode == 1 and words in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
+    assert env.medium("fdc0-0-0") is None and env.medium("ide0-1-0")
+    assert (new.stat().st_uid, new.stat().st_gid) == owner
+
+
+def test_chardev_channel_socket_passed_and_removed(env: Env) -> None:
+    sock = env.path / "agent.sock"
+    dev = env.path / "channel.xml"
+    dev.write_text(f"<channel type='unix'><source mode='bind' path='{sock}'/>"
+                   "<target type='virtio' name='org.example.agent'/></channel>")
+    out = env.cli("attach-device", NAME, str(dev), "--live")
+    assert out.returncode == 0, out.stderr
+    st = sock.stat()
+    assert stat.S_ISSOCK(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert "channel0" in env.peripherals()
+    chardevs = {c["label"] for c in env.qmp("query-chardev")["return"]}
+    assert "charchannel0" in chardevs
+    with socket.socket(socket.AF_UNIX) as s:  # QEMU holds the listening socket vmconfine made
+        s.connect(str(sock))
+    live = env.cli("dumpxml", NAME).stdout
+    assert "org.example.agent" in live and "<alias name=\"channel0\"/>" in live
+
+    # a generated path when none is given
+    gen = env.path / "gen.xml"
+    gen.write_text("<channel type='unix'><target type='virtio' name='org.example.gen'/>"
+                   "</channel>")
+    assert env.cli("attach-device", NAME, str(gen)).returncode == 0
+    live = env.cli("dumpxml", NAME).stdout
+    generated = [p for p in live.split("'") + live.split('"') if p.endswith("org.example.gen")
+                 and p.startswith("/")]
+    assert generated and Path(generated[0]).is_socket(), live
+
+    for xml in (dev, gen):
+        out = env.cli("detach-device", NAME, str(xml))
+        assert out.returncode == 0, out.stderr
+    assert not sock.exists() and not Path(generated[0]).exists()
+    assert "channel0" not in env.peripherals()
+    assert "charchannel0" not in {c["label"] for c in env.qmp("query-chardev")["return"]}
+    assert "org.example" not in env.cli("dumpxml", NAME).stdout
+
+    # refusals: nothing is left behind
+    isa = env.path / "isa.xml"
+    isa.write_text(f"<serial type='unix'><source mode='bind' path='{env.path}/s.sock'/>"
+                   "</serial>")
+    bad = env.cli("attach-device", NAME, str(isa))
+    assert bad.returncode == 1 and "pci-serial" in bad.stderr, bad.stderr
+    assert not (env.path / "s.sock").exists()
+
+
+def test_compromised_qemu_cannot_connect_to_a_socket(env: Env) -> None:
+    """The control for the channel test: by path, QEMU reaches no socket Landlock did not
+    grant at exec."""
+    path = env.path / "victim.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+        s.listen(1)
+        out = env.qmp("chardev-add", id="evil", backend={"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": str(path)}}, "server": False}})
+        assert "error" in out, out
+    path.unlink()
+
+
+def test_usb_hostdev_refused_when_absent(env: Env) -> None:
+    dev = env.path / "usb.xml"
+    dev.write_text("<hostdev mode='subsystem' type='usb'><source><vendor id='0xfeed'/>"
+                   "<product id='0xbeef'/></source></hostdev>")
+    before = env.peripherals()
+    out = env.cli("attach-device", NAME, str(dev))
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.count("\n") == 1 and "USB device feed:beef is not on this host" \
+        in out.stderr, out.stderr
+    assert env.peripherals() == before
+    assert "hostdev" not in env.cli("dumpxml", NAME).stdout
+    addr = env.path / "usb-addr.xml"
+    addr.write_text("<hostdev mode='subsystem' type='usb'><source>"
+                    "<address bus='250' device='250'/></source></hostdev>")
+    out = env.cli("attach-device", NAME, str(addr))
+    assert out.returncode == 1 and "bus 250 device 250 is not on this host" in out.stderr
+    out = env.cli("detach-device", NAME, str(dev))
+    assert out.returncode == 1 and "no USB host device feed:beef" in out.stderr
+
+
+def _usb_device() -> tuple[int, int] | None:
+    base = Path("/sys/bus/usb/devices")
+    for d in sorted(base.glob("*")) if base.exists() else []:
+        try:
+            if (d / "bDeviceClass").read_text().strip() == "09":
+                continue  # hubs
+            return int((d / "busnum").read_text()), int((d / "devnum").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def test_usb_hostdev_attach_detach(env: Env) -> None:
+    found = _usb_device()
+    require(found is not None, "the host has no USB device (other than hubs)")
+    assert found is not None
+    bus, devnum = found
+    node = Path(f"/dev/bus/usb/{bus:03d}/{devnum:03d}")
+    before = (node.stat().st_uid, node.stat().st_gid)
+    dev = env.path / "usb-real.xml"
+    dev.write_text("<hostdev mode='subsystem' type='usb'><source>"
+                   f"<address bus='{bus}' device='{devnum}'/></source></hostdev>")
+    out = env.cli("attach-device", NAME, str(dev))
+    assert out.returncode == 0, out.stderr
+    assert "hostdev0" in env.peripherals()
+    assert node.stat().st_uid != before[0]
+    pid = env.pid()
+    assert os.path.exists(f"/proc/{pid}/root{node}")  # in QEMU's private /dev
+    out = env.cli("detach-device", NAME, str(dev))
+    assert out.returncode == 0, out.stderr
+    assert (node.stat().st_uid, node.stat().st_gid) == before
+    assert "hostdev0" not in env.peripherals()
+    assert not os.path.exists(f"/proc/{pid}/root{node}")

@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,7 +77,8 @@ def env() -> Iterator[Env]:
         f"<source file='{old}'/><target dev='hdc' bus='ide'/><readonly/></disk>"
         "<disk type='file' device='floppy'><driver name='qemu' type='raw'/>"
         f"<source file='{floppy}'/><target dev='fda' bus='fdc'/></disk>"
-        "<controller type='virtio-serial'/><memballoon model='none'/></devices></domain>")
+        "<controller type='virtio-serial'/><controller type='scsi' model='virtio-scsi'/>"
+        "<memballoon model='none'/></devices></domain>")
     d.cli("define", str(xml))
     d.cli("start", "--paused", NAME)
     try:
@@ -246,3 +248,33 @@ def test_usb_hostdev_attach_detach(env: Env) -> None:
     assert (node.stat().st_uid, node.stat().st_gid) == before
     assert "hostdev0" not in env.peripherals()
     assert not os.path.exists(f"/proc/{pid}/root{node}")
+
+
+def test_block_disk_node_follows_into_private_dev(env: Env) -> None:
+    pid = env.pid()
+    require(os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"),
+            "the namespaces driver is not in the stack (no private /dev)")
+    losetup = shutil.which("losetup") or "/usr/sbin/losetup"
+    require(os.path.exists(losetup) and os.path.exists("/dev/loop-control"),
+            "no loop devices (losetup, /dev/loop-control)")
+    backing = image(env.path / "loop.img")
+    loop = subprocess.run([losetup, "-f", "--show", str(backing)], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    try:
+        name = os.path.basename(loop)
+        assert name not in os.listdir(f"/proc/{pid}/root/dev")
+        dev = env.path / "block.xml"
+        dev.write_text("<disk type='block' device='disk'><driver name='qemu' type='raw'/>"
+                       f"<source dev='{loop}'/><target dev='sdb' bus='scsi'/></disk>")
+        out = env.cli("attach-device", NAME, str(dev))
+        assert out.returncode == 0, out.stderr
+        inside = os.stat(f"/proc/{pid}/root/dev/{name}")
+        assert stat.S_ISBLK(inside.st_mode) and inside.st_rdev == os.stat(loop).st_rdev
+        assert inside.st_uid != 0  # the host's node, as DAC labelled it (a bind, not a copy)
+        assert "scsi0-0-0-1" in env.peripherals()
+        out = env.cli("detach-device", NAME, str(dev))
+        assert out.returncode == 0, out.stderr
+        assert name not in os.listdir(f"/proc/{pid}/root/dev")
+        assert os.stat(loop).st_uid == 0
+    finally:
+        subprocess.run([losetup, "-d", loop], check=False)

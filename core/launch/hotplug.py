@@ -88,6 +88,16 @@ async def _pass_fds(client: QMPClient, plan: DiskPlan, fdsets: list[int]) -> Non
         node["filename"] = f"/dev/fdset/{fdset}"
 
 
+async def add_nodes(client: QMPClient, plan: DiskPlan, fdsets: list[int],
+                    added: list[str]) -> None:
+    """Pass the images (fd sets) and ``blockdev-add`` every node of ``plan``, bottom first;
+    what exists is in ``fdsets`` and ``added`` as soon as it does (for the caller's undo)."""
+    await _pass_fds(client, plan, fdsets)
+    for node in plan.blockdevs:
+        await call(client, "blockdev-add", node)
+        added.append(node["node-name"])
+
+
 async def attach_disk(conn: Connection, launched: Launched, device_xml: str) -> Disk:
     """Attach one ``<disk>`` to the running domain; return it. All or nothing."""
     client = launched.client
@@ -105,13 +115,10 @@ async def attach_disk(conn: Connection, launched: Launched, device_xml: str) -> 
     fdsets: list[int] = []
     added: list[str] = []
     try:
-        await _pass_fds(client, plan, fdsets)
-        for node in plan.blockdevs:
-            await call(client, "blockdev-add", node)
-            added.append(node["node-name"])
+        await add_nodes(client, plan, fdsets, added)
         await call(client, "device_add", plan.device)
     except BaseException:
-        await _undo_nodes(client, added, fdsets)
+        await undo_nodes(client, added, fdsets)
         conn.stack.restore("restore_image_label", ctx, disk=disk)
         ctx.journal.record(JOURNAL, "attach-undone", target=disk.target)
         raise
@@ -133,7 +140,9 @@ async def _check_bus(client: QMPClient, plan: DiskPlan) -> None:
                              "definition and restart the domain)")
 
 
-async def _undo_nodes(client: QMPClient, nodes: list[str], fdsets: list[int]) -> None:
+async def undo_nodes(client: QMPClient, nodes: list[str], fdsets: list[int]) -> None:
+    """Delete block ``nodes`` (given bottom first; deleted top first) and remove ``fdsets``,
+    ignoring what QEMU no longer has."""
     for name in reversed(nodes):
         with contextlib.suppress(LaunchError):
             await call(client, "blockdev-del", {"node-name": name})
@@ -165,7 +174,7 @@ async def detach_disk(conn: Connection, launched: Launched, target: str,
     if _has_device(await call(client, "query-block"), device_id):
         raise VmconfineError(f"disk {target}: QEMU still has the device")
     nodes = await _disk_nodes(client, ctx, target)
-    await _undo_nodes(client, nodes, _fdsets(ctx, target))
+    await undo_nodes(client, nodes, _fdsets(ctx, target))
     conn.stack.restore("restore_image_label", ctx, disk=disk)
     ctx.domain = domain
     pipeline.write_status(conn, launched)
@@ -223,7 +232,7 @@ async def reconcile(conn: Connection, launched: Launched) -> list[str]:
                 ctx.journal.record(JOURNAL, "attached", target=target, fdsets=[])
                 done.append(f"attach of {target} completed")
             else:
-                await _undo_nodes(client, list(rec.get("nodes", [])), [])
+                await undo_nodes(client, list(rec.get("nodes", [])), [])
                 conn.stack.restore("restore_image_label", ctx, disk=disk)
                 ctx.journal.record(JOURNAL, "attach-undone", target=target)
                 done.append(f"attach of {target} rolled back")
@@ -234,7 +243,7 @@ async def reconcile(conn: Connection, launched: Launched) -> list[str]:
                 ctx.journal.record(JOURNAL, "detach-undone", target=target)
                 done.append(f"detach of {target} not done by QEMU: still attached")
                 continue
-            await _undo_nodes(client, await _disk_nodes(client, ctx, target),
+            await undo_nodes(client, await _disk_nodes(client, ctx, target),
                               _fdsets(ctx, target))
             conn.stack.restore("restore_image_label", ctx, disk=disk)
             ctx.domain = domain

@@ -220,15 +220,25 @@ async def detach_chardev(conn: Connection, launched: Launched, el: etree._Elemen
                          unplugged: dict[str, asyncio.Future[None]]) -> Chardev:
     client = launched.client
     assert client is not None
-    ctx = launched.ctx
-    chardev = find_chardev(ctx.domain, el)
-    alias = chardev_alias(ctx.domain, chardev)
+    chardev = find_chardev(launched.ctx.domain, el)
+    alias = chardev_alias(launched.ctx.domain, chardev)
     if alias not in await _taken(client):
         raise VmconfineError(f"<{chardev.kind}> {alias}: QEMU has no such device")
-    ctx.journal.record(JOURNAL, "detach", kind="chardev", target=alias)
-    await _unplug(client, alias, f"<{chardev.kind}> {alias}", unplugged)
-    await _finish_chardev_detach(conn, launched, chardev, alias)
+    await _detach(conn, launched, chardev, alias, f"<{chardev.kind}> {alias}", unplugged)
     return chardev
+
+
+async def _detach(conn: Connection, launched: Launched, dev: Chardev | Hostdev, alias: str,
+                  what: str, unplugged: dict[str, asyncio.Future[None]]) -> None:
+    """Journal, unplug, then give everything back (chardev or hostdev)."""
+    assert launched.client is not None
+    kind = "chardev" if isinstance(dev, Chardev) else "hostdev"
+    launched.ctx.journal.record(JOURNAL, "detach", kind=kind, target=alias)
+    await _unplug(launched.client, alias, what, unplugged)
+    if isinstance(dev, Chardev):
+        await _finish_chardev_detach(conn, launched, dev, alias)
+    else:
+        await _finish_hostdev_detach(conn, launched, dev, alias)
 
 
 async def _finish_chardev_detach(conn: Connection, launched: Launched, chardev: Chardev,
@@ -308,9 +318,7 @@ async def attach_hostdev(conn: Connection, launched: Launched, el: etree._Elemen
             device["hostdevice"] = f"/dev/fdset/{fdsets[0]}"
             await call(client, "device_add", device)
         except BaseException:
-            for fdset in fdsets:
-                with contextlib.suppress(VmconfineError):
-                    await call(client, "remove-fd", {"fdset-id": fdset})
+            await hotplug.undo_nodes(client, [], fdsets)
             conn.stack.restore("restore_hostdev_label", ctx, hostdev=hostdev)
             ctx.journal.record(JOURNAL, "attach-undone", kind="hostdev", target=alias)
             raise
@@ -340,14 +348,10 @@ def _fdsets(ctx: DomainContext, alias: str) -> list[int]:
 
 async def detach_hostdev(conn: Connection, launched: Launched, el: etree._Element,
                          unplugged: dict[str, asyncio.Future[None]]) -> Hostdev:
-    client = launched.client
-    assert client is not None
-    ctx = launched.ctx
-    hostdev = find_hostdev(ctx.domain, el)
-    alias = hostdev_alias(ctx.domain, hostdev)
-    ctx.journal.record(JOURNAL, "detach", kind="hostdev", target=alias)
-    await _unplug(client, alias, f"USB device {_usb_name(hostdev)}", unplugged)
-    await _finish_hostdev_detach(conn, launched, hostdev, alias)
+    hostdev = find_hostdev(launched.ctx.domain, el)
+    alias = hostdev_alias(launched.ctx.domain, hostdev)
+    await _detach(conn, launched, hostdev, alias, f"USB device {_usb_name(hostdev)}",
+                  unplugged)
     return hostdev
 
 
@@ -355,9 +359,7 @@ async def _finish_hostdev_detach(conn: Connection, launched: Launched, hostdev: 
                                  alias: str) -> None:
     client, ctx = launched.client, launched.ctx
     assert client is not None
-    for fdset in _fdsets(ctx, alias):
-        with contextlib.suppress(VmconfineError):
-            await call(client, "remove-fd", {"fdset-id": fdset})
+    await hotplug.undo_nodes(client, [], _fdsets(ctx, alias))
     conn.stack.restore("restore_hostdev_label", ctx, hostdev=hostdev)
     assert hostdev.element is not None
     ctx.domain = without_element(ctx.domain, hostdev.element)

@@ -18,7 +18,6 @@ interrupted, from what QEMU's ``query-block`` shows.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,14 @@ from vmconfine.domain import Disk, Domain, parse_domain
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.errors import LaunchError, VmconfineError
 from vmconfine.launch import pipeline
-from vmconfine.launch.hotplug import JOURNAL, _has_device, _next_node, _pass_fds, call
+from vmconfine.launch.hotplug import (
+    JOURNAL,
+    _has_device,
+    _next_node,
+    add_nodes,
+    call,
+    undo_nodes,
+)
 from vmconfine.qemu.argv_devices import UnsupportedConfigError
 from vmconfine.qemu.hotplug import DiskPlan, plan_drive
 
@@ -127,15 +133,6 @@ def _fdsets(ctx: Any, target: str) -> list[int]:
     return []
 
 
-async def _delete(client: QMPClient, nodes: list[str], fdsets: list[int]) -> None:
-    for name in nodes:
-        with contextlib.suppress(LaunchError):
-            await call(client, "blockdev-del", {"node-name": name})
-    for fdset in fdsets:
-        with contextlib.suppress(LaunchError):
-            await call(client, "remove-fd", {"fdset-id": fdset})
-
-
 async def change_media(conn: Connection, launched: Launched, target: str,
                        source: str | None, action: str, *, force: bool = False) -> str:
     """Change the medium of drive ``target``; return virsh's line for what was done."""
@@ -194,7 +191,8 @@ async def _eject(conn: Connection, launched: Launched, disk: Disk, device_id: st
     except LaunchError as exc:
         raise VmconfineError(f"the guest keeps the tray of {disk.target} locked ({exc}); "
                              "use --force to open it anyway") from None
-    await _delete(client, await _chain(client, top) if top else [], _fdsets(ctx, disk.target))
+    await undo_nodes(client, list(reversed(await _chain(client, top))) if top else [],
+                     _fdsets(ctx, disk.target))
     ctx.domain = empty
     conn.stack.restore("restore_image_label", ctx, disk=disk)
     ctx.journal.record(MEDIA, "ejected", target=disk.target)
@@ -219,16 +217,13 @@ async def _insert(conn: Connection, launched: Launched, new: tuple[Domain, Disk]
     fdsets: list[int] = []
     added: list[str] = []
     try:
-        await _pass_fds(client, plan, fdsets)
-        for node in plan.blockdevs:
-            await call(client, "blockdev-add", node)
-            added.append(node["node-name"])
+        await add_nodes(client, plan, fdsets, added)
         await call(client, "blockdev-open-tray", {"id": device_id, "force": force})
         await call(client, "blockdev-insert-medium",
                    {"id": device_id, "node-name": plan.node_names[-1]})
         await call(client, "blockdev-close-tray", {"id": device_id})
     except BaseException:
-        await _delete(client, list(reversed(added)), fdsets)
+        await undo_nodes(client, added, fdsets)
         conn.stack.restore("restore_image_label", ctx, disk=disk)
         ctx.domain = empty
         pipeline.write_status(conn, launched)
@@ -265,7 +260,7 @@ async def reconcile(conn: Connection, launched: Launched) -> list[str]:
             done.append(f"media change of {target} completed")
             continue
         if rec["op"] == "labelling":
-            await _delete(client, list(reversed(nodes)), [])
+            await undo_nodes(client, nodes, [])
             new = find_drive(parse_domain(intent["new"], source=str(ctx.journal.path),
                                           live=True), target)
             conn.stack.restore("restore_image_label", ctx, disk=new)

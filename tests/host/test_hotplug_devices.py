@@ -98,6 +98,11 @@ def test_change_media_eject_insert_update(env: Env) -> None:
     # a compromised QEMU cannot open the new medium itself: Landlock was fixed at exec
     denied = env.qmp("blockdev-add", driver="file", filename=str(new), **{"node-name": "evil"})
     assert "Permission denied" in json.dumps(denied), denied
+    # control: the medium it was started with is in its ruleset, so the same command works
+    ctl = env.qmp("blockdev-add", driver="file", filename=str(env.path / "old.iso"),
+                  **{"node-name": "ctl", "read-only": True})
+    assert ctl == {"return": {}}, ctl
+    assert env.qmp("blockdev-del", **{"node-name": "ctl"}) == {"return": {}}
 
     out = env.cli("change-media", NAME, "fda", str(new), "--update")
     assert out.returncode == 0 and out.stdout.strip() == "Successfully updated media.", out.stderr
@@ -183,16 +188,31 @@ def test_chardev_channel_socket_passed_and_removed(env: Env) -> None:
 
 
 def test_compromised_qemu_cannot_connect_to_a_socket(env: Env) -> None:
-    """The control for the channel test: by path, QEMU reaches no socket Landlock did not
-    grant at exec."""
+    """A hotplugged channel's socket is vmconfine's (root, 0600): QEMU holds it as a listening
+    descriptor but cannot connect to it (or any such socket) by path. Control: the same
+    chardev-add reaches a socket whose mode lets QEMU's account in, so the denial is real."""
     path = env.path / "victim.sock"
+    dev = env.path / "victim.xml"
+    dev.write_text(f"<channel type='unix'><source mode='bind' path='{path}'/>"
+                   "<target type='virtio' name='org.example.victim'/></channel>")
+    assert env.cli("attach-device", NAME, str(dev)).returncode == 0
+
+    def connect(cid: str, target: Path) -> dict:
+        return env.qmp("chardev-add", id=cid, backend={"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": str(target)}}, "server": False}})
+
+    denied = connect("evil", path)
+    assert "Permission denied" in json.dumps(denied), denied
+    assert env.cli("detach-device", NAME, str(dev)).returncode == 0
+    control = env.path / "open.sock"
     with socket.socket(socket.AF_UNIX) as s:
-        s.bind(str(path))
+        s.bind(str(control))
+        os.chmod(control, 0o666)
         s.listen(1)
-        out = env.qmp("chardev-add", id="evil", backend={"type": "socket", "data": {
-            "addr": {"type": "unix", "data": {"path": str(path)}}, "server": False}})
-        assert "error" in out, out
-    path.unlink()
+        reached = connect("control", control)
+        assert reached == {"return": {}}, reached
+    assert env.qmp("chardev-remove", id="control") == {"return": {}}
+    control.unlink()
 
 
 def test_usb_hostdev_refused_when_absent(env: Env) -> None:

@@ -8,18 +8,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.host.conftest import SCRATCH_PARENT, Embed
+from tests.host.conftest import SCRATCH_PARENT, VMCONFINE, Embed
 from tests.host.test_daemon import Daemon, destroy_running
-from tests.support import require
+from tests.support import REPO, require
 
 pytestmark = pytest.mark.host
 
@@ -298,3 +300,43 @@ def test_block_disk_node_follows_into_private_dev(env: Env) -> None:
         assert os.stat(loop).st_uid == 0
     finally:
         subprocess.run([losetup, "-d", loop], check=False)
+
+
+def test_kill_during_change_media_is_rolled_back_at_reconnect(env: Env) -> None:
+    """kill -9 of the daemon after the new medium is labelled: the next daemon rolls it back
+    (labels given back, the drive empty, as QEMU has it) and manages the domain again."""
+    d = env.d
+    new = image(env.path / "crash.img")
+    before = new.stat().st_uid
+    if env.medium("fdc0-0-0") is None:
+        assert env.cli("change-media", NAME, "fda", str(image(env.path / "x.img")),
+                       "--insert").returncode == 0
+    d.stop()
+    logf = open(d.log, "a")
+    d.proc = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, "daemon"],
+                              env={**os.environ, "VMCONFINE_PAUSE_AT": "media-labelled"},
+                              stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=REPO,
+                              start_new_session=True)
+    logf.close()
+    deadline = time.monotonic() + 60
+    while not (d.rw.exists() and "reconnected" in d.log.read_text()):
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.log.read_text()
+        time.sleep(0.05)
+    change = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, "change-media", NAME, "fda",
+                               str(new)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=REPO)
+    while "paused at media-labelled" not in d.log.read_text():
+        assert time.monotonic() < deadline, d.log.read_text()
+        time.sleep(0.05)
+    assert new.stat().st_uid != before  # labelled, not inserted
+    d.stop(signal.SIGKILL)
+    change.wait(timeout=60)
+    assert change.returncode == 1
+    d.start()
+    assert "media change of fda rolled back" in d.log.read_text()
+    assert new.stat().st_uid == before
+    assert env.medium("fdc0-0-0") is None
+    assert "crash.img" not in env.cli("dumpxml", NAME).stdout
+    assert env.cli("change-media", NAME, "fda", str(new), "--insert").returncode == 0
+    assert env.cli("change-media", NAME, "fda", "--eject").returncode == 0
+    assert new.stat().st_uid == before

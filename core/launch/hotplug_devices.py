@@ -421,12 +421,12 @@ async def reconcile(conn: Connection, launched: Launched) -> list[str]:
                 ctx.journal.record(JOURNAL, "attached", kind=kind, target=alias, fdsets=[])
                 done.append(f"attach of {kind} {alias} completed")
                 continue
-            if kind == "chardev":
+            if isinstance(dev, Chardev):
                 with contextlib.suppress(VmconfineError):
                     await call(client, "chardev-remove", {"id": f"char{alias}"})
                 conn.stack.restore("restore_chardev_label", ctx, chardev=dev)
-                _remove_socket(ctx, getattr(dev, "path", None))
-            else:
+                _remove_socket(ctx, dev.path)
+            elif isinstance(dev, Hostdev):
                 conn.stack.restore("restore_hostdev_label", ctx, hostdev=dev)
             ctx.journal.record(JOURNAL, "attach-undone", kind=kind, target=alias)
             done.append(f"attach of {kind} {alias} rolled back")

@@ -302,41 +302,71 @@ def test_block_disk_node_follows_into_private_dev(env: Env) -> None:
         subprocess.run([losetup, "-d", loop], check=False)
 
 
+def _restart_paused_at(env: Env, step: str) -> float:
+    """Restart the daemon so that it pauses at ``step``; return the deadline for waiting."""
+    d = env.d
+    d.stop()
+    logf = open(d.log, "a")
+    d.proc = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, "daemon"],
+                              env={**os.environ, "VMCONFINE_PAUSE_AT": step},
+                              stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=REPO,
+                              start_new_session=True)
+    logf.close()
+    deadline = time.monotonic() + 60
+    while not (d.rw.exists() and d.log.read_text().count("reconnected") >= 1):
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.log.read_text()
+        time.sleep(0.05)
+    return deadline
+
+
+def _kill_when_paused(env: Env, step: str, command: list[str], deadline: float) -> None:
+    d = env.d
+    seen = d.log.read_text().count(f"paused at {step}")
+    proc = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    while d.log.read_text().count(f"paused at {step}") == seen:
+        assert time.monotonic() < deadline, d.log.read_text()
+        time.sleep(0.05)
+    d.stop(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == 1
+
+
 def test_kill_during_change_media_is_rolled_back_at_reconnect(env: Env) -> None:
     """kill -9 of the daemon after the new medium is labelled: the next daemon rolls it back
     (labels given back, the drive empty, as QEMU has it) and manages the domain again."""
-    d = env.d
     new = image(env.path / "crash.img")
     before = new.stat().st_uid
     if env.medium("fdc0-0-0") is None:
         assert env.cli("change-media", NAME, "fda", str(image(env.path / "x.img")),
                        "--insert").returncode == 0
-    d.stop()
-    logf = open(d.log, "a")
-    d.proc = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, "daemon"],
-                              env={**os.environ, "VMCONFINE_PAUSE_AT": "media-labelled"},
-                              stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, cwd=REPO,
-                              start_new_session=True)
-    logf.close()
-    deadline = time.monotonic() + 60
-    while not (d.rw.exists() and "reconnected" in d.log.read_text()):
-        assert time.monotonic() < deadline and d.proc.poll() is None, d.log.read_text()
-        time.sleep(0.05)
-    change = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, "change-media", NAME, "fda",
-                               str(new)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              cwd=REPO)
-    while "paused at media-labelled" not in d.log.read_text():
-        assert time.monotonic() < deadline, d.log.read_text()
-        time.sleep(0.05)
-    assert new.stat().st_uid != before  # labelled, not inserted
-    d.stop(signal.SIGKILL)
-    change.wait(timeout=60)
-    assert change.returncode == 1
-    d.start()
-    assert "media change of fda rolled back" in d.log.read_text()
+    deadline = _restart_paused_at(env, "media-labelled")
+    _kill_when_paused(env, "media-labelled", ["change-media", NAME, "fda", str(new)], deadline)
+    env.d.start()
+    assert "media change of fda rolled back" in env.d.log.read_text()
     assert new.stat().st_uid == before
     assert env.medium("fdc0-0-0") is None
     assert "crash.img" not in env.cli("dumpxml", NAME).stdout
     assert env.cli("change-media", NAME, "fda", str(new), "--insert").returncode == 0
     assert env.cli("change-media", NAME, "fda", "--eject").returncode == 0
     assert new.stat().st_uid == before
+
+
+def test_kill_during_chardev_attach_is_rolled_back_at_reconnect(env: Env) -> None:
+    """The same for a channel killed after its socket is made and labelled: the next daemon
+    removes the socket and the device never appears."""
+    sock = env.path / "crash.sock"
+    dev = env.path / "crash-channel.xml"
+    dev.write_text(f"<channel type='unix'><source mode='bind' path='{sock}'/>"
+                   "<target type='virtio' name='org.example.crash'/></channel>")
+    deadline = _restart_paused_at(env, "hotplug-labelled")
+    _kill_when_paused(env, "hotplug-labelled", ["attach-device", NAME, str(dev)], deadline)
+    assert sock.is_socket()  # made, not handed to QEMU
+    env.d.start()
+    assert "attach of chardev channel0 rolled back" in env.d.log.read_text()
+    assert not sock.exists()
+    assert "channel0" not in env.peripherals()
+    assert "org.example.crash" not in env.cli("dumpxml", NAME).stdout
+    assert env.cli("attach-device", NAME, str(dev)).returncode == 0
+    assert env.cli("detach-device", NAME, str(dev)).returncode == 0
+    assert not sock.exists()

@@ -113,6 +113,9 @@ def test_change_media_eject_insert_update(env: Env) -> None:
     assert old.stat().st_uid == 0  # the old medium's owner given back
     assert str(new) in env.cli("dumpxml", NAME).stdout
     assert str(old) in env.cli("dumpxml", "--inactive", NAME).stdout  # --live only
+    report = env.cli("confinement", NAME)
+    assert report.returncode == 0 and str(new) in report.stdout and str(old) not in \
+        report.stdout, report.stdout + report.stderr
     # QEMU reads the new medium through the fd
     assert "error" not in env.qmp("human-monitor-command",
                                   **{"command-line": 'qemu-io fdc0-0-0 "read 0 512"'})
@@ -161,6 +164,7 @@ def test_chardev_channel_socket_passed_and_removed(env: Env) -> None:
         s.connect(str(sock))
     live = env.cli("dumpxml", NAME).stdout
     assert "org.example.agent" in live and "<alias name=\"channel0\"/>" in live
+    assert str(sock) in env.cli("confinement", NAME).stdout
 
     # a generated path when none is given
     gen = env.path / "gen.xml"

@@ -176,7 +176,15 @@ async def attach_chardev(conn: Connection, launched: Launched, el: etree._Elemen
             if sock is not None:
                 client.send_fd_scm(sock.fileno())
                 await call(client, "getfd", {"fdname": plan.chardev_id})
-            await call(client, "chardev-add", plan.backend)
+            try:
+                await call(client, "chardev-add", plan.backend)
+            except VmconfineError as exc:
+                if chardev.type == "pty" and "Permission denied" in str(exc):
+                    raise VmconfineError(
+                        f"<{chardev.kind} type='pty'>: QEMU may not open /dev/ptmx (its "
+                        "confinement, fixed at start, grants it only to a domain started "
+                        "with a pty chardev); use type='unix' with mode='bind'") from None
+                raise
             added = True
             await call(client, "device_add", plan.device)
         except BaseException:

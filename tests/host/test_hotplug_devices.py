@@ -73,7 +73,7 @@ def env() -> Iterator[Env]:
     xml = path / "dom.xml"
     xml.write_text(
         f"<domain type='qemu'><name>{NAME}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>"
-        "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+        "<os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features><devices>"
         "<emulator>/usr/bin/qemu-system-x86_64</emulator>"
         "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
         f"<source file='{old}'/><target dev='hdc' bus='ide'/><readonly/></disk>"
@@ -183,6 +183,30 @@ def test_chardev_channel_socket_passed_and_removed(env: Env) -> None:
     assert "channel0" not in env.peripherals()
     assert "charchannel0" not in {c["label"] for c in env.qmp("query-chardev")["return"]}
     assert "org.example" not in env.cli("dumpxml", NAME).stdout
+
+    # a virtio console and a PCI serial port over passed sockets
+    con = env.path / "console.xml"
+    con.write_text(f"<console type='unix'><source mode='bind' path='{env.path}/con.sock'/>"
+                   "<target type='virtio'/></console>")
+    assert env.cli("attach-device", NAME, str(con)).returncode == 0
+    assert "console0" in env.peripherals()
+    assert env.cli("detach-device", NAME, str(con)).returncode == 0
+    assert "console0" not in env.peripherals() and not (env.path / "con.sock").exists()
+    # a pty needs /dev/ptmx, which Landlock (fixed at exec) grants only to a domain started
+    # with a pty: refused with one line, nothing left behind
+    pty = env.path / "pty.xml"
+    pty.write_text("<console type='pty'><target type='virtio'/></console>")
+    out = env.cli("attach-device", NAME, str(pty))
+    assert out.returncode == 1 and "may not open /dev/ptmx" in out.stderr, out.stderr
+    assert "console0" not in env.peripherals()
+    assert "charconsole0" not in {c["label"] for c in env.qmp("query-chardev")["return"]}
+    pci = env.path / "pci-serial.xml"
+    pci.write_text(f"<serial type='unix'><source mode='bind' path='{env.path}/pci.sock'/>"
+                   "<target type='pci-serial'/></serial>")
+    out = env.cli("attach-device", NAME, str(pci), "--live")
+    assert out.returncode == 0, out.stderr
+    assert "serial0" in env.peripherals() and (env.path / "pci.sock").is_socket()
+    # (a PCI device leaves only with the guest's ACPI help: this paused guest keeps it)
 
     # refusals: nothing is left behind
     isa = env.path / "isa.xml"

@@ -398,3 +398,26 @@ def test_kill_during_chardev_attach_is_rolled_back_at_reconnect(env: Env) -> Non
     assert env.cli("attach-device", NAME, str(dev)).returncode == 0
     assert env.cli("detach-device", NAME, str(dev)).returncode == 0
     assert not sock.exists()
+
+
+def test_nested_node_and_refusal_outside_the_dev_tmpfs(env: Env) -> None:
+    """What a USB node needs (directories on its way, /dev/bus/usb/BBB/DDD), made and removed
+    in QEMU's running /dev by the namespaces driver's primitive; a path whose directory is not
+    on the view's tmpfs (devpts) is refused, nothing created."""
+    from vmconfine_namespaces import live
+    from vmconfine_namespaces.plan import Entry
+
+    pid = env.pid()
+    require(os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"),
+            "the namespaces driver is not in the stack (no private /dev)")
+    root = f"/proc/{pid}/root/dev"
+    entries = [Entry("/dev/vmc-bus", "dir"), Entry("/dev/vmc-bus/001", "dir"),
+               Entry("/dev/vmc-bus/001/002", "bind", "/dev/null", readonly=False)]
+    live.add(pid, False, entries)
+    node = os.stat(f"{root}/vmc-bus/001/002")
+    assert stat.S_ISCHR(node.st_mode) and node.st_rdev == os.stat("/dev/null").st_rdev
+    live.remove(pid, False, entries)
+    assert "vmc-bus" not in os.listdir(root)
+    with pytest.raises(OSError, match="not on QEMU's /dev tmpfs"):
+        live.add(pid, False, [Entry("/dev/pts/vmc-evil", "bind", "/dev/null", readonly=False)])
+    assert "vmc-evil" not in os.listdir(f"{root}/pts")

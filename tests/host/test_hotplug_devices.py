@@ -176,6 +176,13 @@ def test_chardev_channel_socket_passed_and_removed(env: Env) -> None:
                  and p.startswith("/")]
     assert generated and Path(generated[0]).is_socket(), live
 
+    # --config: the definition gains and loses the channel; the running domain is untouched
+    assert env.cli("attach-device", NAME, str(dev), "--config").returncode == 0
+    assert "org.example.agent" in env.cli("dumpxml", "--inactive", NAME).stdout
+    assert env.cli("detach-device", NAME, str(dev), "--config").returncode == 0
+    assert "org.example.agent" not in env.cli("dumpxml", "--inactive", NAME).stdout
+    assert "channel0" in env.peripherals()
+
     for xml in (dev, gen):
         out = env.cli("detach-device", NAME, str(xml))
         assert out.returncode == 0, out.stderr

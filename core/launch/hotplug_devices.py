@@ -65,14 +65,26 @@ def chardev_alias(domain: Domain, chardev: Chardev) -> str:
     alias = alias_of(chardev.element)
     if alias:
         return alias
+    if chardev.kind == "console" and (chardev.target_type or "serial") == "serial":
+        return "serial0"  # the serial console is serial port 0 (libvirt's alias too)
     same = [c for c in domain.chardevs if c.kind == chardev.kind]
-    if chardev.kind == "serial":
-        same = [c for c in same if c.target_port is None] or same
     return f"{CHARDEV_ALIAS.get(chardev.kind, chardev.kind)}{same.index(chardev)}"
 
 
 def hostdev_alias(domain: Domain, hostdev: Hostdev) -> str:
     return alias_of(hostdev.element) or f"hostdev{domain.hostdevs.index(hostdev)}"
+
+
+def stamp_aliases(domain: Domain) -> None:
+    """Write the command line's alias into every chardev and hostdev of the live domain that
+    has none, before the first chardev or hostdev hotplug changes the order they were
+    numbered in (a later detach then finds the device QEMU has under that id)."""
+    names = [(c.element, chardev_alias(domain, c)) for c in domain.chardevs
+             if c.kind in CHARDEV_ALIAS]
+    names += [(h.element, hostdev_alias(domain, h)) for h in domain.hostdevs]
+    for el, alias in names:
+        if el is not None and alias_of(el) is None:
+            _set_alias(el, alias)
 
 
 async def _taken(client: QMPClient) -> set[str]:
@@ -145,6 +157,7 @@ async def attach_chardev(conn: Connection, launched: Launched, el: etree._Elemen
     client = launched.client
     assert client is not None
     ctx = launched.ctx
+    stamp_aliases(ctx.domain)
     domain, new_el = with_element(ctx.domain, el)
     chardev = _new_chardev(domain, new_el)
     if chardev.path and any(c.path == chardev.path for c in ctx.domain.chardevs):
@@ -228,6 +241,7 @@ async def detach_chardev(conn: Connection, launched: Launched, el: etree._Elemen
                          unplugged: dict[str, asyncio.Future[None]]) -> Chardev:
     client = launched.client
     assert client is not None
+    stamp_aliases(launched.ctx.domain)
     chardev = find_chardev(launched.ctx.domain, el)
     alias = chardev_alias(launched.ctx.domain, chardev)
     if alias not in await _taken(client):
@@ -302,6 +316,7 @@ async def attach_hostdev(conn: Connection, launched: Launched, el: etree._Elemen
     client = launched.client
     assert client is not None
     ctx = launched.ctx
+    stamp_aliases(ctx.domain)
     domain, new_el = with_element(ctx.domain, el)
     hostdev = next(h for h in domain.hostdevs if h.element is new_el)
     plan_usb_hostdev(domain, conn.instance.config, hostdev, "check", 0)  # refusals first
@@ -356,6 +371,7 @@ def _fdsets(ctx: DomainContext, alias: str) -> list[int]:
 
 async def detach_hostdev(conn: Connection, launched: Launched, el: etree._Element,
                          unplugged: dict[str, asyncio.Future[None]]) -> Hostdev:
+    stamp_aliases(launched.ctx.domain)
     hostdev = find_hostdev(launched.ctx.domain, el)
     alias = hostdev_alias(launched.ctx.domain, hostdev)
     await _detach(conn, launched, hostdev, alias, f"USB device {_usb_name(hostdev)}",

@@ -95,3 +95,18 @@ def test_media_source_replaced_or_removed(tmp_path: Path) -> None:
         find_drive(domain, "hdz")
     with pytest.raises(UnsupportedConfigError, match="absolute"):
         with_source(domain, drive, "b.iso")
+
+
+def test_start_aliases_are_stamped_before_the_order_changes() -> None:
+    from vmconfine.launch.hotplug_devices import alias_of, stamp_aliases
+
+    domain = parse_domain(DOMAIN.format(extra=(
+        "<console type='pty'/>"
+        "<channel type='pty'><target type='virtio' name='a'/></channel>"
+        "<channel type='pty'><target type='virtio' name='b'/></channel>")))
+    stamp_aliases(domain)
+    assert [alias_of(c.element) for c in domain.chardevs] == ["serial0", "channel0", "channel1"]
+    first = domain.chardevs[1]
+    assert first.element is not None
+    later = without_element(domain, first.element)
+    assert [alias_of(c.element) for c in later.chardevs] == ["serial0", "channel1"]

@@ -270,6 +270,16 @@ def test_usb_hostdev_refused_when_absent(env: Env) -> None:
     assert out.returncode == 1 and "bus 250 device 250 is not on this host" in out.stderr
     out = env.cli("detach-device", NAME, str(dev))
     assert out.returncode == 1 and "no USB host device feed:beef" in out.stderr
+    for text, words in (("<hostdev mode='subsystem' type='usb'><source>", "device XML"),
+                        ("<interface type='user'/>", "cannot be attached or detached"),
+                        ("<hostdev mode='subsystem' type='pci'><source><address domain='0' "
+                         "bus='0' slot='9' function='0'/></source></hostdev>",
+                         "only mode='subsystem' type='usb'")):
+        dev.write_text(text)
+        out = env.cli("attach-device", NAME, str(dev))
+        assert out.returncode == 1 and words in out.stderr, out.stderr
+        assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert env.peripherals() == before
 
 
 def _usb_device() -> tuple[int, int] | None:

@@ -152,13 +152,19 @@ def _remove_socket(ctx: DomainContext, path: str | None) -> list[str]:
         [r for r in ctx.journal.records("pipeline", "socket-inode") if r.get("path") == path])
 
 
+def _begin_attach(launched: Launched, el: etree._Element,
+                  ) -> tuple[QMPClient, DomainContext, Domain, etree._Element]:
+    """The QMP client, the context, and the live domain with the device added (the start's
+    aliases written first)."""
+    assert launched.client is not None
+    stamp_aliases(launched.ctx.domain)
+    domain, new_el = with_element(launched.ctx.domain, el)
+    return launched.client, launched.ctx, domain, new_el
+
+
 async def attach_chardev(conn: Connection, launched: Launched, el: etree._Element) -> Chardev:
     """Attach one ``<serial>``/``<console>``/``<channel>``; all or nothing."""
-    client = launched.client
-    assert client is not None
-    ctx = launched.ctx
-    stamp_aliases(ctx.domain)
-    domain, new_el = with_element(ctx.domain, el)
+    client, ctx, domain, new_el = _begin_attach(launched, el)
     chardev = _new_chardev(domain, new_el)
     if chardev.path and any(c.path == chardev.path for c in ctx.domain.chardevs):
         raise UnsupportedConfigError(f"domain '{ctx.domain.name}' already has a chardev at "
@@ -313,11 +319,7 @@ def _open_usb(h: Hostdev) -> tuple[str, int]:
 
 async def attach_hostdev(conn: Connection, launched: Launched, el: etree._Element) -> Hostdev:
     """Attach one USB ``<hostdev>``; all or nothing."""
-    client = launched.client
-    assert client is not None
-    ctx = launched.ctx
-    stamp_aliases(ctx.domain)
-    domain, new_el = with_element(ctx.domain, el)
+    client, ctx, domain, new_el = _begin_attach(launched, el)
     hostdev = next(h for h in domain.hostdevs if h.element is new_el)
     plan_usb_hostdev(domain, conn.instance.config, hostdev, "check", 0)  # refusals first
     if any(_same_usb(h, hostdev) for h in ctx.domain.hostdevs):

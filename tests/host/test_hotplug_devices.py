@@ -339,6 +339,10 @@ def test_block_disk_node_follows_into_private_dev(env: Env) -> None:
         assert stat.S_ISBLK(inside.st_mode) and inside.st_rdev == os.stat(loop).st_rdev
         assert inside.st_uid != 0  # the host's node, as DAC labelled it (a bind, not a copy)
         assert "scsi0-0-0-1" in env.peripherals()
+        # a restarted daemon re-verifies QEMU's /dev against the plan, which has the node
+        env.d.stop()
+        env.d.start()
+        assert "not managed" not in env.d.log.read_text(), env.d.log.read_text()[-2000:]
         out = env.cli("detach-device", NAME, str(dev))
         assert out.returncode == 0, out.stderr
         assert name not in os.listdir(f"/proc/{pid}/root/dev")

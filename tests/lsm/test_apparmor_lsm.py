@@ -8,7 +8,8 @@ is readable after the attach and denied after the detach, a restart loads the ca
 (no compile) that confines the same way. The same boot runs tests/lsm/guest_e2e.py: ``vmconfine
 run`` starts real QEMUs under their profiles, a QEMU asked over QMP to open another domain's
 image or a file outside its domain is refused (a ``none`` control run opens both), and SIGKILL
-of ``vmconfine run`` at every pipeline step is cleaned up by the next command.
+of ``vmconfine run`` at every pipeline step is cleaned up by the next command. It also runs
+tests/lsm/guest_smoke.py first: the kernel enforces a profile loaded by apparmor_parser alone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsm.e2e_checks import assert_e2e
+from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_e2e, assert_smoke
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
@@ -30,9 +31,10 @@ E2E = "tests/lsm/guest_e2e.py"
 def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
                                                 tmp_path: Path) -> None:
     result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
-                          timeout=900, memory_mib=1024, pytest_args=[E2E])
+                          timeout=900, memory_mib=1024, pytest_args=[SMOKE, E2E])
     assert not result.timed_out, result.tail()
     assert result.outcomes() == {
+        **SMOKE_OUTCOMES["apparmor"],
         "test_driver_profile_confines_and_is_unloaded": "passed",
         "test_over_broad_profile_is_caught": "passed",
         "test_hotplugged_disk_is_readable_then_denied": "passed",
@@ -41,6 +43,7 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
     }, result.tail(120)
     assert result.exit_code == 0, result.tail()
+    assert_smoke("apparmor", tmp_path)
     seen = json.loads((tmp_path / "apparmor-driver.json").read_text())
     confined = seen["confined"]
     assert confined["own_disk"] == "ok"

@@ -51,6 +51,7 @@ from vmconfine.domain.devices import (
     default_disk_bus,
     parse_devices,
 )
+from vmconfine.domain.display import Audio, Redirdev, Sound, Video
 from vmconfine.domain.guest import (
     Clock,
     Cpu,
@@ -251,6 +252,11 @@ class Domain:
     rngs: list[Rng] = field(default_factory=list)
     filesystems: list[Filesystem] = field(default_factory=list)
     watchdogs: list[Watchdog] = field(default_factory=list)
+    videos: list[Video] = field(default_factory=list)
+    sounds: list[Sound] = field(default_factory=list)
+    redirdevs: list[Redirdev] = field(default_factory=list)
+    #: top-level ``<audio>`` backends (libvirt 7.2+)
+    audios: list[Audio] = field(default_factory=list)
     seclabels: list[SecLabel] = field(default_factory=list)
     qemu_args: list[str] = field(default_factory=list)
     qemu_env: list[tuple[str, str | None]] = field(default_factory=list)
@@ -555,6 +561,8 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         inputs=devices.inputs, controllers=devices.controllers,
         memballoon=devices.memballoon, tpms=devices.tpms, rngs=devices.rngs,
         filesystems=devices.filesystems, watchdogs=devices.watchdogs,
+        videos=devices.videos, sounds=devices.sounds, redirdevs=devices.redirdevs,
+        audios=devices.audios,
         seclabels=parse_seclabels(ctx, root),
         state=read_state(root))
     generated = dom.state.get("generated", [])

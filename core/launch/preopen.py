@@ -196,6 +196,29 @@ def listen(journal: Journal, path: str) -> socket.socket:
     return s
 
 
+def clear_qemu_socket(journal: Journal, path: str) -> None:
+    """Make way for a listening socket QEMU creates itself (the SPICE socket: QEMU 7.2's
+    ``-spice`` takes no fd): a stale socket there is removed, anything else refused; the
+    path is journaled like vmconfine's own sockets, so teardown removes it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise LaunchError(f"cannot check socket {path}: {exc.strerror}; {_fix(path, exc)}"
+                          ) from None
+    if st is not None and not stat.S_ISSOCK(st.st_mode):
+        raise LaunchError(f"cannot create socket {path}: something that is not a socket is "
+                          "there; remove it or give the graphics another socket path")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise LaunchError(f"cannot create socket {path}: "
+                          f"{_fix(path, FileNotFoundError(errno.ENOENT, 'missing'))}")
+    journal.record("pipeline", "socket", path=path)
+    if st is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def _fix(path: str, exc: OSError) -> str:
     parent = os.path.dirname(os.path.abspath(path))
     if exc.errno == errno.ENOENT:

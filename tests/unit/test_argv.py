@@ -363,7 +363,7 @@ def _modified(case: str, old: str, new: str) -> str:
         ("firmware-rom", "<loader type='rom'>", "<loader type='bogus'>", "loader type"),
         ("qemu-pc", "<memballoon model='virtio'/>",
          "<tpm model='tpm-tis'><backend type='emulator'/></tpm>", "<tpm>"),
-        ("vnc-port", "type='vnc'", "type='spice'", "graphics type 'spice'"),
+        ("vnc-port", "type='vnc'", "type='sdl'", "graphics type 'sdl'"),
         ("serial-pty", "<target type='serial' port='0'/>", "<target type='sclp'/>",
          "console target type"),
         ("channel", "<target type='virtio' name='org.example.pty.0'/>",

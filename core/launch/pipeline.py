@@ -247,6 +247,8 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         vnc = preopened.take("vnc")
         if vnc is not None:
             await _hand_over_vnc(launched.client, launched, vnc)
+        if spice is not None and spice.socket:
+            preopen.claim_socket(spice.socket)
         await _set_spice_password(launched.client, launched, inst.config)
         checkpoint("qmp")
         # 6. verify

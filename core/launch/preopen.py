@@ -219,6 +219,28 @@ def clear_qemu_socket(journal: Journal, path: str) -> None:
             os.unlink(path)
 
 
+def claim_socket(path: str) -> None:
+    """Make a listening socket QEMU created itself (SPICE) vmconfine's: owner vmconfine's uid
+    (root in a privileged instance), mode :data:`SOCKET_MODE`. QEMU keeps listening on its
+    descriptor; no other QEMU of the same uid can connect to the file any more (as with the
+    sockets vmconfine creates). The inode is checked to be a socket through an ``O_PATH``
+    descriptor that does not follow a symlink, and changed through that descriptor."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LaunchError(f"QEMU did not create the socket {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise LaunchError(f"{path} is not the socket QEMU was to create; refusing it")
+        proc = f"/proc/self/fd/{fd}"
+        os.chown(proc, os.geteuid(), os.getegid())
+        os.chmod(proc, SOCKET_MODE)
+    except OSError as exc:
+        raise LaunchError(f"cannot take over the socket {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
 def _fix(path: str, exc: OSError) -> str:
     parent = os.path.dirname(os.path.abspath(path))
     if exc.errno == errno.ENOENT:

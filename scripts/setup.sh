@@ -18,6 +18,7 @@ APT_PACKAGES=(
   libvirt0                              # domain.rng, the schema of --validate
   util-linux                            # setpriv, losetup
   openssh-client openssh-server openssl # remote URIs: ssh transport, its test sshd, TLS test PKI
+  python3-cryptography                  # the SPICE test client encrypts its ticket (RSA-OAEP)
   ca-certificates
 )
 

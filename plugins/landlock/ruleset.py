@@ -246,7 +246,7 @@ def add_resource(b: _Builder, res: Resource) -> None:
     if not res.path or res.passed:
         return
     st = _stat(res.path)
-    if st is None and res.create:
+    if st is None and res.create and not res.is_dir:
         # QEMU creates it (the SPICE socket outside the domain's home): the directory lets
         # it make a socket, and nothing else
         b.path(os.path.dirname(os.path.normpath(res.path)), SOCK_DIR, res.role, is_dir=True)

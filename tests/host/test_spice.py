@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import socket
 import ssl
@@ -240,3 +241,37 @@ def test_command_line_matches_libvirts(libvirt: LibvirtEmbed,  # noqa: F811
                 assert addr.endswith("/spice.sock"), addr
         assert mine == lv, (name, mine, lv)
         assert mine["devices"] and mine["spice"]
+
+
+def test_spice_socket_of_the_xml_in_a_root_view(vm_dir: VmDir) -> None:
+    """A socket path the XML names, in a directory of QEMU's account, under the per-domain
+    root view (QEMU's SPICE modules and their libraries must be in the view)."""
+    abi, why = syscalls.probe_abi()
+    require(abi > 0, f"needs Landlock: {why}")
+    e = Embed(vm_dir.path / "instance-root")
+    e.configure('security_driver = "landlock"\nlandlock_mode = "enforce"\n'
+                'namespaces = [ "mount", "root" ]\n')
+    try:
+        own = vm_dir.path / "qemu-sockets"
+        own.mkdir(mode=0o700)
+        probe = e.cli("config", check=True).stdout
+        user = re.search(r'^user = "([^"]+)"', probe, re.M)
+        assert user is not None, probe
+        account = pwd.getpwnam(user.group(1)) if not user.group(1).startswith("+") else None
+        uid = account.pw_uid if account else int(user.group(1)[1:])
+        os.chown(own, uid, 0)
+        sock = own / "spice.sock"
+        graphics = f"<graphics type='spice'><listen type='socket' socket='{sock}'/></graphics>"
+        run = e.start(vm_dir.domain_xml("spr", extra_devices=DEVICES.format(
+            graphics=graphics)), "--paused")
+        info = qmp(e, "spr", "query-spice")["return"]
+        assert (info["enabled"], info["host"], info["auth"]) == (True, str(sock), "none")
+        st = os.lstat(sock)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+        with unix(sock) as s:
+            assert link(s)[0] == b"REDQ"
+        e.cli("destroy", "spr", check=True)
+        assert run.wait(timeout=60) == 0
+        assert not os.path.lexists(sock)  # journaled: teardown removes what QEMU made
+    finally:
+        e.cleanup()

@@ -628,16 +628,16 @@ class Devices:
     audios: list[Audio] = field(default_factory=list)
 
 
+#: display-related elements: tag → (Devices list, parser)
+_DISPLAY_PARSERS = {"video": ("videos", parse_video), "sound": ("sounds", parse_sound),
+                    "redirdev": ("redirdevs", parse_redirdev), "audio": ("audios", parse_audio)}
+
+
 def _parse_misc(ctx: ParseContext, el: etree._Element, out: Devices) -> None:
     tag = el.tag
-    if tag == "video":
-        out.videos.append(parse_video(ctx, el))
-    elif tag == "sound":
-        out.sounds.append(parse_sound(ctx, el))
-    elif tag == "redirdev":
-        out.redirdevs.append(parse_redirdev(ctx, el))
-    elif tag == "audio":
-        out.audios.append(parse_audio(ctx, el))
+    if tag in _DISPLAY_PARSERS:
+        name, parse = _DISPLAY_PARSERS[str(tag)]
+        getattr(out, name).append(parse(ctx, el))  # type: ignore[operator]
     elif tag == "memballoon":
         if out.memballoon is None:
             model = el.get("model")

@@ -166,18 +166,24 @@ def open_file(journal: Journal, p: PassedFd) -> int:
     return fd
 
 
-def listen(journal: Journal, path: str) -> socket.socket:
-    """A listening unix socket at ``path``, mode :data:`SOCKET_MODE`, journaled."""
+def _stale_socket(path: str, what: str) -> os.stat_result | None:
+    """What is at a socket's path: None, or a (stale) socket; anything else is refused."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        st = None
+        return None
     except OSError as exc:
         raise LaunchError(f"cannot create socket {path}: {exc.strerror}; {_fix(path, exc)}"
                           ) from None
-    if st is not None and not stat.S_ISSOCK(st.st_mode):
+    if not stat.S_ISSOCK(st.st_mode):
         raise LaunchError(f"cannot create socket {path}: something that is not a socket is "
-                          "there; remove it or give the chardev another path")
+                          f"there; remove it or give the {what} another path")
+    return st
+
+
+def listen(journal: Journal, path: str) -> socket.socket:
+    """A listening unix socket at ``path``, mode :data:`SOCKET_MODE`, journaled."""
+    st = _stale_socket(path, "chardev")
     journal.record("pipeline", "socket", path=path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -200,16 +206,7 @@ def clear_qemu_socket(journal: Journal, path: str) -> None:
     """Make way for a listening socket QEMU creates itself (the SPICE socket: QEMU 7.2's
     ``-spice`` takes no fd): a stale socket there is removed, anything else refused; the
     path is journaled like vmconfine's own sockets, so teardown removes it."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise LaunchError(f"cannot check socket {path}: {exc.strerror}; {_fix(path, exc)}"
-                          ) from None
-    if st is not None and not stat.S_ISSOCK(st.st_mode):
-        raise LaunchError(f"cannot create socket {path}: something that is not a socket is "
-                          "there; remove it or give the graphics another socket path")
+    st = _stale_socket(path, "graphics")
     if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         raise LaunchError(f"cannot create socket {path}: "
                           f"{_fix(path, FileNotFoundError(errno.ENOENT, 'missing'))}")

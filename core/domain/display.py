@@ -207,3 +207,13 @@ def spice_tls_port(graphics: list) -> int | None:
         if g.type == "spice" and spice is not None and not g.socket and spice.tls_port:
             return int(spice.tls_port)
     return None
+
+
+def drop_allocated_ports(root: etree._Element) -> None:
+    """Remove the ports allocated at start from an autoport SPICE display (libvirt's inactive
+    XML has none: they are allocated again at the next start)."""
+    for devices in (c for c in root if c.tag == "devices"):
+        for g in (c for c in devices if c.tag == "graphics"):
+            if g.get("type") == "spice" and g.get("autoport") == "yes":
+                for name in ("port", "tlsPort"):
+                    g.attrib.pop(name, None)

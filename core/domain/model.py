@@ -51,7 +51,7 @@ from vmconfine.domain.devices import (
     default_disk_bus,
     parse_devices,
 )
-from vmconfine.domain.display import Audio, Redirdev, Sound, Video
+from vmconfine.domain.display import Audio, Redirdev, Sound, Video, drop_allocated_ports
 from vmconfine.domain.guest import (
     Clock,
     Cpu,
@@ -344,6 +344,7 @@ class Domain:
         else:
             root.attrib.pop("id", None)
             drop_generated_paths(root, self.generated_paths)
+            drop_allocated_ports(root)
             for i, sec in positions.items():
                 inactive_seclabel(copies[i], sec)
             drop_device_labelskip(root)

@@ -204,6 +204,9 @@ def allocate_spice_ports(domain: Domain, config: Any) -> None:
     if g is None or g.spice is None or g.socket or g.listen_type in ("socket", "none"):
         return
     need_port, need_tls = _needs(g, config) if g.autoport else (False, False)
+    if g.autoport and g.element is not None:
+        g.element.set("autoport", "yes")  # as libvirt's live XML; the ports are dropped from
+        # the inactive XML (vmconfine.domain.display.drop_allocated_ports)
     tls_on = bool(getattr(config, "spice_tls", False))
     taken: set[int] = set()
     if need_port and (g.port is None or g.port <= 0):

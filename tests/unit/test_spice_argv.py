@@ -113,12 +113,21 @@ def test_autoport_takes_the_first_free_port_of_the_range(free_ports: list[int]) 
     assert (g.port, g.spice.tls_port) == (5902, 5903)  # type: ignore[union-attr]
     live = dom.to_xml(live=True)
     assert "port=\"5902\"" in live and "tlsPort=\"5903\"" in live
+    assert "5902" not in dom.to_xml() and "5903" not in dom.to_xml()  # allocated again
     opts = spice(build_command(dom, cfg, PATHS).args)
     assert (opts["port"], opts["tls-port"], opts["x509-dir"]) == ("5902", "5903", "/")
     # the allocated ports are the only TCP ports Landlock lets QEMU bind
     rules = derive_ruleset(dom, [], None)
     assert {n.port for n in rules.net_rules} == {5902, 5903}
     assert "bind_tcp" in rules.handled_net
+
+
+def test_an_implied_autoport_stays_one_in_the_inactive_xml() -> None:
+    dom = domain("<graphics type='spice'/>")
+    allocate_spice_ports(dom, QemuConfig())
+    assert dom.graphics[0].port == 5900 and 'port="5900"' in dom.to_xml(live=True)
+    again = parse_domain(dom.to_xml(), "sp.xml")
+    assert (again.graphics[0].port, again.graphics[0].autoport) == (-1, True)
 
 
 def test_no_free_port_and_a_bad_range_are_one_line(free_ports: list[int]) -> None:

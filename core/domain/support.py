@@ -98,7 +98,7 @@ _DEVICES = E("", {
     "console": _chardev("type port"),
     "parallel": _chardev("port"),
     "channel": _chardev("type name"),
-    "graphics": E("type port autoport listen socket websocket " + " ".join(SPICE_ATTRS), {
+    "graphics": E("type port autoport listen socket websocket keymap " + " ".join(SPICE_ATTRS), {
         "listen": E("type address socket network"),
         "channel": E("name mode"),
         "image": E("compression"), "jpeg": E("compression"), "zlib": E("compression"),

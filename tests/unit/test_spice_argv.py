@@ -286,3 +286,10 @@ def test_bad_values_are_refused_when_read() -> None:
             ("<audio type='spice'/>", "needs an id")):
         with pytest.raises(Exception, match=message):
             domain(text)
+
+
+def test_keymap_is_given_to_qemu() -> None:
+    for display in ("<graphics type='spice' autoport='yes' keymap='de'/>",
+                    "<graphics type='vnc' keymap='de'/>"):
+        assert unsupported(domain(display)) == []
+        assert option(args(display), "-k") == ["de"]

@@ -113,9 +113,12 @@ class LibvirtEmbed:
         assert len(result) == len(xmls), proc.stderr
         return result
 
-    def domxml_to_native(self, name: str, xml: str, settings: dict[str, Any]) -> str:
+    def domxml_to_native(self, name: str, xml: str, settings: dict[str, Any],
+                         extra_conf: str = "") -> str:
+        """libvirt's command line; ``extra_conf``: more qemu.conf lines, as written."""
         conf = self.root / "etc" / "qemu.conf"
-        conf.write_text("".join(QEMU_CONF[k](v) + "\n" for k, v in settings.items()))
+        conf.write_text("".join(QEMU_CONF[k](v) + "\n" for k, v in settings.items())
+                        + extra_conf)
         path = self.root / f"{name}.xml"
         path.write_text(xml)
         path.chmod(0o644)

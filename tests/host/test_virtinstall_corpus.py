@@ -98,6 +98,10 @@ def corpus() -> Iterator[Corpus]:
                 ipr.link("add", ifname=bridge, kind="bridge")
             for dev in ("lo", *BRIDGES):
                 ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], state="up")
+            # libvirt's default network address: with no IPv4 address but loopback's,
+            # getaddrinfo(AI_ADDRCONFIG) refuses 127.0.0.1, where SPICE listens
+            ipr.addr("add", index=ipr.link_lookup(ifname="virbr0")[0], address="192.168.122.1",
+                     prefixlen=24)
         yield Corpus(root, ns)
     finally:
         netns.remove(ns)

@@ -69,14 +69,18 @@ def _storage() -> dict[str, Node]:
     return {"source": source, "backingStore": backing}
 
 
-def _chardev(target: str) -> Node:
-    return E("type", {
+def _chardev(target: str, attrs: str = "type") -> Node:
+    return E(attrs, {
         "source": E("path mode host service", {"seclabel": _seclabel()}),
         "target": E(target),
         "log": E("file append"),
         "protocol": E("type", values={"type": "raw"}),
+        "address": _ADDRESS,
     })
 
+
+#: a device's PCI address (honoured on Q35, see vmconfine.qemu.pci)
+_ADDRESS = E("type domain bus slot function multifunction")
 
 _DEVICES = E("", {
     "emulator": E(),
@@ -85,28 +89,30 @@ _DEVICES = E("", {
         **_storage(),
         "target": E("dev bus"),
         "readonly": E(), "shareable": E(), "transient": E(), "serial": E(),
-        "boot": E("order"),
+        "boot": E("order"), "address": _ADDRESS,
     }),
-    "controller": E("type index model"),
+    "controller": E("type index model", {"model": E("name"), "target": E("chassis port"),
+                                         "address": _ADDRESS}),
     "interface": E("type", {"mac": E("address"), "model": E("type"),
-                            "source": E("network"), "boot": E("order")}),
+                            "source": E("network"), "boot": E("order"),
+                            "address": _ADDRESS}),
     "serial": _chardev("type port"),
-    "console": _chardev("type port"),
+    "console": _chardev("type port", "type tty"),
     "parallel": _chardev("port"),
     "channel": _chardev("type name"),
     "graphics": E("type port autoport listen socket websocket",
                   {"listen": E("type address socket network")}),
-    "video": E("", {"model": E("type")}),
-    "input": E("type bus", {"source": E("evdev dev")}),
+    "video": E("", {"model": E("type"), "address": _ADDRESS}),
+    "input": E("type bus", {"source": E("evdev dev"), "address": _ADDRESS}),
     "hostdev": E("mode type managed", {
         "driver": E("name"),
         "source": E("", {"address": E("domain bus slot function device"),
                          "vendor": E("id"), "product": E("id")}),
-        "boot": E("order"),
+        "boot": E("order"), "address": _ADDRESS,
     }),
-    "memballoon": E("model"),
-    "rng": E("model", {"backend": E("model")}),
-    "watchdog": E("model action"),
+    "memballoon": E("model", {"address": _ADDRESS}),
+    "rng": E("model", {"backend": E("model"), "address": _ADDRESS}),
+    "watchdog": E("model action", {"address": _ADDRESS}),
 })
 
 #: Everything vmconfine implements, as a tree under ``<domain>``.

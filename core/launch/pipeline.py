@@ -142,11 +142,12 @@ def _qemu_user_name(conn: Connection) -> str:
     return user
 
 
-def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None) -> None:
+def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None, *,
+                   symbolic: bool = False) -> None:
     """Validation that changes nothing on the host: disk sources, seclabel models, driver
     checks (of ``stack``, default the instance's), backing chains; a virtio channel's unix
     socket without a path gets one generated (libvirt's ``qemuDomainPrepareChannel``), shown
-    in the live XML."""
+    in the live XML. ``symbolic`` (``domxml-to-native``): images need not exist."""
     if not domain.generated_paths:
         domain.generated_paths = fill_channel_paths(
             domain.chardevs, str(conn.instance.channel_dir(domain.name)))
@@ -155,14 +156,14 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None)
     stack.verify(domain)
     for disk in domain.disks:
         if disk.source is not None and disk.type in ("file", "block"):
-            resolve_chain(disk.source)
+            resolve_chain(disk.source, missing_ok=symbolic)
     checks.check_sources(domain)
 
 
 def native_command(conn: Connection, domain: Domain) -> QemuCommand:
     """What ``domxml-to-native`` prints: the argv ``run`` would execute, per-start values
     shown symbolically."""
-    prepare_domain(conn, domain)
+    prepare_domain(conn, domain, symbolic=True)
     return build_command(domain, conn.instance.config, command_paths(conn, domain, symbolic=True),
                          symbolic=True)
 

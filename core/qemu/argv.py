@@ -14,6 +14,7 @@ The environment is cleared to ``LC_ALL=C PATH HOME USER LOGNAME`` plus ``<qemu:e
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import LaunchError
+from vmconfine.qemu import pci
 from vmconfine.qemu.argv_devices import (
     Builder,
     UnsupportedConfigError,
@@ -420,6 +422,19 @@ def _check_unsupported(domain: Domain) -> None:
         )
 
 
+def _place_pci(b: Builder, at: int) -> None:
+    """libvirt's Q35 topology (:mod:`vmconfine.qemu.pci`): every PCI device gets its
+    ``bus``/``addr``, the PCI controllers go before the first device, and the XML tree gets
+    the addresses and controllers (the live XML shows them)."""
+    devices = [i + 1 for i, arg in enumerate(b.args[:-1])
+               if arg == "-device" and b.args[i + 1].startswith("{")]
+    props = [json.loads(b.args[i]) for i in devices]
+    plan = pci.assign(b.domain, pci.inventory(b.domain, props, b.elements))
+    for i, p in zip(devices, props, strict=True):
+        b.args[i] = to_json(plan.place(p))
+    b.insert(at, *[x for c in plan.controller_devices() for x in ("-device", to_json(c))])
+
+
 def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
                   symbolic: bool = False) -> QemuCommand:
     """The full QEMU command for ``domain``.
@@ -427,9 +442,11 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     ``config`` is the instance's :class:`vmconfine.config.settings.QemuConfig`. Disk backing chains
     are resolved (and filled into the model) with :func:`vmconfine.domain.chain.resolve_chain`.
     ``symbolic=True`` is for ``domxml-to-native``: nothing that only exists at start is
-    filled in. Today the only per-start values are the inherited monitor fds, which appear
-    only when passed to :meth:`QemuCommand.argv` (``run``); without them each monitor shows
-    as the unix socket path QEMU would create, so the printed line also runs by hand.
+    filled in, and an image that does not exist shows as its top node (as libvirt's
+    domxml-to-native: the chain is resolved at start). The other per-start values are the
+    inherited monitor fds, which appear only when passed to :meth:`QemuCommand.argv`
+    (``run``); without them each monitor shows as the unix socket path QEMU would create,
+    so the printed line also runs by hand.
     """
     if domain.os.type not in (None, "hvm"):
         raise UnsupportedConfigError(
@@ -443,7 +460,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
             f"no default machine type for arch '{arch}'; give <type machine=...>"
         )
     emulator = find_emulator(domain, config)
-    b = Builder(domain=domain, config=config, machine=machine, arch=arch)
+    b = Builder(domain=domain, config=config, machine=machine, arch=arch, symbolic=symbolic)
     b.boot_index = _boot_indexes(domain)
 
     name = f"guest={escape_opt(domain.name)},debug-threads=on"
@@ -474,6 +491,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     if domain.os.dtb:
         b.add("-dtb", domain.os.dtb)
 
+    first_device = len(b.args)
     add_controllers(b)
     add_disks(b)
     add_interfaces(b)
@@ -484,6 +502,8 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_rngs(b)
     add_watchdogs(b)
     add_memballoon(b)
+    if b.q35:
+        _place_pci(b, first_device)
 
     seccomp = int(getattr(config, "seccomp_sandbox", -1))
     b.add("-sandbox", SANDBOX_ON if seccomp != 0 else "off")

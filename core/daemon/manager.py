@@ -232,6 +232,7 @@ class DomainManager:
         enforce(domain, self.conn.instance.config.unsupported_xml)
         self.conn.stack.check_models(domain)
         self.conn.stack.verify(domain)
+        pipeline.canonicalise_machine(self.conn, domain)  # libvirt records it at define
         for name, other in self.store.load_all().items():
             if other.uuid == domain.uuid and name != domain.name:
                 raise VmconfineError(f"domain '{name}' already exists with uuid {domain.uuid}")

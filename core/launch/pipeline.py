@@ -57,8 +57,15 @@ from vmconfine.launch.journal import Journal
 from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
-from vmconfine.qemu import qmp
-from vmconfine.qemu.argv import CommandPaths, QemuCommand, build_command
+from vmconfine.qemu import probe, qmp
+from vmconfine.qemu.argv import (
+    CommandPaths,
+    QemuCommand,
+    build_command,
+    default_machine,
+    find_emulator,
+)
+from vmconfine.qemu.machines import machines
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -142,6 +149,29 @@ def _qemu_user_name(conn: Connection) -> str:
     return user
 
 
+def canonicalise_machine(conn: Connection, domain: Domain, *, strict: bool = True) -> None:
+    """``<type machine>`` as libvirt records it: an alias (``pc``, ``q35``) or no machine
+    becomes the emulator's versioned type (:mod:`vmconfine.qemu.machines`), in the model and
+    the tree (so the live and the defined XML carry it). ``strict=False`` (an XML only
+    printed, ``domxml-to-native``): an emulator that cannot be asked leaves the name as it is,
+    with a warning."""
+    try:
+        emulator = find_emulator(domain, conn.instance.config)
+        known = machines(emulator, probe.for_instance(conn.instance))
+    except (VmconfineError, OSError) as exc:
+        if strict:
+            raise
+        log.warning("machine type %s not canonicalised: %s", domain.os.machine or "(default)",
+                    exc)
+        return
+    name = known.canonical(domain.os.machine or default_machine(domain))
+    type_el = domain.root.find("os/type")
+    if name is None or type_el is None or name == domain.os.machine:
+        return
+    domain.os.machine = name
+    type_el.set("machine", name)
+
+
 def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None, *,
                    symbolic: bool = False) -> None:
     """Validation that changes nothing on the host: disk sources, seclabel models, driver
@@ -158,6 +188,7 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None,
         if disk.source is not None and disk.type in ("file", "block"):
             resolve_chain(disk.source, missing_ok=symbolic)
     checks.check_sources(domain)
+    canonicalise_machine(conn, domain, strict=not symbolic)
 
 
 def native_command(conn: Connection, domain: Domain) -> QemuCommand:

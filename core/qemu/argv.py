@@ -191,6 +191,11 @@ def guest_arch(domain: Domain) -> str:
     return {"amd64": "x86_64", "i386": "i686"}.get(arch, arch)
 
 
+def default_machine(domain: Domain) -> str | None:
+    """The machine type a domain without ``<type machine>`` gets (its alias, e.g. ``pc``)."""
+    return _DEFAULT_MACHINES.get(guest_arch(domain))
+
+
 def find_emulator(domain: Domain, config: Any) -> str:
     """The QEMU binary: ``<emulator>`` if given, else ``qemu-system-<arch>`` searched in
     ``emulator_search_path`` (i686 tries qemu-system-i386, then qemu-system-x86_64)."""
@@ -454,7 +459,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
         )
     _check_unsupported(domain)
     arch = guest_arch(domain)
-    machine = domain.os.machine or _DEFAULT_MACHINES.get(arch)
+    machine = domain.os.machine or default_machine(domain)
     if not machine:
         raise UnsupportedConfigError(
             f"no default machine type for arch '{arch}'; give <type machine=...>"

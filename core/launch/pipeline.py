@@ -50,7 +50,7 @@ from qemu.qmp import QMPError
 
 from vmconfine.config.hugepages import hugepage_dir
 from vmconfine.domain.chain import resolve_chain
-from vmconfine.domain.chardev import fill_channel_paths
+from vmconfine.domain.chardev import fill_channel_paths, record_pty
 from vmconfine.errors import LaunchError, VmconfineError
 from vmconfine.launch import checks, child, preopen, runtime
 from vmconfine.launch.journal import Journal
@@ -106,6 +106,8 @@ class Launched:
     log_path: Path
     preopened: PreOpened = field(default_factory=PreOpened)
     client: QMPClient | None = None
+    #: the pseudo-terminals QEMU allocated, by device alias (``serial0``: ``/dev/pts/3``)
+    ptys: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -267,6 +269,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         vnc = preopened.take("vnc")
         if vnc is not None:
             await _hand_over_vnc(launched.client, launched, vnc)
+        await _record_ptys(launched.client, launched)
         checkpoint("qmp")
         # 6. verify
         _verify(conn, launched)
@@ -355,6 +358,39 @@ async def _hand_over_vnc(client: QMPClient, launched: Launched, sock: socket.soc
                           f"{exc}") from None
     finally:
         sock.close()
+
+
+async def _record_ptys(client: QMPClient, launched: Launched) -> None:
+    """The terminals QEMU allocated for ``pty`` chardevs (``query-chardev``), into the live
+    XML (``<source path>``, a console's ``tty``) as libvirt does, and into
+    :attr:`Launched.ptys` (``run`` prints them)."""
+    command = launched.command
+    ptys = {label: dev for label, dev in (command.chardevs if command else {}).items()
+            if dev.type == "pty"}
+    if not ptys:
+        return
+    domain = launched.ctx.domain
+    found = {str(info.get("label")): str(info.get("filename", ""))
+             for info in await client.execute("query-chardev")}
+    for label, dev in ptys.items():  # in command-line order
+        filename = found.get(label, "")
+        if not filename.startswith("pty:"):
+            continue
+        path = host_pty_path(launched.pid, filename.removeprefix("pty:"))
+        domain.generated_paths += record_pty(domain.chardevs, dev, path)
+        launched.ptys[label.removeprefix("char")] = path
+
+
+def host_pty_path(pid: int, path: str) -> str:
+    """A terminal QEMU names (``/dev/pts/N``) as the host reaches it: through QEMU's own root
+    (``/proc/PID/root/dev/pts/N``) when QEMU has a devpts instance of its own (the namespaces
+    driver gives it one), else as it is. Never the host's ``/dev/pts/N``, which would be
+    someone else's terminal."""
+    try:
+        private = os.stat(f"/proc/{pid}/root/dev/pts").st_dev != os.stat("/dev/pts").st_dev
+    except OSError:
+        private = False
+    return f"/proc/{pid}/root{path}" if private else path
 
 
 async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:

@@ -136,6 +136,8 @@ class QemuCommand:
     slots: dict[int, tuple[Part, ...]] = field(default_factory=dict)
     passed: list[PassedFd] = field(default_factory=list)
     symbolic: bool = False
+    #: character devices by QEMU chardev label (``charserial0``...), to match QMP answers
+    chardevs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tainted(self) -> bool:
@@ -516,4 +518,4 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     b.add(*domain.qemu_args)
     return QemuCommand(env=_environment(domain, paths), emulator=emulator, args=b.args,
                        taints=domain_taints(domain), slots=b.slots, passed=b.passed,
-                       symbolic=symbolic)
+                       symbolic=symbolic, chardevs=b.chardevs)

@@ -109,6 +109,8 @@ class Builder:
     bios: str | None = None
     #: ``domxml-to-native``: images that do not exist give their top node only
     symbolic: bool = False
+    #: character devices by QEMU chardev label (``charserial0``...)
+    chardevs: dict[str, Chardev] = field(default_factory=dict)
     #: the XML element of each device, by QEMU id (where PCI addresses are written)
     elements: dict[str, etree._Element] = field(default_factory=dict)
     _scsi_models: dict[int, str] = field(default_factory=dict)
@@ -133,6 +135,11 @@ class Builder:
         if element is not None:
             self.elements[str(props["id"])] = element
         self.add("-device", to_json(props))
+
+    def add_chardev(self, dev: Chardev, alias: str) -> None:
+        """Append the ``-chardev`` of a character device (label ``char<alias>``)."""
+        self.chardevs[f"char{alias}"] = dev
+        self.add_passed("-chardev", chardev_backend(dev, alias))
 
     def insert(self, at: int, *items: str) -> None:
         """Insert options at ``args[at]`` (the fd slots after it move along)."""
@@ -566,15 +573,15 @@ def add_chardevs(b: Builder) -> None:
     for n, dev in enumerate(serials):
         alias = f"serial{n}"
         port = dev.target_port if dev.kind == "serial" and dev.target_port is not None else n
-        b.add_passed("-chardev", chardev_backend(dev, alias))
+        b.add_chardev(dev, alias)
         b.device(_serial_device(dev, alias, port), dev.element)
     for n, dev in enumerate(c for c in chardevs if c.kind == "parallel"):
         alias = f"parallel{n}"
-        b.add_passed("-chardev", chardev_backend(dev, alias))
+        b.add_chardev(dev, alias)
         b.device({"driver": "isa-parallel", "chardev": f"char{alias}", "id": alias})
     for i, dev in virtio_consoles:
         alias = f"console{i}"
-        b.add_passed("-chardev", chardev_backend(dev, alias))
+        b.add_chardev(dev, alias)
         b.device({"driver": "virtconsole", "chardev": f"char{alias}", "id": alias})
     ports = virtio_serial_ports(chardevs)
     for n, dev in enumerate(c for c in chardevs if c.kind == "channel"):
@@ -584,7 +591,7 @@ def add_chardevs(b: Builder) -> None:
                 f"<target type='virtio' name='...'/>"
             )
         alias = f"channel{n}"
-        b.add_passed("-chardev", chardev_backend(dev, alias))
+        b.add_chardev(dev, alias)
         props: dict[str, Any] = {"driver": "virtserialport", "bus": "virtio-serial0.0",
                                  "nr": ports[id(dev)], "chardev": f"char{alias}", "id": alias}
         if dev.target_name:

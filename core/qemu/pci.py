@@ -508,3 +508,31 @@ def _write(domain: Domain, plan: Plan, devices: list[Device]) -> None:
             el = dev.element = dev.make()
         if el is not None:
             _set_address(el, plan.addresses[dev.key], dev.key in plan.multifunction)
+
+
+def hotplug_address(domain: Domain, element: etree._Element | None) -> Address:
+    """Where a device hotplugged into a running Q35 ``domain`` goes: its own ``<address>``,
+    else slot 0 of the first pcie-root-port no device uses (libvirt leaves one free for this;
+    pcie.0 takes no hotplug), written into ``element``."""
+    wanted = wanted_address(element)
+    if wanted is not None:
+        return wanted
+    ports: list[int] = []
+    used: set[int] = set()
+    for el in _devices_el(domain):
+        addr = wanted_address(el) if el is not element else None
+        if addr is not None:
+            used.add(addr.bus)
+        if el.tag == "controller" and el.get("type") == "pci" and \
+                el.get("model") == ROOT_PORT:
+            ports.append(_int(el.get("index"), "index"))
+    free = [p for p in sorted(ports) if p not in used]
+    if not free:
+        raise PciAddressError(
+            f"domain '{domain.name}' has no free pcie-root-port to plug the device into; "
+            "add a <controller type='pci' model='pcie-root-port'/> to its definition and "
+            "restart it")
+    addr = Address(free[0], 0)
+    if element is not None:
+        _set_address(element, addr, False)
+    return addr

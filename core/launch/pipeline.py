@@ -388,8 +388,11 @@ def host_pty_path(pid: int, path: str) -> str:
     someone else's terminal."""
     try:
         private = os.stat(f"/proc/{pid}/root/dev/pts").st_dev != os.stat("/dev/pts").st_dev
-    except OSError:
-        private = False
+    except OSError:  # cannot look: its own mount namespace means its own view of /dev
+        try:
+            private = os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        except OSError:
+            private = True
     return f"/proc/{pid}/root{path}" if private else path
 
 

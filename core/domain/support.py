@@ -94,8 +94,9 @@ _DEVICES = E("", {
     "controller": E("type index model", {"model": E("name"), "target": E("chassis port"),
                                          "address": _ADDRESS}),
     "interface": E("type", {"mac": E("address"), "model": E("type"),
-                            "source": E("network"), "boot": E("order"),
-                            "address": _ADDRESS}),
+                            "source": E("network bridge dev mode"),
+                            "target": E("dev managed"), "driver": E("name queues"),
+                            "mtu": E("size"), "boot": E("order"), "address": _ADDRESS}),
     "serial": _chardev("type port"),
     "console": _chardev("type port", "type tty"),
     "parallel": _chardev("port"),
@@ -113,6 +114,8 @@ _DEVICES = E("", {
     "memballoon": E("model", {"address": _ADDRESS}),
     "rng": E("model", {"backend": E("model"), "address": _ADDRESS}),
     "watchdog": E("model action", {"address": _ADDRESS}),
+    "tpm": E("model", {"backend": E("type version", values={"type": "emulator"})},
+             values={"model": "tpm-tis tpm-crb"}),
 })
 
 #: Everything vmconfine implements, as a tree under ``<domain>``.

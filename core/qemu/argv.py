@@ -36,6 +36,7 @@ from vmconfine.qemu.argv_devices import (
     add_interfaces,
     add_memballoon,
     add_rngs,
+    add_tpms,
     element_boot_order,
     to_json,
 )
@@ -53,6 +54,7 @@ from vmconfine.qemu.fdpass import (
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
+    from vmconfine.qemu.netdev import NetPlan
 
 __all__ = [
     "CommandPaths",
@@ -138,6 +140,8 @@ class QemuCommand:
     symbolic: bool = False
     #: character devices by QEMU chardev label (``charserial0``...), to match QMP answers
     chardevs: dict[str, Any] = field(default_factory=dict)
+    #: how each ``<interface>`` is connected (:class:`vmconfine.qemu.netdev.NetPlan`)
+    networks: list[NetPlan] = field(default_factory=list)
 
     @property
     def tainted(self) -> bool:
@@ -416,8 +420,10 @@ def video_models(domain: Domain) -> list[str]:
 
 def _check_unsupported(domain: Domain) -> None:
     """Refuse devices vmconfine cannot start (better than silently leaving them out)."""
-    if domain.tpms:
-        raise UnsupportedConfigError("<tpm> devices are not supported; remove the <tpm>")
+    if any(t.backend != "emulator" for t in domain.tpms):
+        raise UnsupportedConfigError(
+            "<tpm> with a passthrough backend is not supported; use <backend type='emulator'>"
+        )
     if domain.filesystems:
         raise UnsupportedConfigError(
             "<filesystem> shares are not supported; remove the <filesystem> or use a disk"
@@ -507,6 +513,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_graphics(b, paths.runtime_dir)
     add_hostdevs(b)
     add_rngs(b)
+    add_tpms(b, paths.runtime_dir)
     add_watchdogs(b)
     add_memballoon(b)
     if b.q35:
@@ -518,4 +525,4 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     b.add(*domain.qemu_args)
     return QemuCommand(env=_environment(domain, paths), emulator=emulator, args=b.args,
                        taints=domain_taints(domain), slots=b.slots, passed=b.passed,
-                       symbolic=symbolic, chardevs=b.chardevs)
+                       symbolic=symbolic, chardevs=b.chardevs, networks=b.networks)

@@ -19,9 +19,10 @@ from lxml import etree
 
 from tests.unit.test_argv import bindir, command_paths, config_for, no_image_reads  # noqa: F401
 from vmconfine.domain import Domain, parse_domain
-from vmconfine.domain.chardev import fill_channel_paths
+from vmconfine.domain.chardev import fill_channel_paths, record_pty
 from vmconfine.errors import XMLError
 from vmconfine.qemu.argv import QemuCommand, build_command
+from vmconfine.qemu.pci import PciAddressError, hotplug_address
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "pci"
 CASES = sorted(p.name.removesuffix(".libvirt.xml") for p in DATA.glob("*.libvirt.xml"))
@@ -137,3 +138,30 @@ def test_bad_addresses_are_refused(address: str, message: str,
         "<address type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'/>", address)
     with pytest.raises(XMLError, match=message):
         build(text, bindir)
+
+
+def test_hotplug_takes_the_free_root_port(bindir: Path) -> None:  # noqa: F811
+    domain, _cmd = build((DATA / "mixed.xml").read_text(), bindir)
+    new = etree.fromstring(b"<disk type='file' device='disk'><target dev='vdb' bus='virtio'/>"
+                           b"</disk>")
+    addr = hotplug_address(domain, new)
+    assert (addr.bus_id(), addr.addr()) == ("pci.9", "0x0")  # libvirt's spare port
+    assert new.find("address").get("bus") == "0x09"
+    domain.root.find("devices").append(new)
+    with pytest.raises(PciAddressError, match="no free pcie-root-port"):
+        hotplug_address(domain, etree.fromstring(b"<disk/>"))
+
+
+def test_live_pty_paths_leave_the_inactive_xml() -> None:
+    domain = parse_domain(
+        "<domain type='qemu'><name>p</name><memory>65536</memory><os><type>hvm</type></os>"
+        "<devices><serial type='pty'><target port='0'/></serial>"
+        "<console type='pty'><target type='serial' port='0'/></console></devices></domain>")
+    serial = next(c for c in domain.chardevs if c.kind == "serial")
+    domain.generated_paths += record_pty(domain.chardevs, serial, "/dev/pts/7")
+    live = etree.fromstring(domain.to_xml(live=True).encode())
+    assert live.find("devices/serial/source").get("path") == "/dev/pts/7"
+    console = live.find("devices/console")
+    assert console.get("tty") == console.find("source").get("path") == "/dev/pts/7"
+    inactive = domain.to_xml()
+    assert "/dev/pts/7" not in inactive and "tty=" not in inactive

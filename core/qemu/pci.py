@@ -29,14 +29,16 @@ whose XML holds the generated controllers and addresses gets the same topology a
 on every PCI device and the generated ``<controller type='pci'>`` elements (with ``<model
 name>``, ``<target chassis port>`` and their own addresses), plus an element for each PCI
 device vmconfine adds by default (the USB controller, the memballoon, virtio-serial and SCSI
-controllers implied by devices, the video card of a graphical guest), so the live and defined
-XML describe the guest's PCI tree. The command line (:mod:`vmconfine.qemu.argv_devices`) places
-each device with ``bus``/``addr`` from :class:`Plan`.
+controllers implied by devices, the video card of a graphical guest), so the live XML
+describes the guest's PCI tree (the daemon's ``define`` does not assign addresses yet: each
+start assigns the same ones again). The command line (:func:`vmconfine.qemu.argv.build_command`)
+places each device with ``bus``/``addr`` from :class:`Plan`; :func:`hotplug_address` finds a
+hotplugged device its free root port.
 
-Not done (refused with an error naming the address): more than 31 conventional PCI devices
-(libvirt would chain a pci-bridge), PCI controller models other than pcie-root,
-pcie-root-port and pcie-to-pci-bridge, isolation groups of host devices (every device is
-placed as libvirt places an emulated one).
+Not done: more than 31 conventional PCI devices (libvirt would chain a pci-bridge; refused),
+PCI controller models other than pcie-root, pcie-root-port and pcie-to-pci-bridge (refused),
+isolation groups of host devices (every device is placed as libvirt places an emulated one),
+the ICH9 USB2 companion slots (UHCI/EHCI are placed as ordinary PCI devices).
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ class _Buses:
         self.buses = [_bus(m) for m in models]
         self.dry = dry
 
-    def reserve(self, addr: Address, kind: str, explicit: bool) -> None:
+    def reserve(self, addr: Address, kind: str) -> None:
         while self.dry and addr.bus >= len(self.buses):
             if kind != PCIE:
                 raise PciAddressError(f"PCI address {addr}: there is no PCI controller with "
@@ -238,7 +240,7 @@ class _Buses:
 
     def take(self, kind: str) -> Address:
         addr = self.next(kind)
-        self.reserve(addr, kind, explicit=False)
+        self.reserve(addr, kind)
         return addr
 
 
@@ -414,12 +416,12 @@ def _place_devices(buses: _Buses, devices: list[Device], controllers: list[Contr
     qemuDomainCollectPCIAddress, ...ValidateDevicePCISlotsQ35, ...AssignDevicePCISlots)."""
     for c in controllers:
         if c.address is not None:
-            buses.reserve(c.address, c.model, explicit=True)
+            buses.reserve(c.address, c.model)
     for dev in devices:
         if dev.wanted is not None:
-            buses.reserve(dev.wanted, dev.kind, explicit=True)
+            buses.reserve(dev.wanted, dev.kind)
     for fn in (0, 2, 3):  # ISA bridge, SATA (AHCI 0), SMBus
-        buses.reserve(Address(0, 0x1F, fn), PCIE, explicit=True)
+        buses.reserve(Address(0, 0x1F, fn), PCIE)
     placed: dict[str, Address] = {}
     video = next((d for d in devices if d.key == "video0"), None)
     if video is not None and video.wanted is None:  # the primary video card: 00:01.0
@@ -427,7 +429,7 @@ def _place_devices(buses: _Buses, devices: list[Device], controllers: list[Contr
         if buses.in_use(slot1):
             placed[video.key] = buses.take(video.kind)
         else:
-            buses.reserve(slot1, PCIE, explicit=True)
+            buses.reserve(slot1, PCIE)
             placed[video.key] = slot1
     for c in controllers:
         if c.address is None:

@@ -199,6 +199,25 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None,
     canonicalise_machine(conn, domain, strict=not symbolic)
 
 
+def define_domain(conn: Connection, domain: Domain) -> None:
+    """What libvirt fills into a definition: the canonical machine type and, on Q35, the PCI
+    addresses and root ports (:mod:`vmconfine.qemu.pci`, written into the tree). A domain whose
+    command line cannot be built yet (an image or a hugetlbfs mount missing...) is defined
+    without addresses, with a warning: each start assigns the same ones again."""
+    canonicalise_machine(conn, domain)
+    if not domain.generated_paths:  # dropped again from the inactive XML
+        domain.generated_paths = fill_channel_paths(
+            domain.chardevs, str(conn.instance.channel_dir(domain.name)))
+    try:
+        for disk in domain.disks:
+            if disk.source is not None and disk.type in ("file", "block"):
+                resolve_chain(disk.source, missing_ok=True)
+        build_command(domain, conn.instance.config,
+                      command_paths(conn, domain, symbolic=True), symbolic=True)
+    except VmconfineError as exc:
+        log.warning("domain %s defined without PCI addresses: %s", domain.name, exc)
+
+
 def native_command(conn: Connection, domain: Domain) -> QemuCommand:
     """What ``domxml-to-native`` prints: the argv ``run`` would execute, per-start values
     shown symbolically."""

@@ -29,9 +29,9 @@ whose XML holds the generated controllers and addresses gets the same topology a
 on every PCI device and the generated ``<controller type='pci'>`` elements (with ``<model
 name>``, ``<target chassis port>`` and their own addresses), plus an element for each PCI
 device vmconfine adds by default (the USB controller, the memballoon, virtio-serial and SCSI
-controllers implied by devices, the video card of a graphical guest), so the live XML
-describes the guest's PCI tree (the daemon's ``define`` does not assign addresses yet: each
-start assigns the same ones again). The command line (:func:`vmconfine.qemu.argv.build_command`)
+controllers implied by devices, the video card of a graphical guest), so the live and the
+defined XML (:func:`vmconfine.launch.pipeline.define_domain`) describe the guest's PCI tree.
+The command line (:func:`vmconfine.qemu.argv.build_command`)
 places each device with ``bus``/``addr`` from :class:`Plan`; :func:`hotplug_address` finds a
 hotplugged device its free root port.
 

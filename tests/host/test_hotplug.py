@@ -151,10 +151,13 @@ def test_q35_hotplug_uses_a_free_root_port(daemon: Daemon, vm_dir: VmDir) -> Non
     xml.write_text(xml.read_text().replace("machine='pc'", "machine='q35'").replace(
         "bus='ide'", "bus='sata'"))
     d.cli("define", str(xml))
-    machine = re.search(r"machine=\"([^\"]+)\"", d.cli("dumpxml", "--inactive", "hq").stdout)
+    defined = d.cli("dumpxml", "--inactive", "hq").stdout
+    machine = re.search(r"machine=\"([^\"]+)\"", defined)
     assert machine is not None and re.fullmatch(r"pc-q35-\d+\.\d+", machine.group(1))
+    assert defined.count("model=\"pcie-root-port\"") >= 2  # libvirt's topology, at define
     d.cli("start", "hq")
     live = d.cli("dumpxml", "hq").stdout
+    assert re.findall(r"<address [^>]*>", live) == re.findall(r"<address [^>]*>", defined)
     ports = re.findall(r"<controller type=\"pci\" index=\"(\d+)\" model=\"pcie-root-port\"",
                        live)
     used = {int(b, 16) for b in re.findall(r"<address type=\"pci\" domain=\"0x0000\" "

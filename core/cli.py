@@ -160,6 +160,8 @@ def _print_started(conn, launched) -> None:  # type: ignore[no-untyped-def]
             print(f"  {name}: {summary}")
     if ctx.taints:
         print(f"  tainted: {', '.join(ctx.taints)}")
+    for alias, path in launched.ptys.items():
+        print(f"  {alias}: {path}")
     sys.stdout.flush()
 
 

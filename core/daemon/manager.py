@@ -238,6 +238,7 @@ class DomainManager:
         enforce(domain, self.conn.instance.config.unsupported_xml)
         self.conn.stack.check_models(domain)
         self.conn.stack.verify(domain)
+        pipeline.define_domain(self.conn, domain)  # machine type, Q35 PCI addresses
         for name, other in self.store.load_all().items():
             if other.uuid == domain.uuid and name != domain.name:
                 raise VmconfineError(f"domain '{name}' already exists with uuid {domain.uuid}")

@@ -53,22 +53,21 @@ from qemu.qmp import QMPError
 from vmconfine.config.hugepages import hugepage_dir
 from vmconfine.config.networks import resolve_interfaces
 from vmconfine.domain.chain import resolve_chain
-from vmconfine.domain.chardev import fill_channel_paths
+from vmconfine.domain.chardev import fill_channel_paths, record_pty
 from vmconfine.errors import LaunchError, VmconfineError
 from vmconfine.launch import checks, child, netdev, preopen, runtime, swtpm
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
-from vmconfine.qemu import firmware, machines, qmp
-from vmconfine.qemu import probe as emulator_probe
+from vmconfine.qemu import firmware, probe, qmp
 from vmconfine.qemu.argv import (
     CommandPaths,
     QemuCommand,
     build_command,
+    default_machine,
     find_emulator,
     guest_arch,
-    guest_machine,
 )
 from vmconfine.qemu.argv_display import (
     allocate_spice_ports,
@@ -76,6 +75,7 @@ from vmconfine.qemu.argv_display import (
     spice_graphics,
     spice_password,
 )
+from vmconfine.qemu.machines import machines
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -118,6 +118,8 @@ class Launched:
     log_path: Path
     preopened: PreOpened = field(default_factory=PreOpened)
     client: QMPClient | None = None
+    #: the pseudo-terminals QEMU allocated, by device alias (``serial0``: ``/dev/pts/3``)
+    ptys: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -161,11 +163,36 @@ def _qemu_user_name(conn: Connection) -> str:
     return user
 
 
-def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None) -> None:
+def canonicalise_machine(conn: Connection, domain: Domain, *, strict: bool = True) -> None:
+    """``<type machine>`` as libvirt records it: an alias (``pc``, ``q35``) or no machine
+    becomes the emulator's versioned type (:mod:`vmconfine.qemu.machines`), in the model and
+    the tree (so the live and the defined XML carry it). ``strict=False`` (an XML only
+    printed, ``domxml-to-native``): an emulator that cannot be asked leaves the name as it is,
+    with a warning."""
+    try:
+        emulator = find_emulator(domain, conn.instance.config)
+        known = machines(emulator, probe.for_instance(conn.instance))
+    except (VmconfineError, OSError) as exc:
+        if strict:
+            raise
+        log.warning("machine type %s not canonicalised: %s", domain.os.machine or "(default)",
+                    exc)
+        return
+    name = known.canonical(domain.os.machine or default_machine(domain))
+    type_el = domain.root.find("os/type")
+    if name is None or type_el is None or name == domain.os.machine:
+        return
+    domain.os.machine = name
+    type_el.set("machine", name)
+
+
+def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None, *,
+                   symbolic: bool = False) -> None:
     """Validation that changes nothing on the host: disk sources, seclabel models, driver
     checks (of ``stack``, default the instance's), backing chains, network definitions
     (``type='network'`` → its bridge); a virtio channel's unix socket without a path gets one
-    generated (libvirt's ``qemuDomainPrepareChannel``), shown in the live XML."""
+    generated (libvirt's ``qemuDomainPrepareChannel``), shown in the live XML. ``symbolic``
+    (``domxml-to-native``): images need not exist."""
     if not domain.generated_paths:
         domain.generated_paths = fill_channel_paths(
             domain.chardevs, str(conn.instance.channel_dir(domain.name)))
@@ -173,20 +200,40 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None)
                           conn.instance.config.spice_auto_unix_socket)
     allocate_spice_ports(domain, conn.instance.config)
     resolve_interfaces(conn.instance, domain)
-    select_firmware(conn, domain)
+    canonicalise_machine(conn, domain, strict=not symbolic)
+    select_firmware(conn, domain)  # after: the configured <os> it keeps has the canonical type
     stack = stack if stack is not None else conn.stack
     stack.check_models(domain)
     stack.verify(domain)
     for disk in domain.disks:
         if disk.source is not None and disk.type in ("file", "block"):
-            resolve_chain(disk.source)
+            resolve_chain(disk.source, missing_ok=symbolic)
     checks.check_sources(domain)
+
+
+def define_domain(conn: Connection, domain: Domain) -> None:
+    """What libvirt fills into a definition: the canonical machine type and, on Q35, the PCI
+    addresses and root ports (:mod:`vmconfine.qemu.pci`, written into the tree). A domain whose
+    command line cannot be built yet (an image or a hugetlbfs mount missing...) is defined
+    without addresses, with a warning: each start assigns the same ones again."""
+    canonicalise_machine(conn, domain)
+    if not domain.generated_paths:  # dropped again from the inactive XML
+        domain.generated_paths = fill_channel_paths(
+            domain.chardevs, str(conn.instance.channel_dir(domain.name)))
+    try:
+        for disk in domain.disks:
+            if disk.source is not None and disk.type in ("file", "block"):
+                resolve_chain(disk.source, missing_ok=True)
+        build_command(domain, conn.instance.config,
+                      command_paths(conn, domain, symbolic=True), symbolic=True)
+    except VmconfineError as exc:
+        log.warning("domain %s defined without PCI addresses: %s", domain.name, exc)
 
 
 def select_firmware(conn: Connection, domain: Domain) -> None:
     """Firmware auto-selection (:mod:`vmconfine.qemu.firmware`): the loader and NVRAM the
     descriptors give are filled into the domain (the live XML shows them)."""
-    machine = guest_machine(domain)
+    machine = domain.os.machine or default_machine(domain)
     if machine is None:
         return  # build_command refuses the domain with its own message
     firmware.check_secure_boot(domain, machine)
@@ -196,7 +243,7 @@ def select_firmware(conn: Connection, domain: Domain) -> None:
     nvram = firmware.nvram_file(inst.nvram_dir, domain.name)
     if firmware.needs_selection(domain, nvram_exists):
         emulator = find_emulator(domain, inst.config)
-        resolved = machines.canonical(emulator, machine, emulator_probe.for_instance(inst))
+        resolved = machines(emulator, probe.for_instance(inst)).canonical(machine) or machine
         descriptors = firmware.load(firmware.search_dirs(inst.privileged))
         firmware.fill(domain, descriptors, resolved, guest_arch(domain), nvram)
     loader = domain.os.loader
@@ -224,7 +271,7 @@ def prepare_nvram(domain: Domain, *, reset: bool = False) -> None:
 def native_command(conn: Connection, domain: Domain) -> QemuCommand:
     """What ``domxml-to-native`` prints: the argv ``run`` would execute, per-start values
     shown symbolically."""
-    prepare_domain(conn, domain)
+    prepare_domain(conn, domain, symbolic=True)
     return build_command(domain, conn.instance.config, command_paths(conn, domain, symbolic=True),
                          symbolic=True)
 
@@ -312,6 +359,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         if spice is not None and spice.socket:
             preopen.claim_socket(spice.socket)
         await _set_spice_password(launched.client, launched, inst.config)
+        await _record_ptys(launched.client, launched)
         checkpoint("qmp")
         # 6. verify
         _verify(conn, launched)
@@ -415,6 +463,42 @@ async def _set_spice_password(client: QMPClient, launched: Launched, config: Any
     except Exception as exc:
         raise LaunchError(f"domain '{launched.name}': setting the SPICE password failed: "
                           f"{exc}") from None
+
+
+async def _record_ptys(client: QMPClient, launched: Launched) -> None:
+    """The terminals QEMU allocated for ``pty`` chardevs (``query-chardev``), into the live
+    XML (``<source path>``, a console's ``tty``) as libvirt does, and into
+    :attr:`Launched.ptys` (``run`` prints them)."""
+    command = launched.command
+    ptys = {label: dev for label, dev in (command.chardevs if command else {}).items()
+            if dev.type == "pty"}
+    if not ptys:
+        return
+    domain = launched.ctx.domain
+    found = {str(info.get("label")): str(info.get("filename", ""))
+             for info in await client.execute("query-chardev")}
+    for label, dev in ptys.items():  # in command-line order
+        filename = found.get(label, "")
+        if not filename.startswith("pty:"):
+            continue
+        path = host_pty_path(launched.pid, filename.removeprefix("pty:"))
+        domain.generated_paths += record_pty(domain.chardevs, dev, path)
+        launched.ptys[label.removeprefix("char")] = path
+
+
+def host_pty_path(pid: int, path: str) -> str:
+    """A terminal QEMU names (``/dev/pts/N``) as the host reaches it: through QEMU's own root
+    (``/proc/PID/root/dev/pts/N``) when QEMU has a devpts instance of its own (the namespaces
+    driver gives it one), else as it is. Never the host's ``/dev/pts/N``, which would be
+    someone else's terminal."""
+    try:
+        private = os.stat(f"/proc/{pid}/root/dev/pts").st_dev != os.stat("/dev/pts").st_dev
+    except OSError:  # cannot look: its own mount namespace means its own view of /dev
+        try:
+            private = os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        except OSError:
+            private = True
+    return f"/proc/{pid}/root{path}" if private else path
 
 
 async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:

@@ -217,7 +217,8 @@ def add_watchdogs(b: Builder) -> None:
         elif dog.model in WATCHDOG_DEVICES:
             if dog.model == "ib700" and b.arch not in ("x86_64", "i686"):
                 raise UnsupportedConfigError("the ib700 watchdog is an x86 ISA device")
-            b.device({"driver": WATCHDOG_DEVICES[dog.model], "id": f"watchdog{i}"})
+            b.device({"driver": WATCHDOG_DEVICES[dog.model], "id": f"watchdog{i}"},
+                     dog.element)
         else:
             raise UnsupportedConfigError(
                 f"watchdog model '{dog.model}' is not supported here; use i6300esb, ib700 or "

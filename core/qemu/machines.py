@@ -1,33 +1,57 @@
-"""Machine type names as the emulator resolves them: ``q35`` → ``pc-q35-7.2``.
+"""Machine types canonicalised as libvirt does: ``pc`` → the emulator's current versioned
+``pc-i440fx-X.Y``, ``q35`` → ``pc-q35-X.Y`` (any alias QEMU lists), and no machine → the
+emulator's default, so the guest's ABI stays the same when QEMU is upgraded.
 
-libvirt matches firmware descriptors' machine globs (``pc-q35-*``) against the versioned name
-the alias stands for; vmconfine asks the emulator (``EMULATOR -machine help``, run through
-:mod:`vmconfine.qemu.probe` as QEMU's account, cached by the binary's identity).
+The emulator answers ``EMULATOR -machine help`` (lines ``NAME  DESCRIPTION (alias of TARGET)``
+and ``NAME  DESCRIPTION (default)``) through :mod:`vmconfine.qemu.probe`: as QEMU's account,
+without privileges, cached by the binary's identity like every probe (libvirt reads the same
+list from ``query-machines`` and caches it in its capabilities cache).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
-if TYPE_CHECKING:
-    from vmconfine.qemu.probe import EmulatorProbe
+from vmconfine.qemu.probe import EmulatorProbe
 
-_ALIAS = re.compile(r"^(\S+)\s.*\(alias of (\S+)\)\s*$")
-
-
-def parse_aliases(help_text: str) -> dict[str, str]:
-    """``alias → machine`` from ``-machine help`` output."""
-    out: dict[str, str] = {}
-    for line in help_text.splitlines():
-        m = _ALIAS.match(line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
+_LINE = re.compile(r"^(\S+)\s+.*?(?:\(alias of (\S+)\))?\s*(\(default\))?\s*(?:\(deprecated\))?$")
 
 
-def canonical(emulator: str, machine: str, probe: EmulatorProbe) -> str:
-    """The versioned machine type ``machine`` stands for (itself when it is no alias).
-    Raises :class:`vmconfine.qemu.probe.ProbeError` when the emulator cannot answer."""
-    out = probe.run([emulator, "-machine", "help"], emulator=emulator)
-    return parse_aliases(out).get(machine, machine)
+@dataclass(frozen=True)
+class Machines:
+    """An emulator's machine types: aliases (``pc`` → ``pc-i440fx-7.2``) and its default."""
+
+    aliases: dict[str, str] = field(default_factory=dict)
+    names: frozenset[str] = frozenset()
+    default: str | None = None
+
+    def canonical(self, machine: str | None) -> str | None:
+        """The versioned name of ``machine`` (the default when None); unknown names are
+        returned as they are (QEMU will say what it thinks of them)."""
+        if machine is None:
+            return self.default
+        return self.aliases.get(machine, machine)
+
+
+def parse_machine_help(text: str) -> Machines:
+    """:class:`Machines` from ``-machine help`` output."""
+    aliases: dict[str, str] = {}
+    names: set[str] = set()
+    default = None
+    for line in text.splitlines()[1:]:
+        m = _LINE.match(line.strip())
+        if not m:
+            continue
+        name, target, is_default = m.group(1), m.group(2), m.group(3)
+        names.add(name)
+        if target:
+            aliases[name] = target
+        if is_default:
+            default = target or name
+    return Machines(aliases, frozenset(names), default)
+
+
+def machines(emulator: str, probe: EmulatorProbe) -> Machines:
+    """The machine types of ``emulator`` (run through ``probe``; raises ProbeError)."""
+    return parse_machine_help(probe.run([emulator, "-machine", "help"], emulator=emulator))

@@ -10,15 +10,21 @@ flags, memory, CPUs, resolved machine type, chardevs, PCI device classes and ids
 
 Left out on purpose: network interfaces (libvirt's domxml-to-native turns them into tap
 devices that need /dev/net/tun; they are removed from the XML given to both), libvirt's
-master-key secret object and its monitor (each side's monitor is only used to ask QMP), PCI
-bridges (libvirt adds pcie-root-ports on q35, and a pcie-to-pci bridge for a conventional PCI
-device such as the i6300esb watchdog; vmconfine lets QEMU place devices on the root bus).
-``type='kvm'`` guests run as ``type='qemu'`` here (both command lines use TCG). Host devices
-cannot be compared (libvirt needs the devices present).
+master-key secret object and its monitor (each side's monitor is only used to ask QMP).
+``type='kvm'`` guests run as ``type='qemu'`` here (both command lines use TCG). Host
+devices cannot be compared (libvirt needs the devices present).
+
+Q35 topology: for held-out Q35 domains (tests/data/pci/) both command lines must place every
+PCI device on the same bus and address behind the same pcie-root-ports and
+pcie-to-pci-bridge, and the running VMs (firmware started, so every bridge's bus is numbered)
+must show the same PCI tree over QMP: class, vendor and device id of every function, by its
+path of slots from pcie.0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ConnectError, QMPClient
 
 from tests.host.test_argv_qmp import (
     CASES,
@@ -42,6 +49,7 @@ from tests.host.test_argv_qmp import (
     launch,
     prepare,
     qemu_binary,
+    qemu_log,
     qmp_view,
     wait_exit,
 )
@@ -182,6 +190,11 @@ def libvirt_runtime(argv: list[str]) -> str:
         value = argv[i + 1]
         if arg == "-chardev" and value.startswith("socket,id=charmonitor,"):
             monitor = re.search(r"path=((?:[^,]|,,)+)", value)
+        if arg == "-chardev" and value.startswith("socket,") and "server=on" in value:
+            sock = re.search(r"path=((?:[^,]|,,)+)", value)
+            if sock is not None:  # a generated channel path under libvirt's root
+                Path(sock.group(1).replace(",,", ",")).parent.mkdir(parents=True,
+                                                                     exist_ok=True)
         if arg == "-object" and '"masterKey0"' in value:
             key = re.search(r'"file":"([^"]+)"', value)
             assert key is not None
@@ -387,3 +400,114 @@ def test_same_vm_as_libvirt(case: str, libvirt: LibvirtEmbed) -> None:
     ours_pci, theirs_pci = dict(view_ours["pci"]), dict(view_libvirt["pci"])
     for qid in set(ours_pci) & set(theirs_pci) - {""}:
         assert ours_pci[qid] == theirs_pci[qid], qid
+
+
+# --------------------------------------------------------------------------- Q35 topology
+
+PCI_DATA = DATA.parent / "pci"
+#: held-out Q35 domains (tests/unit/test_pci.py compares their addresses with libvirt's XML)
+Q35_CASES = sorted(p.stem for p in PCI_DATA.glob("*.xml") if not p.stem.endswith(".libvirt"))
+
+
+def q35_xml(case: str) -> str:
+    """A held-out Q35 domain for both sides: images in the workspace, a channel socket path
+    (vmconfine's generated one is made by the pipeline), no interfaces (see for_libvirt)."""
+    text = (PCI_DATA / f"{case}.xml").read_text().replace("/nonexist/", "@DIR@/")
+    text = text.replace("<channel type='unix'>",
+                        "<channel type='unix'><source mode='bind' path='@DIR@/ga.sock'/>")
+    text = re.sub(r"\s*<interface\b.*?</interface>", "", text, flags=re.S)
+    return text.replace("<graphics type='vnc'/>",
+                        "<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>")
+
+
+def placement(argv: list[str]) -> dict[str, tuple[Any, ...]]:
+    """Every -device with an id → (driver, bus, addr, multifunction, port, chassis)."""
+    out = {}
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-device" and argv[i + 1].startswith("{"):
+            d = json.loads(argv[i + 1])
+            driver = {"lsi": "lsi53c895a"}.get(d["driver"], d["driver"])  # QEMU's alias
+            out[d["id"]] = (driver, d.get("bus"), d.get("addr"), d.get("multifunction"),
+                            d.get("port"), d.get("chassis"))
+    return out
+
+
+async def _pci_tree(sock: str, proc: subprocess.Popen[bytes]) -> list[tuple[Any, ...]]:
+    """Run the firmware until it has numbered every bridge's bus, then the PCI tree QMP
+    shows: (path of (slot, function) from pcie.0, class, vendor, device) per function."""
+    client = QMPClient("vmconfine-test")
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "no monitor"
+        if os.path.exists(sock):
+            with contextlib.suppress(ConnectError):  # it exists a moment before QEMU listens
+                await client.connect(sock)
+                break
+        await asyncio.sleep(0.05)
+    try:
+        await client.execute("cont")
+        while True:
+            buses = await client.execute("query-pci")
+            tree: list[tuple[Any, ...]] = []
+            numbered = _walk(buses[0]["devices"], (), tree)
+            if numbered:
+                break
+            assert time.monotonic() < deadline, "the firmware never numbered the buses"
+            await asyncio.sleep(0.2)
+        await client.execute("quit")
+    finally:
+        with contextlib.suppress(Exception, EOFError):
+            await client.disconnect()
+    return sorted(tree)
+
+
+def _walk(devices: list[dict[str, Any]], path: tuple[Any, ...],
+          out: list[tuple[Any, ...]]) -> bool:
+    numbered = True
+    for d in devices:
+        here = (*path, (d["slot"], d["function"]))
+        out.append((here, d["class_info"]["class"], d["id"]["vendor"], d["id"]["device"]))
+        bridge = d.get("pci_bridge")
+        if bridge is not None:
+            numbered &= bridge["bus"]["secondary"] > 0
+            numbered &= _walk(bridge.get("devices", []), here, out)
+    return numbered
+
+
+def pci_tree(sock: str, proc: subprocess.Popen[bytes], ws: Workspace,
+             tag: str) -> list[tuple[Any, ...]]:
+    try:
+        return asyncio.run(asyncio.wait_for(_pci_tree(sock, proc), 60))
+    except Exception as exc:
+        raise AssertionError(f"QMP failed: {exc!r}; QEMU said: {qemu_log(ws, tag)}") from exc
+
+
+def test_enough_q35_cases() -> None:
+    assert len(Q35_CASES) >= 4
+
+
+@pytest.mark.parametrize("case", Q35_CASES)
+def test_q35_topology_is_libvirts(case: str, libvirt: LibvirtEmbed) -> None:
+    """The same pcie-root-ports, bridge and device placement on the command line, and the
+    same PCI tree (classes, vendor and device ids behind the bridges) in the running VM."""
+    qemu_binary()
+    root = Path(tempfile.mkdtemp(prefix="vmc-q35-", dir="/tmp"))
+    ws = Workspace(root)
+    try:
+        _domain, ours, paths = prepare(case, ws, q35_xml(case))
+        native = libvirt.domxml_to_native(case, ws.xml, {})
+        env, argv = split_native(native)
+        monitor = libvirt_runtime(argv)
+        mine, theirs = placement(ours.argv()), placement(argv)
+        tree_ours = pci_tree(paths.monitor_socket, launch(ours.argv(), ours.env, ws, "ours"),
+                             ws, "ours")
+        tree_libvirt = pci_tree(monitor, launch(argv, env, ws, "libvirt"), ws, "libvirt")
+    finally:
+        ws.close()
+        shutil.rmtree(root, ignore_errors=True)
+    on_pci = [k for k, v in theirs.items() if str(v[1]).startswith(("pci.", "pcie."))]
+    assert {k: mine.get(k) for k in on_pci} == {k: theirs[k] for k in on_pci}
+    assert not [k for k, v in mine.items() if str(v[1]).startswith("pci") and k not in on_pci]
+    assert any(v[0] == "pcie-root-port" for v in mine.values())
+    assert tree_ours == tree_libvirt
+    assert any(len(path) > 1 for path, *_ in tree_ours)  # devices behind bridges were seen

@@ -678,4 +678,33 @@ def parse_devices(ctx: ParseContext, devices: etree._Element | None) -> Devices:
             out.watchdogs.append(parse_watchdog(ctx, el))
         else:
             _parse_misc(ctx, el, out)
+    number_controllers(out.controllers)
     return out
+
+
+#: PCI controllers that are the root bus (always index 0)
+PCI_ROOTS = frozenset({"pci-root", "pcie-root"})
+
+
+def number_controllers(controllers: list[Controller]) -> None:
+    """Give every controller without ``index=`` one, as libvirt does at parse time (virt-install
+    writes none): a PCI root bus 0, any other controller the lowest index its type has free
+    (PCI from 1: bus 0 is the root), in document order; written into the tree too."""
+    used: dict[str | None, set[int]] = {}
+    for c in controllers:
+        if c.index is not None:
+            used.setdefault(c.type, set()).add(c.index)
+    for c in controllers:
+        if c.index is not None:
+            continue
+        taken = used.setdefault(c.type, set())
+        if c.type == "pci" and c.model in PCI_ROOTS:
+            index = 0
+        else:
+            index = 1 if c.type == "pci" else 0
+            while index in taken:
+                index += 1
+        taken.add(index)
+        c.index = index
+        if c.element is not None:
+            c.element.set("index", str(index))

@@ -125,7 +125,7 @@ def test_machine_aliases_from_qemu_help() -> None:
     text = ("Supported machines are:\nq35                  Standard PC (Q35 + ICH9, 2009) "
             "(alias of pc-q35-7.2)\npc-q35-7.2           Standard PC (Q35 + ICH9, 2009)\n"
             "pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)\n")
-    assert machines.parse_aliases(text) == {"q35": Q35, "pc": PC}
+    assert machines.parse_machine_help(text).aliases == {"q35": Q35, "pc": PC}
 
 
 # --------------------------------------------------------------------------- matching

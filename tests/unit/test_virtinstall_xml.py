@@ -96,11 +96,12 @@ def test_windows_defaults_render_as_libvirt() -> None:
                                     "hv-spinlocks=0x1fff"]
     assert values(args, "-rtc") == ["base=localtime,driftfix=slew"]
     assert "-no-hpet" in args
-    devices = [json.loads(v) for v in values(args, "-device")]
-    assert {"driver": "ich9-intel-hda", "id": "sound0"} in devices
-    assert {"driver": "hda-duplex", "id": "sound0-codec0", "bus": "sound0.0", "cad": 0,
-            "audiodev": "audio1"} in devices
-    assert {"driver": "qemu-xhci", "p2": 15, "p3": 15, "id": "usb"} in devices
+    devices = {d["id"]: d for d in (json.loads(v) for v in values(args, "-device"))}
+    assert devices["sound0"]["driver"] == "ich9-intel-hda"
+    assert {k: devices["sound0-codec0"][k] for k in ("driver", "bus", "cad", "audiodev")} == {
+        "driver": "hda-duplex", "bus": "sound0.0", "cad": 0, "audiodev": "audio1"}
+    assert (devices["usb"]["driver"], devices["usb"]["p2"], devices["usb"]["p3"]) == (
+        "qemu-xhci", 15, 15)
     assert values(args, "-audiodev") == ['{"id":"audio1","driver":"none"}']
     assert values(args, "-global") == ["kvm-pit.lost_tick_policy=delay",
                                        "ICH9-LPC.disable_s3=1", "ICH9-LPC.disable_s4=1"]
@@ -135,3 +136,20 @@ def test_xhci_ports_are_bounded() -> None:
     base = virtinstall.text("fedora38-vnc-user")
     with pytest.raises(VmconfineError, match="at most 15 ports"):
         parse_domain(base.replace('ports="15"', 'ports="16"'))
+
+
+def test_controllers_without_index_are_numbered_as_libvirt() -> None:
+    """virt-install writes no index=: the root bus is 0, the rest the lowest free index of
+    their type, explicit ones kept; the tree gets them (the PCI topology reads it)."""
+    d = parse_domain("""<domain type='qemu'><name>x</name><memory>1024</memory>
+      <os><type machine='q35'>hvm</type></os><devices>
+      <controller type='usb' model='qemu-xhci'/><controller type='pci' model='pcie-root'/>
+      <controller type='pci' model='pcie-root-port'/>
+      <controller type='pci' index='1' model='pcie-root-port'/>
+      <controller type='pci' model='pcie-root-port'/></devices></domain>""")
+    assert [(c.type, c.index) for c in d.controllers] == [
+        ("usb", 0), ("pci", 0), ("pci", 2), ("pci", 1), ("pci", 3)]
+    assert [el.get("index") for el in d.root.iter("controller")] == ["0", "0", "2", "1", "3"]
+    args = argv("fedora38-vnc-user")
+    ports = [v for v in values(args, "-device") if '"pcie-root-port"' in v]
+    assert len(ports) >= 14

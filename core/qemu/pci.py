@@ -315,11 +315,12 @@ KINDS = {
         "e1000", "rtl8139", "ne2k_pci", "pcnet", "vmxnet3", "piix3-usb-uhci",
         "piix4-usb-uhci", "usb-ehci", "ich9-usb-ehci1", "ich9-usb-uhci1", "ich9-usb-uhci2",
         "ich9-usb-uhci3", "pci-ohci", "lsi53c895a", "ahci", "i6300esb", "VGA", "cirrus-vga",
-        "vmware-svga", "qxl-vga", "qxl", "pci-serial"), PCI),
+        "vmware-svga", "qxl-vga", "qxl", "pci-serial", "intel-hda", "ich9-intel-hda", "AC97"),
+        PCI),
 }
 #: libvirt's placement order, by QEMU id prefix (controllers: see :func:`_controller_order`)
-ORDER = ("net", "controller", "virtio-disk", "hostdev", "balloon", "rng", "watchdog", "video",
-         "input", "serial")
+ORDER = ("net", "sound", "controller", "virtio-disk", "hostdev", "balloon", "rng", "watchdog",
+         "video", "input", "serial")
 #: QEMU id prefix of a device controller → its <controller type>
 CONTROLLER_IDS = {"usb": "usb", "sata": "sata", "scsi": "scsi", "virtio-serial": "virtio-serial"}
 #: QEMU device → the <controller model> of a controller vmconfine adds by default
@@ -431,6 +432,13 @@ def _place_devices(buses: _Buses, devices: list[Device], controllers: list[Contr
         else:
             buses.reserve(slot1, PCIE)
             placed[video.key] = slot1
+    sound = next((d for d in devices if d.key == "sound0"), None)
+    if sound is not None and sound.wanted is None and sound.element is not None and \
+            sound.element.get("model") == "ich9":  # the first sound card, ICH9 HDA: 00:1b.0
+        slot = Address(0, 0x1B)
+        if not buses.in_use(slot):
+            buses.reserve(slot, PCIE)
+            placed[sound.key] = slot
     for c in controllers:
         if c.address is None:
             placed[c.key] = buses.take(c.model)

@@ -247,9 +247,15 @@ class DomainManager:
         name = self.resolve(key)
         if not self.conn.instance.definition_path(name).exists():
             raise OperationError(f"cannot undefine transient domain '{name}'")
+        defined = self.store.load(name)
         self.store.remove(name)
         if name in self.managed:
             self.transient.add(name)  # libvirt: a running domain becomes transient
+        elif defined is not None:
+            # what drivers keep for a defined domain between runs (a per-domain uid); a
+            # running one gives it back at its teardown
+            for problem in self.conn.stack.forget(defined):
+                log.warning("undefine %s: %s", name, problem)
         self.events.emit(name, "undefined", "removed")
         return name
 

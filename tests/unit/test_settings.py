@@ -407,7 +407,8 @@ def test_key_tables() -> None:
         assert key in KNOWN_KEYS
     owners = {key: driver for driver, settings in BUILTIN for key in (s.name for s in settings)}
     assert owners == {
-        "dynamic_ownership": "dac", "cgroup_controllers": "cgroups",
+        "dynamic_ownership": "dac", "user_range": "dac", "shared_group": "dac",
+        "cgroup_controllers": "cgroups",
         "cgroup_device_acl": "cgroups", "cgroup_device_acl_extra": "cgroups",
         "cgroup_partition": "cgroups", "cgroup_devices_backend": "cgroups",
         "apparmor_profile_dir": "apparmor", "apparmor_profile_prefix": "apparmor",

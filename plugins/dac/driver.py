@@ -218,10 +218,14 @@ class DacDriver:
         """Teardown (journal-driven): give the domain's uid back unless the domain is
         defined (it keeps its uid between runs). Idempotent."""
         journal = ctx.journal
-        recs = journal.records(MODEL, "identity")
-        if not recs or journal.records(MODEL, "identity-released"):
+        rec = None
+        for r in journal.records(MODEL):
+            if r["op"] == "identity":
+                rec = r
+            elif r["op"] == "identity-released":
+                rec = None
+        if rec is None:
             return
-        rec = recs[-1]
         owner, name = str(rec["owner"]), str(rec["name"])
         kept = idleases.defined_uuid(ctx.instance, name) in ("", owner)
         if not kept:

@@ -141,26 +141,22 @@ class DacDriver:
     @hookimpl
     def gen_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
         """libvirt's virSecurityDACGenLabel; with ``user_range``, a uid of the domain's own."""
-        if seclabel.imagelabel:
-            raise LabelError("security image label already defined for VM")
-        if not self._label(ctx, seclabel, plan=False):
-            return
-        if seclabel.relabel and not seclabel.imagelabel:
-            seclabel.imagelabel = seclabel.label
-        ctx.driver_state(MODEL).pop("identity", None)  # the label decides the ids
-        identity(ctx)
+        self._gen(ctx, seclabel, plan=False)
 
     @hookimpl
     def plan_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
         """The report's dry run: a domain's uid from ``user_range`` is its lease, if it has
         one; else the range's first id stands for the one a start will allocate."""
+        self._gen(ctx, seclabel, plan=True)
+
+    def _gen(self, ctx: DomainContext, seclabel: SecLabel, *, plan: bool) -> None:
         if seclabel.imagelabel:
             raise LabelError("security image label already defined for VM")
-        if not self._label(ctx, seclabel, plan=True):
+        if not self._label(ctx, seclabel, plan=plan):
             return
         if seclabel.relabel and not seclabel.imagelabel:
             seclabel.imagelabel = seclabel.label
-        ctx.driver_state(MODEL).pop("identity", None)
+        ctx.driver_state(MODEL).pop("identity", None)  # the label decides the ids
         identity(ctx)
 
     def _label(self, ctx: DomainContext, seclabel: SecLabel, *, plan: bool) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.host.conftest import SCRATCH_PARENT, Embed, VmDir
+from tests.host.test_daemon import Daemon, destroy_running
 from tests.host.test_namespaces import domain_xml
 from tests.support import require_root
 from tests.unit.test_dac_identity import free_range
@@ -223,4 +224,31 @@ def test_sigkill_after_the_allocation_is_finished_by_the_next_command(
         assert leases(embed, rng) == []
         assert owner(img) == before
     finally:
+        embed.cleanup()
+
+
+def test_a_defined_domain_keeps_its_uid_until_undefined(vm_dir: VmDir) -> None:
+    """Through the daemon: the uid of a defined domain survives stop and start; undefine
+    gives it back (the drivers' forget_domain)."""
+    conf, rng, _shared = identity_conf()
+    embed = Embed(vm_dir.path / "instance")
+    embed.configure(conf)
+    d = Daemon(embed)
+    d.start()
+    try:
+        d.cli("define", str(vm_dir.domain_xml("keep")))
+        uids = []
+        for _ in range(2):
+            d.cli("start", "--paused", "keep")
+            uids.append(int(read_status(d.qemu_pid("keep"))["Uid"].split()[0]))
+            assert leases(embed, rng) == [str(uids[-1])]
+            d.cli("destroy", "keep")
+            assert leases(embed, rng) == [str(uids[-1])]  # defined: kept while stopped
+        assert uids[0] == uids[1] and uids[0] in rng
+        d.cli("undefine", "keep")
+        assert leases(embed, rng) == []
+    finally:
+        if d.proc is not None and d.proc.poll() is None:
+            destroy_running(embed)
+            d.stop()
         embed.cleanup()

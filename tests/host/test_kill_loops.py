@@ -19,7 +19,7 @@ import pytest
 
 from examples.mkbootimg import write_image
 from tests.host.conftest import VMCONFINE, Embed, VmDir
-from tests.host.test_dac_identity import identity_conf, leases
+from tests.host.test_identity_isolation import identity_conf, leases
 from tests.host.test_pipeline import snapshot, state_files
 from tests.support import REPO
 

@@ -81,28 +81,36 @@ class Helper:
             self.remove(delete=cmd == "D")
 
     # ---- -c / -r -----------------------------------------------------------------------------
-    def read_domain(self):  # type: ignore[no-untyped-def]
-        """Read (≤ 10 MiB), parse and check the domain XML from stdin."""
-        from vmconfine.domain import parse_domain
-        from vmconfine.errors import VmconfineError
-        from vmconfine_aa_helper.rules import check_domain_name
-
+    def read_xml(self) -> bytes:
+        """The domain XML from stdin (≤ 10 MiB, not blank)."""
         data = self.stdin.read(MAX_XML_BYTES + 1)
         if len(data) > MAX_XML_BYTES:
             raise Refusal("the domain XML on stdin is larger than 10 MiB; pass a real domain "
                           "definition")
         if not data.strip():
             raise Refusal("no domain XML on stdin; pipe the domain definition in")
+        return data
+
+    def check_identity(self, name: str, uuid: str, generated: bool = False) -> None:
+        from vmconfine_aa_helper.rules import check_domain_name
+
+        check_domain_name(name)
+        if generated:
+            raise Refusal("the domain XML has no <uuid>; the profile name needs it")
+        if uuid != self.o.uuid:
+            raise Refusal(f"given profile name {self.o.name} does not match the XML's uuid "
+                          f"{uuid}")
+
+    def read_domain(self, data: bytes):  # type: ignore[no-untyped-def]
+        """Parse and check the domain XML with the shared domain model."""
+        from vmconfine.domain import parse_domain
+        from vmconfine.errors import VmconfineError
+
         try:
             domain = parse_domain(data, "<stdin>", live=True)
         except VmconfineError as exc:
             raise Refusal(f"invalid domain XML: {exc}") from None
-        check_domain_name(domain.name)
-        if domain.uuid_generated:
-            raise Refusal("the domain XML has no <uuid>; the profile name needs it")
-        if domain.uuid != self.o.uuid:
-            raise Refusal(f"given profile name {self.o.name} does not match the XML's uuid "
-                          f"{domain.uuid}")
+        self.check_identity(domain.name, domain.uuid, domain.uuid_generated)
         for disk in domain.disks:
             src = disk.source
             if src is None or disk.type not in ("file", "block") or not src.path:
@@ -129,13 +137,45 @@ class Helper:
         except VmconfineError as exc:
             raise Refusal(str(exc)) from None
 
-    def rules_text(self) -> str:
-        from vmconfine_aa_helper.rules import HEADER, RuleSet, domain_rules
+    def instance_paths(self, name: str) -> tuple[str, tuple[str, str, str]]:
+        """(cache directory, (QEMU log, home, runtime directory of ``name``)) of the
+        instance; the plain URIs without the instance module (start-up)."""
+        from vmconfine.config.layout import (
+            DOMAIN_DIR,
+            LOG_FILE,
+            SYSTEM_DIRS,
+            embed_dirs,
+            plain_uri,
+        )
 
-        domain = self.read_domain()
-        instance = self.instance()
+        plain = plain_uri(self.o.uri)
+        if plain is not None and (plain[0] == "embed" or os.geteuid() == 0):
+            _, run, lib, cache, log = SYSTEM_DIRS if plain[1] is None else embed_dirs(plain[1])
+            home = os.path.join(lib, DOMAIN_DIR.format(name=name))
+            return cache, (os.path.join(log, LOG_FILE.format(name=name)), home,
+                           os.path.join(run, DOMAIN_DIR.format(name=name)))
+        inst = self.instance()
+        return str(inst.cache_dir), (str(inst.log_path(name)), str(inst.domain_lib_dir(name)),
+                                     str(inst.domain_run_dir(name)))
+
+    def rules_text(self) -> str:
+        from vmconfine_aa_helper.domxml import Fallback, read
+        from vmconfine_aa_helper.rules import HEADER, RuleSet
+
+        data = self.read_xml()
+        try:
+            view = read(data)
+        except Fallback:
+            view = None
+        if view is not None:  # the common case: no lxml, no domain model
+            self.check_identity(view.name, view.uuid)
+            cache_dir, dirs = self.instance_paths(view.name)
+        else:
+            domain = self.read_domain(data)
+            instance = self.instance()
+            cache_dir = str(instance.cache_dir)
         if self.o.cache_dir is None and not self.o.no_cache:
-            self.o.cache_dir = os.path.join(str(instance.cache_dir), CACHE_SUBDIR)
+            self.o.cache_dir = os.path.join(cache_dir, CACHE_SUBDIR)
         if self.o.append:
             existing = pf.read_text(self.files)
             if existing:
@@ -144,6 +184,12 @@ class Helper:
                 lines = extra.render()[len(HEADER):]
                 return existing if lines in existing else existing + lines
         extra_files = [self.o.add_file] if self.o.add_file else []
+        if view is not None:
+            from vmconfine_aa_helper.rules import view_rules
+
+            return view_rules(view, dirs, extra_files).render()
+        from vmconfine_aa_helper.rules import domain_rules
+
         return domain_rules(domain, instance, extra_files).render()
 
     def _resolve_profile_dir(self) -> str:

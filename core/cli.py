@@ -166,14 +166,19 @@ def _print_started(conn, launched) -> None:  # type: ignore[no-untyped-def]
 @verb("run", "start a domain in the foreground and wait until it stops (like virt-qemu-run)")
 def cmd_run(args: argparse.Namespace) -> int:
     from vmconfine.launch.supervisor import run_domain
-    from vmconfine.report.build import open_failure_hint
+
+    def diagnose(ctx, tail):  # type: ignore[no-untyped-def]
+        # the report code is imported only when a start fails (start-up time)
+        from vmconfine.report.build import open_failure_hint
+
+        return open_failure_hint(conn, ctx, tail)
 
     conn = _connect(args)
     domain = _load_domain(args, conn)
     outcome = run_domain(conn, domain, paused=args.paused,
                          shutdown_timeout=args.shutdown_timeout,
                          on_ready=lambda started: _print_started(conn, started),
-                         diagnose=lambda ctx, tail: open_failure_hint(conn, ctx, tail))
+                         diagnose=diagnose)
     name = domain.name
     if outcome.ok:
         print(f"Domain '{name}' stopped: {outcome.detail}")
@@ -317,7 +322,8 @@ def _add_taint(conn, dom, flag: str) -> None:  # type: ignore[no-untyped-def]
         taints.append(flag)
         state["taints"] = ",".join(taints)
         runtime.write_atomic(dom.status_path,
-                             d.to_xml(live=True, extra={"id": dom.id, "state": state}))
+                             d.to_xml(live=True, extra={"id": dom.id, "state": state}),
+                             durable=False)
 
 
 # ---- parser -----------------------------------------------------------------------------------
@@ -338,7 +344,42 @@ def _validate_flag(sp: argparse.ArgumentParser) -> None:
                     help="first validate the XML against libvirt's schema (domain.rng)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unused:
+    """Stands in for the parser of a verb the command line does not name: argparse's set-up
+    of one parser costs ~1 ms (gettext looks for message catalogues for each of its strings),
+    ~35 ms for every verb, so a command builds only its own (:func:`verb_of`)."""
+
+    def add_argument(self, *_args: object, **_kwargs: object) -> None:
+        return None
+
+    def set_defaults(self, **_kwargs: object) -> None:
+        return None
+
+
+#: top-level options; those with a value (the value is the next word unless attached)
+_TOP_FLAGS = ("-r", "--readonly", "--debug")
+_TOP_VALUES = ("-c", "--connect")
+
+
+def verb_of(argv: Sequence[str]) -> str | None:
+    """The verb of a command line whose words before it are top-level options (so only its
+    parser is needed), else None (help, version, a mistake: the whole parser answers)."""
+    words = iter(argv)
+    for word in words:
+        if word in _TOP_FLAGS or word.startswith("--connect="):
+            continue
+        if word in _TOP_VALUES:
+            next(words, None)
+            continue
+        if word.startswith("-c") and not word.startswith("--"):
+            continue  # -cURI
+        return None if word.startswith("-") else word
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with ``only``, the parsers of the other verbs are left out (and
+    :class:`LookupError` is raised when ``only`` is not a verb)."""
     p = argparse.ArgumentParser(
         prog="vmconfine",
         description="Run confined QEMU/KVM virtual machines described in libvirt domain XML.",
@@ -354,11 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    def add(name: str) -> argparse.ArgumentParser:
-        fn, help_text = _VERBS[name]
+    made: list[str] = []
+
+    def add_daemon_verb(name: str, fn: Handler, help_text: str) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return _Unused()  # type: ignore[return-value]
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.set_defaults(func=fn)
+        made.append(name)
         return sp
+
+    def add(name: str) -> argparse.ArgumentParser:
+        fn, help_text = _VERBS[name]
+        return add_daemon_verb(name, fn, help_text)
 
     add("capabilities")
     add("drivers")
@@ -411,12 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also check xattr support where images live (repeatable)")
     sp.add_argument("--json", action="store_true", help="print the checks as JSON")
 
-    def add_daemon_verb(name: str, fn: Handler, help_text: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.set_defaults(func=fn)
-        return sp
-
     cli_daemon.add_parsers(add_daemon_verb, _seconds)
+    if only is not None and not made:
+        raise LookupError(only)
     return p
 
 
@@ -434,8 +480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(verb_of(words))
+    except LookupError:  # not a verb: the whole parser says so, with the list of verbs
+        parser = build_parser()
+    args = parser.parse_args(words)
     debug = args.debug or os.environ.get("VMCONFINE_DEBUG", "") not in ("", "0")
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,

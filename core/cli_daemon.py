@@ -143,7 +143,8 @@ def cmd_define(args: argparse.Namespace) -> int:
 
 @verb("undefine", "remove a domain's persistent definition (a running domain keeps running)")
 def cmd_undefine(args: argparse.Namespace) -> int:
-    name = client(args).call("DELETE", _domain_url(args.domain))["name"]
+    query = "?keep_tpm=1" if args.keep_tpm else ""
+    name = client(args).call("DELETE", _domain_url(args.domain) + query)["name"]
     print(f"Domain '{name}' has been undefined")
     return 0
 
@@ -318,6 +319,9 @@ def add_parsers(add: Callable[[str, Handler, str], argparse.ArgumentParser],
         sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
         if name == "start":
             sp.add_argument("--paused", action="store_true", help="leave the CPUs stopped")
+        elif name == "undefine":
+            sp.add_argument("--keep-tpm", action="store_true",
+                            help="keep the TPM emulator's state (default: removed, as virsh)")
         elif name == "shutdown":
             sp.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                             help="wait until the domain is shut off; fail after SECONDS")

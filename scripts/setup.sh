@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils            # the emulator and qemu-img
   python3-venv python3-selinux python3-libapparmor python3-cap-ng
+  python3-pyroute2                      # netlink: taps, bridges, macvtap (pyproject: pyroute2)
   apparmor                              # apparmor_parser (profiles compile on the host)
   attr acl                              # getfattr/setfattr for inspecting remembered owners
   libcap2-bin                           # setcap/getcap: file capabilities survive a domain
@@ -17,6 +18,7 @@ APT_PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients   # the peer: tests and benchmarks
   libvirt0                              # domain.rng, the schema of --validate
   util-linux                            # setpriv, losetup
+  swtpm swtpm-tools                     # <tpm><backend type='emulator'>: swtpm, swtpm_setup
   openssh-client openssh-server openssl # remote URIs: ssh transport, its test sshd, TLS test PKI
   ca-certificates
 )

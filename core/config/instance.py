@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from vmconfine.config.layout import DOMAIN_DIR, EMBED_DIRS, LOG_FILE, SYSTEM_DIRS
 from vmconfine.config.settings import QemuConfig, load_config
 from vmconfine.errors import URIError
 
@@ -206,7 +207,7 @@ class Instance:
 
     def domain_run_dir(self, name: str) -> Path:
         """Per-domain runtime directory (monitor sockets, VNC socket); removed at teardown."""
-        return self.run_dir / f"domain-{name}"
+        return self.run_dir / DOMAIN_DIR.format(name=name)
 
     def monitor_path(self, name: str) -> Path:
         """QMP socket the supervising process uses."""
@@ -223,7 +224,7 @@ class Instance:
 
     def domain_lib_dir(self, name: str) -> Path:
         """QEMU's HOME (libvirt: /var/lib/libvirt/qemu/domain-N-NAME)."""
-        return self.lib_dir / f"domain-{name}"
+        return self.lib_dir / DOMAIN_DIR.format(name=name)
 
     def channel_dir(self, name: str) -> Path:
         """Where a virtio channel's unix socket without a path is generated (libvirt:
@@ -232,7 +233,7 @@ class Instance:
         return self.lib_dir / "channel" / "target" / f"domain-{name}"
 
     def log_path(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
+        return self.log_dir / LOG_FILE.format(name=name)
 
     # ---- the daemon and persistent definitions (libvirt: /etc/libvirt/qemu/NAME.xml) --------
     @property
@@ -264,6 +265,13 @@ class Instance:
         """Persistent domain definitions, one ``NAME.xml`` each."""
         return self.config_path.parent / "qemu"
 
+    @property
+    def networks_dir(self) -> Path:
+        """Network definitions (libvirt's network XML, ``NAME.xml``) that ``<interface
+        type='network'>`` names: ``/etc/vmconfine/qemu/networks`` for the system instance
+        (libvirt: ``/etc/libvirt/qemu/networks``), ``ROOT/etc/qemu/networks`` for an embed one."""
+        return self.definitions_dir / "networks"
+
     def definition_path(self, name: str) -> Path:
         return self.definitions_dir / f"{name}.xml"
 
@@ -292,15 +300,16 @@ def open_instance(uri: str | None = None) -> Instance:
                 f"'{parsed.uri}' needs root (you are uid {euid}); use qemu:///session "
                 "or qemu:///embed?root=DIR"
             )
+        config_path, run_dir, lib_dir, cache_dir, log_dir = (Path(d) for d in SYSTEM_DIRS)
         return Instance(
             uri=parsed.uri,
             kind="system",
             privileged=True,
-            config_path=Path("/etc/vmconfine/qemu.conf"),
-            run_dir=Path("/run/vmconfine/qemu"),
-            lib_dir=Path("/var/lib/vmconfine/qemu"),
-            cache_dir=Path("/var/cache/vmconfine/qemu"),
-            log_dir=Path("/var/log/vmconfine/qemu"),
+            config_path=config_path,
+            run_dir=run_dir,
+            lib_dir=lib_dir,
+            cache_dir=cache_dir,
+            log_dir=log_dir,
         )
     if parsed.kind == "session":
         config = _xdg("XDG_CONFIG_HOME", ".config") / "vmconfine"
@@ -327,10 +336,10 @@ def open_instance(uri: str | None = None) -> Instance:
         uri=parsed.uri,
         kind="embed",
         privileged=euid == 0,
-        config_path=root / "etc" / "qemu.conf",
-        run_dir=root / "run" / "qemu",
-        lib_dir=root / "lib" / "qemu",
-        cache_dir=root / "cache" / "qemu",
-        log_dir=root / "log" / "qemu",
+        config_path=root / EMBED_DIRS[0],
+        run_dir=root / EMBED_DIRS[1],
+        lib_dir=root / EMBED_DIRS[2],
+        cache_dir=root / EMBED_DIRS[3],
+        log_dir=root / EMBED_DIRS[4],
         root=root,
     )

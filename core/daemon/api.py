@@ -208,7 +208,8 @@ async def post_domains(request: web.Request) -> web.Response:
 
 
 async def undefine(request: web.Request) -> web.Response:
-    name = request.app[MANAGER].undefine(request.match_info["key"])
+    keep_tpm = request.query.get("keep_tpm", "0") not in ("0", "", "false")
+    name = request.app[MANAGER].undefine(request.match_info["key"], keep_tpm=keep_tpm)
     return web.json_response({"name": name})
 
 

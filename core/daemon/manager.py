@@ -25,7 +25,7 @@ from vmconfine.daemon.store import DefinitionStore
 from vmconfine.domain import Domain, parse_domain
 from vmconfine.domain.support import enforce
 from vmconfine.errors import LaunchError, NotRunningError, VmconfineError
-from vmconfine.launch import hotplug, pipeline, runtime
+from vmconfine.launch import hotplug, pipeline, runtime, swtpm
 from vmconfine.launch.connection import Connection, RunningDomain
 from vmconfine.launch.info import domain_info_rows
 from vmconfine.launch.journal import Journal
@@ -70,6 +70,9 @@ class DomainManager:
         #: running domains this daemon refuses to manage, and why (confinement changed)
         self.refused: dict[str, str] = {}
         self.transient: set[str] = set()
+        #: running domains undefined with --keep-tpm (a transient domain's TPM state is
+        #: removed when it stops, as libvirt does, unless so kept)
+        self.keep_tpm: set[str] = set()
         self._busy: set[str] = set()
 
     # ---- start-up ---------------------------------------------------------------------------
@@ -247,14 +250,20 @@ class DomainManager:
         name = self.resolve(key)
         if not self.conn.instance.definition_path(name).exists():
             raise OperationError(f"cannot undefine transient domain '{name}'")
-        defined = self.store.load(name)
+        domain = self.store.load(name)
         self.store.remove(name)
         if name in self.managed:
+            if keep_tpm:  # its TPM state is in use: removed when it stops, unless kept
+                self.keep_tpm.add(name)
+        elif domain is not None and not keep_tpm:
+            # virsh undefine removes the TPM emulator's state unless --keep-tpm
+            swtpm.remove_state(self.conn.instance, domain)
+        if name in self.managed:
             self.transient.add(name)  # libvirt: a running domain becomes transient
-        elif defined is not None:
+        elif domain is not None:
             # what drivers keep for a defined domain between runs (a per-domain uid); a
             # running one gives it back at its teardown
-            for problem in self.conn.stack.forget(defined):
+            for problem in self.conn.stack.forget(domain):
                 log.warning("undefine %s: %s", name, problem)
         self.events.emit(name, "undefined", "removed")
         return name
@@ -495,8 +504,17 @@ class DomainManager:
         if errors:
             log.error("domain %s: teardown left problems: %s", name, "; ".join(errors))
         self.events.emit(name, "stopped", detail)
+        restarts = m.reboot and not destroyed
         if name in self.transient:
             self.transient.discard(name)
+            if name not in self.keep_tpm and not restarts:
+                # libvirt: a transient domain's TPM state goes with it
+                try:
+                    swtpm.remove_state(self.conn.instance, launched.ctx.domain)
+                except VmconfineError as exc:
+                    log.error("%s", exc.message)
+        if not restarts:
+            self.keep_tpm.discard(name)
         if m.reboot and not destroyed:
             domain = self.store.load(name) or parse_domain(
                 launched.ctx.domain.to_xml(live=False), live=False)

@@ -23,6 +23,7 @@ from vmconfine.domain.chardev import (
     Chardev,
     parse_chardev,
 )
+from vmconfine.domain.interface import INTERFACE_SOURCE_ATTR, Interface, parse_interface
 from vmconfine.domain.seclabel import (
     DeviceSecLabel,
     find_device_seclabel,
@@ -107,9 +108,6 @@ PCI_ADDRESS_LIMITS = {"domain": 0xFFFF, "bus": 0xFF, "slot": 0x1F, "function": 7
 MAX_TCP_PORT = 65535
 #: a PCI controller's index is its bus number
 MAX_PCI_CONTROLLER_INDEX = 255
-INTERFACE_SOURCE_ATTR = {"network": "network", "bridge": "bridge", "direct": "dev",
-                         "vhostuser": "path", "vdpa": "dev", "server": "address",
-                         "client": "address", "mcast": "address", "udp": "address"}
 
 
 # --------------------------------------------------------------------------- disks
@@ -356,32 +354,6 @@ def parse_graphics(ctx: ParseContext, el: etree._Element) -> Graphics:
     return g
 
 
-@dataclass
-class Interface:
-    """A ``<interface>``: ``source`` is the network/bridge/device/socket it attaches to."""
-
-    type: str
-    model: str | None = None
-    mac: str | None = None
-    source: str | None = None
-    target_dev: str | None = None
-    script: str | None = None
-    element: etree._Element | None = field(default=None, repr=False, compare=False)
-
-
-def parse_interface(ctx: ParseContext, el: etree._Element) -> Interface:
-    """One ``<interface>``."""
-    itype = el.get("type")
-    if not itype:
-        raise ctx.error(el, "<interface> has no type; use e.g. type='user' or type='network'")
-    src_attr = INTERFACE_SOURCE_ATTR.get(itype)
-    return Interface(type=itype, model=attr(child(el, "model"), "type"),
-                     mac=attr(child(el, "mac"), "address"),
-                     source=attr(child(el, "source"), src_attr) if src_attr else None,
-                     target_dev=attr(child(el, "target"), "dev"),
-                     script=attr(child(el, "script"), "path"), element=el)
-
-
 # --------------------------------------------------------------------------- hostdevs etc.
 
 
@@ -532,6 +504,8 @@ class Tpm:
     backend: str | None
     device_path: str | None = None
     element: etree._Element | None = field(default=None, repr=False, compare=False)
+    #: the emulator's TPM version (``<backend version=...>``): "2.0" or "1.2"
+    version: str | None = None
 
 
 @dataclass
@@ -613,7 +587,7 @@ def _parse_misc(ctx: ParseContext, el: etree._Element, out: Devices) -> None:
         be = child(el, "backend")
         out.tpms.append(Tpm(model=el.get("model"), backend=attr(be, "type"), element=el,
                             device_path=attr(child(be, "device"), "path")
-                            if be is not None else None))
+                            if be is not None else None, version=attr(be, "version")))
     elif tag == "rng":
         be = child(el, "backend")
         text = "".join(be.itertext()).strip() if be is not None else ""

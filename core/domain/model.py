@@ -59,6 +59,7 @@ from vmconfine.domain.guest import (
     parse_cpu,
     parse_memory_backing,
 )
+from vmconfine.domain.interface import drop_generated_ifnames
 from vmconfine.domain.seclabel import (
     SECLABEL_TYPES,
     DeviceSecLabel,
@@ -338,6 +339,7 @@ class Domain:
         else:
             root.attrib.pop("id", None)
             drop_generated_paths(root, self.generated_paths)
+            drop_generated_ifnames(root)
             for i, sec in positions.items():
                 inactive_seclabel(copies[i], sec)
             drop_device_labelskip(root)

@@ -89,7 +89,9 @@ _DEVICES = E("", {
     }),
     "controller": E("type index model"),
     "interface": E("type", {"mac": E("address"), "model": E("type"),
-                            "source": E("network"), "boot": E("order")}),
+                            "source": E("network bridge dev mode"),
+                            "target": E("dev managed"), "driver": E("name queues"),
+                            "mtu": E("size"), "boot": E("order")}),
     "serial": _chardev("type port"),
     "console": _chardev("type port"),
     "parallel": _chardev("port"),
@@ -107,6 +109,8 @@ _DEVICES = E("", {
     "memballoon": E("model"),
     "rng": E("model", {"backend": E("model")}),
     "watchdog": E("model action"),
+    "tpm": E("model", {"backend": E("type version", values={"type": "emulator"})},
+             values={"model": "tpm-tis tpm-crb"}),
 })
 
 #: Everything vmconfine implements, as a tree under ``<domain>``.

@@ -279,7 +279,7 @@ def write_status(conn: Connection, a: Adoption, supervisor: int) -> None:
              "adopted": "yes"}
     xml = a.domain.to_xml(live=True, extra={"id": a.domain_id, "state": state})
     with runtime.instance_lock(conn.instance):
-        runtime.write_atomic(conn.instance.status_path(a.name), xml)
+        runtime.write_atomic(conn.instance.status_path(a.name), xml, durable=False)
 
 
 def _qmp_lock_path(conn: Connection, name: str) -> Path:

@@ -1,6 +1,7 @@
 """The checks a start makes before QEMU runs that do not belong to a driver: the domain is
 not running or starting already (by name or UUID), every non-removable disk has a
-``<source>``, the emulator can be executed.
+``<source>``, the emulator can be executed, the network devices interfaces need exist
+(:func:`vmconfine.launch.netdev.check_devices`).
 
 :func:`vmconfine.launch.pipeline.start` runs them (the running check under the instance
 lock), and the confinement report runs the same functions, so ``confinement FILE.xml`` finds

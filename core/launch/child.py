@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from vmconfine.plugin.stack import CHILD_HOOKS
 
 if TYPE_CHECKING:
     from vmconfine.plugin.context import DomainContext
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.stack import Stack
     from vmconfine.qemu.argv import QemuCommand
 
@@ -47,11 +48,46 @@ def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     os.write(log_fd, f"{time.strftime('%Y-%m-%d %H:%M:%S')}: starting up\n"
                      f"{command.format_native()}\n".encode())
+    fds = sorted({passed[p.name] for p in command.inherited})
+
+    def forked(pid: int) -> None:
+        # journal the child before it can exec (a parent-death signal is not enough: an exec
+        # label change clears it), so a crash from here on is recovered by pid
+        ctx.pid = pid
+        starttime = runtime.proc_starttime(pid)
+        ctx.state["pipeline"]["starttime"] = starttime
+        with contextlib.suppress(Exception):
+            ctx.journal.record("pipeline", "forked", pid=pid, starttime=starttime)
+
+    return fork_exec(command.argv(fds=passed), dict(command.env), fds, log_fd,
+                     lambda hook: stack.run_child_hook(hook, ctx), forked,
+                     what=f"domain '{ctx.domain.name}': preparing the QEMU process",
+                     outlive=outlive)
+
+
+def spawn_helper(stack: Stack, ctx: DomainContext, helper: Helper, argv: list[str],
+                 fds: list[int], log_fd: int, forked: Callable[[int], None], *,
+                 env: Mapping[str, str] | None = None, outlive: bool = False) -> int:
+    """Fork and exec a helper process of the domain (``swtpm``), confined through every
+    driver's ``child_helper`` in the same steps as QEMU; ``forked(pid)`` journals it before it
+    can exec. ``log_fd`` (closed here) becomes its stdout/stderr. The environment is
+    ``LC_ALL=C``, a system ``PATH`` and ``env``."""
+    env = {"LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **(env or {})}
+    return fork_exec(argv, env, fds, log_fd,
+                     lambda hook: stack.run_helper_child(hook, ctx, helper), forked,
+                     what=f"domain '{ctx.domain.name}': preparing the {helper.name} process",
+                     outlive=outlive)
+
+
+def fork_exec(argv: list[str], env: dict[str, str], fds: list[int], log_fd: int,
+              run_step: Callable[[str], None], forked: Callable[[int], None], *,
+              what: str, outlive: bool) -> int:
+    """Fork; the child runs ``run_step(hook)`` for each of :data:`CHILD_HOOKS` (no_new_privs
+    before ``child_confine``) and execs ``argv``; ``forked(pid)`` runs in the parent before
+    the child can exec. Returns the pid once it has exec'd, or raises with the child's error
+    (prefixed by ``what``). ``log_fd`` is closed here."""
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    argv = command.argv(fds=passed)
-    fds = sorted({passed[p.name] for p in command.inherited})
-    env = dict(command.env)
     parent_pid = os.getpid()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # closed or None: nothing buffered to duplicate
@@ -60,7 +96,7 @@ def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
     if pid == 0:  # ---- child ----
         try:
             os.close(err_r)
-            _child(stack, ctx, argv, env, fds, log_fd, null_fd, parent_pid, outlive)
+            _child(run_step, argv, env, fds, log_fd, null_fd, parent_pid, outlive)
         except BaseException as exc:  # report to the parent, never return into its code
             msg = str(exc) if isinstance(exc, VmconfineError) else (
                 f"{type(exc).__name__}: {exc}")
@@ -70,13 +106,7 @@ def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
                 os.write(err_w, msg.encode(errors="replace")[:65536])
         os._exit(127)
     # ---- parent ----
-    # journal the child before it can exec (a parent-death signal is not enough: an exec
-    # label change clears it), so a crash from here on is recovered by pid
-    ctx.pid = pid
-    starttime = runtime.proc_starttime(pid)
-    ctx.state["pipeline"]["starttime"] = starttime
-    with contextlib.suppress(Exception):
-        ctx.journal.record("pipeline", "forked", pid=pid, starttime=starttime)
+    forked(pid)
     os.close(err_w)
     os.close(log_fd)
     os.close(null_fd)
@@ -89,15 +119,12 @@ def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
     os.close(err_r)
     if chunks:
         os.waitpid(pid, 0)
-        raise LaunchError(
-            f"domain '{ctx.domain.name}': preparing the QEMU process failed: "
-            f"{b''.join(chunks).decode(errors='replace')}"
-        )
+        raise LaunchError(f"{what} failed: {b''.join(chunks).decode(errors='replace')}")
     done, status = os.waitpid(pid, os.WNOHANG)
     if done:  # died before exec without a word (e.g. killed)
         raise LaunchError(
-            f"domain '{ctx.domain.name}': the QEMU process died before exec "
-            f"(status {os.waitstatus_to_exitcode(status)})")
+            f"{what}: the process died before exec (status "
+            f"{os.waitstatus_to_exitcode(status)})")
     return pid
 
 
@@ -117,10 +144,10 @@ def _close_inherited(keep: set[int]) -> None:
             os.close(fd)
 
 
-def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str],
+def _child(run_step: Callable[[str], None], argv: list[str], env: dict[str, str],
            fds: list[int], log_fd: int, null_fd: int, parent_pid: int,
            outlive: bool) -> None:
-    """In the forked child: apply the confinement in libvirt's order, then exec QEMU."""
+    """In the forked child: apply the confinement in libvirt's order, then exec."""
     for sig in signal.valid_signals():  # QEMU starts with default dispositions, no mask
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_DFL)
@@ -137,12 +164,12 @@ def _child(stack: Stack, ctx: DomainContext, argv: list[str], env: dict[str, str
             if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
                 raise LaunchError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: errno "
                                   f"{ctypes.get_errno()}")
-        stack.run_child_hook(hook, ctx)
+        run_step(hook)
     # the identity switch cleared any parent-death signal: set it last, then make sure the
     # parent did not die before it took effect (or, for a QEMU that outlives its parent,
     # before it was journaled)
     if not outlive:
         _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
-        raise LaunchError("vmconfine exited while QEMU was being prepared")
+        raise LaunchError("vmconfine exited while the process was being prepared")
     os.execve(argv[0], argv, env)

@@ -22,9 +22,10 @@ A failure at any step undoes everything done so far (:func:`teardown`, driven by
 before the error is raised; a failure after QEMU was spawned carries QEMU's last log lines and,
 through the caller's ``diagnose`` callback, which layer denied a path QEMU could not open.
 
-stop (any cause): kill QEMU if needed → restore all labels → release labels → remove runtime
-dir, status and journal. Each host change is journaled before it is made, so
-:meth:`vmconfine.launch.connection.Connection.recover` can finish a teardown after a crash.
+stop (any cause): kill QEMU if needed → restore all labels → release labels → remove the
+sockets and network devices vmconfine made, runtime dir, status and journal. Each host change
+is journaled before it is made, so :meth:`vmconfine.launch.connection.Connection.recover` can
+finish a teardown after a crash.
 Waiting for a started domain is :mod:`vmconfine.launch.supervisor`'s job.
 
 ``VMCONFINE_PAUSE_AT=STEP`` stops the pipeline at STEP (it prints ``paused at STEP`` on stderr and
@@ -49,10 +50,11 @@ from typing import TYPE_CHECKING
 from qemu.qmp import QMPError
 
 from vmconfine.config.hugepages import hugepage_dir
+from vmconfine.config.networks import resolve_interfaces
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.domain.chardev import fill_channel_paths
 from vmconfine.errors import LaunchError, VmconfineError
-from vmconfine.launch import checks, child, preopen, runtime
+from vmconfine.launch import checks, child, netdev, preopen, runtime, swtpm
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
@@ -71,6 +73,8 @@ log = logging.getLogger(__name__)
 
 STEPS = ("begin", "labels", "preflight", "sockets", "set-labels", "forked", "qmp", "verified",
          "running")
+#: a step only domains with a helper process reach (swtpm started, QEMU not yet forked)
+HELPER_STEP = "helpers"
 PAUSE_ENV = "VMCONFINE_PAUSE_AT"
 
 #: ``diagnose(ctx, log_tail) -> "; why"``: explains a start failure from QEMU's log (which
@@ -144,12 +148,13 @@ def _qemu_user_name(conn: Connection) -> str:
 
 def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None) -> None:
     """Validation that changes nothing on the host: disk sources, seclabel models, driver
-    checks (of ``stack``, default the instance's), backing chains; a virtio channel's unix
-    socket without a path gets one generated (libvirt's ``qemuDomainPrepareChannel``), shown
-    in the live XML."""
+    checks (of ``stack``, default the instance's), backing chains, network definitions
+    (``type='network'`` → its bridge); a virtio channel's unix socket without a path gets one
+    generated (libvirt's ``qemuDomainPrepareChannel``), shown in the live XML."""
     if not domain.generated_paths:
         domain.generated_paths = fill_channel_paths(
             domain.chardevs, str(conn.instance.channel_dir(domain.name)))
+    resolve_interfaces(conn.instance, domain)
     stack = stack if stack is not None else conn.stack
     stack.check_models(domain)
     stack.verify(domain)
@@ -202,6 +207,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         checkpoint("labels")
         command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
         checks.check_emulator(command.emulator)
+        swtpm.check(stack, ctx)
         ctx.command = command
         ctx.state["pipeline"] = {}
         # 3. prepare host
@@ -212,10 +218,13 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         checkpoint("sockets")
         try:
             stack.set("set_all_labels", ctx)
+            checkpoint("set-labels")
+            # external devices before QEMU, as qemuExtDevicesStart: the TPM emulator
+            await swtpm.start(stack, ctx, preopened.fds, outlive=outlive)
         except BaseException:
             preopened.close()
             raise
-        checkpoint("set-labels")
+        checkpoint(HELPER_STEP)
         # 4. launch
         log_path = inst.log_path(domain.name)
         try:
@@ -223,6 +232,8 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         except BaseException:
             preopened.close()
             raise
+        # swtpm ends (--terminate) when QEMU, the only other holder, closes the channel
+        preopened.discard(swtpm.TPM_CHARDEV)
         # the parent keeps its copies until teardown: a QEMU that dies during start-up then
         # leaves the monitor listening, so the handshake waits instead of being reset
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
@@ -400,7 +411,7 @@ def write_status(conn: Connection, launched: Launched) -> None:
     }
     xml = launched.ctx.domain.to_xml(live=True, extra={"id": launched.domain_id, "state": state})
     with runtime.instance_lock(conn.instance):
-        runtime.write_atomic(conn.instance.status_path(launched.name), xml)
+        runtime.write_atomic(conn.instance.status_path(launched.name), xml, durable=False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,11 +432,13 @@ def core_checks(pid: int) -> list[str]:
 
 def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True) -> list[str]:
     """Undo everything the journal lists; return the problems (the journal is kept if any)."""
-    errors = stack.restore("restore_all_labels", ctx)
+    errors = swtpm.stop_helpers(stack, ctx)  # after QEMU, before the labels they share
+    errors += stack.restore("restore_all_labels", ctx)
     if labels_generated:
         errors += stack.release_labels(ctx)
     errors += preopen.remove_sockets(ctx.journal.records("pipeline", "socket"),
                                      ctx.journal.records("pipeline", "socket-inode"))
+    errors += netdev.remove_devices(ctx.journal)
     for rec in reversed(ctx.journal.records("pipeline", "mkdir")):
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(rec["path"])

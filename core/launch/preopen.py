@@ -12,6 +12,8 @@ with ``qemu_fd.c``; the command-line side is :mod:`vmconfine.qemu.fdpass`).
 * File chardevs and every chardev ``<log file>`` are opened by vmconfine (``O_WRONLY``, created
   ``0600`` when missing; truncated unless ``append='on'``, as QEMU would) and reach QEMU through
   ``-add-fd`` as ``/dev/fdset/N``. The files keep their owner: QEMU never opens the path.
+* Network interfaces backed by a tap or macvtap: created and opened by
+  :mod:`vmconfine.launch.netdev`; QEMU gets the queue (and vhost-net) descriptors.
 * A stale socket at a socket's path is removed first (libvirt unlinks it too); anything else
   there is refused. A missing directory is refused (vmconfine creates only the directories
   of paths it generated: a virtio channel without a path gets ``<lib_dir>/channel/target/
@@ -37,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vmconfine.errors import LaunchError
-from vmconfine.qemu.fdpass import FDSET, PassedFd
+from vmconfine.launch import netdev
+from vmconfine.qemu.fdpass import CONNECTED, FDSET, LISTEN, NETFD, QMP, PassedFd
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -73,6 +76,13 @@ class PreOpened:
         self.fds.clear()
         self.sockets.clear()
 
+    def discard(self, name: str) -> None:
+        """Close the descriptor ``name`` (one that is not a listening socket) now."""
+        fd = self.fds.pop(name, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def take(self, name: str) -> socket.socket | None:
         """Hand the socket ``name`` over to the caller (the VNC socket, sent over QMP)."""
         for s in self.sockets:
@@ -90,7 +100,12 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
     is journaled, so teardown removes it."""
     _make_generated_dirs(ctx)
     out = open_passed(ctx.journal, [p for p in command.passed if p.kind == FDSET])
-    sockets = [p for p in command.passed if p.kind != FDSET]
+    sockets = [p for p in command.passed if p.kind in (LISTEN, QMP)]
+    try:
+        out.fds.update(netdev.open_interfaces(ctx, command.networks))
+    except BaseException:
+        out.close()
+        raise
     if not sockets:
         return out
     try:
@@ -108,11 +123,14 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
 
 
 def open_passed(journal: Journal, passed: Iterable[PassedFd]) -> PreOpened:
-    """Open ``passed`` (files and listening sockets, no labels): what :func:`open_all` does
-    for one kind; also what a caller that runs QEMU by itself uses (tests, benchmarks)."""
+    """Open ``passed`` (files and listening sockets, no labels; network descriptors and
+    helper channels are left out): what :func:`open_all` does for one kind; also what a caller
+    that runs QEMU by itself uses (tests, benchmarks)."""
     out = PreOpened()
     try:
         for p in passed:
+            if p.kind in (NETFD, CONNECTED):
+                continue  # taps, vhost-net (launch.netdev) and helper channels (launch.swtpm)
             if p.kind == FDSET:
                 out.fds[p.name] = open_file(journal, p)
             else:

@@ -56,12 +56,21 @@ def same_process(pid: int | None, starttime: int | None) -> bool:
     return starttime is None or int(fields[19]) == starttime
 
 
-def write_atomic(path: Path, data: str, mode: int = 0o600) -> None:
+def write_atomic(path: Path, data: str, mode: int = 0o600, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` at once (readers see the old or the new file).
+
+    ``durable=False`` leaves out the ``fsync``: for the run directory's per-boot state (the
+    status XML, the domain id counter), which no reboot outlives in meaning — a crash of
+    vmconfine leaves the page cache to the next reader, and a crash of the machine ends every
+    domain the files describe (readers treat them as stale). The fsync cost 0.2-60 ms per
+    start where the run directory is on a disk, not tmpfs (docs/performance.md, P1).
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.write(fd, data.encode())
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -172,7 +181,7 @@ def next_domain_id(instance: Instance) -> int:
         value = int(path.read_text().strip() or "1")
     except (FileNotFoundError, ValueError):
         value = 1
-    write_atomic(path, f"{value + 1}\n")
+    write_atomic(path, f"{value + 1}\n", durable=False)
     return value
 
 

@@ -49,6 +49,7 @@ import pluggy
 if TYPE_CHECKING:
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.registry import DriverRegistry
     from vmconfine.plugin.resources import Resource
 
@@ -368,6 +369,54 @@ def child_confine(ctx: DomainContext) -> None:
     """Child: last-moment confinement after no_new_privs (Landlock ``restrict_self``).
 
     Runs immediately before exec; nothing else in the child opens files after it.
+    """
+
+
+# --------------------------------------------------------------------------------------------
+# Helper processes (the TPM emulator): files, the forked child, after exec
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def set_helper_label(ctx: DomainContext, helper: Helper) -> None:
+    """Label / allow the files of a helper process (libvirt's ``SetTPMLabels``). Set-type.
+
+    When: before the helper (``swtpm_setup``, ``swtpm``; :class:`vmconfine.plugin.helper.
+    Helper`) is forked, after QEMU's ``set_all_labels``. ``helper.owned`` are directories
+    whose whole tree belongs to the helper's account (its persistent state: give it to that
+    account, and do not give it back); ``helper.paths`` what it opens by name. Journal each
+    change before making it.
+    """
+
+
+@hookspec
+def restore_helper_label(ctx: DomainContext, helper: Helper) -> None:
+    """Undo ``set_helper_label`` (libvirt's ``RestoreTPMLabels``). Restore-type.
+
+    When: teardown, after the helper was stopped, and crash recovery (the helper rebuilt from
+    the journal).
+    """
+
+
+@hookspec
+def child_helper(ctx: DomainContext, helper: Helper, step: str) -> None:
+    """Child: confine a helper process between fork and exec (libvirt's
+    ``SetChildProcessLabel``).
+
+    Called once per driver for every ``step`` of QEMU's child sequence, in the same order
+    (``child_cgroup``, ``child_namespace``, ``child_exec_label``, ``child_identity``,
+    ``child_capabilities``, then no_new_privs, ``child_confine``): do at each step what the
+    step of the same name does for QEMU, for ``helper`` (its account, its paths). A
+    label-bearing security driver without this hook makes a domain with a helper refuse to
+    start (fail closed); other drivers without it apply nothing to helpers.
+    """
+
+
+@hookspec(firstresult=True)
+def verify_helper(ctx: DomainContext, helper: Helper, pid: int) -> list[str]:
+    """Compare what the kernel reports for the helper's ``pid`` with what this driver asked
+    for (as :func:`verify_process` does for QEMU). Returns the differences (empty: confined
+    as asked); any makes the start fail closed.
     """
 
 

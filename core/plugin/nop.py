@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vmconfine.plugin.context import HostContext
 from vmconfine.plugin.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from vmconfine.plugin.context import DomainContext
+    from vmconfine.plugin.helper import Helper
 
 
 class NopDriver:
@@ -20,6 +26,10 @@ class NopDriver:
     @hookimpl
     def doi(self) -> str:
         return "0"
+
+    @hookimpl
+    def child_helper(self, ctx: DomainContext, helper: Helper, step: str) -> None:
+        """Helper processes are not confined either (libvirt's nop ``SetChildProcessLabel``)."""
 
 
 @hookimpl

@@ -29,6 +29,7 @@ from vmconfine.plugin.registry import register_checked
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.registry import DriverInfo
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ RESTORE_OF = {
     "set_hostdev_label": "restore_hostdev_label",
     "set_chardev_label": "restore_chardev_label",
     "set_socket_label": "clear_socket_label",
+    "set_helper_label": "restore_helper_label",
 }
 
 _driver_serial = itertools.count(1)
@@ -489,6 +491,28 @@ class Stack:
         assert hook in CHILD_HOOKS
         for d in self.drivers:
             d.call(hook, ctx=ctx)
+
+    def check_helper(self, helper: Helper) -> None:
+        """Fail closed: every label-bearing security driver must know how to confine a helper
+        process (``child_helper``), or a domain that needs ``helper`` does not start."""
+        for d in self.label_drivers:
+            if not d.implements("child_helper"):
+                raise DriverError(
+                    f"{d.name}: this driver cannot confine the {helper.name} helper process; "
+                    f"remove the device that needs it or use another security_driver")
+
+    def run_helper_child(self, step: str, ctx: DomainContext, helper: Helper) -> None:
+        """In a helper's forked child: ``child_helper(step)`` of every driver in order."""
+        assert step in CHILD_HOOKS
+        for d in self.drivers:
+            d.call("child_helper", ctx=ctx, helper=helper, step=step)
+
+    def verify_helper(self, ctx: DomainContext, helper: Helper, pid: int) -> list[str]:
+        problems: list[str] = []
+        for d in self.drivers:
+            found = d.call("verify_helper", ctx=ctx, helper=helper, pid=pid) or []
+            problems.extend(f"{d.name}: {p}" for p in found)
+        return problems
 
     def verify_process(self, ctx: DomainContext, pid: int) -> list[str]:
         problems: list[str] = []

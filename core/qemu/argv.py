@@ -34,6 +34,7 @@ from vmconfine.qemu.argv_devices import (
     add_interfaces,
     add_memballoon,
     add_rngs,
+    add_tpms,
     element_boot_order,
     to_json,
 )
@@ -51,6 +52,7 @@ from vmconfine.qemu.fdpass import (
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
+    from vmconfine.qemu.netdev import NetPlan
 
 __all__ = [
     "CommandPaths",
@@ -134,6 +136,8 @@ class QemuCommand:
     slots: dict[int, tuple[Part, ...]] = field(default_factory=dict)
     passed: list[PassedFd] = field(default_factory=list)
     symbolic: bool = False
+    #: how each ``<interface>`` is connected (:class:`vmconfine.qemu.netdev.NetPlan`)
+    networks: list[NetPlan] = field(default_factory=list)
 
     @property
     def tainted(self) -> bool:
@@ -407,8 +411,10 @@ def video_models(domain: Domain) -> list[str]:
 
 def _check_unsupported(domain: Domain) -> None:
     """Refuse devices vmconfine cannot start (better than silently leaving them out)."""
-    if domain.tpms:
-        raise UnsupportedConfigError("<tpm> devices are not supported; remove the <tpm>")
+    if any(t.backend != "emulator" for t in domain.tpms):
+        raise UnsupportedConfigError(
+            "<tpm> with a passthrough backend is not supported; use <backend type='emulator'>"
+        )
     if domain.filesystems:
         raise UnsupportedConfigError(
             "<filesystem> shares are not supported; remove the <filesystem> or use a disk"
@@ -482,6 +488,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_graphics(b, paths.runtime_dir)
     add_hostdevs(b)
     add_rngs(b)
+    add_tpms(b, paths.runtime_dir)
     add_watchdogs(b)
     add_memballoon(b)
 
@@ -491,4 +498,4 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     b.add(*domain.qemu_args)
     return QemuCommand(env=_environment(domain, paths), emulator=emulator, args=b.args,
                        taints=domain_taints(domain), slots=b.slots, passed=b.passed,
-                       symbolic=symbolic)
+                       symbolic=symbolic, networks=b.networks)

@@ -12,8 +12,8 @@ virtio memballoon, a cirrus video device for a guest with graphics but no ``<vid
 rtl8139 NICs) except where noted. Differences from libvirt, on purpose:
 
 - PCI addresses are left to QEMU (no pcie-root-ports on Q35: devices sit on the root bus);
-- interfaces of ``type='network'`` use QEMU's user-mode networking, exactly like
-  ``type='user'``: vmconfine has no virtual-network daemon, so the named network is ignored;
+- ``type='network'`` is resolved through a network definition file (its ``<bridge>``):
+  vmconfine has no virtual-network daemon (:mod:`vmconfine.config.networks`);
 - a SCSI controller without a model is virtio-scsi (libvirt picks lsilogic on x86);
 - an interface without ``<mac>`` gets a MAC derived from the domain UUID (stable across
   starts) instead of a random one;
@@ -24,7 +24,6 @@ rtl8139 NICs) except where noted. Differences from libvirt, on purpose:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import stat
@@ -34,11 +33,27 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.domain.chain import BACKING_FORMATS, qemu_format, resolve_chain
 from vmconfine.domain.chardev import log_passed, passed_kind, virtio_serial_ports
 from vmconfine.errors import XMLError
-from vmconfine.qemu.fdpass import FDSET, LISTEN, Part, PassedFd, escape_opt, render
+from vmconfine.qemu.fdpass import (
+    CONNECTED,
+    FDSET,
+    LISTEN,
+    Part,
+    PassedFd,
+    escape_opt,
+    passed_fds,
+    render,
+)
+from vmconfine.qemu.netdev import (
+    NetConfigError,
+    NetPlan,
+    interface_plans,
+    netdev_value,
+    nic_props,
+)
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
-    from vmconfine.domain.devices import Chardev, Disk, StorageSource
+    from vmconfine.domain.devices import Chardev, Disk, StorageSource, Tpm
 
 
 class UnsupportedConfigError(XMLError):
@@ -108,6 +123,8 @@ class Builder:
     #: args index → the parts of an option value with fd placeholders (see fdpass)
     slots: dict[int, tuple[Part, ...]] = field(default_factory=dict)
     passed: list[PassedFd] = field(default_factory=list)
+    #: how each interface is connected (the host side opens the taps from these)
+    networks: list[NetPlan] = field(default_factory=list)
 
     def add(self, *items: str) -> None:
         """Append options."""
@@ -119,7 +136,7 @@ class Builder:
         self.args.append(option)
         self.slots[len(self.args)] = parts
         self.args.append(render(parts, None, {}))
-        self.passed.extend(p for p in parts if isinstance(p, PassedFd))
+        self.passed.extend(passed_fds(parts))
 
     def device(self, props: dict[str, Any]) -> None:
         """Append one ``-device`` (JSON)."""
@@ -429,30 +446,31 @@ def disk_device(b: Builder, disk: Disk) -> dict[str, Any]:
 # --------------------------------------------------------------------------- network
 
 
-def default_mac(uuid: str, index: int) -> str:
-    """A stable MAC for an interface without ``<mac>`` (52:54:00 = QEMU's prefix)."""
-    digest = hashlib.sha256(f"{uuid}/{index}".encode()).digest()
-    return "52:54:00:" + ":".join(f"{x:02x}" for x in digest[:3])
-
-
 def add_interfaces(b: Builder) -> None:
-    """User-mode networking for ``type='user'`` and ``type='network'`` interfaces."""
-    for i, iface in enumerate(b.domain.interfaces):
-        if iface.type not in ("user", "network"):
+    """Network interfaces: a ``-netdev`` back end (user mode, or a tap whose descriptors
+    vmconfine opens; :mod:`vmconfine.qemu.netdev`) and the NIC front end."""
+    try:
+        plans = interface_plans(b.domain, DEFAULT_NIC_MODEL)
+    except NetConfigError as exc:
+        raise UnsupportedConfigError(str(exc)) from None
+    for plan in plans:
+        if plan.iface.type != "user" and not plan.iface.tap:
             raise UnsupportedConfigError(
-                f"interface type '{iface.type}' is not supported; use type='user' (or "
-                f"type='network', which vmconfine maps to user-mode networking)"
+                f"interface type '{plan.iface.type}' is not supported; use type='network', "
+                f"'bridge', 'ethernet', 'direct' or 'user'"
             )
-        model = iface.model or DEFAULT_NIC_MODEL
-        if model not in NIC_MODELS:
+        if plan.model not in NIC_MODELS:
             raise UnsupportedConfigError(
-                f"interface model '{model}' is not supported; use one of "
+                f"interface model '{plan.model}' is not supported; use one of "
                 f"{', '.join(sorted(NIC_MODELS))}"
             )
-        b.add("-netdev", f"user,id=hostnet{i}")
-        mac = iface.mac or default_mac(b.domain.uuid, i)
-        b.device(b.boot({"driver": NIC_MODELS[model], "netdev": f"hostnet{i}",
-                         "id": f"net{i}", "mac": mac}, iface))
+        value = netdev_value(plan)
+        if isinstance(value, str):
+            b.add("-netdev", value)
+        else:
+            b.add_passed("-netdev", value)
+        b.device(b.boot(nic_props(plan, NIC_MODELS[plan.model]), plan.iface))
+    b.networks = plans
 
 
 # --------------------------------------------------------------------------- chardevs
@@ -668,6 +686,55 @@ def add_rngs(b: Builder) -> None:
         b.add("-object", to_json({"qom-type": "rng-random", "id": f"objrng{i}",
                                   "filename": path}))
         b.device({"driver": "virtio-rng-pci", "rng": f"objrng{i}", "id": f"rng{i}"})
+
+
+TPM_MODELS = ("tpm-tis", "tpm-crb")
+TPM_VERSIONS = ("2.0", "1.2")
+#: the TPM emulator's control channel: QEMU gets one end of a socket pair, swtpm the other
+TPM_CHARDEV = "chrtpm"
+
+
+def tpm_version(tpm: Tpm) -> str:
+    """The emulated TPM's version (libvirt's default for an emulator: 2.0)."""
+    return tpm.version or "2.0"
+
+
+def check_tpm(domain: Domain) -> Tpm | None:
+    """The domain's emulated TPM (at most one), validated as libvirt validates it."""
+    if not domain.tpms:
+        return None
+    if len(domain.tpms) > 1:
+        raise UnsupportedConfigError("only one <tpm> device is supported; remove the others")
+    tpm = domain.tpms[0]
+    model = tpm.model or "tpm-tis"
+    if model not in TPM_MODELS:
+        raise UnsupportedConfigError(f"<tpm model='{model}'> is not supported; use one of "
+                                     f"{', '.join(TPM_MODELS)}")
+    version = tpm_version(tpm)
+    if version not in TPM_VERSIONS:
+        raise UnsupportedConfigError(f"<backend version='{version}'> of the TPM emulator is "
+                                     f"not supported; use '2.0' or '1.2'")
+    if model == "tpm-crb" and version == "1.2":
+        raise UnsupportedConfigError("TPM 1.2 is not supported with the CRB interface; use "
+                                     "model='tpm-tis' or version='2.0'")
+    return tpm
+
+
+def tpm_socket_path(runtime_dir: str) -> str:
+    """Where a swtpm started by hand would listen (what ``domxml-to-native`` shows)."""
+    return os.path.join(runtime_dir, "swtpm.sock")
+
+
+def add_tpms(b: Builder, runtime_dir: str) -> None:
+    """The emulated TPM as libvirt writes it: ``-chardev socket,id=chrtpm`` (here one end of a
+    socket pair whose other end swtpm holds), ``-tpmdev emulator`` and the TIS/CRB device."""
+    tpm = check_tpm(b.domain)
+    if tpm is None:
+        return
+    b.add_passed("-chardev", (f"socket,id={TPM_CHARDEV},",
+                              PassedFd(CONNECTED, tpm_socket_path(runtime_dir), TPM_CHARDEV)))
+    b.add("-tpmdev", f"emulator,id=tpm-tpm0,chardev={TPM_CHARDEV}")
+    b.device({"driver": tpm.model or "tpm-tis", "tpmdev": "tpm-tpm0", "id": "tpm0"})
 
 
 def add_memballoon(b: Builder) -> None:

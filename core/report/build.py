@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import VmconfineError
-from vmconfine.launch import checks
+from vmconfine.launch import checks, netdev
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.pipeline import command_paths, core_checks, prepare_domain
 from vmconfine.perms import QemuIds, denial
@@ -195,6 +195,7 @@ def _dry_run(conn: Connection, stack: Stack, ctx: DomainContext,
                                 command_paths(conn, domain, symbolic=True), symbolic=True)
         ctx.command = command
         checks.check_emulator(command.emulator)
+        netdev.check_devices(command.networks)
     except VmconfineError as exc:
         problems.from_error("domain", exc)
     return stack.generating()

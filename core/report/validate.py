@@ -14,13 +14,17 @@ the stack's ``qemu_identity`` hook).
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import VmconfineError
+from vmconfine.launch import netdev, swtpm
 from vmconfine.perms import QemuIds, R, W, denial, describe_mode, has_acl
 from vmconfine.plugin.stack import Driver, Stack, load_driver
 from vmconfine.qemu.capabilities import find_emulators
+from vmconfine.qemu.netdev import TUN_PATH, VHOST_PATH
 
 if TYPE_CHECKING:
     from vmconfine.launch.connection import Connection
@@ -120,6 +124,30 @@ def check_kvm(ids: QemuIds | None) -> Check:
                  found.fix)
 
 
+def check_network(privileged: bool, *, tun: str = TUN_PATH, vhost: str = VHOST_PATH,
+                  netlink: bool = True) -> list[Check]:
+    """Tap-backed interfaces (bridge, network, ethernet, direct: vmconfine makes the device
+    and opens it, docs/networking.md) and vhost-net."""
+    name = "tap interfaces"
+    if not netlink:
+        taps = Check("FAIL", name, "the pyroute2 library is not installed",
+                     "apt-get install python3-pyroute2 (or bash scripts/setup.sh)")
+    elif not privileged:
+        taps = Check("WARN", name, "this instance is not privileged: only <interface "
+                     "type='user'> can be used", "use qemu:///system for bridged guests")
+    elif not os.path.exists(tun):
+        taps = Check("WARN", name, f"{tun} does not exist: only <interface type='user'> can "
+                     "be used", "load the tun module (modprobe tun)")
+    else:
+        taps = _ok(name, f"{tun} present; QEMU gets the tap descriptors")
+    if os.path.exists(vhost):
+        accel = _ok("vhost-net", f"{vhost} present (virtio NICs of kvm guests)")
+    else:
+        accel = Check("WARN", "vhost-net", f"{vhost} does not exist: virtio NICs use QEMU's "
+                      "own back end (slower)", "load the vhost_net module (modprobe vhost_net)")
+    return [taps, accel]
+
+
 def check_emulators(conn: Connection) -> Check:
     search = list(conn.instance.config.emulator_search_path)
     found = find_emulators(search)
@@ -127,6 +155,25 @@ def check_emulators(conn: Connection) -> Check:
         return Check("FAIL", "QEMU emulators", f"no qemu-system-* in {':'.join(search)}",
                      "apt-get install qemu-system-x86, or set emulator_search_path")
     return _ok("QEMU emulators", ", ".join(p for p, _arch in found))
+
+
+def check_swtpm(conn: Connection) -> Check:
+    """The TPM emulator's programs (only ``<tpm><backend type='emulator'>`` needs them) and,
+    in a privileged instance, the account they run as (qemu.conf ``swtpm_user``)."""
+    name = "TPM emulator (swtpm)"
+    missing = [p for p in swtpm.PROGRAMS if shutil.which(p) is None]
+    if missing:
+        return Check("WARN", name, f"{', '.join(missing)} not found in PATH: domains with "
+                     "<tpm><backend type='emulator'> cannot start",
+                     "apt-get install swtpm swtpm-tools")
+    user = conn.instance.config.swtpm_user
+    if conn.instance.privileged and not user.startswith("+"):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            return Check("WARN", name, f"qemu.conf swtpm_user '{user}' does not exist",
+                         "apt-get install swtpm-tools (creates tss), or set swtpm_user")
+    return _ok(name, ", ".join(shutil.which(p) or p for p in swtpm.PROGRAMS))
 
 
 def check_directories(conn: Connection, ids: QemuIds | None) -> list[Check]:
@@ -198,7 +245,8 @@ def host_validate(conn: Connection, image_dirs: list[str] | None = None) -> list
     inst = conn.instance
     dirs = [str(inst.run_dir), str(inst.lib_dir), *(image_dirs or [])]
     drivers = [load_driver(conn.host, info) for info in conn.host.registry.infos()]
-    checks = [check_kvm(ids), check_emulators(conn)]
+    checks = [check_kvm(ids), check_emulators(conn), check_swtpm(conn)]
+    checks += check_network(inst.privileged, netlink=netdev.pyroute2 is not None)
     checks += check_driver_hosts(conn, drivers, dirs)
     checks += check_directories(conn, ids)
     checks += check_drivers(conn)

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from vmconfine.config.keys import DriverSettings
     from vmconfine.domain import Chardev, Disk, Hostdev
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
@@ -476,6 +477,18 @@ class CgroupsDriver:
             except OSError as exc:
                 raise DriverError(f"cannot move QEMU into cgroup {leaf}: {_strerror(exc)}"
                                   ) from exc
+
+    @hookimpl
+    def child_helper(self, ctx: DomainContext, helper: Helper, step: str) -> None:
+        """A helper (swtpm) joins the domain's cgroup, as libvirt's
+        ``qemuExtDevicesSetupCgroup`` moves it there."""
+        if step == "child_cgroup":
+            self.child_cgroup(ctx)
+
+    @hookimpl
+    def verify_helper(self, ctx: DomainContext, helper: Helper, pid: int) -> list[str]:
+        plan: Plan | None = self._state(ctx).get("plan")
+        return [] if plan is None else self._check_placement(plan, pid)
 
     @hookimpl
     def verify_process(self, ctx: DomainContext, pid: int) -> list[str]:

@@ -23,12 +23,14 @@ from vmconfine_dac.identity import (
     config_ids,
     drop_capabilities,
     format_label,
+    group_id,
     have_capng,
     parse_label,
     process_ids,
     read_status,
     supplementary_groups,
     switch_identity,
+    user_id,
     verify_status,
 )
 from vmconfine_dac.idrange import RangeConfig, UidRange, kvm_group, parse_range, range_config
@@ -36,6 +38,7 @@ from vmconfine_dac.idrange import RangeConfig, UidRange, kvm_group, parse_range,
 if TYPE_CHECKING:
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,32 @@ def identity(ctx: DomainContext) -> Identity:
     if ident.high_privileges:
         ctx.taint("high-privileges")
     return ident
+
+
+def helper_identity(ctx: DomainContext, helper: Helper) -> Identity:
+    """A helper's ids (its qemu.conf account, that user's groups), every capability dropped
+    (libvirt's ``virCommandClearCaps`` for swtpm); computed in the parent."""
+    helpers = ctx.driver_state(MODEL).setdefault("helpers", {})
+    ident = helpers.get(helper.name)
+    if ident is None:
+        uid = user_id(helper.user, f"qemu.conf user of {helper.name}")
+        gid = group_id(helper.group, f"qemu.conf group of {helper.name}")
+        ident = helpers[helper.name] = Identity(uid, gid, supplementary_groups(uid, gid))
+    return ident
+
+
+def chown_tree(top: str, uid: int, gid: int) -> None:
+    """Give ``top`` and everything under it to ``uid:gid`` without following symlinks (a link
+    the helper made is changed itself, never its target; nothing with several hard links)."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in (dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)):
+            st = os.lstat(name)
+            if (st.st_uid, st.st_gid) == (uid, gid):
+                continue
+            if not os.path.isdir(name) and not os.path.islink(name) and st.st_nlink > 1:
+                raise LabelError(f"dac: {name} has {st.st_nlink} hard links; remove them "
+                                 "before the TPM state is given to its account")
+            os.chown(name, uid, gid, follow_symlinks=False)
 
 
 def _child_identity(ctx: DomainContext) -> Identity:
@@ -323,6 +352,36 @@ class DacDriver:
     def child_capabilities(self, ctx: DomainContext) -> None:
         if _child_identity(ctx).clear_caps:
             drop_capabilities()
+
+    # ---- helper processes (swtpm) ------------------------------------------------------------
+    @hookimpl
+    def set_helper_label(self, ctx: DomainContext, helper: Helper) -> None:
+        """The helper's state belongs to its account (qemu.conf ``swtpm_user``/
+        ``swtpm_group``; libvirt's ``qemuTPMCreateEmulatorStorage`` + ``virFileChownFiles``):
+        given to it, and kept so across stops (it is the helper's, not the admin's)."""
+        ident = helper_identity(ctx, helper)
+        for top in helper.owned:
+            ctx.journal.record(MODEL, "helper-owned", path=top, uid=ident.uid, gid=ident.gid)
+            chown_tree(top, ident.uid, ident.gid)
+
+    @hookimpl
+    def child_helper(self, ctx: DomainContext, helper: Helper, step: str) -> None:
+        ident = ctx.state.get(MODEL, {}).get("helpers", {}).get(helper.name)
+        if ident is None:
+            raise DriverError(f"the DAC identity of {helper.name} was not computed before "
+                              "fork; this is a vmconfine bug")
+        if step == "child_identity":
+            switch_identity(ident)
+        elif step == "child_capabilities":
+            drop_capabilities()
+
+    @hookimpl
+    def verify_helper(self, ctx: DomainContext, helper: Helper, pid: int) -> list[str]:
+        try:
+            status = read_status(pid)
+        except OSError as exc:
+            return [f"cannot read /proc/{pid}/status: {exc.strerror}"]
+        return verify_status(status, helper_identity(ctx, helper))
 
     # ---- after exec --------------------------------------------------------------------------
     @hookimpl

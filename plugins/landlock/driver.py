@@ -31,11 +31,12 @@ from vmconfine.qemu.emulator import domain_emulator, emulator_files
 from vmconfine.qemu.probe import ProbeError
 from vmconfine.sanitize import one_line
 from vmconfine_landlock import syscalls
-from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset
+from vmconfine_landlock.ruleset import Ruleset, apply_ruleset, derive_ruleset, helper_ruleset
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain, SecLabel
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,58 @@ class LandlockDriver:
         if fds:
             data = json.dumps(report).encode()[:_REPORT_MAX]
             os.write(fds[1], data)
+
+    # ---- helper processes (swtpm) ---------------------------------------------------------
+    @hookimpl
+    def set_helper_label(self, ctx: DomainContext, helper: Helper) -> None:
+        """Nothing changes on the host: the helper's ruleset (its program, the system trees
+        it reads, its own state) is computed here for its child."""
+        if not self._confined(ctx):
+            return
+        abi, why = syscalls.probe_abi()
+        if abi == 0 and _mode(self.host) == "enforce":
+            raise DriverError(f"landlock: {why}")
+        helpers = ctx.driver_state(NAME).setdefault("helpers", {})
+        old = helpers.pop(helper.name, None)
+        if old is not None:
+            self._close_status(old)
+        helpers[helper.name] = {
+            "ruleset": helper_ruleset(helper).for_abi(abi) if abi else None,
+            "reason": why, "status_fds": os.pipe2(os.O_CLOEXEC)}
+
+    @hookimpl
+    def restore_helper_label(self, ctx: DomainContext, helper: Helper) -> None:
+        """Only the status pipe to close."""
+        state = ctx.state.get(NAME, {}).get("helpers", {}).pop(helper.name, None)
+        if state is not None:
+            self._close_status(state)
+
+    @hookimpl
+    def child_helper(self, ctx: DomainContext, helper: Helper, step: str) -> None:
+        if step != "child_confine" or not self._confined(ctx):
+            return
+        state = ctx.state.get(NAME, {}).get("helpers", {}).get(helper.name)
+        if state is None:
+            raise DriverError(f"landlock: no ruleset was computed for {helper.name} before "
+                              "fork (set_helper_label did not run)")
+        rs: Ruleset | None = state["ruleset"]
+        report = apply_ruleset(rs) if rs is not None else {"applied": False,
+                                                           "reason": state["reason"]}
+        os.write(state["status_fds"][1], json.dumps(report).encode()[:_REPORT_MAX])
+
+    @hookimpl
+    def verify_helper(self, ctx: DomainContext, helper: Helper, pid: int) -> list[str]:
+        state = ctx.state.get(NAME, {}).get("helpers", {}).get(helper.name)
+        if state is None or not self._confined(ctx):
+            return []
+        state.pop("report", None)
+        report = self._read_report(state)
+        rs: Ruleset | None = state["ruleset"]
+        if rs is None:
+            return []
+        if report is None or not report.get("applied") or report.get("label") != rs.label:
+            return [f"{helper.name} did not apply ruleset {rs.label}: {report}"]
+        return []
 
     # ---- after exec -----------------------------------------------------------------------
     @hookimpl

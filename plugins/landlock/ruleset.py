@@ -19,6 +19,8 @@ How resources map to access rights (roles from :mod:`vmconfine.plugin.resources`
   ``mode='bind'``, chardev files and logs, the VNC socket): no rule at all. vmconfine creates
   and opens them before ``landlock_restrict_self``, and Landlock checks opens, not the use of
   a descriptor, so QEMU needs no ``make_sock``/``make_reg`` on any directory of the admin's;
+  likewise the tap queues and vhost-net of network interfaces (no ``/dev/net/tun`` rule: the
+  ``ioctl_dev`` right of a device file is fixed when it is opened, outside the sandbox);
 * the emulator and its ELF interpreter: ``read_file execute``; its libraries, module libraries
   and the loader cache: ``read_file``; QEMU's firmware and module directories: ``read_file
   read_dir``.
@@ -41,6 +43,7 @@ from vmconfine_landlock import syscalls
 
 if TYPE_CHECKING:
     from vmconfine.domain import Domain
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.resources import Resource
     from vmconfine.qemu.emulator import EmulatorFiles
 
@@ -60,11 +63,10 @@ ALL_NET = frozenset(syscalls.NET_ACCESS)
 ALL_SCOPES = frozenset(syscalls.SCOPES)
 FLAGS = frozenset({"log_same_exec_off", "log_new_exec_on"})
 
-#: Interface types whose QEMU backend opens /dev/net/tun itself.
-TAP_INTERFACES = ("bridge", "ethernet")
 #: Interface types that QEMU implements with user-mode networking (slirp): guest TCP
-#: connections become host connect() calls to any address and port.
-SLIRP_INTERFACES = ("user", "network")
+#: connections become host connect() calls to any address and port. (Tap-backed interfaces
+#: reach QEMU as descriptors vmconfine opened: no rule for /dev/net/tun or /dev/vhost-net.)
+SLIRP_INTERFACES = ("user",)
 #: The host time zone, read by QEMU for an RTC in local time.
 LOCALTIME = "/etc/localtime"
 
@@ -320,8 +322,6 @@ def add_extra_devices(b: _Builder, domain: Domain, resources: list[Resource]) ->
     paths = {r.path for r in resources}
     if "/dev/ptmx" in paths:
         b.path("/dev/pts", PTS_DIR, "devnode", is_dir=True, optional=True)
-    if any(i.type in TAP_INTERFACES for i in domain.interfaces):
-        b.path("/dev/net/tun", RW_FILE | {"ioctl_dev"}, "devnode")
     if getattr(domain, "clock_offset", "utc") == "localtime" and os.path.exists(LOCALTIME):
         b.path(LOCALTIME, RO_FILE, "timezone")
     for rng in getattr(domain, "rngs", []):
@@ -358,6 +358,29 @@ def derive_ruleset(domain: Domain, resources: list[Resource], emulator: Emulator
         scoped=ALL_SCOPES, flags=FLAGS, path_rules=tuple(rules),
         net_rules=tuple(n for n in nrules if n.access), notes=tuple(dict.fromkeys(b.notes)),
     )
+
+
+#: a helper path's access (:class:`vmconfine.plugin.helper.HelperPath`) -> rights, for a file
+#: and for a directory tree
+HELPER_ACCESS = {
+    "r": (RO_FILE, RO_DIR),
+    "rw": (RW_FILE, RW_DIR),
+    "rx": (EXEC_FILE, RO_DIR | {"execute"}),
+}
+
+
+def helper_ruleset(helper: Helper) -> Ruleset:
+    """The ruleset of a helper process (swtpm): exactly the paths it lists (its program,
+    the system trees it reads, its state), no TCP, the same scopes as QEMU."""
+    b = _Builder()
+    for hp in helper.paths:
+        file_access, dir_access = HELPER_ACCESS[hp.access]
+        b.path(hp.path, dir_access if hp.tree else file_access, helper.name, is_dir=hp.tree)
+    rules = tuple(replace(r, access=r.access if r.is_dir else r.access &
+                          syscalls.FILE_ONLY_ACCESS)
+                  for r in sorted(b.paths.values(), key=lambda r: r.path))
+    return Ruleset(abi=syscalls.MAX_KNOWN_ABI, handled_fs=ALL_FS, handled_net=ALL_NET,
+                   scoped=ALL_SCOPES, flags=FLAGS, path_rules=rules)
 
 
 # --------------------------------------------------------------------------------------------

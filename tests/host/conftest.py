@@ -112,6 +112,8 @@ class Embed:
         self.root = root
         self.uri = f"qemu:///embed?root={root}"
         self.procs: list[subprocess.Popen[str]] = []
+        #: run every command under this prefix (``ip netns exec NS``)
+        self.prefix: list[str] = []
 
     def configure(self, text: str) -> None:
         (self.root / "etc").mkdir(parents=True, exist_ok=True)
@@ -119,7 +121,8 @@ class Embed:
 
     def cli(self, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
             check: bool = False) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([VMCONFINE, "-c", self.uri, *args], capture_output=True,
+        proc = subprocess.run([*self.prefix, VMCONFINE, "-c", self.uri, *args],
+                              capture_output=True,
                               text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
                               cwd=REPO)
         if check:
@@ -129,7 +132,7 @@ class Embed:
     def start(self, xml: Path, *extra: str, env: dict[str, str] | None = None,
               wait_for: str = "started") -> subprocess.Popen[str]:
         """`vmconfine run` in the background; return once it printed ``wait_for``."""
-        p = subprocess.Popen([VMCONFINE, "-c", self.uri, "run", str(xml), *extra],
+        p = subprocess.Popen([*self.prefix, VMCONFINE, "-c", self.uri, "run", str(xml), *extra],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              stdin=subprocess.DEVNULL, env=env, cwd=REPO,
                              start_new_session=True)
@@ -143,7 +146,8 @@ class Embed:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=30)
         # the next command finishes any teardown a killed supervisor left behind
-        subprocess.run([VMCONFINE, "-c", self.uri, "list"], capture_output=True, timeout=120)
+        subprocess.run([*self.prefix, VMCONFINE, "-c", self.uri, "list"], capture_output=True,
+                       timeout=120)
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2 import netns
 from qemu.qmp import ConnectError, QMPClient
 
 from tests.support import require
@@ -41,7 +42,10 @@ from vmconfine.config.settings import QemuConfig
 from vmconfine.domain import Domain, parse_domain
 from vmconfine.launch import preopen
 from vmconfine.launch.journal import Journal
-from vmconfine.qemu.argv import CommandPaths, QemuCommand, build_command
+from vmconfine.launch.netdev import IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, tun_ioctl
+from vmconfine.qemu.argv import CommandPaths, PassedFd, QemuCommand, build_command
+from vmconfine.qemu.fdpass import NETFD
+from vmconfine.qemu.netdev import TUN_PATH
 
 pytestmark = pytest.mark.host
 
@@ -507,7 +511,30 @@ def preopened(cmd: QemuCommand, ws: Workspace
     vnc = opened.take("vnc")
     if vnc is not None:
         ws.defer(vnc.close)
-    return cmd.argv(fds=opened.fds), dict(opened.fds), vnc
+    fds = {**opened.fds, **private_taps([p for p in cmd.passed if p.kind == NETFD], ws)}
+    return cmd.argv(fds=fds), fds, vnc
+
+
+def private_taps(placeholders: list[PassedFd], ws: Workspace) -> dict[str, int]:
+    """A tap descriptor for each network placeholder, the taps made in a network namespace
+    of the test's own (the host's interfaces are never touched; each tap goes away with its
+    descriptor)."""
+    if not placeholders:
+        return {}
+    name = f"vmc-argv-{os.getpid()}-{ws.root.name}"
+    netns.create(name)
+    ws.defer(lambda: netns.remove(name))
+    fds: dict[str, int] = {}
+    netns.pushns(name)
+    try:
+        for p in placeholders:
+            fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)  # vhost-net: not on TCG
+            ws.defer(lambda fd=fd: os.close(fd))
+            tun_ioctl(fd, "vnet%d", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fds[p.name] = fd
+    finally:
+        netns.popns()
+    return fds
 
 
 @pytest.fixture

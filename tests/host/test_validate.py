@@ -29,6 +29,8 @@ def test_passes_where_the_feature_exists(embed: Embed) -> None:
     assert rc == 0 and not fails, fails
     assert found["QEMU user exists"]["status"] == "PASS"
     assert found["QEMU emulators"]["status"] == "PASS"
+    assert found["TPM emulator (swtpm)"]["status"] == "PASS"
+    assert "/usr/bin/swtpm_setup" in found["TPM emulator (swtpm)"]["detail"]
     assert "/usr/bin/qemu-system-x86_64" in found["QEMU emulators"]["detail"]
     assert found["security stack"]["status"] == "PASS"
     assert found["Python binding capng"]["status"] == "PASS"

@@ -123,6 +123,8 @@ def test_set_failure_rolls_back_in_reverse(tmp_path: Path, hook: str, failing: s
         kwargs["hostdev"] = None
     elif hook == "set_chardev_label":
         kwargs["chardev"] = None
+    elif hook == "set_helper_label":
+        kwargs["helper"] = None
     with pytest.raises(LabelError, match="failed on purpose"):
         stack.set(hook, ctx, **kwargs)
     order = ["a", "b", "dac"]

@@ -162,6 +162,7 @@ def domain_rules(domain: Domain, instance: Instance | None,
                  extra_files: Iterable[str] = ()) -> RuleSet:
     """Every rule the domain needs; raise :class:`Refusal` for a path that may not be granted."""
     from vmconfine.config.hugepages import hugepage_dir
+    from vmconfine.domain.display import spice_tls_port
     from vmconfine.plugin.resources import domain_resources
 
     rules = RuleSet()
@@ -171,7 +172,12 @@ def domain_rules(domain: Domain, instance: Instance | None,
         rules.add(str(instance.domain_lib_dir(domain.name)), "rwk", recursive=True,
                   what="QEMU home directory")
     huge = hugepage_dir(domain, instance.config) if instance is not None else None
-    for res in domain_resources(domain, run_dir, hugepage_dir=huge):
+    tls = instance is not None and spice_tls_port(domain.graphics) and \
+        instance.config.spice_tls
+    x509 = instance.config.spice_tls_x509_cert_dir if tls and instance is not None else None
+    home = instance.domain_lib_dir(domain.name) if instance is not None else None
+    for res in domain_resources(domain, run_dir, home, hugepage_dir=huge,
+                                spice_x509_dir=x509):
         if not res.path:
             continue
         if not os.path.isabs(res.path):

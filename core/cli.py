@@ -355,6 +355,9 @@ class _Unused:
     def set_defaults(self, **_kwargs: object) -> None:
         return None
 
+    def add_mutually_exclusive_group(self, **_kwargs: object) -> _Unused:
+        return self
+
 
 #: top-level options; those with a value (the value is the next word unless attached)
 _TOP_FLAGS = ("-r", "--readonly", "--debug")

@@ -13,6 +13,7 @@ This module imports only the standard library and :mod:`vmconfine.client` at imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -203,10 +204,22 @@ def _device_verb(op: str) -> Handler:
     return handler
 
 
-verb("attach-device", "attach a disk to a domain (--live, --config, --persistent as virsh)")(
-    _device_verb("attach"))
-verb("detach-device", "detach a disk from a domain (--live, --config, --persistent)")(
-    _device_verb("detach"))
+verb("attach-device", "attach a disk, chardev or USB hostdev to a domain (--live, --config, "
+     "--persistent as virsh)")(_device_verb("attach"))
+verb("detach-device", "detach a disk, chardev or USB hostdev from a domain (--live, --config, "
+     "--persistent)")(_device_verb("detach"))
+
+
+@verb("change-media", "eject, insert or update a CD-ROM/floppy medium (--eject, --insert, "
+      "--update; --live, --config, --force)")
+def cmd_change_media(args: argparse.Namespace) -> int:
+    action = "eject" if args.eject else "insert" if args.insert else "update"
+    source = os.path.abspath(args.source) if args.source else None
+    reply = client(args).call("POST", _domain_url(args.domain, "/media"), {
+        "target": args.target, "source": source, "action": action, "live": args.live,
+        "config": args.config, "force": args.force})
+    print(reply["message"])
+    return 0
 
 
 @verb("domstate", "print a domain's state (with --reason: why)")
@@ -338,6 +351,20 @@ def add_parsers(add: Callable[[str, Handler, str], argparse.ArgumentParser],
         sp.add_argument("--persistent", action="store_true", help="both (when running)")
         sp.add_argument("--current", action="store_true",
                         help="the running domain if it runs, else the definition (default)")
+    sp = sub("change-media")
+    sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
+    sp.add_argument("target", metavar="TARGET", help="the drive's target (hdc) or medium path")
+    sp.add_argument("source", metavar="SOURCE", nargs="?", help="the new medium's image")
+    what = sp.add_mutually_exclusive_group()
+    what.add_argument("--eject", action="store_true", help="eject the medium")
+    what.add_argument("--insert", action="store_true", help="insert SOURCE into an empty drive")
+    what.add_argument("--update", action="store_true",
+                      help="replace the medium by SOURCE (default; no SOURCE: eject)")
+    sp.add_argument("--live", action="store_true", help="the running domain")
+    sp.add_argument("--config", action="store_true", help="the persistent definition")
+    sp.add_argument("--current", action="store_true",
+                    help="the running domain if it runs, else the definition (default)")
+    sp.add_argument("--force", action="store_true", help="open a tray the guest locked")
     sp = sub("event")
     sp.add_argument("--domain", metavar="NAME", help="only this domain's events")
     sp.add_argument("--loop", action="store_true", help="keep printing events")

@@ -20,6 +20,7 @@ APT_PACKAGES=(
   util-linux                            # setpriv, losetup
   swtpm swtpm-tools                     # <tpm><backend type='emulator'>: swtpm, swtpm_setup
   openssh-client openssh-server openssl # remote URIs: ssh transport, its test sshd, TLS test PKI
+  python3-cryptography                  # the SPICE test client encrypts its ticket (RSA-OAEP)
   ca-certificates
 )
 

@@ -107,6 +107,14 @@ class QemuConfig:
     vnc_auto_unix_socket: bool = False
     vnc_allow_host_audio: bool = False
     nographics_allow_host_audio: bool = False
+    spice_listen: str = "127.0.0.1"
+    spice_auto_unix_socket: bool = False
+    spice_tls: bool = False
+    spice_tls_x509_cert_dir: str = "/etc/pki/qemu"
+    spice_password: str | None = None
+    spice_sasl: bool = False  #: SASL is not implemented: 1 refuses SPICE domains
+    remote_display_port_min: int = 5900  #: SPICE ports are allocated from this range
+    remote_display_port_max: int = 65535
     # -- helpers and paths (libvirt) --------------------------------------------------------
     memory_backing_dir: str | None = None  #: None = the instance's default
     hugetlbfs_mount: list[str] | None = None  #: None = autodetect
@@ -262,7 +270,13 @@ class QemuConfig:
         return "".join(out)
 
 
+#: keys whose value ``vmconfine config`` never prints
+SECRET_KEYS = frozenset({"spice_password"})
+
+
 def _format_key(key: str, value: Any, spec: Spec, where: str) -> str:
+    if value is not None and key in SECRET_KEYS:
+        return f"#{key} = (set, not shown) # {_one_line(where)}\n"
     if value is None:
         return f"#{key} = ({spec.unset}) # {_one_line(where)}\n"
     return f"{key} = {format_value(value)} # {_one_line(where)}\n"
@@ -298,6 +312,15 @@ def _security_driver(key: str, value: Any, where: str, privileged: bool) -> Any:
         raise error(where, '"none" cannot appear in a list of drivers (write '
                            'security_driver = "none" on its own)')
     return value or None  # an empty list means autodetect, as in libvirt
+
+
+def _display_port(key: str, value: Any, where: str, privileged: bool) -> Any:
+    """libvirt's range of display ports: [5900, 65535]."""
+    if value < 5900:
+        raise error(where, f"{key}: port must be greater than or equal to 5900")
+    if value > 65535:
+        raise error(where, f"{key}: port must be less than or equal to 65535")
+    return value
 
 
 def _no_probing(key: str, value: Any, where: str, privileged: bool) -> Any:
@@ -338,6 +361,14 @@ _SPECS: dict[str, Spec] = {
     "vnc_auto_unix_socket": Spec("bool"),
     "vnc_allow_host_audio": Spec("bool"),
     "nographics_allow_host_audio": Spec("bool"),
+    "spice_listen": Spec("string"),
+    "spice_auto_unix_socket": Spec("bool"),
+    "spice_tls": Spec("bool"),
+    "spice_tls_x509_cert_dir": Spec("string", absolute),
+    "spice_password": Spec("string", None, "no password"),
+    "spice_sasl": Spec("bool"),
+    "remote_display_port_min": Spec("uint", _display_port),
+    "remote_display_port_max": Spec("uint", _display_port),
     "memory_backing_dir": Spec("string", absolute, "instance default"),
     "hugetlbfs_mount": Spec("strlist_compat", absolute, "autodetect"),
     "bridge_helper": Spec("string"),
@@ -355,14 +386,14 @@ _SPECS: dict[str, Spec] = {
 #: Every instance-wide setting, in the order :meth:`QemuConfig.format` writes them.
 KNOWN_KEYS: tuple[str, ...] = tuple(_SPECS)
 
-_BOOL = ("vnc_tls", "vnc_tls_x509_verify", "vnc_sasl", "spice_tls", "spice_sasl",
-         "spice_auto_unix_socket", "chardev_tls", "chardev_tls_x509_verify", "vxhs_tls",
+_BOOL = ("vnc_tls", "vnc_tls_x509_verify", "vnc_sasl", "chardev_tls",
+         "chardev_tls_x509_verify", "vxhs_tls",
          "nbd_tls", "migrate_tls_force", "migrate_tls_x509_verify", "backup_tls_x509_verify",
          "default_tls_x509_verify", "auto_dump_bypass_cache", "auto_start_bypass_cache",
          "log_timestamp", "virtiofsd_debug", "storage_use_nbdkit")
 _STRING = ("vnc_tls_x509_cert_dir", "vnc_tls_x509_secret_uuid", "vnc_password",
-           "vnc_sasl_dir", "spice_tls_x509_cert_dir", "spice_sasl_dir", "spice_listen",
-           "spice_password", "chardev_tls_x509_cert_dir", "chardev_tls_x509_secret_uuid",
+           "vnc_sasl_dir", "spice_sasl_dir", "chardev_tls_x509_cert_dir",
+           "chardev_tls_x509_secret_uuid",
            "vxhs_tls_x509_cert_dir", "vxhs_tls_x509_secret_uuid", "nbd_tls_x509_cert_dir",
            "nbd_tls_x509_secret_uuid", "migrate_tls_x509_cert_dir",
            "migrate_tls_x509_secret_uuid", "backup_tls_x509_cert_dir",
@@ -370,7 +401,7 @@ _STRING = ("vnc_tls_x509_cert_dir", "vnc_tls_x509_secret_uuid", "vnc_password",
            "default_tls_x509_secret_uuid", "save_image_format", "dump_image_format",
            "snapshot_image_format", "auto_dump_path", "migration_host", "migration_address",
            "deprecation_behavior")
-_UINT = ("remote_display_port_min", "remote_display_port_max", "remote_websocket_port_min",
+_UINT = ("remote_websocket_port_min",
          "remote_websocket_port_max", "migration_port_min", "migration_port_max",
          "max_queued", "keepalive_count", "gluster_debug_level")
 

@@ -237,13 +237,26 @@ async def autostart(request: web.Request) -> web.Response:
 
 
 async def devices(request: web.Request) -> web.Response:
-    """attach-device / detach-device: ``{"xml", "live", "config"}``."""
+    """attach-device / detach-device (disk, serial/console/channel, USB hostdev):
+    ``{"xml", "live", "config", "persistent"}``."""
     body = await _json_body(request)
     mgr = request.app[MANAGER]
     op = mgr.attach_device if request.match_info["op"] == "attach" else mgr.detach_device
     name = await op(request.match_info["key"], _text(body, "xml"), live=_flag(body, "live"),
                     config=_flag(body, "config"), persistent=_flag(body, "persistent"))
     return web.json_response({"name": name})
+
+
+async def change_media(request: web.Request) -> web.Response:
+    """change-media: ``{"target", "source", "action", "live", "config", "force"}``."""
+    body = await _json_body(request)
+    source = body.get("source")
+    if source is not None and (not isinstance(source, str) or not source):
+        raise web.HTTPBadRequest(reason="'source' must be a non-empty string or null")
+    line = await request.app[MANAGER].change_media(
+        request.match_info["key"], _text(body, "target"), source, _text(body, "action"),
+        live=_flag(body, "live"), config=_flag(body, "config"), force=_flag(body, "force"))
+    return web.json_response({"message": line})
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -374,6 +387,7 @@ def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool,
     app.router.add_get("/v1/domains/{key}/xml", domain_xml)
     app.router.add_put("/v1/domains/{key}/autostart", autostart)
     app.router.add_post("/v1/domains/{key}/devices/{op:attach|detach}", devices)
+    app.router.add_post("/v1/domains/{key}/media", change_media)
     app.router.add_post("/v1/domains/{key}/{action}", domain_action)
     app.router.add_get("/v1/domains/{key}/console", console)
     app.router.add_get("/v1/events", events)

@@ -25,7 +25,7 @@ from vmconfine.daemon.store import DefinitionStore
 from vmconfine.domain import Domain, parse_domain
 from vmconfine.domain.support import enforce
 from vmconfine.errors import LaunchError, NotRunningError, VmconfineError
-from vmconfine.launch import hotplug, pipeline, runtime, swtpm
+from vmconfine.launch import hotplug, hotplug_devices, media, pipeline, runtime, swtpm
 from vmconfine.launch.connection import Connection, RunningDomain
 from vmconfine.launch.info import domain_info_rows
 from vmconfine.launch.journal import Journal
@@ -33,6 +33,7 @@ from vmconfine.launch.pipeline import Diagnose, Launched
 from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
 from vmconfine.qemu import qmp
+from vmconfine.qemu.hotplug import parse_device
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ class DomainManager:
             raise
         managed = Managed(launched)
         managed.state, managed.reason = _state_of(reply)
-        for what in await hotplug.reconcile(self.conn, launched):
+        for what in (await hotplug.reconcile(self.conn, launched)
+                     + await hotplug_devices.reconcile(self.conn, launched)
+                     + await media.reconcile(self.conn, launched)):
             log.warning("domain %s: %s (interrupted hotplug)", name, what)
         self._watch(name, managed)
         log.info("domain %s: reconnected (pid %d, %s)", name, status.pid, managed.state)
@@ -439,12 +442,19 @@ class DomainManager:
                             persistent: bool = False) -> str:
         name = self.resolve(key)
         live, config = self._scopes(name, live=live, config=config, persistent=persistent)
+        el = parse_device(xml)
         if config:  # checked first, so a bad definition change attaches nothing
             definition = self.store.load(name)
             assert definition is not None
-            updated = hotplug.config_with_device(definition, xml)
+            updated = hotplug_devices.config_with_element(definition, el)
         if live:
-            await hotplug.attach_disk(self.conn, self.managed[name].launched, xml)
+            launched = self.managed[name].launched
+            if el.tag == "disk":
+                await hotplug.attach_disk(self.conn, launched, xml)
+            elif el.tag == "hostdev":
+                await hotplug_devices.attach_hostdev(self.conn, launched, el)
+            else:
+                await hotplug_devices.attach_chardev(self.conn, launched, el)
         if config:
             self.store.save(updated)
         return name
@@ -453,27 +463,53 @@ class DomainManager:
                             persistent: bool = False) -> str:
         name = self.resolve(key)
         live, config = self._scopes(name, live=live, config=config, persistent=persistent)
-        target = hotplug.device_target(xml)
+        el = parse_device(xml)
         if config:
             definition = self.store.load(name)
             assert definition is not None
-            updated = hotplug.config_without_disk(definition, target)
+            updated = hotplug_devices.config_without_element(definition, el)
         if live:
             m = self.managed[name]
-            domain = m.launched.ctx.domain
-            disk = next((d for d in domain.disks if d.target == target), None)
-            if disk is None:
-                raise OperationError(f"domain '{name}' has no disk {target}")
-            device_id = hotplug.device_id(self.conn, domain, disk)
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            m.unplugged[device_id] = future
-            try:
-                await hotplug.detach_disk(self.conn, m.launched, target, future)
-            finally:
-                m.unplugged.pop(device_id, None)
+            if el.tag == "hostdev":
+                await hotplug_devices.detach_hostdev(self.conn, m.launched, el, m.unplugged)
+            elif el.tag != "disk":
+                await hotplug_devices.detach_chardev(self.conn, m.launched, el, m.unplugged)
+            else:
+                await self._detach_disk(name, m, hotplug.device_target(xml))
         if config:
             self.store.save(updated)
         return name
+
+    async def _detach_disk(self, name: str, m: Managed, target: str) -> None:
+        domain = m.launched.ctx.domain
+        disk = next((d for d in domain.disks if d.target == target), None)
+        if disk is None:
+            raise OperationError(f"domain '{name}' has no disk {target}")
+        device_id = hotplug.device_id(self.conn, domain, disk)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        m.unplugged[device_id] = future
+        try:
+            await hotplug.detach_disk(self.conn, m.launched, target, future)
+        finally:
+            m.unplugged.pop(device_id, None)
+
+    async def change_media(self, key: str, target: str, source: str | None, action: str, *,
+                           live: bool, config: bool, force: bool = False) -> str:
+        """virsh's change-media; returns its line for what was done."""
+        name = self.resolve(key)
+        live, config = self._scopes(name, live=live, config=config, persistent=False)
+        if config:
+            definition = self.store.load(name)
+            assert definition is not None
+            updated = media.config_with_media(definition, target, source if action != "eject"
+                                              else None)
+        line = media.DONE.get(action, "")
+        if live:
+            line = await media.change_media(self.conn, self.managed[name].launched, target,
+                                            source, action, force=force)
+        if config:
+            self.store.save(updated)
+        return line
 
     # ---- watching ---------------------------------------------------------------------------
     def _watch(self, name: str, m: Managed) -> None:

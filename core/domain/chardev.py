@@ -133,8 +133,8 @@ def _switch(ctx: ParseContext, el: etree._Element | None, name: str) -> bool | N
 
 
 def drop_generated_paths(root: etree._Element, paths: list[str]) -> None:
-    """Remove generated chardev source paths from a domain tree (libvirt's inactive XML has
-    none: the path is generated again at the next start)."""
+    """Remove generated chardev source paths (and a generated SPICE socket) from a domain
+    tree (libvirt's inactive XML has none: the path is generated again at the next start)."""
     if not paths:
         return
     wanted = set(paths)
@@ -143,6 +143,10 @@ def drop_generated_paths(root: etree._Element, paths: list[str]) -> None:
             for src in children(dev, "source"):
                 if src.get("path") in wanted:
                     del src.attrib["path"]
+        for g in (c for c in devices if c.tag == "graphics"):  # a generated SPICE socket
+            for listen in children(g, "listen"):
+                if listen.get("socket") in wanted:
+                    del listen.attrib["socket"]
 
 
 def parse_chardev(ctx: ParseContext, el: etree._Element) -> Chardev:

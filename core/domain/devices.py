@@ -23,6 +23,18 @@ from vmconfine.domain.chardev import (
     Chardev,
     parse_chardev,
 )
+from vmconfine.domain.display import (
+    Audio,
+    Redirdev,
+    Sound,
+    SpiceOptions,
+    Video,
+    parse_audio,
+    parse_redirdev,
+    parse_sound,
+    parse_spice,
+    parse_video,
+)
 from vmconfine.domain.interface import INTERFACE_SOURCE_ATTR, Interface, parse_interface
 from vmconfine.domain.seclabel import (
     DeviceSecLabel,
@@ -50,6 +62,7 @@ __all__ = [
     "DISK_TYPES",
     "INTERFACE_SOURCE_ATTR",
     "MAX_BACKING_DEPTH",
+    "Audio",
     "Chardev",
     "Controller",
     "DeviceSecLabel",
@@ -61,9 +74,13 @@ __all__ = [
     "Input",
     "Interface",
     "ParseContext",
+    "Redirdev",
     "Rng",
+    "Sound",
+    "SpiceOptions",
     "StorageSource",
     "Tpm",
+    "Video",
     "Watchdog",
     "attr",
     "child",
@@ -305,6 +322,10 @@ class Graphics:
     rendernode: str | None = None
     xauth: str | None = None
     display: str | None = None
+    #: the SPICE-only settings of a ``type='spice'`` display (None for other types)
+    spice: SpiceOptions | None = None
+    #: the socket path was generated at start (libvirt's ``<libDir>/spice.sock``)
+    socket_generated: bool = False
     element: etree._Element | None = field(default=None, repr=False, compare=False)
 
 
@@ -351,6 +372,8 @@ def parse_graphics(ctx: ParseContext, el: etree._Element) -> Graphics:
             if value is not None and value > MAX_TCP_PORT:
                 raise ctx.error(el, f"{what} must be in range [5900,{MAX_TCP_PORT}], not "
                                     f"{value}")
+    if gtype == "spice":
+        g.spice = parse_spice(ctx, el, g.autoport)
     return g
 
 
@@ -573,11 +596,23 @@ class Devices:
     rngs: list[Rng] = field(default_factory=list)
     filesystems: list[Filesystem] = field(default_factory=list)
     watchdogs: list[Watchdog] = field(default_factory=list)
+    videos: list[Video] = field(default_factory=list)
+    sounds: list[Sound] = field(default_factory=list)
+    redirdevs: list[Redirdev] = field(default_factory=list)
+    audios: list[Audio] = field(default_factory=list)
+
+
+#: display-related elements: tag → (Devices list, parser)
+_DISPLAY_PARSERS = {"video": ("videos", parse_video), "sound": ("sounds", parse_sound),
+                    "redirdev": ("redirdevs", parse_redirdev), "audio": ("audios", parse_audio)}
 
 
 def _parse_misc(ctx: ParseContext, el: etree._Element, out: Devices) -> None:
     tag = el.tag
-    if tag == "memballoon":
+    if tag in _DISPLAY_PARSERS:
+        name, parse = _DISPLAY_PARSERS[str(tag)]
+        getattr(out, name).append(parse(ctx, el))  # type: ignore[operator]
+    elif tag == "memballoon":
         if out.memballoon is None:
             model = el.get("model")
             if not model:

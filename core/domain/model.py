@@ -51,6 +51,7 @@ from vmconfine.domain.devices import (
     default_disk_bus,
     parse_devices,
 )
+from vmconfine.domain.display import Audio, Redirdev, Sound, Video, drop_allocated_ports
 from vmconfine.domain.guest import (
     Clock,
     Cpu,
@@ -252,6 +253,11 @@ class Domain:
     rngs: list[Rng] = field(default_factory=list)
     filesystems: list[Filesystem] = field(default_factory=list)
     watchdogs: list[Watchdog] = field(default_factory=list)
+    videos: list[Video] = field(default_factory=list)
+    sounds: list[Sound] = field(default_factory=list)
+    redirdevs: list[Redirdev] = field(default_factory=list)
+    #: top-level ``<audio>`` backends (libvirt 7.2+)
+    audios: list[Audio] = field(default_factory=list)
     seclabels: list[SecLabel] = field(default_factory=list)
     qemu_args: list[str] = field(default_factory=list)
     qemu_env: list[tuple[str, str | None]] = field(default_factory=list)
@@ -339,6 +345,7 @@ class Domain:
         else:
             root.attrib.pop("id", None)
             drop_generated_paths(root, self.generated_paths)
+            drop_allocated_ports(root)
             drop_generated_ifnames(root)
             for i, sec in positions.items():
                 inactive_seclabel(copies[i], sec)
@@ -557,6 +564,8 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         inputs=devices.inputs, controllers=devices.controllers,
         memballoon=devices.memballoon, tpms=devices.tpms, rngs=devices.rngs,
         filesystems=devices.filesystems, watchdogs=devices.watchdogs,
+        videos=devices.videos, sounds=devices.sounds, redirdevs=devices.redirdevs,
+        audios=devices.audios,
         seclabels=parse_seclabels(ctx, root),
         state=read_state(root))
     generated = dom.state.get("generated", [])

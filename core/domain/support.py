@@ -34,6 +34,10 @@ log = logging.getLogger("vmconfine")
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 MODES = ("warn", "error")
+#: ``<graphics>`` attributes and child elements only a SPICE display implements
+SPICE_ATTRS = ("tlsPort", "passwd", "defaultMode")
+SPICE_CHILDREN = ("channel", "image", "jpeg", "zlib", "playback", "streaming", "clipboard",
+                  "filetransfer", "mouse", "gl")
 
 
 @dataclass
@@ -96,9 +100,18 @@ _DEVICES = E("", {
     "console": _chardev("type port"),
     "parallel": _chardev("port"),
     "channel": _chardev("type name"),
-    "graphics": E("type port autoport listen socket websocket",
-                  {"listen": E("type address socket network")}),
-    "video": E("", {"model": E("type")}),
+    "graphics": E("type port autoport listen socket websocket keymap " + " ".join(SPICE_ATTRS), {
+        "listen": E("type address socket network"),
+        "channel": E("name mode"),
+        "image": E("compression"), "jpeg": E("compression"), "zlib": E("compression"),
+        "playback": E("compression"), "streaming": E("mode"), "clipboard": E("copypaste"),
+        "filetransfer": E("enable"), "mouse": E("mode"),
+        "gl": E("enable", values={"enable": "no"}),
+    }),
+    "video": E("", {"model": E("type ram vram vram64 vgamem heads primary")}),
+    "sound": E("model", {"audio": E("id")}, values={"model": "ich6 ich9 ac97"}),
+    "audio": E("id type", values={"type": "spice none"}),
+    "redirdev": E("bus type", values={"bus": "usb", "type": "spicevmc"}),
     "input": E("type bus", {"source": E("evdev dev")}),
     "hostdev": E("mode type managed", {
         "driver": E("name"),
@@ -172,6 +185,21 @@ _EXTRA: tuple[Callable[[Domain], Finding | None], ...] = (
 )
 
 
+def _spice_only(domain: Domain) -> list[Finding]:
+    """SPICE settings on another display type (the tree is per element, not per type)."""
+    out = []
+    for g in domain.graphics:
+        el = g.element
+        if g.type == "spice" or el is None:
+            continue
+        line = el.sourceline or 1
+        out += [Finding(line, f"attribute {name}= of <devices/graphics>")
+                for name in SPICE_ATTRS if el.get(name) is not None]
+        out += [Finding(sub.sourceline or line, f"<devices/graphics/{sub.tag}>")
+                for sub in el if sub.tag in SPICE_CHILDREN]
+    return out
+
+
 def _walk(el: etree._Element, node: Node, path: str, out: list[Finding]) -> None:
     line = el.sourceline or 1
     for name, value in el.attrib.items():
@@ -202,6 +230,7 @@ def unsupported(domain: Domain) -> list[Finding]:
     document order (then the checks the tree cannot express)."""
     out: list[Finding] = []
     _walk(domain.root, IMPLEMENTED, "domain", out)
+    out.extend(_spice_only(domain))
     out.sort(key=lambda f: f.line)
     out.extend(f for check in _EXTRA if (f := check(domain)) is not None)
     return out

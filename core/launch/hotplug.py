@@ -40,7 +40,7 @@ UNPLUG_WAIT = 10.0
 _NODE = re.compile(r"^vmc-(\d+)-")
 
 
-async def _qmp(client: QMPClient, command: str, args: dict[str, Any] | None = None) -> Any:
+async def call(client: QMPClient, command: str, args: dict[str, Any] | None = None) -> Any:
     try:
         return await client.execute(command, args)
     except Exception as exc:
@@ -48,7 +48,7 @@ async def _qmp(client: QMPClient, command: str, args: dict[str, Any] | None = No
 
 
 async def _next_node(client: QMPClient) -> int:
-    nodes = await _qmp(client, "query-named-block-nodes")
+    nodes = await call(client, "query-named-block-nodes")
     numbers = [int(m.group(1)) for n in nodes if (m := _NODE.match(str(n.get("node-name"))))]
     return max(numbers, default=0) + 100
 
@@ -79,13 +79,23 @@ async def _pass_fds(client: QMPClient, plan: DiskPlan, fdsets: list[int]) -> Non
                 args: dict[str, Any] = {"opaque": f"vmconfine:{plan.disk.target}"}
                 if fdset is not None:
                     args["fdset-id"] = fdset
-                reply = await _qmp(client, "add-fd", args)
+                reply = await call(client, "add-fd", args)
             finally:
                 os.close(fd)
             if fdset is None:
                 fdset = int(reply["fdset-id"])
                 fdsets.append(fdset)
         node["filename"] = f"/dev/fdset/{fdset}"
+
+
+async def add_nodes(client: QMPClient, plan: DiskPlan, fdsets: list[int],
+                    added: list[str]) -> None:
+    """Pass the images (fd sets) and ``blockdev-add`` every node of ``plan``, bottom first;
+    what exists is in ``fdsets`` and ``added`` as soon as it does (for the caller's undo)."""
+    await _pass_fds(client, plan, fdsets)
+    for node in plan.blockdevs:
+        await call(client, "blockdev-add", node)
+        added.append(node["node-name"])
 
 
 async def attach_disk(conn: Connection, launched: Launched, device_xml: str) -> Disk:
@@ -105,13 +115,10 @@ async def attach_disk(conn: Connection, launched: Launched, device_xml: str) -> 
     fdsets: list[int] = []
     added: list[str] = []
     try:
-        await _pass_fds(client, plan, fdsets)
-        for node in plan.blockdevs:
-            await _qmp(client, "blockdev-add", node)
-            added.append(node["node-name"])
-        await _qmp(client, "device_add", plan.device)
+        await add_nodes(client, plan, fdsets, added)
+        await call(client, "device_add", plan.device)
     except BaseException:
-        await _undo_nodes(client, added, fdsets)
+        await undo_nodes(client, added, fdsets)
         conn.stack.restore("restore_image_label", ctx, disk=disk)
         ctx.journal.record(JOURNAL, "attach-undone", target=disk.target)
         raise
@@ -126,20 +133,22 @@ async def _check_bus(client: QMPClient, plan: DiskPlan) -> None:
     if not bus:
         return
     controller = str(bus).split(".")[0]
-    children = await _qmp(client, "qom-list", {"path": "/machine/peripheral"})
+    children = await call(client, "qom-list", {"path": "/machine/peripheral"})
     if not any(c.get("name") == controller for c in children):
         raise VmconfineError(f"disk {plan.disk.target}: the domain has no controller "
                              f"'{controller}' (controllers are not hotplugged: add it to the "
                              "definition and restart the domain)")
 
 
-async def _undo_nodes(client: QMPClient, nodes: list[str], fdsets: list[int]) -> None:
+async def undo_nodes(client: QMPClient, nodes: list[str], fdsets: list[int]) -> None:
+    """Delete block ``nodes`` (given bottom first; deleted top first) and remove ``fdsets``,
+    ignoring what QEMU no longer has."""
     for name in reversed(nodes):
         with contextlib.suppress(LaunchError):
-            await _qmp(client, "blockdev-del", {"node-name": name})
+            await call(client, "blockdev-del", {"node-name": name})
     for fdset in fdsets:
         with contextlib.suppress(LaunchError):
-            await _qmp(client, "remove-fd", {"fdset-id": fdset})
+            await call(client, "remove-fd", {"fdset-id": fdset})
 
 
 async def detach_disk(conn: Connection, launched: Launched, target: str,
@@ -155,17 +164,17 @@ async def detach_disk(conn: Connection, launched: Launched, target: str,
     if not device_id:
         raise VmconfineError(f"disk {target} has no device id to unplug")
     ctx.journal.record(JOURNAL, "detach", target=target)
-    await _qmp(client, "device_del", {"id": device_id})
+    await call(client, "device_del", {"id": device_id})
     try:
         await asyncio.wait_for(asyncio.shield(deleted), UNPLUG_WAIT)
     except TimeoutError:
         raise VmconfineError(f"disk {target}: the guest did not release the device within "
                              f"{UNPLUG_WAIT:g}s (it may ignore the unplug request; it stays "
                              "attached)") from None
-    if _has_device(await _qmp(client, "query-block"), device_id):
+    if _has_device(await call(client, "query-block"), device_id):
         raise VmconfineError(f"disk {target}: QEMU still has the device")
     nodes = await _disk_nodes(client, ctx, target)
-    await _undo_nodes(client, nodes, _fdsets(ctx, target))
+    await undo_nodes(client, nodes, _fdsets(ctx, target))
     conn.stack.restore("restore_image_label", ctx, disk=disk)
     ctx.domain = domain
     pipeline.write_status(conn, launched)
@@ -206,8 +215,9 @@ async def reconcile(conn: Connection, launched: Launched) -> list[str]:
     ctx = launched.ctx
     last: dict[str, dict[str, Any]] = {}
     for rec in ctx.journal.records(JOURNAL):
-        last[str(rec.get("target"))] = rec
-    block = await _qmp(client, "query-block")
+        if rec.get("kind", "disk") == "disk":  # chardevs, hostdevs: hotplug_devices
+            last[str(rec.get("target"))] = rec
+    block = await call(client, "query-block")
 
     def present(device_id: object) -> bool:
         return _has_device(block, str(device_id))
@@ -222,7 +232,7 @@ async def reconcile(conn: Connection, launched: Launched) -> list[str]:
                 ctx.journal.record(JOURNAL, "attached", target=target, fdsets=[])
                 done.append(f"attach of {target} completed")
             else:
-                await _undo_nodes(client, list(rec.get("nodes", [])), [])
+                await undo_nodes(client, list(rec.get("nodes", [])), [])
                 conn.stack.restore("restore_image_label", ctx, disk=disk)
                 ctx.journal.record(JOURNAL, "attach-undone", target=target)
                 done.append(f"attach of {target} rolled back")
@@ -233,7 +243,7 @@ async def reconcile(conn: Connection, launched: Launched) -> list[str]:
                 ctx.journal.record(JOURNAL, "detach-undone", target=target)
                 done.append(f"detach of {target} not done by QEMU: still attached")
                 continue
-            await _undo_nodes(client, await _disk_nodes(client, ctx, target),
+            await undo_nodes(client, await _disk_nodes(client, ctx, target),
                               _fdsets(ctx, target))
             conn.stack.restore("restore_image_label", ctx, disk=disk)
             ctx.domain = domain
@@ -264,7 +274,7 @@ def device_id(conn: Connection, domain: Domain, disk: Disk) -> str:
 
 
 def config_with_device(definition: Domain, device_xml: str) -> Domain:
-    """The inactive definition with the device added (``--config``)."""
+    """The inactive definition with the disk added (``--config``)."""
     new, _disk = with_device(definition, device_xml)
     return parse_domain(new.to_xml(live=False), live=False)
 

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qemu.qmp import QMPError
 
@@ -61,6 +61,12 @@ from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
 from vmconfine.qemu import qmp
 from vmconfine.qemu.argv import CommandPaths, QemuCommand, build_command
+from vmconfine.qemu.argv_display import (
+    allocate_spice_ports,
+    fill_spice_socket,
+    spice_graphics,
+    spice_password,
+)
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -154,6 +160,9 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None)
     if not domain.generated_paths:
         domain.generated_paths = fill_channel_paths(
             domain.chardevs, str(conn.instance.channel_dir(domain.name)))
+        fill_spice_socket(domain, str(conn.instance.domain_lib_dir(domain.name)),
+                          conn.instance.config.spice_auto_unix_socket)
+    allocate_spice_ports(domain, conn.instance.config)
     resolve_interfaces(conn.instance, domain)
     stack = stack if stack is not None else conn.stack
     stack.check_models(domain)
@@ -214,6 +223,9 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         stack.preflight(ctx)
         checkpoint("preflight")
         _make_runtime_dirs(ctx)
+        spice = spice_graphics(domain)
+        if spice is not None and spice.socket and not spice.socket_generated:
+            preopen.clear_qemu_socket(journal, spice.socket)
         preopened = preopen.open_all(stack, ctx, command)
         checkpoint("sockets")
         try:
@@ -246,6 +258,9 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         vnc = preopened.take("vnc")
         if vnc is not None:
             await _hand_over_vnc(launched.client, launched, vnc)
+        if spice is not None and spice.socket:
+            preopen.claim_socket(spice.socket)
+        await _set_spice_password(launched.client, launched, inst.config)
         checkpoint("qmp")
         # 6. verify
         _verify(conn, launched)
@@ -334,6 +349,21 @@ async def _hand_over_vnc(client: QMPClient, launched: Launched, sock: socket.soc
                           f"{exc}") from None
     finally:
         sock.close()
+
+
+async def _set_spice_password(client: QMPClient, launched: Launched, config: Any) -> None:
+    """The SPICE ticket, over the root-only monitor (never on QEMU's command line): until it
+    is set, ticketing is on without a password and no client gets in (libvirt 9's
+    qemuProcessInitPasswords)."""
+    password = spice_password(launched.ctx.domain, config)
+    if password is None:
+        return
+    try:
+        await client.execute("set_password", {"protocol": "spice", "password": password,
+                                               "connected": "keep"})
+    except Exception as exc:
+        raise LaunchError(f"domain '{launched.name}': setting the SPICE password failed: "
+                          f"{exc}") from None
 
 
 async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:

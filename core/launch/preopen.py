@@ -184,18 +184,24 @@ def open_file(journal: Journal, p: PassedFd) -> int:
     return fd
 
 
-def listen(journal: Journal, path: str) -> socket.socket:
-    """A listening unix socket at ``path``, mode :data:`SOCKET_MODE`, journaled."""
+def _stale_socket(path: str, what: str) -> os.stat_result | None:
+    """What is at a socket's path: None, or a (stale) socket; anything else is refused."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        st = None
+        return None
     except OSError as exc:
         raise LaunchError(f"cannot create socket {path}: {exc.strerror}; {_fix(path, exc)}"
                           ) from None
-    if st is not None and not stat.S_ISSOCK(st.st_mode):
+    if not stat.S_ISSOCK(st.st_mode):
         raise LaunchError(f"cannot create socket {path}: something that is not a socket is "
-                          "there; remove it or give the chardev another path")
+                          f"there; remove it or give the {what} another path")
+    return st
+
+
+def listen(journal: Journal, path: str) -> socket.socket:
+    """A listening unix socket at ``path``, mode :data:`SOCKET_MODE`, journaled."""
+    st = _stale_socket(path, "chardev")
     journal.record("pipeline", "socket", path=path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -212,6 +218,42 @@ def listen(journal: Journal, path: str) -> socket.socket:
         raise LaunchError(f"cannot create socket {path}: {exc.strerror}; {_fix(path, exc)}"
                           ) from None
     return s
+
+
+def clear_qemu_socket(journal: Journal, path: str) -> None:
+    """Make way for a listening socket QEMU creates itself (the SPICE socket: QEMU 7.2's
+    ``-spice`` takes no fd): a stale socket there is removed, anything else refused; the
+    path is journaled like vmconfine's own sockets, so teardown removes it."""
+    st = _stale_socket(path, "graphics")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise LaunchError(f"cannot create socket {path}: "
+                          f"{_fix(path, FileNotFoundError(errno.ENOENT, 'missing'))}")
+    journal.record("pipeline", "socket", path=path)
+    if st is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def claim_socket(path: str) -> None:
+    """Make a listening socket QEMU created itself (SPICE) vmconfine's: owner vmconfine's uid
+    (root in a privileged instance), mode :data:`SOCKET_MODE`. QEMU keeps listening on its
+    descriptor; no other QEMU of the same uid can connect to the file any more (as with the
+    sockets vmconfine creates). The inode is checked to be a socket through an ``O_PATH``
+    descriptor that does not follow a symlink, and changed through that descriptor."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LaunchError(f"QEMU did not create the socket {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise LaunchError(f"{path} is not the socket QEMU was to create; refusing it")
+        proc = f"/proc/self/fd/{fd}"
+        os.chown(proc, os.geteuid(), os.getegid())
+        os.chmod(proc, SOCKET_MODE)
+    except OSError as exc:
+        raise LaunchError(f"cannot take over the socket {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _fix(path: str, exc: OSError) -> str:

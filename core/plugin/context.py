@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.config.hugepages import hugepage_dir
 from vmconfine.config.settings import QemuConfig, load_config
+from vmconfine.domain.display import spice_tls_port
 from vmconfine.plugin.resources import Resource, domain_resources
 
 if TYPE_CHECKING:
@@ -99,9 +100,11 @@ class DomainContext:
         stays vmconfine's own (root's, 0750, in a privileged instance) and no QEMU can unlink
         or replace a socket in it. QEMU's HOME is.
         """
+        tls = spice_tls_port(self.domain.graphics) and self.config.spice_tls
         return domain_resources(self.domain, None,
                                 self.host.instance.domain_lib_dir(self.domain.name),
-                                hugepage_dir(self.domain, self.config))
+                                hugepage_dir(self.domain, self.config),
+                                self.config.spice_tls_x509_cert_dir if tls else None)
 
     @property
     def runtime_dir(self) -> Path:

@@ -247,7 +247,9 @@ def restore_all_labels(ctx: DomainContext) -> None:
 def set_image_label(ctx: DomainContext, disk: Disk) -> None:
     """Label one disk and its whole backing chain (hotplug). Set-type.
 
-    When: disk hotplug (``vmconfine.launch.hotplug``), before QEMU gets the image.
+    When: disk hotplug (``vmconfine.launch.hotplug``) and a new removable medium
+    (``vmconfine.launch.media``), before QEMU gets the image. For a medium change the old
+    medium is restored first, and ``ctx.domain`` already holds the new medium.
     """
 
 
@@ -255,7 +257,8 @@ def set_image_label(ctx: DomainContext, disk: Disk) -> None:
 def restore_image_label(ctx: DomainContext, disk: Disk) -> None:
     """Undo ``set_image_label`` for one disk (hot-unplug). Restore-type.
 
-    When: disk hot-unplug, and a failed hotplug's rollback (``vmconfine.launch.hotplug``).
+    When: disk hot-unplug, an ejected medium (``ctx.domain`` then has the drive empty), and
+    a failed hotplug's rollback (``vmconfine.launch.hotplug``, ``vmconfine.launch.media``).
     """
 
 
@@ -263,8 +266,9 @@ def restore_image_label(ctx: DomainContext, disk: Disk) -> None:
 def set_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
     """Label / allow one host device's nodes (hotplug). Set-type.
 
-    Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
-    can rely on it).
+    When: USB hostdev hotplug (``vmconfine.launch.hotplug_devices``), before vmconfine opens
+    the node and passes it to QEMU; ``ctx.pid`` is the running QEMU (the node may have to
+    appear in its private /dev).
     """
 
 
@@ -272,8 +276,7 @@ def set_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
 def restore_hostdev_label(ctx: DomainContext, hostdev: Hostdev) -> None:
     """Undo ``set_hostdev_label``. Restore-type.
 
-    Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
-    can rely on it).
+    When: USB hostdev hot-unplug and a failed attach's rollback.
     """
 
 
@@ -283,10 +286,9 @@ def set_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
 
     When: hotplug of a chardev (start-up labels every chardev through ``set_all_labels``;
     the resources of one chardev are :func:`vmconfine.plugin.resources.chardev_resources`,
-    with ``passed`` set for what vmconfine opens and hands over as a descriptor).
-
-    Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
-    can rely on it).
+    with ``passed`` set for what vmconfine opens and hands over as a descriptor). A
+    hotplugged unix socket exists already (vmconfine made it, under ``set_socket_label``)
+    and reaches QEMU through ``getfd`` (``vmconfine.launch.hotplug_devices``).
     """
 
 
@@ -294,8 +296,7 @@ def set_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
 def restore_chardev_label(ctx: DomainContext, chardev: Chardev) -> None:
     """Undo ``set_chardev_label``. Restore-type.
 
-    Not called yet: wired by hostdev / chardev hotplug (drivers implement it now so that
-    can rely on it).
+    When: chardev hot-unplug and a failed attach's rollback.
     """
 
 

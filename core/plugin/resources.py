@@ -56,7 +56,7 @@ class Role(StrEnum):
     INPUT = "input"  #: evdev passthrough
     RNG = "rng"  #: a host entropy source
     TPM = "tpm"  #: a passthrough TPM device
-    GRAPHICS = "graphics"  #: the VNC socket
+    GRAPHICS = "graphics"  #: the VNC and SPICE sockets, the SPICE TLS certificates
     RUNTIME_DIR = "runtime_dir"  #: the domain's runtime and home directories
     DEVNODE = "devnode"  #: device nodes every QEMU needs (/dev/null, /dev/kvm, ...)
     OTHER = "other"  #: a path the domain model does not list (diagnosing a denial)
@@ -217,10 +217,33 @@ def device_resources(domain: Domain) -> list[Resource]:
     return out
 
 
+def graphics_resources(domain: Domain, home_dir: Path | str | None,
+                       spice_x509_dir: str | None) -> list[Resource]:
+    """Display sockets and certificates. The VNC socket is vmconfine's (passed over QMP);
+    the SPICE socket is created by QEMU itself (QEMU 7.2's ``-spice`` takes no fd): in the
+    domain's home directory (its generated path) it needs no resource of its own, elsewhere
+    QEMU creates it in that directory; the TLS certificate directory is read."""
+    out: list[Resource] = []
+    home = os.path.normpath(str(home_dir)) + "/" if home_dir is not None else None
+    for g in domain.graphics:
+        if g.type == "vnc" and g.socket:
+            out.append(Resource(g.socket, Role.GRAPHICS, "rw", source=g, passed="qmp"))
+        elif g.type == "spice" and g.socket and not (
+                home and os.path.normpath(g.socket).startswith(home)):
+            out.append(Resource(g.socket, Role.GRAPHICS, "rw", source=g, create=True))
+    if spice_x509_dir:
+        out.append(Resource(spice_x509_dir, Role.GRAPHICS, "ro", is_dir=True, readonly=True))
+    return out
+
+
 def domain_resources(domain: Domain, runtime_dir: Path | None = None,
                      home_dir: Path | None = None,
-                     hugepage_dir: str | None = None) -> list[Resource]:
+                     hugepage_dir: str | None = None,
+                     spice_x509_dir: str | None = None) -> list[Resource]:
     """All resources of ``domain``, in libvirt's DAC SetAllLabel order.
+
+    ``spice_x509_dir``: qemu.conf ``spice_tls_x509_cert_dir`` when the SPICE display has a
+    TLS port.
 
     ``runtime_dir`` (sockets), ``home_dir`` (QEMU's HOME) and ``hugepage_dir`` (guest RAM of
     a ``<hugepages/>`` domain, on hugetlbfs) are the per-domain directories the pipeline
@@ -233,9 +256,7 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
         out.extend(hostdev_resources(hostdev))
     out.extend(chardev_resources(domain.chardevs))
     out.extend(device_resources(domain))
-    for g in domain.graphics:
-        if g.type == "vnc" and g.socket:
-            out.append(Resource(g.socket, Role.GRAPHICS, "rw", source=g, passed="qmp"))
+    out.extend(graphics_resources(domain, home_dir, spice_x509_dir))
     os_ = domain.os
     if os_.loader is not None and os_.loader.path:
         out.append(

@@ -38,11 +38,11 @@ from vmconfine.qemu.argv_devices import (
     element_boot_order,
     to_json,
 )
+from vmconfine.qemu.argv_display import add_graphics
 from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, memory_backend, smp
 from vmconfine.qemu.fdpass import (
     FDSET,
     LISTEN,
-    QMP,
     Part,
     PassedFd,
     add_fd_args,
@@ -81,13 +81,6 @@ _EMULATORS = {
 _DEFAULT_MACHINES = {
     "x86_64": "pc", "i686": "pc", "aarch64": "virt", "armv7l": "virt", "riscv64": "virt",
     "ppc64": "pseries", "ppc64le": "pseries", "s390x": "s390-ccw-virtio",
-}
-
-
-#: <video><model type=...> → QEMU device
-VIDEO_MODELS = {
-    "vga": "VGA", "cirrus": "cirrus-vga", "vmvga": "vmware-svga", "qxl": "qxl-vga",
-    "virtio": "virtio-vga", "bochs": "bochs-display", "ramfb": "ramfb",
 }
 
 
@@ -324,89 +317,6 @@ def _monitors(b: Builder, paths: CommandPaths) -> None:
         b.add_passed("-chardev", (f"socket,id={chardev_id},", PassedFd(LISTEN, path, chardev_id),
                                   ",server=on,wait=off"))
         b.add("-mon", f"chardev={chardev_id},id={mon_id},mode=control")
-
-
-def vnc_socket(domain: Domain, config: Any, runtime_dir: str) -> str | None:
-    """The unix socket the VNC display listens on (``<graphics socket=>`` or, with
-    ``vnc_auto_unix_socket = 1``, ``vnc.sock`` in the domain's runtime directory), or None."""
-    g = next((x for x in domain.graphics if x.type == "vnc"), None)
-    if g is None:
-        return None
-    if g.socket:
-        return str(g.socket)
-    if g.listen is None and g.listen_type is None and \
-            getattr(config, "vnc_auto_unix_socket", False):
-        return os.path.join(runtime_dir, "vnc.sock")
-    return None
-
-
-def _vnc_address(b: Builder, runtime_dir: str) -> tuple[Part, ...]:
-    g = next(x for x in b.domain.graphics if x.type == "vnc")
-    socket_path = vnc_socket(b.domain, b.config, runtime_dir)
-    if socket_path:
-        return (PassedFd(QMP, socket_path, "vnc"),)
-    if g.listen_type == "none":
-        return ("none",)
-    listen = g.listen
-    if listen is None and g.listen_type is None:
-        listen = getattr(b.config, "vnc_listen", "127.0.0.1")
-    host = listen or "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    if g.autoport or g.port is None or g.port < 0:
-        # QEMU picks the first free display from :0 (port 5900) up to port 65535
-        addr = f"{host}:0,to={65535 - 5900}"
-    else:
-        if g.port < 5900:
-            raise UnsupportedConfigError(
-                f"VNC port {g.port} is below 5900; use a port from 5900 or autoport='yes'"
-            )
-        addr = f"{host}:{g.port - 5900}"
-    if g.websocket is not None and g.websocket != 0:
-        addr += ",websocket=" + ("on" if g.websocket < 0 else str(g.websocket))
-    return (addr,)
-
-
-def add_graphics(b: Builder, runtime_dir: str) -> None:
-    """VNC (``-vnc``) or ``-display none``, then the video devices."""
-    types = [g.type for g in b.domain.graphics]
-    for t in types:
-        if t != "vnc":
-            raise UnsupportedConfigError(
-                f"graphics type '{t}' is not supported; use type='vnc' or no <graphics>"
-            )
-    if len(types) > 1:
-        raise UnsupportedConfigError("only one <graphics type='vnc'> is supported")
-    if types:
-        b.add_passed("-vnc", _vnc_address(b, runtime_dir))
-    models = [v for v in video_models(b.domain) if v != "none"]
-    if not models and types and "none" not in video_models(b.domain):
-        models = ["cirrus"]  # libvirt's implicit video device for a graphical x86 guest
-    for i, model in enumerate(models):
-        qdev = VIDEO_MODELS.get(model)
-        if qdev is None:
-            raise UnsupportedConfigError(
-                f"video model '{model}' is not supported; use one of "
-                f"{', '.join(sorted(VIDEO_MODELS))} or 'none'"
-            )
-        if i > 0 and qdev == "virtio-vga":
-            qdev = "virtio-gpu-pci"
-        elif i > 0 and qdev == "qxl-vga":
-            qdev = "qxl"
-        elif i > 0:
-            raise UnsupportedConfigError(f"secondary video model '{model}' is not supported")
-        b.device({"driver": qdev, "id": f"video{i}"})
-
-
-def video_models(domain: Domain) -> list[str]:
-    """``<video><model type=...>`` values, in document order (the domain model has no view)."""
-    root = domain.root
-    out = []
-    for devices in (c for c in root if c.tag == "devices"):
-        for video in (c for c in devices if c.tag == "video"):
-            model = next((c for c in video if c.tag == "model"), None)
-            out.append((model.get("type") if model is not None else None) or "cirrus")
-    return out
 
 
 def _check_unsupported(domain: Domain) -> None:

@@ -491,6 +491,13 @@ def chardev_backend(dev: Chardev, alias: str) -> tuple[Part, ...]:
     parts: tuple[Part, ...]
     if dev.type in ("pty", "null", "vc", "stdio"):
         parts = (f"{dev.type},id={cid}",)
+    elif dev.type == "spicevmc":
+        if dev.kind != "channel" or dev.target_type != "virtio" or \
+                (dev.target_name or SPICE_AGENT_CHANNEL) != SPICE_AGENT_CHANNEL:
+            raise UnsupportedConfigError(
+                f"<{dev.kind} type='spicevmc'> is only supported as the SPICE agent channel: "
+                f"<channel type='spicevmc'><target type='virtio' name='{SPICE_AGENT_CHANNEL}'/>")
+        parts = (f"spicevmc,id={cid},name=vdagent",)
     elif kind == FDSET:
         parts = (f"file,id={cid},path=",
                  PassedFd(FDSET, str(dev.path), f"{cid}-source",
@@ -512,8 +519,8 @@ def chardev_backend(dev: Chardev, alias: str) -> tuple[Part, ...]:
         parts = (out + (",server=on,wait=off" if dev.mode == "bind" else ""),)
     else:
         raise UnsupportedConfigError(
-            f"<{dev.kind} type='{dev.type}'> is not supported; use pty, file, unix, pipe, dev "
-            f"or null"
+            f"<{dev.kind} type='{dev.type}'> is not supported; use pty, file, unix, pipe, dev, "
+            f"null or (for the SPICE agent channel) spicevmc"
         )
     if log_passed(dev):
         parts += (",logfile=", PassedFd(FDSET, str(dev.log_file), f"{cid}-log",
@@ -523,6 +530,8 @@ def chardev_backend(dev: Chardev, alias: str) -> tuple[Part, ...]:
     return parts
 
 
+#: the virtio port name of the SPICE agent channel (libvirt's default for spicevmc)
+SPICE_AGENT_CHANNEL = "com.redhat.spice.0"
 #: QEMU's ISA serial ports (MAX_ISA_SERIAL_PORTS)
 MAX_ISA_SERIAL_PORTS = 4
 
@@ -590,8 +599,9 @@ def add_chardevs(b: Builder) -> None:
         b.add_passed("-chardev", chardev_backend(dev, alias))
         props: dict[str, Any] = {"driver": "virtserialport", "bus": "virtio-serial0.0",
                                  "nr": ports[id(dev)], "chardev": f"char{alias}", "id": alias}
-        if dev.target_name:
-            props["name"] = dev.target_name
+        name = dev.target_name or (SPICE_AGENT_CHANNEL if dev.type == "spicevmc" else None)
+        if name:
+            props["name"] = name
         b.device(props)
 
 

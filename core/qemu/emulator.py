@@ -224,9 +224,13 @@ def _resolve(exe: str, probe: EmulatorProbe) -> EmulatorFiles:
     for d in mdirs:
         for name in modules(d, known) if interp else []:
             try:
-                for lib in loader_list(interp, os.path.join(d, name), probe, exe):
+                for lib_name, lib in loader_entries(interp, os.path.join(d, name), probe, exe):
                     if lib != interp and lib not in libs and lib not in mod_libs:
                         mod_libs.append(lib)
+                    if lib_name != lib and lib_name not in names:
+                        # the loader opens a module's library by this name too (a root view
+                        # must have the symlink: libspice-server.so.1, libgbm.so.1...)
+                        names.append(lib_name)
             except (OSError, ProbeError) as exc:
                 # a module whose libraries are not installed cannot be loaded by QEMU either
                 notes.append(f"module {name} skipped: {exc}")
@@ -267,7 +271,8 @@ def emulator_files(executable: str, probe: EmulatorProbe) -> EmulatorFiles:
     its libraries cannot be resolved.
     """
     exe = regular_file(executable)
-    key = probe.key("emulator-files", exe, [exe, LOADER_CACHE])
+    # "/2": module libraries' loader names are part of the answer (older caches lack them)
+    key = probe.key("emulator-files/2", exe, [exe, LOADER_CACHE])
     return _from_json(probe.cached(key, lambda: _to_json(_resolve(exe, probe)), valid=_fresh))
 
 

@@ -8,6 +8,7 @@ QEMU whose filesystem access was fixed at exec (Landlock, a per-domain root) nee
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,15 +47,49 @@ class DiskPlan:
         return [n["node-name"] for n in self.blockdevs]
 
 
-def with_device(domain: Domain, device_xml: str) -> tuple[Domain, Disk]:
-    """The live domain with ``device_xml`` (one ``<disk>``) added, and that disk."""
+#: the device elements ``attach-device`` / ``detach-device`` take
+DEVICE_TAGS = ("disk", "serial", "console", "channel", "hostdev")
+
+
+def parse_device(device_xml: str) -> etree._Element:
+    """The one device element of ``device_xml`` (no entities, no network)."""
     try:
         el = etree.fromstring(device_xml.encode(),
                               etree.XMLParser(resolve_entities=False, no_network=True))
     except etree.XMLSyntaxError as exc:
         raise XMLError(f"device XML: {exc}") from None
+    if el.tag not in DEVICE_TAGS:
+        raise UnsupportedConfigError(f"<{el.tag}> cannot be attached or detached; give one of "
+                                     + ", ".join(f"<{t}>" for t in DEVICE_TAGS))
+    return el
+
+
+def with_element(domain: Domain, el: etree._Element) -> tuple[Domain, etree._Element]:
+    """The live domain with a copy of ``el`` appended to ``<devices>``, and that copy."""
+    tree = etree.fromstring(domain.to_xml(live=True).encode())
+    devices = tree.find("devices")
+    if devices is None:
+        devices = etree.SubElement(tree, "devices")
+    devices.append(copy.deepcopy(el))
+    new = parse_domain(etree.tostring(tree).decode(), source="<attach-device>", live=True)
+    new_devices = new.root.find("devices")
+    assert new_devices is not None
+    return new, new_devices[-1]
+
+
+def without_element(domain: Domain, el: etree._Element) -> Domain:
+    """The live domain without ``el`` (an element of ``domain``'s own tree)."""
+    tree = etree.fromstring(domain.to_xml(live=True).encode())
+    for found in tree.getroottree().xpath(domain.tree.getpath(el)):
+        found.getparent().remove(found)
+    return parse_domain(etree.tostring(tree).decode(), source="<detach-device>", live=True)
+
+
+def with_device(domain: Domain, device_xml: str) -> tuple[Domain, Disk]:
+    """The live domain with ``device_xml`` (one ``<disk>``) added, and that disk."""
+    el = parse_device(device_xml)
     if el.tag != "disk":
-        raise UnsupportedConfigError(f"<{el.tag}> cannot be attached yet; only <disk> can")
+        raise UnsupportedConfigError(f"<{el.tag}> is not a <disk>")
     target = el.find("target")
     dev = target.get("dev") if target is not None else None
     if not dev:
@@ -62,11 +97,7 @@ def with_device(domain: Domain, device_xml: str) -> tuple[Domain, Disk]:
     if any(d.target == dev for d in domain.disks):
         raise UnsupportedConfigError(f"target {dev} already exists in domain "
                                      f"'{domain.name}'")
-    tree = etree.fromstring(domain.to_xml(live=True).encode())
-    devices = tree.find("devices")
-    assert devices is not None
-    devices.append(el)
-    new = parse_domain(etree.tostring(tree).decode(), source="<attach-device>", live=True)
+    new, _el = with_element(domain, el)
     return new, next(d for d in new.disks if d.target == dev)
 
 
@@ -91,6 +122,11 @@ def plan_disk(domain: Domain, config: Any, disk: Disk, first_node: int) -> DiskP
         raise UnsupportedConfigError(
             f"disk {disk.target}: bus '{disk.bus}' cannot be hotplugged; use bus='virtio' or "
             "bus='scsi' (with a <controller type='scsi' model='virtio-scsi'/>)")
+    return plan_drive(domain, config, disk, first_node)
+
+
+def plan_drive(domain: Domain, config: Any, disk: Disk, first_node: int) -> DiskPlan:
+    """:func:`plan_disk` for a disk on any bus (a removable medium changes on IDE too)."""
     arch = guest_arch(domain)
     machine = domain.os.machine or _DEFAULT_MACHINES.get(arch, "")
     b = Builder(domain=domain, config=config, machine=machine, arch=arch)

@@ -155,6 +155,18 @@ def _check_missing(c: _Checker, res: Resource, p: Plan | None) -> None:
         return  # vmconfine creates it after preflight
     if res.role in REQUIRED_ROLES:
         raise LabelError(f"{res.role} {path} does not exist; fix the path in the domain XML")
+    if res.create and not res.passed:  # QEMU creates it (a SPICE socket): in its directory
+        parent = os.path.dirname(os.path.normpath(path))
+        try:
+            st = os.stat(parent)
+        except OSError as exc:
+            raise LabelError(f"cannot create {res.role} {path}: its directory {parent}: "
+                             f"{exc.strerror}; create the directory") from None
+        if not (c.ok(st, W | X) or has_acl(parent)):
+            raise LabelError(f"{c.who()} cannot create {res.role} {path} in {parent} "
+                             f"({describe_mode(st)}); fix: give QEMU's account a directory "
+                             "of its own for the socket, or leave out the socket path to use "
+                             "the domain's generated one")
     # anything else missing is optional, or created by vmconfine (passed as an fd)
 
 

@@ -468,7 +468,10 @@ def summary(rs: Ruleset, mode: str) -> str:
 
 
 def _needed_access(resource: Resource, real: str) -> set[str]:
-    """The Landlock rights opening ``resource`` as its role says takes."""
+    """The Landlock rights opening ``resource`` as its role says takes (a socket QEMU binds
+    itself, the SPICE socket: making it)."""
+    if resource.create and not resource.is_dir and not os.path.lexists(real):
+        return {"make_sock"}
     if resource.is_dir or os.path.isdir(real):
         return {"read_dir"} | ({"make_reg"} if resource.writable else set())
     return {"read_file"} | ({"write_file"} if resource.writable else set())

@@ -55,6 +55,8 @@ RW_DIR = RO_DIR | RW_FILE | {
     "remove_dir", "remove_file", "make_dir", "make_reg", "make_sock", "make_fifo", "make_sym",
 }
 PTS_DIR = frozenset({"read_file", "write_file", "ioctl_dev"})
+#: a directory QEMU creates a listening socket in (spice-server binds the path itself)
+SOCK_DIR = frozenset({"make_sock"})
 
 #: Handled at the newest ABI: every filesystem right (deny by default), both TCP rights, both
 #: scopes, and audit logging of QEMU's denials (not of vmconfine's own pre-exec self-test).
@@ -246,6 +248,11 @@ def add_resource(b: _Builder, res: Resource) -> None:
     if not res.path or res.passed:
         return
     st = _stat(res.path)
+    if st is None and res.create and not res.is_dir:
+        # QEMU creates it (the SPICE socket outside the domain's home): the directory lets
+        # it make a socket, and nothing else
+        b.path(os.path.dirname(os.path.normpath(res.path)), SOCK_DIR, res.role, is_dir=True)
+        return
     is_dir = res.is_dir or (st is not None and stat.S_ISDIR(st.st_mode))
     is_dev = st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode))
     if is_dir:
@@ -292,7 +299,14 @@ def add_network(b: _Builder, domain: Domain) -> tuple[bool, bool]:
     for g in domain.graphics:
         if g.socket or g.listen_type in ("socket", "none"):
             continue
-        ports = [("vnc" if g.type == "vnc" else g.type, g.port, g.autoport)]
+        spice = getattr(g, "spice", None)
+        if spice is not None:
+            # SPICE ports are allocated (libvirt's allocator) before the ruleset is made
+            ports = [(role, p, False) for role, p in (("spice", g.port),
+                                                      ("spice-tls", spice.tls_port))
+                     if p is not None and p > 0]
+        else:  # a VNC autoport is QEMU's pick at start
+            ports = [("vnc" if g.type == "vnc" else g.type, g.port, g.autoport)]
         if g.websocket is not None and g.websocket != 0:
             ports.append(("websocket", g.websocket, g.websocket < 0))
         for role, port, auto in ports:

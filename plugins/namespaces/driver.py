@@ -21,15 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError
+from vmconfine.plugin import resources as core_resources
 from vmconfine.plugin.devacl import acl_list
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine.qemu import probe as emulator_probe
 from vmconfine.qemu.emulator import domain_emulator, emulator_files
 from vmconfine.qemu.probe import ProbeError
 from vmconfine.sanitize import one_line
-from vmconfine_namespaces import build, report, syscalls
+from vmconfine_namespaces import build, live, report, syscalls
 from vmconfine_namespaces.plan import (
     Builder,
+    Entry,
     PlanError,
     View,
     Wanted,
@@ -40,6 +42,7 @@ from vmconfine_namespaces.plan import (
 )
 
 if TYPE_CHECKING:
+    from vmconfine.domain import Disk, Hostdev
     from vmconfine.plugin.context import DomainContext, HostContext
     from vmconfine.plugin.resources import Resource
 
@@ -220,6 +223,63 @@ class NamespacesDriver:
             except OSError as exc:
                 raise DriverError(f"namespaces: dropping the capabilities held in the user "
                                   f"namespace failed: {exc}") from exc
+
+    # ---- hotplug: the node follows into QEMU's /dev ---------------------------------------------
+    def _plug(self, ctx: DomainContext, key: str, paths: list[str], *, add: bool) -> None:
+        paths = [p for p in paths if p.startswith("/dev/")]
+        if not paths or not ctx.pid:
+            return
+        view = self._state_view(ctx)
+        plugged: dict[str, list[Entry]] = ctx.driver_state(NAME).setdefault("plugged", {})
+        entries = plugged.pop(key, None)
+        if entries is None:
+            builder = Builder(View(view.mode, view.userns))
+            try:
+                for p in paths:
+                    builder.walk(p, "hotplug", readonly=False, top="/dev")
+            except PlanError as exc:
+                raise DriverError(f"namespaces: {exc}") from exc
+            order(builder.view)
+            existing = {e.path for e in view.entries}
+            entries = [e for e in builder.view.entries
+                       if (e.path not in existing) == add or (not add and e.kind == "bind")]
+        if not entries:
+            return
+        try:
+            if add:
+                ctx.journal.record(NAME, "hotplug", key=key, paths=[e.path for e in entries],
+                                   changes_host=False)
+                live.add(ctx.pid, view.userns, entries)
+                view.entries.extend(entries)
+                order(view)
+                plugged[key] = entries
+            else:
+                live.remove(ctx.pid, view.userns, entries)
+                view.entries = [e for e in view.entries if e not in entries]
+        except OSError as exc:
+            raise DriverError(f"namespaces: {'adding' if add else 'removing'} "
+                              f"{', '.join(paths)} in QEMU's /dev failed: "
+                              f"{exc.strerror or exc}") from exc
+
+    @hookimpl
+    def set_image_label(self, ctx: DomainContext, disk: Disk) -> None:
+        self._plug(ctx, f"disk:{disk.target}",
+                   [r.path for r in core_resources.disk_resources(disk)], add=True)
+
+    @hookimpl
+    def restore_image_label(self, ctx: DomainContext, disk: Disk) -> None:
+        self._plug(ctx, f"disk:{disk.target}",
+                   [r.path for r in core_resources.disk_resources(disk)], add=False)
+
+    @hookimpl
+    def set_hostdev_label(self, ctx: DomainContext, hostdev: Hostdev) -> None:
+        paths = [r.path for r in core_resources.hostdev_resources(hostdev)]
+        self._plug(ctx, f"hostdev:{','.join(paths)}", paths, add=True)
+
+    @hookimpl
+    def restore_hostdev_label(self, ctx: DomainContext, hostdev: Hostdev) -> None:
+        paths = [r.path for r in core_resources.hostdev_resources(hostdev)]
+        self._plug(ctx, f"hostdev:{','.join(paths)}", paths, add=False)
 
     # ---- after exec --------------------------------------------------------------------------
     @hookimpl

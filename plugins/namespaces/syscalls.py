@@ -114,3 +114,32 @@ def drop_all_capabilities(last_cap: int) -> None:
     header = _CapHeader(_CAP_VERSION_3, 0)
     data = (_CapData * 2)()
     _check(int(_libc.syscall(SYS_CAPSET, ctypes.byref(header), ctypes.byref(data))), "capset")
+
+
+# ---- entering a running QEMU's namespaces (hotplug) -------------------------------------------
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
+#: (open_tree, move_mount) system call numbers (the same on every architecture since 5.2)
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(_libc.setns(fd, nstype), "setns")
+
+
+def open_tree(path: str) -> int:
+    """A detached clone of the mount of ``path`` (a bind mount not attached anywhere yet)."""
+    fd = int(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, _b(path),
+                           OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
+    if fd < 0:
+        _check(-1, "open_tree", path)
+    return fd
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount ``fd`` at ``target`` (in the caller's mount namespace)."""
+    _check(int(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, _b(target),
+                             MOVE_MOUNT_F_EMPTY_PATH)), "move_mount", target)

@@ -86,9 +86,12 @@ class LibvirtEmbed:
             cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
 
-    def domxml_to_native(self, name: str, xml: str, settings: dict[str, Any]) -> str:
+    def domxml_to_native(self, name: str, xml: str, settings: dict[str, Any],
+                         extra_conf: str = "") -> str:
+        """libvirt's command line; ``extra_conf``: more qemu.conf lines, as written."""
         conf = self.root / "etc" / "qemu.conf"
-        conf.write_text("".join(QEMU_CONF[k](v) + "\n" for k, v in settings.items()))
+        conf.write_text("".join(QEMU_CONF[k](v) + "\n" for k, v in settings.items())
+                        + extra_conf)
         path = self.root / f"{name}.xml"
         path.write_text(xml)
         path.chmod(0o644)

@@ -1,4 +1,4 @@
-"""Host-side checks of what tests/lsm/guest_e2e.py observed in a guest (both LSMs).
+"""Host-side checks of what tests/lsm/guest_e2e.py and guest_smoke.py observed in a guest.
 
 The guest asserts the same things; reading them back here means a guest test that silently did
 less (a skipped branch, a missing record) cannot pass the host test.
@@ -51,3 +51,25 @@ def assert_e2e(path: Path) -> dict[str, Any]:
     else:
         assert len(crash["during"]["profiles"]) == len(STEPS) - 1
     return seen
+
+
+#: tests/lsm/guest_smoke.py: the booted kernel itself enforces (run in the drivers' boots)
+SMOKE = "tests/lsm/guest_smoke.py"
+SMOKE_OUTCOMES = {
+    "apparmor": {"test_apparmor_confines": "passed", "test_selinux_mcs_separates": "skipped"},
+    "selinux": {"test_apparmor_confines": "skipped", "test_selinux_mcs_separates": "passed"},
+}
+
+
+def assert_smoke(lsm: str, results_dir: Path) -> None:
+    """The smoke observations of a guest booted with ``lsm``: a profile (AppArmor) or two MCS
+    categories (SELinux) enforced by the kernel alone, before any vmconfine code runs."""
+    seen = json.loads((results_dir / f"smoke-{lsm}.json").read_text())
+    if lsm == "apparmor":
+        assert seen["label"] == "vmconfine_smoke (enforce)"
+        assert seen["allowed_rc"] == 0 and seen["unconfined_rc"] == 0
+        assert seen["secret_rc"] != 0 and seen["shadow_rc"] != 0
+    else:
+        assert seen["context"] == "system_u:system_r:svirt_t:s0:c1,c2"
+        assert seen["own_rc"] == 0 and seen["vm2_own_rc"] == 0
+        assert seen["foreign_rc"] != 0

@@ -266,6 +266,43 @@ def test_over_broad_profile_is_caught(work: Path) -> None:
     assert seen["other_disk"] == "ok", "the over-broad profile should have leaked B's disk"
 
 
+def test_hotplugged_disk_is_readable_then_denied(work: Path) -> None:
+    """Hotplug through the driver's per-device hooks, in the order the daemon calls them: after
+    ``set_image_label`` (the profile regenerated through the helper and replaced) a process in
+    the domain's profile reads and writes the new disk; after ``restore_image_label`` (with the
+    disk gone from the live domain) it is denied again. Before the attach it is denied too."""
+    from vmconfine.qemu.hotplug import with_device, without_disk
+
+    base = work / "hotplug"
+    profiles = base / "profiles"
+    profiles.mkdir(parents=True)
+    host, driver = make_driver(base, profiles)
+    disk_a, new = base / "a.img", base / "new.img"
+    disk_a.write_bytes(b"a" * 64)
+    new.write_bytes(b"n" * 64)
+    ctx = domain_ctx(host, "vm-hotplug", disk_a)
+    driver.gen_label(ctx, ctx.domain.seclabel("apparmor"))
+    driver.set_all_labels(ctx)
+    try:
+        before = probe_in_profile(driver, ctx, {"new": (new, "rw")})
+        domain, disk = with_device(ctx.domain, (
+            "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+            f"<source file='{new}'/><target dev='vdb' bus='virtio'/></disk>"))
+        driver.set_image_label(ctx, disk)
+        ctx.domain = domain
+        attached = probe_in_profile(driver, ctx, {"new": (new, "rw"), "own": (disk_a, "r")})
+        driver.restore_image_label(ctx, next(d for d in ctx.domain.disks if d.target == "vdb"))
+        ctx.domain, _ = without_disk(ctx.domain, "vdb")
+        detached = probe_in_profile(driver, ctx, {"new": (new, "rw"), "own": (disk_a, "r")})
+    finally:
+        driver.restore_all_labels(ctx)
+    record("hotplug", {"before": before, "attached": attached, "detached": detached})
+    assert before["new"] == "EACCES", before
+    assert attached["new"] == "ok" and attached["own"] == "ok", attached
+    assert new.read_bytes().startswith(b"written-by-guest")
+    assert detached["new"] == "EACCES" and detached["own"] == "ok", detached
+
+
 def test_profile_applies_inside_the_root_view(work: Path) -> None:
     """``namespaces = ["mount", "root"]`` with ``security_driver = "apparmor"``: QEMU runs
     under its profile (attached at exec, after the view was built) inside its per-domain

@@ -3,13 +3,15 @@
 One boot of the lsm guest (tests/lsm/harness.py) runs tests/lsm/guest_apparmor.py inside: the
 real driver and helper load per-domain profiles, a process in domain A's profile reads and
 writes A's disk and is denied B's disk, an unlisted file and /etc/shadow, an over-broad profile
-is caught leaking, teardown unloads the profile, a restart loads the cached compiled policy
-(no compile) that confines the same way; with ``namespaces = ["mount", "root"]`` QEMU runs
-under its profile inside its per-domain root view. The same boot runs
+is caught leaking, teardown unloads the profile, a disk hotplugged through the driver's hooks
+is readable after the attach and denied after the detach, a restart loads the cached compiled
+policy (no compile) that confines the same way, and with ``namespaces = ["mount", "root"]``
+QEMU runs under its profile inside its per-domain root view. The same boot runs
 tests/lsm/guest_e2e.py: ``vmconfine run`` starts real QEMUs under their profiles, a QEMU asked
 over QMP to open another domain's image or a file outside its domain is refused (a ``none``
 control run opens both), and SIGKILL of ``vmconfine run`` at every pipeline step is cleaned up
-by the next command.
+by the next command. It also runs tests/lsm/guest_smoke.py first: the kernel enforces a
+profile loaded by apparmor_parser alone.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsm.e2e_checks import assert_e2e
+from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_e2e, assert_smoke
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
@@ -31,17 +33,20 @@ E2E = "tests/lsm/guest_e2e.py"
 def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
                                                 tmp_path: Path) -> None:
     result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
-                          timeout=900, memory_mib=1024, pytest_args=[E2E])
+                          timeout=900, memory_mib=1024, pytest_args=[SMOKE, E2E])
     assert not result.timed_out, result.tail()
     assert result.outcomes() == {
+        **SMOKE_OUTCOMES["apparmor"],
         "test_driver_profile_confines_and_is_unloaded": "passed",
         "test_over_broad_profile_is_caught": "passed",
+        "test_hotplugged_disk_is_readable_then_denied": "passed",
         "test_profile_applies_inside_the_root_view": "passed",
         "test_selinux_names_what_the_policy_lacks": "skipped",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
     }, result.tail(120)
     assert result.exit_code == 0, result.tail()
+    assert_smoke("apparmor", tmp_path)
     seen = json.loads((tmp_path / "apparmor-driver.json").read_text())
     confined = seen["confined"]
     assert confined["own_disk"] == "ok"
@@ -54,6 +59,9 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     assert restart["confined"]["own_disk"] == "ok"
     assert restart["confined"]["other_disk"] == restart["confined"]["shadow"] == "EACCES"
     assert seen["after_restart_teardown"] is False
+    hotplug = seen["hotplug"]  # the profile follows attach and detach
+    assert hotplug["before"]["new"] == hotplug["detached"]["new"] == "EACCES"
+    assert hotplug["attached"]["new"] == "ok"
     view = seen["root_view"]  # namespaces = ["mount", "root"]: the profile still applies
     assert view["label"].startswith("vmconfine-") and view["label"].endswith(" (enforce)")
     assert view["opens"]["own"] == "ok" and "Permission denied" in view["opens"]["environ"]

@@ -9,7 +9,8 @@ mislabelled and TCG lacks execmem), a QEMU asked over QMP to open another domain
 file outside its domain is refused (a ``none`` control run opens both), and SIGKILL of
 ``vmconfine run`` at every pipeline step is cleaned up by the next command. A second boot labels
 domain A's image with B's label on purpose and must make the guest test fail, so a broken
-driver cannot pass this tier.
+driver cannot pass this tier. The first boot also runs tests/lsm/guest_smoke.py: the kernel keeps
+two MCS categories apart with no vmconfine code involved.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsm.e2e_checks import assert_e2e
+from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_e2e, assert_smoke
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
@@ -32,14 +33,16 @@ E2E = "tests/lsm/guest_e2e.py"
 def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
         selinux_guest_kernel: GuestKernel, tmp_path: Path) -> None:
     result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=900,
-                          results_dir=tmp_path / "guest", memory_mib=1024, pytest_args=[E2E])
+                          results_dir=tmp_path / "guest", memory_mib=1024, pytest_args=[SMOKE, E2E])
     assert result.outcomes() == {
+        **SMOKE_OUTCOMES["selinux"],
         NODE: "passed",
         "test_selinux_names_what_the_policy_lacks": "passed",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
     }, result.tail(120)
     assert result.ok, result.tail()
+    assert_smoke("selinux", result.results_dir)
     assert_e2e(result.results_dir / "e2e-selinux.json")
     seen = json.loads((result.results_dir / "selinux-svirt.json").read_text())
     assert seen["A"] != seen["B"]

@@ -368,7 +368,7 @@ def _modified(case: str, old: str, new: str) -> str:
         ("qemu-pc", "<memballoon model='virtio'/>",
          "<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/>"
          "</backend></tpm>", "passthrough backend is not supported"),
-        ("vnc-port", "type='vnc'", "type='spice'", "graphics type 'spice'"),
+        ("vnc-port", "type='vnc'", "type='sdl'", "graphics type 'sdl'"),
         ("serial-pty", "<target type='serial' port='0'/>", "<target type='sclp'/>",
          "console target type"),
         ("channel", "<target type='virtio' name='org.example.pty.0'/>",

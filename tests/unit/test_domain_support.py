@@ -64,10 +64,14 @@ def argv(text: str, paths: CommandPaths = PATHS) -> list[str]:
 # --------------------------------------------------------------------------- the list
 
 NOT_IMPLEMENTED = {
-    "sound": ("", "<sound model='ich9'/>", 12, "<devices/sound>"),
+    "sound": ("", "<sound model='sb16'/>", 12, "model='sb16' of <devices/sound>"),
+    "vnc-spice-only": ("", "<graphics type='vnc'><image compression='off'/></graphics>", 12,
+                       "<devices/graphics/image>"),
+    "spice-gl": ("", "<graphics type='spice'><gl enable='yes'/></graphics>", 12,
+                 "enable='yes' of <devices/graphics/gl>"),
     "smartcard": ("", "<smartcard mode='passthrough' type='spicevmc'/>", 12,
                   "<devices/smartcard>"),
-    "redirdev": ("", "<redirdev bus='usb' type='spicevmc'/>", 12, "<devices/redirdev>"),
+    "redirdev": ("", "<redirdev bus='usb' type='tcp'/>", 12, "type='tcp' of <devices/redirdev>"),
     "typo": ("", "<serail type='pty'/>", 12, "<devices/serail> (did you mean <serial>?)"),
     "cputune": ("<cputune><shares>2048</shares></cputune>", "", 9, "<cputune>"),
     "numatune": ("<numatune><memory mode='strict' nodeset='0'/></numatune>", "", 9,
@@ -110,7 +114,7 @@ def test_the_argv_corpus_is_fully_implemented(case: str) -> None:
 
 
 def test_warn_mode_logs_one_line_per_finding(caplog: pytest.LogCaptureFixture) -> None:
-    dom = parse_domain(xml(top="<cputune/>", devices="<sound model='ich9'/><serail/>"),
+    dom = parse_domain(xml(top="<cputune/>", devices="<smartcard mode='host'/><serail/>"),
                        "guest.xml")
     with caplog.at_level(logging.WARNING, logger="vmconfine"):
         found = enforce(dom, "warn")
@@ -122,11 +126,11 @@ def test_warn_mode_logs_one_line_per_finding(caplog: pytest.LogCaptureFixture) -
 
 
 def test_error_mode_refuses_with_one_line() -> None:
-    dom = parse_domain(xml(devices="<sound model='ich9'/><redirdev bus='usb'/>"), "guest.xml")
+    dom = parse_domain(xml(devices="<smartcard mode='host'/><hub type='usb'/>"), "guest.xml")
     with pytest.raises(XMLError) as info:
         enforce(dom, "error")
     msg = str(info.value)
-    assert msg.startswith("guest.xml: line 12: <devices/sound> is not implemented by "
+    assert msg.startswith("guest.xml: line 12: <devices/smartcard> is not implemented by "
                           "vmconfine (and 1 more); remove it")
     assert "\n" not in msg
     enforce(parse_domain(xml(), "ok.xml"), "error")  # nothing to refuse: no error
@@ -272,17 +276,17 @@ def _cli(tmp_path: Path, *args: str, conf: str = "",
 def test_cli_warns_refuses_and_validates(tmp_path: Path) -> None:
     require(os.path.isfile(DOMAIN_RNG), f"{DOMAIN_RNG} is missing (apt-get install libvirt0)")
     f = tmp_path / "g.xml"
-    f.write_text(xml(devices="<sound model='ich9'/>"))
+    f.write_text(xml(devices="<smartcard mode='host'/>"))
     warn = _cli(tmp_path, "domxml-to-native", "qemu-argv", str(f))
     assert warn.returncode == 0, warn.stderr
     assert warn.stderr.count("\n") == 1
-    assert "line 12: <devices/sound> is not implemented by vmconfine" in warn.stderr
+    assert "line 12: <devices/smartcard> is not implemented by vmconfine" in warn.stderr
     err = _cli(tmp_path, "domxml-to-native", "qemu-argv", str(f),
                conf='unsupported_xml = "error"\n')
     assert err.returncode == 1 and err.stdout == ""
     assert err.stderr.startswith("error: ") and err.stderr.count("\n") == 1
     report = _cli(tmp_path, "confinement", str(f), conf='unsupported_xml = "error"\n')
-    assert report.returncode == 1 and "<devices/sound> is not implemented" in report.stderr
+    assert report.returncode == 1 and "<devices/smartcard> is not implemented" in report.stderr
     f.write_text(xml(devices="<serail type='pty'/>"))
     for verb in (["domxml-to-native", "qemu-argv"], ["confinement"], ["run"]):
         proc = _cli(tmp_path, *verb, "--validate", str(f))

@@ -278,7 +278,7 @@ def test_first_occurrence_wins_and_later_ones_are_not_checked() -> None:
                                   "parameter"),
         ("vnc_auto_unix_socket = 3", "value for 'vnc_auto_unix_socket' parameter must be 0 "
                                      "or 1"),
-        ('spice_tls = "yes"', "expected a bool for 'spice_tls' parameter"),
+        ('vnc_tls = "yes"', "expected a bool for 'vnc_tls' parameter"),
         ("remote_display_port_min = -1", "expected an unsigned integer for "
                                          "'remote_display_port_min' parameter"),
         ("nvram = 1", "expected a string list for 'nvram' parameter"),
@@ -326,7 +326,7 @@ cgroup_device_acl_extra = [ "/dev/net/tun" ]
 emulator_search_path = [ "/opt/qemu/bin", "/usr/bin" ]
 shutdown_timeout = 120
 landlock_mode = "enforce"
-spice_tls = 1
+vnc_tls = 1
 no_such_setting = [ 1, 2 ]
 """
 
@@ -360,7 +360,7 @@ def test_format_lines_name_each_key_and_its_source() -> None:
         mine = [ln for ln in lines if ln.startswith((f"{key} = ", f"#{key} = "))]
         assert len(mine) == 1, key
         assert mine[0].endswith((" # default", f" # {cfg.source(key)}"))
-    assert "#spice_tls # /etc/q.conf:19" in lines
+    assert "#vnc_tls # /etc/q.conf:19" in lines
     assert "#no_such_setting # /etc/q.conf:20" in lines
 
 
@@ -377,12 +377,12 @@ def test_format_comments_out_unset_keys() -> None:
 # -- check() --------------------------------------------------------------------------------
 
 def test_check_lists_unknown_unused_and_repeated_settings() -> None:
-    cfg = system('spice_tls = 1\nsecuriti_driver = "selinux"\nuser = "a"\nuser = "b"\n')
+    cfg = system('vnc_tls = 1\nsecuriti_driver = "selinux"\nuser = "a"\nuser = "b"\n')
     assert cfg.unknown == {"securiti_driver": "q.conf:2"}
-    assert cfg.ignored == {"spice_tls": "q.conf:1"}
+    assert cfg.ignored == {"vnc_tls": "q.conf:1"}
     problems = cfg.check()
     assert len(problems) == 3
-    assert problems[0].startswith("q.conf:1: 'spice_tls' is a libvirt setting vmconfine does "
+    assert problems[0].startswith("q.conf:1: 'vnc_tls' is a libvirt setting vmconfine does "
                                   "not use")
     assert problems[1].startswith("q.conf:2: unknown setting 'securiti_driver' is ignored")
     assert problems[2].startswith("q.conf:4: 'user' is set again")

@@ -169,6 +169,7 @@ def resolve_chain(
     *,
     max_depth: int = DEFAULT_MAX_DEPTH,
     qemu_img: str | None = None,
+    missing_ok: bool = False,
 ) -> list[StorageSource]:
     """The backing chain of ``src``, top first, filling the ``backing`` links.
 
@@ -176,7 +177,9 @@ def resolve_chain(
     with an empty ``<backingStore/>``) the images themselves are read, one layer at a time,
     as described in the module docstring. Raises :class:`BackingChainError` for a chain
     deeper than ``max_depth`` backing layers, a loop, an unreadable image or a backing file
-    without a recorded format.
+    without a recorded format. ``missing_ok``: an image that does not exist ends the chain
+    instead (``domxml-to-native``, which, like libvirt's, prints the top node and leaves
+    the chain to the start).
     """
     chain: list[StorageSource] = []
     seen: dict[tuple[Any, ...], str] = {}
@@ -211,6 +214,8 @@ def resolve_chain(
             or not node.path
             or getattr(node, "type", "file") not in ("file", "block")
         ):
+            break
+        if missing_ok and not path_exists(node.path):
             break
         found = _backing_of(node, fmt, qemu_img)
         if found is None:

@@ -132,14 +132,42 @@ def _switch(ctx: ParseContext, el: etree._Element | None, name: str) -> bool | N
     return value == "on"
 
 
+def record_pty(chardevs: list[Chardev], dev: Chardev, path: str) -> list[str]:
+    """Write the pseudo-terminal QEMU allocated for ``dev`` into the tree as libvirt's live XML
+    has it: ``<source path>``, and ``tty=`` on a ``<console>`` (a serial console shows the
+    first serial port's terminal). Returns the paths written (generated paths: the inactive
+    XML leaves them out)."""
+    targets = [dev]
+    serials = [c for c in chardevs if c.kind == "serial"]
+    consoles = [c for c in chardevs if c.kind == "console"]
+    if serials and dev is serials[0] and consoles and \
+            (consoles[0].target_type or "serial") == "serial":
+        targets.append(consoles[0])
+    for target in targets:
+        el = target.element
+        if el is None:
+            continue
+        src = child(el, "source")
+        if src is None:
+            src = etree.Element("source")
+            el.insert(0, src)
+        src.set("path", path)
+        if target.kind == "console":
+            el.set("tty", path)
+    return [path]
+
+
 def drop_generated_paths(root: etree._Element, paths: list[str]) -> None:
-    """Remove generated chardev source paths (and a generated SPICE socket) from a domain
-    tree (libvirt's inactive XML has none: the path is generated again at the next start)."""
+    """Remove generated chardev source paths (and a console's ``tty``, a generated SPICE
+    socket) from a domain tree (libvirt's inactive XML has none: the path is generated again
+    at the next start)."""
     if not paths:
         return
     wanted = set(paths)
     for devices in (c for c in root if c.tag == "devices"):
         for dev in (c for c in devices if c.tag in CHARDEV_KINDS):
+            if dev.get("tty") in wanted:
+                del dev.attrib["tty"]
             for src in children(dev, "source"):
                 if src.get("path") in wanted:
                     del src.attrib["path"]

@@ -73,14 +73,19 @@ def _storage() -> dict[str, Node]:
     return {"source": source, "backingStore": backing}
 
 
-def _chardev(target: str) -> Node:
-    return E("type", {
+def _chardev(target: str, attrs: str = "type",
+             target_children: dict[str, Node] | None = None) -> Node:
+    return E(attrs, {
         "source": E("path mode host service", {"seclabel": _seclabel()}),
-        "target": E(target),
+        "target": E(target, target_children),
         "log": E("file append"),
         "protocol": E("type", values={"type": "raw"}),
+        "address": _ADDRESS,
     })
 
+
+#: a device's PCI address (honoured on Q35, see vmconfine.qemu.pci)
+_ADDRESS = E("type domain bus slot function multifunction")
 
 _DEVICES = E("", {
     "emulator": E(),
@@ -89,15 +94,17 @@ _DEVICES = E("", {
         **_storage(),
         "target": E("dev bus"),
         "readonly": E(), "shareable": E(), "transient": E(), "serial": E(),
-        "boot": E("order"),
+        "boot": E("order"), "address": _ADDRESS,
     }),
-    "controller": E("type index model"),
+    "controller": E("type index model ports", {"model": E("name"), "target": E("chassis port"),
+                                         "address": _ADDRESS}),
     "interface": E("type", {"mac": E("address"), "model": E("type"),
                             "source": E("network bridge dev mode"),
                             "target": E("dev managed"), "driver": E("name queues"),
-                            "mtu": E("size"), "boot": E("order")}),
-    "serial": _chardev("type port"),
-    "console": _chardev("type port"),
+                            "mtu": E("size"), "boot": E("order"), "address": _ADDRESS}),
+    "serial": _chardev("type port", target_children={
+        "model": E("name", values={"name": "isa-serial"})}),
+    "console": _chardev("type port", "type tty"),
     "parallel": _chardev("port"),
     "channel": _chardev("type name"),
     "graphics": E("type port autoport listen socket websocket keymap " + " ".join(SPICE_ATTRS), {
@@ -108,20 +115,22 @@ _DEVICES = E("", {
         "filetransfer": E("enable"), "mouse": E("mode"),
         "gl": E("enable", values={"enable": "no"}),
     }),
-    "video": E("", {"model": E("type ram vram vram64 vgamem heads primary")}),
-    "sound": E("model", {"audio": E("id")}, values={"model": "ich6 ich9 ac97"}),
+    "video": E("", {"model": E("type ram vram vram64 vgamem heads primary"),
+                    "address": _ADDRESS}),
+    "sound": E("model", {"audio": E("id"), "address": _ADDRESS},
+               values={"model": "ich6 ich9 ac97"}),
     "audio": E("id type", values={"type": "spice none"}),
     "redirdev": E("bus type", values={"bus": "usb", "type": "spicevmc"}),
-    "input": E("type bus", {"source": E("evdev dev")}),
+    "input": E("type bus", {"source": E("evdev dev"), "address": _ADDRESS}),
     "hostdev": E("mode type managed", {
         "driver": E("name"),
         "source": E("", {"address": E("domain bus slot function device"),
                          "vendor": E("id"), "product": E("id")}),
-        "boot": E("order"),
+        "boot": E("order"), "address": _ADDRESS,
     }),
-    "memballoon": E("model"),
-    "rng": E("model", {"backend": E("model")}),
-    "watchdog": E("model action"),
+    "memballoon": E("model", {"address": _ADDRESS}),
+    "rng": E("model", {"backend": E("model"), "address": _ADDRESS}),
+    "watchdog": E("model action", {"address": _ADDRESS}),
     "tpm": E("model", {"backend": E("type version", values={"type": "emulator"})},
              values={"model": "tpm-tis tpm-crb"}),
 })
@@ -135,17 +144,27 @@ IMPLEMENTED = E("type id", {
     "os": E("firmware", {
         "type": E("arch machine"), "boot": E("dev"), "kernel": E(), "initrd": E(),
         "cmdline": E(), "dtb": E(),
-        "loader": E("readonly type secure", values={"secure": "no"}),
-        "nvram": E("", {"source": E("file")}),
-    }),
-    "features": E("", {"acpi": E(), "apic": E(), "pae": E(), "vmport": E("state")}),
+        "firmware": E("", {"feature": E("enabled name")}),
+        "loader": E("readonly type secure"),
+        "nvram": E("template", {"source": E("file")}),
+    }, values={"firmware": "efi bios"}),
+    "features": E("", {"acpi": E(), "apic": E(), "pae": E(), "vmport": E("state"),
+                       "smm": E("state"), "hyperv": E("mode", {
+                           "relaxed": E("state"), "vapic": E("state"),
+                           "spinlocks": E("state retries"), "vpindex": E("state"),
+                           "runtime": E("state"), "synic": E("state"), "stimer": E("state"),
+                           "reset": E("state"), "vendor_id": E("state value"),
+                           "frequencies": E("state"), "reenlightenment": E("state"),
+                           "tlbflush": E("state"), "ipi": E("state"), "evmcs": E("state"),
+                       }, values={"mode": "custom"})}),
+    "pm": E("", {"suspend-to-mem": E("enabled"), "suspend-to-disk": E("enabled")}),
     "cpu": E("mode match check migratable", {
         "model": E("fallback"),
         "feature": E("policy name"),
         "topology": E("sockets dies cores threads"),
     }, values={"migratable": "on"}),
     "clock": E("offset", {"timer": E("name tickpolicy present track", values={
-        "name": "rtc pit hpet", "tickpolicy": "delay catchup discard",
+        "name": "rtc pit hpet hypervclock", "tickpolicy": "delay catchup discard",
         "track": "guest wall realtime"})}),
     "memoryBacking": E("", {"hugepages": E("", {"page": E("size unit")})}),
     "on_poweroff": E(text="destroy"),

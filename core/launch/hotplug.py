@@ -132,7 +132,8 @@ async def _check_bus(client: QMPClient, plan: DiskPlan) -> None:
     bus = plan.device.get("bus")
     if not bus:
         return
-    controller = str(bus).split(".")[0]
+    # a PCI bus is its controller's id (pci.N, a pcie-root-port); others are "ID.N"
+    controller = str(bus) if str(bus).startswith("pci.") else str(bus).split(".")[0]
     children = await call(client, "qom-list", {"path": "/machine/peripheral"})
     if not any(c.get("name") == controller for c in children):
         raise VmconfineError(f"disk {plan.disk.target}: the domain has no controller "

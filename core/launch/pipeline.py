@@ -2,11 +2,12 @@
 
 :func:`start` reads top to bottom as libvirt's ``qemuProcessStart``:
 
-1. *init* — validate the domain against the stack (seclabel models, each driver's ``verify``)
-   and resolve backing chains; reserve the name, UUID and id under the instance lock and
-   journal ``begin``;
+1. *init* — firmware auto-selection, validate the domain against the stack (seclabel
+   models, each driver's ``verify``) and resolve backing chains; reserve the name, UUID and
+   id under the instance lock and journal ``begin``;
 2. *prepare domain* — generate labels (``gen_label``), build the command line;
-3. *prepare host* — ``preflight``, runtime directories, the pre-opened resources
+3. *prepare host* — the NVRAM made from its template, ``preflight``, runtime directories,
+   the pre-opened resources
    (:mod:`~.preopen`: every listening socket — QMP monitors, chardevs in ``mode='bind'``, the
    VNC socket — created with ``set_socket_label`` around it, every chardev file and log
    opened; QEMU gets them as fds), ``set_all_labels`` (one transaction: a failure rolls back
@@ -52,21 +53,29 @@ from qemu.qmp import QMPError
 from vmconfine.config.hugepages import hugepage_dir
 from vmconfine.config.networks import resolve_interfaces
 from vmconfine.domain.chain import resolve_chain
-from vmconfine.domain.chardev import fill_channel_paths
+from vmconfine.domain.chardev import fill_channel_paths, record_pty
 from vmconfine.errors import LaunchError, VmconfineError
 from vmconfine.launch import checks, child, netdev, preopen, runtime, swtpm
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
-from vmconfine.qemu import qmp
-from vmconfine.qemu.argv import CommandPaths, QemuCommand, build_command
+from vmconfine.qemu import firmware, probe, qmp
+from vmconfine.qemu.argv import (
+    CommandPaths,
+    QemuCommand,
+    build_command,
+    default_machine,
+    find_emulator,
+    guest_arch,
+)
 from vmconfine.qemu.argv_display import (
     allocate_spice_ports,
     fill_spice_socket,
     spice_graphics,
     spice_password,
 )
+from vmconfine.qemu.machines import machines
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -109,6 +118,8 @@ class Launched:
     log_path: Path
     preopened: PreOpened = field(default_factory=PreOpened)
     client: QMPClient | None = None
+    #: the pseudo-terminals QEMU allocated, by device alias (``serial0``: ``/dev/pts/3``)
+    ptys: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -152,11 +163,36 @@ def _qemu_user_name(conn: Connection) -> str:
     return user
 
 
-def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None) -> None:
+def canonicalise_machine(conn: Connection, domain: Domain, *, strict: bool = True) -> None:
+    """``<type machine>`` as libvirt records it: an alias (``pc``, ``q35``) or no machine
+    becomes the emulator's versioned type (:mod:`vmconfine.qemu.machines`), in the model and
+    the tree (so the live and the defined XML carry it). ``strict=False`` (an XML only
+    printed, ``domxml-to-native``): an emulator that cannot be asked leaves the name as it is,
+    with a warning."""
+    try:
+        emulator = find_emulator(domain, conn.instance.config)
+        known = machines(emulator, probe.for_instance(conn.instance))
+    except (VmconfineError, OSError) as exc:
+        if strict:
+            raise
+        log.warning("machine type %s not canonicalised: %s", domain.os.machine or "(default)",
+                    exc)
+        return
+    name = known.canonical(domain.os.machine or default_machine(domain))
+    type_el = domain.root.find("os/type")
+    if name is None or type_el is None or name == domain.os.machine:
+        return
+    domain.os.machine = name
+    type_el.set("machine", name)
+
+
+def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None, *,
+                   symbolic: bool = False) -> None:
     """Validation that changes nothing on the host: disk sources, seclabel models, driver
     checks (of ``stack``, default the instance's), backing chains, network definitions
     (``type='network'`` → its bridge); a virtio channel's unix socket without a path gets one
-    generated (libvirt's ``qemuDomainPrepareChannel``), shown in the live XML."""
+    generated (libvirt's ``qemuDomainPrepareChannel``), shown in the live XML. ``symbolic``
+    (``domxml-to-native``): images need not exist."""
     if not domain.generated_paths:
         domain.generated_paths = fill_channel_paths(
             domain.chardevs, str(conn.instance.channel_dir(domain.name)))
@@ -164,19 +200,78 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None)
                           conn.instance.config.spice_auto_unix_socket)
     allocate_spice_ports(domain, conn.instance.config)
     resolve_interfaces(conn.instance, domain)
+    canonicalise_machine(conn, domain, strict=not symbolic)
+    select_firmware(conn, domain)  # after: the configured <os> it keeps has the canonical type
     stack = stack if stack is not None else conn.stack
     stack.check_models(domain)
     stack.verify(domain)
     for disk in domain.disks:
         if disk.source is not None and disk.type in ("file", "block"):
-            resolve_chain(disk.source)
+            resolve_chain(disk.source, missing_ok=symbolic)
     checks.check_sources(domain)
+
+
+def define_domain(conn: Connection, domain: Domain) -> None:
+    """What libvirt fills into a definition: the canonical machine type and, on Q35, the PCI
+    addresses and root ports (:mod:`vmconfine.qemu.pci`, written into the tree). A domain whose
+    command line cannot be built yet (an image or a hugetlbfs mount missing...) is defined
+    without addresses, with a warning: each start assigns the same ones again."""
+    canonicalise_machine(conn, domain)
+    if not domain.generated_paths:  # dropped again from the inactive XML
+        domain.generated_paths = fill_channel_paths(
+            domain.chardevs, str(conn.instance.channel_dir(domain.name)))
+    try:
+        for disk in domain.disks:
+            if disk.source is not None and disk.type in ("file", "block"):
+                resolve_chain(disk.source, missing_ok=True)
+        build_command(domain, conn.instance.config,
+                      command_paths(conn, domain, symbolic=True), symbolic=True)
+    except VmconfineError as exc:
+        log.warning("domain %s defined without PCI addresses: %s", domain.name, exc)
+
+
+def select_firmware(conn: Connection, domain: Domain) -> None:
+    """Firmware auto-selection (:mod:`vmconfine.qemu.firmware`): the loader and NVRAM the
+    descriptors give are filled into the domain (the live XML shows them)."""
+    machine = domain.os.machine or default_machine(domain)
+    if machine is None:
+        return  # build_command refuses the domain with its own message
+    firmware.check_secure_boot(domain, machine)
+    os_ = domain.os
+    nvram_exists = bool(os_.nvram) and os.path.exists(str(os_.nvram))
+    inst = conn.instance
+    nvram = firmware.nvram_file(inst.nvram_dir, domain.name)
+    if firmware.needs_selection(domain, nvram_exists):
+        emulator = find_emulator(domain, inst.config)
+        resolved = machines(emulator, probe.for_instance(inst)).canonical(machine) or machine
+        descriptors = firmware.load(firmware.search_dirs(inst.privileged))
+        firmware.fill(domain, descriptors, resolved, guest_arch(domain), nvram)
+    loader = domain.os.loader
+    if loader is not None and loader.type == "pflash" and loader.readonly and \
+            not domain.os.nvram:
+        domain.fill_nvram(nvram)  # libvirt's default NVRAM of a read-only pflash loader
+
+
+def prepare_nvram(domain: Domain, *, reset: bool = False) -> None:
+    """The domain's NVRAM file from its template (never over an existing one unless
+    ``reset``); an NVRAM that does not exist and has no template is refused."""
+    os_ = domain.os
+    if not os_.nvram or os_.loader is None or os_.loader.type != "pflash":
+        return
+    if os_.nvram_template:
+        if firmware.create_nvram(os_.nvram, os_.nvram_template, reset=reset):
+            log.info("domain %s: NVRAM %s created from %s", domain.name, os_.nvram,
+                     os_.nvram_template)
+    elif not os.path.exists(os_.nvram):
+        raise firmware.FirmwareError(
+            f"NVRAM {os_.nvram} does not exist and no template is known; give <nvram "
+            "template='...'> or use <os firmware='efi'>")
 
 
 def native_command(conn: Connection, domain: Domain) -> QemuCommand:
     """What ``domxml-to-native`` prints: the argv ``run`` would execute, per-start values
     shown symbolically."""
-    prepare_domain(conn, domain)
+    prepare_domain(conn, domain, symbolic=True)
     return build_command(domain, conn.instance.config, command_paths(conn, domain, symbolic=True),
                          symbolic=True)
 
@@ -189,11 +284,13 @@ def native_command(conn: Connection, domain: Domain) -> QemuCommand:
 
 
 async def start(conn: Connection, domain: Domain, *, paused: bool = False,
-                diagnose: Diagnose | None = None, outlive: bool = False) -> Launched:
+                diagnose: Diagnose | None = None, outlive: bool = False,
+                reset_nvram: bool = False) -> Launched:
     """Start ``domain`` confined; return once QEMU's confinement is verified and its status
     written (and its CPUs run unless ``paused``). On any failure everything done so far is
     undone before raising. ``outlive``: QEMU keeps running if this process dies (the daemon,
-    which reconnects to it); otherwise it is killed with this process (``run``)."""
+    which reconnects to it); otherwise it is killed with this process (``run``).
+    ``reset_nvram``: make the NVRAM again from its template (virsh start --reset-nvram)."""
     inst = conn.instance
     inst.ensure_dirs()
     stack = conn.stack
@@ -220,6 +317,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         ctx.command = command
         ctx.state["pipeline"] = {}
         # 3. prepare host
+        prepare_nvram(domain, reset=reset_nvram)
         stack.preflight(ctx)
         checkpoint("preflight")
         _make_runtime_dirs(ctx)
@@ -261,6 +359,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         if spice is not None and spice.socket:
             preopen.claim_socket(spice.socket)
         await _set_spice_password(launched.client, launched, inst.config)
+        await _record_ptys(launched.client, launched)
         checkpoint("qmp")
         # 6. verify
         _verify(conn, launched)
@@ -366,6 +465,42 @@ async def _set_spice_password(client: QMPClient, launched: Launched, config: Any
                           f"{exc}") from None
 
 
+async def _record_ptys(client: QMPClient, launched: Launched) -> None:
+    """The terminals QEMU allocated for ``pty`` chardevs (``query-chardev``), into the live
+    XML (``<source path>``, a console's ``tty``) as libvirt does, and into
+    :attr:`Launched.ptys` (``run`` prints them)."""
+    command = launched.command
+    ptys = {label: dev for label, dev in (command.chardevs if command else {}).items()
+            if dev.type == "pty"}
+    if not ptys:
+        return
+    domain = launched.ctx.domain
+    found = {str(info.get("label")): str(info.get("filename", ""))
+             for info in await client.execute("query-chardev")}
+    for label, dev in ptys.items():  # in command-line order
+        filename = found.get(label, "")
+        if not filename.startswith("pty:"):
+            continue
+        path = host_pty_path(launched.pid, filename.removeprefix("pty:"))
+        domain.generated_paths += record_pty(domain.chardevs, dev, path)
+        launched.ptys[label.removeprefix("char")] = path
+
+
+def host_pty_path(pid: int, path: str) -> str:
+    """A terminal QEMU names (``/dev/pts/N``) as the host reaches it: through QEMU's own root
+    (``/proc/PID/root/dev/pts/N``) when QEMU has a devpts instance of its own (the namespaces
+    driver gives it one), else as it is. Never the host's ``/dev/pts/N``, which would be
+    someone else's terminal."""
+    try:
+        private = os.stat(f"/proc/{pid}/root/dev/pts").st_dev != os.stat("/dev/pts").st_dev
+    except OSError:  # cannot look: its own mount namespace means its own view of /dev
+        try:
+            private = os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+        except OSError:
+            private = True
+    return f"/proc/{pid}/root{path}" if private else path
+
+
 async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
     """QMP handshake, or a clear error as soon as QEMU exits instead of answering."""
     process = launched.process
@@ -438,6 +573,8 @@ def write_status(conn: Connection, launched: Launched) -> None:
         "supervisor": str(os.getpid()),
         "taints": ",".join(launched.ctx.taints),
         "generated": list(launched.ctx.domain.generated_paths),
+        "configos": launched.ctx.domain.config_os,
+        "smmfilled": "yes" if launched.ctx.domain.smm_filled else None,
     }
     xml = launched.ctx.domain.to_xml(live=True, extra={"id": launched.domain_id, "state": state})
     with runtime.instance_lock(conn.instance):

@@ -14,6 +14,7 @@ The environment is cleared to ``LC_ALL=C PATH HOME USER LOGNAME`` plus ``<qemu:e
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import LaunchError
+from vmconfine.qemu import pci
 from vmconfine.qemu.argv_devices import (
     Builder,
     UnsupportedConfigError,
@@ -39,7 +41,14 @@ from vmconfine.qemu.argv_devices import (
     to_json,
 )
 from vmconfine.qemu.argv_display import add_graphics
-from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, memory_backend, smp
+from vmconfine.qemu.argv_platform import (
+    add_cpu,
+    add_pm,
+    add_rtc,
+    add_watchdogs,
+    memory_backend,
+    smp,
+)
 from vmconfine.qemu.fdpass import (
     FDSET,
     LISTEN,
@@ -129,6 +138,8 @@ class QemuCommand:
     slots: dict[int, tuple[Part, ...]] = field(default_factory=dict)
     passed: list[PassedFd] = field(default_factory=list)
     symbolic: bool = False
+    #: character devices by QEMU chardev label (``charserial0``...), to match QMP answers
+    chardevs: dict[str, Any] = field(default_factory=dict)
     #: how each ``<interface>`` is connected (:class:`vmconfine.qemu.netdev.NetPlan`)
     networks: list[NetPlan] = field(default_factory=list)
 
@@ -184,6 +195,11 @@ def guest_arch(domain: Domain) -> str:
     """The guest architecture (the host's when the XML gives none)."""
     arch = domain.os.arch or platform.machine()
     return {"amd64": "x86_64", "i386": "i686"}.get(arch, arch)
+
+
+def default_machine(domain: Domain) -> str | None:
+    """The machine type a domain without ``<type machine>`` gets (its alias, e.g. ``pc``)."""
+    return _DEFAULT_MACHINES.get(guest_arch(domain))
 
 
 def find_emulator(domain: Domain, config: Any) -> str:
@@ -294,6 +310,8 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
         opts.append("usb=off")
     if domain.vmport is not None:
         opts.append(f"vmport={domain.vmport}")
+    if domain.smm is not None:
+        opts.append(f"smm={domain.smm}")
     opts.append("dump-guest-core=" + ("on" if getattr(config, "dump_guest_core", False)
                                       else "off"))
     _firmware(b, opts)
@@ -304,6 +322,19 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
     b.add("-machine", ",".join(opts))
     b.add("-accel", "kvm" if domain.virt_type == "kvm" else "tcg")
     add_cpu(b)
+    loader = domain.os.loader
+    if loader is not None and loader.secure:
+        if not loader.path or loader.type != "pflash":
+            raise UnsupportedConfigError(
+                "<loader secure='yes'> needs a pflash firmware: give <os firmware='efi'> or "
+                "<loader type='pflash' readonly='yes'>PATH</loader>"
+            )
+        if not b.q35:
+            raise UnsupportedConfigError(
+                f"Secure boot is supported with q35 machine types only (machine '{b.machine}')"
+                "; use <type machine='q35'>"
+            )
+        b.add("-global", "driver=cfi.pflash01,property=secure,value=on")
     if b.bios:
         b.add("-bios", b.bios)
 
@@ -329,11 +360,25 @@ def _check_unsupported(domain: Domain) -> None:
         raise UnsupportedConfigError(
             "<filesystem> shares are not supported; remove the <filesystem> or use a disk"
         )
-    if domain.os.firmware and (domain.os.loader is None or not domain.os.loader.path):
+    if domain.os.firmware:
         raise UnsupportedConfigError(
-            f"firmware auto-selection (<os firmware='{domain.os.firmware}'>) is not "
-            f"supported; give <loader type='pflash'>PATH</loader> (and <nvram>)"
+            f"<os firmware='{domain.os.firmware}'> has not been resolved: firmware "
+            f"auto-selection runs in `vmconfine run` and `domxml-to-native` (or give "
+            f"<loader type='pflash'>PATH</loader> and <nvram>)"
         )
+
+
+def _place_pci(b: Builder, at: int) -> None:
+    """libvirt's Q35 topology (:mod:`vmconfine.qemu.pci`): every PCI device gets its
+    ``bus``/``addr``, the PCI controllers go before the first device, and the XML tree gets
+    the addresses and controllers (the live XML shows them)."""
+    devices = [i + 1 for i, arg in enumerate(b.args[:-1])
+               if arg == "-device" and b.args[i + 1].startswith("{")]
+    props = [json.loads(b.args[i]) for i in devices]
+    plan = pci.assign(b.domain, pci.inventory(b.domain, props, b.elements))
+    for i, p in zip(devices, props, strict=True):
+        b.args[i] = to_json(plan.place(p))
+    b.insert(at, *[x for c in plan.controller_devices() for x in ("-device", to_json(c))])
 
 
 def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
@@ -343,9 +388,11 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     ``config`` is the instance's :class:`vmconfine.config.settings.QemuConfig`. Disk backing chains
     are resolved (and filled into the model) with :func:`vmconfine.domain.chain.resolve_chain`.
     ``symbolic=True`` is for ``domxml-to-native``: nothing that only exists at start is
-    filled in. Today the only per-start values are the inherited monitor fds, which appear
-    only when passed to :meth:`QemuCommand.argv` (``run``); without them each monitor shows
-    as the unix socket path QEMU would create, so the printed line also runs by hand.
+    filled in, and an image that does not exist shows as its top node (as libvirt's
+    domxml-to-native: the chain is resolved at start). The other per-start values are the
+    inherited monitor fds, which appear only when passed to :meth:`QemuCommand.argv`
+    (``run``); without them each monitor shows as the unix socket path QEMU would create,
+    so the printed line also runs by hand.
     """
     if domain.os.type not in (None, "hvm"):
         raise UnsupportedConfigError(
@@ -353,13 +400,13 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
         )
     _check_unsupported(domain)
     arch = guest_arch(domain)
-    machine = domain.os.machine or _DEFAULT_MACHINES.get(arch)
+    machine = domain.os.machine or default_machine(domain)
     if not machine:
         raise UnsupportedConfigError(
             f"no default machine type for arch '{arch}'; give <type machine=...>"
         )
     emulator = find_emulator(domain, config)
-    b = Builder(domain=domain, config=config, machine=machine, arch=arch)
+    b = Builder(domain=domain, config=config, machine=machine, arch=arch, symbolic=symbolic)
     b.boot_index = _boot_indexes(domain)
 
     name = f"guest={escape_opt(domain.name)},debug-threads=on"
@@ -380,6 +427,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_rtc(b)
     if domain.on_reboot == "destroy":
         b.add("-no-reboot")
+    add_pm(b)
     b.add("-boot", "strict=on")
     if domain.os.kernel:
         b.add("-kernel", domain.os.kernel)
@@ -390,6 +438,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     if domain.os.dtb:
         b.add("-dtb", domain.os.dtb)
 
+    first_device = len(b.args)
     add_controllers(b)
     add_disks(b)
     add_interfaces(b)
@@ -401,6 +450,8 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_tpms(b, paths.runtime_dir)
     add_watchdogs(b)
     add_memballoon(b)
+    if b.q35:
+        _place_pci(b, first_device)
 
     seccomp = int(getattr(config, "seccomp_sandbox", -1))
     b.add("-sandbox", SANDBOX_ON if seccomp != 0 else "off")
@@ -408,4 +459,4 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     b.add(*domain.qemu_args)
     return QemuCommand(env=_environment(domain, paths), emulator=emulator, args=b.args,
                        taints=domain_taints(domain), slots=b.slots, passed=b.passed,
-                       symbolic=symbolic, networks=b.networks)
+                       symbolic=symbolic, chardevs=b.chardevs, networks=b.networks)

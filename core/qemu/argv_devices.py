@@ -11,7 +11,8 @@ Defaults are libvirt's (USB controller piix3-usb-uhci on i440FX and qemu-xhci on
 virtio memballoon, a cirrus video device for a guest with graphics but no ``<video>``,
 rtl8139 NICs) except where noted. Differences from libvirt, on purpose:
 
-- PCI addresses are left to QEMU (no pcie-root-ports on Q35: devices sit on the root bus);
+- on i440FX (``pc``) machines PCI addresses are left to QEMU (on Q35 they are libvirt's, see
+  :mod:`vmconfine.qemu.pci`);
 - ``type='network'`` is resolved through a network definition file (its ``<bridge>``):
   vmconfine has no virtual-network daemon (:mod:`vmconfine.config.networks`);
 - a SCSI controller without a model is virtio-scsi (libvirt picks lsilogic on x86);
@@ -29,6 +30,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from lxml import etree
 
 from vmconfine.domain.chain import BACKING_FORMATS, qemu_format, resolve_chain
 from vmconfine.domain.chardev import log_passed, passed_kind, virtio_serial_ports
@@ -119,6 +122,12 @@ class Builder:
     usb_bus: str | None = None
     node_count: int = 0
     bios: str | None = None
+    #: ``domxml-to-native``: images that do not exist give their top node only
+    symbolic: bool = False
+    #: character devices by QEMU chardev label (``charserial0``...)
+    chardevs: dict[str, Chardev] = field(default_factory=dict)
+    #: the XML element of each device, by QEMU id (where PCI addresses are written)
+    elements: dict[str, etree._Element] = field(default_factory=dict)
     _scsi_models: dict[int, str] = field(default_factory=dict)
     #: args index → the parts of an option value with fd placeholders (see fdpass)
     slots: dict[int, tuple[Part, ...]] = field(default_factory=dict)
@@ -138,9 +147,22 @@ class Builder:
         self.args.append(render(parts, None, {}))
         self.passed.extend(passed_fds(parts))
 
-    def device(self, props: dict[str, Any]) -> None:
-        """Append one ``-device`` (JSON)."""
+    def device(self, props: dict[str, Any], element: etree._Element | None = None) -> None:
+        """Append one ``-device`` (JSON); ``element``: the device's XML element."""
+        if element is not None:
+            self.elements[str(props["id"])] = element
         self.add("-device", to_json(props))
+
+    def add_chardev(self, dev: Chardev, alias: str) -> None:
+        """Append the ``-chardev`` of a character device (label ``char<alias>``)."""
+        self.chardevs[f"char{alias}"] = dev
+        self.add_passed("-chardev", chardev_backend(dev, alias))
+
+    def insert(self, at: int, *items: str) -> None:
+        """Insert options at ``args[at]`` (the fd slots after it move along)."""
+        self.args[at:at] = items
+        self.slots = {(i + len(items) if i >= at else i): parts
+                      for i, parts in self.slots.items()}
 
     @property
     def q35(self) -> bool:
@@ -171,6 +193,18 @@ def _controllers(b: Builder, ctype: str) -> dict[int, str | None]:
     return out
 
 
+def _usb_ports(b: Builder, index: int, qdev: str) -> dict[str, int]:
+    """``ports=N`` of an xHCI controller: USB 2 and USB 3 ports (``p2``/``p3``, libvirt)."""
+    ports = next((c.ports for c in b.domain.controllers
+                  if c.type == "usb" and (c.index or 0) == index), None)
+    if ports is None:
+        return {}
+    if qdev not in ("qemu-xhci", "nec-usb-xhci"):
+        raise UnsupportedConfigError(f"usb controller type {qdev} doesn't support 'ports' with "
+                                     "this QEMU binary; use model='qemu-xhci'")
+    return {"p2": ports, "p3": ports}
+
+
 def add_controllers(b: Builder) -> None:
     """USB, SATA (AHCI), SCSI and virtio-serial controllers, declared or implied by devices."""
     usb = _controllers(b, "usb")
@@ -189,7 +223,7 @@ def add_controllers(b: Builder) -> None:
                 f"{', '.join(sorted(USB_MODELS))} or 'none'"
             )
         alias = "usb" if index == 0 else f"usb{index}"
-        b.device({"driver": qdev, "id": alias})
+        b.device({"driver": qdev, **_usb_ports(b, index, qdev), "id": alias})
         if b.usb_bus is None:
             b.usb_bus = f"{alias}.0"
 
@@ -320,7 +354,7 @@ def add_blockdevs(b: Builder, disk: Disk) -> str | None:
             f"disk {disk.target}: io='native' needs a cache mode that bypasses the host page "
             f"cache; add cache='none' or cache='directsync'"
         )
-    chain = resolve_chain(disk.source)
+    chain = resolve_chain(disk.source, missing_ok=b.symbolic)
     names = []
     for _ in chain:
         b.node_count += 1
@@ -420,7 +454,7 @@ def _front_end(b: Builder, disk: Disk) -> dict[str, Any]:
 def add_disks(b: Builder) -> None:
     """Every disk: its block graph, then its front-end device."""
     for disk in b.domain.disks:
-        b.device(disk_device(b, disk))
+        b.device(disk_device(b, disk), disk.element)
 
 
 def disk_device(b: Builder, disk: Disk) -> dict[str, Any]:
@@ -469,7 +503,8 @@ def add_interfaces(b: Builder) -> None:
             b.add("-netdev", value)
         else:
             b.add_passed("-netdev", value)
-        b.device(b.boot(nic_props(plan, NIC_MODELS[plan.model]), plan.iface))
+        b.device(b.boot(nic_props(plan, NIC_MODELS[plan.model]), plan.iface),
+                 plan.iface.element)
     b.networks = plans
 
 
@@ -578,15 +613,15 @@ def add_chardevs(b: Builder) -> None:
     for n, dev in enumerate(serials):
         alias = f"serial{n}"
         port = dev.target_port if dev.kind == "serial" and dev.target_port is not None else n
-        b.add_passed("-chardev", chardev_backend(dev, alias))
-        b.device(_serial_device(dev, alias, port))
+        b.add_chardev(dev, alias)
+        b.device(_serial_device(dev, alias, port), dev.element)
     for n, dev in enumerate(c for c in chardevs if c.kind == "parallel"):
         alias = f"parallel{n}"
-        b.add_passed("-chardev", chardev_backend(dev, alias))
+        b.add_chardev(dev, alias)
         b.device({"driver": "isa-parallel", "chardev": f"char{alias}", "id": alias})
     for i, dev in virtio_consoles:
         alias = f"console{i}"
-        b.add_passed("-chardev", chardev_backend(dev, alias))
+        b.add_chardev(dev, alias)
         b.device({"driver": "virtconsole", "chardev": f"char{alias}", "id": alias})
     ports = virtio_serial_ports(chardevs)
     for n, dev in enumerate(c for c in chardevs if c.kind == "channel"):
@@ -596,7 +631,7 @@ def add_chardevs(b: Builder) -> None:
                 f"<target type='virtio' name='...'/>"
             )
         alias = f"channel{n}"
-        b.add_passed("-chardev", chardev_backend(dev, alias))
+        b.add_chardev(dev, alias)
         props: dict[str, Any] = {"driver": "virtserialport", "bus": "virtio-serial0.0",
                                  "nr": ports[id(dev)], "chardev": f"char{alias}", "id": alias}
         name = dev.target_name or (SPICE_AGENT_CHANNEL if dev.type == "spicevmc" else None)
@@ -627,7 +662,7 @@ def add_inputs(b: Builder) -> None:
             if not inp.evdev:
                 raise UnsupportedConfigError("<input type='passthrough'> needs <source evdev=...>")
             b.device({"driver": "virtio-input-host-pci", "id": f"input{i}",
-                      "evdev": inp.evdev})
+                      "evdev": inp.evdev}, inp.element)
             continue
         qdev = INPUT_DEVICES.get((inp.type, bus))
         if qdev is None:
@@ -638,7 +673,7 @@ def add_inputs(b: Builder) -> None:
         props: dict[str, Any] = {"driver": qdev, "id": f"input{i}"}
         if bus == "usb":
             props["bus"] = _need_usb(b, f"<input type='{inp.type}' bus='usb'>")
-        b.device(props)
+        b.device(props, inp.element)
 
 
 def element_boot_order(obj: object) -> int | None:
@@ -669,7 +704,7 @@ def add_hostdevs(b: Builder) -> None:
                     f"<driver name='vfio'/>"
                 )
             host = f"{h.domain or 0:04x}:{h.bus or 0:02x}:{h.slot or 0:02x}.{h.function or 0:x}"
-            b.device(b.boot({"driver": "vfio-pci", "host": host, "id": alias}, h))
+            b.device(b.boot({"driver": "vfio-pci", "host": host, "id": alias}, h), h.element)
         elif h.type == "usb":
             props: dict[str, Any] = {"driver": "usb-host", "id": alias,
                                      "bus": _need_usb(b, "a USB host device")}
@@ -695,7 +730,8 @@ def add_rngs(b: Builder) -> None:
         path = rng.path or "/dev/urandom"
         b.add("-object", to_json({"qom-type": "rng-random", "id": f"objrng{i}",
                                   "filename": path}))
-        b.device({"driver": "virtio-rng-pci", "rng": f"objrng{i}", "id": f"rng{i}"})
+        b.device({"driver": "virtio-rng-pci", "rng": f"objrng{i}", "id": f"rng{i}"},
+                 rng.element)
 
 
 TPM_MODELS = ("tpm-tis", "tpm-crb")

@@ -382,9 +382,9 @@ def add_sound(b: Builder) -> None:
         props: dict[str, Any] = {"driver": controller, "id": alias}
         if codec is None:
             props["audiodev"] = f"audio{audio}"
-            b.device(props)
+            b.device(props, sound.element)
             continue
-        b.device(props)
+        b.device(props, sound.element)
         b.device({"driver": codec, "id": f"{alias}-codec0", "bus": f"{alias}.0", "cad": 0,
                   "audiodev": f"audio{audio}"})
 

@@ -17,6 +17,7 @@ from lxml import etree
 
 from vmconfine.domain import Disk, Domain, parse_domain
 from vmconfine.errors import XMLError
+from vmconfine.qemu import pci
 from vmconfine.qemu.argv import _DEFAULT_MACHINES, guest_arch
 from vmconfine.qemu.argv_devices import (
     Builder,
@@ -134,6 +135,9 @@ def plan_drive(domain: Domain, config: Any, disk: Disk, first_node: int) -> Disk
     b.args = []
     b.node_count = first_node
     device = disk_device(b, disk)
+    if b.q35 and disk.bus == "virtio":  # its own free root port (libvirt's Q35 topology)
+        addr = pci.hotplug_address(domain, disk.element)
+        device.update({"bus": addr.bus_id(), "addr": addr.addr()})
     plan = DiskPlan(disk, device=device)
     for opt, value in zip(b.args[::2], b.args[1::2], strict=True):
         if opt == "-blockdev":

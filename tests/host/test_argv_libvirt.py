@@ -10,14 +10,21 @@ flags, memory, CPUs, resolved machine type, chardevs, PCI device classes and ids
 
 Left out on purpose: network interfaces (libvirt's domxml-to-native turns them into tap
 devices that need /dev/net/tun; they are removed from the XML given to both), libvirt's
-master-key secret object and its monitor (each side's monitor is only used to ask QMP), PCI
-bridges (libvirt adds pcie-root-ports on q35; vmconfine lets QEMU place devices on the root
-bus). ``type='kvm'`` guests run as ``type='qemu'`` here (both command lines use TCG). Host
+master-key secret object and its monitor (each side's monitor is only used to ask QMP).
+``type='kvm'`` guests run as ``type='qemu'`` here (both command lines use TCG). Host
 devices cannot be compared (libvirt needs the devices present).
+
+Q35 topology: for held-out Q35 domains (tests/data/pci/) both command lines must place every
+PCI device on the same bus and address behind the same pcie-root-ports and
+pcie-to-pci-bridge, and the running VMs (firmware started, so every bridge's bus is numbered)
+must show the same PCI tree over QMP: class, vendor and device id of every function, by its
+path of slots from pcie.0.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import pwd
@@ -26,11 +33,13 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from qemu.qmp import ConnectError, QMPClient
 
 from tests.host.test_argv_qmp import (
     CASES,
@@ -40,6 +49,7 @@ from tests.host.test_argv_qmp import (
     launch,
     prepare,
     qemu_binary,
+    qemu_log,
     qmp_view,
     wait_exit,
 )
@@ -67,7 +77,9 @@ QEMU_CONF = {
     "seccomp_sandbox": lambda v: f"seccomp_sandbox = {int(v)}",
     "set_process_name": lambda v: f"set_process_name = {1 if v else 0}",
 }
-BRIDGES = ("pcie-root-port", "pci-bridge")
+#: separates the answers of a virsh script (domxml_to_native_many)
+MARK = "@@vmconfine-next@@"
+BRIDGES = ("pcie-root-port", "pci-bridge", "pcie-pci-bridge")
 NOBODY = 65534
 
 
@@ -79,12 +91,35 @@ class LibvirtEmbed:
         self.virsh = virsh
         self.uri = f"qemu:///embed?root={root}"
 
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         env = ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={self.root}"]
         cmd = [*env, self.virsh, "-q", "-c", self.uri, *args]
         if os.geteuid() == 0:
             cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                              input=stdin)
+
+    def domxml_to_native_many(self, xmls: dict[str, str]) -> dict[str, str]:
+        """``domxml-to-native`` of many domains in one virsh (commands read from stdin, as a
+        virsh script: one connection instead of one per domain); name → the command line, or
+        ``error: ...`` when libvirt refused the domain."""
+        script = []
+        for name, xml in xmls.items():
+            path = self.root / f"{name}.xml"
+            path.write_text(xml)
+            path.chmod(0o644)
+            script += [f"domxml-to-native qemu-argv {path}", f"echo {MARK}"]
+        proc = self._run(stdin="\n".join(script) + "\n")
+        # virsh echoes a prompt line per command (readline may redraw it), then the answer: a
+        # single line, without a final newline
+        chunks = proc.stdout.split(f"virsh # echo {MARK}\n")[:-1]
+        answers = [next((ln for ln in c.split("\n") if ln.startswith("LC_ALL=")), "")
+                   for c in chunks]
+        errors = iter(ln for ln in proc.stderr.splitlines() if ln.startswith("error:"))
+        result = {name: answer.strip() or next(errors, "error: (no message)")
+                  for name, answer in zip(xmls, answers, strict=False)}
+        assert len(result) == len(xmls), proc.stderr
+        return result
 
     def domxml_to_native(self, name: str, xml: str, settings: dict[str, Any],
                          extra_conf: str = "") -> str:
@@ -155,6 +190,11 @@ def libvirt_runtime(argv: list[str]) -> str:
         value = argv[i + 1]
         if arg == "-chardev" and value.startswith("socket,id=charmonitor,"):
             monitor = re.search(r"path=((?:[^,]|,,)+)", value)
+        if arg == "-chardev" and value.startswith("socket,") and "server=on" in value:
+            sock = re.search(r"path=((?:[^,]|,,)+)", value)
+            if sock is not None:  # a generated channel path under libvirt's root
+                Path(sock.group(1).replace(",,", ",")).parent.mkdir(parents=True,
+                                                                     exist_ok=True)
         if arg == "-object" and '"masterKey0"' in value:
             key = re.search(r'"file":"([^"]+)"', value)
             assert key is not None
@@ -164,6 +204,73 @@ def libvirt_runtime(argv: list[str]) -> str:
     path = monitor.group(1).replace(",,", ",")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def options(argv: list[str], name: str) -> list[str]:
+    """The values of every ``name`` option of ``argv``, sorted."""
+    return sorted(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name)
+
+
+def run_libvirt(argv: list[str], env: dict[str, str], nvram_template: str | None = None,
+                ) -> tuple[dict[str, Any], str | None]:
+    """QEMU started paused from libvirt's command line, with what libvirt makes at start (its
+    domain directory and master key, the generated channel directory, the NVRAM copied from
+    ``nvram_template``, swtpm for a TPM emulator); return its QMP view and the NVRAM path
+    (None: no NVRAM)."""
+    ws = Workspace(Path(tempfile.mkdtemp(prefix="vmc-lv-run-", dir="/tmp")))
+    try:
+        monitor = libvirt_runtime(argv)
+        for value in options(argv, "-chardev"):
+            found = re.search(r"^socket,.*?path=((?:[^,]|,,)+)", value)
+            if found:
+                Path(found.group(1).replace(",,", ",")).parent.mkdir(parents=True,
+                                                                     exist_ok=True)
+        nvram = next((json.loads(v)["filename"] for v in options(argv, "-blockdev")
+                      if "pflash1-storage" in v), None)
+        if nvram is not None:
+            assert nvram_template is not None, "libvirt's command line has an NVRAM"
+            Path(nvram).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(nvram_template, nvram)
+        proc = launch(_with_swtpm(argv, ws), env, ws, "libvirt")
+        view = qmp_view(monitor, proc, ws, "libvirt")
+        assert wait_exit(proc) == 0
+    finally:
+        ws.close()
+        shutil.rmtree(ws.root, ignore_errors=True)
+    return view, nvram
+
+
+def _with_swtpm(argv: list[str], ws: Workspace) -> list[str]:
+    """libvirt's command line as libvirt runs it: ``domxml-to-native`` shows a TPM emulator's
+    chardev as ``null`` (no swtpm in a dry run); at start libvirt starts swtpm and gives QEMU
+    its socket, which this does too."""
+    out = list(argv)
+    for i, value in enumerate(out):
+        found = re.fullmatch(r"null,id=(chrtpm\d*)", value)
+        if i and out[i - 1] == "-chardev" and found:
+            sock = str(ws.root / f"{found.group(1)}.sock")
+            _swtpm(sock, ws)
+            out[i] = f"socket,id={found.group(1)},path={sock}"
+    return out
+
+
+def _swtpm(sock: str, ws: Workspace) -> None:
+    """swtpm on ``sock``, as libvirt starts it before QEMU (it ends when QEMU lets go)."""
+    swtpm = shutil.which("swtpm")
+    require(swtpm, "swtpm is not installed (apt-get install swtpm)")
+    assert swtpm is not None
+    state = ws.root / f"tpm-{len(list(ws.root.glob('tpm-*')))}"
+    state.mkdir()
+    Path(sock).parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}", "--ctrl",
+                             f"type=unixio,path={sock}", "--terminate"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ws.defer(lambda: (proc.kill(), proc.wait(timeout=30)))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, "swtpm did not listen"
+        time.sleep(0.02)
 
 
 def comparable(view: dict[str, Any]) -> dict[str, Any]:
@@ -179,6 +286,7 @@ def comparable(view: dict[str, Any]) -> dict[str, Any]:
         "builtin_pci": sorted(cls for qid, cls in view["pci"] if not qid),
         "devices": {k: v for k, v in view["peripheral"].items() if v not in BRIDGES},
         "vnc": (vnc["enabled"], vnc["family"], vnc["host"]),
+        "tpm": view["tpm"],
     }
 
 
@@ -292,3 +400,114 @@ def test_same_vm_as_libvirt(case: str, libvirt: LibvirtEmbed) -> None:
     ours_pci, theirs_pci = dict(view_ours["pci"]), dict(view_libvirt["pci"])
     for qid in set(ours_pci) & set(theirs_pci) - {""}:
         assert ours_pci[qid] == theirs_pci[qid], qid
+
+
+# --------------------------------------------------------------------------- Q35 topology
+
+PCI_DATA = DATA.parent / "pci"
+#: held-out Q35 domains (tests/unit/test_pci.py compares their addresses with libvirt's XML)
+Q35_CASES = sorted(p.stem for p in PCI_DATA.glob("*.xml") if not p.stem.endswith(".libvirt"))
+
+
+def q35_xml(case: str) -> str:
+    """A held-out Q35 domain for both sides: images in the workspace, a channel socket path
+    (vmconfine's generated one is made by the pipeline), no interfaces (see for_libvirt)."""
+    text = (PCI_DATA / f"{case}.xml").read_text().replace("/nonexist/", "@DIR@/")
+    text = text.replace("<channel type='unix'>",
+                        "<channel type='unix'><source mode='bind' path='@DIR@/ga.sock'/>")
+    text = re.sub(r"\s*<interface\b.*?</interface>", "", text, flags=re.S)
+    return text.replace("<graphics type='vnc'/>",
+                        "<graphics type='vnc' port='-1' autoport='yes' listen='127.0.0.1'/>")
+
+
+def placement(argv: list[str]) -> dict[str, tuple[Any, ...]]:
+    """Every -device with an id → (driver, bus, addr, multifunction, port, chassis)."""
+    out = {}
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-device" and argv[i + 1].startswith("{"):
+            d = json.loads(argv[i + 1])
+            driver = {"lsi": "lsi53c895a"}.get(d["driver"], d["driver"])  # QEMU's alias
+            out[d["id"]] = (driver, d.get("bus"), d.get("addr"), d.get("multifunction"),
+                            d.get("port"), d.get("chassis"))
+    return out
+
+
+async def _pci_tree(sock: str, proc: subprocess.Popen[bytes]) -> list[tuple[Any, ...]]:
+    """Run the firmware until it has numbered every bridge's bus, then the PCI tree QMP
+    shows: (path of (slot, function) from pcie.0, class, vendor, device) per function."""
+    client = QMPClient("vmconfine-test")
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "no monitor"
+        if os.path.exists(sock):
+            with contextlib.suppress(ConnectError):  # it exists a moment before QEMU listens
+                await client.connect(sock)
+                break
+        await asyncio.sleep(0.05)
+    try:
+        await client.execute("cont")
+        while True:
+            buses = await client.execute("query-pci")
+            tree: list[tuple[Any, ...]] = []
+            numbered = _walk(buses[0]["devices"], (), tree)
+            if numbered:
+                break
+            assert time.monotonic() < deadline, "the firmware never numbered the buses"
+            await asyncio.sleep(0.2)
+        await client.execute("quit")
+    finally:
+        with contextlib.suppress(Exception, EOFError):
+            await client.disconnect()
+    return sorted(tree)
+
+
+def _walk(devices: list[dict[str, Any]], path: tuple[Any, ...],
+          out: list[tuple[Any, ...]]) -> bool:
+    numbered = True
+    for d in devices:
+        here = (*path, (d["slot"], d["function"]))
+        out.append((here, d["class_info"]["class"], d["id"]["vendor"], d["id"]["device"]))
+        bridge = d.get("pci_bridge")
+        if bridge is not None:
+            numbered &= bridge["bus"]["secondary"] > 0
+            numbered &= _walk(bridge.get("devices", []), here, out)
+    return numbered
+
+
+def pci_tree(sock: str, proc: subprocess.Popen[bytes], ws: Workspace,
+             tag: str) -> list[tuple[Any, ...]]:
+    try:
+        return asyncio.run(asyncio.wait_for(_pci_tree(sock, proc), 60))
+    except Exception as exc:
+        raise AssertionError(f"QMP failed: {exc!r}; QEMU said: {qemu_log(ws, tag)}") from exc
+
+
+def test_enough_q35_cases() -> None:
+    assert len(Q35_CASES) >= 4
+
+
+@pytest.mark.parametrize("case", Q35_CASES)
+def test_q35_topology_is_libvirts(case: str, libvirt: LibvirtEmbed) -> None:
+    """The same pcie-root-ports, bridge and device placement on the command line, and the
+    same PCI tree (classes, vendor and device ids behind the bridges) in the running VM."""
+    qemu_binary()
+    root = Path(tempfile.mkdtemp(prefix="vmc-q35-", dir="/tmp"))
+    ws = Workspace(root)
+    try:
+        _domain, ours, paths = prepare(case, ws, q35_xml(case))
+        native = libvirt.domxml_to_native(case, ws.xml, {})
+        env, argv = split_native(native)
+        monitor = libvirt_runtime(argv)
+        mine, theirs = placement(ours.argv()), placement(argv)
+        tree_ours = pci_tree(paths.monitor_socket, launch(ours.argv(), ours.env, ws, "ours"),
+                             ws, "ours")
+        tree_libvirt = pci_tree(monitor, launch(argv, env, ws, "libvirt"), ws, "libvirt")
+    finally:
+        ws.close()
+        shutil.rmtree(root, ignore_errors=True)
+    on_pci = [k for k, v in theirs.items() if str(v[1]).startswith(("pci.", "pcie."))]
+    assert {k: mine.get(k) for k in on_pci} == {k: theirs[k] for k in on_pci}
+    assert not [k for k, v in mine.items() if str(v[1]).startswith("pci") and k not in on_pci]
+    assert any(v[0] == "pcie-root-port" for v in mine.values())
+    assert tree_ours == tree_libvirt
+    assert any(len(path) > 1 for path, *_ in tree_ours)  # devices behind bridges were seen

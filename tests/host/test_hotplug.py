@@ -142,6 +142,38 @@ def test_attach_config_and_persistent(daemon: Daemon, vm_dir: VmDir) -> None:
     assert live.returncode == 1 and "target vdb already exists" in live.stderr
 
 
+def test_q35_hotplug_uses_a_free_root_port(daemon: Daemon, vm_dir: VmDir) -> None:
+    """A Q35 guest is defined with its canonical machine type and started with libvirt's
+    topology; a virtio disk attached live goes into the free pcie-root-port (pcie.0 takes no
+    hotplug)."""
+    d = daemon
+    xml = domain_xml(vm_dir.path, "hq")
+    xml.write_text(xml.read_text().replace("machine='pc'", "machine='q35'").replace(
+        "bus='ide'", "bus='sata'"))
+    d.cli("define", str(xml))
+    defined = d.cli("dumpxml", "--inactive", "hq").stdout
+    machine = re.search(r"machine=\"([^\"]+)\"", defined)
+    assert machine is not None and re.fullmatch(r"pc-q35-\d+\.\d+", machine.group(1))
+    assert defined.count("model=\"pcie-root-port\"") >= 2  # libvirt's topology, at define
+    d.cli("start", "hq")
+    live = d.cli("dumpxml", "hq").stdout
+    assert re.findall(r"<address [^>]*>", live) == re.findall(r"<address [^>]*>", defined)
+    ports = re.findall(r"<controller type=\"pci\" index=\"(\d+)\" model=\"pcie-root-port\"",
+                       live)
+    used = {int(b, 16) for b in re.findall(r"<address type=\"pci\" domain=\"0x0000\" "
+                                           r"bus=\"(0x[0-9a-f]+)\"", live)}
+    free = [int(p) for p in ports if int(p) not in used]
+    assert free, live
+    dev = disk_xml(vm_dir.path, "hqdisk", target="vdb", bus="virtio")
+    assert d.cli("attach-device", "hq", str(dev), "--live").stdout.strip() == \
+        "Device attached successfully"
+    parent = qmp(d, "hq", "qom-get", path="/machine/peripheral/virtio-disk1",
+                 property="parent_bus")
+    assert parent["return"] == f"/machine/peripheral/pci.{free[0]}/pci.{free[0]}", parent
+    assert f'bus="{free[0]:#04x}"' in d.cli("dumpxml", "hq").stdout
+    # (a PCIe unplug waits for the guest OS to release the device; this guest has none)
+
+
 def test_failed_attach_leaves_nothing(daemon: Daemon, vm_dir: VmDir) -> None:
     d = daemon
     xml = domain_xml(vm_dir.path, "fail")

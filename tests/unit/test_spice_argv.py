@@ -90,8 +90,9 @@ def test_virt_install_spice_is_implemented_and_built_as_libvirt() -> None:
     assert ('{"driver":"virtserialport","bus":"virtio-serial0.0","nr":1,"chardev":'
             '"charchannel0","id":"channel0","name":"com.redhat.spice.0"}') in devices
     assert ('{"driver":"qxl-vga","id":"video0","max_outputs":1,"ram_size":67108864,'
-            '"vram_size":67108864,"vram64_size_mb":0,"vgamem_mb":16}') in devices
-    assert '{"driver":"ich9-intel-hda","id":"sound0"}' in devices
+            '"vram_size":67108864,"vram64_size_mb":0,"vgamem_mb":16,"bus":"pcie.0",'
+            '"addr":"0x1"}') in devices
+    assert '{"driver":"ich9-intel-hda","id":"sound0","bus":"pcie.0","addr":"0x1b"}' in devices
     assert ('{"driver":"hda-duplex","id":"sound0-codec0","bus":"sound0.0","cad":0,'
             '"audiodev":"audio1"}') in devices
     assert ('{"driver":"usb-redir","chardev":"charredir1","id":"redir1","bus":"usb.0"}'
@@ -261,11 +262,13 @@ def test_sasl_is_refused() -> None:
 def test_sound_gets_libvirts_default_audio_backend() -> None:
     spice_sound = args("<graphics type='spice' autoport='yes'/><sound model='ac97'/>")
     assert option(spice_sound, "-audiodev") == ['{"id":"audio1","driver":"spice"}']
-    assert '{"driver":"AC97","id":"sound0","audiodev":"audio1"}' in option(spice_sound,
-                                                                           "-device")
+    # conventional PCI sound cards go behind the pcie-to-pci-bridge, as libvirt places them
+    assert ('{"driver":"AC97","id":"sound0","audiodev":"audio1","bus":"pci.2","addr":"0x1"}'
+            in option(spice_sound, "-device"))
     headless = args("<sound model='ich6'/>")
     assert option(headless, "-audiodev") == ['{"id":"audio1","driver":"none"}']
-    assert '{"driver":"intel-hda","id":"sound0"}' in option(headless, "-device")
+    assert ('{"driver":"intel-hda","id":"sound0","bus":"pci.2","addr":"0x1"}'
+            in option(headless, "-device"))
 
 
 def test_spice_settings_on_vnc_are_reported() -> None:

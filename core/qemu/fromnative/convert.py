@@ -19,6 +19,7 @@ corpus, to-native then from-native gives a domain with the same command line.
 from __future__ import annotations
 
 import re
+import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from vmconfine.domain import Domain
 
 __all__ = [
-    "ZERO_UUID",
     "Monitor",
     "NativeArgsError",
     "NativeResult",
@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
-ZERO_UUID = "00000000-0000-0000-0000-000000000000"
 DEFAULT_NAME = "unnamed"
 #: environment vmconfine sets itself for every QEMU (see vmconfine.qemu.argv)
 STANDARD_ENV = ("LC_ALL", "PATH", "HOME", "USER", "LOGNAME")
@@ -405,12 +404,13 @@ def _check_text(words: list[str], env: list[tuple[str, str]], source: str) -> No
 
 
 def from_argv(env: list[tuple[str, str]], argv: list[str], *, source: str = "<stdin>",
-              name: str = DEFAULT_NAME, uuid: str = ZERO_UUID,
+              name: str = DEFAULT_NAME, uuid: str | None = None,
               skip_bad_env: bool = False) -> NativeResult:
     """Convert an environment and ``argv`` (``argv[0]`` = the QEMU binary).
 
-    ``name``/``uuid``: used when the command line has no ``-name``/``-uuid`` (libvirt's
-    from-native defaults: no name, an all-zero UUID; vmconfine needs a name, so "unnamed").
+    ``name``/``uuid``: used when the command line has no ``-name``/``-uuid``; without
+    ``uuid`` a fresh random one (libvirt's from-native gives an all-zero UUID, so two
+    converted guests could not run side by side; vmconfine needs a name, so "unnamed").
     ``skip_bad_env``: environment entries the XML cannot hold are noted instead of refused
     (for ``/proc/PID/environ``).
     """
@@ -430,7 +430,7 @@ def from_argv(env: list[tuple[str, str]], argv: list[str], *, source: str = "<st
                                   "variable name (letters, digits and _)")
         qemu_env.append((key, value))
     _check_text(argv, qemu_env, source)
-    conv = Converter(argv, source, name, uuid)
+    conv = Converter(argv, source, name, uuid or str(uuidlib.uuid4()))
     conv.run()
     args: list[str] = []
     kept: list[str] = []

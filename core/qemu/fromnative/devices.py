@@ -19,6 +19,7 @@ import re
 from typing import Any
 
 from vmconfine.qemu.fromnative.model import (
+    PCI_PLACEMENT,
     CharSrc,
     Guest,
     Layer,
@@ -312,6 +313,10 @@ VIDEOS = {"VGA": "vga", "cirrus-vga": "cirrus", "vmware-svga": "vmvga", "qxl-vga
 LEGACY_NIC_MODELS = {"virtio": "virtio", **{k: v for k, v in NIC_MODELS.items()}}
 
 
+#: PCI controllers of a Q35 topology (vmconfine builds libvirt's again, vmconfine.qemu.pci)
+PCI_BUS_DEVICES = ("pcie-root-port", "pcie-pci-bridge", "ioh3420", "pci-bridge")
+
+
 def netdev_nic(g: Guest, nprops: dict[str, Any], model: str, mac: Any,
                boot: int | None) -> NNic:
     """An interface for a ``-netdev``/``-net``/``-nic`` backend."""
@@ -441,6 +446,9 @@ def _other_device(g: Guest, driver: str, props: dict[str, Any], used: list[Opt])
 def convert_device(g: Guest, props: dict[str, Any], used: list[Opt]) -> None:
     """Convert one ``-device`` (raises :class:`Unconvertible` when it cannot be)."""
     driver = str(props.get("driver"))
+    if driver in PCI_BUS_DEVICES:
+        g.note(PCI_PLACEMENT)  # vmconfine adds libvirt's root ports and bridge itself
+        return
     if driver in _FRONT_ENDS:
         g.disks.append(disk_frontend(g, props, used))
         return

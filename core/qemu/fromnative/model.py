@@ -290,13 +290,18 @@ class Guest:
         return idx
 
 
+#: the note for PCI addresses and PCI controllers of a command line (docs/fromnative.md)
+PCI_PLACEMENT = ("PCI placement (bus=, addr=, pcie-root-port): vmconfine assigns it (QEMU on "
+                 "i440FX, libvirt's layout on Q35)")
+
+
 def note_extra(g: Guest, what: str, props: dict[str, Any], known: set[str]) -> None:
     """Note every property of ``props`` outside ``known`` (PCI addresses in one note)."""
     for key, value in props.items():
         if key in known:
             continue
         if key in ("addr", "multifunction", "bus"):
-            g.note("PCI placement (bus=, addr=): QEMU assigns it")
+            g.note(PCI_PLACEMENT)
             continue
         shown = json.dumps(value) if not isinstance(value, str) else value
         g.note(f"{what}: {key}={shown}")

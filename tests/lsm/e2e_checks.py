@@ -53,6 +53,37 @@ def assert_e2e(path: Path) -> dict[str, Any]:
     return seen
 
 
+
+def assert_root_view(seen: dict[str, Any]) -> None:
+    """``namespaces = ["mount", "root"]`` (guest_e2e.RootView): both QEMUs got their own mount
+    namespace, and the confined one a per-domain root (``/usr`` bound, the host's ``/root``
+    absent)."""
+    assert seen["own_ns"] == {"rv-a": True, "rv-c": True}, seen
+    assert "usr" in seen["view_root"] and "root" not in seen["view_root"], seen
+
+
+def assert_svirt_root_view(seen: dict[str, Any]) -> None:
+    """SELinux inside the root view (guest_selinux.py, ``selinux-rootview.json``): QEMU runs
+    as the domain's sVirt label, its image and the files in its runtime directory keep their
+    labels in the view, and the policy refuses the files of another domain's label and of a
+    home-directory label that a control without an LSM opens."""
+    assert_root_view(seen)
+    label, imagelabel = seen["live"]["label"], seen["live"]["imagelabel"]
+    assert seen["label"] == seen["label_after"] == label, seen
+    assert label.split(":")[2] == "svirt_t", label
+    assert label.split(":", 3)[3] == imagelabel.split(":", 3)[3]
+    assert seen["image_on_host"] == seen["image_in_view"] == imagelabel, seen
+    assert seen["in_view"] == seen["labels"], seen
+    opens = seen["opens"]
+    assert opens["own"] == opens["mine"] == "ok", opens
+    assert "Permission denied" in opens["other"], opens
+    assert "Permission denied" in opens["secret"], opens
+    assert opens["control_other"] == opens["control_secret"] == "ok", opens
+    for file in ("other.img", "secret.txt"):  # refused by the policy, for those labels
+        target = f"tcontext={seen['labels'][file]} "
+        assert any(target in ln for ln in seen["denials"]), (file, seen["denials"])
+
+
 #: tests/lsm/guest_smoke.py: the booted kernel itself enforces (run in the drivers' boots)
 SMOKE = "tests/lsm/guest_smoke.py"
 SMOKE_OUTCOMES = {

@@ -101,6 +101,60 @@ class Instance:
             self.cli("list")
 
 
+class RootView:
+    """A domain confined by ``lsm`` and a ``security_driver = "none"`` control, both with
+    ``namespaces = ["mount", "root"]``: the root-view tests of the AppArmor and the SELinux boot
+    (tests/lsm/guest_apparmor.py, tests/lsm/guest_selinux.py) start, probe and stop them here."""
+
+    CONFINED, CONTROL = "rv-a", "rv-c"
+
+    def __init__(self, base: Path, lsm: str) -> None:
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        os.chmod(base, 0o755)
+        self.vms = VmDir(base / "vms")
+        self.vms.path.mkdir()
+        os.chmod(self.vms.path, 0o755)
+        self.confined, self.control = Instance(base / lsm, lsm), Instance(base / "none", "none")
+        for inst in (self.confined, self.control):
+            with (inst.root / "etc" / "qemu.conf").open("a") as conf:
+                conf.write('namespaces = [ "mount", "root" ]\n')
+        self.pids: dict[str, int] = {}
+
+    def owner(self, name: str) -> Instance:
+        return self.confined if name == self.CONFINED else self.control
+
+    def image(self, name: str) -> Path:
+        return self.vms.path / f"{name}.img"
+
+    def start(self) -> dict[str, Any]:
+        """Start both (one at a time, see above); what the kernel shows of the confined one."""
+        for name in (self.CONFINED, self.CONTROL):
+            run = self.owner(name).run(self.vms.domain_xml(name))
+            self.pids[name] = started_pid(wait_for_line(run, "started", timeout=START_TIMEOUT))
+        pid = self.pids[self.CONFINED]
+        return {"label": attr_current(pid),
+                "own_ns": {n: os.readlink(f"/proc/{p}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+                           for n, p in self.pids.items()},
+                "view_root": sorted(os.listdir(f"/proc/{pid}/root"))}
+
+    def opens(self, asks: dict[str, tuple[str, Path]]) -> dict[str, str]:
+        """``{key: (domain, path)}``: each QEMU asked over QMP (at once) to open the path."""
+        argvs = [self.owner(name).qmp_open(name, key, path) for key, (name, path) in asks.items()]
+        return dict(zip(asks, map(qmp_outcome, clis(*argvs)), strict=True))
+
+    def stop(self) -> None:
+        stops = clis(self.confined.argv("destroy", self.CONFINED),
+                     self.control.argv("destroy", self.CONTROL))
+        assert all(s.returncode == 0 for s in stops), [s.stderr for s in stops]
+        for proc in self.confined.procs + self.control.procs:
+            proc.wait(timeout=START_TIMEOUT)
+
+    def stop_all(self) -> None:
+        self.confined.stop_all()
+        self.control.stop_all()
+
+
 def clis(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:
     """Run CLI calls at the same time (the guest has two vCPUs); results in order."""
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

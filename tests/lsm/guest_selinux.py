@@ -10,6 +10,10 @@ labels of two domains and labels their images on tmpfs; processes started with t
 * ``verify_process`` agrees with the kernel about the process label, ``reserve_label``
   refuses a second owner, and restore gives every file its original context back.
 
+``test_svirt_applies_inside_the_root_view``: ``vmconfine run`` with ``namespaces = ["mount",
+"root"]`` and the real QEMU; the sVirt label still confines QEMU inside its per-domain root view
+(observations in ``selinux-rootview.json``).
+
 ``VMCONFINE_SELINUX_WRONG_LABEL=1`` deliberately labels A's image with B's image label; the
 host side checks that this makes the test fail. Observations go to
 ``$VMCONFINE_GUEST_RESULTS/selinux-svirt.json``.
@@ -173,3 +177,79 @@ def test_svirt_keeps_two_domains_apart(work: Path) -> None:
     drv.release_label(b, sb)
     assert {p: getfilecon(p) for p in img.iterdir()} == originals
     assert drv.registry(a).in_use() == 0
+
+
+def other_level(label: str) -> str:
+    """An MCS pair that is not ``label``'s: another domain's image label."""
+    level = label.split(":", 3)[3]
+    return "s0:c1,c2" if level != "s0:c1,c2" else "s0:c3,c4"
+
+
+def test_svirt_applies_inside_the_root_view() -> None:
+    """``namespaces = ["mount", "root"]`` with ``security_driver = "selinux"``: QEMU, exec'd
+    with the sVirt label (setexeccon) after vmconfine built the view, runs as the domain's
+    label inside its per-domain root, and its image, a bind at its own path, keeps its image
+    label in the view. Over QMP it opens its own image and a file of its own image label in
+    its runtime directory (bound read-write into the view), and is refused, in that same
+    directory, a file with another domain's image label and one with a home-directory label;
+    a control domain with the same view and no LSM opens both."""
+    if LSM != "selinux":
+        pytest.skip(f"guest booted with {LSM or 'no'} LSM, not selinux")
+    import selinux
+
+    from tests.lsm.e2e_checks import assert_svirt_root_view
+    from tests.lsm.guest_e2e import RootView, clis, denials, live_labels, set_execmem_boolean
+
+    set_execmem_boolean(True)  # TCG's execmem for svirt_t, as docs/selinux.md tells
+    view = RootView(WORK.parent / "vmconfine-selinux-rootview", "selinux")
+    a, c = view.CONFINED, view.CONTROL
+    seen: dict[str, Any] = {}
+    try:
+        seen.update(view.start())
+        pid = view.pids[a]
+        seen["live"] = dict(zip(("label", "imagelabel"),
+                                live_labels(clis(view.confined.argv("dumpxml", a))[0]),
+                                strict=True))
+        image = view.image(a)
+        seen["image_on_host"] = getfilecon(image)
+        seen["image_in_view"] = getfilecon(Path(f"/proc/{pid}/root{image}"))
+        imagelabel = seen["live"]["imagelabel"]
+        labels = {"mine.img": imagelabel,
+                  "other.img": imagelabel.rsplit(":", 2)[0] + ":" + other_level(imagelabel),
+                  "secret.txt": selinux.matchpathcon("/root/secret.txt", 0)[1]}
+        seen["labels"] = labels
+        planted = []
+        for name in (a, c):
+            run_dir = make_host(view.owner(name).root, []).instance.domain_run_dir(name)
+            for file, label in labels.items():
+                path = run_dir / file
+                path.write_text(f"{file}\n")
+                os.chmod(path, 0o644)
+                selinux.setfilecon_raw(str(path), label)
+                planted.append(path)
+            if name == a:  # the runtime directory is bound into the view: same files, labels
+                seen["in_view"] = {f: getfilecon(Path(f"/proc/{pid}/root{run_dir}/{f}"))
+                                   for f in labels}
+                confined_dir = run_dir
+            else:
+                control_dir = run_dir
+        seen["opens"] = view.opens({
+            "own": (a, image),
+            "mine": (a, confined_dir / "mine.img"),
+            "other": (a, confined_dir / "other.img"),
+            "secret": (a, confined_dir / "secret.txt"),
+            "control_other": (c, control_dir / "other.img"),
+            "control_secret": (c, control_dir / "secret.txt"),
+        })
+        seen["label_after"] = Path(f"/proc/{pid}/attr/current").read_text().strip("\x00\n")
+        for path in planted:
+            path.unlink()
+        view.stop()
+    finally:
+        view.stop_all()
+        label = seen.get("label", "")
+        seen["denials"] = [ln for ln in denials() if f"scontext={label} " in ln][-20:]
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "selinux-rootview.json").write_text(json.dumps(seen, indent=1))
+    assert_svirt_root_view(seen)
+

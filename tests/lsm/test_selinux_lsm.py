@@ -7,7 +7,10 @@ are kept apart by the kernel. The same boot runs tests/lsm/guest_e2e.py: ``vmcon
 starts real QEMUs under sVirt (refused first, with both fixes named, while the emulator is
 mislabelled and TCG lacks execmem), a QEMU asked over QMP to open another domain's image or a
 file outside its domain is refused (a ``none`` control run opens both), and SIGKILL of
-``vmconfine run`` at every pipeline step is cleaned up by the next command. A second boot labels
+``vmconfine run`` at every pipeline step is cleaned up by the next command. With
+``namespaces = ["mount", "root"]`` QEMU still runs as its sVirt label inside its per-domain root
+view, and is refused files of another domain's label in its own bound runtime directory (a
+``none`` control opens them). A second boot labels
 domain A's image with B's label on purpose and must make the guest test fail, so a broken
 driver cannot pass this tier. The first boot also runs tests/lsm/guest_smoke.py: the kernel keeps
 two MCS categories apart with no vmconfine code involved.
@@ -20,7 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_e2e, assert_smoke
+from tests.lsm.e2e_checks import (
+    SMOKE,
+    SMOKE_OUTCOMES,
+    assert_e2e,
+    assert_smoke,
+    assert_svirt_root_view,
+)
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
@@ -37,6 +46,7 @@ def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
     assert result.outcomes() == {
         **SMOKE_OUTCOMES["selinux"],
         NODE: "passed",
+        "test_svirt_applies_inside_the_root_view": "passed",
         "test_selinux_names_what_the_policy_lacks": "passed",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
@@ -44,6 +54,8 @@ def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
     assert result.ok, result.tail()
     assert_smoke("selinux", result.results_dir)
     assert_e2e(result.results_dir / "e2e-selinux.json")
+    # namespaces = ["mount", "root"]: QEMU still runs as its sVirt label inside its root view
+    assert_svirt_root_view(json.loads((result.results_dir / "selinux-rootview.json").read_text()))
     seen = json.loads((result.results_dir / "selinux-svirt.json").read_text())
     assert seen["A"] != seen["B"]
     level_a, level_b = (seen[k].split(":", 3)[3] for k in ("A", "B"))
@@ -60,7 +72,8 @@ def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
 
 def test_a_wrong_image_label_fails_the_guest_test(selinux_guest_kernel: GuestKernel,
                                                   tmp_path: Path) -> None:
-    result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=300,
+    result = run_in_guest("selinux", f"{GUEST_TEST}::{NODE}", kernel=selinux_guest_kernel,
+                          timeout=300,
                           extra_env={"VMCONFINE_SELINUX_WRONG_LABEL": "1"},
                           results_dir=tmp_path / "guest")
     assert result.outcomes() == {NODE: "failed"}, result.tail()

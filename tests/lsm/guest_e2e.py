@@ -438,6 +438,9 @@ def test_swtpm_runs_in_its_own_profile(work: Path) -> None:
 
     began = time.monotonic()
     tss = pwd.getpwnam("tss")
+    # the guest's /tmp is a RAM overlay whose root has the upper dir's mode (0755); swtpm_setup
+    # (as tss) makes its certificates' temporary directory there, as on a host's /tmp (1777)
+    os.chmod("/tmp", 0o1777)
     inst = Instance(work / "tpm-inst", "apparmor")
     uuid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())
     xml = work / "tpm.xml"

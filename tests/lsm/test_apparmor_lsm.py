@@ -8,7 +8,9 @@ is readable after the attach and denied after the detach, a restart loads the ca
 (no compile) that confines the same way. The same boot runs tests/lsm/guest_e2e.py: ``vmconfine
 run`` starts real QEMUs under their profiles, a QEMU asked over QMP to open another domain's
 image or a file outside its domain is refused (a ``none`` control run opens both), and SIGKILL
-of ``vmconfine run`` at every pipeline step is cleaned up by the next command. It also runs
+of ``vmconfine run`` at every pipeline step is cleaned up by the next command, and a TPM
+domain's swtpm runs in its ``//swtpm`` child profile (enforce), denied another domain's TPM
+state. It also runs
 tests/lsm/guest_smoke.py first: the kernel enforces a profile loaded by apparmor_parser alone.
 """
 
@@ -41,6 +43,7 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
         "test_selinux_names_what_the_policy_lacks": "skipped",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
+        "test_swtpm_runs_in_its_own_profile": "passed",
     }, result.tail(120)
     assert result.exit_code == 0, result.tail()
     assert_smoke("apparmor", tmp_path)
@@ -59,4 +62,10 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     hotplug = seen["hotplug"]  # the profile follows attach and detach
     assert hotplug["before"]["new"] == hotplug["detached"]["new"] == "EACCES"
     assert hotplug["attached"]["new"] == "ok"
-    assert_e2e(tmp_path / "e2e-apparmor.json")
+    e2e = assert_e2e(tmp_path / "e2e-apparmor.json")
+    tpm = e2e["tpm"]  # swtpm in its child profile, denied another domain's TPM state
+    profile = tpm["current"].split("//", 1)[0]
+    assert tpm["current"] == f"{profile}//swtpm (enforce)"
+    assert tpm["confined"][0] != 0 and tpm["control"][0] == 0
+    assert tpm["denials"] and all("/swtpm/" in d for d in tpm["denials"])
+    assert tpm["after"] == {"swtpm_gone": True, "profiles": []}

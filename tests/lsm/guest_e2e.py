@@ -40,6 +40,7 @@ from typing import Any
 import pytest
 
 from tests.host.conftest import VMCONFINE, VmDir, wait_for_line
+from tests.host.test_swtpm import XML as TPM_XML
 from tests.lsm.e2e_checks import assert_confined
 from tests.lsm.harness import EMULATOR
 from tests.support import REPO
@@ -390,18 +391,6 @@ def test_sigkill_at_every_step_is_finished_by_the_next_command(work: Path) -> No
     assert state == [], state
 
 
-TPM_XML = """<domain type='qemu'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <memory unit='MiB'>32</memory>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <emulator>{emulator}</emulator>
-    <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
 
 
 def swtpm_probe(state: Path, profile: str | None, tss: tuple[int, int]) -> tuple[int, str]:
@@ -444,7 +433,7 @@ def test_swtpm_runs_in_its_own_profile(work: Path) -> None:
     inst = Instance(work / "tpm-inst", "apparmor")
     uuid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())
     xml = work / "tpm.xml"
-    xml.write_text(TPM_XML.format(name="dom-tpm", uuid=uuid, emulator=EMULATOR))
+    xml.write_text(TPM_XML.format(name="dom-tpm", uuid=uuid, model="tpm-crb"))
     # another domain's TPM state, where vmconfine keeps it, owned by the swtpm account
     storage = inst.root / "lib" / "qemu" / "swtpm"
     stolen = storage / other / "tpm2"

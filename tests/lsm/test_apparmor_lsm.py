@@ -34,7 +34,7 @@ E2E = "tests/lsm/guest_e2e.py"
 def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
                                                 tmp_path: Path) -> None:
     result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
-                          timeout=900, memory_mib=1024, pytest_args=[SMOKE, E2E])
+                          timeout=1200, memory_mib=1024, pytest_args=[SMOKE, E2E])
     assert not result.timed_out, result.tail()
     assert result.outcomes() == {
         **SMOKE_OUTCOMES["apparmor"],

@@ -61,11 +61,15 @@ class Daemon:
         return self.embed.cli(*args, check=check, **kw)  # type: ignore[arg-type]
 
     def qemu_pid(self, name: str) -> int:
-        out = self.cli("dominfo", name).stdout
-        return int(re.search(r"^PID:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
+        return dominfo_pid(self.cli("dominfo", name).stdout)
 
     def state(self, name: str) -> str:
         return self.cli("domstate", "--reason", name).stdout.strip()
+
+
+def dominfo_pid(dominfo: str) -> int:
+    """The QEMU pid in ``dominfo``'s output."""
+    return int(re.search(r"^PID:\s+(\d+)", dominfo, re.M).group(1))  # type: ignore[union-attr]
 
 
 def destroy_running(e: Embed) -> None:

@@ -9,7 +9,9 @@ is readable after the attach and denied after the detach, a restart loads the ca
 run`` starts real QEMUs under their profiles, a QEMU asked over QMP to open another domain's
 image or a file outside its domain is refused (a ``none`` control run opens both), and SIGKILL
 of ``vmconfine run`` at every pipeline step is cleaned up by the next command. It also runs
-tests/lsm/guest_smoke.py first: the kernel enforces a profile loaded by apparmor_parser alone.
+tests/lsm/guest_smoke.py first: the kernel enforces a profile loaded by apparmor_parser alone,
+and tests/lsm/guest_usb_hotplug.py after guest_e2e.py: the guest's emulated USB device
+(``usb=True``) is hotplugged into a confined QEMU through the daemon and detached again.
 """
 
 from __future__ import annotations
@@ -19,19 +21,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_e2e, assert_smoke
+from tests.lsm.e2e_checks import (
+    SMOKE,
+    SMOKE_OUTCOMES,
+    assert_e2e,
+    assert_smoke,
+    assert_usb_hotplug,
+)
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
 
 GUEST = "tests/lsm/guest_apparmor.py"
 E2E = "tests/lsm/guest_e2e.py"
+USB = "tests/lsm/guest_usb_hotplug.py"
 
 
 def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
                                                 tmp_path: Path) -> None:
     result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
-                          timeout=900, memory_mib=1024, pytest_args=[SMOKE, E2E])
+                          timeout=900, memory_mib=1024, pytest_args=[SMOKE, E2E, USB],
+                          usb=True)
     assert not result.timed_out, result.tail()
     assert result.outcomes() == {
         **SMOKE_OUTCOMES["apparmor"],
@@ -41,6 +51,7 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
         "test_selinux_names_what_the_policy_lacks": "skipped",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
+        "test_usb_hostdev_attach_detach": "passed",
     }, result.tail(120)
     assert result.exit_code == 0, result.tail()
     assert_smoke("apparmor", tmp_path)
@@ -60,3 +71,4 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     assert hotplug["before"]["new"] == hotplug["detached"]["new"] == "EACCES"
     assert hotplug["attached"]["new"] == "ok"
     assert_e2e(tmp_path / "e2e-apparmor.json")
+    assert_usb_hotplug(json.loads((tmp_path / "usb-hotplug.json").read_text()))

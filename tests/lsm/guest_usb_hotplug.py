@@ -75,4 +75,5 @@ def test_usb_hostdev_attach_detach() -> None:
     finally:
         env.cli("destroy", NAME)
         d.stop()
+        shutil.copy(d.log, RESULTS / "usb-daemon.log")  # for a failure's diagnosis
 

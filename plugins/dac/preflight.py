@@ -147,6 +147,8 @@ def _check_missing(c: _Checker, res: Resource, p: Plan | None) -> None:
     path = res.path
     if res.role == "runtime_dir":
         return  # vmconfine creates it after preflight
+    if res.role == "nvram" and getattr(res.source, "nvram_template", None):
+        return  # made from its template at start, before preflight (a report runs before)
     if res.role in REQUIRED_ROLES:
         raise LabelError(f"{res.role} {path} does not exist; fix the path in the domain XML")
     if res.create and not res.passed:  # QEMU creates it (a SPICE socket): in its directory

@@ -264,6 +264,11 @@ class DomainManager:
             swtpm.remove_state(self.conn.instance, domain)
         if name in self.managed:
             self.transient.add(name)  # libvirt: a running domain becomes transient
+        elif domain is not None:
+            # what drivers keep for a defined domain between runs (a per-domain uid); a
+            # running one gives it back at its teardown
+            for problem in self.conn.stack.forget(domain):
+                log.warning("undefine %s: %s", name, problem)
         self.events.emit(name, "undefined", "removed")
         return name
 

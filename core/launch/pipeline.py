@@ -505,7 +505,8 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
     """QMP handshake, or a clear error as soon as QEMU exits instead of answering."""
     process = launched.process
     connect = asyncio.ensure_future(qmp.connect(
-        conn.instance.monitor_path(launched.name), f"vmconfine-{launched.name}"))
+        conn.instance.monitor_path(launched.name), f"vmconfine-{launched.name}",
+        qmp.START_TIMEOUT))
     exited = asyncio.ensure_future(process.exited.wait())
     try:
         await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)

@@ -85,6 +85,9 @@ LSMS = ("apparmor", "selinux")
 DEFAULT_CACHE = Path("/var/cache/vmconfine-lsm")
 DEFAULT_WRITABLE = ("etc", "var", "tmp", "root")
 EXIT_TIMEOUT = 124
+#: guest vCPUs: TCG runs one host thread per vCPU (multi-threaded TCG), so a guest that runs
+#: nested QEMUs and pytest gets both cores of a 2-core CI machine
+GUEST_CPUS = max(1, min(2, os.cpu_count() or 1))
 EXIT_NO_STATUS = 125
 # Exit status of the SELinux set-up step in the guest when loading the private policy fails.
 EXIT_POLICY_LOAD = 97
@@ -339,7 +342,7 @@ def _qemu_argv(kernel: GuestKernel, results_dir: Path, append: str, memory_mib: 
     if "," in str(results_dir):
         raise GuestSetupError(f"results dir {results_dir} contains a comma, which QEMU cannot take")
     return [
-        QEMU, "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1",
+        QEMU, "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", str(GUEST_CPUS),
         "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
         "-kernel", str(kernel.kernel), "-initrd", str(kernel.initrd),

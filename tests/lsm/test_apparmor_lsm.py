@@ -4,14 +4,16 @@ One boot of the lsm guest (tests/lsm/harness.py) runs tests/lsm/guest_apparmor.p
 real driver and helper load per-domain profiles, a process in domain A's profile reads and
 writes A's disk and is denied B's disk, an unlisted file and /etc/shadow, an over-broad profile
 is caught leaking, teardown unloads the profile, a disk hotplugged through the driver's hooks
-is readable after the attach and denied after the detach, a restart loads the cached compiled policy
-(no compile) that confines the same way. The same boot runs tests/lsm/guest_e2e.py: ``vmconfine
-run`` starts real QEMUs under their profiles, a QEMU asked over QMP to open another domain's
-image or a file outside its domain is refused (a ``none`` control run opens both), and SIGKILL
-of ``vmconfine run`` at every pipeline step is cleaned up by the next command. It also runs
-tests/lsm/guest_smoke.py first: the kernel enforces a profile loaded by apparmor_parser alone,
-and tests/lsm/guest_usb_hotplug.py after guest_e2e.py: the guest's emulated USB device
-(``usb=True``) is hotplugged into a confined QEMU through the daemon and detached again.
+is readable after the attach and denied after the detach, a restart loads the cached compiled
+policy (no compile) that confines the same way, and with ``namespaces = ["mount", "root"]``
+QEMU runs under its profile inside its per-domain root view. The same boot runs
+tests/lsm/guest_e2e.py: ``vmconfine run`` starts real QEMUs under their profiles, a QEMU asked
+over QMP to open another domain's image or a file outside its domain is refused (a ``none``
+control run opens both), and SIGKILL of ``vmconfine run`` at every pipeline step is cleaned up
+by the next command. It also runs tests/lsm/guest_smoke.py first: the kernel enforces a
+profile loaded by apparmor_parser alone, and tests/lsm/guest_usb_hotplug.py after
+guest_e2e.py: the guest's emulated USB device (``usb=True``) is hotplugged into a confined QEMU
+through the daemon and detached again.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
         "test_driver_profile_confines_and_is_unloaded": "passed",
         "test_over_broad_profile_is_caught": "passed",
         "test_hotplugged_disk_is_readable_then_denied": "passed",
+        "test_profile_applies_inside_the_root_view": "passed",
         "test_selinux_names_what_the_policy_lacks": "skipped",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
@@ -70,5 +73,10 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     hotplug = seen["hotplug"]  # the profile follows attach and detach
     assert hotplug["before"]["new"] == hotplug["detached"]["new"] == "EACCES"
     assert hotplug["attached"]["new"] == "ok"
+    view = seen["root_view"]  # namespaces = ["mount", "root"]: the profile still applies
+    assert view["label"].startswith("vmconfine-") and view["label"].endswith(" (enforce)")
+    assert view["opens"]["own"] == "ok" and "Permission denied" in view["opens"]["environ"]
+    assert view["opens"]["control_own"] == view["opens"]["control_environ"] == "ok"
+    assert any("/environ" in ln for ln in view["denials"]), view["denials"]
     assert_e2e(tmp_path / "e2e-apparmor.json")
     assert_usb_hotplug(json.loads((tmp_path / "usb-hotplug.json").read_text()))

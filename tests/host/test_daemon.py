@@ -37,13 +37,13 @@ class Daemon:
         self.ro = embed.root / "run" / "vmconfine-sock-ro"
         self.log = embed.root / "daemon.log"
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60) -> None:
         logf = open(self.log, "a")
         self.proc = subprocess.Popen([VMCONFINE, "-c", self.embed.uri, "daemon"],
                                      stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                      cwd=REPO, start_new_session=True, text=True)
         logf.close()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited: {self.log.read_text()}")

@@ -50,7 +50,7 @@ def test_usb_hostdev_attach_detach() -> None:
     e = Embed(WORK / "instance")
     e.configure(f'security_driver = "apparmor"\napparmor_profile_dir = "{profiles}"\n')
     d = Daemon(e)
-    d.start()
+    d.start(timeout=300)  # an interpreter start-up under TCG on a loaded host can take a minute
     xml = WORK / "dom.xml"
     xml.write_text(
         f"<domain type='qemu'><name>{NAME}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>"

@@ -37,13 +37,13 @@ class Daemon:
         self.ro = embed.root / "run" / "vmconfine-sock-ro"
         self.log = embed.root / "daemon.log"
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60) -> None:
         logf = open(self.log, "a")
         self.proc = subprocess.Popen([VMCONFINE, "-c", self.embed.uri, "daemon"],
                                      stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                      cwd=REPO, start_new_session=True, text=True)
         logf.close()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited: {self.log.read_text()}")
@@ -61,11 +61,15 @@ class Daemon:
         return self.embed.cli(*args, check=check, **kw)  # type: ignore[arg-type]
 
     def qemu_pid(self, name: str) -> int:
-        out = self.cli("dominfo", name).stdout
-        return int(re.search(r"^PID:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
+        return dominfo_pid(self.cli("dominfo", name).stdout)
 
     def state(self, name: str) -> str:
         return self.cli("domstate", "--reason", name).stdout.strip()
+
+
+def dominfo_pid(dominfo: str) -> int:
+    """The QEMU pid in ``dominfo``'s output."""
+    return int(re.search(r"^PID:\s+(\d+)", dominfo, re.M).group(1))  # type: ignore[union-attr]
 
 
 def destroy_running(e: Embed) -> None:

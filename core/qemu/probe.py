@@ -323,6 +323,7 @@ class EmulatorProbe:
         """The stdout of ``argv`` run as the probe user (cached). ``emulator`` names the
         binary in errors; ``depends`` lists more files the answer depends on (argv[0] always
         counts). Raises :class:`ProbeError`."""
+        regular_file(argv[0])  # a FIFO or a device would hang or mislead the exec
         key = self.key("run", [*argv], [argv[0], *depends])
         found = self.cached(key, lambda: self._run(list(argv), emulator))
         return str(found)

@@ -19,7 +19,7 @@ import pytest
 
 from tests.host.conftest import VMCONFINE, Embed, VmDir
 from tests.host.test_landlock_cli import Session, checkout_searchable  # noqa: F401 (fixture)
-from tests.support import REPO
+from tests.support import REPO, interruptible
 from vmconfine.launch.runtime import same_process
 
 pytestmark = pytest.mark.host
@@ -109,7 +109,7 @@ def owner(path: Path) -> tuple[int, int]:
 def events_process(d: Daemon) -> subprocess.Popen[str]:
     p = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, "event", "--loop", "--timeout", "90"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, preexec_fn=interruptible)
     time.sleep(0.5)  # subscribed before anything happens
     return p
 

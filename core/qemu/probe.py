@@ -323,7 +323,6 @@ class EmulatorProbe:
         """The stdout of ``argv`` run as the probe user (cached). ``emulator`` names the
         binary in errors; ``depends`` lists more files the answer depends on (argv[0] always
         counts). Raises :class:`ProbeError`."""
-        regular_file(argv[0])  # a FIFO or a device would hang or mislead the exec
         key = self.key("run", [*argv], [argv[0], *depends])
         found = self.cached(key, lambda: self._run(list(argv), emulator))
         return str(found)
@@ -350,6 +349,7 @@ class EmulatorProbe:
         return value
 
     def _run(self, argv: list[str], emulator: str) -> str:
+        regular_file(argv[0])  # a FIFO or a device would hang or mislead the exec
         shown = one_line(" ".join(argv))
         where = f"emulator {one_line(emulator)}: `{shown}` (run as {self.user.describe()})"
         try:

@@ -451,6 +451,8 @@ def _device(view: View, el: Element, targets: set[str]) -> None:
                 view.rngs.append(path)
     elif tag == "tpm":
         be = el.child("backend")
+        if be is not None and be.attrs.get("type") == "emulator":
+            raise Fallback("TPM emulator")  # swtpm's child profile needs the instance
         dev = be.child("device") if be is not None else None
         if be is not None and be.attrs.get("type") == "passthrough" and dev is not None and \
                 dev.attrs.get("path"):

@@ -58,11 +58,13 @@ def _merge(old: str, new: str) -> str:
 class RuleSet:
     """Ordered path → permissions, rendered as the ``.files`` include."""
 
-    __slots__ = ("recursive", "rules")
+    __slots__ = ("children", "recursive", "rules")
 
     def __init__(self) -> None:
         self.rules: dict[str, str] = {}
         self.recursive: set[str] = set()
+        #: child profiles (``profile NAME { ... }`` blocks) rendered after the rules
+        self.children: list[str] = []
 
     def add(self, path: str, perms: str, *, recursive: bool = False,
             what: str = "path") -> None:
@@ -85,6 +87,7 @@ class RuleSet:
             if "w" not in perms and "a" not in perms:
                 lines.append("  # don't audit writes to readonly files")
                 lines.append(f'  deny "{key}" w,')
+        lines += self.children
         return "\n".join(lines) + "\n"
 
 
@@ -191,6 +194,12 @@ def domain_rules(domain: Domain, instance: Instance | None,
     for path, perms, recursive, what in _extra_paths(domain):
         rules.add(path, perms, recursive=recursive, what=what)
     _add_emulator(rules, domain.emulator, extra_files)
+    if instance is not None:
+        from vmconfine_aa_helper.swtpm import swtpm_profile
+
+        child = swtpm_profile(domain, instance)
+        if child is not None:
+            rules.children.append(child)
     return rules
 
 

@@ -171,6 +171,8 @@ def canonicalise_machine(conn: Connection, domain: Domain, *, strict: bool = Tru
     with a warning."""
     try:
         emulator = find_emulator(domain, conn.instance.config)
+        if not os.path.exists(emulator):  # libvirt's message for a missing binary (the
+            checks.check_emulator(emulator)  # probe says what is wrong with one that exists)
         known = machines(emulator, probe.for_instance(conn.instance))
     except (VmconfineError, OSError) as exc:
         if strict:

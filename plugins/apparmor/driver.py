@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 TEMPLATE = "TEMPLATE.qemu"
 HELPER_ENV = {"PATH": "/sbin:/usr/sbin:/usr/bin:/bin", "LC_ALL": "C"}
 CACHE_SUBDIR = "apparmor"
+#: the helper AppArmor confines, and its child profile's name (vmconfine_aa_helper.swtpm.CHILD)
+SWTPM = "swtpm"
 
 
 def helper_command() -> list[str]:
@@ -66,6 +69,21 @@ def helper_command() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", "vmconfine_aa_helper"]
+
+
+def _check_label(pid: int, expected: str, *, enforce: bool) -> list[str]:
+    """The differences between ``pid``'s AppArmor label and ``expected`` (in enforce mode)."""
+    try:
+        raw = kernel.process_label(pid)
+    except OSError as exc:
+        return [f"cannot read the AppArmor label of pid {pid}: {exc.strerror or exc}"]
+    name, mode = kernel.split_label(raw)
+    if name != expected:
+        return [f"pid {pid} runs under AppArmor profile '{name}', expected '{expected}'"]
+    if enforce and mode != "enforce":
+        return [f"pid {pid} runs under AppArmor profile '{name}' in mode '{mode}', "
+                "expected 'enforce'"]
+    return []
 
 
 class AppArmorDriver:
@@ -251,6 +269,44 @@ class AppArmorDriver:
         except (OSError, kernel.AppArmorUnavailable) as exc:
             raise LabelError(f"cannot change to AppArmor profile '{sec.label}': {exc}") from exc
 
+    # ---- helper processes (swtpm) ---------------------------------------------------------
+    def _helper_profile(self, ctx: DomainContext, helper: Helper) -> str | None:
+        """``<domain profile>//swtpm`` for swtpm (the child profile the aa-helper writes into
+        the domain's profile, :mod:`vmconfine_aa_helper.swtpm`); None when AppArmor does not
+        confine this helper (an unconfined domain, swtpm_setup: see docs/tpm.md)."""
+        sec = ctx.seclabel(NAME)
+        if sec is None or sec.type == "none" or not sec.label or helper.name != SWTPM:
+            return None
+        return f"{sec.label}//{SWTPM}"
+
+    @hookimpl
+    def set_helper_label(self, ctx: DomainContext, helper: Helper) -> None:
+        return None  # swtpm's rules are a child profile of the domain's (loaded by gen_label)
+
+    @hookimpl
+    def restore_helper_label(self, ctx: DomainContext, helper: Helper) -> None:
+        return None  # the child profile goes with the domain's profile
+
+    @hookimpl
+    def child_helper(self, ctx: DomainContext, helper: Helper, step: str) -> None:
+        if step != "child_exec_label":
+            return
+        name = self._helper_profile(ctx, helper)
+        if name is None:
+            return
+        try:
+            kernel.change_onexec(name)
+        except (OSError, kernel.AppArmorUnavailable) as exc:
+            raise LabelError(f"cannot make {helper.name} enter AppArmor profile '{name}' at "
+                             f"exec: {exc}") from exc
+
+    @hookimpl
+    def verify_helper(self, ctx: DomainContext, helper: Helper, pid: int) -> list[str]:
+        name = self._helper_profile(ctx, helper)
+        if name is None:
+            return []
+        return _check_label(pid, name, enforce=True)
+
     @hookimpl
     def process_label(self, ctx: DomainContext, pid: int) -> str | None:
         try:
@@ -263,17 +319,7 @@ class AppArmorDriver:
         sec = ctx.seclabel(NAME)
         if sec is None or sec.type == "none" or not sec.label:
             return []
-        try:
-            raw = kernel.process_label(pid)
-        except OSError as exc:
-            return [f"cannot read the AppArmor label of pid {pid}: {exc.strerror or exc}"]
-        name, mode = kernel.split_label(raw)
-        if name != sec.label:
-            return [f"pid {pid} runs under AppArmor profile '{name}', expected '{sec.label}'"]
-        if sec.type == "dynamic" and mode != "enforce":
-            return [f"pid {pid} runs under AppArmor profile '{name}' in mode '{mode}', "
-                    "expected 'enforce'"]
-        return []
+        return _check_label(pid, sec.label, enforce=sec.type == "dynamic")
 
     @hookimpl
     def describe(self, ctx: DomainContext) -> dict[str, Any]:
@@ -288,7 +334,7 @@ class AppArmorDriver:
                 text = Path(f"{profile}.files").read_text()
             except OSError:
                 text = ""
-            out["rules"] = [ln.strip() for ln in text.splitlines()
+            out["rules"] = [ln.strip() for ln in report.qemu_rules(text.splitlines())
                             if ln.strip() and not ln.lstrip().startswith("#")]
         return out
 

@@ -1,9 +1,11 @@
-"""What the kernel says about AppArmor, and the one call that changes a process's profile.
+"""What the kernel says about AppArmor, and the calls that change a process's profile.
 
 Reads only: ``/sys/module/apparmor/parameters/enabled``, the loaded-profiles list in securityfs
 and ``/proc/PID/attr/apparmor/current`` (``/proc/PID/attr/current`` on kernels before 5.8).
-:func:`change_profile` uses libapparmor's ``aa_change_profile`` (the ``LibAppArmor`` binding from
-Debian's python3-libapparmor, else ``libapparmor.so.1`` through ctypes).
+:func:`change_profile` uses libapparmor's ``aa_change_profile`` (QEMU, now) and
+:func:`change_onexec` its ``aa_change_onexec`` (helper processes such as swtpm: at their exec),
+the ``LibAppArmor`` binding from Debian's python3-libapparmor, else ``libapparmor.so.1`` through
+ctypes.
 """
 
 from __future__ import annotations
@@ -81,15 +83,18 @@ def process_label(pid: int) -> str:
     raise error
 
 
-def _binding() -> Callable[[str], None]:
-    """The aa_change_profile implementation: LibAppArmor, else ctypes on libapparmor.so.1."""
+def _binding(call: str = "aa_change_profile") -> Callable[[str], None]:
+    """libapparmor's ``call`` (``aa_change_profile`` or ``aa_change_onexec``): the
+    LibAppArmor binding, else ctypes on libapparmor.so.1."""
     try:
         import LibAppArmor  # type: ignore[import-not-found]
 
+        bound = getattr(LibAppArmor, call)
+
         def via_binding(name: str) -> None:
-            rc = LibAppArmor.aa_change_profile(name)
+            rc = bound(name)
             if rc not in (None, 0):
-                raise OSError(ctypes.get_errno() or 1, "aa_change_profile failed")
+                raise OSError(ctypes.get_errno() or 1, f"{call} failed")
 
         return via_binding
     except ImportError:
@@ -102,7 +107,7 @@ def _binding() -> Callable[[str], None]:
             "neither the LibAppArmor module nor libapparmor.so.1 is available; "
             "install python3-libapparmor (or libapparmor1)"
         ) from exc
-    func = lib.aa_change_profile
+    func = getattr(lib, call)
     func.argtypes = [ctypes.c_char_p]
     func.restype = ctypes.c_int
 
@@ -115,14 +120,25 @@ def _binding() -> Callable[[str], None]:
 
 
 _CHANGE: Callable[[str], None] | None = None
+_ONEXEC: Callable[[str], None] | None = None
 
 
 def load_binding() -> Callable[[str], None]:
-    """Find (once) the aa_change_profile implementation; call it in the parent before fork."""
-    global _CHANGE
+    """Find (once) the aa_change_profile and aa_change_onexec implementations; call it in
+    the parent before fork."""
+    global _CHANGE, _ONEXEC
     if _CHANGE is None:
         _CHANGE = _binding()
+    if _ONEXEC is None:
+        _ONEXEC = _binding("aa_change_onexec")
     return _CHANGE
+
+
+def change_onexec(name: str) -> None:
+    """Make the calling task's next exec enter profile ``name`` (``aa_change_onexec``)."""
+    load_binding()
+    assert _ONEXEC is not None
+    _ONEXEC(name)
 
 
 def change_profile(name: str) -> None:

@@ -119,3 +119,20 @@ def test_console_script(tmp_path: Path) -> None:
     assert ok.returncode == 0 and "usage: vmconfine-aa-helper" in ok.stdout
     bad = helper("-c", "-u", "vmconfine-nope")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and bad.stdout == ""
+
+
+def test_tpm_domain_profile_compiles_with_its_swtpm_child(tmp_path: Path) -> None:
+    """A TPM emulator domain's profile holds the ``//swtpm`` child profile, and the parser
+    compiles both (the names ``-N`` lists are the kernel's)."""
+    xml = prepare("minimal", tmp_path).replace(
+        "</devices>", "<tpm model='tpm-crb'><backend type='emulator'/></tpm></devices>")
+    name = f"vmconfine-{uuid_of(xml)}"
+    profiles = tmp_path / "profiles"
+    proc = helper("-c", "-u", name, "-P", str(profiles), "--compile-only",
+                  "--uri", f"qemu:///embed?root={tmp_path}/inst", xml=xml)
+    assert proc.returncode == 0, proc.stderr
+    assert "  profile swtpm {" in (profiles / f"{name}.files").read_text()
+    names = subprocess.run(
+        [DEFAULT_PARSER, "-N", "-I", str(profiles), "-I", str(shipped_dir()),
+         str(profiles / name)], capture_output=True, text=True, timeout=120, check=False)
+    assert names.stdout.split() == [name, f"{name}//swtpm"], names.stderr

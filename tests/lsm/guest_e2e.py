@@ -11,7 +11,10 @@ real CLI and real QEMU (TCG):
    pairs;
 2. control: a ``security_driver = "none"`` domain in the same boot opens exactly what A was
    refused, so the denials above come from the LSM and the test can fail;
-3. ``vmconfine run`` killed with SIGKILL at every pipeline step (``VMCONFINE_PAUSE_AT``): the
+3. a TPM emulator domain (AppArmor): swtpm runs in the domain profile's ``//swtpm`` child
+   profile in enforce mode, and the real swtpm binary in that profile is denied another
+   domain's TPM state (control: the same command unconfined works);
+4. ``vmconfine run`` killed with SIGKILL at every pipeline step (``VMCONFINE_PAUSE_AT``): the
    next command restores every label, unloads every profile, frees every MCS lease and leaves
    no QEMU behind.
 
@@ -37,6 +40,7 @@ from typing import Any
 import pytest
 
 from tests.host.conftest import VMCONFINE, VmDir, wait_for_line
+from tests.host.test_swtpm import XML as TPM_XML
 from tests.lsm.e2e_checks import assert_confined
 from tests.lsm.harness import EMULATOR
 from tests.support import REPO
@@ -76,8 +80,9 @@ class Instance:
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return clis(self.argv(*args))[0]
 
-    def run(self, xml: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([VMCONFINE, "-c", self.uri, "run", str(xml)],
+    def run(self, xml: Path, env: dict[str, str] | None = None,
+            extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([VMCONFINE, "-c", self.uri, "run", str(xml), *extra],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
                                 env=dict(os.environ, **(env or {})))
@@ -438,3 +443,94 @@ def test_sigkill_at_every_step_is_finished_by_the_next_command(work: Path) -> No
     assert after["profiles"] == [] and after["leases"] == 0
     assert after["qemu_alive"] == []
     assert state == [], state
+
+
+
+
+def swtpm_probe(state: Path, profile: str | None, tss: tuple[int, int]) -> tuple[int, str]:
+    """``swtpm socket --print-states`` on ``state`` (it locks the directory and lists the
+    state files) as the tss account, in AppArmor ``profile`` (entered at exec, as vmconfine
+    starts swtpm) or unconfined: (exit status, output)."""
+    from vmconfine_apparmor import kernel
+
+    kernel.load_binding()
+
+    def enter() -> None:
+        if profile is not None:
+            kernel.change_onexec(profile)
+        os.setgroups([])
+        os.setgid(tss[1])
+        os.setuid(tss[0])
+
+    proc = subprocess.run(["/usr/bin/swtpm", "socket", "--tpm2", "--print-states",
+                           "--tpmstate", f"dir={state}"], preexec_fn=enter,
+                          capture_output=True, text=True, timeout=60, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_swtpm_runs_in_its_own_profile(work: Path) -> None:
+    """A TPM domain under AppArmor: swtpm in ``<profile>//swtpm`` (enforce), which is denied
+    another domain's TPM state; the profile is gone after destroy."""
+    if LSM != "apparmor":
+        pytest.skip("AppArmor only")
+    import pwd
+    import time
+    import uuid as uuidlib
+
+    from vmconfine.launch.journal import Journal
+
+    began = time.monotonic()
+    tss = pwd.getpwnam("tss")
+    # the guest's /tmp is a RAM overlay whose root has the upper dir's mode (0755); swtpm_setup
+    # (as tss) makes its certificates' temporary directory there, as on a host's /tmp (1777)
+    os.chmod("/tmp", 0o1777)
+    inst = Instance(work / "tpm-inst", "apparmor")
+    uuid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    xml = work / "tpm.xml"
+    xml.write_text(TPM_XML.format(name="dom-tpm", uuid=uuid, model="tpm-crb"))
+    # another domain's TPM state, where vmconfine keeps it, owned by the swtpm account
+    storage = inst.root / "lib" / "qemu" / "swtpm"
+    stolen = storage / other / "tpm2"
+    stolen.mkdir(parents=True)
+    (stolen / "tpm2-00.permall").write_bytes(b"another domain's TPM secrets")
+    for p in (stolen, stolen / "tpm2-00.permall"):
+        os.chown(p, tss.pw_uid, tss.pw_gid)
+    os.chmod(stolen.parent, 0o711)
+    try:
+        run = inst.run(xml, extra=("--paused",))
+        wait_for_line(run, "started", timeout=START_TIMEOUT)
+        journal = Journal(inst.root / "run" / "qemu" / "dom-tpm.journal")
+        forked = [r for r in journal.records("pipeline", "helper-forked")
+                  if r["name"] == "swtpm"]
+        pid = int(forked[-1]["pid"])
+        profile = f"vmconfine-{uuid}"
+        seen: dict[str, Any] = {
+            "current": attr_current(pid),
+            "exe": os.path.realpath(f"/proc/{pid}/exe"),
+            "loaded": [ln for ln in AA_PROFILES.read_text().splitlines()
+                       if ln.startswith(profile)],
+            "own_state": sorted(p.name for p in (storage / uuid / "tpm2").iterdir()),
+        }
+        seen["confined"] = swtpm_probe(stolen, f"{profile}//swtpm",
+                                       (tss.pw_uid, tss.pw_gid))
+        seen["control"] = swtpm_probe(stolen, None, (tss.pw_uid, tss.pw_gid))
+        stop = inst.cli("destroy", "dom-tpm")
+        run.wait(timeout=START_TIMEOUT)
+        seen["destroy"] = stop.returncode
+        seen["after"] = {"swtpm_gone": gone(pid), "profiles": loaded_profiles()}
+    finally:
+        inst.stop_all()
+    found = [ln for ln in denials() if f'profile="{profile}//swtpm"' in ln]
+    seen["denials"] = found
+    seen["seconds"] = round(time.monotonic() - began, 1)
+    record("tpm", seen)
+    assert seen["current"] == f"{profile}//swtpm (enforce)"
+    assert seen["exe"] == os.path.realpath("/usr/bin/swtpm")
+    assert sorted(seen["loaded"]) == [f"{profile} (enforce)", f"{profile}//swtpm (enforce)"]
+    assert "tpm2-00.permall" in seen["own_state"]
+    assert seen["confined"][0] != 0 and "permall" not in seen["confined"][1], seen
+    assert seen["control"][0] == 0 and '"permall"' in seen["control"][1], seen
+    # the only thing swtpm's profile refused: the probe, in the other domain's state
+    assert found and all(f'name="{stolen}/' in ln for ln in found), found
+    assert seen["destroy"] == 0
+    assert seen["after"] == {"swtpm_gone": True, "profiles": []}

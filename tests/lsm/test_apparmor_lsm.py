@@ -9,9 +9,12 @@ policy (no compile) that confines the same way, and with ``namespaces = ["mount"
 QEMU runs under its profile inside its per-domain root view. The same boot runs
 tests/lsm/guest_e2e.py: ``vmconfine run`` starts real QEMUs under their profiles, a QEMU asked
 over QMP to open another domain's image or a file outside its domain is refused (a ``none``
-control run opens both), and SIGKILL of ``vmconfine run`` at every pipeline step is cleaned up
-by the next command. It also runs tests/lsm/guest_smoke.py first: the kernel enforces a
-profile loaded by apparmor_parser alone.
+control run opens both), SIGKILL of ``vmconfine run`` at every pipeline step is cleaned up
+by the next command, and a TPM domain's swtpm runs in its ``//swtpm`` child profile
+(enforce), denied another domain's TPM state. It also runs tests/lsm/guest_smoke.py first: the
+kernel enforces a profile loaded by apparmor_parser alone, and tests/lsm/guest_usb_hotplug.py
+after guest_e2e.py: the guest's emulated USB device (``usb=True``) is hotplugged into a
+confined QEMU through the daemon and detached again.
 """
 
 from __future__ import annotations
@@ -21,19 +24,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_e2e, assert_smoke
+from tests.lsm.e2e_checks import (
+    SMOKE,
+    SMOKE_OUTCOMES,
+    assert_e2e,
+    assert_smoke,
+    assert_usb_hotplug,
+)
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
 
 GUEST = "tests/lsm/guest_apparmor.py"
 E2E = "tests/lsm/guest_e2e.py"
+USB = "tests/lsm/guest_usb_hotplug.py"
 
 
 def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
                                                 tmp_path: Path) -> None:
     result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
-                          timeout=900, memory_mib=1024, pytest_args=[SMOKE, E2E])
+                          timeout=1200, memory_mib=1024, pytest_args=[SMOKE, E2E, USB],
+                          usb=True)
     assert not result.timed_out, result.tail()
     assert result.outcomes() == {
         **SMOKE_OUTCOMES["apparmor"],
@@ -44,6 +55,8 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
         "test_selinux_names_what_the_policy_lacks": "skipped",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
+        "test_swtpm_runs_in_its_own_profile": "passed",
+        "test_usb_hostdev_attach_detach": "passed",
     }, result.tail(120)
     assert result.exit_code == 0, result.tail()
     assert_smoke("apparmor", tmp_path)
@@ -67,4 +80,11 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     assert view["opens"]["own"] == "ok" and "Permission denied" in view["opens"]["environ"]
     assert view["opens"]["control_own"] == view["opens"]["control_environ"] == "ok"
     assert any("/environ" in ln for ln in view["denials"]), view["denials"]
-    assert_e2e(tmp_path / "e2e-apparmor.json")
+    e2e = assert_e2e(tmp_path / "e2e-apparmor.json")
+    tpm = e2e["tpm"]  # swtpm in its child profile, denied another domain's TPM state
+    profile = tpm["current"].split("//", 1)[0]
+    assert tpm["current"] == f"{profile}//swtpm (enforce)"
+    assert tpm["confined"][0] != 0 and tpm["control"][0] == 0
+    assert tpm["denials"] and all("/swtpm/" in d for d in tpm["denials"])
+    assert tpm["after"] == {"swtpm_gone": True, "profiles": []}
+    assert_usb_hotplug(json.loads((tmp_path / "usb-hotplug.json").read_text()))

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from vmconfine_namespaces import syscalls as sc
-from vmconfine_namespaces.plan import OWN_PID, Entry, View, own_pid_path
+from vmconfine_namespaces.plan import EXECUTABLE, OWN_PID, Entry, View, own_pid_path
 
 _TMPFS_FLAGS = {"/dev": sc.MS_NOSUID | sc.MS_NOEXEC,
                 "/dev/shm": sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
@@ -36,8 +36,14 @@ class ViewError(OSError):
     """The view could not be built (the message names the path)."""
 
 
-def enter(view: View, staging: str) -> None:
-    """Create the namespaces and build ``view``; the calling process is inside afterwards."""
+def enter(view: View, staging: str, mount_options: str = "") -> None:
+    """Create the namespaces and build ``view``; the calling process is inside afterwards.
+    ``mount_options`` (the stack's, e.g. SELinux's ``context=``) are added to every tmpfs
+    the view mounts."""
+    if mount_options:
+        view = replace(view, entries=[
+            replace(e, options=",".join(filter(None, (e.options, mount_options))))
+            if e.kind == "tmpfs" else e for e in view.entries])
     uid, gid = os.getuid(), os.getgid()
     if view.userns:
         sc.unshare(sc.CLONE_NEWUSER | sc.CLONE_NEWNS)
@@ -140,4 +146,5 @@ def _make(e: Entry, target: str, ours: set[int],
         # the staging directory's own contents are bound without submounts: recursively,
         # the view's tmpfs on top of it would come along
         sc.bind(src, target, readonly=e.readonly,
-                recursive=e.is_dir and not src.startswith("/proc/self/fd/"))
+                recursive=e.is_dir and not src.startswith("/proc/self/fd/"),
+                nosuid=e.role != EXECUTABLE)

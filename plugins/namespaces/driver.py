@@ -155,6 +155,7 @@ class NamespacesDriver:
                     private_dirs=[str(ctx.runtime_dir),
                                   str(ctx.instance.domain_lib_dir(ctx.domain.name))],
                     exists=os.path.lexists,
+                    executable=emulator,
                 )
             nodes = [(p, "acl", False) for p in acl_list(ctx.config)]
             nodes += [(r.path, r.role, True) for r in resources if r.path.startswith("/dev/")]
@@ -194,6 +195,7 @@ class NamespacesDriver:
         state.clear()
         state["view"] = view
         state["staging"] = str(ctx.runtime_dir)
+        state["mount_options"] = ctx.mount_options
         state["cap_last"] = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
 
     @hookimpl
@@ -209,7 +211,7 @@ class NamespacesDriver:
             raise DriverError("namespaces: no view was planned before fork (set_all_labels "
                               "did not run)")
         try:
-            build.enter(state["view"], state["staging"])
+            build.enter(state["view"], state["staging"], state.get("mount_options", ""))
         except OSError as exc:
             raise DriverError(f"namespaces: building QEMU's view failed: {exc}") from exc
 

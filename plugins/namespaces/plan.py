@@ -5,7 +5,9 @@ path *inside* QEMU's view and how it gets there:
 
 * ``dir``: an empty directory created in the view's tmpfs;
 * ``bind``: the host path of the same name (or ``source``) bind-mounted there, read-only or
-  read-write (device nodes, the emulator's files, the domain's resources);
+  read-write (device nodes, the emulator's files, the domain's resources); read-only binds
+  keep the flags of the host's mount and add ``nosuid``, except the emulator binary itself
+  (:data:`EXECUTABLE`);
 * ``symlink``: a symlink with the host's target (``/dev/fd``, ``/lib64`` on merged-/usr
   hosts, ``/dev/disk/by-id/...``), whose target is then added too;
 * ``tmpfs`` / ``devpts``: a fresh filesystem (``/tmp``, a private ``/dev/shm``, a new devpts
@@ -48,6 +50,13 @@ MAX_LINKS = 40
 #: the magic links: path-based LSMs (AppArmor) then see the usual /proc/PID/... paths
 OWN_PID = "@pid"
 OWN_PROC = (("/proc/self", OWN_PID), ("/proc/thread-self", f"{OWN_PID}/task/{OWN_PID}"))
+
+
+#: the role of the emulator binary QEMU is exec'd from. Its read-only bind is the only one
+#: without ``nosuid``: the kernel asks SELinux for ``process2 nosuid_transition`` when an exec
+#: from a nosuid mount changes domain (the sVirt label), which no policy grants; a setuid bit
+#: or file capability on it still gains nothing (QEMU runs with no_new_privs)
+EXECUTABLE = "executable"
 
 
 def own_pid_path(text: str, pid: int) -> str:
@@ -274,15 +283,20 @@ class Wanted:
 
 def root_entries(builder: Builder, *, emulator_paths: Iterable[str],
                  emulator_dirs: Iterable[str], wanted: Iterable[Wanted],
-                 private_dirs: Iterable[str], exists: Callable[[str], bool]) -> None:
+                 private_dirs: Iterable[str], exists: Callable[[str], bool],
+                 executable: str = "") -> None:
     """The per-domain root (everything but /dev, which :func:`dev_entries` adds).
 
     ``private_dirs`` (the domain's runtime and home directories) are bound read-write;
     resources below them are covered by that. A resource QEMU must create and that does not
     exist yet makes its parent directory visible read-write (noted in the plan).
+    ``executable`` (the path QEMU is exec'd from) gets a bind of its own with the role
+    :data:`EXECUTABLE`: the one read-only bind made without ``nosuid``.
     """
     view = builder.view
     builder.add(Entry("/", "tmpfs", role="root", options=ROOT_TMPFS, readonly=False))
+    if executable:
+        builder.walk(executable, EXECUTABLE, readonly=True, missing_ok=False)
     for d in emulator_dirs:
         builder.walk(d, "emulator", readonly=True)
     for d in private_dirs:

@@ -58,12 +58,33 @@ def mount(source: str | None, target: str, fstype: str | None, flags: int,
            f"mount {fstype or 'bind' if flags & MS_BIND else fstype} on {target}", target)
 
 
-def bind(source: str, target: str, *, readonly: bool, recursive: bool = False) -> None:
-    """Bind ``source`` on ``target``; read-only binds need a second, remount call."""
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_RELATIME = 1 << 21
+#: statvfs ``f_flag`` bits -> the mount flags a bind remount must repeat (in a user namespace
+#: the kernel locks them: a remount that drops one fails with EPERM)
+_KEPT_FLAGS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV), (os.ST_NOEXEC, MS_NOEXEC),
+               (os.ST_NOATIME, MS_NOATIME), (os.ST_NODIRATIME, MS_NODIRATIME),
+               (os.ST_RELATIME, MS_RELATIME))
+
+
+def mount_flags(path: str) -> int:
+    """The per-mount flags of the mount ``path`` is on, as ``MS_*`` bits."""
+    have = os.statvfs(path).f_flag
+    return sum(ms for st, ms in _KEPT_FLAGS if have & st)
+
+
+def bind(source: str, target: str, *, readonly: bool, recursive: bool = False,
+         nosuid: bool = True) -> None:
+    """Bind ``source`` on ``target``; read-only binds need a second, remount call, which
+    keeps the flags the source's mount has (nosuid, nodev, noexec, atime) and adds
+    ``nosuid`` unless told not to (the executable QEMU is started from: an SELinux exec
+    transition from a nosuid mount needs a permission of its own, see docs/namespaces.md)."""
     flags = MS_BIND | (MS_REC if recursive else 0)
     mount(source, target, None, flags)
     if readonly:
-        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | mount_flags(target)
+              | (MS_NOSUID if nosuid else 0))
 
 
 def umount(target: str, flags: int = 0) -> None:

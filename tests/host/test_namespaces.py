@@ -65,6 +65,18 @@ def unix_serial(path: Path) -> str:
             "<target port='1'/></serial>")
 
 
+def assert_view_mount_flags(pid: int) -> None:
+    """The read-only binds of QEMU's root view are nosuid, except the emulator binary it is
+    exec'd from (an SELinux domain transition from a nosuid mount is refused:
+    docs/namespaces.md)."""
+    opts = {f[4]: f[5].split(",") for f in (
+        ln.split() for ln in Path(f"/proc/{pid}/mountinfo").read_text().splitlines())}
+    exe = [m for m in opts if m.endswith("/qemu-system-x86_64")]
+    assert len(exe) == 1 and "ro" in opts[exe[0]] and "nosuid" not in opts[exe[0]], opts
+    others = [m for m, o in opts.items() if "ro" in o and m not in (exe[0], "/")]
+    assert others and all("nosuid" in opts[m] for m in others), opts
+
+
 def attack(monitor, victim_img: Path, victim_sock: Path) -> dict[str, bool]:  # type: ignore[no-untyped-def]
     """Domain B's QEMU, driven over QMP, tries A's image and A's socket; True = it worked."""
     add_disk = {"execute": "blockdev-add", "arguments": {
@@ -162,6 +174,7 @@ def test_system_compromised_qemu_cannot_reach_other_domain(
         assert set(os.listdir(view_root / "dev")) == expected_dev(root_view=True)
         assert set(os.listdir(view_root / "proc")) == {"self", "thread-self", str(pid)}
         assert os.readlink(view_root / "proc" / "self") == str(pid)
+        assert_view_mount_flags(pid)
     for name in ("nsa", "nsb"):
         assert embed.cli("destroy", name).returncode == 0
     listener.close()
@@ -240,5 +253,6 @@ def test_session_compromised_qemu_cannot_reach_other_domain(
         pid = int(next(x.split()[1] for x in info.splitlines() if x.startswith("PID:")))
         status = Path(f"/proc/{pid}/status").read_text()
         assert "CapEff:\t0000000000000000" in status and "CapBnd:\t0000000000000000" in status
+        assert_view_mount_flags(pid)  # in a user namespace: the host's locked flags are kept
     for name in ("sesa", "sesb"):
         assert s.cli("destroy", name).returncode == 0

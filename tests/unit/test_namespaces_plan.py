@@ -10,6 +10,7 @@ import pytest
 
 from vmconfine_namespaces.driver import expected_children, summary
 from vmconfine_namespaces.plan import (
+    EXECUTABLE,
     Builder,
     Entry,
     PlanError,
@@ -149,9 +150,13 @@ def test_root_view_binds_resources_at_their_own_paths(host: FakeHost) -> None:
                 Wanted("/run/vm/domain-a/vnc.sock", "graphics", True, create=True),
                 Wanted("/logs/serial.log", "chardev", True, create=True),
                 Wanted("/img/a/missing.iso", "disk", False)],
-        private_dirs=["/run/vm/domain-a", "/lib/vm/domain-a"], exists=host.exists)
+        private_dirs=["/run/vm/domain-a", "/lib/vm/domain-a"], exists=host.exists,
+        executable="/usr/bin/qemu")
     order(b.view)
     v = b.view
+    # the binary QEMU is exec'd from is marked: its bind is the one without nosuid
+    assert v.by_path("/usr/bin/qemu").role == EXECUTABLE
+    assert v.by_path("/usr/lib64/ld.so").role == "emulator"
     assert v.by_path("/img/a/disk.img").readonly is False
     assert v.by_path("/img/a/base.img").readonly is True
     assert "/img/a/other-domain.img" not in {e.path for e in v.entries}

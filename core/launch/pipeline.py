@@ -318,6 +318,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         swtpm.check(stack, ctx)
         ctx.command = command
         ctx.state["pipeline"] = {}
+        ctx.mount_options = stack.mount_options(ctx)
         # 3. prepare host
         prepare_nvram(domain, reset=reset_nvram)
         stack.preflight(ctx)

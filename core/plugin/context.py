@@ -78,6 +78,9 @@ class DomainContext:
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
     recovering: bool = False
     taints: list[str] = field(default_factory=list)
+    #: the stack's ``mount_options`` (set by the pipeline once labels are generated): extra
+    #: options for filesystems mounted for QEMU alone
+    mount_options: str = ""
     #: the stack's record of restore-type calls made for this context (each runs once) and
     #: their failures; drivers do not use it
     restored: dict[tuple[Any, ...], tuple[str | None, Any, dict[str, Any]]] = field(

@@ -316,6 +316,19 @@ def clear_socket_label(ctx: DomainContext) -> None:
     """Clear the socket-create label again. Restore-type."""
 
 
+@hookspec
+def mount_options(ctx: DomainContext) -> str | None:
+    """Extra mount options for the filesystems made for QEMU alone (libvirt's
+    ``virSecurityManagerGetMountOptions``): every driver's answer (comma-separated options,
+    None for none) is joined into ``ctx.mount_options``, which a driver that mounts a fresh
+    filesystem for QEMU (the namespaces driver's tmpfs: the private /dev, the root view's
+    ``/``, ``/tmp``, ``/dev/shm``) adds to its own options. SELinux answers
+    ``context="<imagelabel>"``, so those inodes carry the domain's image label instead of the
+    policy's default tmpfs type. When: in the parent, after the labels are generated and
+    before ``preflight``; changes nothing.
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 4: the forked child, in this order (per driver, CHILD, before exec)
 # --------------------------------------------------------------------------------------------

@@ -532,6 +532,11 @@ class Stack:
     def describe(self, ctx: DomainContext) -> dict[str, dict[str, Any]]:
         return {d.name: (d.call("describe", ctx=ctx) or {}) for d in self.drivers}
 
+    def mount_options(self, ctx: DomainContext) -> str:
+        """Every driver's ``mount_options``, in stack order, joined with commas."""
+        found = (d.call("mount_options", ctx=ctx) for d in self.drivers)
+        return ",".join(opt for opt in found if opt)
+
 
 def _best_effort(d: Driver, hook: str, **kwargs: Any) -> str | None:
     try:

@@ -350,6 +350,16 @@ class SELinuxDriver:
         except OSError as exc:
             self._warn_or_raise("unable to clear socket security context", exc)
 
+    @hookimpl
+    def mount_options(self, ctx: DomainContext) -> str | None:
+        """libvirt's ``virSecuritySELinuxGetSecurityMountOptions``: a filesystem mounted for
+        QEMU alone (its private /dev, its root view's tmpfs) carries the image label, which
+        the sVirt domain may use and no other MCS pair may."""
+        sec = self._sec(ctx)
+        if sec is None or sec.type == "none" or not sec.imagelabel:
+            return None
+        return f'context="{sec.imagelabel}"'
+
     # ---- stage 4: the child ------------------------------------------------------------------
     @hookimpl
     def child_exec_label(self, ctx: DomainContext) -> None:

@@ -252,6 +252,22 @@ def test_type_none_gets_no_label(tmp_path: Path) -> None:
     assert drv.verify_process(ctx, 1) == []
 
 
+def test_mount_options_give_filesystems_for_qemu_the_image_label(tmp_path: Path) -> None:
+    """libvirt's GetSecurityMountOptions: the stack joins them for the namespaces driver's
+    tmpfs; a domain without an SELinux label gets none."""
+    be = fake_backend(tmp_path)
+    host = make_host(tmp_path / "inst", [nop, plugin(be)], config='security_driver = "selinux"\n')
+    stack = Stack.build(host)
+    ctx = make_ctx(host, domain_xml())
+    stack.gen_labels(ctx)
+    sec = ctx.domain.seclabel("selinux")
+    assert sec is not None and sec.imagelabel
+    assert stack.mount_options(ctx) == f'context="{sec.imagelabel}"'
+    off = make_ctx(host, domain_xml(seclabel="<seclabel type='none' model='selinux'/>"))
+    stack.gen_labels(off)
+    assert stack.mount_options(off) == ""
+
+
 def test_policy_context_files_are_parsed(tmp_path: Path) -> None:
     dom = tmp_path / "d"
     img = tmp_path / "i"

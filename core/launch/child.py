@@ -120,6 +120,12 @@ def fork_exec(argv: list[str], env: dict[str, str], fds: list[int], log_fd: int,
     if chunks:
         os.waitpid(pid, 0)
         raise LaunchError(f"{what} failed: {b''.join(chunks).decode(errors='replace')}")
+    # the exec is done: look /proc/PID up once at once. procfs gives a pid directory the
+    # process's (new) SELinux context only when a lookup revalidates it, and a per-domain root
+    # view binds the entry the child looked up before exec (the bind's root is never looked up
+    # again): this lookup relabels that same inode for QEMU (docs/namespaces.md)
+    with contextlib.suppress(OSError):
+        os.stat(f"/proc/{pid}")
     done, status = os.waitpid(pid, os.WNOHANG)
     if done:  # died before exec without a word (e.g. killed)
         raise LaunchError(

@@ -91,10 +91,7 @@ class Instance:
 
     def qmp_open(self, name: str, node: str, path: Path) -> list[str]:
         """The CLI call asking domain ``name``'s QEMU to open ``path`` read-only."""
-        cmd = {"execute": "blockdev-add", "arguments": {
-            "driver": "file", "node-name": node, "filename": str(path), "read-only": True,
-            "locking": "off"}}
-        return self.argv("qemu-monitor-command", name, json.dumps(cmd))
+        return self.argv("qemu-monitor-command", name, json.dumps(blockdev_add(node, path)))
 
     def stop_all(self) -> None:
         """Kill what a failed test left running; the next command finishes the teardown."""
@@ -158,6 +155,13 @@ class RootView:
     def stop_all(self) -> None:
         self.confined.stop_all()
         self.control.stop_all()
+
+
+def blockdev_add(node: str, path: Path) -> dict[str, Any]:
+    """QMP: open ``path`` read-only as a ``file`` node (what a compromised QEMU would ask)."""
+    return {"execute": "blockdev-add", "arguments": {
+        "driver": "file", "node-name": node, "filename": str(path), "read-only": True,
+        "locking": "off"}}
 
 
 def clis(*argvs: list[str]) -> list[subprocess.CompletedProcess[str]]:

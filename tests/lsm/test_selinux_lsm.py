@@ -9,7 +9,7 @@ mislabelled and TCG lacks execmem), a QEMU asked over QMP to open another domain
 file outside its domain is refused (a ``none`` control run opens both), and SIGKILL of
 ``vmconfine run`` at every pipeline step is cleaned up by the next command. With
 ``namespaces = ["mount", "root"]`` QEMU still runs as its sVirt label inside its per-domain root
-view, and is refused files of another domain's label in its own bound runtime directory (a
+view, and is refused files of another domain's label in its own bound home directory (a
 ``none`` control opens them). A second boot labels
 domain A's image with B's label on purpose and must make the guest test fail, so a broken
 driver cannot pass this tier. The first boot also runs tests/lsm/guest_smoke.py: the kernel keeps

@@ -11,9 +11,10 @@ real CLI and real QEMU (TCG):
    pairs;
 2. control: a ``security_driver = "none"`` domain in the same boot opens exactly what A was
    refused, so the denials above come from the LSM and the test can fail;
-3. a TPM emulator domain (AppArmor): swtpm runs in the domain profile's ``//swtpm`` child
-   profile in enforce mode, and the real swtpm binary in that profile is denied another
-   domain's TPM state (control: the same command unconfined works);
+3. a TPM emulator domain: swtpm runs confined (AppArmor: the domain profile's ``//swtpm``
+   child profile in enforce mode; SELinux: QEMU's sVirt label, its state under the image
+   label), and the real swtpm binary under that label is denied another domain's TPM state
+   (control: the same command unconfined works);
 4. ``vmconfine run`` killed with SIGKILL at every pipeline step (``VMCONFINE_PAUSE_AT``): the
    next command restores every label, unloads every profile, frees every MCS lease and leaves
    no QEMU behind.
@@ -40,6 +41,7 @@ from typing import Any
 import pytest
 
 from tests.host.conftest import VMCONFINE, VmDir, wait_for_line
+from tests.host.test_swtpm import XML as TPM_XML
 from tests.lsm.e2e_checks import assert_confined
 from tests.lsm.harness import EMULATOR
 from tests.support import REPO
@@ -390,31 +392,26 @@ def test_sigkill_at_every_step_is_finished_by_the_next_command(work: Path) -> No
     assert state == [], state
 
 
-TPM_XML = """<domain type='qemu'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <memory unit='MiB'>32</memory>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <emulator>{emulator}</emulator>
-    <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
 
 
-def swtpm_probe(state: Path, profile: str | None, tss: tuple[int, int]) -> tuple[int, str]:
+def swtpm_probe(state: Path, label: str | None, tss: tuple[int, int]) -> tuple[int, str]:
     """``swtpm socket --print-states`` on ``state`` (it locks the directory and lists the
-    state files) as the tss account, in AppArmor ``profile`` (entered at exec, as vmconfine
-    starts swtpm) or unconfined: (exit status, output)."""
-    from vmconfine_apparmor import kernel
+    state files) as the tss account, under ``label`` entered at exec as vmconfine starts
+    swtpm (AppArmor: ``aa_change_onexec``, SELinux: ``setexeccon``) or unconfined:
+    (exit status, output)."""
+    if LSM == "apparmor":
+        from vmconfine_apparmor import kernel
 
-    kernel.load_binding()
+        kernel.load_binding()
+        change = kernel.change_onexec
+    else:
+        import selinux
+
+        change = selinux.setexeccon_raw
 
     def enter() -> None:
-        if profile is not None:
-            kernel.change_onexec(profile)
+        if label is not None:
+            change(label)
         os.setgroups([])
         os.setgid(tss[1])
         os.setuid(tss[0])
@@ -425,11 +422,19 @@ def swtpm_probe(state: Path, profile: str | None, tss: tuple[int, int]) -> tuple
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_swtpm_runs_in_its_own_profile(work: Path) -> None:
-    """A TPM domain under AppArmor: swtpm in ``<profile>//swtpm`` (enforce), which is denied
-    another domain's TPM state; the profile is gone after destroy."""
-    if LSM != "apparmor":
-        pytest.skip("AppArmor only")
+def file_label(path: Path) -> str:
+    return os.getxattr(path, "security.selinux").decode().rstrip("\x00")
+
+
+#: the image label of another domain (an MCS pair no vmconfine domain of the test gets)
+OTHER_IMAGE = "system_u:object_r:svirt_image_t:s0:c998,c999"
+
+
+def test_swtpm_runs_confined(work: Path) -> None:
+    """A TPM domain: swtpm runs confined (AppArmor: ``<profile>//swtpm`` in enforce mode;
+    SELinux: QEMU's label, its state under the image label), the real swtpm binary under that
+    label is denied another domain's TPM state (control: unconfined it is not), and after
+    destroy no swtpm, profile or label is left."""
     import pwd
     import time
     import uuid as uuidlib
@@ -441,10 +446,10 @@ def test_swtpm_runs_in_its_own_profile(work: Path) -> None:
     # the guest's /tmp is a RAM overlay whose root has the upper dir's mode (0755); swtpm_setup
     # (as tss) makes its certificates' temporary directory there, as on a host's /tmp (1777)
     os.chmod("/tmp", 0o1777)
-    inst = Instance(work / "tpm-inst", "apparmor")
+    inst = Instance(work / "tpm-inst", LSM)
     uuid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())
     xml = work / "tpm.xml"
-    xml.write_text(TPM_XML.format(name="dom-tpm", uuid=uuid, emulator=EMULATOR))
+    xml.write_text(TPM_XML.format(name="dom-tpm", uuid=uuid, model="tpm-crb"))
     # another domain's TPM state, where vmconfine keeps it, owned by the swtpm account
     storage = inst.root / "lib" / "qemu" / "swtpm"
     stolen = storage / other / "tpm2"
@@ -452,42 +457,59 @@ def test_swtpm_runs_in_its_own_profile(work: Path) -> None:
     (stolen / "tpm2-00.permall").write_bytes(b"another domain's TPM secrets")
     for p in (stolen, stolen / "tpm2-00.permall"):
         os.chown(p, tss.pw_uid, tss.pw_gid)
+        if LSM == "selinux":
+            os.setxattr(p, "security.selinux", OTHER_IMAGE.encode())
     os.chmod(stolen.parent, 0o711)
+    own = storage / uuid / "tpm2" / "tpm2-00.permall"
     try:
         run = inst.run(xml, extra=("--paused",))
-        wait_for_line(run, "started", timeout=START_TIMEOUT)
+        qemu = started_pid(wait_for_line(run, "started", timeout=START_TIMEOUT))
         journal = Journal(inst.root / "run" / "qemu" / "dom-tpm.journal")
         forked = [r for r in journal.records("pipeline", "helper-forked")
                   if r["name"] == "swtpm"]
         pid = int(forked[-1]["pid"])
-        profile = f"vmconfine-{uuid}"
+        label, imagelabel = live_labels(inst.cli("dumpxml", "dom-tpm"))
         seen: dict[str, Any] = {
-            "current": attr_current(pid),
+            "current": attr_current(pid), "qemu": attr_current(qemu),
+            "label": label, "imagelabel": imagelabel,
             "exe": os.path.realpath(f"/proc/{pid}/exe"),
-            "loaded": [ln for ln in AA_PROFILES.read_text().splitlines()
-                       if ln.startswith(profile)],
-            "own_state": sorted(p.name for p in (storage / uuid / "tpm2").iterdir()),
+            "loaded": [ln for ln in loaded_profiles() if ln.startswith(label)],
+            "own_state": sorted(p.name for p in own.parent.iterdir()),
         }
-        seen["confined"] = swtpm_probe(stolen, f"{profile}//swtpm",
-                                       (tss.pw_uid, tss.pw_gid))
+        if LSM == "selinux":
+            seen["own_label"] = file_label(own)
+        probe_label = f"{label}//swtpm" if LSM == "apparmor" else label
+        seen["confined"] = swtpm_probe(stolen, probe_label, (tss.pw_uid, tss.pw_gid))
         seen["control"] = swtpm_probe(stolen, None, (tss.pw_uid, tss.pw_gid))
         stop = inst.cli("destroy", "dom-tpm")
         run.wait(timeout=START_TIMEOUT)
         seen["destroy"] = stop.returncode
-        seen["after"] = {"swtpm_gone": gone(pid), "profiles": loaded_profiles()}
+        seen["after"] = {"swtpm_gone": gone(pid), "profiles": loaded_profiles(),
+                         "leases": leases_in_use(inst)}
+        if LSM == "selinux":
+            seen["after"]["own_label"] = file_label(own)
     finally:
         inst.stop_all()
-    found = [ln for ln in denials() if f'profile="{profile}//swtpm"' in ln]
+    mark = f'profile="{label}//swtpm"' if LSM == "apparmor" else f"scontext={label} "
+    found = [ln for ln in denials() if mark in ln]
     seen["denials"] = found
     seen["seconds"] = round(time.monotonic() - began, 1)
     record("tpm", seen)
-    assert seen["current"] == f"{profile}//swtpm (enforce)"
     assert seen["exe"] == os.path.realpath("/usr/bin/swtpm")
-    assert sorted(seen["loaded"]) == [f"{profile} (enforce)", f"{profile}//swtpm (enforce)"]
     assert "tpm2-00.permall" in seen["own_state"]
+    if LSM == "apparmor":
+        assert seen["current"] == f"{label}//swtpm (enforce)"
+        assert sorted(seen["loaded"]) == [label, f"{label}//swtpm"]
+        # the only thing swtpm's profile refused: the probe, in the other domain's state
+        assert found and all(f'name="{stolen}/' in ln for ln in found), found
+    else:
+        assert seen["current"] == seen["qemu"] == label  # QEMU's sVirt label, its MCS pair
+        assert label.split(":")[2] == "svirt_t"
+        assert seen["own_label"] == imagelabel
+        assert any(f"tcontext={OTHER_IMAGE} " in ln for ln in found), found
+        assert seen["after"]["own_label"] != imagelabel
     assert seen["confined"][0] != 0 and "permall" not in seen["confined"][1], seen
     assert seen["control"][0] == 0 and '"permall"' in seen["control"][1], seen
-    # the only thing swtpm's profile refused: the probe, in the other domain's state
-    assert found and all(f'name="{stolen}/' in ln for ln in found), found
     assert seen["destroy"] == 0
-    assert seen["after"] == {"swtpm_gone": True, "profiles": []}
+    assert {k: seen["after"][k] for k in ("swtpm_gone", "profiles", "leases")} == {
+        "swtpm_gone": True, "profiles": [], "leases": 0}

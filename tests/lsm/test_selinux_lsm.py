@@ -40,11 +40,16 @@ def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
         "test_selinux_names_what_the_policy_lacks": "passed",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
-        "test_swtpm_runs_in_its_own_profile": "skipped",  # AppArmor only (docs/tpm.md)
+        "test_swtpm_runs_confined": "passed",
     }, result.tail(120)
     assert result.ok, result.tail()
     assert_smoke("selinux", result.results_dir)
-    assert_e2e(result.results_dir / "e2e-selinux.json")
+    e2e = assert_e2e(result.results_dir / "e2e-selinux.json")
+    tpm = e2e["tpm"]  # swtpm with QEMU's label, denied another domain's TPM state
+    assert tpm["current"] == tpm["qemu"] == tpm["label"]
+    assert tpm["own_label"] == tpm["imagelabel"] != tpm["after"]["own_label"]
+    assert tpm["confined"][0] != 0 and tpm["control"][0] == 0
+    assert tpm["after"]["swtpm_gone"] and tpm["after"]["leases"] == 0
     seen = json.loads((result.results_dir / "selinux-svirt.json").read_text())
     assert seen["A"] != seen["B"]
     level_a, level_b = (seen[k].split(":", 3)[3] for k in ("A", "B"))

@@ -6,7 +6,7 @@ any occupancy; the registry around it adds an exclusive ``flock`` and a lease in
 table (so allocation is unique across processes and survives restarts; no file is created per
 domain). Measured in-process:
 
-- **pool**: ``McsPool.take_random()`` alone (the allocation step);
+- **pool**: ``FreePool.take_random()`` alone (the allocation step);
 - **registry**: ``LabelRegistry.allocate()`` — lock, pool, lease table — with the registry on
   ext4 and on tmpfs (it lives in the instance's run directory: tmpfs on a normal host, ext4 on
   this one);

@@ -177,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     conn = _connect(args)
     domain = _load_domain(args, conn)
-    outcome = run_domain(conn, domain, paused=args.paused,
+    outcome = run_domain(conn, domain, paused=args.paused, reset_nvram=args.reset_nvram,
                          shutdown_timeout=args.shutdown_timeout,
                          on_ready=lambda started: _print_started(conn, started),
                          diagnose=diagnose)
@@ -434,6 +434,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sp.add_argument("file", metavar="FILE.xml", help="domain XML ('-' for stdin)")
     _validate_flag(sp)
     sp.add_argument("--paused", action="store_true", help="leave the guest CPUs stopped")
+    sp.add_argument("--reset-nvram", action="store_true", help="make the UEFI NVRAM again "
+                    "from its template (virsh start --reset-nvram)")
     sp.add_argument("--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
                     help="on SIGINT/SIGTERM wait this long for an ACPI power-off before "
                     "destroying (default: qemu.conf shutdown_timeout, 30)")

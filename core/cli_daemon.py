@@ -153,7 +153,7 @@ def cmd_undefine(args: argparse.Namespace) -> int:
 @verb("start", "start a defined domain (managed by the daemon; it outlives this command)")
 def cmd_start(args: argparse.Namespace) -> int:
     name = client(args).call("POST", _domain_url(args.domain, "/start"),
-                             {"paused": args.paused})["name"]
+                             {"paused": args.paused, "reset_nvram": args.reset_nvram})["name"]
     print(f"Domain '{name}' started")
     return 0
 
@@ -332,6 +332,8 @@ def add_parsers(add: Callable[[str, Handler, str], argparse.ArgumentParser],
         sp.add_argument("domain", metavar="NAME", help="domain name, id or UUID")
         if name == "start":
             sp.add_argument("--paused", action="store_true", help="leave the CPUs stopped")
+            sp.add_argument("--reset-nvram", action="store_true",
+                            help="make the UEFI NVRAM again from its template")
         elif name == "undefine":
             sp.add_argument("--keep-tpm", action="store_true",
                             help="keep the TPM emulator's state (default: removed, as virsh)")

@@ -30,6 +30,9 @@ cache=${VMCONFINE_LSM_CACHE:-/var/cache/vmconfine-lsm}
 meta_pkg=linux-image-amd64
 # Modules (and their dependencies) needed to mount the host root: 9p over virtio-pci, overlay.
 root_modules=(9p 9pnet_virtio virtio_pci overlay)
+# The USB host controller the harness's emulated USB device hangs on (qemu-xhci): usbcore makes
+# /dev/bus/usb/BBB/DDD for it, which the USB hostdev hotplug test passes to a nested QEMU.
+usb_modules=(xhci_pci)
 # selinux-policy-default's postinst leaves these modules disabled; do the same.
 se_notdefault=(amtu bugzilla cobbler condor cyphesis git ksmtuned likewise livecd nessus numad
   oddjob openca soundserver thunderbird updfstab usernetctl)
@@ -64,7 +67,9 @@ if [ -z "$kpkg" ]; then
 fi
 kver=${kpkg#linux-image-}
 kdir=$cache/kernel/$kver
-if [ ! -f "$kdir/.done" ]; then
+# .done holds the module list the kernel dir was made with: a changed list redoes the step
+kmods="${root_modules[*]} ${usb_modules[*]}"
+if [ "$(cat "$kdir/.done" 2>/dev/null)" != "$kmods" ]; then
   log "fetching $kpkg"
   tmp=$(mktemp -d "$cache/.fetch.XXXXXX")
   trap 'rm -rf "$tmp"' EXIT
@@ -79,21 +84,23 @@ if [ ! -f "$kdir/.done" ]; then
   done
   grep -Eq '^CONFIG_NET_9P=[ym]' "$kconfig" \
     || die "$kpkg has no 9p support (cloud kernels lack it); use the generic amd64 flavour"
+  grep -Eq '^CONFIG_USB_XHCI_PCI=[ym]' "$kconfig" \
+    || die "$kpkg has no xHCI USB host controller driver; pick a kernel with CONFIG_USB_XHCI_PCI"
   depmod -b "$tmp/root" "$kver"
   rm -rf "$kdir.new"
   mkdir -p "$kdir.new/modules"
   cp "$tmp/root/boot/vmlinuz-$kver" "$kdir.new/vmlinuz"
   cp "$kconfig" "$kdir.new/config"
   # modprobe prints the insmod lines in load order; built-in modules print "builtin NAME".
-  for m in "${root_modules[@]}"; do
+  for m in "${root_modules[@]}" "${usb_modules[@]}"; do
     modprobe -d "$tmp/root" -S "$kver" --show-depends "$m"
   done | awk '$1 == "insmod" && !seen[$2]++ {print $2}' > "$tmp/modlist"
-  [ -s "$tmp/modlist" ] || die "no module files found for: ${root_modules[*]}"
+  [ -s "$tmp/modlist" ] || die "no module files found for: $kmods"
   while read -r ko; do
     cp "$ko" "$kdir.new/modules/"
     basename "$ko" >> "$kdir.new/modules/order"
   done < "$tmp/modlist"
-  touch "$kdir.new/.done"
+  echo "$kmods" > "$kdir.new/.done"
   rm -rf "$kdir"
   mv "$kdir.new" "$kdir"
   rm -rf "$tmp"

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   qemu-system-x86 qemu-utils            # the emulator and qemu-img
+  ovmf                                  # UEFI firmware + its descriptors (<os firmware='efi'>)
   python3-venv python3-selinux python3-libapparmor python3-cap-ng
   python3-pyroute2                      # netlink: taps, bridges, macvtap (pyproject: pyroute2)
   apparmor                              # apparmor_parser (profiles compile on the host)

@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child the test stops with SIGINT: a test run started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python then never
+    installs its KeyboardInterrupt handler, so the child would not stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def strict() -> bool:

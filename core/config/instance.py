@@ -11,6 +11,7 @@ else.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,8 +230,21 @@ class Instance:
     def channel_dir(self, name: str) -> Path:
         """Where a virtio channel's unix socket without a path is generated (libvirt:
         ``/var/lib/libvirt/qemu/channel/target/domain-N-NAME/``); created ``0700`` for the
-        domain's start and removed at teardown: QEMU uses the sockets only through fds."""
+        domain's start and removed at teardown: QEMU uses the sockets only through fds.
+
+        A unix socket path holds at most 107 bytes, so, as libvirt's short domain name
+        (``N-`` and the first 20 characters), a name longer than 20 characters is cut to 20
+        and made unique again with 8 hex digits of its SHA-256."""
+        if len(name) > SHORT_NAME:
+            digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+            name = f"{name[:SHORT_NAME]}-{digest}"
         return self.lib_dir / "channel" / "target" / f"domain-{name}"
+
+    @property
+    def nvram_dir(self) -> Path:
+        """Where auto-selected firmware's NVRAM files live (libvirt:
+        ``/var/lib/libvirt/qemu/nvram``); they outlive the domain's runs."""
+        return self.lib_dir / "nvram"
 
     def log_path(self, name: str) -> Path:
         return self.log_dir / LOG_FILE.format(name=name)
@@ -287,6 +301,10 @@ class Instance:
         """Create the state directories (0755, owned by the caller)."""
         for d in (self.run_dir, self.lib_dir, self.cache_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+#: the longest domain name used as is in socket directories (libvirt's short name: 20)
+SHORT_NAME = 20
 
 
 def open_instance(uri: str | None = None) -> Instance:

@@ -22,9 +22,9 @@ Defaults are libvirt's, except:
 * ``swtpm_user`` / ``swtpm_group`` default to ``tss`` (privileged) or the caller's ids;
 * the keys vmconfine adds (documented on the fields below).
 
-Unprivileged instances also get ``remember_owner = 0`` and no namespaces by default (and the
-DAC driver ``dynamic_ownership = 0``), as in libvirt's session daemon (where libvirt refuses
-namespaces, vmconfine makes them in a user namespace when configured).
+Unprivileged instances also get ``remember_owner = 0`` (and the DAC driver
+``dynamic_ownership = 0``, the namespaces driver no ``namespaces``), as in libvirt's session
+daemon.
 
 Settings libvirt knows but vmconfine does not use (VNC TLS, SPICE, migration ports, ...) are
 type-checked like libvirt would and otherwise ignored. An unknown setting (no core key, no key of
@@ -69,8 +69,6 @@ SYSTEM_ACCOUNT = "vmconfine-qemu"
 #: A driver's name and the keys it declared (``DriverRegistry.settings()``).
 Declarations = Iterable[tuple[str, Iterable[Setting]]]
 
-#: The namespaces ``namespaces`` may list: libvirt's "mount" and vmconfine's "root".
-NAMESPACES = ("mount", "root")
 
 
 @dataclass
@@ -88,8 +86,6 @@ class QemuConfig:
     # -- process (libvirt) ------------------------------------------------------------------
     clear_emulator_capabilities: bool = True
     seccomp_sandbox: int = -1  #: -1 = QEMU's default, 0 = off, 1 = on
-    #: "mount" = private /dev (libvirt); "root" (with "mount") = a per-domain root view
-    namespaces: list[str] = field(default_factory=lambda: ["mount"])
     set_process_name: bool = False
     max_processes: int = 0  #: 0 = leave the limit alone
     max_files: int = 0
@@ -164,7 +160,6 @@ class QemuConfig:
             cfg.user = cfg.swtpm_user = f"+{caller_uid}"
             cfg.group = cfg.swtpm_group = f"+{caller_gid}"
             cfg.remember_owner = False
-            cfg.namespaces = []
         for name, settings in drivers:
             cfg.declare(name, settings)
         return cfg
@@ -319,19 +314,6 @@ def _security_driver(key: str, value: Any, where: str, privileged: bool) -> Any:
     return value or None  # an empty list means autodetect, as in libvirt
 
 
-def _namespaces(key: str, value: Any, where: str, privileged: bool) -> Any:
-    """libvirt knows "mount"; vmconfine adds "root" (a per-domain filesystem view, see
-    docs/namespaces.md), which needs "mount". Unprivileged instances may use both: the
-    namespaces driver makes them in a user namespace."""
-    for name in value:
-        if name not in NAMESPACES:
-            raise error(where, f'Unknown namespace: {name} (known: "mount", "root")')
-    if "root" in value and "mount" not in value:
-        raise error(where, 'the "root" namespace view needs "mount" (write namespaces = '
-                           '[ "mount", "root" ])')
-    return list(dict.fromkeys(value))
-
-
 def _display_port(key: str, value: Any, where: str, privileged: bool) -> Any:
     """libvirt's range of display ports: [5900, 65535]."""
     if value < 5900:
@@ -358,7 +340,6 @@ _SPECS: dict[str, Spec] = {
     "remember_owner": Spec("bool"),
     "clear_emulator_capabilities": Spec("bool"),
     "seccomp_sandbox": Spec("int"),
-    "namespaces": Spec("strlist", _namespaces),
     "set_process_name": Spec("bool"),
     "max_processes": Spec("uint"),
     "max_files": Spec("uint"),

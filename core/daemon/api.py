@@ -221,7 +221,8 @@ async def domain_action(request: web.Request) -> web.Response:
     mgr = request.app[MANAGER]
     key = request.match_info["key"]
     if action == "start":
-        name = await mgr.start(key, paused=_flag(body, "paused"))
+        name = await mgr.start(key, paused=_flag(body, "paused"),
+                               reset_nvram=_flag(body, "reset_nvram"))
     elif action == "shutdown":
         name = await mgr.shutdown(key, timeout=_seconds(body, "timeout"))
     else:

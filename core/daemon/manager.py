@@ -264,6 +264,11 @@ class DomainManager:
             swtpm.remove_state(self.conn.instance, domain)
         if name in self.managed:
             self.transient.add(name)  # libvirt: a running domain becomes transient
+        elif domain is not None:
+            # what drivers keep for a defined domain between runs (a per-domain uid); a
+            # running one gives it back at its teardown
+            for problem in self.conn.stack.forget(domain):
+                log.warning("undefine %s: %s", name, problem)
         self.events.emit(name, "undefined", "removed")
         return name
 
@@ -275,13 +280,13 @@ class DomainManager:
         return name
 
     # ---- lifecycle --------------------------------------------------------------------------
-    async def start(self, key: str, *, paused: bool = False) -> str:
+    async def start(self, key: str, *, paused: bool = False, reset_nvram: bool = False) -> str:
         name = self.resolve(key)
         domain = self.store.load(name)
         if domain is None:
             raise OperationError(f"domain '{name}' is not defined; use create for a "
                                  "transient domain")
-        await self._start(domain, paused=paused)
+        await self._start(domain, paused=paused, reset_nvram=reset_nvram)
         return name
 
     async def create(self, xml: str, *, paused: bool = False) -> str:
@@ -297,7 +302,7 @@ class DomainManager:
         await self._start(domain, paused=paused)
         return domain.name
 
-    async def _start(self, domain: Domain, *, paused: bool) -> None:
+    async def _start(self, domain: Domain, *, paused: bool, reset_nvram: bool = False) -> None:
         name = domain.name
         if name in self.managed or self._foreign(name) is not None:
             raise OperationError(f"domain '{name}' is already running")
@@ -306,7 +311,8 @@ class DomainManager:
         self._busy.add(name)
         try:
             launched = await pipeline.start(self.conn, domain, paused=paused,
-                                            diagnose=self.diagnose, outlive=True)
+                                            diagnose=self.diagnose, outlive=True,
+                                            reset_nvram=reset_nvram)
         finally:
             self._busy.discard(name)
         managed = Managed(launched, state="paused" if paused else "running",

@@ -505,6 +505,7 @@ class Controller:
     index: int | None = None
     model: str | None = None
     element: etree._Element | None = field(default=None, repr=False, compare=False)
+    ports: int | None = None  #: ``ports=`` of a USB controller (xHCI port count)
 
 
 def parse_controller(ctx: ParseContext, el: etree._Element) -> Controller:
@@ -516,7 +517,9 @@ def parse_controller(ctx: ParseContext, el: etree._Element) -> Controller:
     if ctype == "pci" and index is not None and index > MAX_PCI_CONTROLLER_INDEX:
         raise ctx.error(el, f"PCI controller index {index} too high, maximum is "
                             f"{MAX_PCI_CONTROLLER_INDEX}")
-    return Controller(type=ctype, model=el.get("model"), element=el, index=index)
+    ports = int_attr(ctx, el, "ports", "USB port count", maximum=15,
+                     too_large="a USB controller has at most {maximum} ports, not {value}")
+    return Controller(type=ctype, model=el.get("model"), element=el, index=index, ports=ports)
 
 
 @dataclass
@@ -675,4 +678,33 @@ def parse_devices(ctx: ParseContext, devices: etree._Element | None) -> Devices:
             out.watchdogs.append(parse_watchdog(ctx, el))
         else:
             _parse_misc(ctx, el, out)
+    number_controllers(out.controllers)
     return out
+
+
+#: PCI controllers that are the root bus (always index 0)
+PCI_ROOTS = frozenset({"pci-root", "pcie-root"})
+
+
+def number_controllers(controllers: list[Controller]) -> None:
+    """Give every controller without ``index=`` one, as libvirt does at parse time (virt-install
+    writes none): a PCI root bus 0, any other controller the lowest index its type has free
+    (PCI from 1: bus 0 is the root), in document order; written into the tree too."""
+    used: dict[str | None, set[int]] = {}
+    for c in controllers:
+        if c.index is not None:
+            used.setdefault(c.type, set()).add(c.index)
+    for c in controllers:
+        if c.index is not None:
+            continue
+        taken = used.setdefault(c.type, set())
+        if c.type == "pci" and c.model in PCI_ROOTS:
+            index = 0
+        else:
+            index = 1 if c.type == "pci" else 0
+            while index in taken:
+                index += 1
+        taken.add(index)
+        c.index = index
+        if c.element is not None:
+            c.element.set("index", str(index))

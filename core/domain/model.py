@@ -160,6 +160,35 @@ class OS:
     nvram: str | None = None
     nvram_template: str | None = None
     firmware: str | None = None
+    #: ``<firmware><feature enabled name>``: secure-boot / enrolled-keys → wanted or refused
+    firmware_features: dict[str, bool] = field(default_factory=dict)
+
+
+FIRMWARE_TYPES = ("efi", "bios")
+FIRMWARE_FEATURES = ("secure-boot", "enrolled-keys")
+
+
+def _parse_firmware(ctx: ParseContext, os_el: etree._Element, result: OS) -> None:
+    """``<os firmware=>`` and ``<firmware><feature>`` with libvirt 9.0's rules and messages."""
+    if result.firmware is not None and result.firmware not in FIRMWARE_TYPES:
+        raise ctx.error(os_el, f"unknown firmware value '{one_line(result.firmware, 40)}'; use "
+                               "firmware='efi' or firmware='bios'")
+    fw_el = child(os_el, "firmware")
+    for feat in children(fw_el, "feature") if fw_el is not None else []:
+        name = feat.get("name")
+        if name not in FIRMWARE_FEATURES:
+            raise ctx.error(feat, f"invalid firmware feature name '{one_line(name or '', 40)}'; "
+                                  "use secure-boot or enrolled-keys")
+        if feat.get("enabled") is None:
+            raise ctx.error(feat, "firmware feature needs enabled='yes' or enabled='no'")
+        result.firmware_features[name] = yes_no(ctx, feat, "enabled", False)
+    if result.firmware_features and result.firmware != "efi":
+        raise ctx.error(fw_el, "firmware features need firmware autoselection; add "
+                               "firmware='efi' to <os>")
+    if result.firmware_features.get("enrolled-keys") and \
+            result.firmware_features.get("secure-boot") is False:
+        raise ctx.error(fw_el, "firmware feature 'enrolled-keys' cannot be enabled when "
+                               "firmware feature 'secure-boot' is disabled")
 
 
 def _parse_os(ctx: ParseContext, root: etree._Element, device_boot: bool) -> OS:
@@ -189,6 +218,7 @@ def _parse_os(ctx: ParseContext, root: etree._Element, device_boot: bool) -> OS:
                                   "os/boot elements; keep one of them")
     if not boots and not device_boot:
         result.boot_devs = ["hd"]
+    _parse_firmware(ctx, os_el, result)
     loader = child(os_el, "loader")
     if loader is not None:
         result.loader = Loader(path=child_text(os_el, "loader"), type=loader.get("type"),
@@ -235,6 +265,19 @@ class Domain:
     clock_offset: str = "utc"
     clock: Clock = field(default_factory=Clock)
     vmport: str | None = None  #: <features><vmport state='on|off'/>
+    smm: str | None = None  #: <features><smm state='on|off'/>
+    #: ``<features><hyperv>`` enlightenments in document order: (name, value) with value
+    #: ``on``/``off``, the spinlock retry count or the vendor id
+    hyperv: list[tuple[str, str]] = field(default_factory=list)
+    #: ``<pm><suspend-to-mem|suspend-to-disk enabled>``: "s3"/"s4" → enabled (absent: QEMU's)
+    pm: dict[str, bool] = field(default_factory=dict)
+    #: the ``<os>`` element as configured, when firmware auto-selection filled in the loader
+    #: and NVRAM (:meth:`fill_firmware`): the inactive XML shows it again, the live XML the
+    #: resolved firmware (kept in live XML as state ``configos``)
+    config_os: str | None = None
+    #: ``<smm state='on'/>`` was added for SMM firmware (state ``smmfilled``): not in the
+    #: inactive XML
+    smm_filled: bool = False
     cpu: Cpu | None = None
     memory_backing: MemoryBacking | None = None
     on_poweroff: str = "destroy"
@@ -311,6 +354,66 @@ class Domain:
         self.seclabels.remove(sec)
         remove_element(sec.element)
 
+    def fill_firmware(self, loader: str, nvram: str, template: str | None, *,
+                      secure: bool, smm: bool) -> None:
+        """Record the firmware auto-selection picked (libvirt's qemuFirmwareEnableFeatures):
+        a read-only pflash ``<loader>`` (``secure='yes'`` for SMM firmware), the ``<nvram
+        template=>`` file and, for firmware that requires SMM, ``<smm state='on'/>``. The
+        ``firmware=`` attribute and ``<firmware>`` go, as in libvirt's live XML; the inactive
+        XML shows the ``<os>`` as configured (:attr:`config_os`)."""
+        os_el = child(self.root, "os")
+        assert os_el is not None
+        if self.config_os is None:
+            self.config_os = etree.tostring(os_el, encoding="unicode", with_tail=False)
+        os_el.attrib.pop("firmware", None)
+        fw_el = child(os_el, "firmware")
+        if fw_el is not None:
+            remove_element(fw_el)
+        loader_el = child(os_el, "loader")
+        if loader_el is None:
+            loader_el = etree.Element("loader")
+            insert_element(os_el, os_el.index(child(os_el, "type")) + 1, loader_el)
+        attrs = {"readonly": "yes", **({"secure": "yes"} if secure else {}), "type": "pflash"}
+        loader_el.attrib.clear()
+        loader_el.attrib.update(attrs)
+        loader_el.text = loader
+        self.os.firmware = None
+        self.os.firmware_features = {}
+        self.os.loader = Loader(path=loader, readonly=True, type="pflash", secure=secure)
+        self.fill_nvram(nvram, template)
+        if smm and self.smm is None:
+            features = child(self.root, "features")
+            if features is None:
+                features = etree.Element("features")
+                insert_element(self.root, self.root.index(os_el) + 1, features)
+                self.features = []
+            el = etree.Element("smm")
+            el.set("state", "on")
+            insert_element(features, len(features), el)
+            self.features.append("smm")
+            self.smm = "on"
+            self.smm_filled = True
+
+    def fill_nvram(self, nvram: str, template: str | None = None) -> None:
+        """Give the pflash loader its NVRAM file when the XML names none (libvirt's default
+        ``<nvram_dir>/<name>_VARS.fd``) and record the template; only the live XML shows it."""
+        os_el = child(self.root, "os")
+        assert os_el is not None
+        if self.config_os is None:
+            self.config_os = etree.tostring(os_el, encoding="unicode", with_tail=False)
+        nvram_el = child(os_el, "nvram")
+        if nvram_el is None:
+            loader_el = child(os_el, "loader")
+            after = loader_el if loader_el is not None else child(os_el, "type")
+            nvram_el = etree.Element("nvram")
+            insert_element(os_el, os_el.index(after) + 1, nvram_el)
+        if template is not None:
+            nvram_el.set("template", template)
+        if child(nvram_el, "source") is None and not (nvram_el.text or "").strip(BLANK):
+            nvram_el.text = nvram
+        self.os.nvram = self.os.nvram or nvram
+        self.os.nvram_template = template or self.os.nvram_template
+
     def to_xml(self, live: bool = False, extra: Mapping[str, object] | None = None) -> str:
         """Serialise the tree (unknown elements, attributes, namespaces, comments included).
 
@@ -345,6 +448,8 @@ class Domain:
         else:
             root.attrib.pop("id", None)
             drop_generated_paths(root, self.generated_paths)
+            if self.config_os is not None:
+                _restore_os(root, self.config_os, self.smm_filled)
             drop_allocated_ports(root)
             drop_generated_ifnames(root)
             for i, sec in positions.items():
@@ -352,6 +457,22 @@ class Domain:
             drop_device_labelskip(root)
             drop_state(root)
         return etree.tostring(doc, encoding="unicode")
+
+
+def _restore_os(root: etree._Element, config_os: str, smm_filled: bool) -> None:
+    """Put the configured ``<os>`` back (and drop the ``<smm>`` firmware selection added)."""
+    os_el = child(root, "os")
+    if os_el is None:
+        return
+    original = etree.fromstring(config_os)
+    original.tail = os_el.tail
+    root.replace(os_el, original)
+    features = child(root, "features")
+    smm = child(features, "smm") if features is not None else None
+    if smm_filled and smm is not None:
+        remove_element(smm)
+        if features is not None and len(features) == 0:
+            remove_element(features)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -419,14 +540,70 @@ def _parse_name(ctx: ParseContext, root: etree._Element) -> str:
     return name
 
 
-def _vmport(ctx: ParseContext, features: etree._Element | None) -> str | None:
-    vmport = child(features, "vmport") if features is not None else None
-    if vmport is None:
+def _on_off(ctx: ParseContext, features: etree._Element | None, tag: str) -> str | None:
+    """``<features><TAG state='on|off'/>`` (vmport, smm), None when absent."""
+    el = child(features, tag) if features is not None else None
+    if el is None:
         return None
-    state = vmport.get("state")
+    state = el.get("state", "on" if tag == "smm" else None)
     if state not in ("on", "off"):
-        raise ctx.error(vmport, "<vmport> needs state='on' or state='off'")
+        raise ctx.error(el, f"<{tag}> needs state='on' or state='off'")
     return state
+
+
+#: the Hyper-V enlightenments vmconfine renders (libvirt 9.0's names)
+HYPERV_FEATURES = ("relaxed", "vapic", "spinlocks", "vpindex", "runtime", "synic", "stimer",
+                   "reset", "vendor_id", "frequencies", "reenlightenment", "tlbflush", "ipi",
+                   "evmcs")
+#: the fewest spinlock retries Hyper-V accepts (libvirt's check)
+MIN_SPINLOCK_RETRIES = 4095
+
+
+def _hyperv(ctx: ParseContext, features: etree._Element | None) -> list[tuple[str, str]]:
+    """``<features><hyperv mode='custom'>`` with libvirt's rules."""
+    hv = child(features, "hyperv") if features is not None else None
+    if hv is None:
+        return []
+    if hv.get("mode", "custom") != "custom":
+        raise ctx.error(hv, f"hyperv mode '{one_line(hv.get('mode', ''), 20)}' is not "
+                            "supported; use mode='custom' (the default)")
+    out: list[tuple[str, str]] = []
+    for el in hv:
+        if not isinstance(el.tag, str):
+            continue
+        if el.tag not in HYPERV_FEATURES:
+            raise ctx.error(el, f"unsupported HyperV Enlightenment feature: "
+                                f"{one_line(el.tag, 40)}")
+        state = el.get("state")
+        if state not in ("on", "off"):
+            raise ctx.error(el, f"<hyperv><{el.tag}> needs state='on' or state='off'")
+        value = state
+        if el.tag == "spinlocks" and state == "on":
+            retries = int_attr(ctx, el, "retries", "spinlock retries")
+            if retries is None:
+                raise ctx.error(el, "missing HyperV spinlock retry count; add retries='8191'")
+            if retries < MIN_SPINLOCK_RETRIES:
+                raise ctx.error(el, f"HyperV spinlock retry count must be at least "
+                                    f"{MIN_SPINLOCK_RETRIES}, not {retries}")
+            value = str(retries)
+        elif el.tag == "vendor_id" and state == "on":
+            vendor = el.get("value") or ""
+            if not 0 < len(vendor) <= 12 or not vendor.isascii() or not vendor.isalnum():
+                raise ctx.error(el, "HyperV vendor_id value must be 1 to 12 letters or digits")
+            value = vendor
+        out.append((el.tag, value))
+    return out
+
+
+def _pm(ctx: ParseContext, root: etree._Element) -> dict[str, bool]:
+    """``<pm>``: suspend-to-mem (S3) and suspend-to-disk (S4) enabled yes/no."""
+    pm = child(root, "pm")
+    out: dict[str, bool] = {}
+    for tag, key in (("suspend-to-mem", "s3"), ("suspend-to-disk", "s4")):
+        el = child(pm, tag) if pm is not None else None
+        if el is not None and el.get("enabled") is not None:
+            out[key] = yes_no(ctx, el, "enabled", False)
+    return out
 
 
 def _lifecycle(ctx: ParseContext, root: etree._Element, tag: str, default: str,
@@ -554,7 +731,8 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         features=[etree.QName(c).localname for c in features_el if isinstance(c.tag, str)]
         if features_el is not None else [],
         clock=clock, clock_offset=clock.offset, cpu=parse_cpu(ctx, root),
-        vmport=_vmport(ctx, features_el),
+        vmport=_on_off(ctx, features_el, "vmport"), smm=_on_off(ctx, features_el, "smm"),
+        pm=_pm(ctx, root), hyperv=_hyperv(ctx, features_el),
         memory_backing=parse_memory_backing(ctx, root),
         on_poweroff=_lifecycle(ctx, root, "on_poweroff", "destroy", LIFECYCLE_ACTIONS),
         on_reboot=_lifecycle(ctx, root, "on_reboot", "restart", LIFECYCLE_ACTIONS),
@@ -570,5 +748,8 @@ def parse_domain(data: bytes | str, source: str = "<stdin>", *,
         state=read_state(root))
     generated = dom.state.get("generated", [])
     dom.generated_paths = list(generated) if isinstance(generated, list) else []
+    config_os = dom.state.get("configos")
+    dom.config_os = config_os if isinstance(config_os, str) and config_os else None
+    dom.smm_filled = dom.state.get("smmfilled") == "yes"
     dom.qemu_args, dom.qemu_env = _parse_qemu_namespace(ctx, root)
     return dom

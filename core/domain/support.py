@@ -73,10 +73,11 @@ def _storage() -> dict[str, Node]:
     return {"source": source, "backingStore": backing}
 
 
-def _chardev(target: str, attrs: str = "type") -> Node:
+def _chardev(target: str, attrs: str = "type",
+             target_children: dict[str, Node] | None = None) -> Node:
     return E(attrs, {
         "source": E("path mode host service", {"seclabel": _seclabel()}),
-        "target": E(target),
+        "target": E(target, target_children),
         "log": E("file append"),
         "protocol": E("type", values={"type": "raw"}),
         "address": _ADDRESS,
@@ -95,13 +96,14 @@ _DEVICES = E("", {
         "readonly": E(), "shareable": E(), "transient": E(), "serial": E(),
         "boot": E("order"), "address": _ADDRESS,
     }),
-    "controller": E("type index model", {"model": E("name"), "target": E("chassis port"),
+    "controller": E("type index model ports", {"model": E("name"), "target": E("chassis port"),
                                          "address": _ADDRESS}),
     "interface": E("type", {"mac": E("address"), "model": E("type"),
                             "source": E("network bridge dev mode"),
                             "target": E("dev managed"), "driver": E("name queues"),
                             "mtu": E("size"), "boot": E("order"), "address": _ADDRESS}),
-    "serial": _chardev("type port"),
+    "serial": _chardev("type port", target_children={
+        "model": E("name", values={"name": "isa-serial"})}),
     "console": _chardev("type port", "type tty"),
     "parallel": _chardev("port"),
     "channel": _chardev("type name"),
@@ -142,17 +144,27 @@ IMPLEMENTED = E("type id", {
     "os": E("firmware", {
         "type": E("arch machine"), "boot": E("dev"), "kernel": E(), "initrd": E(),
         "cmdline": E(), "dtb": E(),
-        "loader": E("readonly type secure", values={"secure": "no"}),
-        "nvram": E("", {"source": E("file")}),
-    }),
-    "features": E("", {"acpi": E(), "apic": E(), "pae": E(), "vmport": E("state")}),
+        "firmware": E("", {"feature": E("enabled name")}),
+        "loader": E("readonly type secure"),
+        "nvram": E("template", {"source": E("file")}),
+    }, values={"firmware": "efi bios"}),
+    "features": E("", {"acpi": E(), "apic": E(), "pae": E(), "vmport": E("state"),
+                       "smm": E("state"), "hyperv": E("mode", {
+                           "relaxed": E("state"), "vapic": E("state"),
+                           "spinlocks": E("state retries"), "vpindex": E("state"),
+                           "runtime": E("state"), "synic": E("state"), "stimer": E("state"),
+                           "reset": E("state"), "vendor_id": E("state value"),
+                           "frequencies": E("state"), "reenlightenment": E("state"),
+                           "tlbflush": E("state"), "ipi": E("state"), "evmcs": E("state"),
+                       }, values={"mode": "custom"})}),
+    "pm": E("", {"suspend-to-mem": E("enabled"), "suspend-to-disk": E("enabled")}),
     "cpu": E("mode match check migratable", {
         "model": E("fallback"),
         "feature": E("policy name"),
         "topology": E("sockets dies cores threads"),
     }, values={"migratable": "on"}),
     "clock": E("offset", {"timer": E("name tickpolicy present track", values={
-        "name": "rtc pit hpet", "tickpolicy": "delay catchup discard",
+        "name": "rtc pit hpet hypervclock", "tickpolicy": "delay catchup discard",
         "track": "guest wall realtime"})}),
     "memoryBacking": E("", {"hugepages": E("", {"page": E("size unit")})}),
     "on_poweroff": E(text="destroy"),

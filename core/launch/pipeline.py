@@ -2,11 +2,12 @@
 
 :func:`start` reads top to bottom as libvirt's ``qemuProcessStart``:
 
-1. *init* — validate the domain against the stack (seclabel models, each driver's ``verify``)
-   and resolve backing chains; reserve the name, UUID and id under the instance lock and
-   journal ``begin``;
+1. *init* — firmware auto-selection, validate the domain against the stack (seclabel
+   models, each driver's ``verify``) and resolve backing chains; reserve the name, UUID and
+   id under the instance lock and journal ``begin``;
 2. *prepare domain* — generate labels (``gen_label``), build the command line;
-3. *prepare host* — ``preflight``, runtime directories, the pre-opened resources
+3. *prepare host* — the NVRAM made from its template, ``preflight``, runtime directories,
+   the pre-opened resources
    (:mod:`~.preopen`: every listening socket — QMP monitors, chardevs in ``mode='bind'``, the
    VNC socket — created with ``set_socket_label`` around it, every chardev file and log
    opened; QEMU gets them as fds), ``set_all_labels`` (one transaction: a failure rolls back
@@ -59,13 +60,14 @@ from vmconfine.launch.journal import Journal
 from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
 from vmconfine.plugin.context import DomainContext
-from vmconfine.qemu import probe, qmp
+from vmconfine.qemu import firmware, probe, qmp
 from vmconfine.qemu.argv import (
     CommandPaths,
     QemuCommand,
     build_command,
     default_machine,
     find_emulator,
+    guest_arch,
 )
 from vmconfine.qemu.argv_display import (
     allocate_spice_ports,
@@ -169,6 +171,8 @@ def canonicalise_machine(conn: Connection, domain: Domain, *, strict: bool = Tru
     with a warning."""
     try:
         emulator = find_emulator(domain, conn.instance.config)
+        if not os.path.exists(emulator):  # libvirt's message for a missing binary (the
+            checks.check_emulator(emulator)  # probe says what is wrong with one that exists)
         known = machines(emulator, probe.for_instance(conn.instance))
     except (VmconfineError, OSError) as exc:
         if strict:
@@ -198,6 +202,8 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None,
                           conn.instance.config.spice_auto_unix_socket)
     allocate_spice_ports(domain, conn.instance.config)
     resolve_interfaces(conn.instance, domain)
+    canonicalise_machine(conn, domain, strict=not symbolic)
+    select_firmware(conn, domain)  # after: the configured <os> it keeps has the canonical type
     stack = stack if stack is not None else conn.stack
     stack.check_models(domain)
     stack.verify(domain)
@@ -205,7 +211,6 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None,
         if disk.source is not None and disk.type in ("file", "block"):
             resolve_chain(disk.source, missing_ok=symbolic)
     checks.check_sources(domain)
-    canonicalise_machine(conn, domain, strict=not symbolic)
 
 
 def define_domain(conn: Connection, domain: Domain) -> None:
@@ -227,6 +232,44 @@ def define_domain(conn: Connection, domain: Domain) -> None:
         log.warning("domain %s defined without PCI addresses: %s", domain.name, exc)
 
 
+def select_firmware(conn: Connection, domain: Domain) -> None:
+    """Firmware auto-selection (:mod:`vmconfine.qemu.firmware`): the loader and NVRAM the
+    descriptors give are filled into the domain (the live XML shows them)."""
+    machine = domain.os.machine or default_machine(domain)
+    if machine is None:
+        return  # build_command refuses the domain with its own message
+    firmware.check_secure_boot(domain, machine)
+    os_ = domain.os
+    nvram_exists = bool(os_.nvram) and os.path.exists(str(os_.nvram))
+    inst = conn.instance
+    nvram = firmware.nvram_file(inst.nvram_dir, domain.name)
+    if firmware.needs_selection(domain, nvram_exists):
+        emulator = find_emulator(domain, inst.config)
+        resolved = machines(emulator, probe.for_instance(inst)).canonical(machine) or machine
+        descriptors = firmware.load(firmware.search_dirs(inst.privileged))
+        firmware.fill(domain, descriptors, resolved, guest_arch(domain), nvram)
+    loader = domain.os.loader
+    if loader is not None and loader.type == "pflash" and loader.readonly and \
+            not domain.os.nvram:
+        domain.fill_nvram(nvram)  # libvirt's default NVRAM of a read-only pflash loader
+
+
+def prepare_nvram(domain: Domain, *, reset: bool = False) -> None:
+    """The domain's NVRAM file from its template (never over an existing one unless
+    ``reset``); an NVRAM that does not exist and has no template is refused."""
+    os_ = domain.os
+    if not os_.nvram or os_.loader is None or os_.loader.type != "pflash":
+        return
+    if os_.nvram_template:
+        if firmware.create_nvram(os_.nvram, os_.nvram_template, reset=reset):
+            log.info("domain %s: NVRAM %s created from %s", domain.name, os_.nvram,
+                     os_.nvram_template)
+    elif not os.path.exists(os_.nvram):
+        raise firmware.FirmwareError(
+            f"NVRAM {os_.nvram} does not exist and no template is known; give <nvram "
+            "template='...'> or use <os firmware='efi'>")
+
+
 def native_command(conn: Connection, domain: Domain) -> QemuCommand:
     """What ``domxml-to-native`` prints: the argv ``run`` would execute, per-start values
     shown symbolically."""
@@ -243,11 +286,13 @@ def native_command(conn: Connection, domain: Domain) -> QemuCommand:
 
 
 async def start(conn: Connection, domain: Domain, *, paused: bool = False,
-                diagnose: Diagnose | None = None, outlive: bool = False) -> Launched:
+                diagnose: Diagnose | None = None, outlive: bool = False,
+                reset_nvram: bool = False) -> Launched:
     """Start ``domain`` confined; return once QEMU's confinement is verified and its status
     written (and its CPUs run unless ``paused``). On any failure everything done so far is
     undone before raising. ``outlive``: QEMU keeps running if this process dies (the daemon,
-    which reconnects to it); otherwise it is killed with this process (``run``)."""
+    which reconnects to it); otherwise it is killed with this process (``run``).
+    ``reset_nvram``: make the NVRAM again from its template (virsh start --reset-nvram)."""
     inst = conn.instance
     inst.ensure_dirs()
     stack = conn.stack
@@ -274,6 +319,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         ctx.command = command
         ctx.state["pipeline"] = {}
         # 3. prepare host
+        prepare_nvram(domain, reset=reset_nvram)
         stack.preflight(ctx)
         checkpoint("preflight")
         _make_runtime_dirs(ctx)
@@ -461,7 +507,8 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
     """QMP handshake, or a clear error as soon as QEMU exits instead of answering."""
     process = launched.process
     connect = asyncio.ensure_future(qmp.connect(
-        conn.instance.monitor_path(launched.name), f"vmconfine-{launched.name}"))
+        conn.instance.monitor_path(launched.name), f"vmconfine-{launched.name}",
+        qmp.START_TIMEOUT))
     exited = asyncio.ensure_future(process.exited.wait())
     try:
         await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -529,6 +576,8 @@ def write_status(conn: Connection, launched: Launched) -> None:
         "supervisor": str(os.getpid()),
         "taints": ",".join(launched.ctx.taints),
         "generated": list(launched.ctx.domain.generated_paths),
+        "configos": launched.ctx.domain.config_os,
+        "smmfilled": "yes" if launched.ctx.domain.smm_filled else None,
     }
     xml = launched.ctx.domain.to_xml(live=True, extra={"id": launched.domain_id, "state": state})
     with runtime.instance_lock(conn.instance):

@@ -184,8 +184,17 @@ def open_file(journal: Journal, p: PassedFd) -> int:
     return fd
 
 
+#: the longest unix socket path (``sun_path`` is 108 bytes with its NUL)
+SUN_PATH_MAX = 107
+
+
 def _stale_socket(path: str, what: str) -> os.stat_result | None:
-    """What is at a socket's path: None, or a (stale) socket; anything else is refused."""
+    """What is at a socket's path: None, or a (stale) socket; anything else is refused, and
+    so is a path too long for a unix socket."""
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise LaunchError(f"cannot create socket {path}: the path is {len(os.fsencode(path))} "
+                          f"bytes long and a unix socket path holds at most {SUN_PATH_MAX}; "
+                          f"give the {what} a shorter path")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

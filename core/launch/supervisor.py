@@ -169,7 +169,7 @@ async def supervise(conn: Connection, launched: Launched, *,
 def run_domain(conn: Connection, domain: Domain, *, paused: bool = False,
                shutdown_timeout: float | None = None,
                on_ready: Callable[[Launched], None] | None = None,
-               diagnose: Diagnose | None = None) -> Outcome:
+               diagnose: Diagnose | None = None, reset_nvram: bool = False) -> Outcome:
     """Start ``domain`` and supervise it until it stops, in this process (``vmconfine run``).
 
     While it starts, SIGTERM and SIGHUP interrupt the start like ^C does, so every change made
@@ -180,7 +180,8 @@ def run_domain(conn: Connection, domain: Domain, *, paused: bool = False,
         raise KeyboardInterrupt(f"signal {signum}")
 
     async def lifecycle() -> Outcome:
-        launched = await start(conn, domain, paused=paused, diagnose=diagnose)
+        launched = await start(conn, domain, paused=paused, diagnose=diagnose,
+                               reset_nvram=reset_nvram)
         return await supervise(conn, launched, shutdown_timeout=shutdown_timeout,
                                on_ready=on_ready)
 

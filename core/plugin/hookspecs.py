@@ -199,6 +199,14 @@ def release_label(ctx: DomainContext, seclabel: SecLabel) -> None:
     """Give the domain's label back (teardown). Restore-type: must not fail on repeat."""
 
 
+@hookspec
+def forget_domain(host: HostContext, domain: Domain) -> None:
+    """The domain's persistent definition is gone (``undefine``) and it does not run: give
+    back what the driver keeps for a defined domain between its runs (the DAC driver's
+    per-domain uid). Restore-type: must not fail on repeat. Parent (the daemon).
+    """
+
+
 # --------------------------------------------------------------------------------------------
 # Stage 3: host resources (per driver, parent; set-type with rollback / restore-type)
 # --------------------------------------------------------------------------------------------

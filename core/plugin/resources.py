@@ -263,8 +263,8 @@ def domain_resources(domain: Domain, runtime_dir: Path | None = None,
             Resource(os_.loader.path, Role.LOADER, "ro" if os_.loader.readonly else "rw",
                      readonly=bool(os_.loader.readonly), source=os_.loader)
         )
-    if os_.nvram:
-        out.append(Resource(os_.nvram, Role.NVRAM, "rw"))
+    if os_.nvram:  # ``source``: the <os>, whose nvram_template makes a missing NVRAM at start
+        out.append(Resource(os_.nvram, Role.NVRAM, "rw", source=os_))
     for role in (Role.KERNEL, Role.INITRD, Role.DTB):
         path = getattr(os_, role.value)
         if path:

@@ -428,6 +428,16 @@ class Stack:
                     errors.append(err)
         return errors
 
+    def forget(self, domain: Domain) -> list[str]:
+        """``forget_domain`` on every driver (an undefined domain that does not run);
+        returns the problems (best effort, as a restore)."""
+        errors: list[str] = []
+        for d in self.drivers:
+            err = _best_effort(d, "forget_domain", host=self.host, domain=domain)
+            if err:
+                errors.append(err)
+        return errors
+
     # ---- set / restore ------------------------------------------------------------------------
     def set(self, hook: str, ctx: DomainContext, **kwargs: Any) -> None:
         """Run set-type ``hook`` in order; on failure restore the failing and earlier drivers in

@@ -41,7 +41,14 @@ from vmconfine.qemu.argv_devices import (
     to_json,
 )
 from vmconfine.qemu.argv_display import add_graphics
-from vmconfine.qemu.argv_platform import add_cpu, add_rtc, add_watchdogs, memory_backend, smp
+from vmconfine.qemu.argv_platform import (
+    add_cpu,
+    add_pm,
+    add_rtc,
+    add_watchdogs,
+    memory_backend,
+    smp,
+)
 from vmconfine.qemu.fdpass import (
     FDSET,
     LISTEN,
@@ -303,6 +310,8 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
         opts.append("usb=off")
     if domain.vmport is not None:
         opts.append(f"vmport={domain.vmport}")
+    if domain.smm is not None:
+        opts.append(f"smm={domain.smm}")
     opts.append("dump-guest-core=" + ("on" if getattr(config, "dump_guest_core", False)
                                       else "off"))
     _firmware(b, opts)
@@ -313,6 +322,19 @@ def _machine(b: Builder, config: Any, ram: dict[str, Any] | None) -> None:
     b.add("-machine", ",".join(opts))
     b.add("-accel", "kvm" if domain.virt_type == "kvm" else "tcg")
     add_cpu(b)
+    loader = domain.os.loader
+    if loader is not None and loader.secure:
+        if not loader.path or loader.type != "pflash":
+            raise UnsupportedConfigError(
+                "<loader secure='yes'> needs a pflash firmware: give <os firmware='efi'> or "
+                "<loader type='pflash' readonly='yes'>PATH</loader>"
+            )
+        if not b.q35:
+            raise UnsupportedConfigError(
+                f"Secure boot is supported with q35 machine types only (machine '{b.machine}')"
+                "; use <type machine='q35'>"
+            )
+        b.add("-global", "driver=cfi.pflash01,property=secure,value=on")
     if b.bios:
         b.add("-bios", b.bios)
 
@@ -338,10 +360,11 @@ def _check_unsupported(domain: Domain) -> None:
         raise UnsupportedConfigError(
             "<filesystem> shares are not supported; remove the <filesystem> or use a disk"
         )
-    if domain.os.firmware and (domain.os.loader is None or not domain.os.loader.path):
+    if domain.os.firmware:
         raise UnsupportedConfigError(
-            f"firmware auto-selection (<os firmware='{domain.os.firmware}'>) is not "
-            f"supported; give <loader type='pflash'>PATH</loader> (and <nvram>)"
+            f"<os firmware='{domain.os.firmware}'> has not been resolved: firmware "
+            f"auto-selection runs in `vmconfine run` and `domxml-to-native` (or give "
+            f"<loader type='pflash'>PATH</loader> and <nvram>)"
         )
 
 
@@ -404,6 +427,7 @@ def build_command(domain: Domain, config: Any, paths: CommandPaths, *,
     add_rtc(b)
     if domain.on_reboot == "destroy":
         b.add("-no-reboot")
+    add_pm(b)
     b.add("-boot", "strict=on")
     if domain.os.kernel:
         b.add("-kernel", domain.os.kernel)

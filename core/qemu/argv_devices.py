@@ -193,6 +193,18 @@ def _controllers(b: Builder, ctype: str) -> dict[int, str | None]:
     return out
 
 
+def _usb_ports(b: Builder, index: int, qdev: str) -> dict[str, int]:
+    """``ports=N`` of an xHCI controller: USB 2 and USB 3 ports (``p2``/``p3``, libvirt)."""
+    ports = next((c.ports for c in b.domain.controllers
+                  if c.type == "usb" and (c.index or 0) == index), None)
+    if ports is None:
+        return {}
+    if qdev not in ("qemu-xhci", "nec-usb-xhci"):
+        raise UnsupportedConfigError(f"usb controller type {qdev} doesn't support 'ports' with "
+                                     "this QEMU binary; use model='qemu-xhci'")
+    return {"p2": ports, "p3": ports}
+
+
 def add_controllers(b: Builder) -> None:
     """USB, SATA (AHCI), SCSI and virtio-serial controllers, declared or implied by devices."""
     usb = _controllers(b, "usb")
@@ -211,7 +223,7 @@ def add_controllers(b: Builder) -> None:
                 f"{', '.join(sorted(USB_MODELS))} or 'none'"
             )
         alias = "usb" if index == 0 else f"usb{index}"
-        b.device({"driver": qdev, "id": alias})
+        b.device({"driver": qdev, **_usb_ports(b, index, qdev), "id": alias})
         if b.usb_bus is None:
             b.usb_bus = f"{alias}.0"
 

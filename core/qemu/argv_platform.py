@@ -1,6 +1,6 @@
 """The guest-platform half of the QEMU command line (see :mod:`vmconfine.qemu.argv`): vCPUs and
-their model (``-smp``, ``-cpu``), the RTC (``-rtc``), guest RAM (``-m`` and a hugetlbfs memory
-backend) and the watchdog (``-device`` + ``-action watchdog=``).
+their model (``-smp``, ``-cpu``), the RTC (``-rtc``), ACPI suspend (``<pm>``), guest RAM (``-m``
+and a hugetlbfs memory backend) and the watchdog (``-device`` + ``-action watchdog=``).
 
 Renderings follow libvirt 9.0's ``qemu_command.c`` (checked with ``virsh domxml-to-native``)
 with these differences, on purpose:
@@ -53,8 +53,41 @@ def smp(b: Builder) -> str:
     return value
 
 
+#: libvirt's order of the Hyper-V CPU properties (its enum order)
+HYPERV_ORDER = ("relaxed", "vapic", "spinlocks", "vpindex", "runtime", "synic", "stimer", "reset",
+                "vendor_id", "frequencies", "reenlightenment", "tlbflush", "ipi", "evmcs")
+
+
+def hyperv_flags(b: Builder) -> list[str]:
+    """``hv-*`` CPU properties: the ``hypervclock`` timer, then ``<hyperv>`` features in
+    document order (libvirt 9.0's spelling: ``hv-spinlocks=0x1fff``, ``hv-vendor-id=X``)."""
+    flags = [f"hv-time={'on' if t.present else 'off'}" for t in b.domain.clock.timers
+             if t.name == "hypervclock" and t.present is not None]
+    order = {name: i for i, name in enumerate(HYPERV_ORDER)}
+    for name, value in sorted(b.domain.hyperv, key=lambda f: order.get(f[0], len(order))):
+        prop = "hv-" + name.replace("_", "-")
+        if name == "spinlocks" and value != "off":
+            flags.append(f"{prop}={int(value):#x}")
+        elif name == "vendor_id" and value != "off":
+            flags.append(f"{prop}={value}")
+        elif value == "on" or name not in ("spinlocks", "vendor_id"):
+            flags.append(f"{prop}={value}")
+    return flags
+
+
 def cpu_model(b: Builder) -> str | None:
-    """``-cpu`` value for ``<cpu>``, or None for QEMU's default model."""
+    """``-cpu`` value for ``<cpu>`` and the Hyper-V enlightenments, or None for QEMU's default
+    model."""
+    model = _cpu_model(b)
+    hv = hyperv_flags(b)
+    if not hv:
+        return model
+    if model is None:  # the default model, written out to carry the flags (as libvirt)
+        model = "qemu32" if b.arch == "i686" else "qemu64"
+    return ",".join([model, *hv])
+
+
+def _cpu_model(b: Builder) -> str | None:
     cpu = b.domain.cpu
     kvm = b.domain.virt_type == "kvm"
     if cpu is None or (cpu.mode == "custom" and cpu.model is None and not cpu.features):
@@ -127,6 +160,25 @@ def add_rtc(b: Builder) -> None:
         elif timer.name == "hpet" and timer.present is False:
             extra.append("-no-hpet")
     b.add("-rtc", rtc, *extra)
+
+
+#: the ACPI power-management device whose S3/S4 support ``<pm>`` switches, per machine
+PM_DEVICES = {True: "ICH9-LPC", False: "PIIX4_PM"}
+
+
+def add_pm(b: Builder) -> None:
+    """``<pm><suspend-to-mem|suspend-to-disk enabled>``: ``-global DEV.disable_s3=0|1`` (and
+    ``disable_s4``) on the machine's ACPI device, as libvirt's qemuBuildPMCommandLine."""
+    pm = b.domain.pm
+    if not pm:
+        return
+    if b.arch not in ("x86_64", "i686"):
+        raise UnsupportedConfigError("<pm> suspend settings are implemented for x86 machines "
+                                     "only; remove <pm>")
+    dev = PM_DEVICES[b.q35]
+    for key in ("s3", "s4"):
+        if key in pm:
+            b.add("-global", f"{dev}.disable_{key}={0 if pm[key] else 1}")
 
 
 def memory_backend(b: Builder, hugepage_dir: str | None) -> dict[str, Any] | None:

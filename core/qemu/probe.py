@@ -49,7 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TIMEOUT = 20.0
+#: bounds an emulator that never ends (a FIFO, a wrapper that hangs); generous because a
+#: loaded host (or QEMU under nested TCG) can take many seconds for what is ~0.1 s when idle
+TIMEOUT = 60.0
 OUTPUT_MAX = 4 << 20
 CACHE_SUBDIR = "emulator-probes"
 CACHE_FORMAT = 1
@@ -347,6 +349,7 @@ class EmulatorProbe:
         return value
 
     def _run(self, argv: list[str], emulator: str) -> str:
+        regular_file(argv[0])  # a FIFO or a device would hang or mislead the exec
         shown = one_line(" ".join(argv))
         where = f"emulator {one_line(emulator)}: `{shown}` (run as {self.user.describe()})"
         try:

@@ -21,6 +21,10 @@ from qemu.qmp.message import Message
 from vmconfine.errors import LaunchError, VmconfineError
 
 DEFAULT_TIMEOUT = 10.0
+#: how long a starting QEMU may take to answer its first QMP handshake (libvirt's monitor
+#: wait, QEMU_DEFAULT_MONITOR_WAIT, is 30 s too); the launch pipeline stops waiting at once
+#: when QEMU exits instead, so this only bounds a QEMU that hangs during start-up
+START_TIMEOUT = 30.0
 
 
 async def connect(path: Path | str, name: str, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:

@@ -328,6 +328,8 @@ def _file_problems(res: Resource, view: dict[str, Any], who: Identity,
                    running: bool) -> None:
     path = res.path
     if not view["exists"]:
+        if res.role == "nvram" and getattr(res.source, "nvram_template", None):
+            return  # `run` makes it from its template before anything is labelled
         if res.role in REQUIRED_ROLES:
             problems.add("error", "domain", f"{res.role} {path} does not exist",
                          "fix the path in the domain XML", path)

@@ -334,7 +334,7 @@ class AppArmorDriver:
                 text = Path(f"{profile}.files").read_text()
             except OSError:
                 text = ""
-            out["rules"] = [ln.strip() for ln in text.splitlines()
+            out["rules"] = [ln.strip() for ln in report.qemu_rules(text.splitlines())
                             if ln.strip() and not ln.lstrip().startswith("#")]
         return out
 

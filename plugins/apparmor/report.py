@@ -26,6 +26,22 @@ PARSER = "/sbin/apparmor_parser"
 _RULE = re.compile(r'^\s*(deny\s+)?"([^"]+)"\s+([a-zA-Z]+)\s*,')
 
 
+def qemu_rules(lines: list[str]) -> list[str]:
+    """The lines of a ``.files`` text that are QEMU's: without child profiles (``profile
+    swtpm { ... }``, the TPM emulator's rules, which QEMU does not get)."""
+    out: list[str] = []
+    depth = 0
+    for line in lines:
+        text = line.strip()
+        if text.startswith("profile ") and text.endswith("{"):
+            depth += 1
+        elif depth and text == "}":
+            depth -= 1
+        elif not depth:
+            out.append(line)
+    return out
+
+
 def rules(ctx: DomainContext, desc: dict[str, Any]) -> list[str] | None:
     """The profile's ``.files`` rules: the loaded profile's, else what the helper would write
     (None when the helper refuses the domain or is not installed)."""
@@ -37,7 +53,8 @@ def rules(ctx: DomainContext, desc: dict[str, Any]) -> list[str] | None:
         try:
             from vmconfine_aa_helper.rules import domain_rules
 
-            cache["report_rules"] = domain_rules(ctx.domain, ctx.instance).render().splitlines()
+            cache["report_rules"] = qemu_rules(
+                domain_rules(ctx.domain, ctx.instance).render().splitlines())
         except Exception as exc:  # the helper refuses a path, or is not installed
             cache["report_rules"] = None
             cache["report_rules_error"] = str(exc)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 from vmconfine.errors import ConfigError, DriverError, LabelError
 from vmconfine.plugin import resources as core_resources
 from vmconfine.plugin.hookspecs import hookimpl
+from vmconfine_dac import idleases, relabel, report
 from vmconfine_dac import preflight as preflight_mod
-from vmconfine_dac import relabel, report
 from vmconfine_dac.identity import (
     CAPNG_MISSING,
     Identity,
@@ -26,12 +26,14 @@ from vmconfine_dac.identity import (
     group_id,
     have_capng,
     parse_label,
+    process_ids,
     read_status,
     supplementary_groups,
     switch_identity,
     user_id,
     verify_status,
 )
+from vmconfine_dac.idrange import RangeConfig, UidRange, kvm_group, parse_range, range_config
 
 if TYPE_CHECKING:
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
@@ -48,7 +50,9 @@ def identity(ctx: DomainContext) -> Identity:
     """QEMU's ids for this domain, computed once in the parent and kept in ``ctx.state``.
 
     The process label is the DAC seclabel's ``<label>`` when there is one, else qemu.conf
-    ``user``/``group``; groups are that uid's groups from the user database.
+    ``user``/``group``; groups are that uid's groups from the user database. A uid of
+    qemu.conf ``user_range`` (the domain's own) gets its own gid and ``shared_group`` (and
+    /dev/kvm's group for a KVM domain) instead: it has no entry in the user database.
     """
     state = ctx.driver_state(MODEL)
     ident = state.get("identity")
@@ -58,8 +62,17 @@ def identity(ctx: DomainContext) -> Identity:
             uid, gid = parse_label(sec.label)
         else:
             uid, gid = config_ids(ctx.config)
-        ident = Identity(uid, gid, supplementary_groups(uid, gid),
-                         clear_caps=bool(ctx.config.clear_emulator_capabilities))
+        clear = bool(ctx.config.clear_emulator_capabilities)
+        rc = range_config(ctx.config)
+        if rc is not None and uid in rc.range:
+            groups = {gid, rc.shared_gid}
+            kvm = kvm_group(ctx.domain.virt_type)
+            if kvm is not None:
+                groups.add(kvm)
+            ident = Identity(uid, gid, tuple(sorted(groups)), clear_caps=clear,
+                             shared_gid=rc.shared_gid)
+        else:
+            ident = Identity(uid, gid, supplementary_groups(uid, gid), clear_caps=clear)
         state["identity"] = ident
     if ident.high_privileges:
         ctx.taint("high-privileges")
@@ -105,6 +118,14 @@ class DacDriver:
 
     def __init__(self, host: HostContext) -> None:
         self.host = host
+        self._registries: dict[UidRange, idleases.IdentityRegistry] = {}
+
+    def registry(self, rng: UidRange) -> idleases.IdentityRegistry:
+        """The instance's per-domain uid registry for ``rng`` (opened once)."""
+        reg = self._registries.get(rng)
+        if reg is None:
+            reg = self._registries[rng] = idleases.open_registry(self.host.instance, rng)
+        return reg
 
     # ---- probe and identity ----------------------------------------------------------------
     @hookimpl
@@ -148,29 +169,118 @@ class DacDriver:
 
     @hookimpl
     def gen_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
-        """libvirt's virSecurityDACGenLabel."""
+        """libvirt's virSecurityDACGenLabel; with ``user_range``, a uid of the domain's own."""
+        self._gen(ctx, seclabel, plan=False)
+
+    @hookimpl
+    def plan_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
+        """The report's dry run: a domain's uid from ``user_range`` is its lease, if it has
+        one; else the range's first id stands for the one a start will allocate."""
+        self._gen(ctx, seclabel, plan=True)
+
+    def _gen(self, ctx: DomainContext, seclabel: SecLabel, *, plan: bool) -> None:
         if seclabel.imagelabel:
             raise LabelError("security image label already defined for VM")
-        if seclabel.model and seclabel.model != MODEL:
-            raise LabelError(f"security label model {seclabel.model} is not supported with "
-                             "dac")
-        if seclabel.type == "static":
-            if not seclabel.label:
-                raise LabelError(f"missing label for static security driver in domain "
-                                 f"{ctx.domain.name}")
-            parse_label(seclabel.label)
-        elif seclabel.type == "dynamic":
-            seclabel.label = format_label(*config_ids(ctx.config))
-        else:
+        if not self._label(ctx, seclabel, plan=plan):
             return
         if seclabel.relabel and not seclabel.imagelabel:
             seclabel.imagelabel = seclabel.label
         ctx.driver_state(MODEL).pop("identity", None)  # the label decides the ids
         identity(ctx)
 
+    def _label(self, ctx: DomainContext, seclabel: SecLabel, *, plan: bool) -> bool:
+        """Fill ``seclabel.label`` (libvirt's virSecurityDACGenLabel; a dynamic label with
+        ``user_range`` is the domain's own uid). False for a label type without one."""
+        if seclabel.model and seclabel.model != MODEL:
+            raise LabelError(f"security label model {seclabel.model} is not supported with "
+                             "dac")
+        rc = range_config(ctx.config)
+        if seclabel.type == "static":
+            if not seclabel.label:
+                raise LabelError(f"missing label for static security driver in domain "
+                                 f"{ctx.domain.name}")
+            uid, _gid = parse_label(seclabel.label)
+            if rc is not None and uid in rc.range:
+                raise LabelError(f"static DAC label {seclabel.label} of domain "
+                                 f"{ctx.domain.name} is inside qemu.conf user_range "
+                                 f"{rc.range}, whose ids are allocated per domain: use a "
+                                 "dynamic label or an id outside the range")
+        elif seclabel.type == "dynamic":
+            if rc is None:
+                seclabel.label = format_label(*config_ids(ctx.config))
+            elif plan:
+                uid = self._planned_uid(ctx, rc)
+                seclabel.label = format_label(uid, uid)
+            else:
+                uid = self._allocate(ctx, rc)
+                seclabel.label = format_label(uid, uid)
+        else:
+            return False
+        return True
+
+    def _planned_uid(self, ctx: DomainContext, rc: RangeConfig) -> int:
+        state = ctx.driver_state(MODEL)
+        if idleases.registry_dir(ctx.instance).is_dir():
+            lease = self.registry(rc.range).lookup(ctx.domain.uuid)
+            if lease is not None and lease.value.isdigit() and int(lease.value) in rc.range:
+                state["lease"] = "held"
+                return int(lease.value)
+        state["lease"] = "planned"
+        return rc.range.low
+
+    def _allocate(self, ctx: DomainContext, rc: RangeConfig) -> int:
+        """The domain's own uid: its lease (a defined domain keeps it), else a free one.
+        Journaled first, so a crash at any point is undone by the next command."""
+        domain = ctx.domain
+        ctx.journal.record(MODEL, "identity", owner=domain.uuid, name=domain.name,
+                           range=str(rc.range))
+        uid = int(self.registry(rc.range).allocate(domain.uuid, domain.name, keep=True))
+        ctx.journal.note(MODEL, "identity-allocated", uid=uid)
+        ctx.driver_state(MODEL)["lease"] = "held"
+        return uid
+
+    def _release_identity(self, ctx: DomainContext) -> None:
+        """Teardown (journal-driven): give the domain's uid back unless the domain is
+        defined (it keeps its uid between runs). Idempotent."""
+        journal = ctx.journal
+        rec = None
+        for r in journal.records(MODEL):
+            if r["op"] == "identity":
+                rec = r
+            elif r["op"] == "identity-released":
+                rec = None
+        if rec is None:
+            return
+        owner, name = str(rec["owner"]), str(rec["name"])
+        kept = idleases.defined_uuid(ctx.instance, name) in ("", owner)
+        if not kept:
+            try:
+                rng = UidRange(*parse_range(str(rec["range"])))
+            except ValueError as exc:
+                raise LabelError(f"journal {journal.path}: bad identity record: {exc}") from None
+            self.registry(rng).release(owner)
+        journal.note(MODEL, "identity-released", owner=owner, kept=kept)
+
+    @hookimpl
+    def forget_domain(self, host: HostContext, domain: Domain) -> None:
+        rc = range_config(host.config)
+        if rc is None or not idleases.registry_dir(host.instance).is_dir():
+            return
+        if idleases.defined_uuid(host.instance, domain.name) in ("", domain.uuid):
+            return  # defined again meanwhile
+        self.registry(rc.range).release(domain.uuid)
+
     @hookimpl
     def reserve_label(self, ctx: DomainContext, seclabel: SecLabel, pid: int) -> None:
-        return None  # DAC labels are not unique per domain (libvirt: no-op)
+        """libvirt: a no-op (DAC labels are not unique per domain). A uid of ``user_range``
+        is: the running domain's lease is checked (and taken again if it was lost)."""
+        rc = range_config(ctx.config)
+        if rc is None or seclabel.type != "dynamic" or not seclabel.label:
+            return
+        uid, _gid = parse_label(seclabel.label)
+        if uid in rc.range:
+            self.registry(rc.range).reserve(ctx.domain.uuid, ctx.domain.name, str(uid),
+                                            seclabel.label)
 
     @hookimpl
     def release_label(self, ctx: DomainContext, seclabel: SecLabel) -> None:
@@ -201,7 +311,8 @@ class DacDriver:
 
     @hookimpl
     def restore_all_labels(self, ctx: DomainContext) -> None:
-        self._restore(ctx)
+        self._restore(ctx)  # raises while files may still be the uid's: it stays leased
+        self._release_identity(ctx)
 
     @hookimpl
     def set_image_label(self, ctx: DomainContext, disk: Disk) -> None:
@@ -291,7 +402,11 @@ class DacDriver:
             status = read_status(pid)
         except OSError as exc:
             return [f"cannot read /proc/{pid}/status: {exc.strerror}"]
-        return verify_status(status, identity(ctx))
+        ident = identity(ctx)
+        problems = verify_status(status, ident)
+        if problems and ident.shared_gid is not None:
+            problems = [f"{p} (the domain's own identity from user_range)" for p in problems]
+        return problems
 
     @hookimpl
     def explain(self, ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:
@@ -314,6 +429,13 @@ class DacDriver:
             out.update(action="none", during=None, summary=f"{before} ({note})")
             return out
         p = plans[0]
+        if p.uid == relabel.KEEP:  # a shared image (per-domain uids)
+            bits = "rw" if p.mode_add & 0o020 else "r"
+            out.update(action="shared-group", during=f"owner:+{p.gid} g+{bits}",
+                       restore=False, remember=False,
+                       summary=f"{before} -> group +{p.gid} g+{bits}, unless QEMU can "
+                               "already use it (shared image; kept)")
+            return out
         during = format_label(p.uid, p.gid)
         out.update(action="chown", during=during, owner=[p.uid, p.gid], restore=p.restore,
                    remember=p.remember and bool(ctx.config.remember_owner),
@@ -339,8 +461,11 @@ class DacDriver:
             uid, gid = config_ids(host.config)
             ident = Identity(uid, gid, supplementary_groups(uid, gid),
                              clear_caps=bool(host.config.clear_emulator_capabilities))
-        return {"uid": ident.uid, "gid": ident.gid, "groups": sorted({*ident.groups, ident.gid}),
-                "capabilities": "cleared" if ident.clear_caps else "kept", "layer": "DAC"}
+        out = {"uid": ident.uid, "gid": ident.gid, "groups": sorted({*ident.groups, ident.gid}),
+               "capabilities": "cleared" if ident.clear_caps else "kept", "layer": "DAC"}
+        if ident.shared_gid is not None:
+            out["identity"] = "own (user_range)"
+        return out
 
     @hookimpl
     def host_checks(self, host: HostContext, wanted: bool, dirs: list[str]) -> list[dict[str, str]]:
@@ -349,7 +474,24 @@ class DacDriver:
     @hookimpl
     def explain_process(self, ctx: DomainContext, kernel: dict[str, Any] | None,
                         ) -> list[dict[str, Any]]:
-        return []  # QEMU's ids: the core's rows, from qemu_identity
+        """QEMU's ids are the core's rows (from ``qemu_identity``); with ``user_range`` one
+        row says whose they are."""
+        ident = identity(ctx)
+        if ident.shared_gid is None:
+            return []
+        intended = identity_summary(ctx, ident)
+        row: dict[str, Any] = {"item": "identity", "intended": intended, "kernel": None}
+        if ctx.pid is not None:
+            try:
+                uids, gids, groups = process_ids(read_status(ctx.pid))
+            except OSError as exc:
+                row["kernel"] = f"unreadable: {exc.strerror}"
+                row["differs"] = True
+                return [row]
+            row["kernel"] = (f"uid {' '.join(map(str, uids))}, gid {' '.join(map(str, gids))}, "
+                             f"groups {','.join(map(str, groups))}")
+            row["differs"] = bool(verify_status(read_status(ctx.pid), ident))
+        return [row]
 
     @hookimpl
     def describe(self, ctx: DomainContext) -> dict[str, Any]:
@@ -357,6 +499,11 @@ class DacDriver:
         sec = ctx.seclabel(MODEL)
         owned = sorted({r["path"] for r in ctx.journal.records(MODEL, "chown")})
         return {
+            "summary": identity_summary(ctx, ident),
+            "uid": ident.uid,
+            "gid": ident.gid,
+            "own_identity": ident.shared_gid is not None,
+            "shared_gid": ident.shared_gid,
             "label": ident.label,
             "imagelabel": sec.imagelabel if sec is not None else None,
             "groups": list(ident.groups),
@@ -365,6 +512,19 @@ class DacDriver:
             "remember_owner": bool(ctx.config.remember_owner),
             "owned": owned,
         }
+
+
+def identity_summary(ctx: DomainContext, ident: Identity) -> str:
+    """One line: who QEMU runs as, and whose ids those are (``dominfo``, ``confinement``)."""
+    groups = ",".join(str(g) for g in sorted({*ident.groups, ident.gid}))
+    ids = f"uid {ident.uid}, gid {ident.gid}, groups {groups}"
+    if ident.shared_gid is None:
+        return f"{ids} (qemu.conf user/group, shared by every domain)"
+    rc = range_config(ctx.config)
+    where = f" from user_range {rc.range}" if rc is not None else ""
+    lease = ctx.driver_state(MODEL).get("lease")
+    note = "; allocated at start" if lease == "planned" else ""
+    return (f"{ids} (the domain's own{where}; shared group {ident.shared_gid}{note})")
 
 
 def _chown_record(ctx: DomainContext, path: str) -> dict[str, Any] | None:

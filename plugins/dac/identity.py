@@ -118,6 +118,9 @@ class Identity:
     gid: int
     groups: tuple[int, ...] = field(default_factory=tuple)
     clear_caps: bool = True
+    #: the domain's own uid from qemu.conf ``user_range``: the group of the images several
+    #: domains use (None: the qemu.conf user/group model, libvirt's)
+    shared_gid: int | None = None
 
     @property
     def label(self) -> str:

@@ -32,6 +32,7 @@ from vmconfine.perms import (
     with_owner,
 )
 from vmconfine_dac.identity import CAPNG_MISSING, Identity, have_capng
+from vmconfine_dac.relabel import KEEP
 
 if TYPE_CHECKING:
     from vmconfine.plugin.context import DomainContext
@@ -132,7 +133,12 @@ def _check_resource(c: _Checker, res: Resource, p: Plan | None) -> None:
     want = R | W if res.access == "rw" else R
     if res.is_dir or stat.S_ISDIR(st.st_mode):
         want |= X
-    if p is not None:  # judge the inode as it will be once chowned
+    if p is not None and p.uid == KEEP:  # a shared image: QEMU can use it as it is, or it
+        if c.ok(st, want):                # gets the shared group with the group bits
+            return
+        st = with_owner(st, (st.st_uid, p.gid))
+        st = os.stat_result((st.st_mode | p.mode_add, *tuple(st)[1:]))
+    elif p is not None:  # judge the inode as it will be once chowned
         st = with_owner(st, (p.uid, p.gid))
     if c.ok(st, want) or has_acl(real):
         return
@@ -147,6 +153,8 @@ def _check_missing(c: _Checker, res: Resource, p: Plan | None) -> None:
     path = res.path
     if res.role == "runtime_dir":
         return  # vmconfine creates it after preflight
+    if res.role == "nvram" and getattr(res.source, "nvram_template", None):
+        return  # made from its template at start, before preflight (a report runs before)
     if res.role in REQUIRED_ROLES:
         raise LabelError(f"{res.role} {path} does not exist; fix the path in the domain XML")
     if res.create and not res.passed:  # QEMU creates it (a SPICE socket): in its directory

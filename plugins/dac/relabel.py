@@ -25,6 +25,13 @@ bits: the capabilities are remembered with the owner (journal and xattr record) 
 given back with it, unless the inode changed after the chown (its ctime, noted right after,
 differs: QEMU wrote to it, and a write drops them too).
 
+With a per-domain uid (qemu.conf ``user_range``, :mod:`vmconfine_dac.idrange`), the images
+several domains may use at once — backing layers, ``<readonly/>`` and ``<shareable/>`` disks,
+kernel, initrd, dtb — are not given to one domain's uid: when QEMU cannot already read them
+(write: ``<shareable/>``), they keep their owner and get ``shared_group`` with group read
+(read-write for ``<shareable/>``), never restored (as libvirt never restores such images);
+world access is never added. Everything else is the domain's own uid:gid, as above.
+
 ``relabel='no'`` on the domain's DAC seclabel or on a device source skips it; a device
 ``<seclabel model='dac'><label>`` sets the owner (backing layers inherit the top image's).
 Images get the domain's ``imagelabel``; chardevs, hostdevs and the runtime dir the process
@@ -70,6 +77,10 @@ log = logging.getLogger(__name__)
 
 DRIVER = "dac"
 IMAGE_ROLES = frozenset({"disk", "backing", "kernel", "initrd", "dtb", "nvram"})
+#: with a per-domain uid: images other domains may use too (plus readonly/shareable disks)
+SHARED_ROLES = frozenset({"backing", "kernel", "initrd", "dtb"})
+#: "keep the owner" in a plan (fchown's -1)
+KEEP = -1
 SKIPPED_ROLES = frozenset({"loader", "devnode", "graphics"})
 #: chown errors that mean "this file system will not let root change owners" (NFS root squash,
 #: read-only mounts, file systems without owners)
@@ -91,6 +102,9 @@ class Plan(NamedTuple):
     remember: bool
     access: int
     create: bool = False  #: QEMU may create it (a missing path is not an error)
+    #: group bits to add (a shared image with a per-domain uid: the file keeps its owner,
+    #: ``uid`` is -1, and nothing changes when QEMU can already use it)
+    mode_add: int = 0
 
 
 def device_tag(res: Resource) -> str:
@@ -146,6 +160,11 @@ def _plan_one(res: Resource, ident: Identity, image_ids: tuple[int, int]) -> Pla
         return None
     if dev is not None and dev.label:
         uid, gid = parse_label(dev.label)
+    elif ident.shared_gid is not None and (role in SHARED_ROLES or (
+            role == "disk" and (res.readonly or res.shared))):
+        shared_rw = role == "disk" and res.shared and res.access == "rw"
+        return Plan(res.path, role, device_tag(res), KEEP, ident.shared_gid, False, False,
+                    R | W if shared_rw else R, mode_add=0o060 if shared_rw else 0o040)
     elif role in IMAGE_ROLES:
         uid, gid = image_ids
     else:
@@ -238,6 +257,7 @@ class _Item:
     seen: owners.Record | None = None  #: the remembered-owner record, read under the lock
     remember: bool = False
     fcaps: bytes | None = None  #: the file's capabilities, which the chown clears
+    skip: bool = False  #: a shared image QEMU can use as it is: no record, no change
 
 
 def _close(batch: list[_Item]) -> None:
@@ -293,6 +313,11 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
         h, p, res = it.handle, it.plan, it.res
         # a file that is locked is read again under its lock; else the stat of its check will do
         st = it.st = h.stat() if it.want_remember or h.opened_stat is None else h.opened_stat
+        if p.uid == KEEP:
+            if can_access(st, ident.uid, ident.gid, ident.groups, p.access):
+                it.skip = True  # a shared image QEMU can already use: left as it is
+                continue
+            it.plan = p = p._replace(uid=st.st_uid)
         remember = it.want_remember and h.locked
         seen = owners.peek(h, names) if remember else None
         if seen is None:
@@ -308,17 +333,19 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
             "prefix": prefix if remember else None,
             "ref_before": seen.ref if seen is not None else None,
             "fcaps": it.fcaps.hex() if it.fcaps else None,
+            "mode_add": p.mode_add or None,
         }))
     journal.record_many(entries)
     done = 0
     try:
         for it in batch:
-            _change(journal, it, ident, names)
+            if not it.skip:
+                _change(journal, it, ident, names)
             done += 1
     except BaseException:
         # the files after the failing one were journaled but not touched: say so, so that the
         # rollback leaves them (and their remembered counts) alone
-        rest = batch[done + 1:]
+        rest = [it for it in batch[done + 1:] if not it.skip]
         with contextlib.suppress(OSError):
             journal.note_many([(DRIVER, "restored", {"id": it.rid, "how": "not-made"})
                                for it in rest])
@@ -342,6 +369,9 @@ def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -
                 f"domain, this one asks for {format_label(p.uid, p.gid)}); give both domains "
                 "the same owner or stop the other one"
             )
+    if p.mode_add:
+        _add_group_access(h, res, st, p)
+        return
     if st.st_uid == p.uid and st.st_gid == p.gid:
         return
     if log.isEnabledFor(logging.INFO):
@@ -356,6 +386,24 @@ def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -
         # gives back only if nothing changed the inode after this moment (a write by QEMU
         # clears them too, and must not get them back)
         journal.note(DRIVER, "labelled", id=it.rid, ctime=h.stat().st_ctime_ns)
+
+
+def _add_group_access(h: FileHandle, res: Resolved, st: os.stat_result, p: Plan) -> None:
+    """A shared image: its owner stays, its group becomes the shared group with the bits of
+    ``p.mode_add`` (never world access). Kept after the domain stops, like libvirt's
+    readonly/shared/backing images."""
+    log.info("dac: giving %s to the shared group %d (g+%s)", res.resolved, p.gid,
+             "rw" if p.mode_add & 0o020 else "r")
+    try:
+        if st.st_gid != p.gid:
+            h.chown(-1, p.gid)
+        mode = stat.S_IMODE(h.stat().st_mode)
+        if mode & p.mode_add != p.mode_add:
+            h.chmod(mode | p.mode_add)
+    except OSError as exc:
+        raise LabelError(f"cannot give {res.resolved} to the shared group +{p.gid} (group "
+                         f"{'read-write' if p.mode_add & 0o020 else 'read'}): "
+                         f"{exc.strerror}; make it readable by that group yourself") from None
 
 
 def _chown_failed(journal: Journal, rid: str, res: Resolved, st: os.stat_result, p: Plan,

@@ -96,7 +96,7 @@ class NamespacesDriver:
         return self._avail
 
     def wanted(self) -> list[str]:
-        return list(getattr(self.host.config, "namespaces", None) or [])
+        return list(self.host.config.driver_settings("namespaces").namespaces or [])
 
     @hookimpl
     def probe(self, host: HostContext) -> tuple[bool, str]:

@@ -77,7 +77,9 @@ QEMU_CONF = {
     "seccomp_sandbox": lambda v: f"seccomp_sandbox = {int(v)}",
     "set_process_name": lambda v: f"set_process_name = {1 if v else 0}",
 }
-BRIDGES = ("pcie-root-port", "pci-bridge")
+#: separates the answers of a virsh script (domxml_to_native_many)
+MARK = "@@vmconfine-next@@"
+BRIDGES = ("pcie-root-port", "pci-bridge", "pcie-pci-bridge")
 NOBODY = 65534
 
 
@@ -89,12 +91,35 @@ class LibvirtEmbed:
         self.virsh = virsh
         self.uri = f"qemu:///embed?root={root}"
 
-    def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         env = ["env", "-i", "PATH=/usr/bin:/bin", f"HOME={self.root}"]
         cmd = [*env, self.virsh, "-q", "-c", self.uri, *args]
         if os.geteuid() == 0:
             cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                              input=stdin)
+
+    def domxml_to_native_many(self, xmls: dict[str, str]) -> dict[str, str]:
+        """``domxml-to-native`` of many domains in one virsh (commands read from stdin, as a
+        virsh script: one connection instead of one per domain); name → the command line, or
+        ``error: ...`` when libvirt refused the domain."""
+        script = []
+        for name, xml in xmls.items():
+            path = self.root / f"{name}.xml"
+            path.write_text(xml)
+            path.chmod(0o644)
+            script += [f"domxml-to-native qemu-argv {path}", f"echo {MARK}"]
+        proc = self._run(stdin="\n".join(script) + "\n")
+        # virsh echoes a prompt line per command (readline may redraw it), then the answer: a
+        # single line, without a final newline
+        chunks = proc.stdout.split(f"virsh # echo {MARK}\n")[:-1]
+        answers = [next((ln for ln in c.split("\n") if ln.startswith("LC_ALL=")), "")
+                   for c in chunks]
+        errors = iter(ln for ln in proc.stderr.splitlines() if ln.startswith("error:"))
+        result = {name: answer.strip() or next(errors, "error: (no message)")
+                  for name, answer in zip(xmls, answers, strict=False)}
+        assert len(result) == len(xmls), proc.stderr
+        return result
 
     def domxml_to_native(self, name: str, xml: str, settings: dict[str, Any],
                          extra_conf: str = "") -> str:
@@ -181,6 +206,73 @@ def libvirt_runtime(argv: list[str]) -> str:
     return path
 
 
+def options(argv: list[str], name: str) -> list[str]:
+    """The values of every ``name`` option of ``argv``, sorted."""
+    return sorted(argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name)
+
+
+def run_libvirt(argv: list[str], env: dict[str, str], nvram_template: str | None = None,
+                ) -> tuple[dict[str, Any], str | None]:
+    """QEMU started paused from libvirt's command line, with what libvirt makes at start (its
+    domain directory and master key, the generated channel directory, the NVRAM copied from
+    ``nvram_template``, swtpm for a TPM emulator); return its QMP view and the NVRAM path
+    (None: no NVRAM)."""
+    ws = Workspace(Path(tempfile.mkdtemp(prefix="vmc-lv-run-", dir="/tmp")))
+    try:
+        monitor = libvirt_runtime(argv)
+        for value in options(argv, "-chardev"):
+            found = re.search(r"^socket,.*?path=((?:[^,]|,,)+)", value)
+            if found:
+                Path(found.group(1).replace(",,", ",")).parent.mkdir(parents=True,
+                                                                     exist_ok=True)
+        nvram = next((json.loads(v)["filename"] for v in options(argv, "-blockdev")
+                      if "pflash1-storage" in v), None)
+        if nvram is not None:
+            assert nvram_template is not None, "libvirt's command line has an NVRAM"
+            Path(nvram).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(nvram_template, nvram)
+        proc = launch(_with_swtpm(argv, ws), env, ws, "libvirt")
+        view = qmp_view(monitor, proc, ws, "libvirt")
+        assert wait_exit(proc) == 0
+    finally:
+        ws.close()
+        shutil.rmtree(ws.root, ignore_errors=True)
+    return view, nvram
+
+
+def _with_swtpm(argv: list[str], ws: Workspace) -> list[str]:
+    """libvirt's command line as libvirt runs it: ``domxml-to-native`` shows a TPM emulator's
+    chardev as ``null`` (no swtpm in a dry run); at start libvirt starts swtpm and gives QEMU
+    its socket, which this does too."""
+    out = list(argv)
+    for i, value in enumerate(out):
+        found = re.fullmatch(r"null,id=(chrtpm\d*)", value)
+        if i and out[i - 1] == "-chardev" and found:
+            sock = str(ws.root / f"{found.group(1)}.sock")
+            _swtpm(sock, ws)
+            out[i] = f"socket,id={found.group(1)},path={sock}"
+    return out
+
+
+def _swtpm(sock: str, ws: Workspace) -> None:
+    """swtpm on ``sock``, as libvirt starts it before QEMU (it ends when QEMU lets go)."""
+    swtpm = shutil.which("swtpm")
+    require(swtpm, "swtpm is not installed (apt-get install swtpm)")
+    assert swtpm is not None
+    state = ws.root / f"tpm-{len(list(ws.root.glob('tpm-*')))}"
+    state.mkdir()
+    Path(sock).parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([swtpm, "socket", "--tpm2", "--tpmstate", f"dir={state}", "--ctrl",
+                             f"type=unixio,path={sock}", "--terminate"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ws.defer(lambda: (proc.kill(), proc.wait(timeout=30)))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock):
+        assert proc.poll() is None and time.monotonic() < deadline, "swtpm did not listen"
+        time.sleep(0.02)
+
+
 def comparable(view: dict[str, Any]) -> dict[str, Any]:
     """The parts of a QMP view both command lines must agree on."""
     vnc = view["vnc"]
@@ -194,6 +286,7 @@ def comparable(view: dict[str, Any]) -> dict[str, Any]:
         "builtin_pci": sorted(cls for qid, cls in view["pci"] if not qid),
         "devices": {k: v for k, v in view["peripheral"].items() if v not in BRIDGES},
         "vnc": (vnc["enabled"], vnc["family"], vnc["host"]),
+        "tpm": view["tpm"],
     }
 
 

@@ -343,43 +343,52 @@ async def _collect(sock: str, proc: subprocess.Popen[bytes],
     try:
         if vnc is not None:  # as `vmconfine run` does after the handshake
             await preopen.hand_over_vnc(client, vnc)
-        view: dict[str, Any] = {}
-        view["status"] = (await client.execute("query-status"))["status"]
-        view["name"] = (await client.execute("query-name")).get("name")
-        view["uuid"] = (await client.execute("query-uuid"))["UUID"]
-        view["cpus"] = len(await client.execute("query-cpus-fast"))
-        view["memory"] = (await client.execute("query-memory-size-summary"))["base-memory"]
-        view["kvm"] = (await client.execute("query-kvm"))["enabled"]
-        # QEMU 7.2 has no "is-current" in query-machines: read the machine's QOM type
-        qom_type = await client.execute("qom-get", {"path": "/machine", "property": "type"})
-        current = str(qom_type).removesuffix("-machine")
-        aliases = {m["name"]: m.get("alias") for m in await client.execute("query-machines")}
-        view["machine"] = (current, aliases.get(current))
-        view["block"] = {}
-        for blk in await client.execute("query-block"):
-            ins = blk.get("inserted")
-            view["block"][_qdev_id(blk.get("qdev") or blk["device"])] = None if ins is None else {
-                "file": _plain(ins["file"]), "ro": ins["ro"], "drv": ins["drv"],
-                "chain": _chain(ins["image"]), "depth": ins["backing_file_depth"]}
-        view["nodes"] = sorted(
-            (_plain(n["file"]), n["drv"], n["ro"]) for n in await client.execute(
-                "query-named-block-nodes", {"flat": True})
-            if n["drv"] not in ("file", "host_device", "host_cdrom"))
-        view["chardev"] = {c["label"]: c["filename"].removeprefix("disconnected:")
-                           for c in await client.execute("query-chardev")}
-        view["pci"] = sorted((d.get("qdev_id", ""), d["class_info"]["class"])
-                             for d in _pci_devices(await client.execute("query-pci")))
-        view["peripheral"] = {
-            p["name"]: p["type"][len("child<"):-1]
-            for path in ("/machine/peripheral", "/machine/peripheral-anon")
-            for p in await client.execute("qom-list", {"path": path})
-            if p["type"].startswith("child<")}
-        vnc = await client.execute("query-vnc")
-        view["vnc"] = {k: vnc.get(k) for k in ("enabled", "family", "host", "service")}
+        view = await read_view(client)
         await client.execute("quit")
     finally:
         with contextlib.suppress(Exception, EOFError):
             await client.disconnect()
+    return view
+
+
+async def read_view(client: QMPClient) -> dict[str, Any]:
+    """What QMP shows of the VM (compared by the tests): status, name, UUID, CPUs, memory,
+    accelerator, machine, block devices and nodes, chardevs, PCI classes, devices, VNC, TPMs."""
+    view: dict[str, Any] = {}
+    view["status"] = (await client.execute("query-status"))["status"]
+    view["name"] = (await client.execute("query-name")).get("name")
+    view["uuid"] = (await client.execute("query-uuid"))["UUID"]
+    view["cpus"] = len(await client.execute("query-cpus-fast"))
+    view["memory"] = (await client.execute("query-memory-size-summary"))["base-memory"]
+    view["kvm"] = (await client.execute("query-kvm"))["enabled"]
+    # QEMU 7.2 has no "is-current" in query-machines: read the machine's QOM type
+    qom_type = await client.execute("qom-get", {"path": "/machine", "property": "type"})
+    current = str(qom_type).removesuffix("-machine")
+    aliases = {m["name"]: m.get("alias") for m in await client.execute("query-machines")}
+    view["machine"] = (current, aliases.get(current))
+    view["block"] = {}
+    for blk in await client.execute("query-block"):
+        ins = blk.get("inserted")
+        view["block"][_qdev_id(blk.get("qdev") or blk["device"])] = None if ins is None else {
+            "file": _plain(ins["file"]), "ro": ins["ro"], "drv": ins["drv"],
+            "chain": _chain(ins["image"]), "depth": ins["backing_file_depth"]}
+    view["nodes"] = sorted(
+        (_plain(n["file"]), n["drv"], n["ro"]) for n in await client.execute(
+            "query-named-block-nodes", {"flat": True})
+        if n["drv"] not in ("file", "host_device", "host_cdrom"))
+    view["chardev"] = {c["label"]: c["filename"].removeprefix("disconnected:")
+                       for c in await client.execute("query-chardev")}
+    view["pci"] = sorted((d.get("qdev_id", ""), d["class_info"]["class"])
+                         for d in _pci_devices(await client.execute("query-pci")))
+    view["peripheral"] = {
+        p["name"]: p["type"][len("child<"):-1]
+        for path in ("/machine/peripheral", "/machine/peripheral-anon")
+        for p in await client.execute("qom-list", {"path": path})
+        if p["type"].startswith("child<")}
+    vnc = await client.execute("query-vnc")
+    view["vnc"] = {k: vnc.get(k) for k in ("enabled", "family", "host", "service")}
+    view["tpm"] = sorted((t["model"], t["options"]["type"])
+                         for t in await client.execute("query-tpm"))
     return view
 
 

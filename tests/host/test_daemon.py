@@ -19,7 +19,7 @@ import pytest
 
 from tests.host.conftest import VMCONFINE, Embed, VmDir
 from tests.host.test_landlock_cli import Session, checkout_searchable  # noqa: F401 (fixture)
-from tests.support import REPO
+from tests.support import REPO, interruptible
 from vmconfine.launch.runtime import same_process
 
 pytestmark = pytest.mark.host
@@ -37,13 +37,13 @@ class Daemon:
         self.ro = embed.root / "run" / "vmconfine-sock-ro"
         self.log = embed.root / "daemon.log"
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60) -> None:
         logf = open(self.log, "a")
         self.proc = subprocess.Popen([VMCONFINE, "-c", self.embed.uri, "daemon"],
                                      stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                      cwd=REPO, start_new_session=True, text=True)
         logf.close()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited: {self.log.read_text()}")
@@ -61,11 +61,15 @@ class Daemon:
         return self.embed.cli(*args, check=check, **kw)  # type: ignore[arg-type]
 
     def qemu_pid(self, name: str) -> int:
-        out = self.cli("dominfo", name).stdout
-        return int(re.search(r"^PID:\s+(\d+)", out, re.M).group(1))  # type: ignore[union-attr]
+        return dominfo_pid(self.cli("dominfo", name).stdout)
 
     def state(self, name: str) -> str:
         return self.cli("domstate", "--reason", name).stdout.strip()
+
+
+def dominfo_pid(dominfo: str) -> int:
+    """The QEMU pid in ``dominfo``'s output."""
+    return int(re.search(r"^PID:\s+(\d+)", dominfo, re.M).group(1))  # type: ignore[union-attr]
 
 
 def destroy_running(e: Embed) -> None:
@@ -105,7 +109,7 @@ def owner(path: Path) -> tuple[int, int]:
 def events_process(d: Daemon) -> subprocess.Popen[str]:
     p = subprocess.Popen([VMCONFINE, "-c", d.embed.uri, "event", "--loop", "--timeout", "90"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, preexec_fn=interruptible)
     time.sleep(0.5)  # subscribed before anything happens
     return p
 

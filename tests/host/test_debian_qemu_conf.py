@@ -156,6 +156,6 @@ def test_loads_with_every_example_switched_on(debian_qemu_conf: Path, tmp_path: 
     assert cgroups.cgroup_device_acl is not None and "/dev/kvm" in cgroups.cgroup_device_acl
     assert cgroups.cgroup_controllers == ["cpu", "devices", "memory", "blkio", "cpuset", "cpuacct"]
     assert cfg.max_core == "unlimited"
-    assert cfg.namespaces == ["mount"]
+    assert cfg.driver_settings("namespaces").namespaces == ["mount"]
     again = parse_conf(cfg.format())
     assert again.get("security_driver").value == ["selinux"]  # type: ignore[union-attr]

@@ -1,8 +1,9 @@
 """Crash loops: ``run`` gets SIGTERM (twice: power off, then destroy) and SIGKILL at random
 moments, the recovering command is SIGKILLed at a random moment too, and in the end one
 command finishes every teardown: no state file (journal, status, destroy marker, lock) is
-left and every image is given back. Plus: vmconfine replacing a stale listening socket is
-not reported as a file "replaced while it was being labelled"."""
+left, every image is given back and every per-domain uid (``user_range``) is released.
+Plus: vmconfine replacing a stale listening socket is not reported as a file "replaced
+while it was being labelled"."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 
 from examples.mkbootimg import write_image
 from tests.host.conftest import VMCONFINE, Embed, VmDir
+from tests.host.test_identity_isolation import identity_conf, leases
 from tests.host.test_pipeline import snapshot, state_files
 from tests.support import REPO
 
@@ -68,6 +70,8 @@ def _worker(embed: Embed, xmls: list[Path], rng: random.Random) -> None:
 @pytest.mark.slow
 def test_sigterm_sigkill_and_killed_recovery_leave_nothing(embed: Embed, vm_dir: VmDir) -> None:
     seed = random.randrange(1 << 30)
+    conf, rng, _shared = identity_conf()  # every domain also gets a uid of its own
+    embed.configure(conf)
     xmls: list[list[Path]] = [[] for _ in range(WORKERS)]
     images = []
     for i in range(ITERATIONS):
@@ -102,6 +106,7 @@ def test_sigterm_sigkill_and_killed_recovery_leave_nothing(embed: Embed, vm_dir:
     after = snapshot(images)
     changed = [p for p in before if after[p] != before[p]]
     assert changed == [], f"seed {seed}: not given back: {changed}"
+    assert leases(embed, rng) == [], f"seed {seed}: uids not given back"
 
 
 def test_replacing_a_stale_listening_socket_is_no_swap_warning(embed: Embed,

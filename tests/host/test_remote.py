@@ -19,7 +19,7 @@ import pytest
 
 from tests.host.conftest import VMCONFINE, Embed, VmDir
 from tests.host.test_daemon import Daemon, destroy_running
-from tests.support import require
+from tests.support import interruptible, require
 
 pytestmark = pytest.mark.host
 
@@ -119,7 +119,7 @@ def lifecycle_over(uri: str, d: Daemon, vm_dir: VmDir, name: str) -> None:
     xml = vm_dir.domain_xml(name)
     events = subprocess.Popen([VMCONFINE, "-c", uri, "event", "--loop", "--timeout", "60"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd="/", stdin=subprocess.DEVNULL)
+                              cwd="/", stdin=subprocess.DEVNULL, preexec_fn=interruptible)
     time.sleep(1.5)
     out = run(uri, "define", str(xml))
     assert out.returncode == 0 and f"Domain '{name}' defined" in out.stdout, out.stderr

@@ -21,6 +21,11 @@ import os, re, socket, sys, time
 if "-L" in sys.argv:  # answers a probe like QEMU
     print("/usr/share/qemu")
     sys.exit(0)
+if sys.argv[1:] == ["-machine", "help"]:  # the machine types, as QEMU 7.2 lists them
+    print("Supported machines are:")
+    print("pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)")
+    print("pc-i440fx-7.2        Standard PC (i440FX + PIIX, 1996) (default)")
+    sys.exit(0)
 fd = int(re.search(r"id=charmonitor,fd=(\\d+)", " ".join(sys.argv)).group(1))
 listener = socket.socket(fileno=fd)
 listener.settimeout(30)

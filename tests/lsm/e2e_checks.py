@@ -1,4 +1,5 @@
-"""Host-side checks of what tests/lsm/guest_e2e.py and guest_smoke.py observed in a guest.
+"""Host-side checks of what tests/lsm/guest_e2e.py, guest_usb_hotplug.py and guest_smoke.py
+observed in a guest.
 
 The guest asserts the same things; reading them back here means a guest test that silently did
 less (a skipped branch, a missing record) cannot pass the host test.
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.host.usb_hostdev import assert_attach_detach
 from vmconfine.launch.pipeline import STEPS
 
 
@@ -51,6 +53,16 @@ def assert_e2e(path: Path) -> dict[str, Any]:
     else:
         assert len(crash["during"]["profiles"]) == len(STEPS) - 1
     return seen
+
+
+def assert_usb_hotplug(seen: dict[str, Any]) -> None:
+    """tests/lsm/guest_usb_hotplug.py: the emulated USB device attached to and detached from a
+    confined QEMU (tests/host/usb_hostdev.py), and its AppArmor profile allowed the node exactly
+    while it was attached."""
+    assert_attach_detach(seen)
+    assert seen["label"].startswith("vmconfine-"), seen["label"]
+    assert seen["current"] == f"{seen['label']} (enforce)", seen["current"]
+    assert [seen[s]["probe"] for s in ("before", "attached", "detached")] == [False, True, False]
 
 
 #: tests/lsm/guest_smoke.py: the booted kernel itself enforces (run in the drivers' boots)

@@ -301,3 +301,64 @@ def test_hotplugged_disk_is_readable_then_denied(work: Path) -> None:
     assert attached["new"] == "ok" and attached["own"] == "ok", attached
     assert new.read_bytes().startswith(b"written-by-guest")
     assert detached["new"] == "EACCES" and detached["own"] == "ok", detached
+
+
+def test_profile_applies_inside_the_root_view(work: Path) -> None:
+    """``namespaces = ["mount", "root"]`` with ``security_driver = "apparmor"``: QEMU runs
+    under its profile (attached at exec, after the view was built) inside its per-domain
+    root. Over QMP it opens its own image (a bind at its own path: the profile's rules name
+    the paths QEMU sees) and is refused ``/proc/PID/environ``, which exists in the view but
+    no rule allows; a control domain with the same view and no LSM opens both."""
+    from tests.host.conftest import VmDir, wait_for_line
+    from tests.lsm.guest_e2e import START_TIMEOUT, Instance, clis, qmp_outcome, started_pid
+
+    base = work / "rootview"
+    base.mkdir()
+    os.chmod(base, 0o755)
+    vms = VmDir(base / "vms")
+    vms.path.mkdir()
+    os.chmod(vms.path, 0o755)
+    confined, control = Instance(base / "aa", "apparmor"), Instance(base / "none", "none")
+    for inst in (confined, control):
+        with (inst.root / "etc" / "qemu.conf").open("a") as conf:
+            conf.write('namespaces = [ "mount", "root" ]\n')
+    seen: dict[str, Any] = {}
+    try:
+        pids = {}
+        for name, inst in (("rv-a", confined), ("rv-c", control)):
+            run = inst.run(vms.domain_xml(name))
+            pids[name] = started_pid(wait_for_line(run, "started", timeout=START_TIMEOUT))
+        seen["label"] = Path(f"/proc/{pids['rv-a']}/attr/current").read_text().strip("\x00\n")
+        seen["own_ns"] = {n: os.readlink(f"/proc/{p}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+                          for n, p in pids.items()}
+        seen["view_root"] = sorted(os.listdir(f"/proc/{pids['rv-a']}/root"))
+        asks = {
+            "own": confined.qmp_open("rv-a", "own", vms.path / "rv-a.img"),
+            "environ": confined.qmp_open("rv-a", "env", Path(f"/proc/{pids['rv-a']}/environ")),
+            "control_own": control.qmp_open("rv-c", "own", vms.path / "rv-c.img"),
+            "control_environ": control.qmp_open("rv-c", "env",
+                                                Path(f"/proc/{pids['rv-c']}/environ")),
+        }
+        seen["opens"] = dict(zip(asks, map(qmp_outcome, clis(*asks.values())), strict=True))
+        stops = clis(confined.argv("destroy", "rv-a"), control.argv("destroy", "rv-c"))
+        assert all(s.returncode == 0 for s in stops), [s.stderr for s in stops]
+        for proc in confined.procs + control.procs:
+            proc.wait(timeout=START_TIMEOUT)
+    finally:
+        confined.stop_all()
+        control.stop_all()
+        seen["denials"] = [ln for ln in subprocess.run(
+            ["dmesg"], capture_output=True, text=True).stdout.splitlines()
+            if 'apparmor="DENIED"' in ln and 'profile="vmconfine-' in ln][-20:]
+        record("root_view", seen)
+    assert seen["label"].startswith("vmconfine-") and seen["label"].endswith(" (enforce)")
+    assert seen["own_ns"] == {"rv-a": True, "rv-c": True}
+    assert "usr" in seen["view_root"] and "root" not in seen["view_root"]  # a root view
+    opens = seen["opens"]
+    assert opens["own"] == "ok", opens
+    assert "Permission denied" in opens["environ"], opens
+    # refused by the profile, at the path QEMU names in its view
+    environ = f'name="/proc/{pids["rv-a"]}/environ"'
+    assert any(environ in ln for ln in seen["denials"]), seen["denials"]
+    assert opens["control_own"] == opens["control_environ"] == "ok", opens
+    assert not any(n.startswith("vmconfine-") for n in loaded())

@@ -9,7 +9,7 @@ initramfs, private SELinux policy) into the cache dir; ``docs/lsm-tier.md`` expl
 API
 ---
 ``run_in_guest(lsm, test_path, *, timeout=240, extra_env=None, pytest_args=(), results_dir=None,
-kernel=None, memory_mib=512, writable=DEFAULT_WRITABLE) -> GuestResult``
+kernel=None, memory_mib=512, writable=DEFAULT_WRITABLE, usb=False) -> GuestResult``
     Boot a kernel with ``lsm`` ("apparmor" or "selinux") enforcing and run
     ``<repo>/.venv/bin/python -m pytest -p no:cacheprovider -m lsm_guest <test_path>`` inside it,
     from the checkout, as root. ``test_path`` is a path (absolute, or relative to the checkout)
@@ -24,7 +24,9 @@ Keywords: ``timeout`` (seconds for the whole boot; QEMU is killed at the deadlin
 ``results_dir`` (host dir shared read-write; default a fresh ``/tmp/vmconfine-lsm-*`` that the
 caller removes, so pass pytest's ``tmp_path``), ``kernel`` (a ``GuestKernel``; default read from
 the cache), ``memory_mib`` (guest RAM), ``writable`` (top-level dirs given a RAM overlay; add
-e.g. ``"work"`` to make the checkout writable, inside the guest only).
+e.g. ``"work"`` to make the checkout writable, inside the guest only), ``usb`` (give the guest an
+xHCI controller with an emulated USB keyboard, ``USB_DEVICE`` ids: a real USB device for the
+guest kernel, ``/dev/bus/usb/001/002``, that the USB hostdev hotplug test passes on).
 
 Typical use from a host-side test (the ``guest_kernel`` fixture is in tests/lsm/conftest.py)::
 
@@ -83,6 +85,9 @@ LSMS = ("apparmor", "selinux")
 DEFAULT_CACHE = Path("/var/cache/vmconfine-lsm")
 DEFAULT_WRITABLE = ("etc", "var", "tmp", "root")
 EXIT_TIMEOUT = 124
+#: guest vCPUs: TCG runs one host thread per vCPU (multi-threaded TCG), so a guest that runs
+#: nested QEMUs and pytest gets both cores of a 2-core CI machine
+GUEST_CPUS = max(1, min(2, os.cpu_count() or 1))
 EXIT_NO_STATUS = 125
 # Exit status of the SELinux set-up step in the guest when loading the private policy fails.
 EXIT_POLICY_LOAD = 97
@@ -91,6 +96,8 @@ QEMU = "qemu-system-x86_64"
 #: SELinux guests: this emulator path is bound to a copy labelled as the policy says (qemu_exec_t)
 EMULATOR = "/usr/bin/qemu-system-x86_64"
 EMULATOR_DIR = "/run/vmconfine-emulator"
+#: vendor and product ids of the emulated USB device a ``usb=True`` guest has (QEMU's usb-kbd)
+USB_DEVICE = (0x0627, 0x0001)
 
 _KERNEL_ARGS = {
     "apparmor": "apparmor=1 security=apparmor",
@@ -204,6 +211,7 @@ def run_in_guest(
     kernel: GuestKernel | None = None,
     memory_mib: int = 512,
     writable: Iterable[str] = DEFAULT_WRITABLE,
+    usb: bool = False,
 ) -> GuestResult:
     """Run the ``lsm_guest`` tests of ``test_path`` with pytest inside an ``lsm`` guest."""
     path_part, sep, node = test_path.partition("::")
@@ -221,7 +229,7 @@ def run_in_guest(
     script = f"cd {shlex.quote(str(REPO))}\nexec {shlex.join(argv)}\n"
     return run_script_in_guest(
         lsm, script, timeout=timeout, extra_env=extra_env, results_dir=results_dir,
-        kernel=kernel, memory_mib=memory_mib, writable=writable,
+        kernel=kernel, memory_mib=memory_mib, writable=writable, usb=usb,
     )
 
 
@@ -235,6 +243,7 @@ def run_script_in_guest(
     kernel: GuestKernel | None = None,
     memory_mib: int = 512,
     writable: Iterable[str] = DEFAULT_WRITABLE,
+    usb: bool = False,
 ) -> GuestResult:
     """Boot an ``lsm`` guest, run ``script`` with /bin/sh as root, return its result."""
     if lsm not in LSMS:
@@ -266,6 +275,8 @@ def run_script_in_guest(
             raise GuestSetupError(f"writable dirs must be top-level names like 'etc', got {rw!r}")
         append += f' lsm_rw="{rw}"'
     argv = _qemu_argv(kernel, results_dir, append, memory_mib)
+    if usb:
+        argv += ["-device", "qemu-xhci,id=xhci", "-device", "usb-kbd,bus=xhci.0"]
     return _boot(argv, results_dir, timeout)
 
 
@@ -331,7 +342,7 @@ def _qemu_argv(kernel: GuestKernel, results_dir: Path, append: str, memory_mib: 
     if "," in str(results_dir):
         raise GuestSetupError(f"results dir {results_dir} contains a comma, which QEMU cannot take")
     return [
-        QEMU, "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "1",
+        QEMU, "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", str(GUEST_CPUS),
         "-m", str(memory_mib), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-serial", "stdio", "-monitor", "none",
         "-kernel", str(kernel.kernel), "-initrd", str(kernel.initrd),

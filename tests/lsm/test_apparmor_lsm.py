@@ -4,14 +4,17 @@ One boot of the lsm guest (tests/lsm/harness.py) runs tests/lsm/guest_apparmor.p
 real driver and helper load per-domain profiles, a process in domain A's profile reads and
 writes A's disk and is denied B's disk, an unlisted file and /etc/shadow, an over-broad profile
 is caught leaking, teardown unloads the profile, a disk hotplugged through the driver's hooks
-is readable after the attach and denied after the detach, a restart loads the cached compiled policy
-(no compile) that confines the same way. The same boot runs tests/lsm/guest_e2e.py: ``vmconfine
-run`` starts real QEMUs under their profiles, a QEMU asked over QMP to open another domain's
-image or a file outside its domain is refused (a ``none`` control run opens both), and SIGKILL
-of ``vmconfine run`` at every pipeline step is cleaned up by the next command, and a TPM
-domain's swtpm runs in its ``//swtpm`` child profile (enforce), denied another domain's TPM
-state. It also runs
-tests/lsm/guest_smoke.py first: the kernel enforces a profile loaded by apparmor_parser alone.
+is readable after the attach and denied after the detach, a restart loads the cached compiled
+policy (no compile) that confines the same way, and with ``namespaces = ["mount", "root"]``
+QEMU runs under its profile inside its per-domain root view. The same boot runs
+tests/lsm/guest_e2e.py: ``vmconfine run`` starts real QEMUs under their profiles, a QEMU asked
+over QMP to open another domain's image or a file outside its domain is refused (a ``none``
+control run opens both), SIGKILL of ``vmconfine run`` at every pipeline step is cleaned up
+by the next command, and a TPM domain's swtpm runs in its ``//swtpm`` child profile
+(enforce), denied another domain's TPM state. It also runs tests/lsm/guest_smoke.py first: the
+kernel enforces a profile loaded by apparmor_parser alone, and tests/lsm/guest_usb_hotplug.py
+after guest_e2e.py: the guest's emulated USB device (``usb=True``) is hotplugged into a
+confined QEMU through the daemon and detached again.
 """
 
 from __future__ import annotations
@@ -21,29 +24,39 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_e2e, assert_smoke
+from tests.lsm.e2e_checks import (
+    SMOKE,
+    SMOKE_OUTCOMES,
+    assert_e2e,
+    assert_smoke,
+    assert_usb_hotplug,
+)
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
 
 GUEST = "tests/lsm/guest_apparmor.py"
 E2E = "tests/lsm/guest_e2e.py"
+USB = "tests/lsm/guest_usb_hotplug.py"
 
 
 def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
                                                 tmp_path: Path) -> None:
     result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
-                          timeout=900, memory_mib=1024, pytest_args=[SMOKE, E2E])
+                          timeout=1200, memory_mib=1024, pytest_args=[SMOKE, E2E, USB],
+                          usb=True)
     assert not result.timed_out, result.tail()
     assert result.outcomes() == {
         **SMOKE_OUTCOMES["apparmor"],
         "test_driver_profile_confines_and_is_unloaded": "passed",
         "test_over_broad_profile_is_caught": "passed",
         "test_hotplugged_disk_is_readable_then_denied": "passed",
+        "test_profile_applies_inside_the_root_view": "passed",
         "test_selinux_names_what_the_policy_lacks": "skipped",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
         "test_swtpm_runs_confined": "passed",
+        "test_usb_hostdev_attach_detach": "passed",
     }, result.tail(120)
     assert result.exit_code == 0, result.tail()
     assert_smoke("apparmor", tmp_path)
@@ -62,6 +75,11 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     hotplug = seen["hotplug"]  # the profile follows attach and detach
     assert hotplug["before"]["new"] == hotplug["detached"]["new"] == "EACCES"
     assert hotplug["attached"]["new"] == "ok"
+    view = seen["root_view"]  # namespaces = ["mount", "root"]: the profile still applies
+    assert view["label"].startswith("vmconfine-") and view["label"].endswith(" (enforce)")
+    assert view["opens"]["own"] == "ok" and "Permission denied" in view["opens"]["environ"]
+    assert view["opens"]["control_own"] == view["opens"]["control_environ"] == "ok"
+    assert any("/environ" in ln for ln in view["denials"]), view["denials"]
     e2e = assert_e2e(tmp_path / "e2e-apparmor.json")
     tpm = e2e["tpm"]  # swtpm in its child profile, denied another domain's TPM state
     profile = tpm["current"].split("//", 1)[0]
@@ -69,3 +87,4 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     assert tpm["confined"][0] != 0 and tpm["control"][0] == 0
     assert tpm["denials"] and all("/swtpm/" in d for d in tpm["denials"])
     assert tpm["after"] == {"swtpm_gone": True, "profiles": [], "leases": 0}
+    assert_usb_hotplug(json.loads((tmp_path / "usb-hotplug.json").read_text()))

@@ -110,3 +110,13 @@ def test_unconfined_domain_leaves_swtpm_alone(s: Setup, monkeypatch: pytest.Monk
     ctx = s.ctx(devices=TPM, seclabel="<seclabel type='none' model='apparmor'/>")
     s.driver.child_helper(ctx, SWTPM, "child_exec_label")
     assert s.driver.verify_helper(ctx, SWTPM, 1) == []
+
+
+def test_describe_shows_qemu_rules_without_the_swtpm_child(s: Setup) -> None:
+    """dominfo/confinement list QEMU's rules: the child profile's are swtpm's, not QEMU's."""
+    ctx = s.ctx(devices=TPM)
+    s.driver.gen_label(ctx, ctx.domain.seclabel("apparmor"))
+    shown = s.driver.describe(ctx)["rules"]
+    assert any("a.img" in ln for ln in shown)
+    assert not any("swtpm" in ln or "unix" in ln or "abstractions" in ln for ln in shown)
+    assert "  profile swtpm {" in s.files()  # while the profile file has them

@@ -67,7 +67,7 @@ def test_failures_are_one_line_naming_the_emulator(tmp_path: Path) -> None:
         script(tmp_path, "echo 'bad\x1b]0;title\x07' >&2; exit 3", "fail"): "status 3",
         script(tmp_path, "kill -SEGV $$", "crash"): "SIGSEGV",
         script(tmp_path, "head -c 6000000 /dev/zero", "chatty"): "more than 4 MiB",
-        str(tmp_path / "missing"): "cannot be run",
+        str(tmp_path / "missing"): "No such file or directory",
     }
     for emu, why in cases.items():
         with pytest.raises(ProbeError) as err:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from vmconfine.errors import LabelError
-from vmconfine_selinux import mcs, mcspool
+from vmconfine.plugin import freepool as mcspool
+from vmconfine_selinux import mcs
 from vmconfine_selinux.contexts import Context
 from vmconfine_selinux.mcs import (
     LabelRegistry,
@@ -254,7 +255,7 @@ def test_reconcile_drops_gone_domains_and_orphan_index_entries(tmp_path: Path) -
 
 
 def test_unreadable_lease_is_dropped(tmp_path: Path) -> None:
-    from vmconfine_selinux import leases
+    from vmconfine.plugin import leasetable as leases
 
     reg = _registry(tmp_path)
     reg.allocate(_owner(1), "vm1")
@@ -337,7 +338,7 @@ def test_allocations_create_no_files(tmp_path: Path) -> None:
 
 def test_release_reads_no_other_lease(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """release() is O(1): the pool knows who holds a pair; it never walks the leases."""
-    from vmconfine_selinux.leases import LeaseTable
+    from vmconfine.plugin.leasetable import LeaseTable
 
     reg = _registry(tmp_path)
     levels = [reg.allocate(_owner(i), f"vm{i}") for i in range(100)]

@@ -50,7 +50,7 @@ def test_system_defaults() -> None:
     assert values["cgroup_controllers"] is None and values["cgroup_device_acl"] is None
     assert cfg.clear_emulator_capabilities is True
     assert cfg.seccomp_sandbox == -1
-    assert cfg.namespaces == ["mount"]
+    assert values["namespaces"] == ["mount"]
     assert (cfg.max_processes, cfg.max_files, cfg.max_threads_per_process) == (0, 0, 0)
     assert cfg.max_core == "unlimited"
     assert cfg.stdio_handler == "logd" and cfg.sched_core == "none"
@@ -77,7 +77,7 @@ def test_session_defaults() -> None:
     assert (cfg.swtpm_user, cfg.swtpm_group) == ("+1000", "+1001")
     assert cfg.driver_settings("dac").dynamic_ownership is False
     assert cfg.remember_owner is False
-    assert cfg.namespaces == []
+    assert cfg.driver_settings("namespaces").namespaces == []
     assert cfg.security_default_confined is True
     assert cfg.check() == []
 
@@ -86,9 +86,9 @@ def test_defaults_do_not_share_lists() -> None:
     one = QemuConfig.defaults(**SYSTEM)
     two = QemuConfig.defaults(**SYSTEM)
     one.emulator_search_path.append("/opt/bin")
-    one.namespaces.clear()
+    one.driver_settings("namespaces").namespaces.clear()
     assert two.emulator_search_path == ["/usr/bin", "/usr/local/bin"]
-    assert two.namespaces == ["mount"]
+    assert two.driver_settings("namespaces").namespaces == ["mount"]
 
 
 def test_missing_file_gives_defaults(tmp_path: Path) -> None:
@@ -295,9 +295,12 @@ def test_errors(text: str, message: str) -> None:
 
 def test_namespaces_in_session_mode_and_the_root_view() -> None:
     # libvirt refuses namespaces in session mode; vmconfine makes them in a user namespace
-    assert session('namespaces = [ "mount", "root" ]\n').namespaces == ["mount", "root"]
-    assert session("namespaces = []\n").namespaces == []
-    assert system('namespaces = [ "root", "mount" ]\n').namespaces == ["root", "mount"]
+    def ns(cfg: QemuConfig) -> list[str]:
+        return list(cfg.driver_settings("namespaces").namespaces)
+
+    assert ns(session('namespaces = [ "mount", "root" ]\n')) == ["mount", "root"]
+    assert ns(session("namespaces = []\n")) == []
+    assert ns(system('namespaces = [ "root", "mount" ]\n')) == ["root", "mount"]
     with pytest.raises(ConfigError, match=r'^q\.conf:1: the "root" namespace view needs "mount"'):
         session('namespaces = [ "root" ]\n')
 
@@ -401,13 +404,15 @@ def test_check_notes_settings_without_effect_or_with_high_privileges() -> None:
 
 
 def test_key_tables() -> None:
-    for key in ("security_driver", "user", "group", "remember_owner", "namespaces",
+    for key in ("security_driver", "user", "group", "remember_owner",
                 "max_core", "allow_disk_format_probing", "swtpm_user", "vnc_listen",
                 "emulator_search_path", "remember_owner_xattr_prefix", "shutdown_timeout"):
         assert key in KNOWN_KEYS
     owners = {key: driver for driver, settings in BUILTIN for key in (s.name for s in settings)}
     assert owners == {
-        "dynamic_ownership": "dac", "cgroup_controllers": "cgroups",
+        "dynamic_ownership": "dac", "user_range": "dac", "shared_group": "dac",
+        "namespaces": "namespaces",
+        "cgroup_controllers": "cgroups",
         "cgroup_device_acl": "cgroups", "cgroup_device_acl_extra": "cgroups",
         "cgroup_partition": "cgroups", "cgroup_devices_backend": "cgroups",
         "apparmor_profile_dir": "apparmor", "apparmor_profile_prefix": "apparmor",

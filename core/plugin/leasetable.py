@@ -1,10 +1,13 @@
-"""The MCS registry's lease table: who holds which level, in one mmap'd file.
+"""A lease registry's lease table: who holds which value, in one mmap'd file.
 
-A lease is (owner = domain UUID, domain name, level). The table is the registry's truth (the
+Shared by every registry that hands out unique per-domain values (:mod:`vmconfine.plugin.leases`:
+the SELinux driver's MCS levels, the DAC driver's per-domain uids). A lease is (owner = domain
+UUID, domain name, value: an MCS level, a uid). The table is the registry's truth (the
 per-range pools are indexes rebuilt from it), range-independent, and kept in one file so that
 taking or giving back a lease touches a few pages of one mapping: no file is created or removed
-per domain (creating an inode costs ~1 ms on some disks) and nothing needs an ``fsync`` (the
-contents are per boot: after a crash of the machine a new boot starts the table empty).
+per domain (creating an inode costs ~1 ms on some disks). A per-boot registry needs no
+``fsync`` (after a crash of the machine a new boot starts the table empty); a persistent one
+passes a constant boot and flushes the mapping after each operation (:meth:`LeaseTable.flush`).
 
 Layout: a header, ``capacity`` fixed-size slots, then an owner index (open addressing, linear
 probing, ``2 x capacity`` entries of slot + 1, 0 = empty). A slot holds a lease when its state
@@ -59,12 +62,17 @@ _FREE_LINK = struct.Struct("=Ii")  # a free slot's state word and next-free link
 
 @dataclass(frozen=True)
 class Lease:
-    """One domain's level in the registry."""
+    """One domain's value in the registry."""
 
     owner: str  #: the domain UUID
     name: str
-    level: str
+    value: str  #: what the domain holds (an MCS level, a uid)
     boot: int
+
+    @property
+    def level(self) -> str:
+        """The value under the MCS registry's name for it."""
+        return self.value
 
 
 def _size(capacity: int) -> int:
@@ -74,8 +82,9 @@ def _size(capacity: int) -> int:
 class LeaseTable:
     """The mmap'd lease table (see the module docstring). Callers hold the registry lock."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, what: str = "lease registry") -> None:
         self.path = path
+        self.what = what  #: the registry's name in messages ("MCS registry")
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._mm: mmap.mmap | None = None
         self._index: memoryview | None = None
@@ -114,6 +123,12 @@ class LeaseTable:
     def close(self) -> None:
         self._unmap()
         os.close(self._fd)
+
+    def flush(self) -> None:
+        """Write the mapping to disk (``msync``): a persistent registry's changes survive a
+        crash of the machine."""
+        if self._mm is not None:
+            self._mm.flush()
 
     def open(self, boot: int) -> None:
         """Make the mapping current (another process may have grown the file), start over
@@ -208,8 +223,8 @@ class LeaseTable:
             try:
                 lease = self.get(slot)
             except ValueError:
-                log.warning("MCS registry: unreadable lease in slot %d of %s; dropping it",
-                            slot, self.path)
+                log.warning("%s: unreadable lease in slot %d of %s; dropping it",
+                            self.what, slot, self.path)
                 self.remove(slot)
                 continue
             if lease is not None:
@@ -269,14 +284,15 @@ class LeaseTable:
 
     # ---- changes -------------------------------------------------------------------------------
     def add(self, owner: str, name: str, level: str) -> int:
-        """Store a lease; return its slot. Raises LabelError for fields that do not fit."""
+        """Store a lease of value ``level``; return its slot. Raises LabelError for fields
+        that do not fit."""
         key, nb, lb = owner.encode("ascii"), name.encode("utf-8"), level.encode("ascii")
         if len(nb) > NAME_MAX:
             raise LabelError(f"domain name '{name[:40]}...' is longer than {NAME_MAX} bytes; "
-                             "the MCS registry cannot hold it: give the domain a shorter name")
+                             f"the {self.what} cannot hold it: give the domain a shorter name")
         if len(lb) > LEVEL_MAX or len(key) > OWNER_MAX:
-            raise LabelError(f"MCS level '{level[:40]}...' is longer than {LEVEL_MAX} bytes; "
-                             "the MCS registry cannot hold it")
+            raise LabelError(f"value '{level[:40]}...' is longer than {LEVEL_MAX} bytes; "
+                             f"the {self.what} cannot hold it")
         if self._hdr[_H_COUNT] + 1 > self.capacity:
             self._grow()
         mm, h, h64 = self._mm, self._h, self._h64
@@ -351,4 +367,4 @@ class LeaseTable:
         h[_H_COUNT] = count
         self._bump()
         self._dirty(False)
-        log.debug("MCS lease table %s rebuilt: %d leases", self.path, count)
+        log.debug("%s: lease table %s rebuilt: %d leases", self.what, self.path, count)

@@ -1,10 +1,11 @@
-"""The MCS registry's per-range allocator: an O(1) free list in one mmap'd file.
+"""A lease registry's per-range allocator: an O(1) free list in one mmap'd file.
 
-``free[0:nfree]`` holds the free pair numbers and ``pos[pair]`` where each one sits, so taking
-a random free pair, taking a given pair and giving one back are all O(1) at any occupancy (no
-retry loop: a full pool is an error, never a hang). ``holder[pair]`` is the lease-table slot
-(+1) of the lease that holds a used pair, 0 for none, so a release knows in O(1) whether
-another domain holds the level.
+The range's values are numbered ``0 .. n-1`` (MCS category pairs, uids of a range): the code
+below calls them pairs. ``free[0:nfree]`` holds the free pair numbers and ``pos[pair]`` where
+each one sits, so taking a random free pair, taking a given pair and giving one back are all
+O(1) at any occupancy (no retry loop: a full pool is an error, never a hang). ``holder[pair]``
+is the lease-table slot (+1) of the lease that holds a used pair, 0 for none, so a release
+knows in O(1) whether another domain holds the value.
 
 The header carries the boot time (a new boot starts empty), the lease-table generation the
 pool was built for (the registry rebuilds a pool that is out of date, e.g. after another
@@ -22,10 +23,17 @@ import os
 import struct
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from vmconfine_selinux.mcs import McsRange
+
+class PoolRange(Protocol):
+    """What a pool needs of its range: how many values, and a key naming the range."""
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def key(self) -> str: ...
 
 #: magic, version, dirty, npairs, nfree, boot, range key, lease-table generation (native byte
 #: order, like the int arrays behind it: the file is per boot and never leaves the host)
@@ -67,13 +75,13 @@ class _Entropy:
 _ENTROPY = _Entropy()
 
 
-class McsPool:
+class FreePool:
     """The O(1) free-list allocator over one mmap'd file (see the module docstring)."""
 
-    def __init__(self, path: Path, rng: McsRange) -> None:
+    def __init__(self, path: Path, rng: PoolRange) -> None:
         self.path = path
         self.range = rng
-        self.n = rng.pairs
+        self.n = rng.capacity
         self.size = _HEADER.size + 3 * _INT * self.n
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

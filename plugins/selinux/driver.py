@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError, LabelError, VmconfineError
-from vmconfine.launch import runtime
+from vmconfine.launch import runtime, swtpm
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_selinux import labels, report, transition
 from vmconfine_selinux.backend import Backend, RealBackend
@@ -285,14 +285,26 @@ class SELinuxDriver:
             emulator = find_emulator(ctx.domain, ctx.config)
         except VmconfineError:
             return  # the pipeline reports a missing emulator itself
-        problems = transition.check_exec(self.backend, self.own_context(), label, emulator,
-                                         ctx.domain.virt_type)
+        own = self.own_context()
+        self._refuse("QEMU", label, transition.check_exec(self.backend, own, label, emulator,
+                                                          ctx.domain.virt_type))
+        try:
+            pair = swtpm.helpers(ctx)
+        except VmconfineError:
+            return  # the pipeline reports a missing swtpm itself
+        for helper in pair or ():
+            if self._helper_label(ctx, helper) is not None:
+                self._refuse(helper.name, label, transition.check_helper_exec(
+                    self.backend, own, label, helper.executable, helper.name))
+
+    def _refuse(self, who: str, label: str, problems: list[transition.Problem]) -> None:
+        """Refuse to start when enforcing (one line naming every fix), warn otherwise."""
         if not problems:
             return
         text = "; also ".join(p.message for p in problems)
         if self.backend.enforcing():
-            raise LabelError(f"QEMU cannot start as '{label}': {text}")
-        log.warning("QEMU would be refused '%s' in enforcing mode: %s", label, text)
+            raise LabelError(f"{who} cannot start as '{label}': {text}")
+        log.warning("%s would be refused '%s' in enforcing mode: %s", who, label, text)
 
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:

@@ -12,9 +12,12 @@ real CLI and real QEMU (TCG):
 2. control: a ``security_driver = "none"`` domain in the same boot opens exactly what A was
    refused, so the denials above come from the LSM and the test can fail;
 3. a TPM emulator domain: swtpm runs confined (AppArmor: the domain profile's ``//swtpm``
-   child profile in enforce mode; SELinux: QEMU's sVirt label, its state under the image
-   label), and the real swtpm binary under that label is denied another domain's TPM state
-   (control: the same command unconfined works);
+   child profile in enforce mode; SELinux: QEMU's sVirt label and MCS pair, entered through
+   vmconfine's module ``vmconfine_swtpm.cil``, its state under the image label), QEMU's
+   ``query-tpm`` answers over QMP, and the real swtpm binary under that label is denied
+   another domain's TPM state (controls: the same command unconfined works, and under
+   SELinux so does the other domain's own label); SELinux also stops and starts the domain
+   again: the state is reused (no swtpm_setup) under the new start's labels;
 4. ``vmconfine run`` killed with SIGKILL at every pipeline step (``VMCONFINE_PAUSE_AT``): the
    next command restores every label, unloads every profile, frees every MCS lease and leaves
    no QEMU behind.
@@ -426,20 +429,42 @@ def file_label(path: Path) -> str:
     return os.getxattr(path, "security.selinux").decode().rstrip("\x00")
 
 
-#: the image label of another domain (an MCS pair no vmconfine domain of the test gets)
+#: the image label of another domain (an MCS pair no vmconfine domain of the test gets) and
+#: the process label of that domain's swtpm
 OTHER_IMAGE = "system_u:object_r:svirt_image_t:s0:c998,c999"
+OTHER_PROCESS = "system_u:system_r:svirt_t:s0:c998,c999"
+
+
+def tpm_started(inst: Instance, run: subprocess.Popen[str]) -> dict[str, Any]:
+    """Once ``run`` says the TPM domain started: its QEMU and swtpm pids and labels, which
+    helpers this start forked, the live XML's labels and QEMU's ``query-tpm`` over QMP."""
+    from vmconfine.launch.journal import Journal
+
+    qemu = started_pid(wait_for_line(run, "started", timeout=START_TIMEOUT))
+    journal = Journal(inst.root / "run" / "qemu" / "dom-tpm.journal")
+    forked = journal.records("pipeline", "helper-forked")
+    pid = int([r for r in forked if r["name"] == "swtpm"][-1]["pid"])
+    dump, query = clis(inst.argv("dumpxml", "dom-tpm"), inst.argv(
+        "qemu-monitor-command", "dom-tpm", '{"execute": "query-tpm"}'))
+    label, imagelabel = live_labels(dump)
+    assert query.returncode == 0, query.stderr
+    return {"pid": pid, "qemu_pid": qemu, "current": attr_current(pid),
+            "qemu": attr_current(qemu), "label": label, "imagelabel": imagelabel,
+            "exe": os.path.realpath(f"/proc/{pid}/exe"),
+            "forked": [r["name"] for r in forked], "query": json.loads(query.stdout)}
 
 
 def test_swtpm_runs_confined(work: Path) -> None:
     """A TPM domain: swtpm runs confined (AppArmor: ``<profile>//swtpm`` in enforce mode;
-    SELinux: QEMU's label, its state under the image label), the real swtpm binary under that
-    label is denied another domain's TPM state (control: unconfined it is not), and after
-    destroy no swtpm, profile or label is left."""
+    SELinux: QEMU's label, its state under the image label), QEMU's TPM answers over QMP, the
+    real swtpm binary under that label is denied another domain's TPM state (controls:
+    unconfined, and SELinux: with that domain's own label, it is not), and after destroy no
+    swtpm, profile or label is left. SELinux also restarts the domain: the state is reused
+    under the new MCS pair."""
+    import hashlib
     import pwd
     import time
     import uuid as uuidlib
-
-    from vmconfine.launch.journal import Journal
 
     began = time.monotonic()
     tss = pwd.getpwnam("tss")
@@ -461,26 +486,20 @@ def test_swtpm_runs_confined(work: Path) -> None:
             os.setxattr(p, "security.selinux", OTHER_IMAGE.encode())
     os.chmod(stolen.parent, 0o711)
     own = storage / uuid / "tpm2" / "tpm2-00.permall"
+    ids = (tss.pw_uid, tss.pw_gid)
     try:
         run = inst.run(xml, extra=("--paused",))
-        qemu = started_pid(wait_for_line(run, "started", timeout=START_TIMEOUT))
-        journal = Journal(inst.root / "run" / "qemu" / "dom-tpm.journal")
-        forked = [r for r in journal.records("pipeline", "helper-forked")
-                  if r["name"] == "swtpm"]
-        pid = int(forked[-1]["pid"])
-        label, imagelabel = live_labels(inst.cli("dumpxml", "dom-tpm"))
-        seen: dict[str, Any] = {
-            "current": attr_current(pid), "qemu": attr_current(qemu),
-            "label": label, "imagelabel": imagelabel,
-            "exe": os.path.realpath(f"/proc/{pid}/exe"),
-            "loaded": [ln for ln in loaded_profiles() if ln.startswith(label)],
-            "own_state": sorted(p.name for p in own.parent.iterdir()),
-        }
+        seen: dict[str, Any] = tpm_started(inst, run)
+        label, pid = seen["label"], seen["pid"]
+        seen["loaded"] = [ln for ln in loaded_profiles() if ln.startswith(label)]
+        seen["own_state"] = sorted(p.name for p in own.parent.iterdir())
         if LSM == "selinux":
             seen["own_label"] = file_label(own)
+            seen["swtpm_file"] = file_label(Path("/usr/bin/swtpm"))
+            seen["matching"] = swtpm_probe(stolen, OTHER_PROCESS, ids)
         probe_label = f"{label}//swtpm" if LSM == "apparmor" else label
-        seen["confined"] = swtpm_probe(stolen, probe_label, (tss.pw_uid, tss.pw_gid))
-        seen["control"] = swtpm_probe(stolen, None, (tss.pw_uid, tss.pw_gid))
+        seen["confined"] = swtpm_probe(stolen, probe_label, ids)
+        seen["control"] = swtpm_probe(stolen, None, ids)
         stop = inst.cli("destroy", "dom-tpm")
         run.wait(timeout=START_TIMEOUT)
         seen["destroy"] = stop.returncode
@@ -488,6 +507,22 @@ def test_swtpm_runs_confined(work: Path) -> None:
                          "leases": leases_in_use(inst)}
         if LSM == "selinux":
             seen["after"]["own_label"] = file_label(own)
+            digest = hashlib.sha256(own.read_bytes()).hexdigest()
+            again = inst.run(xml, extra=("--paused",))
+            restart = tpm_started(inst, again)
+            restart["same_state"] = hashlib.sha256(own.read_bytes()).hexdigest() == digest
+            restart["own_label"] = file_label(own)
+            stop = inst.cli("destroy", "dom-tpm")
+            again.wait(timeout=START_TIMEOUT)
+            restart["destroy"] = stop.returncode
+            restart["after"] = {"swtpm_gone": gone(restart["pid"]),
+                                "leases": leases_in_use(inst), "own_label": file_label(own)}
+            seen["restart"] = restart
+    except BaseException:  # what the failed start left to read: swtpm's log, the AVCs
+        swtpm_log = inst.root / "log" / "qemu" / "dom-tpm-swtpm.log"
+        record("tpm_failure", {"log": swtpm_log.read_text(errors="replace")[-4000:]
+                               if swtpm_log.exists() else None, "denials": denials()[-40:]})
+        raise
     finally:
         inst.stop_all()
     mark = f'profile="{label}//swtpm"' if LSM == "apparmor" else f"scontext={label} "
@@ -497,6 +532,7 @@ def test_swtpm_runs_confined(work: Path) -> None:
     record("tpm", seen)
     assert seen["exe"] == os.path.realpath("/usr/bin/swtpm")
     assert "tpm2-00.permall" in seen["own_state"]
+    assert_tpm_answers(seen["query"])
     if LSM == "apparmor":
         assert seen["current"] == f"{label}//swtpm (enforce)"
         assert sorted(seen["loaded"]) == [label, f"{label}//swtpm"]
@@ -505,11 +541,31 @@ def test_swtpm_runs_confined(work: Path) -> None:
     else:
         assert seen["current"] == seen["qemu"] == label  # QEMU's sVirt label, its MCS pair
         assert label.split(":")[2] == "svirt_t"
-        assert seen["own_label"] == imagelabel
-        assert any(f"tcontext={OTHER_IMAGE} " in ln for ln in found), found
-        assert seen["after"]["own_label"] != imagelabel
+        assert ":swtpm_exec_t:" in seen["swtpm_file"]  # entered through vmconfine's module
+        assert seen["own_label"] == seen["imagelabel"]
+        assert seen["forked"] == ["swtpm_setup", "swtpm"]
+        # the probe was refused by MCS alone: the other domain's own label reads its state
+        assert seen["matching"][0] == 0 and '"permall"' in seen["matching"][1], seen
+        assert found and all(f"tcontext={OTHER_IMAGE} " in ln for ln in found), found
+        assert seen["after"]["own_label"] != seen["imagelabel"]
+        restart = seen["restart"]
+        assert restart["forked"] == ["swtpm"]  # no swtpm_setup: the state was there
+        assert restart["same_state"]
+        # a new start, a new MCS pair (random; equal only by a one-in-500000 chance)
+        assert restart["current"] == restart["qemu"] == restart["label"]
+        assert restart["own_label"] == restart["imagelabel"]
+        assert_tpm_answers(restart["query"])
+        assert restart["destroy"] == 0
+        assert restart["after"]["swtpm_gone"] and restart["after"]["leases"] == 0
+        assert restart["after"]["own_label"] == seen["after"]["own_label"]
     assert seen["confined"][0] != 0 and "permall" not in seen["confined"][1], seen
     assert seen["control"][0] == 0 and '"permall"' in seen["control"][1], seen
     assert seen["destroy"] == 0
     assert {k: seen["after"][k] for k in ("swtpm_gone", "profiles", "leases")} == {
         "swtpm_gone": True, "profiles": [], "leases": 0}
+
+
+def assert_tpm_answers(reply: dict[str, Any]) -> None:
+    """QMP ``query-tpm``: the CRB device on the emulator backend."""
+    [tpm] = reply["return"]
+    assert tpm["model"] == "tpm-crb" and tpm["options"]["type"] == "emulator", reply

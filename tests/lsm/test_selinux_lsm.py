@@ -6,9 +6,11 @@ guest's loaded refpolicy, labels two domains' images, and processes running with
 are kept apart by the kernel. The same boot runs tests/lsm/guest_e2e.py: ``vmconfine run``
 starts real QEMUs under sVirt (refused first, with both fixes named, while the emulator is
 mislabelled and TCG lacks execmem), a QEMU asked over QMP to open another domain's image or a
-file outside its domain is refused (a ``none`` control run opens both), and SIGKILL of
-``vmconfine run`` at every pipeline step is cleaned up by the next command. A second boot labels
-domain A's image with B's label on purpose and must make the guest test fail, so a broken
+file outside its domain is refused (a ``none`` control run opens both), SIGKILL of
+``vmconfine run`` at every pipeline step is cleaned up by the next command, and a TPM domain's
+swtpm runs with QEMU's label (entered through vmconfine's module ``vmconfine_swtpm.cil``), is
+denied another domain's TPM state and keeps its own across a stop and a start. A second boot
+labels domain A's image with B's label on purpose and must make the guest test fail, so a broken
 driver cannot pass this tier. The first boot also runs tests/lsm/guest_smoke.py: the kernel keeps
 two MCS categories apart with no vmconfine code involved.
 """
@@ -47,9 +49,16 @@ def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
     e2e = assert_e2e(result.results_dir / "e2e-selinux.json")
     tpm = e2e["tpm"]  # swtpm with QEMU's label, denied another domain's TPM state
     assert tpm["current"] == tpm["qemu"] == tpm["label"]
+    assert ":swtpm_exec_t:" in tpm["swtpm_file"]
     assert tpm["own_label"] == tpm["imagelabel"] != tpm["after"]["own_label"]
-    assert tpm["confined"][0] != 0 and tpm["control"][0] == 0
+    assert tpm["query"]["return"][0]["options"]["type"] == "emulator"
+    assert tpm["confined"][0] != 0 and tpm["control"][0] == tpm["matching"][0] == 0
     assert tpm["after"]["swtpm_gone"] and tpm["after"]["leases"] == 0
+    restart = tpm["restart"]  # the state survives: reused, no swtpm_setup, labelled again
+    assert restart["forked"] == ["swtpm"] and restart["same_state"]
+    assert restart["current"] == restart["qemu"] == restart["label"]
+    assert restart["own_label"] == restart["imagelabel"]
+    assert restart["after"]["swtpm_gone"] and restart["after"]["leases"] == 0
     seen = json.loads((result.results_dir / "selinux-svirt.json").read_text())
     assert seen["A"] != seen["B"]
     level_a, level_b = (seen[k].split(":", 3)[3] for k in ("A", "B"))

@@ -1,14 +1,32 @@
 """SELinux confinement of the TPM emulator on the fake backend: swtpm runs with the domain's
 process label (setexeccon in the child), its state tree gets the image label and gets its
-labels back at teardown; swtpm_setup is left alone. Proven on a booted SELinux kernel in
-tests/lsm."""
+labels back at teardown; swtpm_setup is left alone; before anything changes, a swtpm binary
+the policy does not accept as an entry point of the domain refuses the start and names
+vmconfine's policy module. Proven on a booted SELinux kernel in tests/lsm."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tests.unit.test_selinux_support import domain_xml, gen, label_of, make_ctx, setup, touch
+import pytest
+
+from tests.unit.test_selinux_support import (
+    domain_xml,
+    fake_backend,
+    gen,
+    label_of,
+    make_ctx,
+    set_label,
+    setup,
+    touch,
+)
+from vmconfine.errors import LabelError
 from vmconfine.plugin.helper import Helper
+from vmconfine_selinux.transition import SWTPM_MODULE
+
+TPM = "    <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
+BIN = "system_u:object_r:bin_t:s0"
+SWTPM_EXEC = "system_u:object_r:swtpm_exec_t:s0"
 
 
 def _helpers(state: Path) -> tuple[Helper, Helper]:
@@ -51,3 +69,43 @@ def test_swtpm_execs_into_the_domain_label_and_is_verified(tmp_path: Path) -> No
     problems = drv.verify_helper(ctx, swtpm, 201)
     assert len(problems) == 1 and f"requested '{sec.label}'" in problems[0]
     assert drv.verify_helper(ctx, setup_helper, 201) == []
+
+
+def _installed_swtpm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, label: str) -> Path:
+    """swtpm and swtpm_setup in a PATH of their own; swtpm labelled ``label``."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for name in ("swtpm", "swtpm_setup"):
+        (bindir / name).write_bytes(b"#!/bin/sh\n")
+        (bindir / name).chmod(0o755)
+    set_label(bindir / "swtpm", label)
+    monkeypatch.setenv("PATH", str(bindir))
+    return bindir / "swtpm"
+
+
+def test_preflight_refuses_a_swtpm_the_domain_cannot_enter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Debian's refpolicy: /usr/bin/swtpm is bin_t, no entry point of svirt_t. The start is
+    refused before anything is labelled, naming vmconfine's module; labelled as that module
+    says (swtpm_exec_t), the same domain passes."""
+    be = fake_backend(tmp_path, denied={("svirt_t", "bin_t", "file", "entrypoint")})
+    host, drv, _ = setup(tmp_path, backend=be)
+    ctx = make_ctx(host, domain_xml(devices=TPM))
+    sec = gen(drv, ctx)
+    binary = _installed_swtpm(tmp_path, monkeypatch, BIN)
+    with pytest.raises(LabelError) as err:
+        drv.preflight(ctx)
+    msg = err.value.message
+    assert msg.startswith(f"swtpm cannot start as '{sec.label}': the swtpm binary {binary} "
+                          f"is labelled '{BIN}', which the SELinux policy does not accept as "
+                          "an entry point into svirt_t"), msg
+    assert f"semodule -i {SWTPM_MODULE} && restorecon {binary}" in msg
+    assert "(filecon \"/usr/bin/swtpm\" file (system_u object_r swtpm_exec_t" in \
+        SWTPM_MODULE.read_text()
+    set_label(binary, SWTPM_EXEC)
+    drv.preflight(ctx)
+    # a domain without a TPM never looks at swtpm
+    set_label(binary, BIN)
+    plain = make_ctx(host, domain_xml(name="vm2", uuid="c7a5fdbd-cdaf-9455-926a-d65c16db1802"))
+    gen(drv, plain)
+    drv.preflight(plain)

@@ -34,7 +34,7 @@ E2E = "tests/lsm/guest_e2e.py"
 
 def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
         selinux_guest_kernel: GuestKernel, tmp_path: Path) -> None:
-    result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=1200,
+    result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=1800,
                           results_dir=tmp_path / "guest", memory_mib=1024, pytest_args=[SMOKE, E2E])
     assert result.outcomes() == {
         **SMOKE_OUTCOMES["selinux"],

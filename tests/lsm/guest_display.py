@@ -30,12 +30,14 @@ again (the same ``e2e_checks.assert_display``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,30 @@ def profile_rules(files: str, *paths: str) -> list[str]:
                   if any(f'"{p}' in ln for p in paths))
 
 
+@contextlib.contextmanager
+def labelled_firmware() -> Iterator[None]:
+    """SELinux: the OVMF code labelled as a host's policy labels it. Everything on the guest's
+    9p root is ``unlabeled_t``, which the harness lets ``svirt_t`` read but not lock (QEMU locks
+    its flash images: "Failed to lock byte 100"); a host's ``/usr/share/OVMF`` is ``usr_t``,
+    which refpolicy lets ``svirt_t`` read and lock. So, as the harness does for the emulator: a
+    copy on tmpfs with the context ``matchpathcon`` gives the path, bind-mounted over it."""
+    if LSM != "selinux":
+        yield
+        return
+    import selinux
+
+    copy = Path("/run/vmconfine-ovmf") / Path(LOADER).name
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copyfile(LOADER, copy)
+    selinux.setfilecon_raw(str(copy), selinux.matchpathcon(LOADER, 0)[1])
+    subprocess.run(["mount", "--bind", str(copy), LOADER], check=True, timeout=60)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", LOADER], check=True, timeout=60)
+        shutil.rmtree(copy.parent)
+
+
 def relax(profile_dir: Path, profile: str) -> str:
     """Stop the LSM from enforcing on the running QEMU (the control); return the new mode."""
     if LSM == "selinux":
@@ -137,7 +163,9 @@ def test_spice_and_efi_under_the_lsm(work: Path) -> None:  # noqa: F811 (the fix
     sock = home / "spice.sock"
     seen: dict[str, Any] = {"lsm": LSM, "paths": {"nvram": str(nvram), "home": str(home),
                                                   "sock": str(sock)}}
+    firmware = contextlib.ExitStack()
     try:
+        firmware.enter_context(labelled_firmware())
         run = inst.run(xml, extra=("--paused",))
         pid = started_pid(wait_for_line(run, "started", timeout=START_TIMEOUT))
         label, imagelabel = live_labels(inst.cli("dumpxml", NAME))
@@ -192,6 +220,7 @@ def test_spice_and_efi_under_the_lsm(work: Path) -> None:  # noqa: F811 (the fix
                          "profiles": loaded_profiles(), "nvram_kept": nvram.exists()}
     finally:
         inst.stop_all()
+        firmware.close()
         if LSM == "selinux":
             subprocess.run(["setenforce", "1"], check=False, timeout=60)
         seen["seconds"] = round(time.monotonic() - began, 1)

@@ -513,7 +513,7 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
     process = launched.process
     connect = asyncio.ensure_future(qmp.connect(
         conn.instance.monitor_path(launched.name), f"vmconfine-{launched.name}",
-        qmp.START_TIMEOUT))
+        qmp.start_timeout()))
     exited = asyncio.ensure_future(process.exited.wait())
     try:
         await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)

@@ -89,7 +89,8 @@ def assert_display(seen: dict[str, Any]) -> None:
             "home": sorted([f'"{home}/" r,', f'"{home}/**" rwk,']),  # the socket's directory
             "spice": [],  # no rule of its own: the generated socket is in the home directory
         }, seen["rules"]
-    assert seen["spice"] == {"enabled": True, "host": sock, "family": "unix", "auth": "none"}
+    # on a unix socket: no port; no ticket (the XML sets none)
+    assert seen["spice"] == {"enabled": True, "host": sock, "port": None, "auth": "none"}
     assert seen["link_magic"] == "REDQ"
     assert seen["flash"] == {"flash0": [loader, True], "flash1": [nvram, False]}, seen["flash"]
     assert seen["status"] == "prelaunch"

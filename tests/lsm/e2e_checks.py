@@ -83,8 +83,10 @@ def assert_display(seen: dict[str, Any]) -> None:
         assert ctx["loader"] != seen["imagelabel"], ctx  # the firmware is never relabelled
     else:
         assert seen["current"] == f"{seen['label']} (enforce)", seen
+        # the OVMF code: read and lock through the abstraction, written nowhere
+        assert seen["abstraction_ovmf"] == ["/usr/share/OVMF/** rk,"], seen["abstraction_ovmf"]
         assert seen["rules"] == {
-            "loader": sorted([f'"{loader}" rk,', f'deny "{loader}" w,']),
+            "loader": [],  # no rule of the domain's own: the abstraction's covers it
             "nvram": [f'"{nvram}" rwk,'],
             "home": sorted([f'"{home}/" r,', f'"{home}/**" rwk,']),  # the socket's directory
             "spice": [],  # no rule of its own: the generated socket is in the home directory

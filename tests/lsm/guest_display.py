@@ -14,9 +14,10 @@ Checked:
 * ``query-spice``: enabled, on the generated socket; a client on the socket gets ``REDQ``;
 * QMP's ``query-block``: flash0 is the OVMF code read-only, flash1 the domain's NVRAM
   read-write;
-* AppArmor: the profile's rules for these paths are exactly the OVMF code ``rk`` (+ ``deny w``),
-  the NVRAM ``rwk`` and the home directory (where the socket is); SELinux: the NVRAM and the
-  socket carry the domain's image label, the firmware keeps its own;
+* AppArmor: the profile's own rules for these paths are exactly the NVRAM ``rwk`` and the home
+  directory (where the socket is), and the OVMF code is read (``rk``, never ``w``) through the
+  shipped abstraction's one OVMF rule; SELinux: the NVRAM and the socket carry the domain's
+  image label, the firmware is not relabelled;
 * a compromised QEMU (QMP ``blockdev-add``, read-only) opens its own NVRAM and is refused
   another domain's NVRAM (made from the same template, same owner and mode; SELinux: another
   domain's image label), and the denial is the LSM's; control: the same request by the same
@@ -192,6 +193,12 @@ def test_spice_and_efi_under_the_lsm(work: Path) -> None:  # noqa: F811 (the fix
                                 "other": getfilecon(other)}
         else:
             files = (inst.root / "profiles" / f"{label}.files").read_text()
+            from vmconfine_aa_helper.files import shipped_dir
+
+            # the firmware is the shipped abstraction's (as libvirt's libvirt-qemu): read, lock
+            abstraction = Path(shipped_dir(), "abstractions", "vmconfine-qemu").read_text()
+            seen["abstraction_ovmf"] = sorted(ln.strip() for ln in abstraction.splitlines()
+                                              if "/OVMF" in ln and not ln.strip().startswith("#"))
             seen["rules"] = {"loader": profile_rules(files, LOADER),
                              "nvram": profile_rules(files, str(nvram_dir)),
                              "home": profile_rules(files, str(home)),

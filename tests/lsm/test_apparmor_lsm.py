@@ -16,7 +16,8 @@ kernel enforces a profile loaded by apparmor_parser alone, and tests/lsm/guest_u
 after guest_e2e.py: the guest's emulated USB device (``usb=True``) is hotplugged into a
 confined QEMU through the daemon and detached again; and tests/lsm/guest_display.py: a q35
 UEFI domain with SPICE on a unix socket runs paused under its profile, which holds exactly the
-firmware, NVRAM and socket rules, and its QEMU is refused another domain's NVRAM.
+NVRAM and socket rules (the firmware read-only through the abstraction), and its QEMU is
+refused another domain's NVRAM.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import array
 import mmap
 import os
 import struct
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -41,33 +42,38 @@ _HEADER = struct.Struct("=8sIIIIQ32sQ")
 #: the 32-bit header words (version, dirty, npairs, nfree) as indexes of an int view
 _H_VERSION, _H_DIRTY, _H_N, _H_NFREE = 2, 3, 4, 5
 _KEY_AT, _GEN_AT = 32, 64
+_NFREE_AT, _BOOT_AT = 20, 24
+_CLEAN = struct.Struct("=8sIII")  # magic, version, dirty, npairs
 _MAGIC = b"VMCMCS01"
 _VERSION = 2
 _INT = 4
+assert array.array("Q").itemsize == 8
 
 
 class _Entropy:
-    """``os.urandom`` bytes drawn 4 KiB at a time: a uniform draw costs no system call (one
-    ``getrandom`` per draw was a tenth of an allocation). A forked child starts afresh, so
-    parent and child never draw the same numbers."""
+    """``os.urandom`` bytes drawn 4 KiB at a time, as 64-bit words: a uniform draw costs no
+    system call (one ``getrandom`` per draw was a tenth of an allocation). A forked child starts
+    afresh, so parent and child never draw the same numbers."""
 
     def __init__(self) -> None:
-        self.buf = b""
+        self.words = array.array("Q")
         self.at = 0
         os.register_at_fork(after_in_child=self.reset)
 
     def reset(self) -> None:
-        self.buf, self.at = b"", 0
+        self.words, self.at = array.array("Q"), 0
 
     def below(self, n: int) -> int:
         """Uniform in ``0 .. n-1`` (rejection sampling on the top bits of 64-bit words)."""
         shift = 64 - n.bit_length()
+        words = self.words
         while True:
             at = self.at
-            if at + 8 > len(self.buf):
-                self.buf, at = os.urandom(4096), 0
-            self.at = at + 8
-            value = int.from_bytes(self.buf[at:at + 8], "little") >> shift
+            if at >= len(words):
+                words = self.words = array.array("Q", os.urandom(4096))
+                at = 0
+            self.at = at + 1
+            value = words[at] >> shift
             if value < n:
                 return value
 
@@ -95,6 +101,11 @@ class FreePool:
         self._boot = memoryview(self._mm)[24:32].cast("q")
         self._gen = memoryview(self._mm)[_GEN_AT:_GEN_AT + 8].cast("q")
         self._key = rng.key.encode().ljust(_GEN_AT - _KEY_AT, b"\0")
+        #: the header's first bytes when clean (magic, version, dirty 0, npairs), and its
+        #: boot + range key for the boot last checked: :meth:`valid` compares bytes
+        self._clean = _CLEAN.pack(_MAGIC, _VERSION, 0, self.n)
+        self._ident_boot: int | None = None
+        self._ident = b""
         self._ints = memoryview(self._mm)[_HEADER.size:].cast("i")
         self.free = self._ints[: self.n]
         self.pos = self._ints[self.n : 2 * self.n]
@@ -109,10 +120,13 @@ class FreePool:
     # ---- header ------------------------------------------------------------------------------
     def valid(self, boot: int, generation: int) -> bool:
         """Built for this boot and lease-table generation, and not left dirty."""
-        h, mm = self._h, self._mm
-        return (h[_H_DIRTY] == 0 and self._gen[0] == generation and self._boot[0] == boot
-                and h[_H_N] == self.n and h[_H_VERSION] == _VERSION and mm[:8] == _MAGIC
-                and mm[_KEY_AT:_GEN_AT] == self._key)
+        mm = self._mm
+        if boot != self._ident_boot:
+            self._ident_boot = boot
+            self._ident = boot.to_bytes(8, sys.byteorder, signed=True) + self._key
+        # magic, version, clean, size; then boot and range key; then the generation
+        return (self._gen[0] == generation and mm[:_NFREE_AT] == self._clean
+                and mm[_BOOT_AT:_GEN_AT] == self._ident)
 
     @property
     def nfree(self) -> int:
@@ -171,11 +185,21 @@ class FreePool:
 
     def take_random(self) -> int | None:
         """A uniformly random free pair, now used; None when the pool is full."""
-        nfree = self._h[_H_NFREE]
+        h = self._h
+        nfree = h[_H_NFREE]
         if nfree == 0:
             return None
-        pair = self.free[_ENTROPY.below(nfree)]
-        self.take(pair)
+        free, pos = self.free, self.pos
+        p = _ENTROPY.below(nfree)
+        pair = free[p]
+        # take(pair), inline: it is free (p < nfree); swap it with the last free one
+        last = free[nfree - 1]
+        free[p] = last
+        pos[last] = p
+        free[nfree - 1] = pair
+        pos[pair] = nfree - 1
+        self.holder[pair] = 0
+        h[_H_NFREE] = nfree - 1
         return pair
 
     def put(self, pair: int) -> bool:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine_cgroups import bpf, placement, report, v1
+from vmconfine_cgroups import bpf, placement, report, v1, warm
 from vmconfine_cgroups.rules import (
     DeviceRule,
     chardev_origin,
@@ -249,7 +249,15 @@ class CgroupsDriver:
     # ---- set up -------------------------------------------------------------------------------
     @hookimpl
     def preflight(self, ctx: DomainContext) -> None:
-        self.plan(ctx)
+        self._warm_up(self.plan(ctx))
+
+    def _warm_up(self, plan: Plan) -> None:
+        """The child will move itself into ``plan``'s cgroups: start the kernel's wait for the
+        migration lock now (:mod:`.warm`), at preflight and again when the groups are made
+        (on a busy machine the first warm-up may have gone cold by the fork)."""
+        if plan.dirs:
+            mount = next(iter(plan.dirs))
+            warm.warm_up(mount, None if mount == self.hier.v2 else plan.controllers[mount][0])
 
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:
@@ -258,9 +266,11 @@ class CgroupsDriver:
         st.update(plan=plan, rules=[], prog_id=None)
         for leaf in plan.dirs.values():
             self._clear_leftover(ctx, leaf)
-        # group commit: the placement and every directory about to be made are journaled with
-        # one fsync before the first mkdir (a record of a directory never made costs teardown
-        # one rmdir ENOENT)
+        # group commit: the placement, every directory about to be made and the device rules
+        # are journaled with one fsync before the first mkdir (a record of a directory never
+        # made costs teardown one rmdir ENOENT)
+        devnodes = [r.path for r in ctx.resources if r.role == "devnode"]
+        rules = domain_rules(ctx.domain, self.settings, devnodes=devnodes)
         recorded: set[str] = set()
         entries: list[tuple[str, str, dict[str, Any]]] = [
             (NAME, "placement", {"plan": plan.to_json()})]
@@ -269,13 +279,13 @@ class CgroupsDriver:
                 if path not in recorded and not os.path.isdir(path):
                     recorded.add(path)
                     entries.append((NAME, "mkdir", {"path": path, "leaf": path == leaf}))
+        entries.append((NAME, "rules", {"backend": plan.devices, "rules": rules_to_json(rules)}))
         ctx.journal.record_many(entries)
         for mount, leaf in plan.dirs.items():
             self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
                          cpuset="cpuset" in plan.controllers[mount])
-        devnodes = [r.path for r in ctx.resources if r.role == "devnode"]
-        rules = domain_rules(ctx.domain, self.settings, devnodes=devnodes)
-        self._apply(ctx, rules)
+        self._apply(ctx, rules, journaled=True)
+        self._warm_up(plan)
 
     @staticmethod
     def _clear_leftover(ctx: DomainContext, leaf: str) -> None:
@@ -334,15 +344,21 @@ class CgroupsDriver:
         st["plan"].devices = "none"
         st["plan"].reason = why
 
-    def _apply(self, ctx: DomainContext, new: list[DeviceRule]) -> None:
-        """Make ``new`` the rule set in force (first install or a hotplug change)."""
+    def _apply(self, ctx: DomainContext, new: list[DeviceRule], *,
+               journaled: bool = False) -> None:
+        """Make ``new`` the rule set in force (first install or a hotplug change).
+        ``journaled``: the first install, whose ``rules`` record went into
+        :meth:`set_all_labels`' group commit."""
         st = self._state(ctx)
         plan: Plan | None = st.get("plan")
         if plan is None:
             return
         old: list[DeviceRule] = st.get("rules", [])
-        first = not ctx.journal.records(NAME, "rules")
-        ctx.journal.record(NAME, "rules", backend=plan.devices, rules=rules_to_json(new))
+        if journaled:
+            first = True
+        else:
+            first = not ctx.journal.records(NAME, "rules")
+            ctx.journal.record(NAME, "rules", backend=plan.devices, rules=rules_to_json(new))
         st["rules"] = new
         if plan.devices == "none" or plan.devices_dir is None:
             return

@@ -249,15 +249,7 @@ class CgroupsDriver:
     # ---- set up -------------------------------------------------------------------------------
     @hookimpl
     def preflight(self, ctx: DomainContext) -> None:
-        self._warm_up(self.plan(ctx))
-
-    def _warm_up(self, plan: Plan) -> None:
-        """The child will move itself into ``plan``'s cgroups: start the kernel's wait for the
-        migration lock now (:mod:`.warm`), at preflight and again when the groups are made
-        (on a busy machine the first warm-up may have gone cold by the fork)."""
-        if plan.dirs:
-            mount = next(iter(plan.dirs))
-            warm.warm_up(mount, None if mount == self.hier.v2 else plan.controllers[mount][0])
+        self.plan(ctx)
 
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:
@@ -285,7 +277,13 @@ class CgroupsDriver:
             self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
                          cpuset="cpuset" in plan.controllers[mount])
         self._apply(ctx, rules, journaled=True)
-        self._warm_up(plan)
+        # the child moves itself into these groups a few milliseconds from now: start the
+        # kernel's wait for the migration lock (:mod:`.warm`). Not earlier: the warm-up holds
+        # cgroup_mutex while it waits, and the mkdirs and the BPF attach above need it too
+        # (a warm-up at preflight made them wait: measured, worse in sum)
+        if plan.dirs:
+            mount = next(iter(plan.dirs))
+            warm.warm_up(mount, None if mount == self.hier.v2 else plan.controllers[mount][0])
 
     @staticmethod
     def _clear_leftover(ctx: DomainContext, leaf: str) -> None:

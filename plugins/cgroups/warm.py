@@ -16,6 +16,12 @@ wait is over or nearly so (measured on this machine: a write 10-20 ms after the 
 took 0.08 ms instead of 9 ms). Nothing depends on it: when the warm-up comes too early, too
 late or fails (no write access, another cgroup layout), the child waits as before.
 
+The driver starts it at the end of ``set_all_labels``, after its mkdirs and the BPF attach: the
+kernel holds ``cgroup_mutex`` through the whole wait, and every cgroupfs mkdir and program
+attach needs that mutex too (a warm-up started at ``preflight`` made them wait for it; in sum
+that was slower). The child's move comes a few milliseconds later (fork, the child's first
+steps), so it waits for what is left of the grace period instead of all of it.
+
 The own placement is read from ``/proc/self/cgroup`` just before the thread starts, so the
 write names the cgroup the process is in (a failed write is ignored). A write of a pid that
 does not exist does not warm the lock (the kernel looks the pid up before it locks), hence the

@@ -177,7 +177,10 @@ def test_disk_allowed_same_users_outside_file_denied(scene: Scene) -> None:
     assert not (scene.outside / "new").exists()
 
 
-def _free_port(lo: int = 5900, hi: int = 6400) -> int:
+def _free_port(lo: int = 29000, hi: int = 30000) -> int:
+    """A free TCP port, probed away from where other tests' QEMUs take theirs (VNC/SPICE
+    autoport counts up from 5900) and below the kernel's ephemeral range (32768-): a port
+    taken between this probe and the confined bind would fail the test for the wrong reason."""
     for port in range(lo, hi):
         with socket.socket() as s, contextlib.suppress(OSError):
             s.bind(("127.0.0.1", port))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -31,7 +32,15 @@ def in_guest() -> bool:
     return os.environ.get("VMCONFINE_IN_GUEST") == "1"
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # scripts/test.sh stops a background lsm tier with SIGTERM: end the session as on Ctrl-C,
+    # so a running guest is killed (tests.lsm.harness) instead of being left behind.
+    if not in_guest() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
     config.addinivalue_line(
         "markers",
         "lsm_guest: runs inside the lsm-tier guest kernel via tests/lsm/harness.py; "

@@ -373,6 +373,12 @@ def _boot(argv: list[str], results_dir: Path, timeout: float) -> GuestResult:
             timed_out = True
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        except BaseException:
+            # Interrupted (Ctrl-C, or SIGTERM from scripts/test.sh via the conftest): the guest
+            # is in its own session, so nothing else would stop it.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     text = console.read_bytes().decode("utf-8", "replace").replace("\r", "")
     text = _ANSI_RE.sub("", text)
     statuses = _EXIT_RE.findall(text)

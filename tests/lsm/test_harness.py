@@ -24,6 +24,7 @@ def test_failing_guest_test_fails_the_run(guest_kernel: GuestKernel, tmp_path: P
     result = run_in_guest(
         "apparmor", SMOKE, kernel=guest_kernel, results_dir=tmp_path,
         extra_env={"VMCONFINE_SMOKE_INVERT": "1"},
+        timeout=600,  # bounds a hang only; the lsm tier shares the CPUs with the other tiers
     )
     assert not result.timed_out, result.tail()
     assert result.exit_code == 1, result.tail()  # pytest: "tests were collected and some failed"

@@ -185,21 +185,11 @@ class FreePool:
 
     def take_random(self) -> int | None:
         """A uniformly random free pair, now used; None when the pool is full."""
-        h = self._h
-        nfree = h[_H_NFREE]
+        nfree = self._h[_H_NFREE]
         if nfree == 0:
             return None
-        free, pos = self.free, self.pos
-        p = _ENTROPY.below(nfree)
-        pair = free[p]
-        # take(pair), inline: it is free (p < nfree); swap it with the last free one
-        last = free[nfree - 1]
-        free[p] = last
-        pos[last] = p
-        free[nfree - 1] = pair
-        pos[pair] = nfree - 1
-        self.holder[pair] = 0
-        h[_H_NFREE] = nfree - 1
+        pair = self.free[_ENTROPY.below(nfree)]
+        self.take(pair)
         return pair
 
     def put(self, pair: int) -> bool:

@@ -316,7 +316,9 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         ports.reserve(inst, journal, domain)  # before the ruleset and argv that name them
         stack.gen_labels(ctx)
         labels_generated = True
-        journal.record("pipeline", "labels", xml=domain.to_xml(live=True))
+        # the labels are made (a note: durable with the next record, which precedes the first
+        # host change that uses them; a crash of vmconfine leaves it in the page cache)
+        journal.note("pipeline", "labels", xml=domain.to_xml(live=True))
         checkpoint("labels")
         command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
         checks.check_emulator(command.emulator)
@@ -354,7 +356,8 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         # the parent keeps its copies until teardown: a QEMU that dies during start-up then
         # leaves the monitor listening, so the handshake waits instead of being reset
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
-        journal.record("pipeline", "started", pid=pid, starttime=process.starttime)
+        # QEMU has exec'd (a note: "forked", durable before the exec, names the same process)
+        journal.note("pipeline", "started", pid=pid, starttime=process.starttime)
         launched = Launched(ctx, command, process, domain_id, lock, log_path, preopened)
         process.watch(asyncio.get_running_loop())
         checkpoint("forked")
@@ -421,13 +424,16 @@ def _begin(conn: Connection, domain: Domain, *,
         domain_id = runtime.next_domain_id(inst)
         inst.destroy_marker_path(domain.name).unlink(missing_ok=True)  # a stale one
         try:
-            # written under the instance lock, so a concurrent start sees this UUID
-            journal.record("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
-                           id=domain_id, uuid=domain.uuid, stack=conn.stack.names(),
-                           outlive=outlive)
+            # written under the instance lock, so a concurrent start sees this UUID; a note:
+            # no change is made until the next record, whose fsync covers it (the fsync that
+            # commits the new file is started at once, in the background)
+            journal.note("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
+                         id=domain_id, uuid=domain.uuid, stack=conn.stack.names(),
+                         outlive=outlive)
         except BaseException:
             lock.release()
             raise
+    journal.sync_ahead()
     return lock, journal, domain_id
 
 

@@ -357,16 +357,20 @@ class _Operation:
         self.registry = registry
 
     def __enter__(self) -> tuple[LeaseTable, FreePool]:
-        self.fd = self.registry._lock()
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        registry = self.registry
+        fd = registry._lock_fd
+        if fd is None or registry._lock_forks != _FORKS.count:
+            fd = registry._lock()
+        self.fd = fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            self.table, self.pool = self.registry._open()
-            self.generation = self.table.generation
-            self.pool.begin()
+            self.table, self.pool = table, pool = registry._open()
+            self.generation = table.generation
+            pool.begin()
         except BaseException:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
             raise
-        return self.table, self.pool
+        return table, pool
 
     def __exit__(self, exc_type: type[BaseException] | None, _exc: object,
                  _tb: object) -> None:

@@ -9,10 +9,13 @@ mislabelled and TCG lacks execmem), a QEMU asked over QMP to open another domain
 file outside its domain is refused (a ``none`` control run opens both), SIGKILL of
 ``vmconfine run`` at every pipeline step is cleaned up by the next command, and a TPM domain's
 swtpm runs with QEMU's label (entered through vmconfine's module ``vmconfine_swtpm.cil``), is
-denied another domain's TPM state and keeps its own across a stop and a start. A second boot
-labels domain A's image with B's label on purpose and must make the guest test fail, so a broken
-driver cannot pass this tier. The first boot also runs tests/lsm/guest_smoke.py: the kernel keeps
-two MCS categories apart with no vmconfine code involved.
+denied another domain's TPM state and keeps its own across a stop and a start; and
+tests/lsm/guest_display.py: a q35 UEFI domain with SPICE on a unix socket runs paused under
+sVirt, its NVRAM and socket carry its image label, and its QEMU is refused another domain's
+NVRAM. A second boot labels domain A's image with B's label on purpose and must make the guest
+test fail, so a broken driver cannot pass this tier. The first boot also runs
+tests/lsm/guest_smoke.py: the kernel keeps two MCS categories apart with no vmconfine code
+involved.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_e2e, assert_smoke
+from tests.lsm.e2e_checks import SMOKE, SMOKE_OUTCOMES, assert_display, assert_e2e, assert_smoke
 from tests.lsm.harness import GuestKernel, run_in_guest
 
 pytestmark = pytest.mark.lsm
@@ -30,12 +33,14 @@ pytestmark = pytest.mark.lsm
 GUEST_TEST = "tests/lsm/guest_selinux.py"
 NODE = "test_svirt_keeps_two_domains_apart"
 E2E = "tests/lsm/guest_e2e.py"
+DISPLAY = "tests/lsm/guest_display.py"
 
 
 def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
         selinux_guest_kernel: GuestKernel, tmp_path: Path) -> None:
     result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=1800,
-                          results_dir=tmp_path / "guest", memory_mib=1024, pytest_args=[SMOKE, E2E])
+                          results_dir=tmp_path / "guest", memory_mib=1024,
+                          pytest_args=[SMOKE, E2E, DISPLAY])
     assert result.outcomes() == {
         **SMOKE_OUTCOMES["selinux"],
         NODE: "passed",
@@ -43,6 +48,7 @@ def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
         "test_swtpm_runs_confined": "passed",
+        "test_spice_and_efi_under_the_lsm": "passed",
     }, result.tail(120)
     assert result.ok, result.tail()
     assert_smoke("selinux", result.results_dir)
@@ -59,6 +65,7 @@ def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
     assert restart["current"] == restart["qemu"] == restart["label"]
     assert restart["own_label"] == restart["imagelabel"]
     assert restart["after"]["swtpm_gone"] and restart["after"]["leases"] == 0
+    assert_display(json.loads((result.results_dir / "display-selinux.json").read_text()))
     seen = json.loads((result.results_dir / "selinux-svirt.json").read_text())
     assert seen["A"] != seen["B"]
     level_a, level_b = (seen[k].split(":", 3)[3] for k in ("A", "B"))

@@ -155,14 +155,22 @@ if [ -f "$se_share/.modules" ] && command -v semodule >/dev/null; then
   else
     log "private SELinux policy store up to date"
   fi
-  cil_stamp=$(sha "$guest_dir/lsmtest.cil")
+  # vmconfine's shipped modules (plugins/selinux/policy/*.cil, what an administrator installs
+  # with semodule -i: docs/selinux.md), then the harness-only lsmtest.cil
+  shipped=("$repo"/plugins/selinux/policy/*.cil)
+  cil_stamp=$(sha "$guest_dir/lsmtest.cil" "${shipped[@]}")
   if [ "$(cat "$se_root/.cil-stamp" 2>/dev/null)" != "$cil_stamp" ]; then
-    log "installing the harness-only module lsmtest.cil into the private policy"
+    log "installing vmconfine's modules and the harness-only lsmtest.cil into the private policy"
     rm -f "$se_root/.cil-stamp"
-    semodule -p "$se_root" -s default -n -X 400 -i "$guest_dir/lsmtest.cil" 2>&1 \
+    args=()
+    for cil in "${shipped[@]}" "$guest_dir/lsmtest.cil"; do args+=(-i "$cil"); done
+    semodule -p "$se_root" -s default -n -X 400 "${args[@]}" 2>&1 \
       | grep -v 'not in password file' || true
-    semodule -p "$se_root" -s default -l 2>/dev/null | grep -qx lsmtest \
-      || die "semodule did not install lsmtest.cil into $se_root"
+    for cil in "${shipped[@]}" "$guest_dir/lsmtest.cil"; do
+      mod=$(basename "$cil" .cil)
+      semodule -p "$se_root" -s default -l 2>/dev/null | grep -qx "$mod" \
+        || die "semodule did not install $mod into $se_root"
+    done
     echo "$cil_stamp" > "$se_root/.cil-stamp"
   fi
   se_policy=$(ls "$se_root"/etc/selinux/default/policy/policy.* | sort -V | tail -n1)

@@ -210,10 +210,14 @@ def spice_tls_port(graphics: list) -> int | None:
 
 
 def drop_allocated_ports(root: etree._Element) -> None:
-    """Remove the ports allocated at start from an autoport SPICE display (libvirt's inactive
-    XML has none: they are allocated again at the next start)."""
+    """Remove the ports allocated at start from an autoport display (libvirt's inactive XML
+    has none: they are allocated again at the next start; a VNC autoport shows ``-1``)."""
     for devices in (c for c in root if c.tag == "devices"):
         for g in (c for c in devices if c.tag == "graphics"):
-            if g.get("type") == "spice" and g.get("autoport") == "yes":
+            if g.get("autoport") != "yes":
+                continue
+            if g.get("type") == "spice":
                 for name in ("port", "tlsPort"):
                     g.attrib.pop(name, None)
+            elif g.get("type") == "vnc" and g.get("port") not in (None, "-1"):
+                g.set("port", "-1")

@@ -17,10 +17,19 @@ Three ways to append:
   (a crashed process's successor reads it) and made durable by the next ``record``,
   ``record_many``, :meth:`Journal.sync` or :meth:`Journal.close`. It never describes a change
   still to be made.
+
+:meth:`Journal.sync_ahead` starts an ``fsync`` of what is written so far in a thread of its
+own and returns at once: the pipeline's ``begin`` record is a note followed by it, so the
+journal file's creation is committed to disk while the start goes on (the first fsync of a new
+file costs 2-4 ms on ext4; it precedes no change of its own). It is an early start only:
+durability before a change still comes from the ``record``/``record_many`` in front of that
+change, whose fsync covers everything written before it.
 """
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import json
 import os
 from collections import Counter
@@ -107,6 +116,14 @@ class Journal:
         self._append([{"driver": d, "op": op, **data} for d, op, data in entries],
                      durable=False)
 
+    def sync_ahead(self) -> None:
+        """Start an fsync of everything written so far without waiting for it (see the module
+        docstring). The thread syncs a duplicate of the descriptor, so the journal may be
+        closed or removed meanwhile."""
+        if self._fd is None or not self._unsynced:
+            return
+        _thread.start_new_thread(_fsync_and_close, (os.dup(self._fd),))
+
     def sync(self) -> None:
         """Make every note written so far durable (no-op when there is none)."""
         if self._unsynced and self._fd is not None:
@@ -182,6 +199,15 @@ class Journal:
         except FileNotFoundError:
             pass
         self._records = []
+
+
+def _fsync_and_close(fd: int) -> None:
+    """:meth:`Journal.sync_ahead`'s thread (system calls only: they run without the GIL)."""
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Corrupt(ValueError):

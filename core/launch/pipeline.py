@@ -5,7 +5,8 @@
 1. *init* — firmware auto-selection, validate the domain against the stack (seclabel
    models, each driver's ``verify``) and resolve backing chains; reserve the name, UUID and
    id under the instance lock and journal ``begin``;
-2. *prepare domain* — generate labels (``gen_label``), build the command line;
+2. *prepare domain* — reserve the display ports (:mod:`~.ports`), generate labels
+   (``gen_label``), build the command line;
 3. *prepare host* — the NVRAM made from its template, ``preflight``, runtime directories,
    the pre-opened resources
    (:mod:`~.preopen`: every listening socket — QMP monitors, chardevs in ``mode='bind'``, the
@@ -23,8 +24,9 @@ A failure at any step undoes everything done so far (:func:`teardown`, driven by
 before the error is raised; a failure after QEMU was spawned carries QEMU's last log lines and,
 through the caller's ``diagnose`` callback, which layer denied a path QEMU could not open.
 
-stop (any cause): kill QEMU if needed → restore all labels → release labels → remove the
-sockets and network devices vmconfine made, runtime dir, status and journal. Each host change
+stop (any cause): kill QEMU if needed → restore all labels → release labels and display
+ports → remove the sockets and network devices vmconfine made, runtime dir, status and
+journal. Each host change
 is journaled before it is made, so :meth:`vmconfine.launch.connection.Connection.recover` can
 finish a teardown after a crash.
 Waiting for a started domain is :mod:`vmconfine.launch.supervisor`'s job.
@@ -55,7 +57,7 @@ from vmconfine.config.networks import resolve_interfaces
 from vmconfine.domain.chain import resolve_chain
 from vmconfine.domain.chardev import fill_channel_paths, record_pty
 from vmconfine.errors import LaunchError, VmconfineError
-from vmconfine.launch import checks, child, netdev, preopen, runtime, swtpm
+from vmconfine.launch import checks, child, netdev, ports, preopen, runtime, swtpm
 from vmconfine.launch.journal import Journal
 from vmconfine.launch.preopen import PreOpened
 from vmconfine.launch.process import QemuProcess, log_tail
@@ -194,13 +196,15 @@ def prepare_domain(conn: Connection, domain: Domain, stack: Stack | None = None,
     checks (of ``stack``, default the instance's), backing chains, network definitions
     (``type='network'`` → its bridge); a virtio channel's unix socket without a path gets one
     generated (libvirt's ``qemuDomainPrepareChannel``), shown in the live XML. ``symbolic``
-    (``domxml-to-native``): images need not exist."""
+    (``domxml-to-native``): images need not exist, and SPICE ports are probed, not reserved
+    (a start reserves its display ports after it is journaled: :mod:`~.ports`)."""
     if not domain.generated_paths:
         domain.generated_paths = fill_channel_paths(
             domain.chardevs, str(conn.instance.channel_dir(domain.name)))
         fill_spice_socket(domain, str(conn.instance.domain_lib_dir(domain.name)),
                           conn.instance.config.spice_auto_unix_socket)
-    allocate_spice_ports(domain, conn.instance.config)
+    if symbolic:
+        allocate_spice_ports(domain, conn.instance.config)
     resolve_interfaces(conn.instance, domain)
     canonicalise_machine(conn, domain, strict=not symbolic)
     select_firmware(conn, domain)  # after: the configured <os> it keeps has the canonical type
@@ -309,9 +313,12 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
     try:
         checkpoint("begin")
         # 2. prepare domain
+        ports.reserve(inst, journal, domain)  # before the ruleset and argv that name them
         stack.gen_labels(ctx)
         labels_generated = True
-        journal.record("pipeline", "labels", xml=domain.to_xml(live=True))
+        # the labels are made (a note: durable with the next record, which precedes the first
+        # host change that uses them; a crash of vmconfine leaves it in the page cache)
+        journal.note("pipeline", "labels", xml=domain.to_xml(live=True))
         checkpoint("labels")
         command = build_command(domain, inst.config, command_paths(conn, domain, symbolic=False))
         checks.check_emulator(command.emulator)
@@ -350,7 +357,8 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         # the parent keeps its copies until teardown: a QEMU that dies during start-up then
         # leaves the monitor listening, so the handshake waits instead of being reset
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
-        journal.record("pipeline", "started", pid=pid, starttime=process.starttime)
+        # QEMU has exec'd (a note: "forked", durable before the exec, names the same process)
+        journal.note("pipeline", "started", pid=pid, starttime=process.starttime)
         launched = Launched(ctx, command, process, domain_id, lock, log_path, preopened)
         process.watch(asyncio.get_running_loop())
         checkpoint("forked")
@@ -417,13 +425,16 @@ def _begin(conn: Connection, domain: Domain, *,
         domain_id = runtime.next_domain_id(inst)
         inst.destroy_marker_path(domain.name).unlink(missing_ok=True)  # a stale one
         try:
-            # written under the instance lock, so a concurrent start sees this UUID
-            journal.record("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
-                           id=domain_id, uuid=domain.uuid, stack=conn.stack.names(),
-                           outlive=outlive)
+            # written under the instance lock, so a concurrent start sees this UUID; a note:
+            # no change is made until the next record, whose fsync covers it (the fsync that
+            # commits the new file is started at once, in the background)
+            journal.note("pipeline", "begin", xml=domain.to_xml(), supervisor=os.getpid(),
+                         id=domain_id, uuid=domain.uuid, stack=conn.stack.names(),
+                         outlive=outlive)
         except BaseException:
             lock.release()
             raise
+    journal.sync_ahead()
     return lock, journal, domain_id
 
 
@@ -509,7 +520,7 @@ async def _connect_monitor(conn: Connection, launched: Launched) -> QMPClient:
     process = launched.process
     connect = asyncio.ensure_future(qmp.connect(
         conn.instance.monitor_path(launched.name), f"vmconfine-{launched.name}",
-        qmp.START_TIMEOUT))
+        qmp.start_timeout()))
     exited = asyncio.ensure_future(process.exited.wait())
     try:
         await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -607,6 +618,7 @@ def teardown(stack: Stack, ctx: DomainContext, *, labels_generated: bool = True)
     errors += stack.restore("restore_all_labels", ctx)
     if labels_generated:
         errors += stack.release_labels(ctx)
+    errors += ports.release(ctx.instance, ctx.journal)
     errors += preopen.remove_sockets(ctx.journal.records("pipeline", "socket"),
                                      ctx.journal.records("pipeline", "socket-inode"))
     errors += netdev.remove_devices(ctx.journal)

@@ -212,6 +212,16 @@ def _verify(stack: Stack, ctx: DomainContext, helper: Helper, pid: int) -> None:
                           f"asked, killed it: " + "; ".join(problems))
 
 
+def _control_channel(stack: Stack, ctx: DomainContext) -> tuple[socket.socket, socket.socket]:
+    """The socket pair between QEMU and swtpm, made under the domain's socket label (SELinux:
+    both ends get the domain's context, the one QEMU and swtpm run with)."""
+    stack.set("set_socket_label", ctx)
+    try:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    finally:
+        stack.restore("clear_socket_label", ctx)
+
+
 async def start(stack: Stack, ctx: DomainContext, fds: dict[str, int], *,
                 outlive: bool) -> None:
     """Set up the TPM state on its first start, start swtpm confined and put QEMU's end of
@@ -225,7 +235,7 @@ async def start(stack: Stack, ctx: DomainContext, fds: dict[str, int], *,
     _make_dirs(ctx, state)
     for helper in pair:
         ctx.journal.record("pipeline", "helper", helper=helper.to_json())
-        stack.set("set_helper_label", ctx, helper=helper)
+    stack.set("set_helper_label", ctx, helper=setup)
     if not (state / STATE_FILES[version]).exists():
         if not ctx.instance.privileged:  # the user's local CA (libvirt does the same)
             os.makedirs(_config_home(), mode=0o700, exist_ok=True)
@@ -236,7 +246,10 @@ async def start(stack: Stack, ctx: DomainContext, fds: dict[str, int], *,
             setup.executable, *tpm2, "--tpm-state", str(state),
             "--vmid", f"{ctx.domain.name}:{ctx.domain.uuid}", "--createek", "--create-ek-cert",
             "--create-platform-cert", "--lock-nvram", "--not-overwrite"])
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # swtpm's labels after swtpm_setup, so the files it made get them too (SELinux: the
+    # domain's image label)
+    stack.set("set_helper_label", ctx, helper=run)
+    ours, theirs = _control_channel(stack, ctx)
     try:
         argv = [run.executable, "socket", *(["--tpm2"] if version == "2.0" else []),
                 "--tpmstate", f"dir={state},mode=0600",

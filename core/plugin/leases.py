@@ -2,9 +2,11 @@
 
 Drivers that give each domain a value no other domain may hold use it: the SELinux driver's
 MCS levels (``vmconfine_selinux.mcs.LabelRegistry``, per boot) and the DAC driver's per-domain
-uids (``vmconfine_dac.idrange``, persistent). Drivers never import each other, so the
-machinery lives here; each driver supplies its range (a :class:`LeaseRange`: how many values,
-a key, and the mapping between value numbers and their text) and its messages.
+uids (``vmconfine_dac.idrange``, persistent), and the launch pipeline's display ports
+(``vmconfine.launch.ports``, per boot, first fit: :meth:`LeaseRegistry.allocate_first`).
+Drivers never import each other, so the machinery lives here; each user supplies its range
+(a :class:`LeaseRange`: how many values, a key, and the mapping between value numbers and
+their text) and its messages.
 
 A registry is a directory:
 
@@ -27,7 +29,7 @@ import fcntl
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -258,6 +260,29 @@ class LeaseRegistry:
             self._add(table, pool, owner, name, number, value)
             return value
 
+    def allocate_first(self, owner: str, name: str, numbers: Sequence[int],
+                       usable: Callable[[int], bool]) -> str | None:
+        """The first of ``numbers`` (in their order) that no lease holds and ``usable``
+        accepts, now held by domain-part ``owner``; None when there is none (libvirt's
+        virPortAllocatorAcquire: first fit, each candidate checked under the lock). A value
+        ``owner`` still held is given back first. O(len(numbers)) at worst."""
+        self._check_owner(owner)
+        with self._locked() as (table, pool):
+            old = self._lease(table, owner)
+            if old is not None:
+                self._release_slot(table, pool, *old)
+            for attempt in range(2):
+                for number in numbers:
+                    if pool.is_used(number) or not usable(number):
+                        continue
+                    pool.take(number)
+                    value = self.range.value(number)
+                    self._add(table, pool, owner, name, number, value)
+                    return value
+                if attempt or self.is_live is None or not self._reconcile_locked(table, pool):
+                    break  # nothing to reclaim: the second pass would find nothing either
+            return None
+
     def reserve(self, owner: str, name: str, value: str, label: str) -> None:
         """Mark the value of running domain ``owner`` (label ``label``) as in use."""
         self._check_owner(owner)
@@ -332,16 +357,20 @@ class _Operation:
         self.registry = registry
 
     def __enter__(self) -> tuple[LeaseTable, FreePool]:
-        self.fd = self.registry._lock()
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        registry = self.registry
+        fd = registry._lock_fd
+        if fd is None or registry._lock_forks != _FORKS.count:
+            fd = registry._lock()
+        self.fd = fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            self.table, self.pool = self.registry._open()
-            self.generation = self.table.generation
-            self.pool.begin()
+            self.table, self.pool = table, pool = registry._open()
+            self.generation = table.generation
+            pool.begin()
         except BaseException:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
             raise
-        return self.table, self.pool
+        return table, pool
 
     def __exit__(self, exc_type: type[BaseException] | None, _exc: object,
                  _tb: object) -> None:

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 #: order: the file is per boot and never leaves the host)
 _HEADER = struct.Struct("=8sIIIIIiQQ")
 _HEADER_SIZE = 64
+#: the header's magic, version, dirty flag and capacity (a clean table's first 20 bytes)
+_CLEAN = struct.Struct("=8sIII")
 #: the header's 32-bit words and 64-bit words as indexes of int views into the mapping (an
 #: index into a memoryview is several times cheaper than a struct call on the hot path)
 _H_DIRTY, _H_CAP, _H_COUNT, _H_HIGH, _H_FREE = 3, 4, 5, 6, 7
@@ -48,16 +50,18 @@ _MAGIC = b"VMCLEASE"
 _VERSION = 1
 #: state, next free, owner / name / level lengths (+ pad), then the three fields
 _SLOT_HEAD = struct.Struct("=IiHHHH")
-_OLEN = struct.Struct("=H")
 SLOT = 512
 OWNER_MAX, NAME_MAX, LEVEL_MAX = 64, 256, 160
 _OWNER_AT = _SLOT_HEAD.size
+_OLEN_AT = 8  # the owner length's byte offset in a slot (even: read as a 16-bit word)
 _NAME_AT = _OWNER_AT + OWNER_MAX
 _LEVEL_AT = _NAME_AT + NAME_MAX
 USED = 0x53454C56  # a slot holds a lease only with this exact state word
 FIRST_CAPACITY = 64
 _OWNER_RE = re.compile(r"[0-9a-fA-F-]{1,64}")
 _FREE_LINK = struct.Struct("=Ii")  # a free slot's state word and next-free link
+#: the three fields of a slot, written with one call (zero-padded) before its head
+_FIELDS = struct.Struct(f"={OWNER_MAX}s{NAME_MAX}s{LEVEL_MAX}s")
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,15 @@ class LeaseTable:
         self._index: memoryview | None = None
         self._h: memoryview | None = None  # header, 32-bit words
         self._h64: memoryview | None = None  # header, 64-bit words from byte 32
+        self._u16: memoryview | None = None  # the whole mapping as 16-bit words
+        self._i32: memoryview | None = None  # the whole mapping as 32-bit words
+        self._clean = b""  # the header's first 20 bytes of a current, clean table (_CLEAN)
         self.capacity = 0
+        self._mask = 0  # the owner index's size - 1
+        #: (owner key, index position) where the last unsuccessful find() stopped probing:
+        #: the position a new lease of that owner takes while the index is unchanged (cleared
+        #: by every change of the index and at the start of every operation)
+        self._hole: tuple[bytes, int] | None = None
         self._map()
 
     # ---- mapping -------------------------------------------------------------------------------
@@ -102,19 +114,24 @@ class LeaseTable:
         mm = mmap.mmap(self._fd, size)
         self._h = memoryview(mm)[:32].cast("i")
         self._h64 = memoryview(mm)[32:48].cast("q")
+        self._u16 = memoryview(mm)[:size & ~1].cast("H")
+        self._i32 = memoryview(mm)[:size & ~3].cast("i")
         cap = self._h[_H_CAP]
         if cap <= 0 or _size(cap) > size:  # garbage header: start over (open() resets it)
             cap = 0
         self._mm, self.capacity = mm, cap
+        self._mask = 2 * cap - 1 if cap else 0
+        self._clean = _CLEAN.pack(_MAGIC, _VERSION, 0, cap) if cap else b""
         if cap:
             start = _HEADER_SIZE + cap * SLOT
             self._index = memoryview(mm)[start:start + 8 * cap].cast("i")
 
     def _unmap(self) -> None:
-        for view in (self._index, self._h, self._h64):
+        for view in (self._index, self._h, self._h64, self._u16, self._i32):
             if view is not None:
                 view.release()
-        self._index = self._h = self._h64 = None
+        self._index = self._h = self._h64 = self._u16 = self._i32 = None
+        self._hole = None
         if self._mm is not None:
             self._mm.close()
             self._mm = None
@@ -133,6 +150,12 @@ class LeaseTable:
     def open(self, boot: int) -> None:
         """Make the mapping current (another process may have grown the file), start over
         for a new boot or a bad header, and repair a table left dirty by a crash."""
+        self._hole = None  # another process may have changed the index since
+        mm, h64 = self._mm, self._h64
+        # the usual case in one comparison: magic, version, clean, the capacity mapped
+        if mm is not None and h64 is not None and mm[:20] == self._clean and \
+                h64[_H_BOOT] == boot:
+            return
         h = self._h
         if h is None or h[_H_CAP] != self.capacity:
             self._map()
@@ -177,8 +200,9 @@ class LeaseTable:
     @property
     def generation(self) -> int:
         """Bumped by every change: a pool built for another generation is out of date."""
-        assert self._h64 is not None
-        return int(self._h64[_H_GEN])
+        h64 = self._h64
+        assert h64 is not None
+        return h64[_H_GEN]  # type: ignore[no-any-return]
 
     def _bump(self) -> None:
         assert self._h64 is not None
@@ -194,9 +218,9 @@ class LeaseTable:
 
     def _owner_bytes(self, slot: int) -> bytes:
         at = _HEADER_SIZE + slot * SLOT
-        mm = self._mm
-        assert mm is not None
-        olen = _OLEN.unpack_from(mm, at + 8)[0]
+        mm, u16 = self._mm, self._u16
+        assert mm is not None and u16 is not None
+        olen = u16[(at + _OLEN_AT) >> 1]
         return mm[at + _OWNER_AT:at + _OWNER_AT + min(olen, OWNER_MAX)]
 
     def get(self, slot: int) -> Lease | None:
@@ -236,24 +260,29 @@ class LeaseTable:
 
     def find(self, owner: str) -> int | None:
         """The slot of ``owner``'s lease, if any."""
-        index = self._index
-        if index is None:
+        index, mm, u16 = self._index, self._mm, self._u16
+        if index is None or mm is None or u16 is None:
             return None
         key = owner.encode("ascii")
-        mask = 2 * self.capacity - 1
+        klen = len(key)
+        mask = self._mask
         i = zlib.crc32(key) & mask
         while True:
             entry = index[i]
             if entry == 0:
+                self._hole = (key, i)  # where add() puts this owner's lease
                 return None
-            if self._owner_bytes(entry - 1) == key:
+            at = _HEADER_SIZE + (entry - 1) * SLOT
+            if u16[(at + _OLEN_AT) >> 1] == klen and \
+                    mm[at + _OWNER_AT:at + _OWNER_AT + klen] == key:
                 return entry - 1
             i = (i + 1) & mask
 
     def _index_add(self, slot: int, key: bytes) -> None:
         index = self._index
         assert index is not None
-        mask = 2 * self.capacity - 1
+        self._hole = None
+        mask = self._mask
         i = zlib.crc32(key) & mask
         while index[i] != 0:
             i = (i + 1) & mask
@@ -263,6 +292,7 @@ class LeaseTable:
         """Remove ``slot`` from the index (backward-shift deletion keeps probes short)."""
         index = self._index
         assert index is not None
+        self._hole = None
         mask = 2 * self.capacity - 1
         i = self._home(self._owner_bytes(slot))
         while index[i] != slot + 1:
@@ -287,30 +317,37 @@ class LeaseTable:
         """Store a lease of value ``level``; return its slot. Raises LabelError for fields
         that do not fit."""
         key, nb, lb = owner.encode("ascii"), name.encode("utf-8"), level.encode("ascii")
-        if len(nb) > NAME_MAX:
+        klen, nlen, llen = len(key), len(nb), len(lb)
+        if nlen > NAME_MAX:
             raise LabelError(f"domain name '{name[:40]}...' is longer than {NAME_MAX} bytes; "
                              f"the {self.what} cannot hold it: give the domain a shorter name")
-        if len(lb) > LEVEL_MAX or len(key) > OWNER_MAX:
+        if llen > LEVEL_MAX or klen > OWNER_MAX:
             raise LabelError(f"value '{level[:40]}...' is longer than {LEVEL_MAX} bytes; "
                              f"the {self.what} cannot hold it")
-        if self._hdr[_H_COUNT] + 1 > self.capacity:
+        h = self._h
+        assert h is not None
+        if h[_H_COUNT] + 1 > self.capacity:
             self._grow()
-        mm, h, h64 = self._mm, self._h, self._h64
-        assert mm is not None and h is not None and h64 is not None
+        mm, h, h64, i32 = self._mm, self._h, self._h64, self._i32
+        assert mm is not None and h is not None and h64 is not None and i32 is not None
         h[_H_DIRTY] = 1
         free = h[_H_FREE]
         if free >= 0:
             slot = free
-            h[_H_FREE] = _SLOT_HEAD.unpack_from(mm, _HEADER_SIZE + slot * SLOT)[1]
+            h[_H_FREE] = i32[(_HEADER_SIZE + slot * SLOT) // 4 + 1]  # its next-free link
         else:
             slot = h[_H_HIGH]
             h[_H_HIGH] = slot + 1
         at = _HEADER_SIZE + slot * SLOT
-        mm[at + _OWNER_AT:at + _OWNER_AT + len(key)] = key
-        mm[at + _NAME_AT:at + _NAME_AT + len(nb)] = nb
-        mm[at + _LEVEL_AT:at + _LEVEL_AT + len(lb)] = lb
-        _SLOT_HEAD.pack_into(mm, at, USED, -1, len(key), len(nb), len(lb), 0)
-        self._index_add(slot, key)
+        _FIELDS.pack_into(mm, at + _OWNER_AT, key, nb, lb)  # the fields, then the head:
+        _SLOT_HEAD.pack_into(mm, at, USED, -1, klen, nlen, llen, 0)  # state word last
+        hole, self._hole = self._hole, None
+        index = self._index
+        assert index is not None
+        if hole is not None and hole[0] == key and index[hole[1]] == 0:
+            index[hole[1]] = slot + 1  # where find() stopped probing for this owner
+        else:
+            self._index_add(slot, key)
         h[_H_COUNT] += 1
         h64[_H_GEN] += 1
         h[_H_DIRTY] = 0
@@ -352,6 +389,7 @@ class LeaseTable:
         assert mm is not None and index is not None
         h = self._hdr
         self._dirty(True)
+        self._hole = None
         index[:] = memoryview(bytes(4 * len(index))).cast("i")
         h[_H_FREE] = -1
         high = min(h[_H_HIGH], self.capacity)

@@ -7,7 +7,11 @@ checked with ``virsh domxml-to-native``):
 - SPICE listens on a TCP address (``<listen type='address'>``, else qemu.conf
   ``spice_listen``, default 127.0.0.1) with its ports allocated at start from
   ``remote_display_port_min``..``remote_display_port_max`` (libvirt's port allocator: the
-  first port nothing is bound to), or on a unix socket (``unix=on,addr=PATH``);
+  first port no other domain holds and nothing is bound to; held until the domain stops:
+  :mod:`vmconfine.launch.ports`), or on a unix socket (``unix=on,addr=PATH``);
+- a VNC autoport on TCP gets its port from the same allocator at start (``-vnc HOST:N``, as
+  libvirt's qemuProcessVNCAllocatePorts); a command line built without a start
+  (``domxml-to-native``) leaves the choice to QEMU (``HOST:0,to=...``);
 - a TLS port (``tls-port=`` + ``x509-dir=`` from ``spice_tls_x509_cert_dir``) only with
   ``spice_tls = 1``; a missing certificate directory is refused before QEMU starts;
 - the password (``<graphics passwd>``, else qemu.conf ``spice_password``) is never on the
@@ -32,6 +36,7 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.qemu.argv_devices import UnsupportedConfigError, to_json
@@ -57,6 +62,8 @@ SPICE_OPTION_NAMES = {"image": "image-compression", "jpeg": "jpeg-wan-compressio
                       "zlib": "zlib-glz-wan-compression", "playback": "playback-compression",
                       "streaming": "streaming-video"}
 SPICE_SOCKET_NAME = "spice.sock"
+#: ``acquire(role) -> port``: a free display port for ``role`` ("spice", "spice-tls", "vnc")
+Acquire = Callable[[str], int]
 
 
 # --------------------------------------------------------------------------- VNC
@@ -76,6 +83,14 @@ def vnc_socket(domain: Domain, config: Any, runtime_dir: str) -> str | None:
     return None
 
 
+def vnc_listens_tcp(g: Graphics, config: Any) -> bool:
+    """True when a VNC display listens on a TCP port (not a unix socket, not ``none``)."""
+    if g.type != "vnc" or g.socket or g.listen_type in ("none", "socket"):
+        return False
+    return not (g.listen is None and g.listen_type is None and
+                getattr(config, "vnc_auto_unix_socket", False))
+
+
 def _host(listen: str) -> str:
     return f"[{listen}]" if ":" in listen and not listen.startswith("[") else listen
 
@@ -90,8 +105,9 @@ def _vnc_address(b: Builder, g: Graphics, runtime_dir: str) -> tuple[Part, ...]:
     if listen is None and g.listen_type is None:
         listen = getattr(b.config, "vnc_listen", "127.0.0.1")
     host = _host(listen or "127.0.0.1")
-    if g.autoport or g.port is None or g.port < 0:
-        # QEMU picks the first free display from :0 (port 5900) up to port 65535
+    if g.port is None or g.port <= 0:
+        # an autoport not allocated (no start: domxml-to-native): QEMU would pick the first
+        # free display from :0 (port 5900) up to port 65535
         addr = f"{host}:0,to={65535 - 5900}"
     else:
         if g.port < 5900:
@@ -181,36 +197,55 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def _acquire(config: Any, taken: set[int]) -> int:
+def display_port_range(config: Any) -> range:
+    """``remote_display_port_min``..``remote_display_port_max``, the ports displays get."""
     low = int(getattr(config, "remote_display_port_min", 5900))
     high = int(getattr(config, "remote_display_port_max", 65535))
     if low > high:
         raise UnsupportedConfigError(
             "remote_display_port_min: min port must not be greater than max port; fix "
             "qemu.conf")
-    for port in range(low, high + 1):
-        if port not in taken and port_is_free(port):
-            taken.add(port)
-            return port
-    raise UnsupportedConfigError(
-        f"Unable to find an unused port in range 'display' ({low}-{high}); free a port or "
-        "widen remote_display_port_min/remote_display_port_max")
+    return range(low, high + 1)
 
 
-def allocate_spice_ports(domain: Domain, config: Any) -> None:
+def no_free_port(ports: range) -> UnsupportedConfigError:
+    """libvirt's error when the display range is exhausted."""
+    return UnsupportedConfigError(
+        f"Unable to find an unused port in range 'display' ({ports.start}-{ports.stop - 1}); "
+        "free a port or widen remote_display_port_min/remote_display_port_max")
+
+
+def probe_acquire(config: Any) -> Acquire:
+    """Ports chosen by probing alone, nothing reserved (a command line only printed:
+    ``domxml-to-native``, the report); a start reserves them (:mod:`vmconfine.launch.ports`)."""
+    taken: set[int] = set()
+
+    def acquire(_role: str) -> int:
+        ports = display_port_range(config)
+        for port in ports:
+            if port not in taken and port_is_free(port):
+                taken.add(port)
+                return port
+        raise no_free_port(ports)
+
+    return acquire
+
+
+def allocate_spice_ports(domain: Domain, config: Any, acquire: Acquire | None = None) -> None:
     """Allocate the SPICE display's ports (autoport, or ``tlsPort='-1'``) as libvirt does at
-    start, and write them into the tree (the live XML shows them)."""
+    start, and write them into the tree (the live XML shows them). ``acquire``: where ports
+    come from (default: probing only, nothing reserved)."""
     g = spice_graphics(domain)
     if g is None or g.spice is None or g.socket or g.listen_type in ("socket", "none"):
         return
+    acquire = acquire or probe_acquire(config)
     need_port, need_tls = _needs(g, config) if g.autoport else (False, False)
     if g.autoport and g.element is not None:
         g.element.set("autoport", "yes")  # as libvirt's live XML; the ports are dropped from
         # the inactive XML (vmconfine.domain.display.drop_allocated_ports)
     tls_on = bool(getattr(config, "spice_tls", False))
-    taken: set[int] = set()
     if need_port and (g.port is None or g.port <= 0):
-        g.port = _acquire(config, taken)
+        g.port = acquire("spice")
         if g.element is not None:
             g.element.set("port", str(g.port))
     tls = g.spice.tls_port
@@ -219,9 +254,39 @@ def allocate_spice_ports(domain: Domain, config: Any) -> None:
             raise UnsupportedConfigError(
                 "Auto allocation of spice TLS port requested but spice TLS is disabled in "
                 "qemu.conf; set spice_tls = 1 or remove tlsPort / the secure channels")
-        g.spice.tls_port = _acquire(config, taken)
+        g.spice.tls_port = acquire("spice-tls")
         if g.element is not None:
             g.element.set("tlsPort", str(g.spice.tls_port))
+
+
+def allocate_vnc_port(domain: Domain, config: Any, acquire: Acquire) -> None:
+    """The VNC autoport on TCP from ``acquire`` (libvirt's qemuProcessVNCAllocatePorts),
+    written into the tree (the live XML shows it; the inactive one has ``port='-1'``)."""
+    g = next((x for x in domain.graphics if x.type == "vnc"), None)
+    if g is None or not g.autoport or (g.port or 0) > 0 or not vnc_listens_tcp(g, config):
+        return
+    g.port = acquire("vnc")
+    if g.element is not None:
+        g.element.set("autoport", "yes")
+        g.element.set("port", str(g.port))
+
+
+def fixed_display_ports(domain: Domain, config: Any) -> list[tuple[str, int]]:
+    """(role, port) of every TCP port a display names itself (libvirt's
+    qemuProcessGraphicsReservePorts): marked used at start, so no autoport takes them."""
+    out: list[tuple[str, int]] = []
+    for g in domain.graphics:
+        if g.type == "vnc" and g.websocket is not None and g.websocket > 0:
+            out.append(("vnc-websocket", g.websocket))
+        if g.autoport:
+            continue
+        if g.type == "vnc" and vnc_listens_tcp(g, config) and g.port and g.port > 0:
+            out.append(("vnc", g.port))
+        elif g.type == "spice" and g.spice is not None and not g.socket and \
+                g.listen_type not in ("socket", "none"):
+            out += [(role, p) for role, p in (("spice", g.port), ("spice-tls", g.spice.tls_port))
+                    if p is not None and p > 0]
+    return out
 
 
 def _spice_option(b: Builder, g: Graphics) -> str:

@@ -10,6 +10,7 @@ list from ``query-machines`` and caches it in its capabilities cache).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -34,8 +35,10 @@ class Machines:
         return self.aliases.get(machine, machine)
 
 
+@functools.lru_cache(maxsize=8)
 def parse_machine_help(text: str) -> Machines:
-    """:class:`Machines` from ``-machine help`` output."""
+    """:class:`Machines` from ``-machine help`` output (remembered: every start of a domain
+    asks for the same cached output, ~60 lines of regular expressions; treat as read-only)."""
     aliases: dict[str, str] = {}
     names: set[str] = set()
     default = None

@@ -25,6 +25,19 @@ DEFAULT_TIMEOUT = 10.0
 #: wait, QEMU_DEFAULT_MONITOR_WAIT, is 30 s too); the launch pipeline stops waiting at once
 #: when QEMU exits instead, so this only bounds a QEMU that hangs during start-up
 START_TIMEOUT = 30.0
+#: seconds instead of START_TIMEOUT, for a host where QEMU starts slowly (nested emulation:
+#: the lsm tier's guests load QEMU's SPICE and display modules over 9p under TCG)
+START_TIMEOUT_ENV = "VMCONFINE_QMP_START_TIMEOUT"
+
+
+def start_timeout() -> float:
+    """How long a starting QEMU may take to answer (``START_TIMEOUT_ENV`` when set to a
+    positive number, else START_TIMEOUT)."""
+    try:
+        value = float(os.environ.get(START_TIMEOUT_ENV, ""))
+    except ValueError:
+        return START_TIMEOUT
+    return value if value > 0 else START_TIMEOUT
 
 
 async def connect(path: Path | str, name: str, timeout: float = DEFAULT_TIMEOUT) -> QMPClient:

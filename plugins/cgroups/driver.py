@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine_cgroups import bpf, placement, report, v1
+from vmconfine_cgroups import bpf, placement, report, v1, warm
 from vmconfine_cgroups.rules import (
     DeviceRule,
     chardev_origin,
@@ -258,9 +258,11 @@ class CgroupsDriver:
         st.update(plan=plan, rules=[], prog_id=None)
         for leaf in plan.dirs.values():
             self._clear_leftover(ctx, leaf)
-        # group commit: the placement and every directory about to be made are journaled with
-        # one fsync before the first mkdir (a record of a directory never made costs teardown
-        # one rmdir ENOENT)
+        # group commit: the placement, every directory about to be made and the device rules
+        # are journaled with one fsync before the first mkdir (a record of a directory never
+        # made costs teardown one rmdir ENOENT)
+        devnodes = [r.path for r in ctx.resources if r.role == "devnode"]
+        rules = domain_rules(ctx.domain, self.settings, devnodes=devnodes)
         recorded: set[str] = set()
         entries: list[tuple[str, str, dict[str, Any]]] = [
             (NAME, "placement", {"plan": plan.to_json()})]
@@ -269,13 +271,19 @@ class CgroupsDriver:
                 if path not in recorded and not os.path.isdir(path):
                     recorded.add(path)
                     entries.append((NAME, "mkdir", {"path": path, "leaf": path == leaf}))
+        entries.append((NAME, "rules", {"backend": plan.devices, "rules": rules_to_json(rules)}))
         ctx.journal.record_many(entries)
         for mount, leaf in plan.dirs.items():
             self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
                          cpuset="cpuset" in plan.controllers[mount])
-        devnodes = [r.path for r in ctx.resources if r.role == "devnode"]
-        rules = domain_rules(ctx.domain, self.settings, devnodes=devnodes)
-        self._apply(ctx, rules)
+        self._apply(ctx, rules, journaled=True)
+        # the child moves itself into these groups a few milliseconds from now: start the
+        # kernel's wait for the migration lock (:mod:`.warm`). Not earlier: the warm-up holds
+        # cgroup_mutex while it waits, and the mkdirs and the BPF attach above need it too
+        # (a warm-up at preflight made them wait: measured, worse in sum)
+        if plan.dirs:
+            mount = next(iter(plan.dirs))
+            warm.warm_up(mount, None if mount == self.hier.v2 else plan.controllers[mount][0])
 
     @staticmethod
     def _clear_leftover(ctx: DomainContext, leaf: str) -> None:
@@ -334,15 +342,21 @@ class CgroupsDriver:
         st["plan"].devices = "none"
         st["plan"].reason = why
 
-    def _apply(self, ctx: DomainContext, new: list[DeviceRule]) -> None:
-        """Make ``new`` the rule set in force (first install or a hotplug change)."""
+    def _apply(self, ctx: DomainContext, new: list[DeviceRule], *,
+               journaled: bool = False) -> None:
+        """Make ``new`` the rule set in force (first install or a hotplug change).
+        ``journaled``: the first install, whose ``rules`` record went into
+        :meth:`set_all_labels`' group commit."""
         st = self._state(ctx)
         plan: Plan | None = st.get("plan")
         if plan is None:
             return
         old: list[DeviceRule] = st.get("rules", [])
-        first = not ctx.journal.records(NAME, "rules")
-        ctx.journal.record(NAME, "rules", backend=plan.devices, rules=rules_to_json(new))
+        if journaled:
+            first = True
+        else:
+            first = not ctx.journal.records(NAME, "rules")
+            ctx.journal.record(NAME, "rules", backend=plan.devices, rules=rules_to_json(new))
         st["rules"] = new
         if plan.devices == "none" or plan.devices_dir is None:
             return

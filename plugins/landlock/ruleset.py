@@ -305,8 +305,9 @@ def add_network(b: _Builder, domain: Domain) -> tuple[bool, bool]:
             ports = [(role, p, False) for role, p in (("spice", g.port),
                                                       ("spice-tls", spice.tls_port))
                      if p is not None and p > 0]
-        else:  # a VNC autoport is QEMU's pick at start
-            ports = [("vnc" if g.type == "vnc" else g.type, g.port, g.autoport)]
+        else:  # a VNC autoport is allocated at start too; not yet (domxml-to-native): QEMU's
+            ports = [("vnc" if g.type == "vnc" else g.type, g.port,
+                      g.port is None or g.port <= 0)]
         if g.websocket is not None and g.websocket != 0:
             ports.append(("websocket", g.websocket, g.websocket < 0))
         for role, port, auto in ports:

@@ -188,8 +188,9 @@ class NamespacesDriver:
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:
         view = self.view(ctx)
-        # the view lives in QEMU's namespaces only: recorded for the report, nothing to undo
-        ctx.journal.record(NAME, "view", mode=view.mode, userns=view.userns,
+        # the view lives in QEMU's namespaces only: noted for the report, nothing to undo (so
+        # no fsync of its own)
+        ctx.journal.note(NAME, "view", mode=view.mode, userns=view.userns,
                            entries=len(view.entries), changes_host=False)
         state = ctx.driver_state(NAME)
         state.clear()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import DriverError, LabelError, VmconfineError
-from vmconfine.launch import runtime
+from vmconfine.launch import runtime, swtpm
 from vmconfine.plugin.hookspecs import hookimpl
 from vmconfine_selinux import labels, report, transition
 from vmconfine_selinux.backend import Backend, RealBackend
@@ -34,6 +34,7 @@ from vmconfine_selinux.relabel import DRIVER, Labeller
 if TYPE_CHECKING:
     from vmconfine.domain import Chardev, Disk, Domain, Hostdev, SecLabel
     from vmconfine.plugin.context import DomainContext, HostContext
+    from vmconfine.plugin.helper import Helper
     from vmconfine.plugin.resources import Resource
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 MODEL = "selinux"
 DOI = "0"
 REGISTRY_DIR = "selinux-mcs"
+#: the helper SELinux confines (the TPM emulator)
+SWTPM = "swtpm"
 
 
 def registry_dir(inst: Any) -> Path:
@@ -282,14 +285,26 @@ class SELinuxDriver:
             emulator = find_emulator(ctx.domain, ctx.config)
         except VmconfineError:
             return  # the pipeline reports a missing emulator itself
-        problems = transition.check_exec(self.backend, self.own_context(), label, emulator,
-                                         ctx.domain.virt_type)
+        own = self.own_context()
+        self._refuse("QEMU", label, transition.check_exec(self.backend, own, label, emulator,
+                                                          ctx.domain.virt_type))
+        try:
+            pair = swtpm.helpers(ctx)
+        except VmconfineError:
+            return  # the pipeline reports a missing swtpm itself
+        for helper in pair or ():
+            if self._helper_label(ctx, helper) is not None:
+                self._refuse(helper.name, label, transition.check_helper_exec(
+                    self.backend, own, label, helper.executable, helper.name))
+
+    def _refuse(self, who: str, label: str, problems: list[transition.Problem]) -> None:
+        """Refuse to start when enforcing (one line naming every fix), warn otherwise."""
         if not problems:
             return
         text = "; also ".join(p.message for p in problems)
         if self.backend.enforcing():
-            raise LabelError(f"QEMU cannot start as '{label}': {text}")
-        log.warning("QEMU would be refused '%s' in enforcing mode: %s", label, text)
+            raise LabelError(f"{who} cannot start as '{label}': {text}")
+        log.warning("%s would be refused '%s' in enforcing mode: %s", who, label, text)
 
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:
@@ -363,14 +378,66 @@ class SELinuxDriver:
     # ---- stage 4: the child ------------------------------------------------------------------
     @hookimpl
     def child_exec_label(self, ctx: DomainContext) -> None:
-        label = self._process_label(ctx)
+        self._set_exec(self._process_label(ctx), "the QEMU process")
+
+    def _set_exec(self, label: str | None, who: str) -> None:
+        """Child: ``setexeccon(label)``, the context ``who`` gets at its exec."""
         if label is None:
             return
         try:
             self.backend.setexeccon(label)
         except OSError as exc:
-            self._warn_or_raise(f"unable to set security context '{label}' for the QEMU "
-                                "process (setexeccon)", exc)
+            self._warn_or_raise(f"unable to set security context '{label}' for {who} "
+                                "(setexeccon)", exc)
+
+    # ---- helper processes (swtpm) -------------------------------------------------------------
+    def _helper_label(self, ctx: DomainContext, helper: Helper) -> str | None:
+        """The domain's process label for swtpm (libvirt's SetChildProcessLabel); None when
+        SELinux does not confine this helper (swtpm_setup: as libvirt, it runs in
+        vmconfine's own domain)."""
+        return self._process_label(ctx) if helper.name == SWTPM else None
+
+    @hookimpl
+    def set_helper_label(self, ctx: DomainContext, helper: Helper) -> None:
+        """swtpm's state tree gets the domain's image label (libvirt's SetTPMLabels), so only
+        this domain's swtpm (its MCS pair) can use it."""
+        sec = self._sec(ctx)
+        if helper.name != SWTPM or sec is None or sec.type == "none" or not sec.relabel or \
+                not sec.imagelabel:
+            return
+        plans = [labels.Plan(path, sec.imagelabel, "tpm", f"helper:{helper.name}")
+                 for path in labels.tree_paths(helper.owned)]
+        self._apply(ctx, plans)
+
+    @hookimpl
+    def restore_helper_label(self, ctx: DomainContext, helper: Helper) -> None:
+        self.labeller.restore_records(ctx.journal, group=f"helper:{helper.name}")
+
+    @hookimpl
+    def child_helper(self, ctx: DomainContext, helper: Helper, step: str) -> None:
+        if step == "child_exec_label":
+            self._set_exec(self._helper_label(ctx, helper), helper.name)
+
+    @hookimpl
+    def verify_helper(self, ctx: DomainContext, helper: Helper, pid: int) -> list[str]:
+        expected = self._helper_label(ctx, helper)
+        if expected is None:
+            return []
+        return self._compare(pid, expected, helper.name, (
+            f"the {helper.executable} binary must be an entry point of the domain's type; "
+            "docs/tpm.md"))
+
+    def _compare(self, pid: int, expected: str, who: str, hint: str) -> list[str]:
+        """The difference between ``pid``'s context and ``expected`` (empty: none)."""
+        try:
+            current = self.backend.getpidcon(pid)
+        except OSError as exc:
+            return [f"cannot read /proc/{pid}/attr/current: {exc.strerror}; {who} should run "
+                    f"as '{expected}'"]
+        if current != expected:
+            return [f"{who} (pid {pid}) runs as '{current}', requested '{expected}'; the policy "
+                    f"did not allow the transition ({hint})"]
+        return []
 
     # ---- stage 5: after exec -----------------------------------------------------------------
     @hookimpl
@@ -385,16 +452,9 @@ class SELinuxDriver:
         expected = self._process_label(ctx)
         if expected is None:
             return []
-        try:
-            current = self.backend.getpidcon(pid)
-        except OSError as exc:
-            return [f"cannot read /proc/{pid}/attr/current: {exc.strerror}; the QEMU process "
-                    f"should run as '{expected}'"]
-        if current != expected:
-            return [f"QEMU (pid {pid}) runs as '{current}', requested '{expected}'; the policy "
-                    "did not allow the transition (check that the emulator binary is labelled "
-                    "qemu_exec_t and that vmconfine's domain may transition to the label)"]
-        return []
+        return self._compare(pid, expected, "QEMU", (
+            "check that the emulator binary is labelled qemu_exec_t and that vmconfine's "
+            "domain may transition to the label"))
 
     @hookimpl
     def explain(self, ctx: DomainContext, resource: Resource) -> dict[str, Any] | None:

@@ -179,3 +179,18 @@ def chardev_resources(chardev: Chardev) -> list[Resource]:
     """The paths of one character device source and its log (pipes: ``.in``/``.out`` when
     both exist), as the resource model lists them."""
     return core_chardev_resources([chardev])
+
+
+def tree_paths(roots: tuple[str, ...]) -> list[str]:
+    """Every directory and file under ``roots`` (the roots first), never through a symlink:
+    a helper's state (swtpm's ``tpm2/``) relabelled as a whole."""
+    out: list[str] = []
+    for root in roots:
+        if not os.path.isdir(root) or os.path.islink(root):
+            continue
+        for top, dirs, files in os.walk(root, followlinks=False):
+            out.append(top)
+            out += [os.path.join(top, f) for f in sorted(files)
+                    if not os.path.islink(os.path.join(top, f))]
+            dirs.sort()
+    return out

@@ -86,7 +86,12 @@ class McsRange:
         return self.pairs
 
     def value(self, number: int) -> str:
-        return self.level(number)
+        """:meth:`level` (inline: allocation is timed in microseconds)."""
+        b = (1 + math.isqrt(1 + 8 * number)) // 2
+        if b * (b - 1) // 2 > number:
+            b -= 1
+        low = self.cat_min
+        return f"{self.sens}:c{low + number - b * (b - 1) // 2},c{low + b}"
 
     def number(self, value: str) -> int | None:
         return self.pair(value)

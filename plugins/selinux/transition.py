@@ -18,12 +18,18 @@ its first JIT mapping. Before anything is labelled, the driver asks the loaded p
    Fedora's ``svirt_tcg_t``) grants it there; refpolicy instead has the boolean
    ``virt_use_execmem`` for its one domain type. The check follows whatever the loaded policy
    says, so turning the boolean on (or using a type that has execmem) is what makes it pass.
+
+:func:`check_helper_exec` asks questions 1-3 for a helper program that runs with the domain's
+label (swtpm): its binary must be an entry point of QEMU's domain type, which refpolicy grants
+only with vmconfine's module ``policy/vmconfine_swtpm.cil`` (:data:`SWTPM_MODULE`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from vmconfine_selinux.backend import Backend
 from vmconfine_selinux.contexts import Context
@@ -32,6 +38,8 @@ from vmconfine_selinux.contexts import Context
 EXECMEM_BOOLEAN = "virt_use_execmem"
 #: where distributions install the emulator; their file context names the entry-point type
 KNOWN_EMULATORS = ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm")
+#: vmconfine's policy module that makes swtpm an entry point of the sVirt domain
+SWTPM_MODULE = Path(__file__).resolve().parent / "policy" / "vmconfine_swtpm.cil"
 
 
 @dataclass(frozen=True)
@@ -64,39 +72,65 @@ def _entry_fix(backend: Backend, label: str, emulator: str) -> str:
             f"chcon -t qemu_exec_t {emulator})")
 
 
-def check_exec(backend: Backend, own: str, label: str, emulator: str,
-               virt_type: str) -> list[Problem]:
-    """What the policy denies for ``own`` exec'ing ``emulator`` into ``label`` (empty: all
-    allowed). Questions libselinux cannot answer (an invalid context) are skipped: the kernel
-    still decides at exec time."""
-    problems: list[Problem] = []
-    src, dst = _type(own), _type(label)
-    real = os.path.realpath(emulator)
-
+def _asker(backend: Backend) -> Callable[[str, str, str, str], bool]:
+    """``allowed`` where an unanswerable question (an invalid context) counts as allowed: the
+    kernel still decides at exec time."""
     def ask(scon: str, tcon: str, tclass: str, perm: str) -> bool:
         try:
             return backend.allowed(scon, tcon, tclass, perm)
         except OSError:
             return True
+    return ask
 
+
+def _domain_change(backend: Backend, own: str, label: str, program: str, who: str,
+                   entry_fix: Callable[[], str]) -> list[Problem]:
+    """Questions 1-3 for ``own`` exec'ing ``program`` (``who``: what it is, for the messages)
+    into ``label``."""
+    problems: list[Problem] = []
+    src, dst = _type(own), _type(label)
+    ask = _asker(backend)
     if not ask(own, label, "process", "transition"):
         problems.append(Problem("transition", (
-            f"the SELinux policy does not let vmconfine's domain {src} start QEMU as {dst} "
+            f"the SELinux policy does not let vmconfine's domain {src} start {who} as {dst} "
             f"(process transition); run vmconfine in a domain that may (virtd_t in refpolicy) "
             f"or add a module with: (allow {src} {dst} (process (transition)))")))
     if not ask(own, label, "process2", "nnp_transition"):
         problems.append(Problem("nnp_transition", (
-            f"vmconfine starts QEMU with no_new_privs, and the SELinux policy does not grant "
+            f"vmconfine starts {who} with no_new_privs, and the SELinux policy does not grant "
             f"{src} 'process2 nnp_transition' to {dst}, so the kernel refuses the exec; add a "
             f"module with: (allow {src} {dst} (process2 (nnp_transition))) (docs/selinux.md)")))
     try:
-        current = backend.getfilecon(real)
+        current = backend.getfilecon(os.path.realpath(program))
     except OSError:
         current = None
     if current is not None and not ask(label, current, "file", "entrypoint"):
         problems.append(Problem("entrypoint", (
-            f"the emulator {emulator} is labelled '{current}', which the SELinux policy does "
-            f"not accept as an entry point into {dst}; {_entry_fix(backend, label, emulator)}")))
+            f"the {'emulator' if who == 'QEMU' else who + ' binary'} {program} is labelled "
+            f"'{current}', which the SELinux policy does not accept as an entry point into "
+            f"{dst}; {entry_fix()}")))
+    return problems
+
+
+def check_helper_exec(backend: Backend, own: str, label: str, program: str,
+                      who: str) -> list[Problem]:
+    """What the policy denies for ``own`` exec'ing the helper ``program`` (swtpm) into the
+    domain's ``label`` (empty: all allowed)."""
+    def fix() -> str:
+        return (f"install vmconfine's SELinux module for it and relabel the binary: semodule -i "
+                f"{SWTPM_MODULE} && restorecon {program} (docs/tpm.md)")
+    return _domain_change(backend, own, label, program, who, fix)
+
+
+def check_exec(backend: Backend, own: str, label: str, emulator: str,
+               virt_type: str) -> list[Problem]:
+    """What the policy denies for ``own`` exec'ing ``emulator`` into ``label`` (empty: all
+    allowed). Questions libselinux cannot answer (an invalid context) are skipped: the kernel
+    still decides at exec time."""
+    problems = _domain_change(backend, own, label, emulator, "QEMU",
+                              lambda: _entry_fix(backend, label, emulator))
+    dst = _type(label)
+    ask = _asker(backend)
     if virt_type == "qemu" and not ask(label, label, "process", "execmem"):
         state = backend.boolean(EXECMEM_BOOLEAN)
         fix = (f"turn on the boolean: setsebool -P {EXECMEM_BOOLEAN} on" if state is False else

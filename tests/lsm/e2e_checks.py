@@ -14,6 +14,9 @@ from typing import Any
 from tests.host.usb_hostdev import assert_attach_detach
 from vmconfine.launch.pipeline import STEPS
 
+#: what ``<os firmware='efi'>`` picks on Debian (40-edk2-x86_64-secure-enrolled.json)
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
+
 
 def assert_confined(lsm: str, got: dict[str, Any]) -> None:
     """QEMU runs with the domain's label and (SELinux) its image carries the image label."""
@@ -105,6 +108,45 @@ def assert_usb_hotplug(seen: dict[str, Any]) -> None:
     assert seen["label"].startswith("vmconfine-"), seen["label"]
     assert seen["current"] == f"{seen['label']} (enforce)", seen["current"]
     assert [seen[s]["probe"] for s in ("before", "attached", "detached")] == [False, True, False]
+
+
+def assert_display(seen: dict[str, Any]) -> None:
+    """tests/lsm/guest_display.py: SPICE on its socket and the UEFI flash under the LSM, the
+    profile's or the labels' exact share of them, another domain's NVRAM refused (and opened
+    once the LSM stops enforcing: the control)."""
+    lsm, loader = seen["lsm"], OVMF_CODE
+    nvram, home, sock = (seen["paths"][k] for k in ("nvram", "home", "sock"))
+    if lsm == "selinux":
+        assert seen["current"] == seen["label"] and ":svirt_t:" in seen["label"], seen
+        assert seen["enforce"] == "1"
+        ctx = seen["contexts"]
+        assert ctx["nvram"] == ctx["socket"] == seen["imagelabel"], ctx
+        assert ":svirt_image_t:" in ctx["other"] and ctx["other"] != seen["imagelabel"], ctx
+        assert ctx["loader"] != seen["imagelabel"], ctx  # the firmware is never relabelled
+    else:
+        assert seen["current"] == f"{seen['label']} (enforce)", seen
+        # the OVMF code: read and lock through the abstraction, written nowhere
+        assert seen["abstraction_ovmf"] == ["/usr/share/OVMF/** rk,"], seen["abstraction_ovmf"]
+        assert seen["rules"] == {
+            "loader": [],  # no rule of the domain's own: the abstraction's covers it
+            "nvram": [f'"{nvram}" rwk,'],
+            "home": sorted([f'"{home}/" r,', f'"{home}/**" rwk,']),  # the socket's directory
+            "spice": [],  # no rule of its own: the generated socket is in the home directory
+        }, seen["rules"]
+    # on a unix socket: no port; no ticket (the XML sets none)
+    assert seen["spice"] == {"enabled": True, "host": sock, "port": None, "auth": "none"}
+    assert seen["link_magic"] == "REDQ"
+    assert seen["flash"] == {"flash0": [loader, True], "flash1": [nvram, False]}, seen["flash"]
+    assert seen["status"] == "prelaunch"
+    assert seen["opens"]["own_nvram"] == "ok", seen["opens"]
+    assert "Permission denied" in seen["opens"]["other_nvram"], seen["opens"]
+    assert seen["denials"], "the refusal left no LSM denial"
+    if lsm == "apparmor":
+        assert all(f'profile="{seen["label"]}"' in ln for ln in seen["denials"]), seen
+    assert seen["relaxed"] == ("0" if lsm == "selinux" else "complain")
+    assert seen["control"] == "ok", seen["control"]
+    assert seen["after"] == {"destroy": 0, "qemu_gone": True, "profiles": [],
+                             "nvram_kept": True}, seen["after"]
 
 
 #: tests/lsm/guest_smoke.py: the booted kernel itself enforces (run in the drivers' boots)

@@ -11,9 +11,13 @@ real CLI and real QEMU (TCG):
    pairs;
 2. control: a ``security_driver = "none"`` domain in the same boot opens exactly what A was
    refused, so the denials above come from the LSM and the test can fail;
-3. a TPM emulator domain (AppArmor): swtpm runs in the domain profile's ``//swtpm`` child
-   profile in enforce mode, and the real swtpm binary in that profile is denied another
-   domain's TPM state (control: the same command unconfined works);
+3. a TPM emulator domain: swtpm runs confined (AppArmor: the domain profile's ``//swtpm``
+   child profile in enforce mode; SELinux: QEMU's sVirt label and MCS pair, entered through
+   vmconfine's module ``vmconfine_swtpm.cil``, its state under the image label), QEMU's
+   ``query-tpm`` answers over QMP, and the real swtpm binary under that label is denied
+   another domain's TPM state (controls: the same command unconfined works, and under
+   SELinux so does the other domain's own label); SELinux also stops and starts the domain
+   again: the state is reused (no swtpm_setup) under the new start's labels;
 4. ``vmconfine run`` killed with SIGKILL at every pipeline step (``VMCONFINE_PAUSE_AT``): the
    next command restores every label, unloads every profile, frees every MCS lease and leaves
    no QEMU behind.
@@ -451,17 +455,24 @@ def test_sigkill_at_every_step_is_finished_by_the_next_command(work: Path) -> No
 
 
 
-def swtpm_probe(state: Path, profile: str | None, tss: tuple[int, int]) -> tuple[int, str]:
+def swtpm_probe(state: Path, label: str | None, tss: tuple[int, int]) -> tuple[int, str]:
     """``swtpm socket --print-states`` on ``state`` (it locks the directory and lists the
-    state files) as the tss account, in AppArmor ``profile`` (entered at exec, as vmconfine
-    starts swtpm) or unconfined: (exit status, output)."""
-    from vmconfine_apparmor import kernel
+    state files) as the tss account, under ``label`` entered at exec as vmconfine starts
+    swtpm (AppArmor: ``aa_change_onexec``, SELinux: ``setexeccon``) or unconfined:
+    (exit status, output)."""
+    if LSM == "apparmor":
+        from vmconfine_apparmor import kernel
 
-    kernel.load_binding()
+        kernel.load_binding()
+        change = kernel.change_onexec
+    else:
+        import selinux
+
+        change = selinux.setexeccon_raw
 
     def enter() -> None:
-        if profile is not None:
-            kernel.change_onexec(profile)
+        if label is not None:
+            change(label)
         os.setgroups([])
         os.setgid(tss[1])
         os.setuid(tss[0])
@@ -472,23 +483,53 @@ def swtpm_probe(state: Path, profile: str | None, tss: tuple[int, int]) -> tuple
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_swtpm_runs_in_its_own_profile(work: Path) -> None:
-    """A TPM domain under AppArmor: swtpm in ``<profile>//swtpm`` (enforce), which is denied
-    another domain's TPM state; the profile is gone after destroy."""
-    if LSM != "apparmor":
-        pytest.skip("AppArmor only")
+def file_label(path: Path) -> str:
+    return os.getxattr(path, "security.selinux").decode().rstrip("\x00")
+
+
+#: the image label of another domain (an MCS pair no vmconfine domain of the test gets) and
+#: the process label of that domain's swtpm
+OTHER_IMAGE = "system_u:object_r:svirt_image_t:s0:c998,c999"
+OTHER_PROCESS = "system_u:system_r:svirt_t:s0:c998,c999"
+
+
+def tpm_started(inst: Instance, run: subprocess.Popen[str]) -> dict[str, Any]:
+    """Once ``run`` says the TPM domain started: its QEMU and swtpm pids and labels, which
+    helpers this start forked, the live XML's labels and QEMU's ``query-tpm`` over QMP."""
+    from vmconfine.launch.journal import Journal
+
+    qemu = started_pid(wait_for_line(run, "started", timeout=START_TIMEOUT))
+    journal = Journal(inst.root / "run" / "qemu" / "dom-tpm.journal")
+    forked = journal.records("pipeline", "helper-forked")
+    pid = int([r for r in forked if r["name"] == "swtpm"][-1]["pid"])
+    dump, query = clis(inst.argv("dumpxml", "dom-tpm"), inst.argv(
+        "qemu-monitor-command", "dom-tpm", '{"execute": "query-tpm"}'))
+    label, imagelabel = live_labels(dump)
+    assert query.returncode == 0, query.stderr
+    return {"pid": pid, "qemu_pid": qemu, "current": attr_current(pid),
+            "qemu": attr_current(qemu), "label": label, "imagelabel": imagelabel,
+            "exe": os.path.realpath(f"/proc/{pid}/exe"),
+            "forked": [r["name"] for r in forked], "query": json.loads(query.stdout)}
+
+
+def test_swtpm_runs_confined(work: Path) -> None:
+    """A TPM domain: swtpm runs confined (AppArmor: ``<profile>//swtpm`` in enforce mode;
+    SELinux: QEMU's label, its state under the image label), QEMU's TPM answers over QMP, the
+    real swtpm binary under that label is denied another domain's TPM state (controls:
+    unconfined, and SELinux: with that domain's own label, it is not), and after destroy no
+    swtpm, profile or label is left. SELinux also restarts the domain: the state is reused
+    under the new MCS pair."""
+    import hashlib
     import pwd
     import time
     import uuid as uuidlib
-
-    from vmconfine.launch.journal import Journal
 
     began = time.monotonic()
     tss = pwd.getpwnam("tss")
     # the guest's /tmp is a RAM overlay whose root has the upper dir's mode (0755); swtpm_setup
     # (as tss) makes its certificates' temporary directory there, as on a host's /tmp (1777)
     os.chmod("/tmp", 0o1777)
-    inst = Instance(work / "tpm-inst", "apparmor")
+    inst = Instance(work / "tpm-inst", LSM)
     uuid, other = str(uuidlib.uuid4()), str(uuidlib.uuid4())
     xml = work / "tpm.xml"
     xml.write_text(TPM_XML.format(name="dom-tpm", uuid=uuid, model="tpm-crb"))
@@ -499,42 +540,93 @@ def test_swtpm_runs_in_its_own_profile(work: Path) -> None:
     (stolen / "tpm2-00.permall").write_bytes(b"another domain's TPM secrets")
     for p in (stolen, stolen / "tpm2-00.permall"):
         os.chown(p, tss.pw_uid, tss.pw_gid)
+        if LSM == "selinux":
+            os.setxattr(p, "security.selinux", OTHER_IMAGE.encode())
     os.chmod(stolen.parent, 0o711)
+    own = storage / uuid / "tpm2" / "tpm2-00.permall"
+    ids = (tss.pw_uid, tss.pw_gid)
     try:
         run = inst.run(xml, extra=("--paused",))
-        wait_for_line(run, "started", timeout=START_TIMEOUT)
-        journal = Journal(inst.root / "run" / "qemu" / "dom-tpm.journal")
-        forked = [r for r in journal.records("pipeline", "helper-forked")
-                  if r["name"] == "swtpm"]
-        pid = int(forked[-1]["pid"])
-        profile = f"vmconfine-{uuid}"
-        seen: dict[str, Any] = {
-            "current": attr_current(pid),
-            "exe": os.path.realpath(f"/proc/{pid}/exe"),
-            "loaded": [ln for ln in AA_PROFILES.read_text().splitlines()
-                       if ln.startswith(profile)],
-            "own_state": sorted(p.name for p in (storage / uuid / "tpm2").iterdir()),
-        }
-        seen["confined"] = swtpm_probe(stolen, f"{profile}//swtpm",
-                                       (tss.pw_uid, tss.pw_gid))
-        seen["control"] = swtpm_probe(stolen, None, (tss.pw_uid, tss.pw_gid))
+        seen: dict[str, Any] = tpm_started(inst, run)
+        label, pid = seen["label"], seen["pid"]
+        seen["loaded"] = [ln for ln in loaded_profiles() if ln.startswith(label)]
+        seen["own_state"] = sorted(p.name for p in own.parent.iterdir())
+        if LSM == "selinux":
+            seen["own_label"] = file_label(own)
+            seen["swtpm_file"] = file_label(Path("/usr/bin/swtpm"))
+            seen["matching"] = swtpm_probe(stolen, OTHER_PROCESS, ids)
+        probe_label = f"{label}//swtpm" if LSM == "apparmor" else label
+        seen["confined"] = swtpm_probe(stolen, probe_label, ids)
+        seen["control"] = swtpm_probe(stolen, None, ids)
         stop = inst.cli("destroy", "dom-tpm")
         run.wait(timeout=START_TIMEOUT)
         seen["destroy"] = stop.returncode
-        seen["after"] = {"swtpm_gone": gone(pid), "profiles": loaded_profiles()}
+        seen["after"] = {"swtpm_gone": gone(pid), "profiles": loaded_profiles(),
+                         "leases": leases_in_use(inst)}
+        if LSM == "selinux":
+            seen["after"]["own_label"] = file_label(own)
+            digest = hashlib.sha256(own.read_bytes()).hexdigest()
+            again = inst.run(xml, extra=("--paused",))
+            restart = tpm_started(inst, again)
+            restart["same_state"] = hashlib.sha256(own.read_bytes()).hexdigest() == digest
+            restart["own_label"] = file_label(own)
+            stop = inst.cli("destroy", "dom-tpm")
+            again.wait(timeout=START_TIMEOUT)
+            restart["destroy"] = stop.returncode
+            restart["after"] = {"swtpm_gone": gone(restart["pid"]),
+                                "leases": leases_in_use(inst), "own_label": file_label(own)}
+            seen["restart"] = restart
+    except BaseException:  # what the failed start left to read: swtpm's log, the AVCs
+        swtpm_log = inst.root / "log" / "qemu" / "dom-tpm-swtpm.log"
+        record("tpm_failure", {"log": swtpm_log.read_text(errors="replace")[-4000:]
+                               if swtpm_log.exists() else None, "denials": denials()[-40:]})
+        raise
     finally:
         inst.stop_all()
-    found = [ln for ln in denials() if f'profile="{profile}//swtpm"' in ln]
+    mark = f'profile="{label}//swtpm"' if LSM == "apparmor" else f"scontext={label} "
+    found = [ln for ln in denials() if mark in ln]
     seen["denials"] = found
     seen["seconds"] = round(time.monotonic() - began, 1)
     record("tpm", seen)
-    assert seen["current"] == f"{profile}//swtpm (enforce)"
     assert seen["exe"] == os.path.realpath("/usr/bin/swtpm")
-    assert sorted(seen["loaded"]) == [f"{profile} (enforce)", f"{profile}//swtpm (enforce)"]
     assert "tpm2-00.permall" in seen["own_state"]
+    assert_tpm_answers(seen["query"])
+    if LSM == "apparmor":
+        assert seen["current"] == f"{label}//swtpm (enforce)"
+        assert sorted(seen["loaded"]) == [label, f"{label}//swtpm"]
+        # the only thing swtpm's profile refused: the probe, in the other domain's state
+        assert found and all(f'name="{stolen}/' in ln for ln in found), found
+    else:
+        assert seen["current"] == seen["qemu"] == label  # QEMU's sVirt label, its MCS pair
+        assert label.split(":")[2] == "svirt_t"
+        assert ":swtpm_exec_t:" in seen["swtpm_file"]  # entered through vmconfine's module
+        assert seen["own_label"] == seen["imagelabel"]
+        assert seen["forked"] == ["swtpm_setup", "swtpm"]
+        # the probe was refused by MCS alone: the other domain's own label reads its state
+        assert seen["matching"][0] == 0 and '"permall"' in seen["matching"][1], seen
+        # the only thing refused to swtpm (QEMU shares the label: its AVCs are left out)
+        swtpm_found = [ln for ln in found if ' comm="swtpm" ' in ln]
+        assert swtpm_found and all(f"tcontext={OTHER_IMAGE} " in ln
+                                   for ln in swtpm_found), found
+        assert seen["after"]["own_label"] != seen["imagelabel"]
+        restart = seen["restart"]
+        assert restart["forked"] == ["swtpm"]  # no swtpm_setup: the state was there
+        assert restart["same_state"]
+        # a new start, a new MCS pair (random; equal only by a one-in-500000 chance)
+        assert restart["current"] == restart["qemu"] == restart["label"]
+        assert restart["own_label"] == restart["imagelabel"]
+        assert_tpm_answers(restart["query"])
+        assert restart["destroy"] == 0
+        assert restart["after"]["swtpm_gone"] and restart["after"]["leases"] == 0
+        assert restart["after"]["own_label"] == seen["after"]["own_label"]
     assert seen["confined"][0] != 0 and "permall" not in seen["confined"][1], seen
     assert seen["control"][0] == 0 and '"permall"' in seen["control"][1], seen
-    # the only thing swtpm's profile refused: the probe, in the other domain's state
-    assert found and all(f'name="{stolen}/' in ln for ln in found), found
     assert seen["destroy"] == 0
-    assert seen["after"] == {"swtpm_gone": True, "profiles": []}
+    assert {k: seen["after"][k] for k in ("swtpm_gone", "profiles", "leases")} == {
+        "swtpm_gone": True, "profiles": [], "leases": 0}
+
+
+def assert_tpm_answers(reply: dict[str, Any]) -> None:
+    """QMP ``query-tpm``: the CRB device on the emulator backend."""
+    [tpm] = reply["return"]
+    assert tpm["model"] == "tpm-crb" and tpm["options"]["type"] == "emulator", reply

@@ -95,7 +95,11 @@ GUEST_RESULTS = "/run/out"
 QEMU = "qemu-system-x86_64"
 #: SELinux guests: this emulator path is bound to a copy labelled as the policy says (qemu_exec_t)
 EMULATOR = "/usr/bin/qemu-system-x86_64"
+#: likewise the TPM emulator (swtpm_exec_t, from vmconfine's shipped module vmconfine_swtpm.cil)
+SWTPM = "/usr/bin/swtpm"
 EMULATOR_DIR = "/run/vmconfine-emulator"
+#: swtpm-tools' local CA (SELinux guests: a copy on that tmpfs, bound over it)
+LOCALCA = "/var/lib/swtpm-localca"
 #: vendor and product ids of the emulated USB device a ``usb=True`` guest has (QEMU's usb-kbd)
 USB_DEVICE = (0x0627, 0x0001)
 
@@ -300,18 +304,31 @@ def _guest_script(lsm: str, script: str, extra_env: Mapping[str, str], kernel: G
     lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
     if lsm == "selinux":
         src = shlex.quote(f"{kernel.selinux_root}/etc/selinux/default")
-        emulator = shlex.quote(EMULATOR)
+        programs = " ".join(shlex.quote(p) for p in (EMULATOR, SWTPM))
         lines += [
             "# The emulator on the 9p root is unlabeled_t like every file there. Give the guest",
             "# the context the policy's file_contexts assign to it (qemu_exec_t: the entry point",
-            "# of the sVirt domains) on a copy on a RAM tmpfs, bound over the original path.",
+            "# of the sVirt domains) on a copy on a RAM tmpfs, bound over the original path; the",
+            "# same for swtpm (swtpm_exec_t, vmconfine's module), when it is installed.",
             "vmconfine_selinux_emulator() {",
-            f"  con=$(matchpathcon -n {emulator}) || return 1",
             f"  mkdir -p {EMULATOR_DIR} || return 1",
             f"  mount -t tmpfs -o mode=755 vmconfine-emulator {EMULATOR_DIR} || return 1",
-            f"  copy={EMULATOR_DIR}/$(basename {emulator})",
-            f'  cp {emulator} "$copy" && chcon "$con" "$copy" || return 1',
-            f'  mount --bind "$copy" {emulator} || return 1',
+            f"  for prog in {programs}; do",
+            f'    [ "$prog" = {shlex.quote(EMULATOR)} ] || [ -e "$prog" ] || continue',
+            '    con=$(matchpathcon -n "$prog") || return 1',
+            f'    copy={EMULATOR_DIR}/$(basename "$prog")',
+            '    cp "$prog" "$copy" && chcon "$con" "$copy" || return 1',
+            '    mount --bind "$copy" "$prog" || return 1',
+            "  done",
+            "  # swtpm_setup's local CA (swtpm_localca, run as tss) creates its lock file and",
+            "  # certificates in /var/lib/swtpm-localca. On the /var overlay over the unlabelled",
+            "  # 9p root a file created there is unlabeled_t, which the policy keeps off the",
+            "  # overlay's tmpfs (a host has that directory labelled): a copy on the tmpfs,",
+            "  # bound over it.",
+            f"  if [ -d {LOCALCA} ]; then",
+            f"    cp -R --preserve=mode,ownership,timestamps {LOCALCA} {EMULATOR_DIR}/localca &&",
+            f"      mount --bind {EMULATOR_DIR}/localca {LOCALCA} || return 1",
+            "  fi",
             "  # devtmpfs was mounted before the policy was loaded; a real system's init labels",
             "  # these nodes (null_device_t, random_device_t, ...), and QEMU opens them",
             "  restorecon /dev/null /dev/zero /dev/random /dev/urandom",

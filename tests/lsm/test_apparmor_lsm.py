@@ -14,7 +14,10 @@ by the next command, and a TPM domain's swtpm runs in its ``//swtpm`` child prof
 (enforce), denied another domain's TPM state. It also runs tests/lsm/guest_smoke.py first: the
 kernel enforces a profile loaded by apparmor_parser alone, and tests/lsm/guest_usb_hotplug.py
 after guest_e2e.py: the guest's emulated USB device (``usb=True``) is hotplugged into a
-confined QEMU through the daemon and detached again.
+confined QEMU through the daemon and detached again; and tests/lsm/guest_display.py: a q35
+UEFI domain with SPICE on a unix socket runs paused under its profile, which holds exactly the
+NVRAM and socket rules (the firmware read-only through the abstraction), and its QEMU is
+refused another domain's NVRAM.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import pytest
 from tests.lsm.e2e_checks import (
     SMOKE,
     SMOKE_OUTCOMES,
+    assert_display,
     assert_e2e,
     assert_smoke,
     assert_usb_hotplug,
@@ -38,12 +42,13 @@ pytestmark = pytest.mark.lsm
 GUEST = "tests/lsm/guest_apparmor.py"
 E2E = "tests/lsm/guest_e2e.py"
 USB = "tests/lsm/guest_usb_hotplug.py"
+DISPLAY = "tests/lsm/guest_display.py"
 
 
 def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
                                                 tmp_path: Path) -> None:
     result = run_in_guest("apparmor", GUEST, kernel=guest_kernel, results_dir=tmp_path,
-                          timeout=1200, memory_mib=1024, pytest_args=[SMOKE, E2E, USB],
+                          timeout=1200, memory_mib=1024, pytest_args=[SMOKE, E2E, USB, DISPLAY],
                           usb=True)
     assert not result.timed_out, result.tail()
     assert result.outcomes() == {
@@ -55,8 +60,9 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
         "test_selinux_names_what_the_policy_lacks": "skipped",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
-        "test_swtpm_runs_in_its_own_profile": "passed",
+        "test_swtpm_runs_confined": "passed",
         "test_usb_hostdev_attach_detach": "passed",
+        "test_spice_and_efi_under_the_lsm": "passed",
     }, result.tail(120)
     assert result.exit_code == 0, result.tail()
     assert_smoke("apparmor", tmp_path)
@@ -86,5 +92,6 @@ def test_apparmor_driver_in_an_enforcing_kernel(guest_kernel: GuestKernel,
     assert tpm["current"] == f"{profile}//swtpm (enforce)"
     assert tpm["confined"][0] != 0 and tpm["control"][0] == 0
     assert tpm["denials"] and all("/swtpm/" in d for d in tpm["denials"])
-    assert tpm["after"] == {"swtpm_gone": True, "profiles": []}
+    assert tpm["after"] == {"swtpm_gone": True, "profiles": [], "leases": 0}
     assert_usb_hotplug(json.loads((tmp_path / "usb-hotplug.json").read_text()))
+    assert_display(json.loads((tmp_path / "display-apparmor.json").read_text()))

@@ -6,14 +6,18 @@ guest's loaded refpolicy, labels two domains' images, and processes running with
 are kept apart by the kernel. The same boot runs tests/lsm/guest_e2e.py: ``vmconfine run``
 starts real QEMUs under sVirt (refused first, with both fixes named, while the emulator is
 mislabelled and TCG lacks execmem), a QEMU asked over QMP to open another domain's image or a
-file outside its domain is refused (a ``none`` control run opens both), and SIGKILL of
-``vmconfine run`` at every pipeline step is cleaned up by the next command. With
-``namespaces = ["mount", "root"]`` QEMU still runs as its sVirt label inside its per-domain root
-view, and is refused files of another domain's label in its own bound home directory (a
-``none`` control opens them). A second boot labels
-domain A's image with B's label on purpose and must make the guest test fail, so a broken
-driver cannot pass this tier. The first boot also runs tests/lsm/guest_smoke.py: the kernel keeps
-two MCS categories apart with no vmconfine code involved.
+file outside its domain is refused (a ``none`` control run opens both), SIGKILL of
+``vmconfine run`` at every pipeline step is cleaned up by the next command, and a TPM domain's
+swtpm runs with QEMU's label (entered through vmconfine's module ``vmconfine_swtpm.cil``), is
+denied another domain's TPM state and keeps its own across a stop and a start; and
+tests/lsm/guest_display.py: a q35 UEFI domain with SPICE on a unix socket runs paused under
+sVirt, its NVRAM and socket carry its image label, and its QEMU is refused another domain's
+NVRAM. With ``namespaces = ["mount", "root"]`` QEMU still runs as its sVirt label inside its
+per-domain root view, and is refused files of another domain's label in its own bound home
+directory (a ``none`` control opens them). A second boot labels domain A's image with B's
+label on purpose and must make the guest test fail, so a broken driver cannot pass this tier.
+The first boot also runs tests/lsm/guest_smoke.py: the kernel keeps two MCS categories apart
+with no vmconfine code involved.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import pytest
 from tests.lsm.e2e_checks import (
     SMOKE,
     SMOKE_OUTCOMES,
+    assert_display,
     assert_e2e,
     assert_smoke,
     assert_svirt_root_view,
@@ -37,12 +42,14 @@ pytestmark = pytest.mark.lsm
 GUEST_TEST = "tests/lsm/guest_selinux.py"
 NODE = "test_svirt_keeps_two_domains_apart"
 E2E = "tests/lsm/guest_e2e.py"
+DISPLAY = "tests/lsm/guest_display.py"
 
 
 def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
         selinux_guest_kernel: GuestKernel, tmp_path: Path) -> None:
-    result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=1200,
-                          results_dir=tmp_path / "guest", memory_mib=1024, pytest_args=[SMOKE, E2E])
+    result = run_in_guest("selinux", GUEST_TEST, kernel=selinux_guest_kernel, timeout=1800,
+                          results_dir=tmp_path / "guest", memory_mib=1024,
+                          pytest_args=[SMOKE, E2E, DISPLAY])
     assert result.outcomes() == {
         **SMOKE_OUTCOMES["selinux"],
         NODE: "passed",
@@ -50,11 +57,25 @@ def test_svirt_labels_separate_domains_in_an_enforcing_kernel(
         "test_selinux_names_what_the_policy_lacks": "passed",
         "test_confined_qemu_opens_only_its_own_image": "passed",
         "test_sigkill_at_every_step_is_finished_by_the_next_command": "passed",
-        "test_swtpm_runs_in_its_own_profile": "skipped",  # AppArmor only (docs/tpm.md)
+        "test_swtpm_runs_confined": "passed",
+        "test_spice_and_efi_under_the_lsm": "passed",
     }, result.tail(120)
     assert result.ok, result.tail()
     assert_smoke("selinux", result.results_dir)
-    assert_e2e(result.results_dir / "e2e-selinux.json")
+    e2e = assert_e2e(result.results_dir / "e2e-selinux.json")
+    tpm = e2e["tpm"]  # swtpm with QEMU's label, denied another domain's TPM state
+    assert tpm["current"] == tpm["qemu"] == tpm["label"]
+    assert ":swtpm_exec_t:" in tpm["swtpm_file"]
+    assert tpm["own_label"] == tpm["imagelabel"] != tpm["after"]["own_label"]
+    assert tpm["query"]["return"][0]["options"]["type"] == "emulator"
+    assert tpm["confined"][0] != 0 and tpm["control"][0] == tpm["matching"][0] == 0
+    assert tpm["after"]["swtpm_gone"] and tpm["after"]["leases"] == 0
+    restart = tpm["restart"]  # the state survives: reused, no swtpm_setup, labelled again
+    assert restart["forked"] == ["swtpm"] and restart["same_state"]
+    assert restart["current"] == restart["qemu"] == restart["label"]
+    assert restart["own_label"] == restart["imagelabel"]
+    assert restart["after"]["swtpm_gone"] and restart["after"]["leases"] == 0
+    assert_display(json.loads((result.results_dir / "display-selinux.json").read_text()))
     # namespaces = ["mount", "root"]: QEMU still runs as its sVirt label inside its root view
     assert_svirt_root_view(json.loads((result.results_dir / "selinux-rootview.json").read_text()))
     seen = json.loads((result.results_dir / "selinux-svirt.json").read_text())

@@ -12,9 +12,16 @@ those changes on the same files:
 * the **raw loop** (reported): one ``chown``/``setxattr``/``removexattr`` by path per change;
 * the **safety floor** (the peer): what any symlink-safe, crash-safe relabel must do at least
   (docs/performance.md, P4): each directory opened once; per file ``fstatat`` (resolve, no
-  symlink), ``openat(O_NOFOLLOW)``, ``fstat`` (the inode is the resolved one), the changes on
-  the fd, ``close``; and the journal: created by the set, one ``write`` + ``fsync`` of every
-  file's record per batch of 128 files before the batch's changes (set and restore each).
+  symlink), ``openat(O_NOFOLLOW)``, ``fstat`` (the inode is the resolved one), when the set's
+  chown changes the owner of a regular file one ``fgetxattr`` of ``security.capability``
+  first (the kernel clears file capabilities on chown; a relabel that gives them back on
+  restore must read them before), the changes on the fd, ``close``; and the journal: created
+  by the set, one ``write`` + ``fsync`` of every file's record per batch of 128 files before
+  the batch's changes (set and restore each).
+
+The drivers' ``preflight`` runs before the set, untimed, as in the start pipeline (where it
+comes before ``set_all_labels``): it computes what a start computes once before any label is
+set (the DAC driver: QEMU's ids and groups from the user database).
 
 ratio = vmconfine's (set + restore) / the safety floor's. Linearity: the time per file at 200
 vs 50 layers and 256 vs 64 disks.
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import stat
 import sys
 import time
 import types
@@ -106,6 +114,15 @@ def raw(ops: list[tuple[Any, ...]]) -> float:
 
 BATCH = 128  #: files per journal group commit in the safety floor (DAC's default batch)
 _OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+FCAPS = "security.capability"  #: file capabilities, which the kernel clears on chown
+
+
+def file_caps(fd: int) -> bytes | None:
+    """The file capabilities of ``fd`` (None: it has none)."""
+    try:
+        return os.getxattr(fd, FCAPS)
+    except OSError:
+        return None
 
 
 def floor(ops: list[tuple[Any, ...]], journal: Path, *, create: bool) -> float:
@@ -137,6 +154,9 @@ def floor(ops: list[tuple[Any, ...]], journal: Path, *, create: bool) -> float:
                     raise RuntimeError(f"{path} was replaced")
                 for op in per_file[path]:
                     if op[0] == "chown":
+                        if create and stat.S_ISREG(fst.st_mode) and (
+                                (op[2], op[3]) != (fst.st_uid, fst.st_gid)):
+                            file_caps(fd)  # the set: read what the chown will clear
                         os.fchown(fd, op[2], op[3])
                     elif op[0] == "set":
                         os.setxattr(fd, op[2], op[3])
@@ -243,6 +263,7 @@ def one_sample(drv: Driver, state_base: Path, xml: str, paths: list[str]) -> dic
         sec = domain.seclabel(drv.model) or domain.add_seclabel(drv.model, "dynamic")
         driver.gen_label(ctx, sec)
         _ = ctx.resources
+        driver.preflight(ctx)  # untimed: the pipeline runs it before set_all_labels
         before = snapshot(paths)
         t0 = time.perf_counter()
         driver.set_all_labels(ctx)
@@ -330,12 +351,15 @@ def run(opts: Options) -> list[Table]:
     table.notes += [
         f"median of {opts.runs} samples (after one uncounted), each on a fresh instance and "
         "journal; raw 0-byte images on ext4",
-        "safety floor: per file fstatat + openat(O_NOFOLLOW) + fstat + the changes on the fd + "
+        "safety floor: per file fstatat + openat(O_NOFOLLOW) + fstat (+ fgetxattr of the file "
+        "capabilities before a chown of a regular file) + the changes on the fd + "
         f"close, directories opened once, journal created + one write and fsync per {BATCH} "
         "files (set and restore each); 'vs raw' = vmconfine / the raw loop (by path, no "
         "journal)",
         "DAC never gives backing layers back (libvirt's rule: other domains may share them): "
         "those chowns are in 'raw set' but have no restore",
+        "each driver's preflight (the DAC driver: QEMU's ids and groups) runs untimed before "
+        "the set, as in the start pipeline",
         "SELinux: the fake backend keeps contexts in user.vmconfine.selinux; remembered "
         "originals in trusted.vmconfine.security.*",
     ]

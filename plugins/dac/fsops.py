@@ -164,6 +164,8 @@ def _open_nofollow(path: str, *, directory: bool = False) -> int:
 class FileHandle:
     """An opened inode; every owner/mode/xattr change of the DAC driver goes through one."""
 
+    __slots__ = ("_io_fd", "_lockable", "_path_fd", "locked", "name", "opened_stat")
+
     def __init__(self, name: str, path_fd: int | None, io_fd: int | None) -> None:
         self.name = name
         self._path_fd = path_fd
@@ -309,14 +311,15 @@ class FileHandle:
             time.sleep(0.01)
 
     def close(self) -> None:
-        for attr in ("_io_fd", "_path_fd"):
-            fd = getattr(self, attr)
-            if fd is not None:
-                try:
-                    os.close(fd)  # closing releases the lock
-                finally:
-                    setattr(self, attr, None)
+        io_fd, path_fd = self._io_fd, self._path_fd
+        self._io_fd = self._path_fd = None
         self.locked = False
+        try:
+            if io_fd is not None:
+                os.close(io_fd)  # closing releases the lock
+        finally:
+            if path_fd is not None:
+                os.close(path_fd)
 
     def __enter__(self) -> FileHandle:
         return self
@@ -338,11 +341,10 @@ class FileHandle:
         return os.fstat(fd)
 
     def chown(self, uid: int, gid: int) -> None:
-        target = self._target
-        if isinstance(target, int):
-            os.fchown(target, uid, gid)
+        if self._io_fd is not None:
+            os.fchown(self._io_fd, uid, gid)
         else:
-            os.chown(target, uid, gid)  # follows the magic link to the opened inode
+            os.chown(self._target, uid, gid)  # follows the magic link to the opened inode
 
     def chmod(self, mode: int) -> None:
         target = self._target
@@ -354,7 +356,7 @@ class FileHandle:
     def getxattr(self, name: str) -> bytes | None:
         """The xattr's value, or None when absent (other errors raise)."""
         try:
-            return os.getxattr(self._target, name)
+            return os.getxattr(self._io_fd if self._io_fd is not None else self._target, name)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 return None

@@ -69,7 +69,7 @@ from vmconfine_dac.fsops import (
 from vmconfine_dac.identity import Identity, format_label, parse_label
 
 if TYPE_CHECKING:
-    from vmconfine.launch.journal import Entry, Journal
+    from vmconfine.launch.journal import Journal
     from vmconfine.plugin.context import DomainContext
     from vmconfine.plugin.resources import Resource
 
@@ -88,6 +88,8 @@ SOFT_CHOWN_ERRNOS = frozenset({errno.EPERM, errno.EROFS, errno.ENOTSUP, errno.EO
                                errno.EINVAL})
 #: the VFIO container node is 0666 and shared by every VM: never chowned
 VFIO_CONTAINER = "/dev/vfio/vfio"
+#: the roles whose paths are chowned (others are skipped, or passed as fds)
+CHOWNED_ROLES = IMAGE_ROLES | {"chardev", "hostdev", "runtime_dir"}
 
 
 class Plan(NamedTuple):
@@ -116,11 +118,11 @@ def device_tag(res: Resource) -> str:
 
 def _dac_label(res: Resource) -> Any:
     """The resource's DAC device seclabel; backing layers fall back to the top image's."""
-    found = find_device_seclabel(list(res.seclabels), DRIVER)
+    found = find_device_seclabel(res.seclabels, DRIVER) if res.seclabels else None
     if found is None and res.role == "backing" and res.disk is not None:
         top = res.disk.source  # the chain's first layer (not chain(): O(layers) per layer)
-        if top is not None:
-            found = find_device_seclabel(list(top.seclabels), DRIVER)
+        if top is not None and top.seclabels:
+            found = find_device_seclabel(top.seclabels, DRIVER)
     return found
 
 
@@ -149,7 +151,7 @@ def _plan_one(res: Resource, ident: Identity, image_ids: tuple[int, int]) -> Pla
         return None
     if res.passed:
         return None  # vmconfine opens it and passes the fd: QEMU never opens the path
-    if role not in IMAGE_ROLES | {"chardev", "hostdev", "runtime_dir"}:
+    if role not in CHOWNED_ROLES:
         log.debug("dac: resource role %s (%s) is not relabelled", role, res.path)
         return None
     if role == "hostdev" and res.path == VFIO_CONTAINER:
@@ -298,6 +300,11 @@ class _RecordIds:
 
 _record_id = _RecordIds()
 
+#: the fields of a ``chown`` record, in the order :func:`_run_batch` writes their rows
+CHOWN_FIELDS = ("id", "path", "orig", "role", "device", "dev", "ino", "uid", "gid", "mode",
+                "new_uid", "new_gid", "remember", "restore", "prefix", "ref_before", "fcaps",
+                "mode_add")
+
 
 def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: owners.Names,
                prefix: str) -> None:
@@ -308,34 +315,31 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
     for it in sorted((it for it in batch if it.want_remember),
                      key=lambda it: (it.res.dev, it.res.ino)):
         it.handle.lock()
-    entries: list[Entry] = []
+    rows: list[list[Any]] = []
+    new_id = _record_id
     for it in batch:
         h, p, res = it.handle, it.plan, it.res
         # a file that is locked is read again under its lock; else the stat of its check will do
         st = it.st = h.stat() if it.want_remember or h.opened_stat is None else h.opened_stat
+        uid, gid, mode = st.st_uid, st.st_gid, st.st_mode
         if p.uid == KEEP:
             if can_access(st, ident.uid, ident.gid, ident.groups, p.access):
                 it.skip = True  # a shared image QEMU can already use: left as it is
                 continue
-            it.plan = p = p._replace(uid=st.st_uid)
-        remember = it.want_remember and h.locked
-        seen = owners.peek(h, names) if remember else None
-        if seen is None:
-            remember = False  # no xattrs here: the journal alone keeps the owner
-        it.seen, it.remember, it.rid = seen, remember, _record_id()
-        if stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_gid) != (p.uid, p.gid):
-            it.fcaps = owners.file_caps(h)
-        entries.append((DRIVER, "chown", {
-            "id": it.rid, "path": res.resolved, "orig": res.path, "role": p.role,
-            "device": p.device, "dev": res.dev, "ino": res.ino, "uid": st.st_uid,
-            "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode), "new_uid": p.uid,
-            "new_gid": p.gid, "remember": remember, "restore": p.restore,
-            "prefix": prefix if remember else None,
-            "ref_before": seen.ref if seen is not None else None,
-            "fcaps": it.fcaps.hex() if it.fcaps else None,
-            "mode_add": p.mode_add or None,
-        }))
-    journal.record_many(entries)
+            it.plan = p = p._replace(uid=uid)
+        seen = it.seen = owners.peek(h, names) if it.want_remember and h.locked else None
+        # no record read (not wanted, no lock, no xattrs here): the journal alone keeps the owner
+        remember = it.remember = seen is not None
+        ref_before = seen.ref if seen is not None else None
+        rid = it.rid = new_id()
+        fcaps = None
+        if (uid != p.uid or gid != p.gid) and stat.S_ISREG(mode):
+            fcaps = it.fcaps = owners.file_caps(h)
+        rows.append([rid, res.resolved, res.path, p.role, p.device, res.dev, res.ino, uid, gid,
+                     mode & 0o7777, p.uid, p.gid, remember, p.restore,
+                     prefix if remember else None, ref_before,
+                     fcaps.hex() if fcaps else None, p.mode_add or None])
+    journal.record_rows(DRIVER, "chown", CHOWN_FIELDS, rows)
     done = 0
     try:
         for it in batch:
@@ -347,8 +351,8 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
         # rollback leaves them (and their remembered counts) alone
         rest = [it for it in batch[done + 1:] if not it.skip]
         with contextlib.suppress(OSError):
-            journal.note_many([(DRIVER, "restored", {"id": it.rid, "how": "not-made"})
-                               for it in rest])
+            journal.note_rows(DRIVER, "restored", ("id",), [[it.rid] for it in rest],
+                              same={"how": "not-made"})
         raise
 
 
@@ -442,28 +446,43 @@ def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = 
     decrements of a batch are written with one fsync; the ``restored`` markers of a batch are
     written together after its changes (durable when this returns).
     """
-    recs = journal.records(DRIVER)
-    done = {r["id"] for r in recs if r["op"] == "restored"}
-    remembered = {r["id"]: r for r in recs if r["op"] == "remembered"}
-    intents = {r["id"]: r for r in recs if r["op"] == "restore"}
-    labelled = {r["id"]: r["ctime"] for r in recs if r["op"] == "labelled"}
+    done: set[str] = set()
+    remembered: dict[str, dict[str, Any]] = {}
+    intents: dict[str, dict[str, Any]] = {}
+    labelled: dict[str, int] = {}
+    chowns: list[dict[str, Any]] = []
+    for r in journal.records(DRIVER):
+        op = r["op"]
+        if op == "chown":
+            chowns.append(r)
+        elif op == "restored":
+            done.add(r["id"])
+        elif op == "remembered":
+            remembered[r["id"]] = r
+        elif op == "restore":
+            intents[r["id"]] = r
+        elif op == "labelled":
+            labelled[r["id"]] = r["ctime"]
     todo: dict[str, dict[str, Any]] = {}
-    for r in recs:  # one entry per id, even if a record was read back twice
-        if r["op"] == "chown" and r["id"] not in done and (select is None or select(r)):
-            todo.setdefault(r["id"], dict(r, labelled=labelled.get(r["id"])))
+    for r in chowns:  # one entry per id, even if a record was read back twice
+        if r["id"] not in done and (select is None or select(r)):
+            todo.setdefault(r["id"], r)
     problems: list[str] = []
+    # shared, readonly and backing images: other domains may still use them
+    journal.note_rows(DRIVER, "restored", ("id",),
+                      [[rid] for rid, rec in todo.items() if not rec["restore"]],
+                      same={"how": "kept"})
     batch: list[dict[str, Any]] = []
     inodes: set[tuple[Any, Any]] = set()
     with DirCache() as dirs:
-        for rec in reversed(list(todo.values())):
+        for rec in reversed([rec for rec in todo.values() if rec["restore"]]):
             key = (rec.get("dev"), rec.get("ino"))
             if len(batch) >= BATCH or key in inodes:
-                _restore_batch(journal, dirs, batch, remembered, intents, problems)
+                _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems)
                 batch, inodes = [], set()
             batch.append(rec)
-            if rec["restore"]:
-                inodes.add(key)
-        _restore_batch(journal, dirs, batch, remembered, intents, problems)
+            inodes.add(key)
+        _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems)
     journal.sync()
     return problems
 
@@ -478,16 +497,20 @@ class _Undo:
     #: ``owners.Record`` (recall it: count down, under a durable ``restore`` record)
     found: Any = None
     failed: bool = False
+    #: the inode's ctime noted right after the chown (``labelled``), if any
+    labelled: int | None = None
 
 
 def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]],
                    remembered: dict[str, dict[str, Any]], intents: dict[str, dict[str, Any]],
-                   problems: list[str]) -> None:
-    markers: list[Entry] = []
+                   labelled: dict[str, int], problems: list[str]) -> None:
+    if not batch:
+        return
+    markers: list[list[str]] = []
     items: list[_Undo] = []
 
     def mark(rid: str, how: str) -> None:
-        markers.append((DRIVER, "restored", {"id": rid, "how": how}))
+        markers.append([rid, how])
 
     def failed(it: _Undo, exc: Exception) -> None:
         it.failed = True
@@ -498,13 +521,9 @@ def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]]
 
     try:
         for rec in batch:
-            if not rec["restore"]:
-                # shared, readonly and backing images: other domains may still use them
-                mark(rec["id"], "kept")
-                continue
             h = _open_for_restore(rec, dirs, mark, problems)
             if h is not None:
-                items.append(_Undo(rec, h))
+                items.append(_Undo(rec, h, labelled=labelled.get(rec["id"])))
         for it in sorted(items, key=lambda it: (it.rec["dev"], it.rec["ino"])):
             try:
                 it.handle.lock()
@@ -517,9 +536,8 @@ def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]]
                     it.found = _decide(it.handle, it.rec, remembered.get(rid), intents.get(rid))
                 except (VmconfineError, OSError) as exc:
                     failed(it, exc)
-        journal.record_many([(DRIVER, "restore", {"id": it.rec["id"], "ref": it.found.ref,
-                                                  "label": it.found.label})
-                             for it in items
+        journal.record_rows(DRIVER, "restore", ("id", "ref", "label"),
+                            [[it.rec["id"], it.found.ref, it.found.label] for it in items
                              if not it.failed and isinstance(it.found, owners.Record)])
         for it in items:
             if not it.failed:
@@ -530,7 +548,7 @@ def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]]
     finally:
         for it in items:
             it.handle.close()
-        journal.note_many(markers)
+        journal.note_rows(DRIVER, "restored", ("id", "how"), markers)
 
 
 def _open_for_restore(rec: dict[str, Any], dirs: DirCache, mark: Callable[[str, str], None],
@@ -579,7 +597,7 @@ def _undo(it: _Undo) -> str:
     """Give one file back (its ``restore`` record, if any, is durable); return the how."""
     h, rec = it.handle, it.rec
     # was the inode changed since the chown (a write, utimes, chmod)? read before the recall
-    untouched = rec.get("labelled") is not None and h.stat().st_ctime_ns == rec["labelled"]
+    untouched = it.labelled is not None and h.stat().st_ctime_ns == it.labelled
     target: tuple[int, int] = (rec["uid"], rec["gid"])
     fcaps = bytes.fromhex(rec["fcaps"]) if rec.get("fcaps") else None
     how = "journal"

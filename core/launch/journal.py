@@ -71,9 +71,14 @@ class Journal:
 
     def _open(self) -> int:
         if self._fd is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            _trim_torn_line(fd)
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+            try:
+                fd = os.open(self.path, flags, 0o600)
+            except FileNotFoundError:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, flags, 0o600)
+            if not _trim_torn_line(fd) and self._records is None:
+                self._records, self._tail = [], []  # empty: nothing to read back
             self._fd = fd
         return self._fd
 
@@ -87,9 +92,9 @@ class Journal:
             self._write(_lines(entries), entries, durable)
 
     def _write(self, text: str, chunk: _Chunk, durable: bool) -> None:
+        fd = self._open()
         if self._records is None:
             self.records()  # load the cache from the file before these lines are added to it
-        fd = self._open()
         view = memoryview(text.encode())
         while view:
             view = view[os.write(fd, view):]
@@ -217,15 +222,26 @@ class Journal:
         ]
 
     def count(self, driver: str, op: str) -> int:
-        """How many records of ``driver``/``op`` there are (amortised O(1): no filtered copy)."""
-        recs = self._settle()
+        """How many records of ``driver``/``op`` there are (amortised O(1): no filtered copy;
+        rows not read as records yet are counted by their group)."""
+        if self._records is None:
+            self.records()
+        recs = self._records
+        assert recs is not None
         if recs is not self._counted_list or len(recs) < self._counted:
             self._counts.clear()  # the list was replaced (remove()) or shrunk: count again
             self._counted, self._counted_list = 0, recs
         for r in recs[self._counted:]:
             self._counts[(r.get("driver"), r.get("op"))] += 1
         self._counted = len(recs)
-        return self._counts[(driver, op)]
+        n = self._counts[(driver, op)]
+        for chunk in self._tail:
+            if isinstance(chunk, tuple):
+                if chunk[0]["driver"] == driver and chunk[0]["op"] == op:
+                    n += len(chunk[2])
+            else:
+                n += sum(1 for r in chunk if r.get("driver") == driver and r.get("op") == op)
+        return n
 
     def last(self, driver: str, op: str) -> dict[str, Any] | None:
         found = self.records(driver, op)
@@ -315,16 +331,17 @@ def _rows_to_records(same: dict[str, Any], keys: tuple[str, ...] | list[str],
     return out
 
 
-def _trim_torn_line(fd: int) -> None:
+def _trim_torn_line(fd: int) -> int:
     """Cut a torn last line (a crash mid-write) before appending, so the next record does not
     get glued onto it. Records are written before the changes they describe, so the torn one
-    described nothing that was done."""
+    described nothing that was done. Returns the size the file had."""
     size = os.fstat(fd).st_size
     if size == 0:
-        return
+        return 0
     tail_start = max(0, size - 65536)
     tail = os.pread(fd, size - tail_start, tail_start)
     if tail.endswith(b"\n"):
-        return
+        return size
     cut = tail.rfind(b"\n")
     os.ftruncate(fd, tail_start + cut + 1 if cut >= 0 else 0 if tail_start == 0 else size)
+    return size

@@ -60,6 +60,11 @@ DIR_CACHE_SIZE = 64
 
 _PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _IO_FLAGS = os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+#: the access modes a regular file is opened with, tried in order (for the metadata lock: RW)
+_LOCK_MODES = (os.O_RDWR | os.O_NOFOLLOW | _IO_FLAGS, os.O_RDONLY | os.O_NOFOLLOW | _IO_FLAGS)
+_READ_MODES = (os.O_RDONLY | os.O_NOFOLLOW | _IO_FLAGS,)
+#: names that are no file name of a directory's entry
+_NOT_NAMES = frozenset({"", ".", ".."})
 
 
 class Resolved(NamedTuple):
@@ -88,38 +93,64 @@ class DirCache:
     """
 
     def __init__(self) -> None:
-        self._real: dict[str, str] = {}
+        #: a directory as named → (its resolved name, that name with a trailing "/")
+        self._real: dict[str, tuple[str, str]] = {}
         self._fds: dict[str, int] = {}
 
     def resolve(self, path: str) -> Resolved:
-        """:func:`resolve`, with the directory part resolved once per operation."""
+        """:func:`resolve`, with the directory part resolved (and opened) once per operation."""
         head, sep, name = path.rpartition("/")
-        if not sep or name in ("", ".", ".."):
+        if not sep or name in _NOT_NAMES:
             return resolve(path)
         head = head or "/"
-        real_head = self._real.get(head)
-        if real_head is None:
-            real_head = os.path.realpath(head, strict=True)
-            self._real[head] = real_head
-        full = real_head + name if real_head.endswith("/") else f"{real_head}/{name}"
-        dfd = self._fds.get(real_head)
+        real = self._real.get(head)
+        if real is None:
+            real = self._resolve_dir(head)
+        dfd = self._fds.get(real[0])
         if dfd is not None:  # relative to the directory already opened (and checked)
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         else:
-            st = os.stat(full, follow_symlinks=False)
+            st = os.stat(real[1] + name, follow_symlinks=False)
         if stat.S_ISLNK(st.st_mode):  # the file itself is a symlink: resolve it in full
             return resolve(path)
-        return Resolved(path, full, st.st_dev, st.st_ino, st.st_mode)
+        return Resolved(path, real[1] + name, st.st_dev, st.st_ino, st.st_mode)
+
+    def _resolve_dir(self, head: str) -> tuple[str, str]:
+        """Resolve the directory ``head`` (following its symlinks, as ``realpath`` does) by
+        opening it: the kernel resolves the name, ``/proc/self/fd`` names what it opened, and
+        that fd — the directory whose name is recorded, whatever happens to the name later —
+        is kept for the files in it (two system calls instead of an ``lstat`` per component
+        and the symlink-refusing walk of :meth:`dir_fd`)."""
+        fd = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            real_head = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            real_head = ""
+        if not real_head.startswith("/") or real_head.endswith(" (deleted)"):
+            # no usable name from /proc (not mounted, a removed directory): the slow way
+            os.close(fd)
+            real_head, fd = os.path.realpath(head, strict=True), -1
+        real = self._real[head] = (real_head,
+                                   real_head if real_head.endswith("/") else real_head + "/")
+        if fd >= 0:
+            if real_head in self._fds:
+                os.close(fd)  # the same directory by another name: opened already
+            else:
+                self._add_fd(real_head, fd)
+        return real
 
     def dir_fd(self, directory: str) -> int:
         """An O_PATH fd of ``directory`` (resolved), opened without following any symlink."""
         fd = self._fds.get(directory)
         if fd is None:
             fd = _open_nofollow(directory, directory=True)
-            if len(self._fds) >= DIR_CACHE_SIZE:
-                os.close(self._fds.pop(next(iter(self._fds))))
-            self._fds[directory] = fd
+            self._add_fd(directory, fd)
         return fd
+
+    def _add_fd(self, directory: str, fd: int) -> None:
+        if len(self._fds) >= DIR_CACHE_SIZE:
+            os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[directory] = fd
 
     def close(self) -> None:
         while self._fds:
@@ -211,14 +242,16 @@ class FileHandle:
     @classmethod
     def _open_in(cls, dirs: DirCache, res: Resolved, want_lock: bool) -> FileHandle:
         head, _sep, name = res.resolved.rpartition("/")
-        if not name or name in (".", ".."):
+        if name in _NOT_NAMES:
             return cls._open_path(res, _open_nofollow(res.resolved), want_lock)
-        dfd = dirs.dir_fd(head or "/")
+        dfd = dirs._fds.get(head or "/")
+        if dfd is None:
+            dfd = dirs.dir_fd(head or "/")
         mode = res.mode or os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
         if stat.S_ISREG(mode):
-            for access in (os.O_RDWR, os.O_RDONLY) if want_lock else (os.O_RDONLY,):
+            for flags in _LOCK_MODES if want_lock else _READ_MODES:
                 try:
-                    fd = os.open(name, access | os.O_NOFOLLOW | _IO_FLAGS, dir_fd=dfd)
+                    fd = os.open(name, flags, dir_fd=dfd)
                 except OSError as exc:
                     if exc.errno == errno.ELOOP:
                         raise SwappedError(
@@ -227,7 +260,7 @@ class FileHandle:
                             "directory)") from None
                     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                         raise
-                    log.debug("%s: open with mode %o failed: %s", res.resolved, access, exc)
+                    log.debug("%s: open with flags %o failed: %s", res.resolved, flags, exc)
                     continue
                 handle = cls(res.resolved, None, fd)
                 try:
@@ -235,7 +268,7 @@ class FileHandle:
                 except BaseException:
                     handle.close()
                     raise
-                handle._lockable = want_lock and access == os.O_RDWR
+                handle._lockable = flags == _LOCK_MODES[0]
                 return handle
         return cls._open_path(res, os.open(name, _PATH_FLAGS, dir_fd=dfd), want_lock)
 
@@ -255,6 +288,8 @@ class FileHandle:
 
     def _check(self, res: Resolved, st: os.stat_result) -> None:
         self.opened_stat = st
+        if st.st_ino == res.ino and st.st_dev == res.dev and not stat.S_ISLNK(st.st_mode):
+            return
         if stat.S_ISLNK(st.st_mode):
             raise SwappedError(
                 f"{res.resolved} became a symlink while it was being labelled; refusing to "

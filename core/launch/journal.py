@@ -89,9 +89,9 @@ class Journal:
 
     def _append(self, entries: list[dict[str, Any]], durable: bool) -> None:
         if entries:
-            self._write(_lines(entries), entries, durable)
+            self._write(_lines(entries), [entries], durable)
 
-    def _write(self, text: str, chunk: _Chunk, durable: bool) -> None:
+    def _write(self, text: str, chunks: list[_Chunk], durable: bool) -> None:
         fd = self._open()
         if self._records is None:
             self.records()  # load the cache from the file before these lines are added to it
@@ -103,11 +103,11 @@ class Journal:
             self._unsynced = False
         else:
             self._unsynced = True
-        if self._tail or isinstance(chunk, tuple):
-            self._tail.append(chunk)
+        if self._tail or isinstance(chunks[0], tuple):
+            self._tail.extend(chunks)
         else:
             assert self._records is not None
-            self._records.extend(chunk)
+            self._records.extend(chunks[0])  # type: ignore[arg-type]
 
     def _settle(self) -> list[dict[str, Any]]:
         """The cache with every chunk of rows turned into records."""
@@ -143,24 +143,32 @@ class Journal:
         Call BEFORE making any of the changes they describe. The rows are kept, not copied:
         the caller must not change them afterwards.
         """
-        self._rows(driver, op, keys, rows, same, durable=True)
+        self.record_groups(driver, op, keys, [(same or {}, rows)])
+
+    def record_groups(self, driver: str, op: str, keys: tuple[str, ...],
+                      groups: list[tuple[dict[str, Any], list[list[Any]]]]) -> None:
+        """:meth:`record_rows` for several groups (each its shared fields and its rows, one
+        line each), all with one write and one fsync."""
+        self._groups(driver, op, keys, groups, durable=True)
 
     def note_rows(self, driver: str, op: str, keys: tuple[str, ...], rows: list[list[Any]],
                   same: dict[str, Any] | None = None) -> None:
         """:meth:`note` for one record per row (see :meth:`record_rows`)."""
-        self._rows(driver, op, keys, rows, same, durable=False)
+        self._groups(driver, op, keys, [(same or {}, rows)], durable=False)
 
-    def _rows(self, driver: str, op: str, keys: tuple[str, ...], rows: list[list[Any]],
-              same: dict[str, Any] | None, durable: bool) -> None:
-        if not rows:
+    def _groups(self, driver: str, op: str, keys: tuple[str, ...],
+                groups: list[tuple[dict[str, Any], list[list[Any]]]], durable: bool) -> None:
+        full = [({"driver": driver, "op": op, **same}, rows) for same, rows in groups if rows]
+        if not full:
             return
-        shared = {"driver": driver, "op": op, **(same or {})}
         if self._overridden():
-            for rec in _rows_to_records(shared, keys, rows):
-                self.record(**rec)
+            for shared, rows in full:
+                for rec in _rows_to_records(shared, keys, rows):
+                    self.record(**rec)
             return
-        self._write(_encode({"group": keys, "rows": rows, "same": shared}) + "\n",
-                    (shared, keys, rows), durable)
+        self._write("".join([_encode({"group": keys, "rows": rows, "same": shared}) + "\n"
+                             for shared, rows in full]),
+                    [(shared, keys, rows) for shared, rows in full], durable)
 
     def note(self, driver: str, op: str, **data: Any) -> None:
         """Append a marker of something already done; durable with the next sync."""

@@ -212,23 +212,22 @@ def apply(ctx: DomainContext, plans: list[Plan], ident: Identity) -> list[str]:
                 res = _resolve(dirs, p)
                 if res is None:
                     continue
-                if len(batch) >= BATCH or (res.dev, res.ino) in inodes:
+                key = (res.dev, res.ino)
+                if len(batch) >= BATCH or key in inodes:
                     _run_batch(journal, batch, ident, names, prefix)
-                    changed.extend(it.res.resolved for it in batch)
-                    _close(batch)
+                    _close(batch, changed)
                     inodes.clear()
                 want = remember_on and p.remember
                 handle = FileHandle.open(res, want_lock=want, dirs=dirs, lock=False)
                 batch.append(_Item(p, res, handle, want))
-                inodes.add((res.dev, res.ino))
+                inodes.add(key)
             _run_batch(journal, batch, ident, names, prefix)
-            changed.extend(it.res.resolved for it in batch)
         except BaseException:
             _close(batch)
             with contextlib.suppress(OSError):
                 journal.sync()
             raise
-        _close(batch)
+        _close(batch, changed)
     journal.sync()
     return changed
 
@@ -262,10 +261,20 @@ class _Item:
     skip: bool = False  #: a shared image QEMU can use as it is: no record, no change
 
 
-def _close(batch: list[_Item]) -> None:
-    for it in batch:
-        it.handle.close()
-    batch.clear()
+def _close(batch: list[_Item], changed: list[str] | None = None) -> None:
+    """Close the batch's handles (and add its paths to ``changed``); empty it."""
+    try:
+        for it in batch:
+            if changed is not None:
+                changed.append(it.res.resolved)
+            it.handle.close()
+    except BaseException:
+        for it in batch:
+            with contextlib.suppress(OSError):
+                it.handle.close()  # idempotent: the ones the error left open
+        raise
+    finally:
+        batch.clear()
 
 
 def _resolve(dirs: DirCache, p: Plan) -> Resolved | None:
@@ -300,10 +309,12 @@ class _RecordIds:
 
 _record_id = _RecordIds()
 
-#: the fields of a ``chown`` record, in the order :func:`_run_batch` writes their rows
-CHOWN_FIELDS = ("id", "path", "orig", "role", "device", "dev", "ino", "uid", "gid", "mode",
-                "new_uid", "new_gid", "remember", "restore", "prefix", "ref_before", "fcaps",
-                "mode_add")
+#: the fields of a ``chown`` record that differ from file to file, in the order of
+#: :func:`_run_batch`'s rows; the others (:data:`CHOWN_SAME`) are the plan's, shared by a run of
+#: files (a backing chain: all its layers) and written once per group line
+CHOWN_FIELDS = ("id", "path", "orig", "dev", "ino", "uid", "gid", "mode", "fcaps")
+CHOWN_SAME = ("role", "device", "new_uid", "new_gid", "remember", "restore", "prefix",
+              "ref_before", "mode_add")
 
 
 def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: owners.Names,
@@ -315,7 +326,9 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
     for it in sorted((it for it in batch if it.want_remember),
                      key=lambda it: (it.res.dev, it.res.ino)):
         it.handle.lock()
+    groups: list[tuple[dict[str, Any], list[list[Any]]]] = []
     rows: list[list[Any]] = []
+    shape: tuple[Any, ...] = ()
     new_id = _record_id
     for it in batch:
         h, p, res = it.handle, it.plan, it.res
@@ -330,21 +343,25 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
         seen = it.seen = owners.peek(h, names) if it.want_remember and h.locked else None
         # no record read (not wanted, no lock, no xattrs here): the journal alone keeps the owner
         remember = it.remember = seen is not None
-        ref_before = seen.ref if seen is not None else None
-        rid = it.rid = new_id()
         fcaps = None
         if (uid != p.uid or gid != p.gid) and stat.S_ISREG(mode):
             fcaps = it.fcaps = owners.file_caps(h)
-        rows.append([rid, res.resolved, res.path, p.role, p.device, res.dev, res.ino, uid, gid,
-                     mode & 0o7777, p.uid, p.gid, remember, p.restore,
-                     prefix if remember else None, ref_before,
-                     fcaps.hex() if fcaps else None, p.mode_add or None])
-    journal.record_rows(DRIVER, "chown", CHOWN_FIELDS, rows)
+        same = (p.role, p.device, p.uid, p.gid, remember, p.restore,
+                prefix if remember else None, seen.ref if seen is not None else None,
+                p.mode_add or None)
+        if same != shape:
+            shape, rows = same, []
+            groups.append((dict(zip(CHOWN_SAME, same, strict=True)), rows))
+        rid = it.rid = new_id()
+        rows.append([rid, res.resolved, res.path, res.dev, res.ino, uid, gid, mode & 0o7777,
+                     fcaps.hex() if fcaps else None])
+    journal.record_groups(DRIVER, "chown", CHOWN_FIELDS, groups)
     done = 0
+    info = log.isEnabledFor(logging.INFO)
     try:
         for it in batch:
             if not it.skip:
-                _change(journal, it, ident, names)
+                _change(journal, it, ident, names, info)
             done += 1
     except BaseException:
         # the files after the failing one were journaled but not touched: say so, so that the
@@ -356,10 +373,26 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
         raise
 
 
-def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -> None:
-    """Remember the owner (when wanted) and chown one file whose record is durable."""
-    h, p, res, st = it.handle, it.plan, it.res, it.st
+def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names,
+            info: bool) -> None:
+    """Remember the owner (when wanted) and chown one file whose record is durable
+    (``info``: log the change)."""
+    h, p, st = it.handle, it.plan, it.st
     assert st is not None
+    if not (it.remember or p.mode_add):
+        if st.st_uid == p.uid and st.st_gid == p.gid:
+            return
+        if info:
+            log.info("dac: setting owner of %s to %s", h.name, format_label(p.uid, p.gid))
+        try:
+            h.chown(p.uid, p.gid)
+        except OSError as exc:
+            _chown_failed(journal, it.rid, it.res, st, p, ident, exc)
+            return
+        if it.fcaps or st.st_mode & 0o6000:
+            _note_labelled(journal, it)
+        return
+    res = it.res
     if it.remember:
         ref = owners.remember(h, names, st.st_uid, st.st_gid, it.seen, it.fcaps)
         journal.note(DRIVER, "remembered", id=it.rid, ref=ref)
@@ -378,7 +411,7 @@ def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -
         return
     if st.st_uid == p.uid and st.st_gid == p.gid:
         return
-    if log.isEnabledFor(logging.INFO):
+    if info:
         log.info("dac: setting owner of %s to %s", res.resolved, format_label(p.uid, p.gid))
     try:
         h.chown(p.uid, p.gid)
@@ -386,10 +419,14 @@ def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names) -
         _chown_failed(journal, it.rid, res, st, p, ident, exc)
         return
     if it.fcaps or st.st_mode & 0o6000:
-        # the chown cleared privileges of the file (capabilities, set-id bits) that restore
-        # gives back only if nothing changed the inode after this moment (a write by QEMU
-        # clears them too, and must not get them back)
-        journal.note(DRIVER, "labelled", id=it.rid, ctime=h.stat().st_ctime_ns)
+        _note_labelled(journal, it)
+
+
+def _note_labelled(journal: Journal, it: _Item) -> None:
+    """The chown cleared privileges of the file (capabilities, set-id bits) that restore gives
+    back only if nothing changed the inode after this moment (a write by QEMU clears them too,
+    and must not get them back): note its ctime now."""
+    journal.note(DRIVER, "labelled", id=it.rid, ctime=it.handle.stat().st_ctime_ns)
 
 
 def _add_group_access(h: FileHandle, res: Resolved, st: os.stat_result, p: Plan) -> None:

@@ -14,10 +14,11 @@ those changes on the same files:
   (docs/performance.md, P4): each directory opened once; per file ``fstatat`` (resolve, no
   symlink), ``openat(O_NOFOLLOW)``, ``fstat`` (the inode is the resolved one), when the set's
   chown changes the owner of a regular file one ``fgetxattr`` of ``security.capability``
-  first (the kernel clears file capabilities on chown; a relabel that gives them back on
-  restore must read them before), the changes on the fd, ``close``; and the journal: created
-  by the set, one ``write`` + ``fsync`` of every file's record per batch of 128 files before
-  the batch's changes (set and restore each).
+  (the kernel clears file capabilities on chown; a relabel that gives them back on restore
+  must read them before), the changes on the fd, ``close``; and the journal: created by the
+  set, one ``write`` + ``fsync`` per batch of 128 files before the batch's changes (set and
+  restore each), one line per file with what an undo needs (path, device and inode, owner,
+  mode, capabilities).
 
 The drivers' ``preflight`` runs before the set, untimed, as in the start pipeline (where it
 comes before ``set_all_labels``): it computes what a start computes once before any label is
@@ -138,31 +139,40 @@ def floor(ops: list[tuple[Any, ...]], journal: Path, *, create: bool) -> float:
     jfd = os.open(journal, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
                   | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
     for start in range(0, len(files), BATCH):
-        batch = files[start:start + BATCH]
-        os.write(jfd, b'{"op": "relabel", "path": "..."}\n' * len(batch))
-        os.fsync(jfd)
-        for path in batch:
-            parent, name = os.path.split(path)
-            dfd = dirs.get(parent)
-            if dfd is None:
-                dfd = dirs[parent] = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            fd = os.open(name, _OPEN, dir_fd=dfd)
-            try:
+        opened: list[tuple[str, int, os.stat_result, bytes | None]] = []
+        try:
+            for path in files[start:start + BATCH]:
+                parent, name = os.path.split(path)
+                dfd = dirs.get(parent)
+                if dfd is None:
+                    dfd = dirs[parent] = os.open(parent,
+                                                 os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                fd = os.open(name, _OPEN, dir_fd=dfd)
                 fst = os.fstat(fd)
+                opened.append((path, fd, fst, None))
                 if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
                     raise RuntimeError(f"{path} was replaced")
+                if create and stat.S_ISREG(fst.st_mode) and any(
+                        op[0] == "chown" for op in per_file[path]):
+                    # the set: read what the chown will clear
+                    opened[-1] = (path, fd, fst, file_caps(fd))
+            # what an undo needs: the file, its inode, its owner and mode (+ capabilities)
+            os.write(jfd, "".join([
+                f"{path}\t{fst.st_dev}\t{fst.st_ino}\t{fst.st_uid}\t{fst.st_gid}\t"
+                f"{fst.st_mode:o}\t{caps.hex() if caps else ''}\n"
+                for path, _fd, fst, caps in opened]).encode())
+            os.fsync(jfd)
+            for path, fd, _fst, _caps in opened:
                 for op in per_file[path]:
                     if op[0] == "chown":
-                        if create and stat.S_ISREG(fst.st_mode) and (
-                                (op[2], op[3]) != (fst.st_uid, fst.st_gid)):
-                            file_caps(fd)  # the set: read what the chown will clear
                         os.fchown(fd, op[2], op[3])
                     elif op[0] == "set":
                         os.setxattr(fd, op[2], op[3])
                     else:
                         os.removexattr(fd, op[2])
-            finally:
+        finally:
+            for _path, fd, _fst, _caps in opened:
                 os.close(fd)
     for dfd in dirs.values():
         os.close(dfd)
@@ -358,8 +368,9 @@ def run(opts: Options) -> list[Table]:
         "safety floor: per file fstatat + openat(O_NOFOLLOW) + fstat (+ fgetxattr of the file "
         "capabilities before a chown of a regular file) + the changes on the fd + "
         f"close, directories opened once, journal created + one write and fsync per {BATCH} "
-        "files (set and restore each); 'vs raw' = vmconfine / the raw loop (by path, no "
-        "journal)",
+        "files (a line per file: path, inode, owner, mode, capabilities; set and restore "
+        "each); each timed part after a snapshot of the files, as vmconfine's; 'vs raw' = "
+        "vmconfine / the raw loop (by path, no journal)",
         "DAC never gives backing layers back (libvirt's rule: other domains may share them): "
         "those chowns are in 'raw set' but have no restore",
         "each driver's preflight (the DAC driver: QEMU's ids and groups) runs untimed before "

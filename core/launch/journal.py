@@ -40,7 +40,7 @@ import contextlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,21 @@ Entry = tuple[str, str, dict[str, Any]]
 #: field names, rows) of one group line
 _Chunk = list[dict[str, Any]] | tuple[dict[str, Any], tuple[str, ...], list[list[Any]]]
 
-_encode = json.JSONEncoder(sort_keys=True).encode
+
+
+def _make_encode() -> Callable[[Any], str]:
+    """``json.JSONEncoder(sort_keys=True).encode``, with the C encoder made once instead of
+    on every call (what ``encode`` sets up each time costs more than a short line)."""
+    encoder = json.JSONEncoder(sort_keys=True)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    chunks = make(None, encoder.default, json.encoder.encode_basestring_ascii, None, ": ",
+                  ", ", True, False, True)
+    return lambda obj: "".join(chunks(obj, 0))
+
+
+_encode = _make_encode()
 
 
 class Journal:

@@ -107,8 +107,7 @@ class Journal:
 
     def _write(self, text: str, chunks: list[_Chunk], durable: bool) -> None:
         fd = self._open()
-        if self._records is None:
-            self.records()  # load the cache from the file before these lines are added to it
+        self._load()  # the cache holds the file's records before these lines are added
         view = memoryview(text.encode())
         while view:
             view = view[os.write(fd, view):]
@@ -125,12 +124,11 @@ class Journal:
 
     def _settle(self) -> list[dict[str, Any]]:
         """The cache with every chunk of rows turned into records."""
-        if self._records is None:
-            self.records()
+        self._load()
         recs = self._records
         assert recs is not None
         for chunk in self._tail:
-            recs.extend(_rows_to_records(*chunk) if isinstance(chunk, tuple) else chunk)
+            recs.extend(rows_to_records(*chunk) if isinstance(chunk, tuple) else chunk)
         self._tail.clear()
         return recs
 
@@ -177,7 +175,7 @@ class Journal:
             return
         if self._overridden():
             for shared, rows in full:
-                for rec in _rows_to_records(shared, keys, rows):
+                for rec in rows_to_records(shared, keys, rows):
                     self.record(**rec)
             return
         self._write("".join([_encode({"group": keys, "rows": rows, "same": shared}) + "\n"
@@ -211,30 +209,55 @@ class Journal:
             os.fsync(self._fd)
         self._unsynced = False
 
+    def _load(self) -> None:
+        """Read the file into the cache (once): plain records as records, group lines with
+        shared fields as groups (read as records only when asked for)."""
+        if self._records is not None:
+            return
+        self._records, self._tail = [], []
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            text = ""
+        lines = text.splitlines()
+        plain: list[dict[str, Any]] = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                chunk = _as_group(obj)
+                if chunk is None:
+                    plain.extend(_expand(obj))
+            except (json.JSONDecodeError, _Corrupt):
+                # a torn final line from a crash mid-write: the changes it described were
+                # never made (records are written and synced before their changes)
+                if n == len(lines):
+                    break
+                raise LaunchError(
+                    f"{self.path}:{n}: corrupt journal line; inspect it, undo the listed "
+                    "changes by hand and delete the file"
+                ) from None
+            if chunk is not None:
+                if plain:
+                    self._tail.append(plain)
+                    plain = []
+                self._tail.append(chunk)
+        if plain:
+            if self._tail:
+                self._tail.append(plain)
+            else:
+                self._records.extend(plain)
+
     def records(self, driver: str | None = None, op: str | None = None) -> list[dict[str, Any]]:
         """Records in the order they were written, optionally filtered."""
-        if self._records is None:
-            self._records, self._tail = [], []
-            try:
-                text = self.path.read_text()
-            except FileNotFoundError:
-                text = ""
-            lines = text.splitlines()
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    self._records.extend(_expand(json.loads(line)))
-                except (json.JSONDecodeError, _Corrupt):
-                    # a torn final line from a crash mid-write: the changes it described were
-                    # never made (records are written and synced before their changes)
-                    if n == len(lines):
-                        break
-                    raise LaunchError(
-                        f"{self.path}:{n}: corrupt journal line; inspect it, undo the listed "
-                        "changes by hand and delete the file"
-                    ) from None
+        self._load()
+        if driver is not None and op is not None and self._tail:
+            # only the groups of driver/op are read as records (the cache keeps the rest)
+            return [rec for same, keys, rows in self.groups(driver, op)
+                    for rec in rows_to_records(same, keys, rows)]
         recs = self._settle() if self._tail else self._records
+        assert recs is not None
         if driver is None and op is None:
             return list(recs)
         return [
@@ -243,11 +266,34 @@ class Journal:
             if (driver is None or r.get("driver") == driver) and (op is None or r.get("op") == op)
         ]
 
+    def groups(self, driver: str, op: str,
+               ) -> list[tuple[dict[str, Any], tuple[str, ...], list[list[Any]]]]:
+        """The records of ``driver``/``op`` in the order they were written, as groups: (the
+        fields the group's records share, the names of the others, one row of values per
+        record). A record written on its own is a group of one: all its fields shared, one
+        empty row. Nothing is read as a record dict: for a caller that can decide on a whole
+        group (hundreds of records) at once."""
+        self._load()
+        out: list[tuple[dict[str, Any], tuple[str, ...], list[list[Any]]]] = []
+
+        def plain(recs: list[dict[str, Any]]) -> None:
+            out.extend((r, (), [[]]) for r in recs
+                       if r.get("driver") == driver and r.get("op") == op)
+
+        assert self._records is not None
+        plain(self._records)
+        for chunk in self._tail:
+            if isinstance(chunk, tuple):
+                if chunk[0]["driver"] == driver and chunk[0]["op"] == op:
+                    out.append(chunk)
+            else:
+                plain(chunk)
+        return out
+
     def count(self, driver: str, op: str) -> int:
         """How many records of ``driver``/``op`` there are (amortised O(1): no filtered copy;
         rows not read as records yet are counted by their group)."""
-        if self._records is None:
-            self.records()
+        self._load()
         recs = self._records
         assert recs is not None
         if recs is not self._counted_list or len(recs) < self._counted:
@@ -337,14 +383,30 @@ def _expand(obj: Any) -> list[dict[str, Any]]:
     for row in obj["rows"]:
         if not isinstance(row, list) or len(row) != len(keys):
             raise _Corrupt(str(row)[:80])
-    out = _rows_to_records(obj.get("same", {}), keys, obj["rows"])
+    out = rows_to_records(obj.get("same", {}), keys, obj["rows"])
     if out and "driver" not in out[0]:
         raise _Corrupt(str(obj)[:80])
     return out
 
 
-def _rows_to_records(same: dict[str, Any], keys: tuple[str, ...] | list[str],
-                     rows: list[list[Any]]) -> list[dict[str, Any]]:
+def _as_group(obj: Any) -> tuple[dict[str, Any], tuple[str, ...], list[list[Any]]] | None:
+    """A group line with shared fields (``driver`` and ``op`` among them) as a group of the
+    cache; None for any other line."""
+    if not (isinstance(obj, dict) and isinstance(obj.get("same"), dict)
+            and "driver" in obj["same"] and "op" in obj["same"]):
+        return None
+    keys, rows = obj.get("group"), obj.get("rows")
+    if not (isinstance(keys, list) and isinstance(rows, list)):
+        raise _Corrupt(str(obj)[:80])
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(keys):
+            raise _Corrupt(str(row)[:80])
+    return obj["same"], tuple(keys), rows
+
+
+def rows_to_records(same: dict[str, Any], keys: tuple[str, ...] | list[str],
+                    rows: list[list[Any]]) -> list[dict[str, Any]]:
+    """The records of one group (see :meth:`Journal.groups`)."""
     out = []
     for row in rows:
         rec = same.copy()

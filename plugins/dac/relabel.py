@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from vmconfine.domain.devices import find_device_seclabel
 from vmconfine.errors import LabelError, VmconfineError
+from vmconfine.launch.journal import rows_to_records
 from vmconfine_dac import owners
 from vmconfine_dac.fsops import (
     DirCache,
@@ -483,36 +484,31 @@ def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = 
     decrements of a batch are written with one fsync; the ``restored`` markers of a batch are
     written together after its changes (durable when this returns).
     """
-    done: set[str] = set()
-    remembered: dict[str, dict[str, Any]] = {}
-    intents: dict[str, dict[str, Any]] = {}
-    labelled: dict[str, int] = {}
-    chowns: list[dict[str, Any]] = []
-    for r in journal.records(DRIVER):
-        op = r["op"]
-        if op == "chown":
-            chowns.append(r)
-        elif op == "restored":
-            done.add(r["id"])
-        elif op == "remembered":
-            remembered[r["id"]] = r
-        elif op == "restore":
-            intents[r["id"]] = r
-        elif op == "labelled":
-            labelled[r["id"]] = r["ctime"]
+    done = {r["id"] for r in journal.records(DRIVER, "restored")}
+    remembered = {r["id"]: r for r in journal.records(DRIVER, "remembered")}
+    intents = {r["id"]: r for r in journal.records(DRIVER, "restore")}
+    labelled = {r["id"]: r["ctime"] for r in journal.records(DRIVER, "labelled")}
     todo: dict[str, dict[str, Any]] = {}
-    for r in chowns:  # one entry per id, even if a record was read back twice
-        if r["id"] not in done and (select is None or select(r)):
-            todo.setdefault(r["id"], r)
+    kept: dict[str, None] = {}  # ids of chowns that are never undone (in order, once each)
+    for same, keys, rows in journal.groups(DRIVER, "chown"):
+        if select is None and same.get("restore") is False and keys[:1] == ("id",):
+            # a whole group never undone (the layers of a backing chain): no record dicts
+            kept.update((row[0], None) for row in rows if row[0] not in done)
+            continue
+        for r in rows_to_records(same, keys, rows):
+            # one entry per id, even if a record was read back twice
+            if r["id"] not in done and (select is None or select(r)):
+                if r["restore"]:
+                    todo.setdefault(r["id"], r)
+                else:
+                    kept[r["id"]] = None
     problems: list[str] = []
     # shared, readonly and backing images: other domains may still use them
-    journal.note_rows(DRIVER, "restored", ("id",),
-                      [[rid] for rid, rec in todo.items() if not rec["restore"]],
-                      same={"how": "kept"})
+    journal.note_rows(DRIVER, "restored", ("id",), [[rid] for rid in kept], same={"how": "kept"})
     batch: list[dict[str, Any]] = []
     inodes: set[tuple[Any, Any]] = set()
     with DirCache() as dirs:
-        for rec in reversed([rec for rec in todo.values() if rec["restore"]]):
+        for rec in reversed(list(todo.values())):
             key = (rec.get("dev"), rec.get("ino"))
             if len(batch) >= BATCH or key in inodes:
                 _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems)

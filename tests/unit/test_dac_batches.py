@@ -223,3 +223,29 @@ def test_a_directory_swapped_after_it_was_opened_redirects_nothing(
     monkeypatch.undo()
     assert swapped and owner(decoy) == (1500, 1500) and xattrs(decoy) == {}
     assert owner(d / "sub.moved" / "second.img") == qemu_ids()
+
+
+def test_a_chain_restored_by_a_fresh_process_marks_each_layer_kept_once(d: Path) -> None:
+    """The chain's layers share one group line of chown rows; a restore from the journal file
+    alone gives the top image back, marks every never-undone layer kept once, and a second
+    restore writes nothing."""
+    chain, layers = _chain(d, "k", 40)
+    before = snapshot(layers)
+    host = host_for(d)
+    drv, ctx = prepared(host, domain_xml("kept", chain))
+    drv.set_all_labels(ctx)
+    ctx.journal.close()
+    groups = Journal(ctx.journal.path).groups("dac", "chown")
+    assert [len(rows) for _same, _keys, rows in groups] == [1, 39]
+    assert groups[1][0]["role"] == "backing" and groups[1][0]["restore"] is False
+    _drv2, ctx2 = prepared(host, domain_xml("kept", chain))
+    drv.restore_all_labels(ctx2)
+    assert snapshot(layers[:1]) == {str(layers[0]): before[str(layers[0])]}
+    assert all(owner(f) == qemu_ids() for f in layers[1:])  # backing layers: kept (libvirt)
+    restored = ops(ctx2, "restored")
+    assert sorted(r["id"] for r in restored) == sorted(r["id"] for r in ops(ctx2, "chown"))
+    assert sum(r["how"] == "kept" for r in restored) == 39
+    text = ctx2.journal.path.read_text()
+    _drv3, ctx3 = prepared(host, domain_xml("kept", chain))
+    drv.restore_all_labels(ctx3)
+    assert ctx3.journal.path.read_text() == text

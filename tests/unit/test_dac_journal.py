@@ -116,3 +116,50 @@ def test_a_journal_that_keeps_records_its_own_way_gets_every_batch() -> None:
     assert seen == [("chown", "a"), ("chown", "b"), ("remembered", "a"), ("restored", "a")]
     assert j.count("dac", "chown") == 2
     assert not j.path.exists()
+
+
+def test_groups_of_rows_one_fsync_read_back_in_order(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """record_groups: one write and one fsync for every group, one line per group with the
+    shared fields once; read back (here and by a fresh process) as one record per row, in the
+    order written among plain records; groups() hands them over without a record per row."""
+    j = Journal(tmp_path / "d.journal")
+    j.record("pipeline", "begin")
+    fsyncs = _fsyncs(monkeypatch)
+    chain = [[f"id{i}", f"/img/l{i}", 0] for i in range(50)]
+    j.record_groups("dac", "chown", ("id", "path", "uid"),
+                    [({"role": "disk", "restore": True}, [["top", "/img/top", 7]]),
+                     ({"role": "backing", "restore": False}, chain)])
+    assert len(fsyncs) == 1
+    j.note_rows("dac", "restored", ("id",), [["id0"], ["id1"]], same={"how": "kept"})
+    j.note("dac", "remembered", id="top", ref=1)
+    lines = j.path.read_text().splitlines()
+    assert len(lines) == 5 and json.loads(lines[2])["same"] == {
+        "driver": "dac", "op": "chown", "role": "backing", "restore": False}
+    assert j.count("dac", "chown") == 51 and j.count("dac", "restored") == 2
+    for reader in (j, Journal(j.path)):
+        groups = reader.groups("dac", "chown")
+        assert [len(rows) for _same, _keys, rows in groups] == [1, 50]
+        assert groups[1][0]["restore"] is False and groups[1][1] == ("id", "path", "uid")
+        assert reader.groups("dac", "remembered") == [
+            ({"driver": "dac", "op": "remembered", "id": "top", "ref": 1}, (), [[]])]
+        recs = reader.records()
+        assert [r["op"] for r in recs] == ["begin"] + ["chown"] * 51 + ["restored"] * 2 + [
+            "remembered"]
+        assert recs[2] == {"driver": "dac", "op": "chown", "role": "backing", "restore": False,
+                           "id": "id0", "path": "/img/l0", "uid": 0}
+        assert reader.records("dac", "restored") == [
+            {"driver": "dac", "op": "restored", "how": "kept", "id": f"id{i}"} for i in (0, 1)]
+
+
+def test_a_torn_group_line_with_shared_fields_is_dropped(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "d.journal")
+    j.record("pipeline", "begin")
+    j.record_rows("dac", "chown", ("id",), [[str(i)] for i in range(20)], same={"role": "x"})
+    j.close()
+    text = j.path.read_text()
+    j.path.write_text(text[:-15])  # the process died while writing the group
+    fresh = Journal(j.path)
+    assert [r["op"] for r in fresh.records()] == ["begin"] and fresh.groups("dac", "chown") == []
+    fresh.record("pipeline", "end")  # appended after the cut, not glued onto the torn line
+    assert [r["op"] for r in Journal(j.path).records()] == ["begin", "end"]

@@ -378,22 +378,8 @@ def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names,
             info: bool) -> None:
     """Remember the owner (when wanted) and chown one file whose record is durable
     (``info``: log the change)."""
-    h, p, st = it.handle, it.plan, it.st
+    h, p, res, st = it.handle, it.plan, it.res, it.st
     assert st is not None
-    if not (it.remember or p.mode_add):
-        if st.st_uid == p.uid and st.st_gid == p.gid:
-            return
-        if info:
-            log.info("dac: setting owner of %s to %s", h.name, format_label(p.uid, p.gid))
-        try:
-            h.chown(p.uid, p.gid)
-        except OSError as exc:
-            _chown_failed(journal, it.rid, it.res, st, p, ident, exc)
-            return
-        if it.fcaps or st.st_mode & 0o6000:
-            _note_labelled(journal, it)
-        return
-    res = it.res
     if it.remember:
         ref = owners.remember(h, names, st.st_uid, st.st_gid, it.seen, it.fcaps)
         journal.note(DRIVER, "remembered", id=it.rid, ref=ref)

@@ -489,19 +489,21 @@ def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = 
                 else:
                     kept[r["id"]] = None
     problems: list[str] = []
-    # shared, readonly and backing images: other domains may still use them
-    journal.note_rows(DRIVER, "restored", ("id",), [[rid] for rid in kept], same={"how": "kept"})
+    # shared, readonly and backing images (other domains may still use them): marked with the
+    # first batch's markers
+    markers: list[list[str]] = [[rid, "kept"] for rid in kept]
     batch: list[dict[str, Any]] = []
     inodes: set[tuple[Any, Any]] = set()
     with DirCache() as dirs:
         for rec in reversed(list(todo.values())):
             key = (rec.get("dev"), rec.get("ino"))
             if len(batch) >= BATCH or key in inodes:
-                _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems)
-                batch, inodes = [], set()
+                _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems,
+                               markers)
+                batch, inodes, markers = [], set(), []
             batch.append(rec)
             inodes.add(key)
-        _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems)
+        _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems, markers)
     journal.sync()
     return problems
 
@@ -522,10 +524,12 @@ class _Undo:
 
 def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]],
                    remembered: dict[str, dict[str, Any]], intents: dict[str, dict[str, Any]],
-                   labelled: dict[str, int], problems: list[str]) -> None:
-    if not batch:
+                   labelled: dict[str, int], problems: list[str],
+                   markers: list[list[str]]) -> None:
+    """Undo ``batch``; its ``restored`` markers are added to ``markers`` (which may hold
+    others already) and all written together at the end (the journal keeps the list)."""
+    if not batch and not markers:
         return
-    markers: list[list[str]] = []
     items: list[_Undo] = []
 
     def mark(rid: str, how: str) -> None:

@@ -143,7 +143,7 @@ class DirCache:
         """An O_PATH fd of ``directory`` (resolved), opened without following any symlink."""
         fd = self._fds.get(directory)
         if fd is None:
-            fd = _open_nofollow(directory, directory=True)
+            fd = _open_resolved_dir(directory)
             self._add_fd(directory, fd)
         return fd
 
@@ -162,6 +162,29 @@ class DirCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_resolved_dir(directory: str) -> int:
+    """An O_PATH fd of ``directory`` (absolute, already resolved), reached through no symlink.
+
+    The kernel opens it and ``/proc/self/fd`` names what it opened: when that is ``directory``
+    itself, the fd is the directory at that path (a symlink on the way would have led to
+    another name), found with two system calls. Otherwise (a symlink or a swap on the way,
+    no /proc) the component walk of :func:`_open_nofollow` decides, and refuses.
+    """
+    if directory.startswith("/"):
+        try:
+            fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") == directory:
+                    return fd
+            except OSError:
+                pass
+            os.close(fd)
+    return _open_nofollow(directory, directory=True)
 
 
 def _open_nofollow(path: str, *, directory: bool = False) -> int:

@@ -99,9 +99,22 @@ class DirCache:
 
     def resolve(self, path: str) -> Resolved:
         """:func:`resolve`, with the directory part resolved (and opened) once per operation."""
+        return self._lookup(path)[0]
+
+    def open(self, path: str, want_lock: bool) -> tuple[Resolved, FileHandle]:
+        """:meth:`resolve`, then :meth:`FileHandle.open` (``lock=False``) of what it resolved:
+        the same checks in the same order, the directory looked up once for both."""
+        res, dfd, name = self._lookup(path)
+        if dfd < 0:
+            return res, FileHandle.open(res, want_lock=want_lock, dirs=self, lock=False)
+        return res, FileHandle.open_at(res, dfd, name, want_lock)
+
+    def _lookup(self, path: str) -> tuple[Resolved, int, str]:
+        """The resolved path, and the fd of its directory and its name in it when the file was
+        resolved relative to that fd (else -1 and "")."""
         head, sep, name = path.rpartition("/")
         if not sep or name in _NOT_NAMES:
-            return resolve(path)
+            return resolve(path), -1, ""
         head = head or "/"
         real = self._real.get(head)
         if real is None:
@@ -110,10 +123,10 @@ class DirCache:
         if dfd is not None:  # relative to the directory already opened (and checked)
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         else:
-            st = os.stat(real[1] + name, follow_symlinks=False)
+            st, dfd = os.stat(real[1] + name, follow_symlinks=False), -1
         if stat.S_ISLNK(st.st_mode):  # the file itself is a symlink: resolve it in full
-            return resolve(path)
-        return Resolved(path, real[1] + name, st.st_dev, st.st_ino, st.st_mode)
+            return resolve(path), -1, ""
+        return Resolved(path, real[1] + name, st.st_dev, st.st_ino, st.st_mode), dfd, name
 
     def _resolve_dir(self, head: str) -> tuple[str, str]:
         """Resolve the directory ``head`` (following its symlinks, as ``realpath`` does) by
@@ -162,6 +175,16 @@ class DirCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _swapped(res: Resolved, exc: OSError) -> Exception:
+    """What an open failing with ``exc`` raises: ELOOP and ENOTDIR mean a directory on the
+    way became a symlink (:class:`SwappedError`); anything else as it is."""
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return SwappedError(
+            f"{res.path}: a directory on the way to {res.resolved} became a symlink while it "
+            "was being labelled; refusing to change its owner")
+    return exc
 
 
 def _open_resolved_dir(directory: str) -> int:
@@ -248,12 +271,7 @@ class FileHandle:
             else:
                 handle = cls._open_path(res, _open_nofollow(res.resolved), want_lock)
         except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise SwappedError(
-                    f"{res.path}: a directory on the way to {res.resolved} became a symlink "
-                    "while it was being labelled; refusing to change its owner"
-                ) from None
-            raise
+            raise _swapped(res, exc) from None
         if lock:
             try:
                 handle.lock()
@@ -263,6 +281,17 @@ class FileHandle:
         return handle
 
     @classmethod
+    def open_at(cls, res: Resolved, dfd: int, name: str, want_lock: bool) -> FileHandle:
+        """:meth:`open` (``lock=False``) of ``name`` in the directory fd ``dfd`` that ``res``
+        was resolved in (:meth:`DirCache.open`)."""
+        if after_resolve_hook is not None:
+            after_resolve_hook(res.path, res.resolved)
+        try:
+            return cls._open_at(dfd, name, res, want_lock)
+        except OSError as exc:
+            raise _swapped(res, exc) from None
+
+    @classmethod
     def _open_in(cls, dirs: DirCache, res: Resolved, want_lock: bool) -> FileHandle:
         head, _sep, name = res.resolved.rpartition("/")
         if name in _NOT_NAMES:
@@ -270,6 +299,10 @@ class FileHandle:
         dfd = dirs._fds.get(head or "/")
         if dfd is None:
             dfd = dirs.dir_fd(head or "/")
+        return cls._open_at(dfd, name, res, want_lock)
+
+    @classmethod
+    def _open_at(cls, dfd: int, name: str, res: Resolved, want_lock: bool) -> FileHandle:
         mode = res.mode or os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
         if stat.S_ISREG(mode):
             for flags in _LOCK_MODES if want_lock else _READ_MODES:

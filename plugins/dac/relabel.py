@@ -210,16 +210,27 @@ def apply(ctx: DomainContext, plans: list[Plan], ident: Identity) -> list[str]:
     with DirCache() as dirs:
         try:
             for p in plans:
-                res = _resolve(dirs, p)
-                if res is None:
-                    continue
-                key = (res.dev, res.ino)
-                if len(batch) >= BATCH or key in inodes:
+                if len(batch) >= BATCH:
                     _run_batch(journal, batch, ident, names, prefix)
                     _close(batch, changed)
                     inodes.clear()
                 want = remember_on and p.remember
-                handle = FileHandle.open(res, want_lock=want, dirs=dirs, lock=False)
+                opened = _open(dirs, p, want)
+                if opened is None:
+                    continue
+                res, handle = opened
+                key = (res.dev, res.ino)
+                if key in inodes:
+                    # the batch holds this file already: it goes first; this handle's check
+                    # stat predates that batch's change, so the file is read again
+                    try:
+                        _run_batch(journal, batch, ident, names, prefix)
+                        _close(batch, changed)
+                    except BaseException:
+                        handle.close()
+                        raise
+                    inodes.clear()
+                    handle.opened_stat = None
                 batch.append(_Item(p, res, handle, want))
                 inodes.add(key)
             _run_batch(journal, batch, ident, names, prefix)
@@ -278,10 +289,11 @@ def _close(batch: list[_Item], changed: list[str] | None = None) -> None:
         batch.clear()
 
 
-def _resolve(dirs: DirCache, p: Plan) -> Resolved | None:
-    """The plan's file, resolved; None for a missing file QEMU creates itself."""
+def _open(dirs: DirCache, p: Plan, want_lock: bool) -> tuple[Resolved, FileHandle] | None:
+    """The plan's file, resolved and opened (not locked yet); None for a missing file QEMU
+    creates itself."""
     try:
-        return dirs.resolve(p.path)
+        return dirs.open(p.path, want_lock)
     except FileNotFoundError:
         if p.create:
             log.debug("dac: %s does not exist yet; QEMU creates it", p.path)
@@ -289,7 +301,7 @@ def _resolve(dirs: DirCache, p: Plan) -> Resolved | None:
         raise LabelError(f"cannot give {p.path} to QEMU: no such file or directory; fix "
                          "the path in the domain XML") from None
     except OSError as exc:
-        raise LabelError(f"cannot resolve {p.path}: {exc.strerror}") from None
+        raise LabelError(f"cannot resolve or open {p.path}: {exc.strerror}") from None
 
 
 class _RecordIds:

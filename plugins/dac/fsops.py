@@ -464,4 +464,4 @@ class FileHandle:
                 raise
 
     def listxattr(self) -> list[str]:
-        return os.listxattr(self._target)
+        return os.listxattr(self._io_fd if self._io_fd is not None else self._target)

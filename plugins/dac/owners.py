@@ -38,8 +38,12 @@ FCAPS = "security.capability"
 
 
 def file_caps(h: FileHandle) -> bytes | None:
-    """The file capabilities of ``h`` (None: none, or a file system without xattrs)."""
+    """The file capabilities of ``h`` (None: none, or a file system without xattrs). The names
+    are listed first: the usual answer, "none", then costs no ENODATA error (a third of the
+    time of ``getxattr`` failing)."""
     try:
+        if FCAPS not in h.listxattr():
+            return None
         return h.getxattr(FCAPS)
     except OSError as exc:
         if exc.errno in UNSUPPORTED:

@@ -3,7 +3,8 @@
 Parent, before fork (``set_all_labels``): plan the domain's cgroup in every hierarchy it uses
 (:mod:`.placement`), create the directories, then install the device rules
 (:mod:`.rules`) through the chosen backend: v1 ``devices.deny``/``devices.allow`` (:mod:`.v1`)
-or a cgroup v2 BPF program (:mod:`.bpf`). Child (``child_cgroup``): join every directory.
+or a cgroup v2 BPF program (:mod:`.bpf`). Child (``child_cgroup``): join every v1 directory
+(``tasks``); QEMU's process is created in the v2 one (``spawn_cgroup``).
 After exec (``verify_process``): the pid's cgroups and the rules the kernel holds are read
 back. Hotplug hooks add or drop one device's rules and re-apply at once. Teardown
 (``restore_all_labels``) is driven by the journal only, so a fresh process can finish it.
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine_cgroups import bpf, placement, report, v1, warm
+from vmconfine_cgroups import bpf, placement, report, v1
 from vmconfine_cgroups.rules import (
     DeviceRule,
     chardev_origin,
@@ -277,13 +278,6 @@ class CgroupsDriver:
             self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
                          cpuset="cpuset" in plan.controllers[mount])
         self._apply(ctx, rules, journaled=True)
-        # the child moves itself into these groups a few milliseconds from now: start the
-        # kernel's wait for the migration lock (:mod:`.warm`). Not earlier: the warm-up holds
-        # cgroup_mutex while it waits, and the mkdirs and the BPF attach above need it too
-        # (a warm-up at preflight made them wait: measured, worse in sum)
-        if plan.dirs:
-            mount = next(iter(plan.dirs))
-            warm.warm_up(mount, None if mount == self.hier.v2 else plan.controllers[mount][0])
 
     @staticmethod
     def _clear_leftover(ctx: DomainContext, leaf: str) -> None:
@@ -481,13 +475,30 @@ class CgroupsDriver:
 
     # ---- child and after exec -----------------------------------------------------------------
     @hookimpl
+    def spawn_cgroup(self, ctx: DomainContext) -> int | None:
+        """The v2 group, for QEMU's process to be created in (``CLONE_INTO_CGROUP``)."""
+        plan: Plan | None = self._state(ctx).get("plan")
+        leaf = plan.dirs.get(self.hier.v2) if plan is not None and self.hier.v2 else None
+        if leaf is None:
+            return None
+        try:
+            return os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DriverError(f"cannot open cgroup {leaf}: {_strerror(exc)}") from exc
+
+    @hookimpl
     def child_cgroup(self, ctx: DomainContext) -> None:
+        """Join every v1 group through its ``tasks`` file (the child has one thread: the
+        same membership as ``cgroup.procs``, without the kernel's migration lock); the v2
+        group is the one the process was created in (``spawn_cgroup``)."""
         plan: Plan | None = self._state(ctx).get("plan")
         if plan is None:
             return
-        for leaf in plan.dirs.values():
+        for mount, leaf in plan.dirs.items():
+            if mount == self.hier.v2:
+                continue
             try:
-                v1.add_self(leaf)
+                v1.add_thread(leaf)
             except OSError as exc:
                 raise DriverError(f"cannot move QEMU into cgroup {leaf}: {_strerror(exc)}"
                                   ) from exc
@@ -495,7 +506,7 @@ class CgroupsDriver:
     @hookimpl
     def child_helper(self, ctx: DomainContext, helper: Helper, step: str) -> None:
         """A helper (swtpm) joins the domain's cgroup, as libvirt's
-        ``qemuExtDevicesSetupCgroup`` moves it there."""
+        ``qemuExtDevicesSetupCgroup`` moves it there (created in the v2 group as QEMU)."""
         if step == "child_cgroup":
             self.child_cgroup(ctx)
 

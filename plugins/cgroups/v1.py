@@ -16,6 +16,7 @@ from pathlib import Path
 from vmconfine_cgroups.rules import DeviceRule, effective
 
 PROCS = "cgroup.procs"
+TASKS = "tasks"
 
 
 def write(path: str | Path, value: str) -> None:
@@ -43,6 +44,14 @@ def procs(cgroup_dir: str) -> list[int]:
 def add_self(cgroup_dir: str) -> None:
     """Move the calling process into ``cgroup_dir`` ("0" = the writer)."""
     write(Path(cgroup_dir, PROCS), "0")
+
+
+def add_thread(cgroup_dir: str) -> None:
+    """Move the calling thread into the v1 group ``cgroup_dir`` (``tasks``, "0" = the writer).
+    For a single-threaded process (a forked child) that is the whole process; unlike a write
+    of ``cgroup.procs``, the kernel does not take its global migration lock for it (whose
+    first writer waits for an RCU grace period)."""
+    write(Path(cgroup_dir, TASKS), "0")
 
 
 def add_pid(cgroup_dir: str, pid: int) -> None:

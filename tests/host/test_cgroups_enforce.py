@@ -20,6 +20,7 @@ import pytest
 import vmconfine_cgroups
 from tests.support import make_ctx, make_host, require, require_binary, require_root
 from vmconfine.errors import DriverError
+from vmconfine.launch import respawn
 from vmconfine_cgroups import bpf, placement, v1
 from vmconfine_cgroups.driver import CgroupsDriver
 
@@ -74,6 +75,10 @@ class Probe:
                 os.close(cmd_w)
                 os.close(res_r)
                 try:
+                    v2_dir = drv.spawn_cgroup(ctx=ctx)
+                    if v2_dir is not None:  # the v2 group, joined as the pipeline's fallback
+                        respawn.join(v2_dir)
+                        os.close(v2_dir)
                     drv.child_cgroup(ctx=ctx)
                     os.write(res_w, b"ok\n")
                 except BaseException as exc:

@@ -273,11 +273,39 @@ class CgroupsDriver:
                     recorded.add(path)
                     entries.append((NAME, "mkdir", {"path": path, "leaf": path == leaf}))
         entries.append((NAME, "rules", {"backend": plan.devices, "rules": rules_to_json(rules)}))
-        ctx.journal.record_many(entries)
-        for mount, leaf in plan.dirs.items():
-            self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
-                         cpuset="cpuset" in plan.controllers[mount])
-        self._apply(ctx, rules, journaled=True)
+        # the v2 program is loaded first (a loaded program changes nothing on the host), so
+        # its attach joins the same commit
+        loaded = self._preload(plan, rules)
+        if loaded is not None:
+            entries.append((NAME, "bpf-attach", {"cgroup": plan.devices_dir,
+                                                 "prog_id": loaded[1].id,
+                                                 "tag": loaded[1].tag, "replaces": None}))
+        try:
+            ctx.journal.record_many(entries)
+            for mount, leaf in plan.dirs.items():
+                self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
+                             cpuset="cpuset" in plan.controllers[mount])
+        except BaseException:
+            if loaded is not None:
+                os.close(loaded[0])
+            raise
+        self._apply(ctx, rules, journaled=True, loaded=loaded)
+
+    @staticmethod
+    def _preload(plan: Plan, rules: list[DeviceRule]) -> tuple[int, bpf.ProgInfo] | None:
+        """The v2 device program loaded ahead of its journal record: (fd, info), or None when
+        there is none or loading failed (the usual path then loads it again and reports)."""
+        if plan.devices != "v2" or plan.devices_dir is None:
+            return None
+        try:
+            fd = bpf.prog_load(bpf.assemble(rules))
+        except bpf.BpfError:
+            return None
+        try:
+            return fd, bpf.prog_info(fd)
+        except bpf.BpfError:
+            os.close(fd)
+            return None
 
     @staticmethod
     def _clear_leftover(ctx: DomainContext, leaf: str) -> None:
@@ -337,13 +365,16 @@ class CgroupsDriver:
         st["plan"].reason = why
 
     def _apply(self, ctx: DomainContext, new: list[DeviceRule], *,
-               journaled: bool = False) -> None:
+               journaled: bool = False, loaded: tuple[int, bpf.ProgInfo] | None = None) -> None:
         """Make ``new`` the rule set in force (first install or a hotplug change).
         ``journaled``: the first install, whose ``rules`` record went into
-        :meth:`set_all_labels`' group commit."""
+        :meth:`set_all_labels`' group commit, with the ``bpf-attach`` of the program
+        ``loaded`` (fd, taken over here) when there is one."""
         st = self._state(ctx)
         plan: Plan | None = st.get("plan")
-        if plan is None:
+        if plan is None or (loaded is not None and plan.devices != "v2"):
+            if loaded is not None:
+                os.close(loaded[0])
             return
         old: list[DeviceRule] = st.get("rules", [])
         if journaled:
@@ -359,7 +390,7 @@ class CgroupsDriver:
         if plan.devices == "v1":
             self._apply_v1(ctx, plan.devices_dir, old, new, first=first)
         else:
-            self._attach(ctx, plan.devices_dir, new, st.get("prog_id"))
+            self._attach(ctx, plan.devices_dir, new, st.get("prog_id"), loaded)
 
     def _apply_v1(self, ctx: DomainContext, cg: str, old: list[DeviceRule],
                   new: list[DeviceRule], *, first: bool) -> None:
@@ -384,21 +415,29 @@ class CgroupsDriver:
                               f"{'; '.join(problems)}")
 
     def _attach(self, ctx: DomainContext, cg: str, rules: list[DeviceRule],
-                old_id: int | None) -> None:
-        program = bpf.assemble(rules)
+                old_id: int | None, loaded: tuple[int, bpf.ProgInfo] | None = None) -> None:
+        """Load and attach the program of ``rules`` (``loaded``: already loaded, its
+        ``bpf-attach`` journaled)."""
+        if loaded is not None:
+            fd = loaded[0]
+        else:
+            try:
+                fd = bpf.prog_load(bpf.assemble(rules))
+            except bpf.BpfError as exc:
+                if exc.errno in (errno.EPERM, errno.EACCES) and old_id is None:
+                    self._unfiltered(ctx, f"BPF_PROG_LOAD: {_strerror(exc)}")
+                    return
+                raise DriverError(
+                    f"cannot load the device BPF program for {cg}: {_strerror(exc)}"
+                    f"{'; verifier: ' + exc.verifier_log if exc.verifier_log else ''}"
+                ) from exc
         try:
-            fd = bpf.prog_load(program)
-        except bpf.BpfError as exc:
-            if exc.errno in (errno.EPERM, errno.EACCES) and old_id is None:
-                self._unfiltered(ctx, f"BPF_PROG_LOAD: {_strerror(exc)}")
-                return
-            raise DriverError(f"cannot load the device BPF program for {cg}: {_strerror(exc)}"
-                              f"{'; verifier: ' + exc.verifier_log if exc.verifier_log else ''}"
-                              ) from exc
-        try:
-            info = bpf.prog_info(fd)
-            ctx.journal.record(NAME, "bpf-attach", cgroup=cg, prog_id=info.id, tag=info.tag,
-                               replaces=old_id)
+            if loaded is not None:
+                info = loaded[1]
+            else:
+                info = bpf.prog_info(fd)
+                ctx.journal.record(NAME, "bpf-attach", cgroup=cg, prog_id=info.id,
+                                   tag=info.tag, replaces=old_id)
             self._attach_fd(cg, fd, old_id)
         except bpf.BpfError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES) and old_id is None:

@@ -394,3 +394,15 @@ def test_eperm_on_devices_warns_or_fails(tmp_path: Path, monkeypatch: pytest.Mon
             env.driver().set_all_labels(ctx=strict)
     finally:
         env.cleanup()
+
+
+def test_a_program_the_verifier_refuses_is_reported_with_its_log() -> None:
+    """The load without the verifier's log (the fast path) is retried with it on refusal."""
+    require_root()
+    ok, why, _ = bpf.available()
+    require(ok, why)
+    exit_only = bytes([0x95, 0, 0, 0, 0, 0, 0, 0])  # exit with r0 never set
+    with pytest.raises(bpf.BpfError) as err:
+        bpf.prog_load(exit_only)
+    assert err.value.errno == errno.EACCES
+    assert "R0 !read_ok" in err.value.verifier_log

@@ -127,14 +127,20 @@ def open_passed(journal: Journal, passed: Iterable[PassedFd]) -> PreOpened:
     helper channels are left out): what :func:`open_all` does for one kind; also what a caller
     that runs QEMU by itself uses (tests, benchmarks)."""
     out = PreOpened()
+    wanted = [p for p in passed if p.kind not in (NETFD, CONNECTED)]  # taps, vhost-net
+    # (launch.netdev) and helper channels (launch.swtpm) are opened elsewhere
+    sockets = [p for p in wanted if p.kind != FDSET]
+    # every socket is checked and journaled first, with one fsync (a record of a socket
+    # never bound costs teardown one lstat: its path was free, or a stale socket bind removes)
+    stale = {p.path: _stale_socket(p.path, "chardev") for p in sockets}
+    if sockets:
+        journal.record_many([("pipeline", "socket", {"path": p.path}) for p in sockets])
     try:
-        for p in passed:
-            if p.kind in (NETFD, CONNECTED):
-                continue  # taps, vhost-net (launch.netdev) and helper channels (launch.swtpm)
+        for p in wanted:
             if p.kind == FDSET:
                 out.fds[p.name] = open_file(journal, p)
             else:
-                s = listen(journal, p.path)
+                s = _bind(journal, p.path, stale[p.path])
                 out.sockets.append(s)
                 out.fds[p.name] = s.fileno()
     except BaseException:
@@ -212,6 +218,11 @@ def listen(journal: Journal, path: str) -> socket.socket:
     """A listening unix socket at ``path``, mode :data:`SOCKET_MODE`, journaled."""
     st = _stale_socket(path, "chardev")
     journal.record("pipeline", "socket", path=path)
+    return _bind(journal, path, st)
+
+
+def _bind(journal: Journal, path: str, st: os.stat_result | None) -> socket.socket:
+    """:func:`listen` after its ``socket`` record (``st``: the stale socket found there)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if st is not None:

@@ -104,12 +104,17 @@ def fork_exec(argv: list[str], env: dict[str, str], fds: list[int], log_fd: int,
         with contextlib.suppress(Exception):  # closed or None: nothing buffered to duplicate
             stream.flush()
     pid = -1
-    if groups:
-        with contextlib.suppress(OSError):  # refused, or other threads: forked as usual
-            pid = respawn.spawn_into(groups[0])
-            os.close(groups.pop(0))  # the child was born in it
-    if pid < 0:
-        pid = os.fork()
+    try:
+        if groups:
+            with contextlib.suppress(OSError):  # refused, or other threads: forked as usual
+                pid = respawn.spawn_into(groups[0])
+                os.close(groups.pop(0))  # the child was born in it
+        if pid < 0:
+            pid = os.fork()
+    except BaseException:  # a signal handler's exception (^C), before any child exists
+        for fd in (null_fd, err_r, err_w, pid_r, pid_w, go_r, go_w, log_fd, *groups):
+            os.close(fd)
+        raise
     if pid == 0:  # ---- child ----
         try:
             for fd in (err_r, pid_r, go_w):

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_SIGNALS = tuple(int(s) for s in signal.valid_signals())
 
 
 def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
@@ -203,10 +204,10 @@ def _child(run_step: Callable[[str], None], argv: list[str], env: dict[str, str]
            fds: list[int], log_fd: int, null_fd: int, parent_pid: int,
            outlive: bool, pid_w: int, go_r: int, groups: list[int]) -> None:
     """In the forked child: apply the confinement in libvirt's order, then exec."""
-    for sig in signal.valid_signals():  # QEMU starts with default dispositions, no mask
+    for sig in _SIGNALS:  # QEMU starts with default dispositions, no mask
         with contextlib.suppress(OSError, ValueError):
             signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    respawn.set_signal_mask(signal.SIG_SETMASK, respawn.NO_SIGNALS)
     os.setsid()  # a terminal's ^C goes to vmconfine, which asks the guest to power off
     os.dup2(null_fd, 0)
     os.dup2(log_fd, 1)

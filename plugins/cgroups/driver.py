@@ -250,12 +250,12 @@ class CgroupsDriver:
     # ---- set up -------------------------------------------------------------------------------
     @hookimpl
     def preflight(self, ctx: DomainContext) -> None:
-        self.plan(ctx)
+        ctx.driver_state(NAME)["planned"] = self.plan(ctx)  # set_all_labels uses it
 
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:
-        plan = self.plan(ctx)
         st = ctx.driver_state(NAME)
+        plan = st.pop("planned", None) or self.plan(ctx)
         st.update(plan=plan, rules=[], prog_id=None)
         for leaf in plan.dirs.values():
             self._clear_leftover(ctx, leaf)

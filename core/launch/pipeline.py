@@ -330,11 +330,12 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         prepare_nvram(domain, reset=reset_nvram)
         stack.preflight(ctx)
         checkpoint("preflight")
-        _make_runtime_dirs(ctx)
+        # the listening sockets are journaled with the directories (one fsync)
+        _make_runtime_dirs(ctx, preopen.socket_records(command))
         spice = spice_graphics(domain)
         if spice is not None and spice.socket and not spice.socket_generated:
             preopen.clear_qemu_socket(journal, spice.socket)
-        preopened = preopen.open_all(stack, ctx, command)
+        preopened = preopen.open_all(stack, ctx, command, journaled=True)
         checkpoint("sockets")
         try:
             stack.set("set_all_labels", ctx)
@@ -438,7 +439,10 @@ def _begin(conn: Connection, domain: Domain, *,
     return lock, journal, domain_id
 
 
-def _make_runtime_dirs(ctx: DomainContext) -> None:
+def _make_runtime_dirs(ctx: DomainContext,
+                       also: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """The domain's run and lib directories (and its hugepage one), journaled together with
+    ``also`` (records of changes that follow)."""
     inst = ctx.instance
     huge = hugepage_dir(ctx.domain, inst.config)
     if huge is not None:  # <mount>/vmconfine stays, as libvirt's <mount>/libvirt/qemu
@@ -448,7 +452,7 @@ def _make_runtime_dirs(ctx: DomainContext) -> None:
     for d in dirs:
         if d.exists():
             shutil.rmtree(d)
-    ctx.journal.record_many([("pipeline", "mkdir", {"path": str(d)}) for d in dirs])
+    ctx.journal.record_many([("pipeline", "mkdir", {"path": str(d)}) for d in dirs] + also)
     for d in dirs:
         d.mkdir(mode=0o750, parents=True)
 

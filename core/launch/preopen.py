@@ -36,7 +36,7 @@ import socket
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import LaunchError
 from vmconfine.launch import netdev
@@ -93,8 +93,17 @@ class PreOpened:
         return None
 
 
-def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpened:
+def socket_records(command: QemuCommand) -> list[tuple[str, str, dict[str, Any]]]:
+    """The ``socket`` records of every listening socket :func:`open_all` will create, for a
+    caller that journals them ahead with its own (``open_all(..., journaled=True)``)."""
+    return [("pipeline", "socket", {"path": p.path}) for p in command.passed
+            if p.kind in (LISTEN, QMP)]
+
+
+def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand, *,
+             journaled: bool = False) -> PreOpened:
     """Create every listening socket and open every file ``command`` passes as an fd.
+    ``journaled``: the sockets' records (:func:`socket_records`) are durable already.
 
     Raises :class:`LaunchError` with the path and the fix; what was created before the error
     is journaled, so teardown removes it."""
@@ -111,7 +120,7 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
     try:
         stack.set("set_socket_label", ctx)
         try:
-            listened = open_passed(ctx.journal, sockets)
+            listened = open_passed(ctx.journal, sockets, journaled=journaled)
         finally:
             stack.restore("clear_socket_label", ctx)
     except BaseException:
@@ -122,19 +131,26 @@ def open_all(stack: Stack, ctx: DomainContext, command: QemuCommand) -> PreOpene
     return out
 
 
-def open_passed(journal: Journal, passed: Iterable[PassedFd]) -> PreOpened:
+def open_passed(journal: Journal, passed: Iterable[PassedFd], *,
+                journaled: bool = False) -> PreOpened:
     """Open ``passed`` (files and listening sockets, no labels; network descriptors and
     helper channels are left out): what :func:`open_all` does for one kind; also what a caller
-    that runs QEMU by itself uses (tests, benchmarks)."""
+    that runs QEMU by itself uses (tests, benchmarks). ``journaled``: as in :func:`open_all`."""
     out = PreOpened()
+    wanted = [p for p in passed if p.kind not in (NETFD, CONNECTED)]  # taps, vhost-net
+    # (launch.netdev) and helper channels (launch.swtpm) are opened elsewhere
+    sockets = [p for p in wanted if p.kind != FDSET]
+    # every socket is checked and journaled first, with one fsync (a record of a socket
+    # never bound costs teardown one lstat: its path was free, or a stale socket bind removes)
+    stale = {p.path: _stale_socket(p.path, "chardev") for p in sockets}
+    if sockets and not journaled:
+        journal.record_many([("pipeline", "socket", {"path": p.path}) for p in sockets])
     try:
-        for p in passed:
-            if p.kind in (NETFD, CONNECTED):
-                continue  # taps, vhost-net (launch.netdev) and helper channels (launch.swtpm)
+        for p in wanted:
             if p.kind == FDSET:
                 out.fds[p.name] = open_file(journal, p)
             else:
-                s = listen(journal, p.path)
+                s = _bind(journal, p.path, stale[p.path])
                 out.sockets.append(s)
                 out.fds[p.name] = s.fileno()
     except BaseException:
@@ -212,6 +228,11 @@ def listen(journal: Journal, path: str) -> socket.socket:
     """A listening unix socket at ``path``, mode :data:`SOCKET_MODE`, journaled."""
     st = _stale_socket(path, "chardev")
     journal.record("pipeline", "socket", path=path)
+    return _bind(journal, path, st)
+
+
+def _bind(journal: Journal, path: str, st: os.stat_result | None) -> socket.socket:
+    """:func:`listen` after its ``socket`` record (``st``: the stale socket found there)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if st is not None:

@@ -175,13 +175,24 @@ def known_domains(instance: Instance) -> list[DomainRecord]:
 
 
 def next_domain_id(instance: Instance) -> int:
-    """libvirt-style increasing domain ids (call under :func:`instance_lock`)."""
-    path = instance.run_dir / ".next_id"
+    """libvirt-style increasing domain ids (call under :func:`instance_lock`, which every
+    reader and writer of the counter holds).
+
+    The counter is rewritten in place, one short ``pwrite`` (a killed process leaves the old
+    or the new value; anything unreadable starts again at 1, as after a reboot): replacing it
+    by a rename made ext4 write the new file out at once (``auto_da_alloc``), 0.2-0.8 ms per
+    start where the run directory is on a disk (an embed root)."""
+    fd = os.open(instance.run_dir / ".next_id", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        value = int(path.read_text().strip() or "1")
-    except (FileNotFoundError, ValueError):
-        value = 1
-    write_atomic(path, f"{value + 1}\n", durable=False)
+        try:
+            value = int(os.pread(fd, 64, 0).strip() or b"1")
+        except ValueError:
+            value = 1
+        data = f"{value + 1}\n".encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
     return value
 
 

@@ -335,10 +335,26 @@ def mount_options(ctx: DomainContext) -> str | None:
 
 
 @hookspec
-def child_cgroup(ctx: DomainContext) -> None:
-    """Child: move the current process (the future QEMU) into the domain's cgroup(s).
+def spawn_cgroup(ctx: DomainContext) -> int | None:
+    """Parent, just before QEMU's (or a helper's) process is forked: an open descriptor
+    (``O_DIRECTORY``) of the cgroup v2 group the process is to be *created* in, or None.
 
-    Runs first, while the child still has all privileges.
+    The pipeline creates the process in it (``clone3`` with ``CLONE_INTO_CGROUP``,
+    :mod:`vmconfine.launch.respawn`) instead of moving it there: a move takes the kernel's
+    migration lock, whose first writer waits for an RCU grace period. Where the kernel or the
+    process cannot (a parent with other threads), the child enters it before ``child_cgroup``
+    runs. The pipeline closes the descriptor; ``child_cgroup`` must not join that group again.
+    """
+
+
+@hookspec
+def child_cgroup(ctx: DomainContext) -> None:
+    """Child: move the current process (the future QEMU) into the domain's cgroup(s) (those
+    ``spawn_cgroup`` did not name).
+
+    Runs first, while the child still has all privileges. The child has a single thread, so
+    joining a cgroup v1 group through its ``tasks`` file moves the whole process, without the
+    migration lock a write of ``cgroup.procs`` takes.
     """
 
 
@@ -420,7 +436,8 @@ def child_helper(ctx: DomainContext, helper: Helper, step: str) -> None:
     Called once per driver for every ``step`` of QEMU's child sequence, in the same order
     (``child_cgroup``, ``child_namespace``, ``child_exec_label``, ``child_identity``,
     ``child_capabilities``, then no_new_privs, ``child_confine``): do at each step what the
-    step of the same name does for QEMU, for ``helper`` (its account, its paths). A
+    step of the same name does for QEMU, for ``helper`` (its account, its paths; the helper
+    is created in the ``spawn_cgroup`` group as QEMU is). A
     label-bearing security driver without this hook makes a domain with a helper refuse to
     start (fail closed); other drivers without it apply nothing to helpers.
     """

@@ -483,6 +483,12 @@ class Stack:
             d.call("preflight", ctx=ctx)
 
     # ---- child and after exec -----------------------------------------------------------------
+    def spawn_groups(self, ctx: DomainContext) -> list[int]:
+        """Parent, before fork: the cgroup v2 directories (open descriptors, the caller closes
+        them) the drivers want the process created in (``spawn_cgroup``), in stack order."""
+        found = [d.call("spawn_cgroup", ctx=ctx) for d in self.drivers]
+        return [fd for fd in found if fd is not None]
+
     def run_child_hook(self, hook: str, ctx: DomainContext) -> None:
         """In the forked child: run ``hook`` of every driver in order; the first error wins."""
         assert hook in CHILD_HOOKS

@@ -153,21 +153,34 @@ def _attr(size: int = 128) -> ctypes.Array[ctypes.c_char]:
 
 
 def prog_load(program: bytes, name: str = PROG_NAME) -> int:
-    """Load a CGROUP_DEVICE program; returns its fd (close it when done)."""
+    """Load a CGROUP_DEVICE program; returns its fd (close it when done).
+
+    Loaded without the verifier's log first (as libbpf does): a log of level 1 makes the
+    kernel print its whole verification, 2.2 ms against 0.4 ms for the same program here. A
+    load the kernel refuses is tried again with the log, for the error message."""
+    try:
+        return _prog_load(program, name, 0)
+    except BpfError as exc:
+        if exc.errno == errno.EPERM:
+            raise  # not the program: the log would say nothing
+    return _prog_load(program, name, 1)
+
+
+def _prog_load(program: bytes, name: str, log_level: int) -> int:
     insns = ctypes.create_string_buffer(program, len(program))
     lic = ctypes.create_string_buffer(LICENSE)
-    log = ctypes.create_string_buffer(65536)
+    log = ctypes.create_string_buffer(65536 if log_level else 1)
     attr = _attr()
     struct.pack_into("<IIQQIIQ", attr, 0, BPF_PROG_TYPE_CGROUP_DEVICE, insn_count(program),
-                     ctypes.addressof(insns), ctypes.addressof(lic), 1, len(log),
-                     ctypes.addressof(log))
+                     ctypes.addressof(insns), ctypes.addressof(lic), log_level,
+                     len(log) if log_level else 0, ctypes.addressof(log) if log_level else 0)
     struct.pack_into("16s", attr, 48, name.encode()[:15])
     struct.pack_into("<I", attr, 68, BPF_CGROUP_DEVICE)  # expected_attach_type
     try:
         return _sys_bpf(BPF_PROG_LOAD, attr, "BPF_PROG_LOAD")
     except BpfError as exc:
         raise BpfError(exc.errno or errno.EINVAL, "BPF_PROG_LOAD",
-                       log.value.decode(errors="replace")) from None
+                       log.value.decode(errors="replace") if log_level else "") from None
 
 
 @dataclass(frozen=True)

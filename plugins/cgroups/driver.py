@@ -3,7 +3,8 @@
 Parent, before fork (``set_all_labels``): plan the domain's cgroup in every hierarchy it uses
 (:mod:`.placement`), create the directories, then install the device rules
 (:mod:`.rules`) through the chosen backend: v1 ``devices.deny``/``devices.allow`` (:mod:`.v1`)
-or a cgroup v2 BPF program (:mod:`.bpf`). Child (``child_cgroup``): join every directory.
+or a cgroup v2 BPF program (:mod:`.bpf`). Child (``child_cgroup``): join every v1 directory
+(``tasks``); QEMU's process is created in the v2 one (``spawn_cgroup``).
 After exec (``verify_process``): the pid's cgroups and the rules the kernel holds are read
 back. Hotplug hooks add or drop one device's rules and re-apply at once. Teardown
 (``restore_all_labels``) is driven by the journal only, so a fresh process can finish it.
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import ConfigError, DriverError
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine_cgroups import bpf, placement, report, v1, warm
+from vmconfine_cgroups import bpf, placement, report, v1
 from vmconfine_cgroups.rules import (
     DeviceRule,
     chardev_origin,
@@ -249,12 +250,12 @@ class CgroupsDriver:
     # ---- set up -------------------------------------------------------------------------------
     @hookimpl
     def preflight(self, ctx: DomainContext) -> None:
-        self.plan(ctx)
+        ctx.driver_state(NAME)["planned"] = self.plan(ctx)  # set_all_labels uses it
 
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:
-        plan = self.plan(ctx)
         st = ctx.driver_state(NAME)
+        plan = st.pop("planned", None) or self.plan(ctx)
         st.update(plan=plan, rules=[], prog_id=None)
         for leaf in plan.dirs.values():
             self._clear_leftover(ctx, leaf)
@@ -272,18 +273,39 @@ class CgroupsDriver:
                     recorded.add(path)
                     entries.append((NAME, "mkdir", {"path": path, "leaf": path == leaf}))
         entries.append((NAME, "rules", {"backend": plan.devices, "rules": rules_to_json(rules)}))
-        ctx.journal.record_many(entries)
-        for mount, leaf in plan.dirs.items():
-            self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
-                         cpuset="cpuset" in plan.controllers[mount])
-        self._apply(ctx, rules, journaled=True)
-        # the child moves itself into these groups a few milliseconds from now: start the
-        # kernel's wait for the migration lock (:mod:`.warm`). Not earlier: the warm-up holds
-        # cgroup_mutex while it waits, and the mkdirs and the BPF attach above need it too
-        # (a warm-up at preflight made them wait: measured, worse in sum)
-        if plan.dirs:
-            mount = next(iter(plan.dirs))
-            warm.warm_up(mount, None if mount == self.hier.v2 else plan.controllers[mount][0])
+        # the v2 program is loaded first (a loaded program changes nothing on the host), so
+        # its attach joins the same commit
+        loaded = self._preload(plan, rules)
+        if loaded is not None:
+            entries.append((NAME, "bpf-attach", {"cgroup": plan.devices_dir,
+                                                 "prog_id": loaded[1].id,
+                                                 "tag": loaded[1].tag, "replaces": None}))
+        try:
+            ctx.journal.record_many(entries)
+            for mount, leaf in plan.dirs.items():
+                self._create(ctx, mount, plan.own[mount], plan.rel, leaf, recorded,
+                             cpuset="cpuset" in plan.controllers[mount])
+        except BaseException:
+            if loaded is not None:
+                os.close(loaded[0])
+            raise
+        self._apply(ctx, rules, journaled=True, loaded=loaded)
+
+    @staticmethod
+    def _preload(plan: Plan, rules: list[DeviceRule]) -> tuple[int, bpf.ProgInfo] | None:
+        """The v2 device program loaded ahead of its journal record: (fd, info), or None when
+        there is none or loading failed (the usual path then loads it again and reports)."""
+        if plan.devices != "v2" or plan.devices_dir is None:
+            return None
+        try:
+            fd = bpf.prog_load(bpf.assemble(rules))
+        except bpf.BpfError:
+            return None
+        try:
+            return fd, bpf.prog_info(fd)
+        except bpf.BpfError:
+            os.close(fd)
+            return None
 
     @staticmethod
     def _clear_leftover(ctx: DomainContext, leaf: str) -> None:
@@ -343,13 +365,16 @@ class CgroupsDriver:
         st["plan"].reason = why
 
     def _apply(self, ctx: DomainContext, new: list[DeviceRule], *,
-               journaled: bool = False) -> None:
+               journaled: bool = False, loaded: tuple[int, bpf.ProgInfo] | None = None) -> None:
         """Make ``new`` the rule set in force (first install or a hotplug change).
         ``journaled``: the first install, whose ``rules`` record went into
-        :meth:`set_all_labels`' group commit."""
+        :meth:`set_all_labels`' group commit, with the ``bpf-attach`` of the program
+        ``loaded`` (fd, taken over here) when there is one."""
         st = self._state(ctx)
         plan: Plan | None = st.get("plan")
-        if plan is None:
+        if plan is None or (loaded is not None and plan.devices != "v2"):
+            if loaded is not None:
+                os.close(loaded[0])
             return
         old: list[DeviceRule] = st.get("rules", [])
         if journaled:
@@ -365,7 +390,7 @@ class CgroupsDriver:
         if plan.devices == "v1":
             self._apply_v1(ctx, plan.devices_dir, old, new, first=first)
         else:
-            self._attach(ctx, plan.devices_dir, new, st.get("prog_id"))
+            self._attach(ctx, plan.devices_dir, new, st.get("prog_id"), loaded)
 
     def _apply_v1(self, ctx: DomainContext, cg: str, old: list[DeviceRule],
                   new: list[DeviceRule], *, first: bool) -> None:
@@ -390,21 +415,29 @@ class CgroupsDriver:
                               f"{'; '.join(problems)}")
 
     def _attach(self, ctx: DomainContext, cg: str, rules: list[DeviceRule],
-                old_id: int | None) -> None:
-        program = bpf.assemble(rules)
+                old_id: int | None, loaded: tuple[int, bpf.ProgInfo] | None = None) -> None:
+        """Load and attach the program of ``rules`` (``loaded``: already loaded, its
+        ``bpf-attach`` journaled)."""
+        if loaded is not None:
+            fd = loaded[0]
+        else:
+            try:
+                fd = bpf.prog_load(bpf.assemble(rules))
+            except bpf.BpfError as exc:
+                if exc.errno in (errno.EPERM, errno.EACCES) and old_id is None:
+                    self._unfiltered(ctx, f"BPF_PROG_LOAD: {_strerror(exc)}")
+                    return
+                raise DriverError(
+                    f"cannot load the device BPF program for {cg}: {_strerror(exc)}"
+                    f"{'; verifier: ' + exc.verifier_log if exc.verifier_log else ''}"
+                ) from exc
         try:
-            fd = bpf.prog_load(program)
-        except bpf.BpfError as exc:
-            if exc.errno in (errno.EPERM, errno.EACCES) and old_id is None:
-                self._unfiltered(ctx, f"BPF_PROG_LOAD: {_strerror(exc)}")
-                return
-            raise DriverError(f"cannot load the device BPF program for {cg}: {_strerror(exc)}"
-                              f"{'; verifier: ' + exc.verifier_log if exc.verifier_log else ''}"
-                              ) from exc
-        try:
-            info = bpf.prog_info(fd)
-            ctx.journal.record(NAME, "bpf-attach", cgroup=cg, prog_id=info.id, tag=info.tag,
-                               replaces=old_id)
+            if loaded is not None:
+                info = loaded[1]
+            else:
+                info = bpf.prog_info(fd)
+                ctx.journal.record(NAME, "bpf-attach", cgroup=cg, prog_id=info.id,
+                                   tag=info.tag, replaces=old_id)
             self._attach_fd(cg, fd, old_id)
         except bpf.BpfError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES) and old_id is None:
@@ -481,13 +514,30 @@ class CgroupsDriver:
 
     # ---- child and after exec -----------------------------------------------------------------
     @hookimpl
+    def spawn_cgroup(self, ctx: DomainContext) -> int | None:
+        """The v2 group, for QEMU's process to be created in (``CLONE_INTO_CGROUP``)."""
+        plan: Plan | None = self._state(ctx).get("plan")
+        leaf = plan.dirs.get(self.hier.v2) if plan is not None and self.hier.v2 else None
+        if leaf is None:
+            return None
+        try:
+            return os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DriverError(f"cannot open cgroup {leaf}: {_strerror(exc)}") from exc
+
+    @hookimpl
     def child_cgroup(self, ctx: DomainContext) -> None:
+        """Join every v1 group through its ``tasks`` file (the child has one thread: the
+        same membership as ``cgroup.procs``, without the kernel's migration lock); the v2
+        group is the one the process was created in (``spawn_cgroup``)."""
         plan: Plan | None = self._state(ctx).get("plan")
         if plan is None:
             return
-        for leaf in plan.dirs.values():
+        for mount, leaf in plan.dirs.items():
+            if mount == self.hier.v2:
+                continue
             try:
-                v1.add_self(leaf)
+                v1.add_thread(leaf)
             except OSError as exc:
                 raise DriverError(f"cannot move QEMU into cgroup {leaf}: {_strerror(exc)}"
                                   ) from exc
@@ -495,7 +545,7 @@ class CgroupsDriver:
     @hookimpl
     def child_helper(self, ctx: DomainContext, helper: Helper, step: str) -> None:
         """A helper (swtpm) joins the domain's cgroup, as libvirt's
-        ``qemuExtDevicesSetupCgroup`` moves it there."""
+        ``qemuExtDevicesSetupCgroup`` moves it there (created in the v2 group as QEMU)."""
         if step == "child_cgroup":
             self.child_cgroup(ctx)
 

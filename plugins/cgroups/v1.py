@@ -16,6 +16,7 @@ from pathlib import Path
 from vmconfine_cgroups.rules import DeviceRule, effective
 
 PROCS = "cgroup.procs"
+TASKS = "tasks"
 
 
 def write(path: str | Path, value: str) -> None:
@@ -45,6 +46,14 @@ def add_self(cgroup_dir: str) -> None:
     write(Path(cgroup_dir, PROCS), "0")
 
 
+def add_thread(cgroup_dir: str) -> None:
+    """Move the calling thread into the v1 group ``cgroup_dir`` (``tasks``, "0" = the writer).
+    For a single-threaded process (a forked child) that is the whole process; unlike a write
+    of ``cgroup.procs``, the kernel does not take its global migration lock for it (whose
+    first writer waits for an RCU grace period)."""
+    write(Path(cgroup_dir, TASKS), "0")
+
+
 def add_pid(cgroup_dir: str, pid: int) -> None:
     write(Path(cgroup_dir, PROCS), str(pid))
 
@@ -53,12 +62,23 @@ def copy_cpuset(cgroup_dir: str) -> None:
     """A new v1 cpuset cgroup starts with no cpus/mems; inherit its parent's."""
     parent = os.path.dirname(cgroup_dir)
     for name in ("cpuset.cpus", "cpuset.mems"):
-        src = Path(parent, name)
-        dst = Path(cgroup_dir, name)
-        if src.exists() and dst.exists() and not read(dst).strip():
-            value = read(src).strip()
-            if value:
-                write(dst, value)
+        dst = os.path.join(cgroup_dir, name)
+        try:  # a file that is not there (no cpuset, a parent gone) is left alone
+            if _read_bytes(dst).strip():
+                continue
+            value = _read_bytes(os.path.join(parent, name)).strip()
+        except FileNotFoundError:
+            continue
+        if value:
+            write(dst, value.decode("ascii", "replace"))
+
+
+def _read_bytes(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
 
 
 def rmdir(cgroup_dir: str, wait: float = 2.0) -> str | None:

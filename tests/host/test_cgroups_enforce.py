@@ -20,6 +20,7 @@ import pytest
 import vmconfine_cgroups
 from tests.support import make_ctx, make_host, require, require_binary, require_root
 from vmconfine.errors import DriverError
+from vmconfine.launch import respawn
 from vmconfine_cgroups import bpf, placement, v1
 from vmconfine_cgroups.driver import CgroupsDriver
 
@@ -74,6 +75,10 @@ class Probe:
                 os.close(cmd_w)
                 os.close(res_r)
                 try:
+                    v2_dir = drv.spawn_cgroup(ctx=ctx)
+                    if v2_dir is not None:  # the v2 group, joined as the pipeline's fallback
+                        respawn.join(v2_dir)
+                        os.close(v2_dir)
                     drv.child_cgroup(ctx=ctx)
                     os.write(res_w, b"ok\n")
                 except BaseException as exc:
@@ -389,3 +394,15 @@ def test_eperm_on_devices_warns_or_fails(tmp_path: Path, monkeypatch: pytest.Mon
             env.driver().set_all_labels(ctx=strict)
     finally:
         env.cleanup()
+
+
+def test_a_program_the_verifier_refuses_is_reported_with_its_log() -> None:
+    """The load without the verifier's log (the fast path) is retried with it on refusal."""
+    require_root()
+    ok, why, _ = bpf.available()
+    require(ok, why)
+    exit_only = bytes([0x95, 0, 0, 0, 0, 0, 0, 0])  # exit with r0 never set
+    with pytest.raises(bpf.BpfError) as err:
+        bpf.prog_load(exit_only)
+    assert err.value.errno == errno.EACCES
+    assert "R0 !read_ok" in err.value.verifier_log

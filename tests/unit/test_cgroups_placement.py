@@ -13,7 +13,7 @@ from vmconfine.config.instance import Instance
 from vmconfine.config.settings import config_from_text
 from vmconfine.domain import parse_domain
 from vmconfine.errors import ConfigError, DriverError
-from vmconfine_cgroups import placement
+from vmconfine_cgroups import placement, v1
 from vmconfine_cgroups.driver import CgroupsDriver
 
 XML = """<domain type='kvm'><name>{name}</name><memory>65536</memory>
@@ -200,3 +200,17 @@ def test_enabled_rules(tmp_path: Path) -> None:
     assert drv.enabled(host=host) is False  # session without a delegated subtree
     drv._hier = placement.Hierarchies()
     assert drv.probe(host=host)[0] is False
+
+
+def test_copy_cpuset_fills_only_empty_files(tmp_path: Path) -> None:
+    parent = tmp_path / "machine"
+    leaf = parent / "dom"
+    leaf.mkdir(parents=True)
+    (parent / "cpuset.cpus").write_text("0-1\n")
+    (parent / "cpuset.mems").write_text("0\n")
+    (leaf / "cpuset.cpus").write_text("\n")  # a new group: empty
+    (leaf / "cpuset.mems").write_text("1\n")  # already set: kept
+    v1.copy_cpuset(str(leaf))
+    assert (leaf / "cpuset.cpus").read_text() == "0-1"
+    assert (leaf / "cpuset.mems").read_text() == "1\n"
+    v1.copy_cpuset(str(tmp_path / "gone"))  # no files: nothing to do, no error

@@ -105,7 +105,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         host = conn.host.with_config_file(Path(args.file))
     cfg = host.config
     if not args.check:
-        sys.stdout.write(cfg.format())
+        auto = ", ".join([*(info.name for info in host.registry.autodetected()), "none"])
+        sys.stdout.write(cfg.format({"security_driver": f"autodetect: {auto}"}))
         return 0
     problems = cfg.check()
     stack_problems = Stack.check_config(host)

@@ -7,6 +7,7 @@ nothing silently stops being tested.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -50,6 +51,18 @@ def require_binary(name: str) -> str:
     require(path, f"{name} is not installed (run scripts/setup.sh)")
     assert path is not None
     return path
+
+
+@functools.cache
+def builtin_roles(name: str) -> dict[str, object]:
+    """The roles (``autodetect``, ``implicit``) the installed driver ``name`` registers with,
+    for stand-ins that take its place in a test's stack (empty for an unknown name)."""
+    from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
+
+    info = collect_drivers(make_plugin_manager()).get(name)
+    if info is None or info.kind != "security":
+        return {}
+    return {"autodetect": info.autodetect, "implicit": info.implicit}
 
 
 def make_host(root: Path, plugins: list[object], *, config: str | None = None,

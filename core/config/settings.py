@@ -40,7 +40,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -76,7 +76,7 @@ class QemuConfig:
     """Effective qemu.conf settings. Field defaults are those of a privileged instance."""
 
     # -- security drivers (libvirt) ---------------------------------------------------------
-    security_driver: list[str] | None = None  #: None = autodetect: selinux, apparmor, none
+    security_driver: list[str] | None = None  #: None = autodetect (the drivers' own order)
     security_default_confined: bool = True
     security_require_confined: bool = False
     # -- the account QEMU runs as, owner remembering (libvirt) -------------------------------
@@ -248,12 +248,15 @@ class QemuConfig:
     def _candidates(self) -> list[str]:
         return [*self.known_keys(), *LIBVIRT_UNUSED_KEYS]
 
-    def format(self) -> str:
-        """The effective settings as a valid qemu.conf, each line saying where it came from."""
+    def format(self, unset: Mapping[str, str] | None = None) -> str:
+        """The effective settings as a valid qemu.conf, each line saying where it came from;
+        ``unset`` words what an unset key means where the caller knows better (the installed
+        drivers' autodetection order)."""
         kind = "privileged" if self.privileged else "unprivileged"
         origin = f"read from {self.path}" if self.path else "no configuration file was read"
         out = [f"# vmconfine settings in effect ({kind} instance; {origin})\n"]
-        out.extend(_format_key(key, getattr(self, key), _SPECS[key], self.source(key))
+        out.extend(_format_key(key, getattr(self, key), _SPECS[key], self.source(key),
+                               (unset or {}).get(key))
                    for key in KNOWN_KEYS)
         for driver, values in self._drivers.items():
             if not values.specs:
@@ -274,11 +277,11 @@ class QemuConfig:
 SECRET_KEYS = frozenset({"spice_password"})
 
 
-def _format_key(key: str, value: Any, spec: Spec, where: str) -> str:
+def _format_key(key: str, value: Any, spec: Spec, where: str, unset: str | None = None) -> str:
     if value is not None and key in SECRET_KEYS:
         return f"#{key} = (set, not shown) # {_one_line(where)}\n"
     if value is None:
-        return f"#{key} = ({spec.unset}) # {_one_line(where)}\n"
+        return f"#{key} = ({unset or spec.unset}) # {_one_line(where)}\n"
     return f"{key} = {format_value(value)} # {_one_line(where)}\n"
 
 
@@ -305,9 +308,6 @@ def _security_driver(key: str, value: Any, where: str, privileged: bool) -> Any:
     for i, name in enumerate(value):
         if name in value[i + 1 :]:
             raise error(where, f"Duplicate security driver {name} (list each driver once)")
-    if "dac" in value:
-        raise error(where, 'security_driver cannot contain "dac" (the DAC driver is added '
-                           "automatically for privileged instances; remove it)")
     if "none" in value and len(value) > 1:
         raise error(where, '"none" cannot appear in a list of drivers (write '
                            'security_driver = "none" on its own)')
@@ -332,7 +332,7 @@ def _no_probing(key: str, value: Any, where: str, privileged: bool) -> Any:
 
 _SPECS: dict[str, Spec] = {
     "security_driver": Spec("strlist_compat", _security_driver,
-                            "autodetect: selinux, apparmor, none"),
+                            "autodetect"),
     "security_default_confined": Spec("bool"),
     "security_require_confined": Spec("bool"),
     "user": Spec("string", _account),

@@ -46,6 +46,12 @@ class DriverInfo:
     plugin: str = ""
     settings: tuple[Setting, ...] = ()
     labels: bool = True
+    #: when ``security_driver`` is unset, security drivers with a priority are probed in
+    #: ascending order and the first available one is used (libvirt's autodetection)
+    autodetect: int | None = None
+    #: stacked after the configured security drivers of every privileged instance, and never
+    #: listed in ``security_driver`` (libvirt's DAC)
+    implicit: bool = False
 
 
 class DriverRegistry:
@@ -58,6 +64,7 @@ class DriverRegistry:
     def add(
         self, name: str, factory: DriverFactory, description: str, kind: str = "security",
         *, settings: Iterable[Setting] = (), labels: bool = True,
+        autodetect: int | None = None, implicit: bool = False,
     ) -> None:
         """Register driver ``name``; a second registration of the same name is an error.
 
@@ -65,7 +72,10 @@ class DriverRegistry:
         built: ``vmconfine config`` lists them, a bad value is a ``FILE:LINE`` error, the
         driver reads them with ``host.config.driver_settings(name)``). ``labels=False`` says
         the driver is not a label-bearing security model: it gets no ``<seclabel>``, no
-        ``<secmodel>`` in capabilities and no label row in ``dominfo``."""
+        ``<secmodel>`` in capabilities and no label row in ``dominfo``. ``autodetect`` (a
+        priority, lower first) makes a security driver a candidate when ``security_driver`` is
+        unset; ``implicit`` stacks it for every privileged instance (it may then not be listed
+        in ``security_driver``)."""
         if kind not in KINDS:
             raise DriverError(
                 f"driver '{name}': kind must be one of {', '.join(KINDS)}, not {kind!r}")
@@ -91,8 +101,18 @@ class DriverRegistry:
                     "driver's key a name of its own (e.g. prefixed with the driver's name)")
         if len({s.name for s in settings}) != len(settings):
             raise DriverError(f"driver '{name}' declares a qemu.conf key twice")
+        if (autodetect is not None or implicit) and kind != "security":
+            raise DriverError(f"driver '{name}': only security drivers can be autodetected or "
+                              "implicit")
+        if autodetect is not None and implicit:
+            raise DriverError(f"driver '{name}': an implicit driver is always stacked; it "
+                              "cannot also be autodetected")
+        if autodetect is not None and (isinstance(autodetect, bool)
+                                       or not isinstance(autodetect, int)):
+            raise DriverError(f"driver '{name}': autodetect must be an integer priority, not "
+                              f"{autodetect!r}")
         self._drivers[name] = DriverInfo(name, factory, description, kind, self._current_plugin,
-                                         settings, bool(labels))
+                                         settings, bool(labels), autodetect, bool(implicit))
 
     def _key_owner(self, key: str) -> str | None:
         for info in self._drivers.values():
@@ -112,6 +132,15 @@ class DriverRegistry:
 
     def infos(self) -> list[DriverInfo]:
         return [self._drivers[n] for n in sorted(self._drivers)]
+
+    def autodetected(self) -> list[DriverInfo]:
+        """The security drivers tried when ``security_driver`` is unset, in probing order."""
+        found = [i for i in self._drivers.values() if i.autodetect is not None]
+        return sorted(found, key=lambda i: (i.autodetect, i.name))
+
+    def implicit(self) -> list[DriverInfo]:
+        """The security drivers every privileged instance stacks, by name."""
+        return [i for i in self.infos() if i.implicit]
 
 
 def check_contract(pm: pluggy.PluginManager, plugin: object, who: str) -> None:

@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AUTO_ORDER = ("selinux", "apparmor")
-
 #: set-type hook -> the restore-type hook that undoes it
 RESTORE_OF = {
     "set_all_labels": "restore_all_labels",
@@ -147,17 +145,19 @@ def _not_installed(host: HostContext, name: str) -> DriverError:
     )
 
 
+def _implicit_listed(name: str) -> str:
+    return (f'security_driver cannot contain "{name}": the {name} driver is always enabled for '
+            "privileged instances; remove it from the list")
+
+
 def resolve_security_names(host: HostContext) -> tuple[list[str], bool]:
     """The configured security driver names in order, and whether they were explicit."""
     configured = host.config.security_driver
     if configured is None:
-        for name in AUTO_ORDER:
-            info = host.registry.get(name)
-            if info is None or info.kind != "security":
-                continue
+        for info in host.registry.autodetected():
             ok, _why = load_driver(host, info).probe()
             if ok:
-                return [name], False
+                return [info.name], False
         return ["none"], False
     names = list(configured)
     seen: set[str] = set()
@@ -165,11 +165,9 @@ def resolve_security_names(host: HostContext) -> tuple[list[str], bool]:
         if name in seen:
             raise DriverError(f"Duplicate security driver {name} in security_driver")
         seen.add(name)
-    if "dac" in names:
-        raise DriverError(
-            'security_driver cannot contain "dac": the DAC driver is always enabled for '
-            "privileged instances; remove it from the list"
-        )
+    for info in host.registry.implicit():
+        if info.name in names:
+            raise DriverError(_implicit_listed(info.name))
     if "none" in names and len(names) > 1:
         raise DriverError(
             'security driver "none" cannot appear in a list of drivers; use it alone or remove it'
@@ -229,10 +227,7 @@ class Stack:
                     "confined guests"
                 )
         if host.privileged:
-            info = host.registry.get("dac")
-            if info is None:
-                raise _not_installed(host, "dac")
-            drivers.append(load_driver(host, info))
+            drivers.extend(load_driver(host, info) for info in host.registry.implicit())
         for name in host.registry.names("pipeline"):
             info = host.registry.get(name)
             assert info is not None
@@ -276,9 +271,8 @@ class Stack:
         fallback = host.registry.get("none")
         if not any(d.labels for d in drivers) and fallback is not None:
             drivers.insert(0, load_driver(host, fallback))  # the stack needs a primary model
-        dac = host.registry.get("dac")
-        if host.privileged and dac is not None:
-            drivers.append(load_driver(host, dac))
+        if host.privileged:
+            drivers.extend(load_driver(host, info) for info in host.registry.implicit())
         for name in host.registry.names("pipeline"):
             info = host.registry.get(name)
             drv = load_driver(host, info) if info is not None else None
@@ -307,6 +301,9 @@ class Stack:
         problems = []
         for name in cfg.security_driver or []:
             info = host.registry.get(name)
+            if info is not None and info.implicit:
+                problems.append(f"{where}: {_implicit_listed(name)}")
+                continue
             if info is None or info.kind != "security":
                 close = difflib.get_close_matches(name, host.registry.names("security"), n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""

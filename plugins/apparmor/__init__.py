@@ -38,4 +38,4 @@ def vmconfine_register_drivers(registry: DriverRegistry) -> None:
     """Register the ``apparmor`` security driver."""
     registry.add("apparmor", _factory,
                  "AppArmor: a per-domain profile written and loaded by vmconfine-aa-helper",
-                 settings=SETTINGS)
+                 settings=SETTINGS, autodetect=20)  # after SELinux, as in libvirt

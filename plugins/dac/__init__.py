@@ -49,4 +49,5 @@ def _factory(host: Any) -> Any:
 def vmconfine_register_drivers(registry: Any) -> None:
     """Register the ``dac`` driver (the stack appends it for privileged instances)."""
     registry.add("dac", _factory, "POSIX DAC: run QEMU as qemu.conf user/group, chown its "
-                 "files and give them back, drop capabilities", settings=SETTINGS)
+                 "files and give them back, drop capabilities", settings=SETTINGS,
+                 implicit=True)

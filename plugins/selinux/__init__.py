@@ -31,4 +31,4 @@ def vmconfine_register_drivers(registry: Any) -> None:
     """Add the ``selinux`` security driver (libselinux through python3-selinux)."""
     registry.add("selinux", _factory,
                  "SELinux: sVirt MCS labels per domain (libvirt's selinux driver)",
-                 settings=SETTINGS)
+                 settings=SETTINGS, autodetect=10)  # libvirt tries SELinux first

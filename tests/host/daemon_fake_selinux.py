@@ -11,10 +11,11 @@ from typing import Any
 
 import vmconfine_cgroups
 import vmconfine_dac
+import vmconfine_selinux
 from vmconfine.daemon.main import serve
 from vmconfine.plugin import nop
 from vmconfine.plugin.hookspecs import hookimpl
-from vmconfine.plugin.registry import make_plugin_manager
+from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
 from vmconfine_selinux import SETTINGS as SELINUX_SETTINGS
 from vmconfine_selinux.backend import FakeBackend
 from vmconfine_selinux.driver import SELinuxDriver
@@ -31,6 +32,12 @@ def write_policy(d: Path) -> Path:
     return d
 
 
+#: the real driver's registration (its autodetection priority)
+_REAL = collect_drivers(make_plugin_manager(autoload=False, plugins=[vmconfine_selinux])).get(
+    "selinux")
+assert _REAL is not None
+
+
 def plugin(policy: Path) -> types.ModuleType:
     backend = FakeBackend(str(policy / "virtual_domain_context"),
                           str(policy / "virtual_image_context"), process_context=VIRTD,
@@ -40,7 +47,8 @@ def plugin(policy: Path) -> types.ModuleType:
     @hookimpl
     def vmconfine_register_drivers(registry: Any) -> None:
         registry.add("selinux", lambda host: SELinuxDriver(host, backend),
-                     "SELinux on the fake backend (tests)", settings=SELINUX_SETTINGS)
+                     "SELinux on the fake backend (tests)", settings=SELINUX_SETTINGS,
+                     autodetect=_REAL.autodetect)  # autodetected as the real one
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     return mod

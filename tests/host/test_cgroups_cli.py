@@ -49,7 +49,8 @@ class StandInDac:
 class Plugin:
     @hookimpl
     def vmconfine_register_drivers(self, registry):
-        registry.add("dac", lambda host: StandInDac(), "stand-in for the DAC driver")
+        registry.add("dac", lambda host: StandInDac(), "stand-in for the DAC driver",
+                     implicit=True)
 
 
 def connect(uri, recover):

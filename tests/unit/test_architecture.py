@@ -181,6 +181,34 @@ def test_core_imports_no_driver():
     assert not bad, "\n".join(bad)
 
 
+def _driver_names_in_code(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """String constants in ``source`` (docstrings aside) that are exactly a driver's name."""
+    tree = ast.parse(source)
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                 ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr)
+            and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and node.value in names and id(node) not in docs]
+
+
+def test_core_names_no_driver():
+    """Which driver is autodetected or always stacked is the driver's own declaration
+    (``registry.add(..., autodetect=, implicit=)``): core code spells no driver's name."""
+    drivers = {p.name for p in (CORE.parent / "plugins").iterdir()
+               if (p / "__init__.py").is_file()}
+    assert {"dac", "selinux", "apparmor"} <= drivers
+    bad = [f"{path.relative_to(CORE.parent)}:{line}: {value!r}"
+           for path in MODULES.values()
+           for line, value in _driver_names_in_code(path.read_text(), drivers)]
+    assert not bad, "\n".join(bad)
+    # the check can fail
+    assert _driver_names_in_code('"""dac"""\nORDER = ("selinux", "x")\n', drivers) == [
+        (2, "selinux")]
+
+
 @pytest.mark.parametrize("module", ["vmconfine.launch.pipeline", "vmconfine.plugin.stack"])
 def test_graph_reader_sees_real_imports(module):
     """The checks above can fail: the reader finds the imports these modules really have."""

@@ -62,6 +62,25 @@ def test_unknown_driver(tmp_path: Path) -> None:
                            "security driver 'foo' is not installed (installed: ")
 
 
+def test_dac_listed_in_security_driver(tmp_path: Path) -> None:
+    root = tmp_path / "inst"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "qemu.conf").write_text('security_driver = [ "apparmor", "dac" ]\n')
+    _assert_one_line_error(run("-c", f"qemu:///embed?root={root}", "capabilities"),
+                           'security_driver cannot contain "dac": the dac driver is always '
+                           "enabled for privileged instances; remove it from the list")
+    check = run("-c", f"qemu:///embed?root={root}", "config", "--check")
+    assert check.returncode == 1
+    assert 'security_driver cannot contain "dac"' in check.stdout
+
+
+def test_config_words_autodetection_from_the_installed_drivers(tmp_path: Path) -> None:
+    proc = run("-c", f"qemu:///embed?root={tmp_path / 'inst'}", "config")
+    assert proc.returncode == 0, proc.stderr
+    assert "#security_driver = (autodetect: selinux, apparmor, none) # default" in \
+        proc.stdout.splitlines()
+
+
 def test_remote_uri_for_a_local_verb() -> None:
     _assert_one_line_error(run("-c", "qemu+ssh://h/system", "capabilities"),
                            "is a remote URI: this verb runs on the host itself")

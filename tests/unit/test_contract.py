@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import make_ctx, make_host
+from tests.support import builtin_roles, make_ctx, make_host
 from vmconfine.errors import DriverError, LabelError
 from vmconfine.launch.pipeline import teardown
 from vmconfine.plugin.hookspecs import hookimpl
@@ -27,7 +27,7 @@ def plugin(name: str, factory: Any, **add: Any) -> types.ModuleType:
 
     @hookimpl
     def vmconfine_register_drivers(registry: Any) -> None:
-        registry.add(name, factory, f"test driver {name}", **add)
+        registry.add(name, factory, f"test driver {name}", **{**builtin_roles(name), **add})
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     return mod

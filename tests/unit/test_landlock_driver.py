@@ -57,7 +57,7 @@ class StubDac:
 
     @hookimpl
     def vmconfine_register_drivers(self, registry) -> None:  # type: ignore[no-untyped-def]
-        registry.add("dac", lambda host: NopDriver(), "stub DAC for unit tests")
+        registry.add("dac", lambda host: NopDriver(), "stub DAC for unit tests", implicit=True)
 
 
 def setup(tmp: Path, conf: str = "", seclabel: str = ""):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import vmconfine_dac
-from tests.support import make_host, require_root
+from tests.support import builtin_roles, make_host, require_root
 from vmconfine.domain import parse_domain
 from vmconfine.errors import XMLError
 from vmconfine.launch.connection import Connection
@@ -101,7 +101,8 @@ def plugin(*drivers: FakeLsm) -> types.ModuleType:
     @hookimpl
     def vmconfine_register_drivers(registry: Any) -> None:
         for d in drivers:
-            registry.add(d.name, lambda host, d=d: d, f"test driver {d.name}")
+            registry.add(d.name, lambda host, d=d: d, f"test driver {d.name}",
+                         **builtin_roles(d.name))
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     return mod

@@ -422,7 +422,7 @@ def test_through_the_stack_with_rollback_when_a_later_driver_fails(tmp_path: Pat
     def vmconfine_register_drivers(registry: object) -> None:
         registry.add("selinux", lambda host: SELinuxDriver(host, be), "fake",  # type: ignore[attr-defined]
                      settings=SELINUX_SETTINGS)
-        registry.add("dac", lambda host: dac, "dac")  # type: ignore[attr-defined]
+        registry.add("dac", lambda host: dac, "dac", implicit=True)  # type: ignore[attr-defined]
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     host = make_host(tmp_path / "inst", [nop, mod], config='security_driver = "selinux"\n')

@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from tests.support import make_host
+from tests.support import builtin_roles, make_host
 from vmconfine.domain import SecLabel, parse_domain
 from vmconfine.launch.journal import Journal
 from vmconfine.plugin.context import DomainContext
@@ -63,9 +63,9 @@ def plugin(backend: FakeBackend, dac: bool = True) -> types.ModuleType:
     @hookimpl
     def vmconfine_register_drivers(registry: Any) -> None:
         registry.add("selinux", lambda host: SELinuxDriver(host, backend), "selinux (fake)",
-                     settings=SELINUX_SETTINGS)
+                     settings=SELINUX_SETTINGS, **builtin_roles("selinux"))
         if dac:
-            registry.add("dac", lambda host: NoDac(), "dac stand-in")
+            registry.add("dac", lambda host: NoDac(), "dac stand-in", **builtin_roles("dac"))
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     return mod

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.support import make_ctx, make_host
+from tests.support import builtin_roles, make_ctx, make_host
 from vmconfine.errors import DriverError, LabelError
 from vmconfine.plugin import nop
 from vmconfine.plugin.hookspecs import hookimpl
@@ -82,7 +82,8 @@ def plugin_module(name: str, drivers: dict[str, Recorder], kind: str = "security
     @hookimpl
     def vmconfine_register_drivers(registry: Any) -> None:
         for dname, drv in drivers.items():
-            registry.add(dname, lambda host, d=drv: d, f"test driver {dname}", kind=kind)
+            registry.add(dname, lambda host, d=drv: d, f"test driver {dname}", kind=kind,
+                         **(builtin_roles(dname) if kind == "security" else {}))
 
     mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
     return mod
@@ -217,6 +218,69 @@ def test_autodetect_skips_unavailable_and_falls_back_to_none(tmp_path: Path) -> 
     drivers["apparmor"].available = False
     stack = build(tmp_path / "2", "", drivers, Recorder("dac", []))
     assert stack.names()[:2] == ["none", "dac"]
+
+
+def _roles_module(name: str, spec: dict[str, dict[str, Any]]) -> Any:
+    """A third-party plugin registering drivers with the given roles (no built-in names)."""
+    mod = types.ModuleType(name)
+
+    @hookimpl
+    def vmconfine_register_drivers(registry: Any) -> None:
+        for dname, entry in spec.items():
+            roles = dict(entry)
+            drv = roles.pop("driver")
+            registry.add(dname, lambda host, d=drv: d, f"test driver {dname}", **roles)
+
+    mod.vmconfine_register_drivers = vmconfine_register_drivers  # type: ignore[attr-defined]
+    return mod
+
+
+def test_autodetection_and_implicit_drivers_are_the_drivers_own_declaration(
+        tmp_path: Path) -> None:
+    """Core names no driver: any security driver can declare an autodetection priority
+    (lowest available first) or be stacked implicitly for privileged instances."""
+    zeta, alpha, base = Recorder("zeta", []), Recorder("alpha", []), Recorder("base", [])
+    mods = [nop, _roles_module("roles", {
+        "zeta": {"driver": zeta, "autodetect": 1},  # tried first despite its name
+        "alpha": {"driver": alpha, "autodetect": 2},
+        "plain": {"driver": Recorder("plain", [])},  # never autodetected
+        "base": {"driver": base, "implicit": True}})]
+    host = make_host(tmp_path / "a", mods)
+    assert [i.name for i in host.registry.autodetected()] == ["zeta", "alpha"]
+    assert Stack.build(host).names() == ["zeta", "base"]
+    zeta.available = False
+    assert Stack.build(make_host(tmp_path / "b", mods)).names() == ["alpha", "base"]
+    alpha.available = False
+    assert Stack.build(make_host(tmp_path / "c", mods)).names() == ["none", "base"]
+    explicit = make_host(tmp_path / "d", mods, config='security_driver = "plain"\n')
+    assert Stack.build(explicit).names() == ["plain", "base"]
+    listed = make_host(tmp_path / "e", mods, config='security_driver = [ "plain", "base" ]\n')
+    with pytest.raises(DriverError, match='security_driver cannot contain "base": the base '
+                                          "driver is always enabled for privileged instances"):
+        Stack.build(listed)
+
+
+@pytest.mark.parametrize(("roles", "message"), [
+    ({"autodetect": 1, "kind": "pipeline"}, "only security drivers can be autodetected"),
+    ({"implicit": True, "kind": "pipeline"}, "only security drivers can be autodetected"),
+    ({"autodetect": 1, "implicit": True}, "cannot also be autodetected"),
+    ({"autodetect": "1"}, "autodetect must be an integer priority"),
+    ({"autodetect": True}, "autodetect must be an integer priority"),
+])
+def test_bad_roles_are_refused_at_registration(tmp_path: Path, roles: dict[str, Any],
+                                               message: str) -> None:
+    mods = [nop, _roles_module("badroles", {"x": {"driver": Recorder("x", []), **roles}})]
+    with pytest.raises(DriverError, match=message):
+        make_host(tmp_path, mods)
+
+
+def test_builtin_roles_match_libvirt() -> None:
+    """libvirt autodetects SELinux before AppArmor and always stacks DAC (privileged)."""
+    from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
+
+    reg = collect_drivers(make_plugin_manager())
+    assert [i.name for i in reg.autodetected()] == ["selinux", "apparmor"]
+    assert [i.name for i in reg.implicit()] == ["dac"]
 
 
 def test_unknown_seclabel_model_is_refused(tmp_path: Path) -> None:

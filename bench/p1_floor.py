@@ -17,7 +17,8 @@ overlap the most work:
    cpuacct, cpuset with its cpus/mems copied at each level, memory, freezer, blkio; the v2
    group for devices), the device program (the instructions vmconfine assembles for this
    domain, loaded without verifier log, attached, its id read back), then the warm-up of the
-   migration lock (a thread writes this process into its own cgroup, as vmconfine does);
+   migration lock (vmconfine's own :func:`vmconfine_cgroups.warm.warm_up`: a thread writes
+   this process into its own cgroup);
 4. the QEMU account (``getpwnam``, ``getgrouplist``) and the images: their directory opened
    once by a walk of ``O_PATH|O_NOFOLLOW`` components, each image ``openat(O_NOFOLLOW)``,
    ``fstat`` (a regular file), ``fgetxattr`` of the remembered-owner reference (another
@@ -45,7 +46,6 @@ cgroup paths — what a program written for this one domain would have compiled 
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import ctypes
 import errno
@@ -122,7 +122,7 @@ class Plan:
     #: /proc/PID/cgroup as it must read for QEMU: controller ("" for v2) -> group
     placed: dict[str, str]
     program: bytes
-    own_procs: str
+    v2_mount: str
     cap_last: int
     cpuset: tuple[bytes, bytes] = (b"", b"")
 
@@ -194,7 +194,7 @@ def plan(conn: Connection, name: str, xml: str, root: Path) -> Plan:
     out = Plan(name, xml, root, argv, env, names, image_dir,
                [os.path.basename(p) for p in images], "vmconfine-qemu", groups,
                groups[0][0][-1], placed, bpf.assemble(rules),
-               os.path.join(placement.join(h.v2, h.self_v2, ""), "cgroup.procs"), cap_last)
+               h.v2, cap_last)
     cpuset = next((dirs for dirs, cs in groups if cs), None)
     if cpuset is not None:
         base = os.path.dirname(cpuset[0])
@@ -244,20 +244,6 @@ def _capset_zero() -> None:
     hdr = (ctypes.c_uint32 * 2)(CAP_V3, 0)
     data = (ctypes.c_uint32 * 6)()
     _check(_libc.capset(hdr, data), "capset")
-
-
-def _write_self(path: str) -> None:
-    """The warm-up thread: this process into its own cgroup (see vmconfine_cgroups.warm)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.write(fd, b"0")
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- start --------------------------------------------------------------------------------------
@@ -522,6 +508,7 @@ def _files(p: Plan, s: Started, image_fds: list[int], uid: int, gid: int) -> lis
 
 
 def _start(p: Plan, s: Started, mark: Any) -> None:
+    from vmconfine_cgroups import warm
     run = p.root / "run"
     s.lock_fd = os.open(run / f"{p.name}.lock",
                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -541,7 +528,7 @@ def _start(p: Plan, s: Started, mark: Any) -> None:
         prog_id = _cgroups(p, s)
         # the kernel's migration wait for the child's move starts now, in a thread, and runs
         # while the parent checks, fsyncs and changes files (cgroupfs work would wait on it)
-        _thread.start_new_thread(_write_self, (p.own_procs,))
+        warm.warm_up(p.v2_mount, None)
         mark()
         pw = pwd.getpwnam(p.user)
         uid, gid = pw.pw_uid, pw.pw_gid

@@ -372,7 +372,11 @@ def run(opts: Options) -> list[Table]:
             cases.append(Case(name, n, path, xml))
         conn = Connection.open(uri)
         stack = ", ".join(conn.stack.names())
-        plans = {c.name: p1_floor.plan(conn, c.name, c.xml, d / "floor") for c in cases}
+        safety_error = None
+        try:
+            plans = {c.name: p1_floor.plan(conn, c.name, c.xml, d / "floor") for c in cases}
+        except (RuntimeError, OSError) as exc:  # e.g. no cgroup2 mount: reported, not run
+            plans, safety_error = {}, str(exc)
         peer_error = None
         failures: list[str] = []
         with contextlib.ExitStack() as stack_cm:
@@ -390,7 +394,12 @@ def run(opts: Options) -> list[Table]:
                 for c in cases:
                     f, f_ready, _ = floor_once(conn, c, d)
                     fm, _, mig = floor_once(conn, c, d, procs)
-                    safety_once(plans[c.name], c if keep else None)
+                    if c.name in plans:
+                        try:
+                            safety_once(plans[c.name], c if keep else None)
+                        except (RuntimeError, OSError) as exc:  # undone; reported
+                            safety_error = f"safety floor: {exc}"
+                            plans.clear()
                     a_start, a_destroy, a_qemu = api_once(conn, c, c.phases if keep else None)
                     try:
                         cl_start, cl_destroy = cli_once(uri, c)
@@ -461,24 +470,24 @@ def run(opts: Options) -> list[Table]:
                   ratio(c.api_start.median, c.safety.median) + " (API/safety floor)", "-")
         floor_over = c.safety.median - c.floor.median
         table.add(f"safety floor's overhead over the floor, {disks} (safety floor - floor)",
-                  f"{floor_over * 1e3:.1f} ms", f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  _ms(floor_over), f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
                   ratio(floor_over, OVERHEAD_TARGET) + " (of budget)",
-                  "<= 25 ms: possible" if floor_over <= OVERHEAD_TARGET
-                  else "> 25 ms: target impossible here")
+                  "n/a" if not c.safety.n else "<= 25 ms: possible"
+                  if floor_over <= OVERHEAD_TARGET else "> 25 ms: target impossible here")
         table.add(f"  QEMU's own start-up, {disks}: exec -> QMP answers, safety floor vs floor",
                   c.safety_qemu.fmt(), c.floor_qemu.fmt(),
                   ratio(c.safety_qemu.median, c.floor_qemu.median), "report")
         work = c.safety_work.median - c.floor_work.median
         table.add(f"  safety floor's own work over the floor's, {disks} (each: start - QEMU's "
-                  "start-up)", f"{work * 1e3:.1f} ms", f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  "start-up)", _ms(work), f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
                   ratio(work, OVERHEAD_TARGET) + " (of budget)", "report")
         over_safety = c.api_start.median - c.safety.median
         table.add(f"pipeline overhead over the safety floor, {disks} (API - safety floor)",
-                  f"{over_safety * 1e3:.1f} ms", f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  _ms(over_safety), f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
                   ratio(over_safety, OVERHEAD_TARGET) + " (of budget)", "report")
         api_work = c.api_work.median - c.safety_work.median
         table.add(f"  pipeline's own work over the safety floor's, {disks} (each: start - "
-                  "QEMU's start-up)", f"{api_work * 1e3:.1f} ms",
+                  "QEMU's start-up)", _ms(api_work),
                   f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
                   ratio(api_work, OVERHEAD_TARGET) + " (of budget)", "report")
         table.add(f"destroy + teardown, {disks}: API vs virsh destroy", c.api_destroy.fmt(),
@@ -505,6 +514,8 @@ def run(opts: Options) -> list[Table]:
     ]
     if peer_error:
         table.notes.append(f"libvirt peer: {peer_error}")
+    if safety_error:
+        table.notes.append(f"safety floor not measured: {safety_error}")
     if failures:
         table.notes.append(f"CLI failures ({len(failures)}, not counted): {failures[0]}")
     return [table, phase_table(cases), safety_table(cases)]
@@ -522,6 +533,11 @@ def phase_table(cases: list[Case]) -> Table:
     table.notes.append("ratio = the step's share of the whole API start (largest of the "
                        "columns); 'qmp' is mostly QEMU's own start-up (the floor)")
     return table
+
+
+def _ms(seconds: float) -> str:
+    """``12.3 ms``; ``n/a`` for a difference without samples (NaN)."""
+    return "n/a" if seconds != seconds else f"{seconds * 1e3:.1f} ms"
 
 
 def safety_table(cases: list[Case]) -> Table:

@@ -391,6 +391,37 @@ def _verify(p: Plan, pid: int, uid: int, gid: int, groups: list[int], prog_id: i
         raise RuntimeError(f"safety floor: QEMU not confined: {'; '.join(problems)}")
 
 
+def kernel_view(pid: int) -> dict[str, object]:
+    """What the kernel shows of a confined QEMU, to compare the safety floor's with
+    vmconfine's: its /dev, ids, groups, capability sets, no_new_privs, and the hierarchies in
+    which it sits elsewhere than this process, the tag of its device program (read after
+    the timing)."""
+    st = _status(pid)
+    out: dict[str, object] = {k: st.get(k, "").split() for k in (
+        "Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")}
+    out["dev"] = sorted(os.listdir(f"/proc/{pid}/root/dev"))
+
+    def placed(path: str) -> dict[str, str]:
+        with open(path) as fh:
+            return {line.split(":", 2)[1]: line.split(":", 2)[2]
+                    for line in fh.read().splitlines()}
+
+    own, its = placed("/proc/self/cgroup"), placed(f"/proc/{pid}/cgroup")
+    out["cgroups"] = sorted(k for k, v in its.items() if own.get(k) != v)
+    from vmconfine_cgroups import bpf, placement
+    v2 = placement.detect().v2
+    tags = []
+    if v2 is not None and "" in its:
+        for prog_id in bpf.query(os.path.normpath(f"{v2}/{its[''].strip('/')}")):
+            fd = bpf.prog_fd_by_id(prog_id)
+            try:
+                tags.append(bpf.prog_info(fd).tag)
+            finally:
+                os.close(fd)
+    out["device program"] = tags
+    return out
+
+
 async def _qmp_ready(p: Plan, s: Started, uid: int, gid: int, groups: list[int],
                      prog_id: int, mark: Any) -> None:
     from vmconfine.qemu import qmp

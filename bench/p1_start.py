@@ -213,9 +213,13 @@ def floor_once(conn: Connection, case: Case, tmp: Path,
 QEMU_STEP = p1_floor.STEPS.index("QEMU start-up until QMP answers")
 
 
-def safety_once(plan: p1_floor.Plan, case: Case | None) -> None:
-    """One start + stop of the safety floor; with ``case``, its samples are kept."""
+def safety_once(plan: p1_floor.Plan, case: Case | None,
+                views: dict[str, dict[str, object]]) -> None:
+    """One start + stop of the safety floor; with ``case``, its samples are kept, else (an
+    uncounted round) QEMU's view as the kernel shows it goes to ``views``."""
     started = p1_floor.start(plan)  # undoes what it made when it fails
+    if case is None:
+        views[plan.name] = p1_floor.kernel_view(started.pid)
     t1 = now()
     p1_floor.stop(started)
     done = now()
@@ -271,10 +275,11 @@ def phase_marks(marks: dict[str, float]) -> Iterator[None]:
         pipeline.checkpoint = real  # type: ignore[assignment]
 
 
-def api_once(conn: Connection, case: Case,
-             phases: dict[str, Stats] | None = None) -> tuple[float, float, float]:
+def api_once(conn: Connection, case: Case, phases: dict[str, Stats] | None = None,
+             probe: dict[str, object] | None = None) -> tuple[float, float, float]:
     """(start → ready, destroy → teardown done, QEMU's own start-up: exec → QMP answers)
-    through the in-process API."""
+    through the in-process API. With ``probe`` (an uncounted round): QEMU's /dev and its
+    cgroups as the kernel shows them, to compare with the safety floor's."""
     from vmconfine.domain import parse_domain
     from vmconfine.launch.supervisor import run_domain
 
@@ -283,6 +288,8 @@ def api_once(conn: Connection, case: Case,
 
     def on_ready(launched: Launched) -> None:
         marks["ready"] = now()
+        if probe is not None:
+            probe.update(p1_floor.kernel_view(launched.pid))
         os.kill(launched.pid, signal.SIGTERM)
 
     with phase_marks(marks):
@@ -373,6 +380,8 @@ def run(opts: Options) -> list[Table]:
         conn = Connection.open(uri)
         stack = ", ".join(conn.stack.names())
         safety_error = None
+        views: dict[str, dict[str, object]] = {c.name: {} for c in cases}
+        floor_views: dict[str, dict[str, object]] = {}
         try:
             plans = {c.name: p1_floor.plan(conn, c.name, c.xml, d / "floor") for c in cases}
         except (RuntimeError, OSError) as exc:  # e.g. no cgroup2 mount: reported, not run
@@ -396,11 +405,12 @@ def run(opts: Options) -> list[Table]:
                     fm, _, mig = floor_once(conn, c, d, procs)
                     if c.name in plans:
                         try:
-                            safety_once(plans[c.name], c if keep else None)
+                            safety_once(plans[c.name], c if keep else None, floor_views)
                         except (RuntimeError, OSError) as exc:  # undone; reported
                             safety_error = f"safety floor: {exc}"
                             plans.clear()
-                    a_start, a_destroy, a_qemu = api_once(conn, c, c.phases if keep else None)
+                    a_start, a_destroy, a_qemu = api_once(conn, c, c.phases if keep else None,
+                                                          None if keep else views[c.name])
                     try:
                         cl_start, cl_destroy = cli_once(uri, c)
                     except RuntimeError as exc:  # reported, the other measurements go on
@@ -514,6 +524,14 @@ def run(opts: Options) -> list[Table]:
     ]
     if peer_error:
         table.notes.append(f"libvirt peer: {peer_error}")
+    for c in cases:
+        if c.name in plans:
+            ours, theirs = floor_views.get(c.name, {}), views[c.name]
+            differ = sorted(k for k in theirs if theirs[k] != ours.get(k))
+            table.notes.append(
+                f"{c.name}: QEMU's /dev, ids, capabilities, cgroups and device program under "
+                "the safety floor " + ("= under vmconfine" if not differ
+                                   else f"differ from vmconfine's: {', '.join(differ)}"))
     if safety_error:
         table.notes.append(f"safety floor not measured: {safety_error}")
     if failures:

@@ -218,11 +218,13 @@ def safety_once(plan: p1_floor.Plan, case: Case | None,
     """One start + stop of the safety floor; with ``case``, its samples are kept, else (an
     uncounted round) QEMU's view as the kernel shows it goes to ``views``."""
     started = p1_floor.start(plan)  # undoes what it made when it fails
-    if case is None:
-        views[plan.name] = p1_floor.kernel_view(started.pid)
-    t1 = now()
-    p1_floor.stop(started)
-    done = now()
+    try:
+        if case is None:
+            views[plan.name] = p1_floor.kernel_view(started.pid)
+    finally:
+        t1 = now()
+        p1_floor.stop(started)
+        done = now()
     if case is None:
         return
     case.safety.add(started.steps[-1])

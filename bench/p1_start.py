@@ -2,9 +2,9 @@
 
 Domains: TCG, 128 MiB, 1 and 8 virtio raw disks (the first boots a guest that prints a line and
 halts), an embed instance as root with ``security_driver = "none"``, so the stack is
-``none, dac, cgroups`` (QEMU runs as vmconfine-qemu, its files are chowned and given back, a
-per-domain cgroup with a device whitelist) — libvirt's default security on a host without an
-LSM: DAC + cgroups.
+``none, dac, cgroups, namespaces`` (QEMU runs as vmconfine-qemu, its files are chowned and
+given back, a per-domain cgroup with a device whitelist, a mount namespace with its own /dev)
+— libvirt's default security on a host without an LSM: DAC + cgroups + namespaces.
 
 Measured, alternating every run:
 
@@ -14,6 +14,12 @@ Measured, alternating every run:
   ``cgroup.procs`` of every hierarchy before exec (a move to where it already is: the kernel
   still takes its cgroup migration lock and waits for an RCU grace period, the cost the
   pipeline's child pays for its real move); the child reports how long those writes took;
+- **safety floor** (:mod:`bench.p1_floor`): the same host changes as vmconfine's start for
+  this domain and stack, made the minimal safe way in plain Python (one durable journal record,
+  fd-based symlink-safe DAC changes with remembered owners, the cgroups with the device
+  program, the child's cgroup move, mount namespace, ids, capabilities, no_new_privs, exec,
+  QMP, the verification of the kernel's view, ``cont``), then SIGTERM and its undo; the child
+  reports when it reached each of its steps;
 - **vmconfine API** (in-process): ``supervisor.run_domain(on_ready=...)`` — fork,
   child confinement, exec, QMP handshake, verification of the kernel's view, status XML,
   ``cont``; destroy = SIGTERM to QEMU in ``on_ready`` → ``supervise`` returns after teardown
@@ -39,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench import p1_floor
 from bench.common import (
     VMCONFINE,
     Options,
@@ -76,8 +83,16 @@ class Case:
     floor: Stats = field(default_factory=Stats)
     floor_moved: Stats = field(default_factory=Stats)
     migration: Stats = field(default_factory=Stats)
+    floor_qemu: Stats = field(default_factory=Stats)
+    floor_work: Stats = field(default_factory=Stats)
+    safety: Stats = field(default_factory=Stats)
+    safety_qemu: Stats = field(default_factory=Stats)
+    safety_work: Stats = field(default_factory=Stats)
+    safety_destroy: Stats = field(default_factory=Stats)
+    safety_steps: dict[str, Stats] = field(default_factory=dict)
     phases: dict[str, Stats] = field(default_factory=dict)
     api_start: Stats = field(default_factory=Stats)
+    api_work: Stats = field(default_factory=Stats)
     api_destroy: Stats = field(default_factory=Stats)
     cli_start: Stats = field(default_factory=Stats)
     cli_destroy: Stats = field(default_factory=Stats)
@@ -129,7 +144,7 @@ def _spawn_moved(argv: list[str], env: dict[str, str], procs: list[str]) -> tupl
 
 
 async def _floor_async(argv: list[str], env: dict[str, str], paths: list[str],
-                       procs: list[str] | None) -> tuple[float, int, float]:
+                       procs: list[str] | None) -> tuple[float, float, int, float]:
     from vmconfine.qemu import qmp
     t0 = now()
     moved = 0.0
@@ -142,17 +157,19 @@ async def _floor_async(argv: list[str], env: dict[str, str], paths: list[str],
     else:
         pid, moved = _spawn_moved(argv, env, procs)
     client = await qmp.connect(paths[0], "bench-floor")
+    ready = now() - t0
     await client.execute("cont")
     elapsed = now() - t0
     await qmp.disconnect(client)
-    return elapsed, pid, moved
+    return elapsed, ready, pid, moved
 
 
 def floor_once(conn: Connection, case: Case, tmp: Path,
-               procs: list[str] | None = None) -> tuple[float, float]:
-    """Spawn the domain's own QEMU command line bare; return (spawn → QMP ready + cont, the
-    child's cgroup writes). With ``procs``: forked, the child moved through the kernel's cgroup
-    migration (see :func:`_spawn_moved`) before exec, as the pipeline's child is."""
+               procs: list[str] | None = None) -> tuple[float, float, float]:
+    """Spawn the domain's own QEMU command line bare; return (spawn → QMP ready + cont,
+    spawn → QMP answers, the child's cgroup writes). With ``procs``: forked, the child moved
+    through the kernel's cgroup migration (see :func:`_spawn_moved`) before exec, as the
+    pipeline's child is."""
     from vmconfine.domain import parse_domain
     from vmconfine.launch.pipeline import command_paths, prepare_domain
     from vmconfine.qemu.argv import build_command
@@ -181,7 +198,8 @@ def floor_once(conn: Connection, case: Case, tmp: Path,
         fds[passed.name] = s.fileno()
     argv = command.argv(fds=fds)
     try:
-        elapsed, pid, moved = asyncio.run(_floor_async(argv, dict(command.env), paths, procs))
+        elapsed, ready, pid, moved = asyncio.run(_floor_async(argv, dict(command.env), paths,
+                                                              procs))
     finally:
         for s in socks:
             s.close()
@@ -189,7 +207,37 @@ def floor_once(conn: Connection, case: Case, tmp: Path,
             os.close(fd)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    return elapsed, moved
+    return elapsed, ready, moved
+
+
+QEMU_STEP = p1_floor.STEPS.index("QEMU start-up until QMP answers")
+
+
+def safety_once(plan: p1_floor.Plan, case: Case | None,
+                views: dict[str, dict[str, object]]) -> None:
+    """One start + stop of the safety floor; with ``case``, its samples are kept, else (an
+    uncounted round) QEMU's view as the kernel shows it goes to ``views``."""
+    started = p1_floor.start(plan)  # undoes what it made when it fails
+    try:
+        if case is None:
+            views[plan.name] = p1_floor.kernel_view(started.pid)
+    finally:
+        t1 = now()
+        p1_floor.stop(started)
+        done = now()
+    if case is None:
+        return
+    case.safety.add(started.steps[-1])
+    qemu = started.steps[QEMU_STEP] - started.steps[QEMU_STEP - 1]
+    case.safety_qemu.add(qemu)
+    case.safety_work.add(started.steps[-1] - qemu)
+    case.safety_destroy.add(done - t1)
+    prev = 0.0
+    for step, at in zip(p1_floor.STEPS, started.steps, strict=True):
+        case.safety_steps.setdefault(step, Stats()).add(at - prev)
+        prev = at
+    for step, took in zip(p1_floor.CHILD_STEPS, started.child, strict=True):
+        case.safety_steps.setdefault(f"  child: {step}", Stats()).add(took)
 
 
 # ---- vmconfine ----------------------------------------------------------------------------------
@@ -229,9 +277,11 @@ def phase_marks(marks: dict[str, float]) -> Iterator[None]:
         pipeline.checkpoint = real  # type: ignore[assignment]
 
 
-def api_once(conn: Connection, case: Case,
-             phases: dict[str, Stats] | None = None) -> tuple[float, float]:
-    """(start → ready, destroy → teardown done) through the in-process API."""
+def api_once(conn: Connection, case: Case, phases: dict[str, Stats] | None = None,
+             probe: dict[str, object] | None = None) -> tuple[float, float, float]:
+    """(start → ready, destroy → teardown done, QEMU's own start-up: exec → QMP answers)
+    through the in-process API. With ``probe`` (an uncounted round): QEMU's /dev and its
+    cgroups as the kernel shows them, to compare with the safety floor's."""
     from vmconfine.domain import parse_domain
     from vmconfine.launch.supervisor import run_domain
 
@@ -240,6 +290,8 @@ def api_once(conn: Connection, case: Case,
 
     def on_ready(launched: Launched) -> None:
         marks["ready"] = now()
+        if probe is not None:
+            probe.update(p1_floor.kernel_view(launched.pid))
         os.kill(launched.pid, signal.SIGTERM)
 
     with phase_marks(marks):
@@ -252,7 +304,7 @@ def api_once(conn: Connection, case: Case,
             if step in marks:
                 phases.setdefault(step, Stats()).add(marks[step] - prev)
                 prev = marks[step]
-    return marks["ready"] - t0, done - marks["ready"]
+    return marks["ready"] - t0, done - marks["ready"], marks["qmp"] - marks["forked"]
 
 
 def cli_once(uri: str, case: Case) -> tuple[float, float]:
@@ -329,6 +381,13 @@ def run(opts: Options) -> list[Table]:
             cases.append(Case(name, n, path, xml))
         conn = Connection.open(uri)
         stack = ", ".join(conn.stack.names())
+        safety_error = None
+        views: dict[str, dict[str, object]] = {c.name: {} for c in cases}
+        floor_views: dict[str, dict[str, object]] = {}
+        try:
+            plans = {c.name: p1_floor.plan(conn, c.name, c.xml, d / "floor") for c in cases}
+        except (RuntimeError, OSError) as exc:  # e.g. no cgroup2 mount: reported, not run
+            plans, safety_error = {}, str(exc)
         peer_error = None
         failures: list[str] = []
         with contextlib.ExitStack() as stack_cm:
@@ -344,9 +403,16 @@ def run(opts: Options) -> list[Table]:
             for i in range(opts.runs + 1):  # the first round warms caches and is not counted
                 keep = i > 0
                 for c in cases:
-                    f, _ = floor_once(conn, c, d)
-                    fm, mig = floor_once(conn, c, d, procs)
-                    a_start, a_destroy = api_once(conn, c, c.phases if keep else None)
+                    f, f_ready, _ = floor_once(conn, c, d)
+                    fm, _, mig = floor_once(conn, c, d, procs)
+                    if c.name in plans:
+                        try:
+                            safety_once(plans[c.name], c if keep else None, floor_views)
+                        except (RuntimeError, OSError) as exc:  # undone; reported
+                            safety_error = f"safety floor: {exc}"
+                            plans.clear()
+                    a_start, a_destroy, a_qemu = api_once(conn, c, c.phases if keep else None,
+                                                          None if keep else views[c.name])
                     try:
                         cl_start, cl_destroy = cli_once(uri, c)
                     except RuntimeError as exc:  # reported, the other measurements go on
@@ -354,9 +420,12 @@ def run(opts: Options) -> list[Table]:
                         cl_start = cl_destroy = None
                     if keep:
                         c.floor.add(f)
+                        c.floor_qemu.add(f_ready)
+                        c.floor_work.add(f - f_ready)
                         c.floor_moved.add(fm)
                         c.migration.add(mig)
                         c.api_start.add(a_start)
+                        c.api_work.add(a_start - a_qemu)
                         c.api_destroy.add(a_destroy)
                         if cl_start is not None and cl_destroy is not None:
                             c.cli_start.add(cl_start)
@@ -408,9 +477,38 @@ def run(opts: Options) -> list[Table]:
         table.add(f"pipeline overhead over floor + cgroup move, {disks}",
                   f"{over_moved * 1e3:.1f} ms", f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
                   ratio(over_moved, OVERHEAD_TARGET) + " (of budget)", "report")
+        table.add(f"safety floor, {disks}: the same host changes made the minimal safe way "
+                  "(bench/p1_floor.py)", c.safety.fmt(), "-",
+                  ratio(c.api_start.median, c.safety.median) + " (API/safety floor)", "-")
+        floor_over = c.safety.median - c.floor.median
+        table.add(f"safety floor's overhead over the floor, {disks} (safety floor - floor)",
+                  _ms(floor_over), f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  ratio(floor_over, OVERHEAD_TARGET) + " (of budget)",
+                  "n/a" if not c.safety.n else "<= 25 ms: possible"
+                  if floor_over <= OVERHEAD_TARGET else "> 25 ms: target impossible here")
+        table.add(f"  QEMU's own start-up, {disks}: exec -> QMP answers, safety floor vs floor",
+                  c.safety_qemu.fmt(), c.floor_qemu.fmt(),
+                  ratio(c.safety_qemu.median, c.floor_qemu.median), "report")
+        work = c.safety_work.median - c.floor_work.median
+        table.add(f"  safety floor's own work over the floor's, {disks} (each: start - QEMU's "
+                  "start-up)", _ms(work), f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  ratio(work, OVERHEAD_TARGET) + " (of budget)", "report")
+        over_safety = c.api_start.median - c.safety.median
+        table.add(f"pipeline overhead over the safety floor, {disks} (API - safety floor)",
+                  _ms(over_safety), f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  ratio(over_safety, OVERHEAD_TARGET) + " (of budget)", "report")
+        api_work = c.api_work.median - c.safety_work.median
+        table.add(f"  pipeline's own work over the safety floor's, {disks} (each: start - "
+                  "QEMU's start-up)", _ms(api_work),
+                  f"{OVERHEAD_TARGET * 1e3:.0f} ms budget",
+                  ratio(api_work, OVERHEAD_TARGET) + " (of budget)", "report")
         table.add(f"destroy + teardown, {disks}: API vs virsh destroy", c.api_destroy.fmt(),
                   c.lv_destroy.fmt() if c.lv_destroy.n else "n/a",
                   ratio(c.api_destroy.median, lv_destroy), "report")
+        table.add(f"destroy + undo, {disks}: safety floor (SIGTERM, wait, undo)",
+                  c.safety_destroy.fmt(), "-",
+                  ratio(c.api_destroy.median, c.safety_destroy.median)
+                  + " (API/safety floor)", "report")
         table.add(f"destroy, {disks}: CLI 'vmconfine destroy' vs virsh destroy",
                   c.cli_destroy.fmt(), c.lv_destroy.fmt() if c.lv_destroy.n else "n/a",
                   ratio(c.cli_destroy.median, lv_destroy), "report")
@@ -419,7 +517,7 @@ def run(opts: Options) -> list[Table]:
               ratio(cli_cost.median, virsh_cost.median if virsh_cost.n else None), "report")
     table.notes += [
         f"n = {opts.runs} per cell (after one uncounted warm-up round); runs alternate "
-        "floor / API / CLI / libvirt",
+        "floor / floor + cgroup move / safety floor / API / CLI / libvirt",
         f"vmconfine stack: {stack}; libvirt: default qemu.conf (DAC + cgroups, no LSM)",
         "CLI start-up cost = Python start-up + imports + opening the connection; the CLI rows "
         "include it, the API rows do not",
@@ -428,9 +526,19 @@ def run(opts: Options) -> list[Table]:
     ]
     if peer_error:
         table.notes.append(f"libvirt peer: {peer_error}")
+    for c in cases:
+        if c.name in plans:
+            ours, theirs = floor_views.get(c.name, {}), views[c.name]
+            differ = sorted(k for k in theirs if theirs[k] != ours.get(k))
+            table.notes.append(
+                f"{c.name}: QEMU's /dev, ids, capabilities, cgroups and device program under "
+                "the safety floor " + ("= under vmconfine" if not differ
+                                   else f"differ from vmconfine's: {', '.join(differ)}"))
+    if safety_error:
+        table.notes.append(f"safety floor not measured: {safety_error}")
     if failures:
         table.notes.append(f"CLI failures ({len(failures)}, not counted): {failures[0]}")
-    return [table, phase_table(cases)]
+    return [table, phase_table(cases), safety_table(cases)]
 
 
 def phase_table(cases: list[Case]) -> Table:
@@ -444,6 +552,28 @@ def phase_table(cases: list[Case]) -> Table:
                   f"{max(share):.2f} of total" if share else "n/a")
     table.notes.append("ratio = the step's share of the whole API start (largest of the "
                        "columns); 'qmp' is mostly QEMU's own start-up (the floor)")
+    return table
+
+
+def _ms(seconds: float) -> str:
+    """``12.3 ms``; ``n/a`` for a difference without samples (NaN)."""
+    return "n/a" if seconds != seconds else f"{seconds * 1e3:.1f} ms"
+
+
+def safety_table(cases: list[Case]) -> Table:
+    """Where the safety floor's start time goes (medians per step)."""
+    table = Table("P1 (detail): safety floor start, median per step",
+                  ["step", *[f"{c.disks} disk(s)" for c in cases], "ratio"])
+    steps = list(cases[0].safety_steps) if cases and cases[0].safety_steps else []
+    for step in steps:
+        cells = [c.safety_steps[step].fmt() if step in c.safety_steps else "-" for c in cases]
+        share = [c.safety_steps[step].median / c.safety.median for c in cases
+                 if step in c.safety_steps and c.safety.n]
+        table.add(step, *cells, f"{max(share):.2f} of total" if share else "n/a")
+    if not steps:
+        table.add("no sample", *["-" for _ in cases], "n/a")
+    table.notes.append("the child's steps are its own timestamps (CLOCK_MONOTONIC), written to "
+                       "the parent just before exec; they make up 'log, fork -> exec'")
     return table
 
 

@@ -3,9 +3,9 @@
 :func:`start` makes, in plain Python and for one fixed domain, exactly the host changes that
 ``run_domain`` makes for the benchmark's domain with the stack ``none, dac, cgroups,
 namespaces`` (taken from ``strace -f`` of one API start and the drivers' code), each the
-cheapest correct way, with the same fd-based, symlink-safe system calls and nothing else, in
-the order that lets the kernel's cgroup migration wait (see :mod:`vmconfine_cgroups.warm`)
-overlap the most work:
+cheapest correct way, with the same fd-based, symlink-safe system calls and nothing else; QEMU's
+process is created in its v2 group and joins the v1 groups through ``tasks`` (no cgroup
+migration wait, as in vmconfine: :mod:`vmconfine.launch.respawn`):
 
 1. the domain's lifetime lock (``flock`` on ``NAME.lock``, ``O_NOFOLLOW``);
 2. **one** journal record, written before the first change: the intent (the XML, which names
@@ -16,9 +16,7 @@ overlap the most work:
 3. cgroups: the three-level group in every hierarchy vmconfine places QEMU in (v1 cpu,
    cpuacct, cpuset with its cpus/mems copied at each level, memory, freezer, blkio; the v2
    group for devices), the device program (the instructions vmconfine assembles for this
-   domain, loaded without verifier log, attached, its id read back), then the warm-up of the
-   migration lock (vmconfine's own :func:`vmconfine_cgroups.warm.warm_up`: a thread writes
-   this process into its own cgroup);
+   domain, loaded without verifier log, attached, its id read back);
 4. the QEMU account (``getpwnam``, ``getgrouplist``) and the images: their directory opened
    once by a walk of ``O_PATH|O_NOFOLLOW`` components, each image ``openat(O_NOFOLLOW)``,
    ``fstat`` (a regular file), ``fgetxattr`` of the remembered-owner reference (another
@@ -29,11 +27,12 @@ overlap the most work:
    three ``fsetxattr`` (remembered owner, timestamp, reference) and ``fchown`` on the fd, the
    home directory ``fchown`` on an ``O_NOFOLLOW`` fd;
 7. the log file (``O_APPEND|O_NOFOLLOW``, one header line);
-8. ``fork``; the child: default SIGPIPE/SIGXFSZ, ``setsid``, stdio, every fd but the two
-   sockets close-on-exec (one ``close_range``), its move into the leaf group of every
-   hierarchy, the mount namespace with the same /dev view (tmpfs staged on the runtime
-   directory, six device binds, devpts, /dev/shm, the symlinks, ``MS_MOVE`` onto /dev), the
-   bounding set dropped, ``setgroups``/``setresgid``/``setresuid``, ``capset`` to zero,
+8. ``clone3(CLONE_INTO_CGROUP)`` into the v2 leaf group (``fork`` + ``cgroup.procs`` where
+   the kernel refuses); the child: default SIGPIPE/SIGXFSZ, ``setsid``, stdio, every fd but
+   the two sockets close-on-exec (one ``close_range``), ``tasks`` of the v1 leaf groups,
+   the mount namespace with the same /dev view (tmpfs staged on the runtime directory, six
+   device binds, devpts, /dev/shm, the symlinks, ``MS_MOVE`` onto /dev), the bounding set
+   dropped, ``setgroups``/``setresgid``/``setresuid``, ``capset`` to zero,
    no_new_privs, the parent-death signal, ``execve`` of the same QEMU argv;
 9. QMP capabilities, the verification of the kernel's view (``/proc/PID/status``: ids, groups,
    the five capability sets, NoNewPrivs; ``/proc/PID/cgroup``; the attached program; the
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.common import now
+from vmconfine.launch import respawn
 
 if TYPE_CHECKING:
     from vmconfine.launch.connection import Connection
@@ -92,14 +92,14 @@ DEV_LINKS = (("/proc/self/fd", "fd"), ("pts/ptmx", "ptmx"), ("/proc/self/fd/2", 
 DEV_NAMES = frozenset((*DEV_BINDS, *(n for _, n in DEV_LINKS), "pts", "shm"))
 #: the steps :func:`start` times, in order
 STEPS = ("lock, journal: the intent record written",
-         "cgroups: dirs, cpuset, device program, warm-up started",
+         "cgroups: dirs, cpuset, device program",
          "account, images opened and checked", "journal: fsync of the record",
          "runtime dirs, sockets, DAC (xattrs, chown)",
          "log, fork -> exec (the child's confinement)", "QEMU start-up until QMP answers",
          "verify the kernel's view", "status file, cont")
 #: the child's steps (its own timestamps, sent to the parent before exec)
 CHILD_STEPS = ("fork() until the child runs", "signals, setsid, stdio, fds close-on-exec",
-               "cgroup.procs of 7 hierarchies (the migration wait)",
+               "v1 groups joined through tasks (v2: created in it)",
                "mount namespace, /dev view", "caps, ids, no_new_privs, parent check")
 
 
@@ -264,7 +264,7 @@ def _open_dir(path: str) -> int:
 
 
 def _child(p: Plan, fds: list[int], log_fd: int, null_fd: int, times_w: int, parent: int,
-           uid: int, gid: int, groups: list[int]) -> None:
+           uid: int, gid: int, groups: list[int], born_in_v2: bool) -> None:
     """Between fork and exec: only system calls, in libvirt's order. Writes when it reached
     each of :data:`CHILD_STEPS` to ``times_w`` just before exec (the benchmark's own cost:
     one write)."""
@@ -279,8 +279,13 @@ def _child(p: Plan, fds: list[int], log_fd: int, null_fd: int, times_w: int, par
     for fd in fds:
         os.set_inheritable(fd, True)
     times.append(now())
-    for leaf in p.leaves:  # cgroups
-        fd = os.open(f"{leaf}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+    for leaf in p.leaves:  # cgroups: v1 through ``tasks`` (one thread: the whole process)
+        if leaf == p.v2_leaf:
+            if born_in_v2:
+                continue
+            fd = os.open(f"{leaf}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+        else:
+            fd = os.open(f"{leaf}/tasks", os.O_WRONLY | os.O_CLOEXEC)
         os.write(fd, b"0")
         os.close(fd)
     times.append(now())
@@ -323,10 +328,23 @@ def _fork_exec(p: Plan, s: Started, fds: list[int], log_fd: int, uid: int, gid: 
     times_r, times_w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     forked = now()
-    pid = os.fork()
+    # created in its v2 group (clone3 CLONE_INTO_CGROUP, as vmconfine: no migration wait);
+    # a kernel that refuses: fork, and the child writes cgroup.procs
+    v2fd = os.open(p.v2_leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    pid = -1
+    try:
+        try:
+            pid, born = respawn.spawn_into(v2fd), True
+        except OSError:
+            pid, born = os.fork(), False
+    finally:
+        if pid != 0:
+            os.close(v2fd)
     if pid == 0:
         try:
-            _child(p, fds, log_fd, null_fd, times_w, parent, uid, gid, groups)
+            os.close(v2fd)
+            respawn.set_signal_mask(signal.SIG_SETMASK, respawn.NO_SIGNALS)
+            _child(p, fds, log_fd, null_fd, times_w, parent, uid, gid, groups, born)
         except BaseException as exc:
             try:
                 os.write(err_w, f"{type(exc).__name__}: {exc}".encode())
@@ -539,7 +557,6 @@ def _files(p: Plan, s: Started, image_fds: list[int], uid: int, gid: int) -> lis
 
 
 def _start(p: Plan, s: Started, mark: Any) -> None:
-    from vmconfine_cgroups import warm
     run = p.root / "run"
     s.lock_fd = os.open(run / f"{p.name}.lock",
                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -557,9 +574,6 @@ def _start(p: Plan, s: Started, mark: Any) -> None:
         os.write(jfd, json.dumps(record).encode() + b"\n")
         mark()
         prog_id = _cgroups(p, s)
-        # the kernel's migration wait for the child's move starts now, in a thread, and runs
-        # while the parent checks, fsyncs and changes files (cgroupfs work would wait on it)
-        warm.warm_up(p.v2_mount, None)
         mark()
         pw = pwd.getpwnam(p.user)
         uid, gid = pw.pw_uid, pw.pw_gid

@@ -58,12 +58,15 @@ def spawn(stack: Stack, ctx: DomainContext, command: QemuCommand,
 
     def forked(pid: int) -> None:
         # journal the child before it can exec (a parent-death signal is not enough: an exec
-        # label change clears it), so a crash from here on is recovered by pid
+        # label change clears it), so a crash from here on is recovered by pid. Written, not
+        # fsynced: a crash of vmconfine leaves the line readable (page cache), and a power
+        # loss or kernel crash, which could lose it, ends QEMU too; every record of a change
+        # to undo was made durable before that change
         ctx.pid = pid
         starttime = runtime.proc_starttime(pid)
         ctx.state["pipeline"]["starttime"] = starttime
         with contextlib.suppress(Exception):
-            ctx.journal.record("pipeline", "forked", pid=pid, starttime=starttime)
+            ctx.journal.note("pipeline", "forked", pid=pid, starttime=starttime)
 
     return fork_exec(command.argv(fds=passed), dict(command.env), fds, log_fd,
                      lambda hook: stack.run_child_hook(hook, ctx), forked,

@@ -18,7 +18,8 @@
    handed over it (``getfd`` + ``display-update``: QEMU 7.2's ``-vnc`` takes no fd);
 6. *verify* — what the kernel reports for the pid against what every driver asked for, and
    no_new_privs (beyond libvirt: fail closed);
-7. *finish start-up* — write the live status XML; start the guest CPUs unless paused.
+7. *finish start-up* — start the guest CPUs unless paused, writing the live status XML while
+   QEMU answers `cont`.
 
 A failure at any step undoes everything done so far (:func:`teardown`, driven by the journal)
 before the error is raised; a failure after QEMU was spawned carries QEMU's last log lines and,
@@ -338,7 +339,9 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         preopened = preopen.open_all(stack, ctx, command, journaled=True)
         checkpoint("sockets")
         try:
-            stack.set("set_all_labels", ctx)
+            # a driver's closing sync is paid by the next driver's record (or at the end)
+            with journal.deferred_syncs():
+                stack.set("set_all_labels", ctx)
             checkpoint("set-labels")
             # external devices before QEMU, as qemuExtDevicesStart: the TPM emulator
             await swtpm.start(stack, ctx, preopened.fds, outlive=outlive)
@@ -358,7 +361,7 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         # the parent keeps its copies until teardown: a QEMU that dies during start-up then
         # leaves the monitor listening, so the handshake waits instead of being reset
         process = QemuProcess(pid, ctx.state["pipeline"]["starttime"])
-        # QEMU has exec'd (a note: "forked", durable before the exec, names the same process)
+        # QEMU has exec'd (a note: "forked", written before the exec, names the same process)
         journal.note("pipeline", "started", pid=pid, starttime=process.starttime)
         launched = Launched(ctx, command, process, domain_id, lock, log_path, preopened)
         process.watch(asyncio.get_running_loop())
@@ -377,9 +380,10 @@ async def start(conn: Connection, domain: Domain, *, paused: bool = False,
         _verify(conn, launched)
         checkpoint("verified")
         # 7. finish start-up
-        write_status(conn, launched)
-        if not paused:
-            await launched.client.execute("cont")
+        if paused:
+            write_status(conn, launched)
+        else:
+            await _cont_writing_status(conn, launched)
         checkpoint("running")
         return launched
     except BaseException as exc:
@@ -581,6 +585,25 @@ def _verify(conn: Connection, launched: Launched) -> None:
             f"domain '{launched.name}': QEMU is not confined as asked, killed it: "
             + "; ".join(problems)
         )
+
+
+async def _cont_writing_status(conn: Connection, launched: Launched) -> None:
+    """``cont`` sent, the status written while QEMU answers it; both done when this returns
+    (nothing reads the status before the start returns: ``list`` and a restarted daemon only
+    see a domain whose start is unfinished, before and after ``cont`` alike). A status that
+    cannot be written fails the start, which kills QEMU."""
+    assert launched.client is not None
+    cont = asyncio.ensure_future(launched.client.execute("cont"))
+    for _ in range(3):  # the library's writer task sends the request
+        await asyncio.sleep(0)
+    try:
+        write_status(conn, launched)
+    except BaseException:
+        cont.cancel()
+        with contextlib.suppress(BaseException):
+            await cont
+        raise
+    await cont
 
 
 def write_status(conn: Connection, launched: Launched) -> None:

@@ -183,11 +183,15 @@ class NamespacesDriver:
             noun = "namespace is" if len(names) == 1 else "namespaces are"
             raise DriverError(f"namespaces: the {listed} {noun} not available: {why} "
                               "(or remove it from 'namespaces' in qemu.conf)")
-        self.view(ctx)
+        view = self.view(ctx)
+        if "root" not in self.wanted():
+            # a private /dev only: the view depends on nothing the start makes before
+            # set_all_labels (a root view names the sockets made meanwhile: planned again)
+            ctx.driver_state(NAME)["preflight_view"] = view
 
     @hookimpl
     def set_all_labels(self, ctx: DomainContext) -> None:
-        view = self.view(ctx)
+        view = ctx.driver_state(NAME).pop("preflight_view", None) or self.view(ctx)
         # the view lives in QEMU's namespaces only: noted for the report, nothing to undo (so
         # no fsync of its own)
         ctx.journal.note(NAME, "view", mode=view.mode, userns=view.userns,

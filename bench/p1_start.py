@@ -12,8 +12,10 @@ Measured, alternating every run:
   ``posix_spawn`` → ``qmp_capabilities`` → ``cont`` answered, with the same QMP client;
 - **floor + cgroup move**: the same, but forked, the child writing itself into
   ``cgroup.procs`` of every hierarchy before exec (a move to where it already is: the kernel
-  still takes its cgroup migration lock and waits for an RCU grace period, the cost the
-  pipeline's child pays for its real move); the child reports how long those writes took;
+  still takes its cgroup migration lock and waits for an RCU grace period); the child reports
+  how long those writes took. This is the cost of joining groups by ``cgroup.procs``, as
+  libvirt does; vmconfine (and the safety floor) no longer pay it: QEMU's process is created
+  in its v2 group and joins the v1 groups through ``tasks`` (docs/cgroups.md);
 - **safety floor** (:mod:`bench.p1_floor`): the same host changes as vmconfine's start for
   this domain and stack, made the minimal safe way in plain Python (one durable journal record,
   fd-based symlink-safe DAC changes with remembered owners, the cgroups with the device
@@ -117,7 +119,7 @@ def cgroup_procs_files() -> list[str]:
 
 def _spawn_moved(argv: list[str], env: dict[str, str], procs: list[str]) -> tuple[int, float]:
     """fork; the child writes itself into ``procs`` (where it already is: the kernel still
-    takes its cgroup migration lock, as for the pipeline's real move), reports how long that
+    takes its cgroup migration lock, as a move by ``cgroup.procs`` does), reports how long that
     took, and execs ``argv``. Returns (pid, seconds the child spent in the writes)."""
     rfd, wfd = os.pipe()
     pid = os.fork()

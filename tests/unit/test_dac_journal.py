@@ -163,3 +163,53 @@ def test_a_torn_group_line_with_shared_fields_is_dropped(tmp_path: Path) -> None
     assert [r["op"] for r in fresh.records()] == ["begin"] and fresh.groups("dac", "chown") == []
     fresh.record("pipeline", "end")  # appended after the cut, not glued onto the torn line
     assert [r["op"] for r in Journal(j.path).records()] == ["begin", "end"]
+
+
+# ---- deferred_syncs: DAC's closing sync inside the pipeline's set_all_labels ----------------
+
+
+def test_deferred_syncs_an_owed_sync_is_paid_by_the_next_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsyncs = _fsyncs(monkeypatch)
+    j = Journal(tmp_path / "d.journal")
+    with j.deferred_syncs():
+        j.record("dac", "chown", path="/img")  # a record is durable at once, as always
+        assert len(fsyncs) == 1
+        j.note("dac", "remembered", id=1)
+        j.sync()  # owed
+        assert len(fsyncs) == 1
+        j.record("cgroups", "mkdir", path="/sys/fs/cgroup/x")  # pays it: one fsync for both
+        assert len(fsyncs) == 2
+        j.note("namespaces", "view", entries=3)  # a note without a sync asked for
+    assert len(fsyncs) == 2  # nothing owed at the end: no fsync of its own
+    assert [r["op"] for r in Journal(j.path).records()] == ["chown", "remembered", "mkdir",
+                                                            "view"]
+    j.close()
+
+
+def test_deferred_syncs_an_owed_sync_is_paid_at_the_end_of_the_outermost_block(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsyncs = _fsyncs(monkeypatch)
+    j = Journal(tmp_path / "d.journal")
+    j.record("dac", "chown", path="/img")
+    with j.deferred_syncs():
+        with j.deferred_syncs():
+            j.note("dac", "remembered", id=1)
+            j.sync()
+        assert len(fsyncs) == 1  # the inner end is not the end
+    assert len(fsyncs) == 2
+    j.sync()  # paid: nothing left to sync
+    assert len(fsyncs) == 2
+
+
+def test_deferred_syncs_an_owed_sync_is_paid_when_the_block_raises(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsyncs = _fsyncs(monkeypatch)
+    j = Journal(tmp_path / "d.journal")
+    with pytest.raises(RuntimeError), j.deferred_syncs():
+        j.note("dac", "remembered", id=1)
+        j.sync()
+        raise RuntimeError("a driver failed")
+    assert len(fsyncs) == 1
+    j.close()
+    assert len(fsyncs) == 1

@@ -1,8 +1,9 @@
 """The security stack: which drivers run, in which order, with what fan-out semantics.
 
 Built from ``security_driver`` (libvirt's rules): a string or list of names, or "none"; unset
-means the first available of selinux, apparmor, else none. DAC is appended last when the
-instance is privileged. Pipeline drivers (cgroups) follow when they say they are enabled.
+means the first available of the drivers that registered an ``autodetect`` priority (lowest
+first), else none. Drivers registered ``implicit`` are appended after them when the instance is
+privileged. Pipeline drivers follow when they say they are enabled.
 
 The stack owns the semantics once, so drivers stay simple:
 

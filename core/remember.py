@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -142,9 +143,13 @@ class Recalled:
     remaining: int = 0
 
 
-def read(x: Xattrs, names: Names) -> Record:
-    """The record on the file as it is (raises OSError, e.g. ENOTSUP)."""
-    raw_ref, raw_label, raw_ts = (x.getxattr(n) for n in (names.ref, names.label, names.timestamp))
+def read(x: Xattrs, names: Names, listed: Collection[str] | None = None) -> Record:
+    """The record on the file as it is (raises OSError, e.g. ENOTSUP). ``listed``: the file's
+    xattr names, listed a moment ago under its lock (only those present are read: a file
+    without a record costs no failing ``getxattr``)."""
+    raw_ref, raw_label, raw_ts = (
+        x.getxattr(n) if listed is None or n in listed else None
+        for n in (names.ref, names.label, names.timestamp))
     try:
         ref = int(raw_ref.decode()) if raw_ref is not None else 0
     except ValueError:
@@ -182,13 +187,15 @@ class Scheme:
         """This driver's xattr names under ``prefix``."""
         return Names.of(prefix, self.driver)
 
-    def current(self, x: Xattrs, names: Names, seen: Record | None = None) -> Record:
+    def current(self, x: Xattrs, names: Names, seen: Record | None = None,
+                listed: Collection[str] | None = None) -> Record:
         """The record, with a stale one (other boot, garbage) discarded with a warning.
 
         ``seen``: the record as :func:`read` (or this method) returned it a moment ago while
         the caller held the file's lock; it is checked instead of reading the xattrs again.
+        ``listed``: see :func:`read`.
         """
-        rec = seen if seen is not None else read(x, names)
+        rec = seen if seen is not None else read(x, names, listed)
         if rec.ref == 0 and rec.label is None and rec.timestamp is None:
             return rec
         if rec.ref <= 0 or rec.timestamp != boot_time(self.dated):
@@ -205,11 +212,13 @@ class Scheme:
         rec = self.peek(x, names)
         return None if rec is None else rec.ref
 
-    def peek(self, x: Xattrs, names: Names) -> Record | None:
+    def peek(self, x: Xattrs, names: Names,
+             listed: Collection[str] | None = None) -> Record | None:
         """The current (valid) record, None when xattrs are unsupported. Discards a stale
-        record. Pass it on as ``seen`` to :meth:`remember` under the same lock."""
+        record. Pass it on as ``seen`` to :meth:`remember` under the same lock. ``listed``:
+        see :func:`read`."""
         try:
-            return self.current(x, names)
+            return self.current(x, names, listed=listed)
         except OSError as exc:
             if exc.errno in UNSUPPORTED:
                 return None

@@ -177,6 +177,11 @@ class Journal:
         """:meth:`note` for one record per row (see :meth:`record_rows`)."""
         self._groups(driver, op, keys, [(same or {}, rows)], durable=False)
 
+    def note_groups(self, driver: str, op: str, keys: tuple[str, ...],
+                    groups: list[tuple[dict[str, Any], list[list[Any]]]]) -> None:
+        """:meth:`note_rows` for several groups (see :meth:`record_groups`), in one write."""
+        self._groups(driver, op, keys, groups, durable=False)
+
     def _groups(self, driver: str, op: str, keys: tuple[str, ...],
                 groups: list[tuple[dict[str, Any], list[list[Any]]]], durable: bool) -> None:
         full = [({"driver": driver, "op": op, **same}, rows) for same, rows in groups if rows]
@@ -311,6 +316,33 @@ class Journal:
             if isinstance(chunk, tuple):
                 if chunk[0]["driver"] == driver and chunk[0]["op"] == op:
                     out.append(chunk)
+            else:
+                plain(chunk)
+        return out
+
+    def groups_by_op(self, driver: str, ops: Iterable[str],
+                     ) -> dict[str, list[tuple[dict[str, Any], tuple[str, ...], list[list[Any]]]]]:
+        """:meth:`groups` of several ops of ``driver`` at once, in one pass over the journal:
+        op → its groups (an op without records: an empty list)."""
+        self._load()
+        out: dict[str, list[tuple[dict[str, Any], tuple[str, ...], list[list[Any]]]]] = {
+            op: [] for op in ops}
+
+        def plain(recs: list[dict[str, Any]]) -> None:
+            for r in recs:
+                if r.get("driver") == driver:
+                    found = out.get(r.get("op"))  # type: ignore[arg-type]
+                    if found is not None:
+                        found.append((r, (), [[]]))
+
+        assert self._records is not None
+        plain(self._records)
+        for chunk in self._tail:
+            if isinstance(chunk, tuple):
+                if chunk[0]["driver"] == driver:
+                    found = out.get(chunk[0]["op"])
+                    if found is not None:
+                        found.append(chunk)
             else:
                 plain(chunk)
         return out

@@ -79,6 +79,24 @@ def identity(ctx: DomainContext) -> Identity:
     return ident
 
 
+def _plans(ctx: DomainContext, resources: list[Resource], ident: Identity,
+           ) -> list[relabel.Plan]:
+    """:func:`relabel.plan` of ``resources``, made once per start: ``set_all_labels`` reuses
+    the plan ``preflight`` checked when it is for the same resource list (the domain's, not
+    changed since: the same list object and length) and the same identity. The plan depends
+    on nothing else that can change in between (qemu.conf is read once, the seclabels are
+    generated before preflight, and no file is looked at)."""
+    state = ctx.driver_state(MODEL)
+    cached = state.get("plan")
+    if (cached is not None and cached[0] is resources and cached[1] == len(resources)
+            and cached[2] is ident):
+        return cached[3]  # type: ignore[no-any-return]
+    plans = relabel.plan(ctx, resources, ident)
+    if resources is ctx.resources:  # the domain's own list (hotplug plans are not kept)
+        state["plan"] = (resources, len(resources), ident, plans)
+    return plans
+
+
 def helper_identity(ctx: DomainContext, helper: Helper) -> Identity:
     """A helper's ids (its qemu.conf account, that user's groups), every capability dropped
     (libvirt's ``virCommandClearCaps`` for swtpm); computed in the parent."""
@@ -292,12 +310,12 @@ class DacDriver:
     @hookimpl
     def preflight(self, ctx: DomainContext) -> None:
         ident = identity(ctx)
-        plans = relabel.plan(ctx, ctx.resources, ident)
+        plans = _plans(ctx, ctx.resources, ident)
         preflight_mod.check(ctx, ident, plans, preflight_mod.user_hint(ident))
 
     def _set(self, ctx: DomainContext, resources: list[Resource]) -> None:
         ident = identity(ctx)
-        plans = relabel.plan(ctx, resources, ident)
+        plans = _plans(ctx, resources, ident)
         changed = relabel.apply(ctx, plans, ident)
         ctx.driver_state(MODEL).setdefault("owned", []).extend(changed)
 
@@ -332,7 +350,8 @@ class DacDriver:
     @hookimpl
     def restore_hostdev_label(self, ctx: DomainContext, hostdev: Hostdev) -> None:
         paths = {r.path for r in core_resources.hostdev_resources(hostdev)}
-        self._restore(ctx, lambda rec: rec.get("role") == "hostdev" and rec["orig"] in paths)
+        self._restore(ctx, lambda rec: (rec.get("role") == "hostdev"
+                                        and relabel.orig_path(rec) in paths))
 
     @hookimpl
     def set_chardev_label(self, ctx: DomainContext, chardev: Chardev) -> None:
@@ -343,7 +362,8 @@ class DacDriver:
         paths = {r.path for r in chardev_resources(ctx, chardev)}
         if chardev.path:
             paths |= {chardev.path, f"{chardev.path}.in", f"{chardev.path}.out"}
-        self._restore(ctx, lambda rec: rec.get("role") == "chardev" and rec["orig"] in paths)
+        self._restore(ctx, lambda rec: (rec.get("role") == "chardev"
+                                        and relabel.orig_path(rec) in paths))
 
     # ---- the child -------------------------------------------------------------------------
     @hookimpl
@@ -538,7 +558,7 @@ def _chown_record(ctx: DomainContext, path: str) -> dict[str, Any] | None:
     for r in recs:
         if r["op"] != "chown" or r.get("id") in done:
             continue
-        if path == r.get("orig") or real in (r.get("path"), r.get("orig")):
+        if path == relabel.orig_path(r) or real in (r.get("path"), relabel.orig_path(r)):
             found = r
     return found
 

@@ -104,6 +104,22 @@ class DirCache:
     def open(self, path: str, want_lock: bool) -> tuple[Resolved, FileHandle]:
         """:meth:`resolve`, then :meth:`FileHandle.open` (``lock=False``) of what it resolved:
         the same checks in the same order, the directory looked up once for both."""
+        head, sep, name = path.rpartition("/")
+        real = self._real.get(head or "/") if sep and name not in _NOT_NAMES else None
+        dfd = self._fds.get(real[0]) if real is not None else None
+        if dfd is not None:
+            # the common case, without the general path's calls: a regular file in a
+            # directory opened already (the layers of a chain, a domain's disks)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                res = Resolved(path, real[1] + name, st.st_dev,  # type: ignore[index]
+                               st.st_ino, st.st_mode)
+                if after_resolve_hook is not None:
+                    after_resolve_hook(res.path, res.resolved)
+                try:
+                    return res, FileHandle._open_regular(dfd, name, res, want_lock)
+                except OSError as exc:
+                    raise _swapped(res, exc) from None
         res, dfd, name = self._lookup(path)
         if dfd < 0:
             return res, FileHandle.open(res, want_lock=want_lock, dirs=self, lock=False)
@@ -305,27 +321,35 @@ class FileHandle:
     def _open_at(cls, dfd: int, name: str, res: Resolved, want_lock: bool) -> FileHandle:
         mode = res.mode or os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
         if stat.S_ISREG(mode):
-            for flags in _LOCK_MODES if want_lock else _READ_MODES:
-                try:
-                    fd = os.open(name, flags, dir_fd=dfd)
-                except OSError as exc:
-                    if exc.errno == errno.ELOOP:
-                        raise SwappedError(
-                            f"{res.resolved} became a symlink while it was being labelled; "
-                            "refusing to change its owner (check who can write to its "
-                            "directory)") from None
-                    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                        raise
-                    log.debug("%s: open with flags %o failed: %s", res.resolved, flags, exc)
-                    continue
-                handle = cls(res.resolved, None, fd)
-                try:
-                    handle._check(res, os.fstat(fd))
-                except BaseException:
-                    handle.close()
+            return cls._open_regular(dfd, name, res, want_lock)
+        return cls._open_path(res, os.open(name, _PATH_FLAGS, dir_fd=dfd), want_lock)
+
+    @classmethod
+    def _open_regular(cls, dfd: int, name: str, res: Resolved, want_lock: bool) -> FileHandle:
+        """Open ``name`` in ``dfd``, a regular file when it was resolved, with its access mode
+        (read-write first for the metadata lock) and no ``O_PATH`` step."""
+        for flags in _LOCK_MODES if want_lock else _READ_MODES:
+            try:
+                fd = os.open(name, flags, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise SwappedError(
+                        f"{res.resolved} became a symlink while it was being labelled; "
+                        "refusing to change its owner (check who can write to its "
+                        "directory)") from None
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                     raise
-                handle._lockable = flags == _LOCK_MODES[0]
-                return handle
+                log.debug("%s: open with flags %o failed: %s", res.resolved, flags, exc)
+                continue
+            handle = cls(res.resolved, None, fd)
+            st = handle.opened_stat = os.fstat(fd)
+            if st.st_ino != res.ino or st.st_dev != res.dev or stat.S_ISLNK(st.st_mode):
+                try:
+                    handle._check(res, st)  # raises: the file was replaced
+                finally:
+                    handle.close()
+            handle._lockable = flags == _LOCK_MODES[0]
+            return handle
         return cls._open_path(res, os.open(name, _PATH_FLAGS, dir_fd=dfd), want_lock)
 
     @classmethod

@@ -215,10 +215,11 @@ def apply(ctx: DomainContext, plans: list[Plan], ident: Identity) -> list[str]:
                     _close(batch, changed)
                     inodes.clear()
                 want = remember_on and p.remember
-                opened = _open(dirs, p, want)
-                if opened is None:
+                try:
+                    res, handle = dirs.open(p.path, want)  # not locked yet
+                except OSError as exc:
+                    _open_failed(p, exc)  # raises, unless QEMU creates the file itself
                     continue
-                res, handle = opened
                 key = (res.dev, res.ino)
                 if key in inodes:
                     # the batch holds this file already: it goes first; this handle's check
@@ -276,9 +277,9 @@ class _Item:
 def _close(batch: list[_Item], changed: list[str] | None = None) -> None:
     """Close the batch's handles (and add its paths to ``changed``); empty it."""
     try:
+        if changed is not None:
+            changed.extend([it.res.resolved for it in batch])
         for it in batch:
-            if changed is not None:
-                changed.append(it.res.resolved)
             it.handle.close()
     except BaseException:
         for it in batch:
@@ -289,19 +290,16 @@ def _close(batch: list[_Item], changed: list[str] | None = None) -> None:
         batch.clear()
 
 
-def _open(dirs: DirCache, p: Plan, want_lock: bool) -> tuple[Resolved, FileHandle] | None:
-    """The plan's file, resolved and opened (not locked yet); None for a missing file QEMU
-    creates itself."""
-    try:
-        return dirs.open(p.path, want_lock)
-    except FileNotFoundError:
+def _open_failed(p: Plan, exc: OSError) -> None:
+    """Resolving or opening the plan's file raised ``exc``: a clear error, except for a
+    missing file QEMU creates itself (then nothing to do: returns)."""
+    if isinstance(exc, FileNotFoundError):
         if p.create:
             log.debug("dac: %s does not exist yet; QEMU creates it", p.path)
-            return None
+            return
         raise LabelError(f"cannot give {p.path} to QEMU: no such file or directory; fix "
                          "the path in the domain XML") from None
-    except OSError as exc:
-        raise LabelError(f"cannot resolve or open {p.path}: {exc.strerror}") from None
+    raise LabelError(f"cannot resolve or open {p.path}: {exc.strerror}") from None
 
 
 class _RecordIds:
@@ -316,11 +314,19 @@ class _RecordIds:
     def reset(self) -> None:
         self.prefix, self.count = os.urandom(8).hex(), itertools.count()
 
-    def __call__(self) -> str:
-        return f"{self.prefix}{next(self.count):x}"
+    def many(self, n: int) -> list[str]:
+        """``n`` new ids (a batch's)."""
+        prefix, count = self.prefix, self.count
+        return [f"{prefix}{next(count):x}" for _ in range(n)]
 
 
 _record_id = _RecordIds()
+
+def orig_path(rec: dict[str, Any]) -> str:
+    """A ``chown`` record's path as the domain XML names it (``orig``; null: the resolved
+    ``path`` itself)."""
+    return rec.get("orig") or rec["path"]  # type: ignore[no-any-return]
+
 
 #: the fields of a ``chown`` record that differ from file to file, in the order of
 #: :func:`_run_batch`'s rows; the others (:data:`CHOWN_SAME`) are the plan's, shared by a run of
@@ -342,7 +348,7 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
     groups: list[tuple[dict[str, Any], list[list[Any]]]] = []
     rows: list[list[Any]] = []
     shape: tuple[Any, ...] = ()
-    new_id = _record_id
+    new_id = iter(_record_id.many(len(batch))).__next__  # one per file (a skipped one's unused)
     for it in batch:
         h, p, res = it.handle, it.plan, it.res
         # a file that is locked is read again under its lock; else the stat of its check will do
@@ -353,12 +359,14 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
                 it.skip = True  # a shared image QEMU can already use: left as it is
                 continue
             it.plan = p = p._replace(uid=uid)
-        seen = it.seen = owners.peek(h, names) if it.want_remember and h.locked else None
+        # the names first: a file without a record (the usual case) costs no failing getxattr
+        listed = owners.list_names(h) if it.want_remember and h.locked else None
+        seen = it.seen = owners.peek(h, names, listed) if listed is not None else None
         # no record read (not wanted, no lock, no xattrs here): the journal alone keeps the owner
         remember = it.remember = seen is not None
         fcaps = None
         if (uid != p.uid or gid != p.gid) and stat.S_ISREG(mode):
-            fcaps = it.fcaps = owners.file_caps(h)
+            fcaps = it.fcaps = owners.file_caps(h, listed)
         same = (p.role, p.device, p.uid, p.gid, remember, p.restore,
                 prefix if remember else None, seen.ref if seen is not None else None,
                 p.mode_add or None)
@@ -366,15 +374,36 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
             shape, rows = same, []
             groups.append((dict(zip(CHOWN_SAME, same, strict=True)), rows))
         rid = it.rid = new_id()
-        rows.append([rid, res.resolved, res.path, res.dev, res.ino, uid, gid, mode & 0o7777,
-                     fcaps.hex() if fcaps else None])
+        # ``orig``: the path as the XML names it, null when it is the resolved one (the usual
+        # case: a chain's layers are named by their real paths)
+        rows.append([rid, res.resolved, res.path if res.path != res.resolved else None,
+                     res.dev, res.ino, uid, gid, mode & 0o7777, fcaps.hex() if fcaps else None])
     journal.record_groups(DRIVER, "chown", CHOWN_FIELDS, groups)
     done = 0
     info = log.isEnabledFor(logging.INFO)
     try:
+        # each file's record is durable: remember its owner (when wanted), then chown it (the
+        # common case — a layer of a chain, a file whose owner is not remembered — without a
+        # call of its own)
         for it in batch:
             if not it.skip:
-                _change(journal, it, ident, names, info)
+                if it.remember:
+                    _remember(journal, it, names)
+                st, p = it.st, it.plan
+                assert st is not None
+                if p.mode_add:
+                    _add_group_access(it.handle, it.res, st, p)
+                elif st.st_uid != p.uid or st.st_gid != p.gid:
+                    if info:
+                        log.info("dac: setting owner of %s to %s", it.res.resolved,
+                                 format_label(p.uid, p.gid))
+                    try:
+                        it.handle.chown(p.uid, p.gid)
+                    except OSError as exc:
+                        _chown_failed(journal, it.rid, it.res, st, p, ident, exc)
+                    else:
+                        if it.fcaps or st.st_mode & 0o6000:
+                            _note_labelled(journal, it)
             done += 1
     except BaseException:
         # the files after the failing one were journaled but not touched: say so, so that the
@@ -386,39 +415,23 @@ def _run_batch(journal: Journal, batch: list[_Item], ident: Identity, names: own
         raise
 
 
-def _change(journal: Journal, it: _Item, ident: Identity, names: owners.Names,
-            info: bool) -> None:
-    """Remember the owner (when wanted) and chown one file whose record is durable
-    (``info``: log the change)."""
+def _remember(journal: Journal, it: _Item, names: owners.Names) -> None:
+    """Count this domain as a user of the file (its record is durable) and note it; refuse a
+    file another running domain uses with another owner."""
     h, p, res, st = it.handle, it.plan, it.res, it.st
     assert st is not None
-    if it.remember:
-        ref = owners.remember(h, names, st.st_uid, st.st_gid, it.seen, it.fcaps)
-        journal.note(DRIVER, "remembered", id=it.rid, ref=ref)
-        if ref is not None and ref > 1 and (st.st_uid, st.st_gid) != (p.uid, p.gid):
-            journal.record(DRIVER, "restore", id=it.rid, ref=ref, label=None)
-            owners.recall(h, names)  # give our count back; the owner stays the other's
-            journal.record(DRIVER, "restored", id=it.rid, how="refused")
-            raise LabelError(
-                f"Setting different DAC user or group on {res.resolved} which is already in "
-                f"use (owned by {format_label(st.st_uid, st.st_gid)} for another running "
-                f"domain, this one asks for {format_label(p.uid, p.gid)}); give both domains "
-                "the same owner or stop the other one"
-            )
-    if p.mode_add:
-        _add_group_access(h, res, st, p)
-        return
-    if st.st_uid == p.uid and st.st_gid == p.gid:
-        return
-    if info:
-        log.info("dac: setting owner of %s to %s", res.resolved, format_label(p.uid, p.gid))
-    try:
-        h.chown(p.uid, p.gid)
-    except OSError as exc:
-        _chown_failed(journal, it.rid, res, st, p, ident, exc)
-        return
-    if it.fcaps or st.st_mode & 0o6000:
-        _note_labelled(journal, it)
+    ref = owners.remember(h, names, st.st_uid, st.st_gid, it.seen, it.fcaps)
+    journal.note(DRIVER, "remembered", id=it.rid, ref=ref)
+    if ref is not None and ref > 1 and (st.st_uid, st.st_gid) != (p.uid, p.gid):
+        journal.record(DRIVER, "restore", id=it.rid, ref=ref, label=None)
+        owners.recall(h, names)  # give our count back; the owner stays the other's
+        journal.record(DRIVER, "restored", id=it.rid, how="refused")
+        raise LabelError(
+            f"Setting different DAC user or group on {res.resolved} which is already in "
+            f"use (owned by {format_label(st.st_uid, st.st_gid)} for another running "
+            f"domain, this one asks for {format_label(p.uid, p.gid)}); give both domains "
+            "the same owner or stop the other one"
+        )
 
 
 def _note_labelled(journal: Journal, it: _Item) -> None:
@@ -473,6 +486,11 @@ def _chown_failed(journal: Journal, rid: str, res: Resolved, st: os.stat_result,
 # ------------------------------------------------------------------------------------------------
 
 
+_Groups = list[tuple[dict[str, Any], tuple[str, ...], list[list[Any]]]]
+#: ``restored`` markers to write: outcome ("kept", "xattr", ...) → one ``[id]`` row per record
+_Markers = dict[str, list[list[str]]]
+
+
 def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = None,
             ) -> list[str]:
     """Undo the journaled chowns (those ``select`` accepts), newest first. Idempotent: each
@@ -482,16 +500,18 @@ def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = 
     decrements of a batch are written with one fsync; the ``restored`` markers of a batch are
     written together after its changes (durable when this returns).
     """
-    done = {r["id"] for r in journal.records(DRIVER, "restored")}
-    remembered = {r["id"]: r for r in journal.records(DRIVER, "remembered")}
-    intents = {r["id"]: r for r in journal.records(DRIVER, "restore")}
-    labelled = {r["id"]: r["ctime"] for r in journal.records(DRIVER, "labelled")}
+    by_op = journal.groups_by_op(DRIVER, ("chown", "remembered", "labelled", "restore",
+                                          "restored"))
+    done = _ids(by_op["restored"])
+    remembered = {r["id"]: r for r in _records(by_op["remembered"])}
+    intents = {r["id"]: r for r in _records(by_op["restore"])}
+    labelled = {r["id"]: r["ctime"] for r in _records(by_op["labelled"])}
     todo: dict[str, dict[str, Any]] = {}
     kept: dict[str, None] = {}  # ids of chowns that are never undone (in order, once each)
-    for same, keys, rows in journal.groups(DRIVER, "chown"):
+    for same, keys, rows in by_op["chown"]:
         if select is None and same.get("restore") is False and keys[:1] == ("id",):
             # a whole group never undone (the layers of a backing chain): no record dicts
-            kept.update((row[0], None) for row in rows if row[0] not in done)
+            kept.update(dict.fromkeys([row[0] for row in rows if row[0] not in done]))
             continue
         for r in rows_to_records(same, keys, rows):
             # one entry per id, even if a record was read back twice
@@ -503,7 +523,7 @@ def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = 
     problems: list[str] = []
     # shared, readonly and backing images (other domains may still use them): marked with the
     # first batch's markers
-    markers: list[list[str]] = [[rid, "kept"] for rid in kept]
+    markers: _Markers = {"kept": [[rid] for rid in kept]} if kept else {}
     batch: list[dict[str, Any]] = []
     inodes: set[tuple[Any, Any]] = set()
     with DirCache() as dirs:
@@ -512,12 +532,29 @@ def restore(journal: Journal, select: Callable[[dict[str, Any]], bool] | None = 
             if len(batch) >= BATCH or key in inodes:
                 _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems,
                                markers)
-                batch, inodes, markers = [], set(), []
+                batch, inodes, markers = [], set(), {}
             batch.append(rec)
             inodes.add(key)
         _restore_batch(journal, dirs, batch, remembered, intents, labelled, problems, markers)
     journal.sync()
     return problems
+
+
+def _records(groups: _Groups) -> list[dict[str, Any]]:
+    """The records of ``groups`` (as :meth:`Journal.groups` returns them)."""
+    return [rec for same, keys, rows in groups for rec in rows_to_records(same, keys, rows)]
+
+
+def _ids(groups: _Groups) -> set[str]:
+    """The ``id`` of every record of ``groups``, without a record dict per row."""
+    out: set[str] = set()
+    for same, keys, rows in groups:
+        if "id" in keys:
+            i = keys.index("id")
+            out.update(row[i] for row in rows)
+        elif "id" in same:
+            out.add(same["id"])
+    return out
 
 
 @dataclass(slots=True)
@@ -537,7 +574,7 @@ class _Undo:
 def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]],
                    remembered: dict[str, dict[str, Any]], intents: dict[str, dict[str, Any]],
                    labelled: dict[str, int], problems: list[str],
-                   markers: list[list[str]]) -> None:
+                   markers: _Markers) -> None:
     """Undo ``batch``; its ``restored`` markers are added to ``markers`` (which may hold
     others already) and all written together at the end (the journal keeps the list)."""
     if not batch and not markers:
@@ -545,7 +582,11 @@ def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]]
     items: list[_Undo] = []
 
     def mark(rid: str, how: str) -> None:
-        markers.append([rid, how])
+        found = markers.get(how)
+        if found is None:
+            markers[how] = [[rid]]
+        else:
+            found.append([rid])
 
     def failed(it: _Undo, exc: Exception) -> None:
         it.failed = True
@@ -583,13 +624,15 @@ def _restore_batch(journal: Journal, dirs: DirCache, batch: list[dict[str, Any]]
     finally:
         for it in items:
             it.handle.close()
-        journal.note_rows(DRIVER, "restored", ("id", "how"), markers)
+        # one group line per outcome ("kept", "xattr", "journal", ...), all in one write
+        journal.note_groups(DRIVER, "restored", ("id",),
+                            [({"how": how}, rows) for how, rows in markers.items()])
 
 
 def _open_for_restore(rec: dict[str, Any], dirs: DirCache, mark: Callable[[str, str], None],
                       problems: list[str]) -> FileHandle | None:
     """The handle of a record's file (None: nothing to do, marked, or a problem noted)."""
-    res = Resolved(rec["orig"], rec["path"], rec["dev"], rec["ino"])
+    res = Resolved(orig_path(rec), rec["path"], rec["dev"], rec["ino"])
     try:
         return FileHandle.open(res, want_lock=bool(rec["remember"]), dirs=dirs, lock=False)
     except FileNotFoundError:

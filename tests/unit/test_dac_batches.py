@@ -249,3 +249,57 @@ def test_a_chain_restored_by_a_fresh_process_marks_each_layer_kept_once(d: Path)
     _drv3, ctx3 = prepared(host, domain_xml("kept", chain))
     drv.restore_all_labels(ctx3)
     assert ctx3.journal.path.read_text() == text
+
+
+def test_set_reuses_the_plan_preflight_checked_for_the_same_resources(
+        d: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """preflight and set_all_labels of one start plan once; another list (hotplug) or the
+    domain's list grown since is planned again."""
+    img = make_file(d / "a.img", 1000, 1000)
+    drv, ctx = prepared(host_for(d), domain_xml("plan", disk(img)))
+    calls: list[int] = []
+    real = relabel.plan
+    monkeypatch.setattr(relabel, "plan", lambda c, res, ident: (calls.append(len(res)),
+                                                                 real(c, res, ident))[1])
+    drv.preflight(ctx)
+    drv.set_all_labels(ctx)
+    assert len(calls) == 1 and owner(img) == qemu_ids()
+    drv.restore_all_labels(ctx)
+    assert owner(img) == (1000, 1000)
+    extra = make_file(d / "b.img", 1001, 1001)
+    more = list(ctx.resources)
+    drv._set(ctx, more[:1])  # another list object: planned again
+    assert len(calls) == 2
+    ctx.resources.extend(relabel_resources(ctx, extra))  # the domain's list, grown
+    drv.set_all_labels(ctx)
+    assert len(calls) == 3 and owner(extra) == qemu_ids()
+    drv.restore_all_labels(ctx)
+    assert owner(extra) == (1001, 1001) and owner(img) == (1000, 1000)
+
+
+def relabel_resources(ctx: Any, path: Path) -> list[Any]:
+    """The resources of one more disk at ``path`` (as hotplug computes them)."""
+    from vmconfine.domain import parse_domain
+    from vmconfine.plugin import resources as core_resources
+
+    other = parse_domain(domain_xml("other", disk(path, "vdb")))
+    return core_resources.disk_resources(other.disks[0])
+
+
+def test_a_chain_is_journaled_without_repeating_resolved_paths(d: Path) -> None:
+    """A layer named by its real path records it once (``orig`` null); a disk named through a
+    symlink keeps the name the XML used, and a per-path restore finds it by either name."""
+    chain, layers = _chain(d, "o", 5)
+    link_target = make_file(d / "real.img", 1002, 1002)
+    (d / "link.img").symlink_to(link_target)
+    drv, ctx = prepared(host_for(d), domain_xml("orig", chain + disk(d / "link.img", "vdb")))
+    drv.set_all_labels(ctx)
+    rows = {r["path"]: r for r in ops(ctx, "chown")}
+    assert all(rows[str(f)]["orig"] is None for f in layers)
+    assert rows[str(link_target)]["orig"] == str(d / "link.img")
+    assert relabel.orig_path(rows[str(layers[0])]) == str(layers[0])
+    assert relabel.orig_path(rows[str(link_target)]) == str(d / "link.img")
+    drv._restore(ctx, lambda rec: relabel.orig_path(rec) == str(d / "link.img"))
+    assert owner(link_target) == (1002, 1002) and owner(layers[0]) == qemu_ids()
+    drv.restore_all_labels(ctx)
+    assert owner(layers[0]) == (1000, 1000)

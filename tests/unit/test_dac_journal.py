@@ -213,3 +213,30 @@ def test_deferred_syncs_an_owed_sync_is_paid_when_the_block_raises(
     assert len(fsyncs) == 1
     j.close()
     assert len(fsyncs) == 1
+
+
+def test_groups_by_op_and_note_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """groups_by_op hands over several ops' groups from one pass (plain records and group
+    lines, in order); note_groups writes several groups in one write and no fsync."""
+    j = Journal(tmp_path / "d.journal")
+    j.record("dac", "chown", id="top", path="/img/top")
+    j.record_rows("dac", "chown", ("id", "path"), [["l1", "/img/l1"], ["l2", "/img/l2"]],
+                  same={"role": "backing"})
+    j.note("dac", "remembered", id="top", ref=1)
+    j.record("selinux", "chown", n=1)  # another driver's: not handed over
+    fsyncs = _fsyncs(monkeypatch)
+    writes: list[int] = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, b: (writes.append(fd), real_write(fd, b))[1])
+    j.note_groups("dac", "restored", ("id",), [({"how": "kept"}, [["l1"], ["l2"]]),
+                                               ({"how": "xattr"}, [["top"]]),
+                                               ({"how": "none"}, [])])
+    assert fsyncs == [] and len(writes) == 1
+    for reader in (j, Journal(j.path)):
+        by_op = reader.groups_by_op("dac", ("chown", "remembered", "restored", "labelled"))
+        assert by_op["labelled"] == []
+        assert [len(rows) for _same, _keys, rows in by_op["chown"]] == [1, 2]
+        assert by_op["chown"] == reader.groups("dac", "chown")
+        assert by_op["remembered"] == reader.groups("dac", "remembered")
+        assert {r["id"]: r["how"] for r in reader.records("dac", "restored")} == {
+            "l1": "kept", "l2": "kept", "top": "xattr"}

@@ -259,3 +259,35 @@ def test_a_stale_record_seen_is_discarded_like_a_read_one(f: Path, opener: Opene
     assert xattrs(f) == {}
     with opener(f) as x:
         assert SCHEME.peek(x, NAMES) == remember.Record(0, None, None)
+
+
+def test_listed_names_spare_the_reads_of_absent_xattrs(f: Path, opener: Opener) -> None:
+    """With the file's xattr names listed a moment ago, only the present ones are read: a file
+    without a record costs no getxattr at all, and a record is read in full as before."""
+    reads: list[str] = []
+
+    class Counting:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def getxattr(self, name: str) -> bytes | None:
+            reads.append(name)
+            return self.inner.getxattr(name)  # type: ignore[no-any-return]
+
+    with opener(f) as handle:
+        x: Any = Counting(handle)
+        assert SCHEME.peek(x, NAMES, listed=os.listxattr(f)) == remember.Record(0, None, None)
+        assert reads == []
+        assert SCHEME.remember(x, NAMES, "first") == 1
+        reads.clear()
+        seen = SCHEME.peek(x, NAMES, listed=os.listxattr(f))
+        assert seen is not None and (seen.ref, seen.label) == (1, "first")
+        assert sorted(reads) == sorted([NAMES.ref, NAMES.label, NAMES.timestamp])
+        os.removexattr(f, NAMES.timestamp)  # a torn record: the missing part is not read
+        reads.clear()
+        assert SCHEME.peek(x, NAMES, listed=os.listxattr(f)) == remember.Record(0, None, None)
+        assert NAMES.timestamp not in reads
+    assert xattrs(f) == {}  # the stale (torn) record was discarded

@@ -7,12 +7,10 @@ pluggy hook tracing.
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,8 +18,6 @@ from vmconfine import __version__, cli_daemon
 from vmconfine.errors import VmconfineError
 from vmconfine.inputs import read_text
 from vmconfine.sanitize import SafeStream, json_text, one_line
-
-log = logging.getLogger("vmconfine")
 
 Handler = Callable[[argparse.Namespace], int]
 _VERBS: dict[str, tuple[Handler, str]] = {}
@@ -308,10 +304,12 @@ def cmd_host_validate(args: argparse.Namespace) -> int:
 
 
 def _add_taint(conn, dom, flag: str) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
     from vmconfine.domain import parse_domain
     from vmconfine.launch import runtime
 
-    log.warning("domain %s is tainted: %s", dom.name, flag)
+    logging.getLogger("vmconfine").warning("domain %s is tainted: %s", dom.name, flag)
     with runtime.instance_lock(conn.instance):
         try:
             text = dom.status_path.read_text()
@@ -345,6 +343,32 @@ def _seconds(text: str) -> float:
 def _validate_flag(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--validate", action="store_true",
                     help="first validate the XML against libvirt's schema (domain.rng)")
+
+
+def _columns() -> int:
+    """The terminal's width as :func:`shutil.get_terminal_size` finds it ($COLUMNS, else
+    standard output's terminal, else 80)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, its width found without importing :mod:`shutil` (with
+    the compression modules it imports, a few ms of every command: argparse makes a
+    formatter for each ``add_argument``)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
 
 
 class _Unused:
@@ -388,6 +412,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     :class:`LookupError` is raised when ``only`` is not a verb)."""
     p = argparse.ArgumentParser(
         prog="vmconfine",
+        formatter_class=_Formatter,
         description="Run confined QEMU/KVM virtual machines described in libvirt domain XML.",
         epilog="URIs: qemu:///system (root), qemu:///session, qemu:///embed?root=DIR. "
         "Default: $VMCONFINE_DEFAULT_URI, else system for root and session otherwise.",
@@ -406,7 +431,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     def add_daemon_verb(name: str, fn: Handler, help_text: str) -> argparse.ArgumentParser:
         if only is not None and name != only:
             return _Unused()  # type: ignore[return-value]
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text,
+                            formatter_class=_Formatter)
         sp.set_defaults(func=fn)
         made.append(name)
         return sp
@@ -487,14 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout, sys.stderr = out, err
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    words = sys.argv[1:] if argv is None else list(argv)
-    try:
-        parser = build_parser(verb_of(words))
-    except LookupError:  # not a verb: the whole parser says so, with the list of verbs
-        parser = build_parser()
-    args = parser.parse_args(words)
-    debug = args.debug or os.environ.get("VMCONFINE_DEBUG", "") not in ("", "0")
+def _setup_logging(debug: bool) -> None:
+    import logging
+
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="vmconfine: %(levelname)s: %(message)s" if not debug else
@@ -505,15 +526,38 @@ def _main(argv: Sequence[str] | None) -> int:
         os.environ["VMCONFINE_DEBUG"] = "1"
     else:  # its own connection errors are reported by vmconfine in one line
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL + 1)  # its tracebacks too
+
+
+def _print_traceback() -> None:
+    import traceback
+
+    traceback.print_exc()
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(verb_of(words))
+    except LookupError:  # not a verb: the whole parser says so, with the list of verbs
+        parser = build_parser()
+    args = parser.parse_args(words)
+    debug = args.debug or os.environ.get("VMCONFINE_DEBUG", "") not in ("", "0")
+    # a query answered by the daemon logs nothing here: logging is set up (and imported)
+    # only if it runs in-process
+    quiet = not debug and args.verb in cli_daemon.QUERIES
+    if not quiet:
+        _setup_logging(debug)
     try:
         if args.verb in cli_daemon.DAEMON_FIRST:
             status = cli_daemon.daemon_first(args)
             if status is not None:
                 return status
+            if quiet:
+                _setup_logging(debug)
         return args.func(args)
     except VmconfineError as exc:
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         # one line (a value from the XML, QEMU or /proc cannot start a forged line of its
         # own); --debug keeps multi-line details such as the child's traceback
         print(f"error: {exc.message if debug else one_line(exc.message)}", file=sys.stderr)
@@ -523,13 +567,13 @@ def _main(argv: Sequence[str] | None) -> int:
         return 130
     except OSError as exc:  # a host path vmconfine itself needed (state dirs, sockets)
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return 1
     except Exception as exc:  # never a traceback without --debug
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         print(f"error: internal error: {type(exc).__name__}: {one_line(str(exc))} "
               "(run with --debug for the traceback)", file=sys.stderr)
         return 1

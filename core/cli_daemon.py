@@ -7,7 +7,9 @@ otherwise (domains started by ``run``). With no daemon running, a ``qemu:///sess
 starts the session daemon (it exits once idle), as libvirt's does; for the system instance and
 embed roots the admin starts it (``vmconfine daemon --daemon``).
 
-This module imports only the standard library and :mod:`vmconfine.client` at import time.
+This module imports only the standard library and :mod:`vmconfine.errors` at import time;
+a verb imports what it needs when it runs, so a query (:data:`QUERIES`) answered by a running
+daemon starts in little more than the interpreter's own start-up.
 """
 
 from __future__ import annotations
@@ -17,15 +19,23 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from vmconfine.errors import VmconfineError
+
+#: typing's own TYPE_CHECKING without importing typing (a query's start-up)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 VERBS: dict[str, tuple[Handler, str]] = {}
 #: verbs that work without a daemon (in-process) but use it when it runs
 DAEMON_FIRST = ("list", "dominfo", "dumpxml", "destroy")
+#: read-only queries: answered by a daemon they import nothing but the standard library's
+#: argparse, json and socket besides this module, :mod:`vmconfine.client` and
+#: :mod:`vmconfine.config.layout` (no logging either: nothing here logs)
+QUERIES = ("list", "dominfo", "dumpxml", "domstate")
 VIRSH_EVENT = {"defined": "Defined", "undefined": "Undefined", "started": "Started",
                "suspended": "Suspended", "resumed": "Resumed", "stopped": "Stopped",
                "shutdown": "Shutdown", "crashed": "Crashed"}
@@ -39,12 +49,19 @@ def verb(name: str, help_text: str) -> Callable[[Handler], Handler]:
     return deco
 
 
-def _socket(args: argparse.Namespace) -> tuple[str, str, Path]:
+def _socket(args: argparse.Namespace, uri: str) -> tuple[str, str, Path]:
+    """(URI, instance kind, daemon socket) of a local URI; a plain system or embed URI
+    without the instance module (the start-up of every client verb)."""
+    from vmconfine.config.layout import plain_daemon_socket
+
+    given = getattr(args, "socket", None)
+    plain = plain_daemon_socket(uri, readonly=args.readonly)
+    if plain is not None:
+        return uri, plain[0], Path(given or plain[1])
     from vmconfine.config.instance import open_instance
 
-    inst = open_instance(args.connect)
-    path = getattr(args, "socket", None) or (inst.daemon_ro_socket_path if args.readonly else
-                           inst.daemon_socket_path)
+    inst = open_instance(uri)
+    path = given or (inst.daemon_ro_socket_path if args.readonly else inst.daemon_socket_path)
     return inst.uri, inst.kind, Path(path)
 
 
@@ -52,16 +69,20 @@ def client(args: argparse.Namespace, *, required: bool = True) -> Any:
     """A client of the instance's daemon — over ssh or TLS for a remote URI; None when no
     local daemon runs and ``required`` is False. A session client starts its daemon."""
     from vmconfine.client import DaemonClient, listening, spawn_session_daemon
-    from vmconfine.config.instance import default_uri, parse_remote
+    from vmconfine.config.layout import default_uri, plain_uri
 
-    remote = parse_remote(args.connect or default_uri())
-    if remote is not None:
-        from vmconfine.remote import SSHTransport, TLSTransport
+    target = args.connect or default_uri()
+    if plain_uri(target) is None:
+        from vmconfine.config.instance import parse_remote
 
-        if remote.transport == "ssh":
-            return DaemonClient(SSHTransport(remote, readonly=args.readonly))
-        return DaemonClient(TLSTransport(remote))
-    uri, kind, path = _socket(args)
+        remote = parse_remote(target)
+        if remote is not None:
+            from vmconfine.remote import SSHTransport, TLSTransport
+
+            if remote.transport == "ssh":
+                return DaemonClient(SSHTransport(remote, readonly=args.readonly))
+            return DaemonClient(TLSTransport(remote))
+    uri, kind, path = _socket(args, target)
     if listening(path):
         return DaemonClient(path)
     if not required:

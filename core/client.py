@@ -3,31 +3,54 @@
 The CLI's daemon verbs import this module and nothing heavier (no lxml, no pluggy, no driver),
 so ``vmconfine list`` against a running daemon starts as fast as the interpreter allows.
 Every error the daemon returns is already the one line the CLI prints.
+
+The HTTP/1.1 exchange is this module's own (:class:`Reply`): one request per connection
+(``Connection: close``), a reply framed by ``Content-Length``, chunked transfer coding or the
+end of the connection. The standard library's :mod:`http.client` would do the same, but
+importing it (with the :mod:`email` package it parses headers with, and :mod:`ssl`) costs
+more than the rest of the client's start-up together.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from vmconfine.errors import VmconfineError
+
+#: typing's own TYPE_CHECKING without importing typing (a query's start-up)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_TIMEOUT = 600.0
 SPAWN_WAIT = 30.0
 #: seconds the auto-started session daemon stays up with no running domain and no client
 SESSION_IDLE_TIMEOUT = float(os.environ.get("VMCONFINE_SESSION_DAEMON_TIMEOUT", "30") or 30)
+#: the longest status or header line, and the most header lines, a reply may have
+MAX_LINE = 65536
+MAX_HEADERS = 100
 
 
 class DaemonUnavailable(VmconfineError):
     """No daemon listens on the instance's socket."""
+
+
+class DaemonTimeout(VmconfineError):
+    """The daemon did not answer in time."""
+
+
+class MalformedReply(Exception):
+    """The daemon's answer is not the HTTP reply it should be."""
+
+
+class ClosedWithoutReply(MalformedReply):
+    """The connection closed before any reply (a transport may know why)."""
 
 
 class Transport:
@@ -65,13 +88,134 @@ class UnixTransport(Transport):
         return sock
 
 
-class _Connection(http.client.HTTPConnection):
-    def __init__(self, transport: Transport, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.transport = transport
+def request_bytes(method: str, url: str, headers: dict[str, str],
+                  payload: bytes | None) -> bytes:
+    """One HTTP/1.1 request, the connection closed after its reply."""
+    fields = {"Host": "localhost", "Connection": "close", **headers}
+    if payload is not None or method in ("POST", "PUT"):
+        fields["Content-Length"] = str(len(payload or b""))
+    lines = [f"{method} {url} HTTP/1.1", *(f"{k}: {v}" for k, v in fields.items())]
+    if any(c in line for line in lines for c in "\r\n\0"):
+        raise VmconfineError(f"a control character in the request for {url!r}")
+    return "\r\n".join([*lines, "", ""]).encode() + (payload or b"")
 
-    def connect(self) -> None:
-        self.sock = self.transport.connect(self.timeout)
+
+class Reply:
+    """The reply read from ``sock``: the status line and headers when made, the body as it
+    is asked for (chunked or not). Bytes are taken from the buffer only once a whole line
+    or chunk is there, so a timeout loses nothing (a later read goes on where it stopped)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = b""
+        self._eof = False
+        self._body = b""  # body bytes read but not yet returned by readline
+        self._left: int | None = None  # body bytes still to come, when Content-Length says
+        self._done = False
+        status = self._line()
+        if not status:
+            raise ClosedWithoutReply("the connection closed without a reply")
+        version, _, rest = status.decode("latin-1").rstrip("\r\n").partition(" ")
+        code, _, self.reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or not (code.isdigit() and len(code) == 3):
+            raise MalformedReply(f"not an HTTP reply: {status[:80]!r}")
+        self.status = int(code)
+        self.headers: dict[str, str] = {}
+        for _ in range(MAX_HEADERS + 1):
+            line = self._line().decode("latin-1").rstrip("\r\n")
+            if not line:
+                break
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise MalformedReply(f"a malformed header line {line[:80]!r}")
+            self.headers[name.strip().lower()] = value.strip()
+        else:
+            raise MalformedReply(f"more than {MAX_HEADERS} header lines")
+        self.chunked = self.headers.get("transfer-encoding", "").lower() == "chunked"
+        if not self.chunked and "content-length" in self.headers:
+            length = self.headers["content-length"]
+            if not length.isdigit():
+                raise MalformedReply(f"a malformed Content-Length {length[:80]!r}")
+            self._left = int(length)
+
+    def _fill(self) -> bool:
+        """Read more from the socket; False at the end of the connection."""
+        if self._eof:
+            return False
+        data = self.sock.recv(65536)
+        self._eof = not data
+        self._buf += data
+        return bool(data)
+
+    def _line_end(self) -> int:
+        """The length of the buffer's first line (its line feed included), reading until
+        it is whole; 0 when the connection ends first."""
+        while (i := self._buf.find(b"\n")) < 0:
+            if len(self._buf) > MAX_LINE:
+                raise MalformedReply("a line too long")
+            if not self._fill():
+                return 0
+        return i + 1
+
+    def _line(self) -> bytes:
+        end = self._line_end() or len(self._buf)
+        line, self._buf = self._buf[:end], self._buf[end:]
+        return line
+
+    def _want(self, size: int) -> None:
+        while len(self._buf) < size:
+            if not self._fill():
+                raise MalformedReply("the reply ended early")
+
+    def _piece(self) -> bytes:
+        """The body's next piece; b"" at its end."""
+        if self._done:
+            return b""
+        if self.chunked:
+            end = self._line_end()
+            if not end:
+                raise MalformedReply("the reply ended early")
+            size_text = self._buf[:end].split(b";")[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise MalformedReply(f"a malformed chunk size {size_text[:80]!r}") from None
+            if size == 0:
+                self._done = True
+                return b""
+            self._want(end + size + 2)  # the chunk and its CRLF
+            data, self._buf = self._buf[end:end + size], self._buf[end + size + 2:]
+            return data
+        if self._left is None:  # the body ends with the connection
+            if not self._buf and not self._fill():
+                self._done = True
+            data, self._buf = self._buf, b""
+            return data
+        if self._left and not self._buf:
+            self._want(1)
+        data, self._buf = self._buf[:self._left], self._buf[self._left:]
+        self._left -= len(data)
+        self._done = not self._left
+        return data
+
+    def read(self) -> bytes:
+        """The rest of the body."""
+        parts = [self._body]
+        self._body = b""
+        while piece := self._piece():
+            parts.append(piece)
+        return b"".join(parts)
+
+    def readline(self) -> bytes:
+        """The body's next line (with its line feed); b"" at the end."""
+        while b"\n" not in self._body:
+            piece = self._piece()
+            if not piece:
+                line, self._body = self._body, b""
+                return line
+            self._body += piece
+        line, _, self._body = self._body.partition(b"\n")
+        return line + b"\n"
 
 
 class DaemonClient:
@@ -83,77 +227,107 @@ class DaemonClient:
         self.timeout = timeout
 
     def _open(self, method: str, url: str, body: dict[str, Any] | None,
-              timeout: float) -> tuple[_Connection, http.client.HTTPResponse]:
-        conn = _Connection(self.transport, timeout)
+              timeout: float) -> Reply:
+        """Send the request; the reply with its status and headers read (the caller closes
+        ``reply.sock``)."""
         payload = json.dumps(body).encode() if body is not None else None
         headers = dict(self.transport.headers)
         if payload is not None:
             headers["Content-Type"] = "application/json"
-        where = self.transport.where
-        try:
-            conn.request(method, url, body=payload, headers=headers)
-            return conn, conn.getresponse()
-        except VmconfineError:
-            conn.close()
-            raise
-        except TimeoutError:
-            conn.close()
-            raise VmconfineError(f"{where} did not answer within {timeout:g}s") from None
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            why = self.transport.failure() or str(exc) or type(exc).__name__
-            raise VmconfineError(f"talking to {where} failed: {why}") from None
+        data = request_bytes(method, url, headers, payload)
+        with _Guard(self.transport, timeout):
+            sock = self.transport.connect(timeout)
+            try:
+                sock.sendall(data)
+                return Reply(sock)
+            except BaseException:
+                sock.close()
+                raise
 
     def call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
         """One request; the decoded JSON (or text) answer, or the daemon's error raised."""
-        conn, resp = self._open(method, url, body, self.timeout)
-        try:
-            data = resp.read()
-        finally:
-            conn.close()
-        ctype = resp.getheader("Content-Type", "")
-        if resp.status >= 400:
+        reply = self._open(method, url, body, self.timeout)
+        with _Guard(self.transport, self.timeout):
             try:
-                message = json.loads(data)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {resp.status} {resp.reason}"
-            raise VmconfineError(str(message))
-        if ctype.startswith("application/json"):
-            return json.loads(data)
-        return data.decode()
+                data = reply.read()
+            finally:
+                reply.sock.close()
+            if reply.status >= 400:
+                raise VmconfineError(_error_message(reply, data))
+            if reply.headers.get("content-type", "").startswith("application/json"):
+                try:
+                    return json.loads(data)
+                except ValueError as exc:
+                    raise MalformedReply(f"its JSON does not parse: {exc}") from None
+            return data.decode(errors="replace")
 
     def stream(self, url: str, *, timeout: float | None) -> Iterator[dict[str, Any]]:
         """Newline-delimited JSON objects until the daemon ends the stream or ``timeout``
         seconds pass (then it just stops)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        conn, resp = self._open("GET", url, None, 20.0)
+        reply = self._open("GET", url, None, 20.0)
         try:
-            if resp.status >= 400:
-                data = resp.read()
-                try:
-                    message = str(json.loads(data)["error"])
-                except (ValueError, KeyError, TypeError):
-                    message = f"HTTP {resp.status} {resp.reason}"
-                raise VmconfineError(message)
+            if reply.status >= 400:
+                with _Guard(self.transport, 20.0):
+                    raise VmconfineError(_error_message(reply, reply.read()))
             while True:
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         return
-                    assert conn.sock is not None
-                    conn.sock.settimeout(min(left, 20.0))
+                    reply.sock.settimeout(min(left, 20.0))
                 try:
-                    line = resp.readline()
-                except TimeoutError:
+                    with _Guard(self.transport, 20.0):
+                        line = reply.readline()
+                except DaemonTimeout:
                     if deadline is not None and time.monotonic() >= deadline:
                         return
                     continue
                 if not line:
                     return
                 if line.strip():
-                    yield json.loads(line)
+                    try:
+                        yield json.loads(line)
+                    except ValueError as exc:
+                        raise VmconfineError(f"talking to {self.transport.where} failed: "
+                                             f"malformed event: {exc}") from None
         finally:
-            conn.close()
+            reply.sock.close()
+
+
+class _Guard:
+    """Turns what can go wrong between client and daemon into one-line errors: a timeout,
+    a broken connection (the transport may know why), a malformed reply."""
+
+    def __init__(self, transport: Transport, timeout: float) -> None:
+        self.transport = transport
+        self.timeout = timeout
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 _tb: object) -> None:
+        if exc is None or isinstance(exc, VmconfineError) or \
+                not isinstance(exc, OSError | MalformedReply):
+            return
+        where = self.transport.where
+        if isinstance(exc, TimeoutError):
+            raise DaemonTimeout(f"{where} did not answer within {self.timeout:g}s") from None
+        if isinstance(exc, ClosedWithoutReply):
+            raise VmconfineError(f"talking to {where} failed: "
+                                 f"{self.transport.failure() or exc}") from None
+        if isinstance(exc, MalformedReply):
+            raise VmconfineError(f"talking to {where} failed: malformed reply: {exc}") from None
+        why = self.transport.failure() or str(exc) or type(exc).__name__
+        raise VmconfineError(f"talking to {where} failed: {why}") from None
+
+
+def _error_message(reply: Reply, data: bytes) -> str:
+    try:
+        return str(json.loads(data)["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {reply.status} {reply.reason}"
 
 
 def listening(path: Path) -> bool:
@@ -175,6 +349,8 @@ def listening(path: Path) -> bool:
 def spawn_session_daemon(uri: str, socket_path: Path) -> None:
     """Start the session daemon for ``uri`` (as libvirt's client starts its session daemon)
     and wait until it listens. It exits by itself once idle with no running domain."""
+    import subprocess  # only a session client that finds no daemon starts one
+
     cmd = [sys.executable, "-m", "vmconfine", "-c", uri, "daemon", "--daemon",
            "--timeout", f"{SESSION_IDLE_TIMEOUT:g}"]
     subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, TextIO
+
+#: typing's own TYPE_CHECKING without importing typing (a query's start-up)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 
 def _escape(ch: str) -> str:

@@ -18,14 +18,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from vmconfine.config.layout import DOMAIN_DIR, EMBED_DIRS, LOG_FILE, SYSTEM_DIRS
+from vmconfine.config.layout import (
+    DAEMON_SOCKETS,
+    DOMAIN_DIR,
+    EMBED_DIRS,
+    LOG_FILE,
+    SYSTEM_DIRS,
+    default_uri,
+)
 from vmconfine.config.settings import QemuConfig, load_config
 from vmconfine.errors import URIError
 
 if TYPE_CHECKING:
     from vmconfine.config.keys import Setting
 
-DEFAULT_URI_ENV = "VMCONFINE_DEFAULT_URI"
 REMOTE_TRANSPORTS = ("ssh", "tcp", "tls", "libssh", "libssh2", "ext")
 #: URI parameters the client consumes (libvirt's names); the rest go to the remote side
 CLIENT_PARAMS = ("keyfile", "no_verify", "socket", "command", "known_hosts", "pkipath",
@@ -127,13 +133,6 @@ def parse_remote(uri: str) -> RemoteURI | None:
     local = f"qemu://{parts.path}" + (f"?{urlencode(rest, safe='/')}" if rest else "")
     parse_uri(local)  # the remote side's instance must be a valid local URI
     return RemoteURI(uri, transport, host, port, user, local, params)
-
-
-def default_uri() -> str:
-    env = os.environ.get(DEFAULT_URI_ENV)
-    if env:
-        return env
-    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -258,12 +257,12 @@ class Instance:
     @property
     def daemon_socket_path(self) -> Path:
         """The daemon's read-write API socket (libvirt: libvirt-sock)."""
-        return self.daemon_dir / "vmconfine-sock"
+        return self.daemon_dir / DAEMON_SOCKETS[0]
 
     @property
     def daemon_ro_socket_path(self) -> Path:
         """The daemon's read-only API socket (libvirt: libvirt-sock-ro)."""
-        return self.daemon_dir / "vmconfine-sock-ro"
+        return self.daemon_dir / DAEMON_SOCKETS[1]
 
     @property
     def daemon_pid_path(self) -> Path:

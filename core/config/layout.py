@@ -2,10 +2,11 @@
 embed root, and the per-domain names inside it.
 
 :mod:`vmconfine.config.instance` builds its :class:`~vmconfine.config.instance.Instance` from
-these; vmconfine-aa-helper reads them directly on its fast path (plain strings, nothing but
-``os`` imported: the helper's start-up is part of every domain start). :func:`plain_uri`
-recognises the plain spellings of the two privileged URIs without ``urllib``; anything else
-is left to :func:`vmconfine.config.instance.parse_uri`.
+these; vmconfine-aa-helper and the CLI's daemon client read them directly on their fast paths
+(plain strings, nothing but ``os`` imported: the helper's start-up is part of every domain
+start, the client's of every ``vmconfine list``). :func:`plain_uri` recognises the plain
+spellings of the two privileged URIs without ``urllib``; anything else is left to
+:func:`vmconfine.config.instance.parse_uri`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ SYSTEM_DIRS = ("/etc/vmconfine/qemu.conf", "/run/vmconfine/qemu", "/var/lib/vmco
                "/var/cache/vmconfine/qemu", "/var/log/vmconfine/qemu")
 #: below an embed root, in the same order
 EMBED_DIRS = ("etc/qemu.conf", "run/qemu", "lib/qemu", "cache/qemu", "log/qemu")
+#: the daemon's read-write and read-only API sockets, in the parent of the run directory
+#: (libvirt: libvirt-sock, libvirt-sock-ro)
+DAEMON_SOCKETS = ("vmconfine-sock", "vmconfine-sock-ro")
+#: the environment variable naming the URI used when none is given
+DEFAULT_URI_ENV = "VMCONFINE_DEFAULT_URI"
 #: per-domain names: runtime directory (below run), QEMU's home (below lib), QEMU log (below log)
 DOMAIN_DIR = "domain-{name}"
 LOG_FILE = "{name}.log"
@@ -48,3 +54,33 @@ def plain_uri(uri: str) -> tuple[str, str | None] | None:
             if root.startswith("/") and not _NOT_PLAIN.intersection(root):
                 return "embed", os.path.normpath(root)
     return None
+
+
+def default_uri() -> str:
+    """$VMCONFINE_DEFAULT_URI, else ``qemu:///system`` for root and ``qemu:///session``
+    otherwise."""
+    env = os.environ.get(DEFAULT_URI_ENV)
+    if env:
+        return env
+    return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+
+
+def daemon_socket(run_dir: str, *, readonly: bool) -> str:
+    """The path of the daemon's API socket of the instance whose run directory is
+    ``run_dir``."""
+    return os.path.join(os.path.dirname(run_dir), DAEMON_SOCKETS[1 if readonly else 0])
+
+
+def plain_daemon_socket(uri: str, *, readonly: bool) -> tuple[str, str] | None:
+    """``(kind, socket path)`` of the daemon for a plain URI (:func:`plain_uri`) the caller
+    may open (``qemu:///system`` only as root); None otherwise, for
+    :func:`vmconfine.config.instance.open_instance` to resolve or refuse."""
+    plain = plain_uri(uri)
+    if plain is None:
+        return None
+    kind, root = plain
+    if root is None:
+        if os.geteuid() != 0:
+            return None
+        return kind, daemon_socket(SYSTEM_DIRS[1], readonly=readonly)
+    return kind, daemon_socket(embed_dirs(root)[1], readonly=readonly)

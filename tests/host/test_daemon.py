@@ -443,21 +443,31 @@ def test_session_daemon_spawns_on_first_use_and_exits_when_idle(vm_dir: VmDir) -
 
 
 def test_client_verbs_import_no_lxml_pluggy_or_driver(daemon: Daemon) -> None:
-    """The CLI is a thin client of a running daemon: start-up cost stays the interpreter's."""
+    """The CLI is a thin client of a running daemon: start-up cost stays the interpreter's.
+    A query answered by the daemon imports neither the heavy libraries nor the standard
+    library's slow ones (http.client with email and ssl, logging, typing, subprocess,
+    dataclasses, shutil) nor the instance module (qemu.conf's settings)."""
     code = ("import sys\nfrom vmconfine.cli import main\n"
-            f"rc = main(['-c', {daemon.embed.uri!r}, 'list', '--all'])\n"
+            f"uri = {daemon.embed.uri!r}\n"
+            "rc = [main(['-c', uri, *v]) for v in (['list', '--all'], ['dominfo', 'nope'], "
+            "['domstate', 'nope'], ['-r', 'list'])]\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('lxml', 'pluggy', 'aiohttp', 'qemu') or m.startswith('vmconfine_')"
-            " or m.startswith('vmconfine.domain') or m.startswith('vmconfine.plugin'))\n"
+            "('lxml', 'pluggy', 'aiohttp', 'qemu', 'asyncio', 'http', 'email', 'ssl', "
+            "'logging', 'typing', 'subprocess', 'dataclasses', 'shutil') "
+            "or m.startswith('vmconfine_') or m.startswith('vmconfine.domain') "
+            "or m.startswith('vmconfine.plugin') or m.startswith('vmconfine.config.instance')"
+            " or m.startswith('vmconfine.config.settings'))\n"
             "print('HEAVY', heavy, rc)\n")
     out = subprocess.run([str(Path(VMCONFINE).with_name("python")), "-c", code],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert "HEAVY [] 0" in out.stdout, out.stdout + out.stderr
+    assert "HEAVY [] [0, 1, 1, 0]" in out.stdout, out.stdout + out.stderr
+    assert out.stderr.count("error: Domain not found") == 2, out.stderr
     # the same check, in-process without a daemon, does import them: the test can fail
     daemon.stop()
     out = subprocess.run([str(Path(VMCONFINE).with_name("python")), "-c", code],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert "HEAVY []" not in out.stdout and "lxml" in out.stdout, out.stdout + out.stderr
+    assert "'logging'" in out.stdout, out.stdout
 
 
 def test_console_shows_the_serial_pty_and_detaches_on_ctrl_bracket(daemon: Daemon,

@@ -25,6 +25,8 @@ from vmconfine.config.layout import (
     LOG_FILE,
     SYSTEM_DIRS,
     default_uri,
+    session_run_dir,
+    xdg_dir,
 )
 from vmconfine.config.settings import QemuConfig, load_config
 from vmconfine.errors import URIError
@@ -136,10 +138,7 @@ def parse_remote(uri: str) -> RemoteURI | None:
 
 
 def _xdg(var: str, fallback: str) -> Path:
-    value = os.environ.get(var)
-    if value and os.path.isabs(value):
-        return Path(value)
-    return Path.home() / fallback
+    return Path(xdg_dir(var, fallback))
 
 
 @dataclass
@@ -330,13 +329,8 @@ def open_instance(uri: str | None = None) -> Instance:
         )
     if parsed.kind == "session":
         config = _xdg("XDG_CONFIG_HOME", ".config") / "vmconfine"
-        runtime = os.environ.get("XDG_RUNTIME_DIR")
         cache = _xdg("XDG_CACHE_HOME", ".cache") / "vmconfine" / "qemu"
-        run_dir = (
-            Path(runtime) / "vmconfine" / "qemu"
-            if runtime and os.path.isabs(runtime)
-            else cache / "run"
-        )
+        run_dir = Path(session_run_dir())
         return Instance(
             uri=parsed.uri,
             kind="session",

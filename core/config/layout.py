@@ -71,10 +71,34 @@ def daemon_socket(run_dir: str, *, readonly: bool) -> str:
     return os.path.join(os.path.dirname(run_dir), DAEMON_SOCKETS[1 if readonly else 0])
 
 
+def xdg_dir(var: str, fallback: str) -> str:
+    """An XDG base directory: ``$VAR`` when absolute, else ``~/FALLBACK``."""
+    value = os.environ.get(var)
+    if value and os.path.isabs(value):
+        return value
+    return os.path.join(os.path.expanduser("~"), fallback)
+
+
+def session_run_dir() -> str:
+    """``qemu:///session``'s run directory: ``$XDG_RUNTIME_DIR/vmconfine/qemu``, else
+    ``run`` in its cache directory."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime):
+        return os.path.join(runtime, "vmconfine", "qemu")
+    return os.path.join(xdg_dir("XDG_CACHE_HOME", ".cache"), "vmconfine", "qemu", "run")
+
+
+#: the plain spellings of the session URI (:func:`plain_daemon_socket`)
+SESSION_URIS = ("qemu:///session", "qemu:///session/", "qemu+unix:///session",
+                "qemu+unix:///session/")
+
+
 def plain_daemon_socket(uri: str, *, readonly: bool) -> tuple[str, str] | None:
-    """``(kind, socket path)`` of the daemon for a plain URI (:func:`plain_uri`) the caller
-    may open (``qemu:///system`` only as root); None otherwise, for
-    :func:`vmconfine.config.instance.open_instance` to resolve or refuse."""
+    """``(kind, socket path)`` of the daemon for a plain URI (:func:`plain_uri`, or
+    :data:`SESSION_URIS`) the caller may open (``qemu:///system`` only as root); None
+    otherwise, for :func:`vmconfine.config.instance.open_instance` to resolve or refuse."""
+    if uri in SESSION_URIS:
+        return "session", daemon_socket(session_run_dir(), readonly=readonly)
     plain = plain_uri(uri)
     if plain is None:
         return None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from vmconfine.config.instance import open_instance, parse_remote, parse_uri
+from vmconfine.config.layout import plain_daemon_socket
 from vmconfine.errors import URIError
 
 
@@ -114,3 +116,37 @@ def test_session_uses_xdg_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def test_default_uri_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VMCONFINE_DEFAULT_URI", f"qemu:///embed?root={tmp_path}")
     assert open_instance(None).kind == "embed"
+
+
+@pytest.mark.parametrize("uri", [
+    "qemu:///session", "qemu+unix:///session/", "qemu:///system", "qemu:///embed?root=/srv/vm",
+    "qemu:///embed/?root=/srv//vm/../vm2/", "qemu+unix:///embed?root=/a"])
+@pytest.mark.parametrize("runtime", ["/run/user/4242/", "relative", None])
+@pytest.mark.parametrize("readonly", [False, True])
+def test_plain_daemon_socket_agrees_with_the_instance(uri: str, runtime: str | None,
+                                                      readonly: bool, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's fast path to the daemon's socket finds the socket the instance module
+    spells (the daemon listens there)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    if runtime is None:
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    else:
+        monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    plain = plain_daemon_socket(uri, readonly=readonly)
+    if uri == "qemu:///system" and os.geteuid() != 0:
+        assert plain is None  # open_instance refuses it, with its reason
+        return
+    inst = open_instance(uri)
+    assert plain is not None
+    assert plain[0] == inst.kind
+    assert Path(plain[1]) == (inst.daemon_ro_socket_path if readonly else
+                              inst.daemon_socket_path)
+
+
+@pytest.mark.parametrize("uri", [
+    "qemu:///embed?root=relative", "qemu:///embed?root=/a&root=/b", "qemu:///embed?root=/a%20b",
+    "qemu+ssh://host/system", "qemu:///sessionx", "qemu://host/session", "xen:///system"])
+def test_plain_daemon_socket_leaves_the_rest_to_the_uri_parser(uri: str) -> None:
+    assert plain_daemon_socket(uri, readonly=False) is None

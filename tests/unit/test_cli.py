@@ -125,3 +125,25 @@ def test_capabilities_lists_secmodels_in_stack_order(tmp_path: Path) -> None:
     models = doc.xpath("/capabilities/host/secmodel/model/text()")
     assert models[0] == "none"
     assert doc.xpath("/capabilities/host/cpu/arch/text()")
+
+
+@pytest.mark.parametrize("columns", [None, "57", "0", "junk"])
+def test_help_is_as_wide_as_argparse_makes_it(columns: str | None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's formatter finds the width without shutil, as shutil would; the help text is
+    wrapped exactly as argparse's own formatter wraps it."""
+    import argparse
+    import shutil
+
+    from vmconfine.cli import _columns, build_parser
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert _columns() == shutil.get_terminal_size().columns
+    for only in (None, "list"):
+        ours = build_parser(only)
+        plain = build_parser(only)
+        plain.formatter_class = argparse.HelpFormatter
+        assert ours.format_help() == plain.format_help()

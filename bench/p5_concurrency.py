@@ -46,6 +46,7 @@ from bench.common import (
     bench_main,
     domain_xml,
     embed_root,
+    finish_teardowns,
     is_root,
     make_disks,
     now,
@@ -324,6 +325,7 @@ def run(opts: Options) -> list[Table]:
         workers.stop()
         restored = sum(1 for img in images if image_state(img) == before[img])
         left = leftovers(inst_root, uri, names)
+        finish_teardowns(uri)
         floor = asyncio.run(_floor(images, d))
         lv_wall, lv_error = libvirt_concurrent(xmls, names)
     ok_all = len(workers.ready) == n

@@ -35,6 +35,9 @@ SESSION_IDLE_TIMEOUT = float(os.environ.get("VMCONFINE_SESSION_DAEMON_TIMEOUT", 
 #: the longest status or header line, and the most header lines, a reply may have
 MAX_LINE = 65536
 MAX_HEADERS = 100
+#: the largest reply body the client takes (a domain's XML, a list of domains: far less); an
+#: event is one line (:data:`MAX_LINE`)
+MAX_BODY = 64 << 20
 
 
 class DaemonUnavailable(VmconfineError):
@@ -137,6 +140,8 @@ class Reply:
             if not length.isdigit():
                 raise MalformedReply(f"a malformed Content-Length {length[:80]!r}")
             self._left = int(length)
+            if self._left > MAX_BODY:
+                raise MalformedReply(f"a reply of {self._left} bytes (more than {MAX_BODY})")
 
     def _fill(self) -> bool:
         """Read more from the socket; False at the end of the connection."""
@@ -183,6 +188,8 @@ class Reply:
             if size == 0:
                 self._done = True
                 return b""
+            if size > MAX_BODY:
+                raise MalformedReply(f"a chunk of {size} bytes (more than {MAX_BODY})")
             self._want(end + size + 2)  # the chunk and its CRLF
             data, self._buf = self._buf[end:end + size], self._buf[end + size + 2:]
             return data
@@ -201,14 +208,20 @@ class Reply:
     def read(self) -> bytes:
         """The rest of the body."""
         parts = [self._body]
+        size = len(self._body)
         self._body = b""
         while piece := self._piece():
             parts.append(piece)
+            size += len(piece)
+            if size > MAX_BODY:
+                raise MalformedReply(f"a reply of more than {MAX_BODY} bytes")
         return b"".join(parts)
 
     def readline(self) -> bytes:
         """The body's next line (with its line feed); b"" at the end."""
         while b"\n" not in self._body:
+            if len(self._body) > MAX_LINE:
+                raise MalformedReply("a line too long")
             piece = self._piece()
             if not piece:
                 line, self._body = self._body, b""

@@ -188,3 +188,25 @@ def test_cli_errors_on_a_malformed_daemon_are_one_line(tmp_path: Path) -> None:
             assert out.stdout == ""
     finally:
         server.close()
+
+
+def test_oversized_replies_are_refused_not_buffered(server: Canned,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A body over the client's limit (declared, in chunks, or until close) and an event line
+    over the line limit end in one-line errors instead of growing the client's memory."""
+    from vmconfine import client
+
+    monkeypatch.setattr(client, "MAX_BODY", 1000)
+    monkeypatch.setattr(client, "MAX_LINE", 100)
+    server.replies.append([b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"])
+    server.replies.append([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                           b"1000\r\n" + b"x" * 100])
+    server.replies.append([b"HTTP/1.0 200 OK\r\n\r\n", b"y" * 3000])
+    c = DaemonClient(server.path)
+    for message in ("a reply of 5000 bytes", "a chunk of 4096 bytes", "a reply of more than"):
+        with pytest.raises(VmconfineError, match=message):
+            c.call("GET", "/v1/domains")
+    server.replies.append([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                           b"c8\r\n" + b"z" * 200 + b"\r\n", b"0\r\n\r\n"])
+    with pytest.raises(VmconfineError, match="a line too long"):
+        list(c.stream("/v1/events", timeout=30))

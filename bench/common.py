@@ -13,6 +13,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -272,6 +273,15 @@ def embed_root(directory: Path, qemu_conf: str = 'security_driver = "none"\n') -
     (directory / "etc").mkdir(parents=True, exist_ok=True)
     (directory / "etc" / "qemu.conf").write_text(qemu_conf)
     return f"qemu:///embed?root={directory}"
+
+
+def finish_teardowns(uri: str) -> None:
+    """Let vmconfine finish any teardown a run left unfinished (its journal kept): any command
+    on the instance does (``list`` here). Call it before the scratch root goes: removing it
+    removes the journals too, and what they list (cgroups) would stay on the host with nothing
+    left to finish it."""
+    subprocess.run([VMCONFINE, "-c", uri, "list"], capture_output=True, check=False,
+                   stdin=subprocess.DEVNULL, timeout=120)
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

@@ -389,7 +389,8 @@ def run(opts: Options) -> list[Table]:
     table.notes += [
         f"median of {opts.runs} samples (after one uncounted), each on a fresh instance and "
         "journal; raw 0-byte images on ext4; the file systems are synced (untimed) before "
-        "each case",
+        "each case; before each timed part (vmconfine's, the floor's, the raw loop's) the "
+        "young garbage-collector generations are collected, untimed",
         "safety floor: per file fstatat + openat(O_NOFOLLOW) + fstat (+ fgetxattr of the file "
         "capabilities before a chown of a regular file) + the changes on the fd + "
         f"close, directories opened once, journal created + one write and fsync per {BATCH} "

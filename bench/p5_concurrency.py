@@ -46,6 +46,7 @@ from bench.common import (
     bench_main,
     domain_xml,
     embed_root,
+    finish_teardowns,
     is_root,
     make_disks,
     now,
@@ -254,7 +255,14 @@ def image_state(path: Path) -> tuple[int, int, str | None, list[str]]:
     return st.st_uid, st.st_gid, label, remembered
 
 
-def leftovers(inst_root: Path, names: list[str]) -> list[str]:
+def leftovers(inst_root: Path, uri: str, names: list[str]) -> list[str]:
+    """What this run left: its journals, status files, leases and cgroups. Only this
+    instance's groups (``vmconfine/<its segment>``, also nested under the bench's own group,
+    as the memory one is here): another instance's, of a run at the same time or one whose
+    scratch root (journal included) is gone, is not this run's."""
+    from vmconfine.config.instance import open_instance
+    from vmconfine_cgroups.placement import instance_segment
+
     found = []
     run_dir = inst_root / "run"
     if run_dir.is_dir():
@@ -265,8 +273,9 @@ def leftovers(inst_root: Path, names: list[str]) -> list[str]:
 
         found += [f"MCS lease of {x.owner}" for x in
                   LabelRegistry(registry, McsRange("s0", 0, 1023)).leases()]
-    for cg in Path("/sys/fs/cgroup").glob("*/vmconfine/*"):
-        with contextlib.suppress(OSError):  # a file, or a group removed meanwhile
+    segment = instance_segment(open_instance(uri))
+    for cg in Path("/sys/fs/cgroup").glob(f"**/vmconfine/{segment}"):
+        with contextlib.suppress(OSError):  # a group removed meanwhile
             found += [str(p) for p in cg.iterdir() if p.is_dir() and p.name in names]
     return found
 
@@ -315,7 +324,8 @@ def run(opts: Options) -> list[Table]:
                     labelled += 1
         workers.stop()
         restored = sum(1 for img in images if image_state(img) == before[img])
-        left = leftovers(inst_root, names)
+        left = leftovers(inst_root, uri, names)
+        finish_teardowns(uri)
         floor = asyncio.run(_floor(images, d))
         lv_wall, lv_error = libvirt_concurrent(xmls, names)
     ok_all = len(workers.ready) == n

@@ -32,6 +32,7 @@ from bench.common import (
     bench_main,
     domain_xml,
     embed_root,
+    finish_teardowns,
     is_root,
     make_disks,
     ratio,
@@ -113,6 +114,7 @@ def run(opts: Options) -> list[Table]:
             xml.write_text(domain_xml(name, disks))
             xmls.append(xml)
         ours = {k: vmconfine_memory(uri, xmls[:k]) for k in counts}
+        finish_teardowns(uri)
         theirs: dict[int, list[tuple[int, int]]] = {}
         peer_error = ""
         try:

@@ -708,7 +708,13 @@ class CgroupsDriver:
         leaves = {r["path"] for r in mkdirs if r.get("leaf")}
         busy: set[str] = set()
         for leaf in sorted(leaves):
-            if os.path.isdir(leaf) and v1.procs(leaf):
+            try:
+                held = os.path.isdir(leaf) and bool(v1.procs(leaf))
+            except OSError as exc:
+                errors.append(f"{leaf}: {_strerror(exc)}")
+                busy.add(leaf)
+                continue
+            if held:
                 why = v1.rmdir(leaf)  # waits briefly for exiting processes
                 if why:
                     errors.append(why)
@@ -731,8 +737,13 @@ class CgroupsDriver:
             why = v1.rmdir(path, wait=1.0 if rec.get("leaf") else 0)
             if why and rec.get("leaf"):
                 errors.append(why)  # shared partition directories stay while others use them
+                busy.add(path)
             elif rec.get("leaf"):
                 self._prune_default_partition(path, seen)
+        # the journal goes only when no group of the domain is left: one still there (whatever
+        # kept it) is named, and the journal stays for the next command to finish the job
+        errors += [f"{leaf} is still there" for leaf in sorted(leaves)
+                   if leaf not in busy and os.path.isdir(leaf)]
         ctx.state.pop(NAME, None)
         if errors:
             raise DriverError(f"cgroup teardown incomplete: {'; '.join(errors)}; stop those "

@@ -33,12 +33,19 @@ def read(path: str | Path) -> str:
         return fh.read()
 
 
+#: errnos of a group that is gone or being removed: ENOENT once its directory is unlinked,
+#: ENODEV for a file of it opened before (another process's rmdir got there first)
+GONE = (errno.ENOENT, errno.ENODEV)
+
+
 def procs(cgroup_dir: str) -> list[int]:
-    """Pids in ``cgroup_dir`` (empty when it does not exist)."""
+    """Pids in ``cgroup_dir`` (empty when it does not exist or is being removed)."""
     try:
         return [int(x) for x in read(Path(cgroup_dir, PROCS)).split()]
-    except FileNotFoundError:
-        return []
+    except OSError as exc:
+        if exc.errno in GONE:
+            return []
+        raise
 
 
 def add_self(cgroup_dir: str) -> None:
@@ -85,8 +92,10 @@ def rmdir(cgroup_dir: str, wait: float = 2.0) -> str | None:
     """Remove a cgroup directory once it is empty.
 
     Returns None when it is gone (or was never there), else why it stays (processes or child
-    groups). Exited processes can linger for a moment, so a busy group is retried for up to
-    ``wait`` seconds while it has no live process left.
+    groups); never raises. Exited processes can linger for a moment, so a busy group is
+    retried for up to ``wait`` seconds while it has no live process left. A shared parent
+    (``vmconfine/<instance>``) can be removed by another domain's teardown between the
+    refused rmdir and the look at what it holds: gone is gone, not an error.
     """
     deadline = time.monotonic() + wait
     while True:
@@ -98,8 +107,15 @@ def rmdir(cgroup_dir: str, wait: float = 2.0) -> str | None:
         except OSError as exc:
             if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY):
                 return f"{cgroup_dir}: {exc.strerror}"
-            pids = procs(cgroup_dir)
-            children = [e.name for e in os.scandir(cgroup_dir) if e.is_dir()]
+            try:
+                pids = procs(cgroup_dir)
+                children = [e.name for e in os.scandir(cgroup_dir) if e.is_dir()]
+            except OSError as err:
+                if err.errno not in GONE:
+                    return f"{cgroup_dir}: {err.strerror}"
+                if not os.path.isdir(cgroup_dir):
+                    return None
+                pids, children = [], []  # being removed: the next rmdir tells
             if children:
                 return f"{cgroup_dir} still has child groups ({', '.join(sorted(children))})"
             if time.monotonic() >= deadline:

@@ -338,6 +338,43 @@ def test_teardown_keeps_filters_while_processes_remain(env: Env) -> None:
     assert not any(os.path.exists(p) for p in env.leaves(ctx))
 
 
+def test_teardown_finishes_when_another_domain_prunes_the_shared_parent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two domains of one instance stop together: A's teardown, refused removing the shared
+    ``vmconfine/<instance>`` directory (B's group is in it), looks at what it holds just as
+    B's teardown removes B's group and that directory. The directory is gone, not an error:
+    A's teardown goes on and removes A's groups in every other hierarchy too (it used to stop
+    there with ENOENT, leaving them; ENODEV when the read of ``cgroup.procs`` came second)."""
+    require_root()
+    h = placement.detect()
+    wanted = [c for c in ("cpu", "cpuacct", "freezer", "blkio") if c in h.v1]
+    require(len(wanted) >= 2, "fewer than two of the v1 cpu/cpuacct/freezer/blkio mounted")
+    env = Env(tmp_path / "inst", "auto", wanted)
+    try:
+        drv_a, a = started(env, DOMAIN.format(name="prune-a", disks=""))
+        drv_b, b = started(env, DOMAIN.format(name="prune-b", disks=""))
+        leaves_a, leaves_b = env.leaves(a), env.leaves(b)
+        assert len(leaves_a) == len(wanted) and all(os.path.isdir(p) for p in leaves_a)
+        real_procs = v1.procs
+        raced: list[str] = []
+
+        def procs_racing_b(cgroup_dir: str) -> list[int]:
+            if not raced and os.path.basename(cgroup_dir).startswith("qemu-embed-"):
+                raced.append(cgroup_dir)
+                monkeypatch.setattr(v1, "procs", real_procs)
+                drv_b.restore_all_labels(ctx=b)  # B goes, and with it the shared directory
+                assert not os.path.exists(cgroup_dir)
+            return real_procs(cgroup_dir)
+
+        monkeypatch.setattr(v1, "procs", procs_racing_b)
+        drv_a.restore_all_labels(ctx=a)  # no error
+        assert raced, "A's teardown never found the shared directory busy"
+        assert [p for p in leaves_a + leaves_b if os.path.exists(p)] == []
+    finally:
+        monkeypatch.undo()
+        env.cleanup()
+
+
 # ---- controllers and errors ----------------------------------------------------------------------
 def test_other_controllers_get_the_domain_cgroup(tmp_path: Path) -> None:
     require_root()

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmconfine.errors import LaunchError, NotRunningError, VmconfineError
 from vmconfine.launch import runtime
+from vmconfine.launch.info import adopted_qmp_path
 from vmconfine.launch.journal import Journal
 from vmconfine.plugin.context import DomainContext
 from vmconfine.qemu import qmp
@@ -426,12 +427,6 @@ def attach_command(conn: Connection, pid_text: str, *, foreground: bool = False)
 
 
 # --------------------------------------------------------------------------- other verbs
-
-
-def adopted_qmp_path(dom: RunningDomain) -> str | None:
-    """The QMP socket of an adopted domain (status state ``qmp``), None for others."""
-    value = dom.domain.runtime_state().get("qmp")
-    return value if isinstance(value, str) and value else None
 
 
 @contextlib.contextmanager

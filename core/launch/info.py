@@ -1,11 +1,19 @@
-"""``dominfo``: what to say about a running domain (shared by the CLI and the daemon)."""
+"""``dominfo``: what to say about a running domain (shared by the CLI and the daemon).
+
+Kept apart from :mod:`vmconfine.launch.attach` (which needs the native-argv converter) so
+the daemon, which only reads an adopted domain's state, never imports that converter."""
 
 from __future__ import annotations
 
-from vmconfine.launch.attach import adopted_qmp_path
 from vmconfine.launch.connection import Connection, RunningDomain
 from vmconfine.launch.journal import Journal
 from vmconfine.plugin.context import DomainContext
+
+
+def adopted_qmp_path(dom: RunningDomain) -> str | None:
+    """The QMP socket of an adopted domain (status state ``qmp``), None for others."""
+    value = dom.domain.runtime_state().get("qmp")
+    return value if isinstance(value, str) and value else None
 
 
 def domain_info_rows(conn: Connection, dom: RunningDomain, *, state: str = "running",

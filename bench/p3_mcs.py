@@ -85,6 +85,19 @@ def _fill_set(pairs: list[int]) -> set[tuple[int, int]]:
 SAMPLE = 100
 
 
+def speed_probe() -> float:
+    """Seconds for a fixed pure-Python loop (no system call, no memory beyond a few objects).
+
+    This machine's virtual CPUs run at two speeds about 1.5x apart, each for seconds at a
+    time, for every process alike (docs/performance.md, P3): timed right after each registry
+    sample, the probe tells which speed that sample ran at."""
+    t0 = time.perf_counter()
+    acc = 0
+    for i in range(2000):
+        acc += i * 3 % 7
+    return time.perf_counter() - t0
+
+
 def _undo(reg: LabelRegistry, levels: list[str]) -> None:
     """Back to the occupancy before ``levels`` were allocated (untimed; release() itself is
     measured separately)."""
@@ -99,10 +112,12 @@ def occupancy_rows(opts: Options, d: Path, table: Table) -> None:
     allocs = SAMPLE
     samples = opts.runs * (2 if opts.quick else 10)
     rand = random.Random(7)
+    probes: dict[str, Stats] = {}
     for occ in OCCUPANCY:
         taken = rand.sample(range(rng.pairs), int(rng.pairs * occ))
         pool_s, reg_disk, reg_tmp, peer_s = Stats(), Stats(), Stats(), Stats()
         for base, stats in ((d, reg_disk), (TMPFS_BASE, reg_tmp)):
+            probe = probes[f"{occ:.0%} {'ext4' if base is d else 'tmpfs'}"] = Stats()
             with scratch("p3-reg", base=base) as where:
                 reg = mcs.LabelRegistry(where, rng, lambda lease: True)
                 reg.fill(taken)
@@ -110,6 +125,7 @@ def occupancy_rows(opts: Options, d: Path, table: Table) -> None:
                     t0 = time.perf_counter()
                     levels = [reg.allocate(owner(i), f"vm{i}") for i in range(allocs)]
                     stats.add((time.perf_counter() - t0) / allocs)
+                    probe.add(speed_probe())
                     _undo(reg, levels)
                 if base is d:  # the pool alone, on the same file
                     pool = reg._open_pool()
@@ -140,6 +156,13 @@ def occupancy_rows(opts: Options, d: Path, table: Table) -> None:
                   verdict(reg_tmp.median * 1e6 <= TARGET_US, f"<= {TARGET_US:.0f} us"))
     table.notes.append(f"{allocs} allocations per sample, {samples} samples, median "
                        "per-allocation time; released (untimed) between samples")
+    fastest = min(p.low for p in probes.values())
+    table.notes.append(
+        "host speed: a fixed pure-Python loop timed after each registry sample (the same "
+        "work every time) took, as a multiple of its fastest run in P3: " + ", ".join(
+            f"{row} {p.median / fastest:.2f}x median [{p.low / fastest:.2f}-"
+            f"{p.high / fastest:.2f}x]" for row, p in probes.items())
+        + "; ~1.5x = the virtual CPU's slow speed (docs/performance.md, P3)")
 
 
 def exhaustion_rows(opts: Options, d: Path, table: Table) -> None:

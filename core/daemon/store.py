@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmconfine.config.instance import Instance
-from vmconfine.domain import Domain, parse_domain
 from vmconfine.errors import VmconfineError
 from vmconfine.launch import runtime
+
+if TYPE_CHECKING:
+    from vmconfine.domain import Domain
 
 
 class DefinitionStore:
@@ -39,6 +42,8 @@ class DefinitionStore:
             text = path.read_text()
         except FileNotFoundError:
             return None
+        from vmconfine.domain import parse_domain  # names() alone needs no domain model
+
         return parse_domain(text, source=str(path), live=False)
 
     def load_all(self) -> dict[str, Domain]:

@@ -3,6 +3,10 @@
 Every command opens a :class:`Connection`. Opening it finishes any teardown a crashed
 vmconfine left behind (a journal whose supervisor no longer holds its lock), so the host is
 never left changed for longer than it takes to run the next command.
+
+The plugins, the stack, the domain model and the pipeline are loaded when a command first
+needs them (a teardown to finish, a domain to read or start): ``vmconfine list`` of an
+instance with nothing running imports none of them.
 """
 
 from __future__ import annotations
@@ -14,17 +18,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmconfine.config.instance import Instance, open_instance
-from vmconfine.domain import Domain, parse_domain
 from vmconfine.errors import NotRunningError, VmconfineError, XMLError
 from vmconfine.launch import runtime
 from vmconfine.launch.journal import Journal
-from vmconfine.launch.pipeline import teardown
-from vmconfine.plugin.context import DomainContext, HostContext
-from vmconfine.plugin.registry import collect_drivers, make_plugin_manager
-from vmconfine.plugin.stack import Stack
 
 if TYPE_CHECKING:
     import pluggy
+
+    from vmconfine.domain import Domain
+    from vmconfine.plugin.context import HostContext
+    from vmconfine.plugin.stack import Stack
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,24 @@ class Connection:
     def __init__(self, instance: Instance, *, pm: pluggy.PluginManager | None = None,
                  recover: bool = True) -> None:
         self.instance = instance
-        self.pm = pm if pm is not None else make_plugin_manager()
-        self.host = HostContext(instance, self.pm, collect_drivers(self.pm))
+        if pm is not None:
+            self.pm = pm
         if recover:
             self.recover()
+
+    @cached_property
+    def pm(self) -> pluggy.PluginManager:
+        """The plugin manager with every installed driver (made on first use)."""
+        from vmconfine.plugin.registry import make_plugin_manager
+
+        return make_plugin_manager()
+
+    @cached_property
+    def host(self) -> HostContext:
+        from vmconfine.plugin.context import HostContext
+        from vmconfine.plugin.registry import collect_drivers
+
+        return HostContext(self.instance, self.pm, collect_drivers(self.pm))
 
     @classmethod
     def open(cls, uri: str | None = None, **kwargs: object) -> Connection:
@@ -63,6 +80,8 @@ class Connection:
 
     @cached_property
     def stack(self) -> Stack:
+        from vmconfine.plugin.stack import Stack
+
         return Stack.build(self.host)
 
     # ---- running domains ----------------------------------------------------------------------
@@ -73,6 +92,8 @@ class Connection:
             text = path.read_text()
         except FileNotFoundError:
             return None
+        from vmconfine.domain import parse_domain
+
         try:
             domain = parse_domain(text, source=str(path))
         except XMLError as exc:
@@ -180,6 +201,11 @@ class Connection:
 
     def teardown_from_journal(self, name: str) -> None:
         """Kill a leftover QEMU and undo every change the journal lists (fresh process)."""
+        from vmconfine.domain import parse_domain
+        from vmconfine.launch.pipeline import teardown
+        from vmconfine.plugin.context import DomainContext
+        from vmconfine.plugin.stack import Stack
+
         journal = Journal(self.instance.journal_path(name))
         xml_rec = journal.last("pipeline", "labels") or journal.last("pipeline", "begin")
         if xml_rec is None:

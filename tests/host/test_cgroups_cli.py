@@ -64,7 +64,7 @@ if __name__ == "__main__":
     if mode == "recover":
         print("recovered", conn.recover(), flush=True)
         sys.exit(0)
-    settings = conn.instance.config.driver_settings("cgroups")
+    settings = conn.host.config.driver_settings("cgroups")
     settings.cgroup_devices_backend = mode.split("-")[1]  # run-v1 / run-v2
     run_domain(conn, parse_domain(open(xml).read(), source=xml), on_ready=lambda l: print(
         "started", l.pid, conn.stack.describe(l.ctx).get("cgroups", {}).get("summary"),

@@ -23,8 +23,11 @@ BASE_MODULES = {"vmconfine", "vmconfine.errors", "vmconfine.fsinfo", "vmconfine.
 CLI_MODULES = {"vmconfine.cli", "vmconfine.cli_daemon", "vmconfine.__main__",
                "vmconfine.remote"}
 #: where a function-level import is allowed: the CLI imports each verb's code when the verb
-#: runs, so ``vmconfine --help`` and light verbs start fast
-DEFERRED_IMPORTS_ALLOWED = {"vmconfine.cli", "vmconfine.cli_daemon"}
+#: runs, so ``vmconfine --help`` and light verbs start fast; the connection every command opens
+#: and the definitions store load the plugins, the domain model and the pipeline only when a
+#: command needs them (a daemonless ``list`` of an idle instance imports none of them)
+DEFERRED_IMPORTS_ALLOWED = {"vmconfine.cli", "vmconfine.cli_daemon",
+                            "vmconfine.launch.connection", "vmconfine.daemon.store"}
 
 
 def module_name(path: Path) -> str:

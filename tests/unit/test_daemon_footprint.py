@@ -1,6 +1,8 @@
 """The daemon's memory is mostly the modules it imports (docs/performance.md, P7a): it must
-not import code that only other verbs need. Core has no function-level imports, so what
-``vmconfine.daemon.main`` imports at module level is what the serving daemon holds."""
+not import code that only other verbs need. Core's function-level imports are few and listed
+(tests/unit/test_architecture.py): the connection loads its plugins, model and pipeline on first
+use, which the serving daemon always makes; so what ``vmconfine.daemon.main`` imports at
+module level is what the serving daemon holds."""
 
 from __future__ import annotations
 

@@ -9,6 +9,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmconfine.errors import LabelError
 from vmconfine.plugin import freepool as mcspool
@@ -274,6 +276,37 @@ def test_unreadable_lease_is_dropped(tmp_path: Path) -> None:
 def test_owner_must_look_like_a_uuid(tmp_path: Path) -> None:
     with pytest.raises(LabelError, match="invalid registry owner"):
         _registry(tmp_path).allocate("../../etc/passwd", "x")
+
+
+_OWNER_SPEC = re.compile(r"[0-9a-fA-F-]{1,64}")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(
+    st.text(alphabet="0123456789abcdefABCDEF-", max_size=70),
+    st.text(alphabet="0123456789abcdefABCDEF-/.\n \x00\u0660g", max_size=70),
+    st.text(max_size=70)))
+def test_owner_check_accepts_exactly_1_to_64_hex_digits_and_dashes(owner: str) -> None:
+    """The check on the allocation path uses string methods; it accepts what the spec
+    regex accepts and nothing else (non-ASCII digits, newlines, NUL, 65 characters...)."""
+    from vmconfine.plugin.leases import LeaseRegistry
+
+    try:
+        LeaseRegistry._check_owner(owner)
+        accepted = True
+    except LabelError:
+        accepted = False
+    assert accepted == bool(_OWNER_SPEC.fullmatch(owner))
+
+
+def test_owner_check_edges() -> None:
+    from vmconfine.plugin.leases import LeaseRegistry
+
+    for good in ("a", "-", "F" * 64, _owner(3)):
+        LeaseRegistry._check_owner(good)
+    for bad in ("", "g", "a" * 65, "abc\n", "\u0661\u0662", "abc ", " abc", "ab/cd"):
+        with pytest.raises(LabelError, match="invalid registry owner"):
+            LeaseRegistry._check_owner(bad)
 
 
 def test_allocation_draws_one_random_number_at_any_occupancy(

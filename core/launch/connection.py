@@ -214,17 +214,18 @@ class Connection:
             return
         domain = parse_domain(xml_rec["xml"], source=str(journal.path))
         started = journal.last("pipeline", "started") or journal.last("pipeline", "forked")
-        if started:
-            runtime.kill_process(int(started["pid"]), started.get("starttime"))
+        # the plugins and the stack first: when they cannot load (a broken plugin), the
+        # command fails before it changes anything, the leftover QEMU included
         ctx = DomainContext(self.host, domain, journal, recovering=True)
-        if started:
-            ctx.pid = int(started["pid"])
         generated = bool(journal.last("pipeline", "labels"))
         begin = journal.last("pipeline", "begin") or {}
         if begin.get("stack"):
             stack = Stack.for_teardown(self.host, list(begin["stack"]))
         else:
             stack = self.stack
+        if started:
+            runtime.kill_process(int(started["pid"]), started.get("starttime"))
+            ctx.pid = int(started["pid"])
         errors = teardown(stack, ctx, labels_generated=generated)
         if errors:
             raise VmconfineError(

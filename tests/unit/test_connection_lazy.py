@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support import REPO
 
 #: what a start needs and an idle listing does not
@@ -62,3 +64,54 @@ def test_list_of_an_idle_instance_imports_no_plugin_model_or_pipeline(tmp_path: 
     # the stack (so the check above can fail)
     assert {"pluggy", "lxml.etree", "vmconfine.domain.model",
             "vmconfine.plugin.stack"} <= set(got["control"])  # type: ignore[arg-type]
+
+
+def _leftover(tmp_path: Path) -> tuple[object, subprocess.Popen[bytes]]:
+    """An embed instance whose domain's supervisor died: its journal names a live process."""
+    from vmconfine.config.instance import open_instance
+    from vmconfine.launch import runtime
+    from vmconfine.launch.journal import Journal
+
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "qemu.conf").write_text('security_driver = "none"\n')
+    inst = open_instance(f"qemu:///embed?root={root}")
+    inst.run_dir.mkdir(parents=True, exist_ok=True)
+    victim = subprocess.Popen(["sleep", "60"])
+    uuid = "11111111-2222-4333-8444-555555555555"
+    journal = Journal(inst.journal_path("vm1"))
+    journal.record("pipeline", "begin", xml=(
+        f"<domain type='qemu'><name>vm1</name><uuid>{uuid}</uuid><memory>1024</memory>"
+        "<os><type>hvm</type></os></domain>"), supervisor=2**22 + 7, id=1, uuid=uuid,
+        stack=[], outlive=False)
+    journal.record("pipeline", "started", pid=victim.pid,
+                   starttime=runtime.proc_starttime(victim.pid))
+    return inst, victim
+
+
+def test_recovery_with_plugins_that_cannot_load_changes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken plugin fails the command before recovery kills the leftover QEMU: the
+    process and its journal stay for the next command, once the plugin is fixed."""
+    from vmconfine.errors import DriverError
+    from vmconfine.launch.connection import Connection
+    from vmconfine.plugin import registry
+
+    inst, victim = _leftover(tmp_path)
+    try:
+        def broken(*_a: object, **_k: object) -> None:
+            raise DriverError("plugin 'x' failed to load: broken")
+
+        with monkeypatch.context() as m:
+            m.setattr(registry, "make_plugin_manager", broken)
+            with pytest.raises(DriverError, match="broken"):
+                Connection(inst)  # type: ignore[arg-type]
+        assert victim.poll() is None
+        assert inst.journal_path("vm1").exists()  # type: ignore[attr-defined]
+        # control: with the plugins loading, the same command finishes the teardown
+        Connection(inst)  # type: ignore[arg-type]
+        assert victim.wait(timeout=30) is not None
+        assert not inst.journal_path("vm1").exists()  # type: ignore[attr-defined]
+    finally:
+        victim.kill()
+        victim.wait()

@@ -499,8 +499,11 @@ def test_q35_topology_is_libvirts(case: str, libvirt: LibvirtEmbed) -> None:
         env, argv = split_native(native)
         monitor = libvirt_runtime(argv)
         mine, theirs = placement(ours.argv()), placement(argv)
-        tree_ours = pci_tree(paths.monitor_socket, launch(ours.argv(), ours.env, ws, "ours"),
-                             ws, "ours")
+        proc = launch(ours.argv(), ours.env, ws, "ours")
+        tree_ours = pci_tree(paths.monitor_socket, proc, ws, "ours")
+        # both sides listen on the first VNC port (autoport): QEMU holds it until it has
+        # exited, not merely until it answered "quit"
+        assert wait_exit(proc) == 0
         tree_libvirt = pci_tree(monitor, launch(argv, env, ws, "libvirt"), ws, "libvirt")
     finally:
         ws.close()

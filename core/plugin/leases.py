@@ -281,8 +281,7 @@ class LeaseRegistry:
 
     def _allocate_locked(self, table: LeaseTable, pool: FreePool, owner: str, name: str,
                          keep: bool) -> str:
-        # the usual case, a domain that holds nothing: one probe of the owner index
-        old = None if table.find(owner) is None else self._lease(table, owner)
+        old = self._lease(table, owner)
         if old is not None:
             if keep and self.range.number(old[1].value) is not None:
                 return old[1].value

@@ -12,10 +12,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support import REPO
+
+if TYPE_CHECKING:
+    from vmconfine.config.instance import Instance
 
 #: what a start needs and an idle listing does not
 HEAVY = ("pluggy", "lxml.etree", "asyncio", "vmconfine.domain.model",
@@ -66,7 +70,7 @@ def test_list_of_an_idle_instance_imports_no_plugin_model_or_pipeline(tmp_path: 
             "vmconfine.plugin.stack"} <= set(got["control"])  # type: ignore[arg-type]
 
 
-def _leftover(tmp_path: Path) -> tuple[object, subprocess.Popen[bytes]]:
+def _leftover(tmp_path: Path) -> tuple[Instance, subprocess.Popen[bytes]]:
     """An embed instance whose domain's supervisor died: its journal names a live process."""
     from vmconfine.config.instance import open_instance
     from vmconfine.launch import runtime
@@ -105,13 +109,13 @@ def test_recovery_with_plugins_that_cannot_load_changes_nothing(
         with monkeypatch.context() as m:
             m.setattr(registry, "make_plugin_manager", broken)
             with pytest.raises(DriverError, match="broken"):
-                Connection(inst)  # type: ignore[arg-type]
+                Connection(inst)
         assert victim.poll() is None
-        assert inst.journal_path("vm1").exists()  # type: ignore[attr-defined]
+        assert inst.journal_path("vm1").exists()
         # control: with the plugins loading, the same command finishes the teardown
-        Connection(inst)  # type: ignore[arg-type]
+        Connection(inst)
         assert victim.wait(timeout=30) is not None
-        assert not inst.journal_path("vm1").exists()  # type: ignore[attr-defined]
+        assert not inst.journal_path("vm1").exists()
     finally:
         victim.kill()
         victim.wait()

@@ -47,12 +47,19 @@ class Qemus:
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True, cwd=self.dir)
         self.procs.append(proc)
-        # Popen returns after exec; with a QMP socket, wait until QEMU greets on it (its main
-        # loop runs: every chardev of the command line, e.g. a serial file, exists by then)
-        deadline = time.monotonic() + 30
-        while qmp and not greets(sock) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # Popen returns after exec; with a QMP socket, wait until QEMU answers a command on it.
+        # A greeting alone is not enough: QMP greets from the monitor's own thread as soon as
+        # the monitor exists, while the main thread may still be creating later backends (the
+        # ``-serial file:`` is opened after the monitor). Commands run in the main loop, so an
+        # answer means QEMU finished its start-up and every file of the command line exists.
+        deadline = time.monotonic() + 60
+        ready = not qmp
+        while not ready and proc.poll() is None and time.monotonic() < deadline:
+            ready = answers(sock)
+            if not ready:
+                time.sleep(0.02)
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+        assert ready, f"QEMU did not answer on {sock} within 60 s"
         return proc, sock
 
     def cleanup(self) -> None:
@@ -62,13 +69,23 @@ class Qemus:
             proc.wait(timeout=30)
 
 
-def greets(sock: Path) -> bool:
-    """True once QEMU answers a QMP connection on ``sock`` with its greeting."""
+def answers(sock: Path) -> bool:
+    """True once QEMU's main loop answers ``query-status`` on the QMP socket ``sock``."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(sock))
-            return b'"QMP"' in s.recv(4096)
+            reader = s.makefile("rb")
+            if b'"QMP"' not in reader.readline():
+                return False
+            for command in (b'{"execute": "qmp_capabilities"}', b'{"execute": "query-status"}'):
+                s.sendall(command + b"\n")
+                line = reader.readline()
+                while line and b'"event"' in line:
+                    line = reader.readline()
+                if b'"return"' not in line:
+                    return False
+            return True
     except OSError:
         return False
 

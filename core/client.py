@@ -390,52 +390,82 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
     import termios
     import tty
 
-    import aiohttp  # only the console needs a WebSocket client
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import (
+        AcceptConnection,
+        BytesMessage,
+        CloseConnection,
+        Ping,
+        RejectConnection,
+        Request,
+    )
 
     async def relay(path: Path) -> None:
-        connector = aiohttp.UnixConnector(path=str(path))
-        async with aiohttp.ClientSession(connector=connector,
-                                         headers=client.transport.headers) as session:
-            try:
-                ws = await session.ws_connect(f"http://localhost{url}", heartbeat=30)
-            except aiohttp.WSServerHandshakeError:
-                client.call("GET", url)  # raises the daemon's one-line reason
-                raise VmconfineError("the console connection was refused") from None
-            loop = asyncio.get_running_loop()
-            typed: asyncio.Queue[bytes] = asyncio.Queue()
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        ws = WSConnection(ConnectionType.CLIENT)
+        headers = [(k.encode(), v.encode()) for k, v in client.transport.headers.items()]
+        writer.write(ws.send(Request(host="localhost", target=url, extra_headers=headers)))
+        accepted = False
+        while not accepted:  # the handshake: 101, or the daemon's refusal
+            data = await reader.read(65536)
+            ws.receive_data(data or None)
+            for event in ws.events():
+                if isinstance(event, AcceptConnection):
+                    accepted = True
+                elif isinstance(event, BytesMessage):  # sent right after the handshake
+                    os.write(1, event.data)
+                elif isinstance(event, RejectConnection):
+                    writer.close()
+                    client.call("GET", url)  # raises the daemon's one-line reason
+                    raise VmconfineError("the console connection was refused")
+            if not data and not accepted:
+                writer.close()
+                raise VmconfineError("the daemon closed the console connection")
+        loop = asyncio.get_running_loop()
+        typed: asyncio.Queue[bytes] = asyncio.Queue()
 
-            def stdin_ready() -> None:
-                data = os.read(0, 4096)
-                if not data:
-                    loop.remove_reader(0)  # no more input: keep showing the console
-                    return
-                if ESCAPE in data:
-                    data = data[:data.index(ESCAPE)]
-                    loop.remove_reader(0)
-                    typed.put_nowait(data)
-                    typed.put_nowait(b"")
-                    return
+        def stdin_ready() -> None:
+            data = os.read(0, 4096)
+            if not data:
+                loop.remove_reader(0)  # no more input: keep showing the console
+                return
+            if ESCAPE in data:
+                data = data[:data.index(ESCAPE)]
+                loop.remove_reader(0)
                 typed.put_nowait(data)
+                typed.put_nowait(b"")
+                return
+            typed.put_nowait(data)
 
-            async def send() -> None:
-                while data := await typed.get():  # b"": ^] typed, detach
-                    await ws.send_bytes(data)
+        async def send() -> None:
+            while data := await typed.get():  # b"": ^] typed, detach
+                writer.write(ws.send(BytesMessage(data=data)))
+                await writer.drain()
 
-            async def receive() -> None:
-                async for msg in ws:
-                    if msg.type == aiohttp.WSMsgType.BINARY:
-                        os.write(1, msg.data)
+        async def receive() -> None:
+            while data := await reader.read(65536):
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, BytesMessage):
+                        os.write(1, event.data)
+                    elif isinstance(event, Ping):
+                        writer.write(ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        return
 
-            loop.add_reader(0, stdin_ready)
-            tasks = {asyncio.ensure_future(send()), asyncio.ensure_future(receive())}
-            try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(0)
-                for task in tasks:
-                    task.cancel()
-                await ws.close()
+        loop.add_reader(0, stdin_ready)
+        tasks = {asyncio.ensure_future(send()), asyncio.ensure_future(receive())}
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(0)
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                writer.write(ws.send(CloseConnection(code=1000)))
+                await writer.drain()
+            writer.close()
 
     saved = None
     if os.isatty(0):

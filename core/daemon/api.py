@@ -1,11 +1,12 @@
-"""The daemon's API: JSON over HTTP on unix sockets (aiohttp), documented in docs/api.md.
+"""The daemon's API: JSON over HTTP on unix sockets, documented in docs/api.md.
 
 HTTP on a unix socket is the convention of Incus, podman and Docker: framing, errors, streaming
-and upgrades come from a well-kept library instead of a home-made protocol, and any HTTP client
-(curl --unix-socket) can talk to it. Two sockets serve the same routes: the read-write one
-(root-only by default, like libvirt-sock) and the read-only one (like libvirt-sock-ro), which
-refuses every request that changes something. Every request is logged with the peer's
-credentials (SO_PEERCRED). Errors are ``{"error": "<the CLI's one-line message>"}``.
+and upgrades follow a standard (served by :mod:`vmconfine.daemon.httpserver`, on h11 and
+wsproto) instead of a home-made protocol, and any HTTP client (curl --unix-socket) can talk to
+it. Two sockets serve the same routes: the read-write one (root-only by default, like
+libvirt-sock) and the read-only one (like libvirt-sock-ro), which refuses every request that
+changes something. Every request is logged with the peer's credentials (SO_PEERCRED). Errors
+are ``{"error": "<the CLI's one-line message>"}``.
 """
 
 from __future__ import annotations
@@ -16,17 +17,23 @@ import fnmatch
 import json
 import logging
 import os
-import socket
-import struct
 import termios
-from collections.abc import Awaitable, Callable
 from typing import Any
-
-from aiohttp import WSMsgType, web
 
 from vmconfine import __version__
 from vmconfine.config.instance import parse_uri
 from vmconfine.daemon.events import EventBus
+from vmconfine.daemon.httpserver import (
+    App,
+    ClientGone,
+    Handler,
+    HTTPError,
+    Request,
+    Response,
+    client_dn,
+    json_response,
+    text_response,
+)
 from vmconfine.daemon.manager import DomainManager, OperationError
 from vmconfine.errors import NotRunningError, VmconfineError, XMLError
 
@@ -34,83 +41,48 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 10 * 1024 * 1024  # the domain XML limit
 EVENT_KEEPALIVE = 15.0
+CONSOLE_HEARTBEAT = 30.0
+CONSOLE_MAX_MESSAGE = 1 << 20
 ACTIONS = ("start", "shutdown", "reboot", "reset", "suspend", "resume", "destroy")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MANAGER = web.AppKey("manager", DomainManager)
-EVENTS = web.AppKey("events", EventBus)
-READONLY = web.AppKey("readonly", bool)
-CONSOLES = web.AppKey("consoles", set)
-TLS_DNS = web.AppKey("tls_dns", list)
-#: Python's names of certificate subject attributes -> the short names in libvirt's DNs
-DN_NAMES = {"countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
-            "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN",
-            "emailAddress": "emailAddress", "domainComponent": "DC"}
+
+def manager(request: Request) -> DomainManager:
+    return request.app.state["manager"]
 
 
-def client_dn(request: web.Request) -> str | None:
-    """The TLS client certificate's subject as libvirt writes it (``C=GB,O=x,CN=y``)."""
-    cert = request.transport.get_extra_info("peercert") if request.transport else None
-    if not cert:
-        return None
-    return ",".join(f"{DN_NAMES.get(k, k)}={v}" for rdn in cert.get("subject", ())
-                    for k, v in rdn)
+def readonly(request: Request) -> bool:
+    return request.app.state["readonly"]
 
 
-def peer(request: web.Request) -> str:
-    """``uid=U gid=G pid=P`` of the process on the other end of the unix socket, or the
-    address and certificate DN of a TLS client."""
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is None:
-        return "unknown peer"
-    if sock.family != socket.AF_UNIX:
-        addr = request.transport.get_extra_info("peername") if request.transport else None
-        return f"tls {addr[0] if addr else '?'} dn={client_dn(request)!r}"
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return "unknown peer"
-    pid, uid, gid = struct.unpack("3i", creds)
-    return f"uid={uid} gid={gid} pid={pid}"
+def error(status: int, message: str) -> Response:
+    return json_response({"error": message}, status=status)
 
 
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def guard(request: Request) -> Response | None:
     """Read-only enforcement, one-line JSON errors, and a log line per request."""
-    who = peer(request)
-    readonly = request.app[READONLY]
-    allowed = request.app[TLS_DNS]
+    who = request.peer
+    allowed = request.app.state["tls_dns"]
     if allowed:
-        dn = client_dn(request) or ""
+        dn = client_dn(request.extra) or ""
         if not any(fnmatch.fnmatchcase(dn, pattern) for pattern in allowed):
             log.warning("%s %s %s: refused, DN not in tls_allowed_dn_list", who,
                         request.method, request.path)
             return error(403, f"the client certificate's distinguished name '{dn}' is not on "
                               "the server's list of allowed clients (tls_allowed_dn_list)")
-    wanted = request.headers.get("X-Vmconfine-URI")
-    served = request.app[MANAGER].conn.instance.uri
+    wanted = request.headers.get("x-vmconfine-uri")
+    served = manager(request).conn.instance.uri
     if wanted and not same_instance(wanted, served):
         return error(404, f"this daemon serves {served}, not {wanted}")
-    if readonly and request.method not in ("GET", "HEAD"):
+    if readonly(request) and request.method not in ("GET", "HEAD"):
         log.warning("%s %s %s: refused on the read-only socket", who, request.method,
                     request.path)
         return error(403, "this connection is read-only: use the read-write socket "
                           "(root, or a member of unix_sock_group) to change domains")
+    status: int | str
     try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        if exc.status == 413:
-            response = error(413, f"request too large (at most {MAX_BODY} bytes)")
-        elif exc.status == 404:
-            response = error(404, f"no such API path: {request.method} {request.path}")
-        elif exc.status == 405:
-            response = error(405, f"method {request.method} not allowed on {request.path}")
-        else:
-            response = error(exc.status, exc.reason)
+        response = await request.app.dispatch(request)
+    except HTTPError as exc:
+        response = error(exc.status, exc.message)
     except (NotRunningError, LookupError) as exc:
         response = error(404, getattr(exc, "message", str(exc)))
     except OperationError as exc:
@@ -119,31 +91,32 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error(400, exc.message)
     except VmconfineError as exc:
         response = error(422, exc.message)
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, ClientGone):
         raise
     except Exception as exc:  # a server never dies of a request
         log.exception("internal error serving %s %s", request.method, request.path)
         response = error(500, f"internal error: {type(exc).__name__}: {exc}")
-    log.info("%s %s %s -> %d", who, request.method, request.path_qs, response.status)
+    status = response.status if response is not None else "closed"
+    log.info("%s %s %s -> %s", who, request.method, request.target, status)
     return response
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
+def _json_body(request: Request) -> dict[str, Any]:
+    if not request.has_body:
         return {}
     try:
-        body = await request.json(loads=json.loads)
+        body = request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise web.HTTPBadRequest(reason=f"request body is not valid JSON: {exc}") from None
+        raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(reason="request body must be a JSON object")
+        raise HTTPError(400, "request body must be a JSON object")
     return body
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:
     value = body.get(key, False)
     if not isinstance(value, bool):
-        raise web.HTTPBadRequest(reason=f"'{key}' must be true or false")
+        raise HTTPError(400, f"'{key}' must be true or false")
     return value
 
 
@@ -152,73 +125,72 @@ def _seconds(body: dict[str, Any], key: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86400:
-        raise web.HTTPBadRequest(reason=f"'{key}' must be a number of seconds (0-86400)")
+        raise HTTPError(400, f"'{key}' must be a number of seconds (0-86400)")
     return float(value)
 
 
 def _text(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value:
-        raise web.HTTPBadRequest(reason=f"'{key}' must be a non-empty string")
+        raise HTTPError(400, f"'{key}' must be a non-empty string")
     return value
 
 
 # ---- handlers ------------------------------------------------------------------------------
 
 
-async def version(request: web.Request) -> web.Response:
-    mgr = request.app[MANAGER]
-    return web.json_response({"version": __version__, "uri": mgr.conn.instance.uri,
-                              "readonly": request.app[READONLY]})
+async def version(request: Request) -> Response:
+    return json_response({"version": __version__, "uri": manager(request).conn.instance.uri,
+                          "readonly": readonly(request)})
 
 
-async def list_domains(request: web.Request) -> web.Response:
+async def list_domains(request: Request) -> Response:
     all_ = request.query.get("all", "") in ("1", "true", "yes")
-    return web.json_response({"domains": request.app[MANAGER].list(all_=all_)})
+    return json_response({"domains": manager(request).list(all_=all_)})
 
 
-async def domain_info(request: web.Request) -> web.Response:
-    rows = request.app[MANAGER].info(request.match_info["key"])
-    return web.json_response({"info": [list(r) for r in rows]})
+async def domain_info(request: Request) -> Response:
+    rows = manager(request).info(request.match_info["key"])
+    return json_response({"info": [list(r) for r in rows]})
 
 
-async def domain_state(request: web.Request) -> web.Response:
-    return web.json_response(request.app[MANAGER].state(request.match_info["key"]))
+async def domain_state(request: Request) -> Response:
+    return json_response(manager(request).state(request.match_info["key"]))
 
 
-async def domain_xml(request: web.Request) -> web.Response:
+async def domain_xml(request: Request) -> Response:
     inactive = request.query.get("inactive", "") in ("1", "true", "yes")
-    text = request.app[MANAGER].xml(request.match_info["key"], inactive=inactive)
-    return web.Response(text=text, content_type="application/xml")
+    text = manager(request).xml(request.match_info["key"], inactive=inactive)
+    return text_response(text, "application/xml")
 
 
-async def post_domains(request: web.Request) -> web.Response:
+async def post_domains(request: Request) -> Response:
     """Define (persistent) or create (transient, started) a domain from XML."""
-    body = await _json_body(request)
+    body = _json_body(request)
     xml = _text(body, "xml")
     action = body.get("action", "define")
-    mgr = request.app[MANAGER]
+    mgr = manager(request)
     if action == "define":
         name = mgr.define(xml)
     elif action == "create":
         name = await mgr.create(xml, paused=_flag(body, "paused"))
     else:
-        raise web.HTTPBadRequest(reason=f"unknown action {action!r} (define or create)")
-    return web.json_response({"name": name})
+        raise HTTPError(400, f"unknown action {action!r} (define or create)")
+    return json_response({"name": name})
 
 
-async def undefine(request: web.Request) -> web.Response:
+async def undefine(request: Request) -> Response:
     keep_tpm = request.query.get("keep_tpm", "0") not in ("0", "", "false")
-    name = request.app[MANAGER].undefine(request.match_info["key"], keep_tpm=keep_tpm)
-    return web.json_response({"name": name})
+    name = manager(request).undefine(request.match_info["key"], keep_tpm=keep_tpm)
+    return json_response({"name": name})
 
 
-async def domain_action(request: web.Request) -> web.Response:
+async def domain_action(request: Request) -> Response:
     action = request.match_info["action"]
     if action not in ACTIONS:
-        raise web.HTTPNotFound()
-    body = await _json_body(request)
-    mgr = request.app[MANAGER]
+        raise HTTPError(404, f"no such API path: {request.method} {request.path}")
+    body = _json_body(request)
+    mgr = manager(request)
     key = request.match_info["key"]
     if action == "start":
         name = await mgr.start(key, paused=_flag(body, "paused"),
@@ -227,78 +199,75 @@ async def domain_action(request: web.Request) -> web.Response:
         name = await mgr.shutdown(key, timeout=_seconds(body, "timeout"))
     else:
         name = await getattr(mgr, action)(key)
-    return web.json_response({"name": name})
+    return json_response({"name": name})
 
 
-async def autostart(request: web.Request) -> web.Response:
-    body = await _json_body(request)
-    name = request.app[MANAGER].set_autostart(request.match_info["key"],
+async def autostart(request: Request) -> Response:
+    body = _json_body(request)
+    name = manager(request).set_autostart(request.match_info["key"],
                                               _flag(body, "enable"))
-    return web.json_response({"name": name})
+    return json_response({"name": name})
 
 
-async def devices(request: web.Request) -> web.Response:
+async def devices(request: Request) -> Response:
     """attach-device / detach-device (disk, serial/console/channel, USB hostdev):
     ``{"xml", "live", "config", "persistent"}``."""
-    body = await _json_body(request)
-    mgr = request.app[MANAGER]
+    body = _json_body(request)
+    mgr = manager(request)
     op = mgr.attach_device if request.match_info["op"] == "attach" else mgr.detach_device
     name = await op(request.match_info["key"], _text(body, "xml"), live=_flag(body, "live"),
                     config=_flag(body, "config"), persistent=_flag(body, "persistent"))
-    return web.json_response({"name": name})
+    return json_response({"name": name})
 
 
-async def change_media(request: web.Request) -> web.Response:
+async def change_media(request: Request) -> Response:
     """change-media: ``{"target", "source", "action", "live", "config", "force"}``."""
-    body = await _json_body(request)
+    body = _json_body(request)
     source = body.get("source")
     if source is not None and (not isinstance(source, str) or not source):
-        raise web.HTTPBadRequest(reason="'source' must be a non-empty string or null")
-    line = await request.app[MANAGER].change_media(
+        raise HTTPError(400, "'source' must be a non-empty string or null")
+    line = await manager(request).change_media(
         request.match_info["key"], _text(body, "target"), source, _text(body, "action"),
         live=_flag(body, "live"), config=_flag(body, "config"), force=_flag(body, "force"))
-    return web.json_response({"message": line})
+    return json_response({"message": line})
 
 
-async def events(request: web.Request) -> web.StreamResponse:
+async def events(request: Request) -> Response | None:
     """Lifecycle events as newline-delimited JSON until the client goes away."""
-    bus = request.app[EVENTS]
+    bus: EventBus = request.app.state["events"]
     only = request.query.get("domain")
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await response.prepare(request)
+    stream = await request.stream("application/x-ndjson")
     queue = bus.subscribe()
     try:
         while True:
             try:
                 ev = await asyncio.wait_for(queue.get(), EVENT_KEEPALIVE)
             except TimeoutError:
-                await response.write(b"\n")  # keepalive; finds a client that went away
+                await stream.write(b"\n")  # keepalive; finds a client that went away
                 continue
             if ev is None:  # dropped: too slow
                 break
             if only and ev.domain != only:
                 continue
-            await response.write(json.dumps(ev.to_json()).encode() + b"\n")
+            await stream.write(json.dumps(ev.to_json()).encode() + b"\n")
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
         bus.unsubscribe(queue)
-    return response
+    return None
 
 
-async def console(request: web.Request) -> web.StreamResponse:
+async def console(request: Request) -> Response | None:
     """The domain's serial console as a WebSocket (binary frames both ways), one client at a
     time, like virsh console (read-write socket only: it types into the guest)."""
-    if request.app[READONLY]:
+    if readonly(request):
         return error(403, "this connection is read-only: the console needs the read-write "
                           "socket")
-    mgr = request.app[MANAGER]
-    name, pty = await mgr.console_pty(request.match_info["key"])
-    busy = request.app[CONSOLES]
+    name, pty = await manager(request).console_pty(request.match_info["key"])
+    busy: set[str] = request.app.state["consoles"]
     if name in busy:
         return error(409, f"an active console session exists for domain '{name}'")
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=1 << 20)
-    if not ws.can_prepare(request).ok:
+    if not request.wants_websocket:
         return error(400, "the console is a WebSocket: connect with 'vmconfine console'")
     try:
         fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -307,10 +276,12 @@ async def console(request: web.Request) -> web.StreamResponse:
                           f"{exc.strerror}")
     busy.add(name)
     loop = asyncio.get_running_loop()
+    ws = None
     try:
         with contextlib.suppress(termios.error):
             _make_raw(fd)
-        await ws.prepare(request)
+        ws = await request.websocket(heartbeat=CONSOLE_HEARTBEAT,
+                                     max_message=CONSOLE_MAX_MESSAGE)
         out: asyncio.Queue[bytes] = asyncio.Queue(256)
 
         def readable() -> None:
@@ -331,11 +302,8 @@ async def console(request: web.Request) -> web.StreamResponse:
                 await ws.send_bytes(data)
 
         async def from_client() -> None:
-            async for msg in ws:
-                if msg.type == WSMsgType.BINARY:
-                    os.write(fd, msg.data)
-                elif msg.type == WSMsgType.TEXT:
-                    os.write(fd, msg.data.encode())
+            async for data in ws.messages():
+                os.write(fd, data)
 
         loop.add_reader(fd, readable)
         pumps = {asyncio.ensure_future(to_client()), asyncio.ensure_future(from_client())}
@@ -347,9 +315,9 @@ async def console(request: web.Request) -> web.StreamResponse:
             loop.remove_reader(fd)
         os.close(fd)
         busy.discard(name)
-        if ws.prepared:
+        if ws is not None:
             await ws.close()
-    return ws
+    return None
 
 
 def _make_raw(fd: int) -> None:
@@ -372,24 +340,26 @@ def same_instance(a: str, b: str) -> bool:
 
 
 def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool,
-             tls_dn_list: list[str] | None = None) -> web.Application:
-    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
-    app[MANAGER] = manager
-    app[EVENTS] = events_bus
-    app[READONLY] = readonly
-    app[CONSOLES] = set()
-    app[TLS_DNS] = tls_dn_list or []
-    app.router.add_get("/v1/version", version)
-    app.router.add_get("/v1/domains", list_domains)
-    app.router.add_post("/v1/domains", post_domains)
-    app.router.add_get("/v1/domains/{key}", domain_info)
-    app.router.add_delete("/v1/domains/{key}", undefine)
-    app.router.add_get("/v1/domains/{key}/state", domain_state)
-    app.router.add_get("/v1/domains/{key}/xml", domain_xml)
-    app.router.add_put("/v1/domains/{key}/autostart", autostart)
-    app.router.add_post("/v1/domains/{key}/devices/{op:attach|detach}", devices)
-    app.router.add_post("/v1/domains/{key}/media", change_media)
-    app.router.add_post("/v1/domains/{key}/{action}", domain_action)
-    app.router.add_get("/v1/domains/{key}/console", console)
-    app.router.add_get("/v1/events", events)
+             tls_dn_list: list[str] | None = None) -> App:
+    app = App(max_body=MAX_BODY)
+    app.handle = guard
+    app.state.update(manager=manager, events=events_bus, readonly=readonly, consoles=set(),
+                     tls_dns=tls_dn_list or [])
+    routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/v1/version", version),
+        ("GET", "/v1/domains", list_domains),
+        ("POST", "/v1/domains", post_domains),
+        ("GET", "/v1/domains/{key}", domain_info),
+        ("DELETE", "/v1/domains/{key}", undefine),
+        ("GET", "/v1/domains/{key}/state", domain_state),
+        ("GET", "/v1/domains/{key}/xml", domain_xml),
+        ("PUT", "/v1/domains/{key}/autostart", autostart),
+        ("POST", "/v1/domains/{key}/devices/{op:attach|detach}", devices),
+        ("POST", "/v1/domains/{key}/media", change_media),
+        ("POST", "/v1/domains/{key}/{action}", domain_action),
+        ("GET", "/v1/domains/{key}/console", console),
+        ("GET", "/v1/events", events),
+    ]
+    for method, pattern, handler in routes:
+        app.add(method, pattern, handler)
     return app

@@ -25,12 +25,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from vmconfine.config.conf import parse_conf
 from vmconfine.config.instance import TLS_PORT, Instance, open_instance
 from vmconfine.daemon.api import make_app
 from vmconfine.daemon.events import EventBus
+from vmconfine.daemon.httpserver import Server
 from vmconfine.daemon.manager import DomainManager
 from vmconfine.errors import ConfigError, VmconfineError
 from vmconfine.launch.connection import Connection
@@ -133,7 +132,7 @@ class Daemon:
         self.idle_timeout = idle_timeout
         self.events = EventBus()
         self.stop = asyncio.Event()
-        self.runners: list[web.AppRunner] = []
+        self.servers: list[Server] = []
         self.conn: Connection | None = None
         self.manager: DomainManager | None = None
 
@@ -177,26 +176,21 @@ class Daemon:
                 (inst.daemon_socket_path, False, self.config.unix_sock_rw_perms),
                 (inst.daemon_ro_socket_path, True, self.config.unix_sock_ro_perms)):
             path.unlink(missing_ok=True)  # stale: the pid file lock says no daemon runs
-            runner = web.AppRunner(make_app(self.manager, self.events, readonly=readonly),
-                                   access_log=None, handle_signals=False)
-            await runner.setup()
+            server = Server(make_app(self.manager, self.events, readonly=readonly))
+            self.servers.append(server)
             old = os.umask(0o177)  # never reachable with wider permissions, not even briefly
             try:
-                await web.UnixSite(runner, str(path)).start()
+                await server.listen_unix(str(path))
             finally:
                 os.umask(old)
             os.chown(path, -1, gid)
             os.chmod(path, perms)
-            self.runners.append(runner)
         if self.config.listen_tls:
             ctx = self.config.tls_context()
-            runner = web.AppRunner(make_app(self.manager, self.events, readonly=False,
-                                            tls_dn_list=self.config.tls_allowed_dn_list or
-                                            ["*"]), access_log=None, handle_signals=False)
-            await runner.setup()
-            await web.TCPSite(runner, self.config.listen_addr, self.config.tls_port,
-                              ssl_context=ctx).start()
-            self.runners.append(runner)
+            server = Server(make_app(self.manager, self.events, readonly=False,
+                                     tls_dn_list=self.config.tls_allowed_dn_list or ["*"]))
+            self.servers.append(server)
+            await server.listen_tcp(self.config.listen_addr, self.config.tls_port, ctx)
             log.info("listening for TLS clients on %s:%d", self.config.listen_addr,
                      self.config.tls_port)
 
@@ -207,7 +201,7 @@ class Daemon:
         while True:
             await asyncio.sleep(min(1.0, self.idle_timeout))
             busy = self.manager.running_count() > 0 or self.events.subscribers > 0 or any(
-                r.server is not None and r.server.connections for r in self.runners)
+                server.connections for server in self.servers)
             if busy:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= self.idle_timeout:
@@ -216,9 +210,9 @@ class Daemon:
                 return
 
     async def _shutdown(self) -> None:
-        for runner in self.runners:
+        for server in self.servers:
             with contextlib.suppress(Exception):
-                await runner.cleanup()
+                await server.close()
         for path in (self.instance.daemon_socket_path, self.instance.daemon_ro_socket_path):
             path.unlink(missing_ok=True)
         if self.manager is not None:

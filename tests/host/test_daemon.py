@@ -452,7 +452,7 @@ def test_client_verbs_import_no_lxml_pluggy_or_driver(daemon: Daemon) -> None:
             "rc = [main(['-c', uri, *v]) for v in (['list', '--all'], ['dominfo', 'nope'], "
             "['domstate', 'nope'], ['-r', 'list'])]\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('lxml', 'pluggy', 'aiohttp', 'qemu', 'asyncio', 'http', 'email', 'ssl', "
+            "('lxml', 'pluggy', 'h11', 'wsproto', 'qemu', 'asyncio', 'http', 'email', 'ssl', "
             "'logging', 'typing', 'subprocess', 'dataclasses', 'shutil') "
             "or m.startswith('vmconfine_') or m.startswith('vmconfine.domain') "
             "or m.startswith('vmconfine.plugin') or m.startswith('vmconfine.config.instance')"

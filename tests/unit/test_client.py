@@ -1,5 +1,5 @@
 """The daemon client's HTTP/1.1 exchange against canned replies on a real unix socket: every
-framing the daemon (aiohttp) uses, and every way a reply can be wrong ending in one line.
+framing the daemon (h11) uses, and every way a reply can be wrong ending in one line.
 
 The real daemon is exercised in tests/host/test_daemon.py; these replies are ones a working
 daemon never sends (a dead or impostor server, a truncated reply).

@@ -1,0 +1,584 @@
+"""The daemon's HTTP/1.1 and WebSocket server: h11 and wsproto over asyncio's streams.
+
+The protocols come from python-hyper's sans-I/O libraries, each made for exactly this: h11
+parses and frames HTTP/1.1 (request heads, ``Content-Length`` and chunked bodies, keep-alive,
+``Connection: close``, HEAD) and refuses what does not follow RFC 9112; wsproto does RFC 6455
+(the upgrade handshake, framing, masking, ping/pong, the closing handshake). This module adds
+only what a server needs around them: routing, the limits that keep one client from hurting the
+daemon or other clients, and the connection bookkeeping the daemon's idle exit and shutdown
+use. Why not aiohttp, which served the same API before: its package imports its HTTP client
+half as well (yarl, multidict, the ``email`` package, ``urllib.request``, ``http.server``...),
+~15 MiB of the daemon's resident memory against ~2 MiB for h11 and wsproto
+(docs/performance.md, P7a).
+
+Limits, each answered with a one-line JSON error or a closed connection, and logged: a request
+head over :data:`MAX_HEAD` bytes (431), a body over the application's ``max_body`` (413), a
+head that does not arrive whole within :data:`HEAD_TIMEOUT` (408), a body stalled for
+:data:`BODY_TIMEOUT`, a kept-alive connection idle for :data:`KEEPALIVE_TIMEOUT`, more than
+:data:`MAX_CLIENTS` connections at once (closed on accept), anything that is not HTTP (400).
+Every connection is served by its own task: a slow client never blocks another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import h11
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError as WebSocketProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD = 16 * 1024  #: request line and headers together
+HEAD_TIMEOUT = 60.0  #: a request's head must arrive whole within this many seconds
+BODY_TIMEOUT = 60.0  #: a body may stall this long between two pieces
+KEEPALIVE_TIMEOUT = 75.0  #: a kept-alive connection may idle this long between requests
+MAX_CLIENTS = 5000  #: connections at once (libvirtd's max_clients)
+LINGER_TIME = 10.0  #: after an error reply, discard what the client still sends this long
+LINGER_TIMEOUT = 2.0  #: ... or until it pauses this long
+SHUTDOWN_GRACE = 60.0  #: how long stopping the server waits for requests in progress
+READ_SIZE = 65536
+
+#: Python's names of certificate subject attributes -> the short names in libvirt's DNs
+DN_NAMES = {"countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+            "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN",
+            "emailAddress": "emailAddress", "domainComponent": "DC"}
+
+
+class HTTPError(Exception):
+    """An error reply: ``status`` and the one-line ``message`` of its JSON body."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class ClientGone(ConnectionResetError):
+    """The client closed its connection while a reply was being written."""
+
+
+class Response:
+    def __init__(self, body: bytes = b"", *, status: int = 200,
+                 content_type: str = "application/json") -> None:
+        self.body = body
+        self.status = status
+        self.content_type = content_type
+
+
+def json_response(data: object, status: int = 200) -> Response:
+    return Response(json.dumps(data).encode(), status=status)
+
+
+def text_response(text: str, content_type: str) -> Response:
+    return Response(text.encode(), content_type=f"{content_type}; charset=utf-8")
+
+
+def client_dn(extra: Callable[[str], Any]) -> str | None:
+    """The TLS client certificate's subject as libvirt writes it (``C=GB,O=x,CN=y``)."""
+    cert = extra("peercert")
+    if not cert:
+        return None
+    return ",".join(f"{DN_NAMES.get(k, k)}={v}" for rdn in cert.get("subject", ())
+                    for k, v in rdn)
+
+
+def describe_peer(extra: Callable[[str], Any]) -> str:
+    """``uid=U gid=G pid=P`` of the process on the other end of a unix socket, or the address
+    and certificate DN of a TLS client."""
+    sock = extra("socket")
+    if sock is None:
+        return "unknown peer"
+    if sock.family != socket.AF_UNIX:
+        addr = extra("peername")
+        return f"tls {addr[0] if addr else '?'} dn={client_dn(extra)!r}"
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return "unknown peer"
+    pid, uid, gid = struct.unpack("3i", creds)
+    return f"uid={uid} gid={gid} pid={pid}"
+
+
+class Request:
+    """One request, its body read whole (at most the application's ``max_body``)."""
+
+    def __init__(self, conn: _Connection, event: h11.Request) -> None:
+        self._conn = conn
+        self.app = conn.server.app
+        self.method = event.method.decode("ascii")
+        self.target = event.target.decode("latin-1")
+        raw_path, _, query = self.target.partition("?")
+        self.raw_path = raw_path
+        self.path = unquote(raw_path)
+        self.query: dict[str, str] = {}
+        for key, value in parse_qsl(query, keep_blank_values=True):
+            self.query.setdefault(key, value)
+        self.raw_headers = list(event.headers)
+        self.headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+        self.body = b""
+        self.body_error: HTTPError | None = None
+        self.match_info: dict[str, str] = {}
+        self.peer = conn.peer
+
+    def extra(self, name: str) -> Any:
+        """The transport's ``get_extra_info(name)`` (``socket``, ``peercert``...)."""
+        return self._conn.writer.get_extra_info(name)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def has_body(self) -> bool:
+        return bool(self.body)
+
+    @property
+    def wants_websocket(self) -> bool:
+        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
+        return "upgrade" in tokens and self.headers.get("upgrade", "").lower() == "websocket"
+
+    async def stream(self, content_type: str) -> Stream:
+        """Start a reply of unknown length (chunked); the connection ends with it."""
+        return await self._conn.start_stream(content_type)
+
+    async def websocket(self, *, heartbeat: float, max_message: int) -> WebSocket:
+        """Accept this request's WebSocket upgrade (101); the connection ends with it."""
+        return await self._conn.upgrade(self, heartbeat=heartbeat, max_message=max_message)
+
+
+#: a handler's reply; ``None`` when it took the connection over (a stream, a WebSocket)
+Handler = Callable[[Request], Awaitable[Response | None]]
+
+
+class App:
+    """Routes (``/v1/domains/{key}``, ``{op:attach|detach}``), the request handler the server
+    calls (``handle``, e.g. a guard around :meth:`dispatch`) and the state handlers share."""
+
+    def __init__(self, *, max_body: int) -> None:
+        self.max_body = max_body
+        self.state: dict[str, Any] = {}
+        self._routes: list[tuple[list[tuple[str, set[str] | None]], dict[str, Handler]]] = []
+        self.handle: Handler = self.dispatch
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        segments: list[tuple[str, set[str] | None]] = []
+        for part in pattern.strip("/").split("/"):
+            if part.startswith("{") and part.endswith("}"):
+                name, _, choices = part[1:-1].partition(":")
+                segments.append(("{" + name, set(choices.split("|")) if choices else None))
+            else:
+                segments.append((part, None))
+        for route, methods in self._routes:
+            if route == segments:
+                methods[method] = handler
+                return
+        self._routes.append((segments, {method: handler}))
+
+    def resolve(self, request: Request) -> Handler:
+        parts = [unquote(p) for p in request.raw_path.strip("/").split("/")]
+        path_matched = False
+        for route, methods in self._routes:
+            params = _match(route, parts)
+            if params is None:
+                continue
+            path_matched = True
+            handler = methods.get(request.method)
+            if handler is None and request.method == "HEAD":
+                handler = methods.get("GET")
+            if handler is not None:
+                request.match_info = params
+                return handler
+        if path_matched:
+            raise HTTPError(405, f"method {request.method} not allowed on {request.path}")
+        raise HTTPError(404, f"no such API path: {request.method} {request.path}")
+
+    async def dispatch(self, request: Request) -> Response | None:
+        if request.body_error is not None:
+            raise request.body_error
+        return await self.resolve(request)(request)
+
+
+def _match(route: list[tuple[str, set[str] | None]], parts: list[str]) -> dict[str, str] | None:
+    if len(route) != len(parts):
+        return None
+    params: dict[str, str] = {}
+    for (name, choices), part in zip(route, parts, strict=True):
+        if name.startswith("{"):
+            if not part or (choices is not None and part not in choices):
+                return None
+            params[name[1:]] = part
+        elif name != part:
+            return None
+    return params
+
+
+class Stream:
+    """A reply written piece by piece (chunked transfer coding)."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    async def write(self, data: bytes) -> None:
+        await self._conn.write(self._conn.h11.send(h11.Data(data=data)))
+
+
+class WebSocket:
+    """The server end of an accepted WebSocket; binary and text messages both arrive as bytes
+    (in pieces as they come: a large message never sits whole in memory)."""
+
+    def __init__(self, conn: _Connection, ws: WSConnection, *, heartbeat: float,
+                 max_message: int) -> None:
+        self._conn = conn
+        self._ws = ws
+        self._heartbeat = heartbeat
+        self._max_message = max_message
+
+    async def send_bytes(self, data: bytes) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            await self._conn.write(self._ws.send(BytesMessage(data=data)))
+
+    async def messages(self) -> AsyncIterator[bytes]:
+        """The client's message data until it closes, goes away, or stops answering pings."""
+        size = 0
+        waiting_for_pong = False
+        while True:
+            try:
+                data = await asyncio.wait_for(self._conn.reader.read(READ_SIZE),
+                                              self._heartbeat)
+            except TimeoutError:
+                if waiting_for_pong:
+                    log.info("%s: WebSocket client stopped answering pings; closing",
+                             self._conn.peer)
+                    return
+                waiting_for_pong = True
+                await self._conn.write(self._ws.send(Ping()))
+                continue
+            except OSError:
+                data = b""
+            waiting_for_pong = False
+            self._ws.receive_data(data or None)
+            for event in self._ws.events():
+                if isinstance(event, BytesMessage | TextMessage):
+                    chunk = event.data.encode() if isinstance(event, TextMessage) else event.data
+                    size += len(chunk)
+                    if size > self._max_message:
+                        log.warning("%s: WebSocket message over %d bytes; closing",
+                                    self._conn.peer, self._max_message)
+                        await self.close(1009)
+                        return
+                    if event.message_finished:
+                        size = 0
+                    yield bytes(chunk)
+                elif isinstance(event, Ping):
+                    await self._conn.write(self._ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                        await self._conn.write(self._ws.send(event.response()))
+                    return
+                elif isinstance(event, Pong):
+                    pass
+            if not data:
+                return
+
+    async def close(self, code: int = 1000) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            with contextlib.suppress(ConnectionResetError):
+                await self._conn.write(self._ws.send(CloseConnection(code=code)))
+
+
+class _Connection:
+    """One client connection: requests one after another until it closes."""
+
+    def __init__(self, server: Server, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.server = server
+        self.reader = reader
+        self.writer = writer
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.peer = describe_peer(writer.get_extra_info)
+        self.busy = False  #: a handler that changes something is running (shutdown waits)
+        self.taken_over = False  #: a stream or WebSocket: the connection ends with its handler
+        self._fed = 0  #: bytes given to h11 (the size of a request head)
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            self.writer.write(data)
+            await self.writer.drain()
+        except OSError as exc:
+            raise ClientGone(str(exc)) from None
+
+    async def _event(self, deadline: float) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), left)
+            except TimeoutError:  # an OSError too: not a connection that broke
+                raise
+            except OSError:
+                data = b""
+            self._fed += len(data)
+            self.h11.receive_data(data)
+
+    async def serve(self) -> None:
+        first = True
+        while True:
+            wait = HEAD_TIMEOUT if first else KEEPALIVE_TIMEOUT
+            first = False
+            buffered = len(self.h11.trailing_data[0])
+            self._fed = 0
+            try:
+                event = await self._event(time.monotonic() + wait)
+            except TimeoutError:
+                if self._started_a_request():
+                    log.warning("%s: no complete request in %.0f s; closing", self.peer, wait)
+                    await self._error(408, f"no complete request within {wait:.0f} s")
+                return
+            except h11.RemoteProtocolError as exc:
+                log.warning("%s: malformed HTTP request: %s", self.peer, exc)
+                status = exc.error_status_hint
+                await self._error(status, f"malformed HTTP request: {exc} "
+                                          f"({HTTPStatus(status).phrase})")
+                await self._linger()
+                return
+            if not isinstance(event, h11.Request):  # ConnectionClosed
+                return
+            head = buffered + self._fed - len(self.h11.trailing_data[0])
+            if head > MAX_HEAD:  # h11 only limits heads it has not yet parsed whole
+                log.warning("%s: request head of %d bytes (at most %d); refused", self.peer,
+                            head, MAX_HEAD)
+                await self._error(431, f"request head too large ({head} bytes, at most "
+                                       f"{MAX_HEAD})")
+                await self._linger()
+                return
+            request = Request(self, event)
+            if not await self._read_body(request):
+                return
+            reply = await self._handle(request)
+            if self.taken_over:
+                if self.h11.our_state is h11.SEND_BODY:  # a stream: its last chunk
+                    await self.write(self.h11.send(h11.EndOfMessage()))
+                return
+            assert reply is not None
+            await self._reply(request, reply)
+            if self.h11.their_state is not h11.DONE:  # a body left unread (413)
+                await self._linger()
+                return
+            if self.h11.our_state is not h11.DONE or self.server.closing:
+                return
+            self.h11.start_next_cycle()
+
+    def _started_a_request(self) -> bool:
+        # h11 keeps an incomplete head in its buffer; trailing_data shows it
+        return bool(self.h11.trailing_data[0])
+
+    async def _linger(self) -> None:
+        """After an error reply with the request not read whole: stop sending and discard
+        what the client still sends, for a bounded time, so that it gets to read the reply
+        (closing at once would reset the connection under a client still writing)."""
+        with contextlib.suppress(Exception):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+        deadline = time.monotonic() + LINGER_TIME
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE),
+                                              min(left, LINGER_TIMEOUT))
+            except (TimeoutError, OSError):
+                return
+            if not data:
+                return
+
+    async def _read_body(self, request: Request) -> bool:
+        """Read the body whole, or note why not (the guard answers with that error)."""
+        limit = self.server.app.max_body
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            request.body_error = HTTPError(413, f"request too large (at most {limit} bytes)")
+            return True
+        if self.h11.they_are_waiting_for_100_continue:
+            await self.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                event = await self._event(time.monotonic() + BODY_TIMEOUT)
+                if isinstance(event, h11.EndOfMessage):
+                    break
+                if not isinstance(event, h11.Data):  # the client went away mid-body
+                    return False
+                size += len(event.data)
+                if size > limit:
+                    request.body_error = HTTPError(413, f"request too large (at most {limit} "
+                                                        "bytes)")
+                    return True
+                chunks.append(event.data)
+        except TimeoutError:
+            log.warning("%s: %s %s: the body stalled for %.0f s; closing", self.peer,
+                        request.method, request.path, BODY_TIMEOUT)
+            return False
+        except h11.RemoteProtocolError as exc:
+            request.body_error = HTTPError(400, f"malformed HTTP request body: {exc}")
+            return True
+        request.body = b"".join(chunks)
+        return True
+
+    async def _handle(self, request: Request) -> Response | None:
+        """The application's reply; an error it did not turn into one itself becomes a JSON
+        error here (500 for a bug: logged, the connection and the server go on)."""
+        self.busy = True
+        try:
+            return await self.server.app.handle(request)
+        except HTTPError as exc:
+            if self.taken_over:
+                return None
+            return json_response({"error": exc.message}, status=exc.status)
+        except asyncio.CancelledError:
+            if self.taken_over and self.h11.our_state is h11.SEND_BODY:
+                with contextlib.suppress(Exception):  # a stream ends with its last chunk
+                    self.writer.write(self.h11.send(h11.EndOfMessage()))
+            raise
+        except ClientGone:
+            raise
+        except Exception as exc:
+            log.exception("%s: internal error serving %s %s", self.peer, request.method,
+                          request.path)
+            if self.taken_over:
+                return None
+            return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"},
+                                 status=500)
+        finally:
+            self.busy = False
+
+    async def _reply(self, request: Request, reply: Response) -> None:
+        headers = [("content-type", reply.content_type),
+                   ("content-length", str(len(reply.body))), ("server", "vmconfine")]
+        if (request.body_error is not None or self.h11.their_state is not h11.DONE
+                or self.server.closing):
+            headers.append(("connection", "close"))  # the rest of the body stays unread
+        data = self.h11.send(h11.Response(status_code=reply.status, headers=headers,
+                                          reason=HTTPStatus(reply.status).phrase))
+        if reply.body and request.method != "HEAD":
+            data += self.h11.send(h11.Data(data=reply.body))
+        data += self.h11.send(h11.EndOfMessage())
+        await self.write(data)
+
+    async def _error(self, status: int, message: str) -> None:
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = json.dumps({"error": message}).encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))),
+                   ("connection", "close"), ("server", "vmconfine")]
+        with contextlib.suppress(ClientGone, h11.LocalProtocolError):
+            await self.write(self.h11.send(h11.Response(
+                status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
+                + self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage()))
+
+    async def start_stream(self, content_type: str) -> Stream:
+        self.taken_over = True
+        self.busy = False
+        await self.write(self.h11.send(h11.Response(
+            status_code=200, headers=[("content-type", content_type),
+                                      ("cache-control", "no-cache"), ("server", "vmconfine")])))
+        return Stream(self)
+
+    async def upgrade(self, request: Request, *, heartbeat: float,
+                      max_message: int) -> WebSocket:
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(request.raw_headers, request.target)
+        except WebSocketProtocolError as exc:
+            raise HTTPError(400, f"not a valid WebSocket upgrade: {exc}") from None
+        list(ws.events())  # the handshake's Request event
+        self.taken_over = True
+        self.busy = False
+        await self.write(ws.send(AcceptConnection()))
+        trailing, _closed = self.h11.trailing_data
+        if trailing:
+            ws.receive_data(trailing)
+        return WebSocket(self, ws, heartbeat=heartbeat, max_message=max_message)
+
+
+class Server:
+    """Serves one :class:`App` on any number of listening sockets."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.connections: dict[asyncio.Task[None], _Connection] = {}
+        self.closing = False  #: connections end after the request in progress
+        self._listeners: list[asyncio.base_events.Server] = []
+
+    async def listen_unix(self, path: str) -> None:
+        self._listeners.append(await asyncio.start_unix_server(self._accept, path=path))
+
+    async def listen_tcp(self, host: str, port: int, ssl: Any = None) -> None:
+        self._listeners.append(await asyncio.start_server(
+            self._accept, host, port, ssl=ssl, ssl_handshake_timeout=HEAD_TIMEOUT))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self.connections) >= MAX_CLIENTS:
+            log.warning("%s: refused, %d connections already (max_clients)",
+                        describe_peer(writer.get_extra_info), MAX_CLIENTS)
+            writer.close()
+            return
+        conn = _Connection(self, reader, writer)
+        self.connections[task] = conn
+        try:
+            await conn.serve()
+        except (ClientGone, asyncio.CancelledError):
+            pass
+        except Exception:  # a server never dies of a client
+            log.exception("%s: internal error serving a connection", conn.peer)
+        finally:
+            del self.connections[task]
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop listening; end idle connections, streams and WebSockets at once; give
+        requests in progress ``grace`` seconds, then cancel them too."""
+        self.closing = True
+        for listener in self._listeners:
+            listener.close()
+        for task, conn in list(self.connections.items()):
+            if not conn.busy:
+                task.cancel()
+        busy = [t for t, c in self.connections.items() if c.busy]
+        if busy:
+            _done, pending = await asyncio.wait(busy, timeout=grace)
+            for task in pending:
+                task.cancel()
+        left = list(self.connections)
+        if left:
+            await asyncio.wait(left, timeout=5)

@@ -1,0 +1,346 @@
+"""The daemon's HTTP/1.1 + WebSocket server (h11, wsproto) on a real unix socket: routing,
+keep-alive, HEAD, 100-continue, and every limit a hostile or broken client meets (head too
+large, body too large, slow heads, too many connections, bad WebSocket handshakes, oversized
+messages, clients that stop answering pings), each with a control that passes the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from vmconfine.daemon import httpserver
+from vmconfine.daemon.httpserver import App, HTTPError, Request, Response, Server, json_response
+
+Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def make_app(max_body: int = 1024) -> App:
+    app = App(max_body=max_body)
+
+    async def hello(request: Request) -> Response:
+        return json_response({"hello": request.match_info.get("who", "world"),
+                              "query": request.query})
+
+    async def echo(request: Request) -> Response:
+        return Response(request.body, content_type="application/octet-stream")
+
+    async def slow(request: Request) -> Response:
+        await asyncio.sleep(0.3)
+        return json_response({"slow": True})
+
+    async def stream(request: Request) -> None:
+        out = await request.stream("application/x-ndjson")
+        for i in range(3):
+            await out.write(f"{i}\n".encode())
+        await asyncio.sleep(3600)  # a stream that never ends by itself
+
+    async def ws(request: Request) -> Response | None:
+        if not request.wants_websocket:
+            raise HTTPError(400, "a WebSocket")
+        sock = await request.websocket(heartbeat=0.3, max_message=100)
+        async for data in sock.messages():
+            await sock.send_bytes(data.upper())
+        await sock.close()
+        return None
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    app.add("GET", "/hello", hello)
+    app.add("GET", "/hello/{who}", hello)
+    app.add("POST", "/echo", echo)
+    app.add("GET", "/slow", slow)
+    app.add("GET", "/stream", stream)
+    app.add("GET", "/ws", ws)
+    app.add("GET", "/pick/{op:a|b}", hello)
+    app.add("GET", "/broken", broken)
+    return app
+
+
+def serve(tmp_path: Path, test: Callable[[Server, str], Awaitable[None]],
+          app: App | None = None) -> None:
+    async def main() -> None:
+        server = Server(app or make_app())
+        path = str(tmp_path / "s.sock")
+        await server.listen_unix(path)
+        try:
+            await test(server, path)
+        finally:
+            await server.close(grace=5)
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def connect(path: str) -> Client:
+    return await asyncio.open_unix_connection(path)
+
+
+async def read_reply(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {k.lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:] if line)}
+    length = int(headers.get("content-length", "0"))
+    body = await reader.readexactly(length) if length else b""
+    return status, headers, body
+
+
+async def exchange(path: str, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await connect(path)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await read_reply(reader)
+    finally:
+        writer.close()
+
+
+def get(target: str, extra: str = "") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+def test_routes_params_query_and_errors(tmp_path: Path) -> None:
+    async def test(server: Server, path: str) -> None:
+        status, _, body = await exchange(path, get("/hello/a%2Fb?x=1&x=2&y="))
+        assert status == 200
+        assert json.loads(body) == {"hello": "a/b", "query": {"x": "1", "y": ""}}
+        assert (await exchange(path, get("/pick/a")))[0] == 200
+        status, _, body = await exchange(path, get("/pick/c"))
+        assert status == 404 and json.loads(body)["error"] == "no such API path: GET /pick/c"
+        status, _, body = await exchange(path, b"DELETE /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 405
+        assert json.loads(body)["error"] == "method DELETE not allowed on /hello"
+        status, _, body = await exchange(path, get("/broken"))
+        assert status == 500 and b"RuntimeError: boom" in body  # served, not a dead server
+        assert (await exchange(path, get("/hello")))[0] == 200
+    serve(tmp_path, test)
+
+
+def test_keepalive_serves_requests_one_after_another_and_head_has_no_body(
+        tmp_path: Path) -> None:
+    async def test(server: Server, path: str) -> None:
+        reader, writer = await connect(path)
+        for who in ("one", "two", "three"):
+            writer.write(get(f"/hello/{who}"))
+            await writer.drain()
+            status, headers, body = await read_reply(reader)
+            assert status == 200 and json.loads(body)["hello"] == who
+            assert headers.get("connection") != "close"
+        writer.write(b"HEAD /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        rest = await reader.read()  # the server closes after it (Connection: close)
+        assert rest.startswith(b"HTTP/1.1 200 ") and rest.endswith(b"\r\n\r\n"), rest
+        assert b"content-length: " in rest.lower()
+        writer.close()
+    serve(tmp_path, test)
+
+
+def test_bodies_json_100_continue_and_the_size_limit(tmp_path: Path) -> None:
+    async def test(server: Server, path: str) -> None:
+        body = b"x" * 1024  # exactly the limit: control
+        status, _, echoed = await exchange(
+            path, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 1024\r\n\r\n" + body)
+        assert status == 200 and echoed == body
+        # 100-continue: the server asks for the body before the client sends it
+        reader, writer = await connect(path)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        await writer.drain()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100 ")
+        writer.write(b"ok")
+        assert (await read_reply(reader))[2] == b"ok"
+        writer.close()
+        # over the limit, declared: refused at once, and the reply reaches a client that
+        # goes on writing its body (the server drains it before closing)
+        big = b"y" * (64 * 1024)
+        status, headers, err = await exchange(
+            path, f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len(big)}\r\n\r\n"
+            .encode() + big)
+        assert status == 413 and headers["connection"] == "close"
+        assert json.loads(err)["error"] == "request too large (at most 1024 bytes)"
+        # over the limit, chunked (no length declared): refused when it gets there
+        chunked = b"".join(b"%x\r\n%s\r\n" % (100, b"z" * 100) for _ in range(20)) + b"0\r\n\r\n"
+        status, _, err = await exchange(
+            path, b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + chunked)
+        assert status == 413
+        assert (await exchange(path, get("/hello")))[0] == 200
+    serve(tmp_path, test)
+
+
+def test_malformed_and_oversized_heads_get_an_error_and_the_server_goes_on(
+        tmp_path: Path) -> None:
+    async def test(server: Server, path: str) -> None:
+        status, _, body = await exchange(path, b"\x00\x01\x02garbage\r\n\r\n")
+        assert status == 400 and json.loads(body)["error"].startswith("malformed HTTP request")
+        huge = get("/hello", "X-Big: " + "a" * (httpserver.MAX_HEAD + 10) + "\r\n")
+        status, _, body = await exchange(path, huge)
+        assert status == 431 and json.loads(body)["error"] == (
+            f"request head too large ({len(huge)} bytes, at most {httpserver.MAX_HEAD})")
+        # a head that never ends: h11's own limit on what it has not parsed yet
+        endless = b"GET /hello HTTP/1.1\r\nX-Big: " + b"a" * (httpserver.MAX_HEAD * 2)
+        status, _, body = await exchange(path, endless)
+        assert status == 431 and "malformed HTTP request" in json.loads(body)["error"]
+        control = get("/hello", "X-Big: " + "a" * (httpserver.MAX_HEAD // 2) + "\r\n")
+        assert (await exchange(path, control))[0] == 200
+        status, _, _ = await exchange(path, b"POST /echo HTTP/1.1\r\nHost: x\r\n"
+                                            b"Content-Length: 1\r\nContent-Length: 2\r\n\r\nx")
+        assert status == 400
+    serve(tmp_path, test)
+
+
+def test_a_slow_head_is_cut_off_and_does_not_block_others(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setattr(httpserver, "HEAD_TIMEOUT", 0.5)
+    monkeypatch.setattr(httpserver, "KEEPALIVE_TIMEOUT", 0.5)
+
+    async def test(server: Server, path: str) -> None:
+        reader, writer = await connect(path)
+        writer.write(b"GET /hel")  # and nothing more
+        await writer.drain()
+        silent_reader, silent_writer = await connect(path)  # says nothing at all
+        # meanwhile another client is served at once
+        assert (await exchange(path, get("/hello")))[0] == 200
+        status, _, body = await read_reply(reader)
+        assert status == 408 and "no complete request" in json.loads(body)["error"]
+        assert await silent_reader.read() == b""  # closed without a reply
+        writer.close()
+        silent_writer.close()
+        # an idle kept-alive connection is closed too, after its requests were answered
+        reader, writer = await connect(path)
+        writer.write(get("/hello"))
+        assert (await read_reply(reader))[0] == 200
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    serve(tmp_path, test)
+
+
+def test_connections_beyond_max_clients_are_closed_on_accept(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    monkeypatch.setattr(httpserver, "MAX_CLIENTS", 2)
+
+    async def test(server: Server, path: str) -> None:
+        held = [await connect(path) for _ in range(2)]
+        await asyncio.sleep(0.1)
+        assert len(server.connections) == 2
+        reader, writer = await connect(path)
+        writer.write(get("/hello"))
+        try:
+            refused = await asyncio.wait_for(reader.read(), 5)
+        except ConnectionResetError:
+            refused = b""
+        assert refused == b""  # closed unanswered
+        writer.close()
+        held[0][1].close()
+        await asyncio.sleep(0.2)
+        assert (await exchange(path, get("/hello")))[0] == 200  # a slot is free again
+        held[1][1].close()
+    serve(tmp_path, test)
+
+
+def ws_frame(payload: bytes, opcode: int = 2) -> bytes:
+    """A masked client frame (RFC 6455 5.2)."""
+    mask = os.urandom(4)
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    else:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    b0, b1 = await reader.readexactly(2)
+    n = b1 & 0x7F
+    if n == 126:
+        n = struct.unpack("!H", await reader.readexactly(2))[0]
+    return b0 & 0x0F, await reader.readexactly(n)
+
+
+async def ws_connect(path: str, key: bool = True) -> Client:
+    reader, writer = await connect(path)
+    extra = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+             + (f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                if key else ""))
+    writer.write(get("/ws", extra))
+    await writer.drain()
+    return reader, writer
+
+
+def test_websocket_echo_ping_close_and_limits(tmp_path: Path) -> None:
+    async def test(server: Server, path: str) -> None:
+        reader, writer = await ws_connect(path)
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        writer.write(ws_frame(b"hello") + ws_frame(b"text", opcode=1))
+        assert await read_frame(reader) == (2, b"HELLO")
+        assert await read_frame(reader) == (2, b"TEXT")
+        writer.write(ws_frame(b"p", opcode=9))  # ping -> pong
+        assert await read_frame(reader) == (10, b"p")
+        writer.write(ws_frame(struct.pack("!H", 1000), opcode=8))  # close -> close reply
+        opcode, payload = await read_frame(reader)
+        assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1000
+        writer.close()
+        # a message over max_message (100): closed with 1009; 100 bytes is fine (control)
+        reader, writer = await ws_connect(path)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(ws_frame(b"a" * 100))
+        assert await read_frame(reader) == (2, b"A" * 100)
+        writer.write(ws_frame(b"b" * 101))
+        opcode, payload = await read_frame(reader)
+        assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1009
+        writer.close()
+        # a client that stops answering pings is dropped (heartbeat 0.3 s)
+        reader, writer = await ws_connect(path)
+        await reader.readuntil(b"\r\n\r\n")
+        opcode, _ = await asyncio.wait_for(read_frame(reader), 5)
+        assert opcode == 9  # the server's ping, left unanswered
+        assert (await asyncio.wait_for(read_frame(reader), 5))[0] == 8  # then: closed
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        # a handshake without its key is refused, and a plain GET is the handler's business
+        reader, writer = await ws_connect(path, key=False)
+        status, _, body = await read_reply(reader)
+        assert status == 400 and "not a valid WebSocket upgrade" in json.loads(body)["error"]
+        writer.close()
+        assert (await exchange(path, get("/ws")))[0] == 400
+    serve(tmp_path, test)
+
+
+def test_close_ends_streams_at_once_and_waits_for_requests_in_progress(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        server = Server(make_app())
+        path = str(tmp_path / "s.sock")
+        await server.listen_unix(path)
+        sreader, swriter = await connect(path)
+        swriter.write(get("/stream"))
+        head = await sreader.readuntil(b"\r\n\r\n")
+        assert b"transfer-encoding: chunked" in head.lower()
+        breader, bwriter = await connect(path)
+        bwriter.write(get("/slow"))
+        await bwriter.drain()
+        idle = await connect(path)
+        await asyncio.sleep(0.1)
+        await asyncio.wait_for(server.close(grace=10), 10)
+        status, _, body = await read_reply(breader)  # the request in progress finished
+        assert status == 200 and json.loads(body) == {"slow": True}
+        rest = await sreader.read()  # the stream ended (its last chunk), not left hanging
+        assert rest.startswith(b"2\r\n0\n\r\n") and rest.endswith(b"0\r\n\r\n"), rest
+        assert await idle[0].read() == b""
+        assert not server.connections
+        for w in (swriter, bwriter, idle[1]):
+            w.close()
+        with pytest.raises(OSError):
+            await connect(path)  # no longer listening
+    asyncio.run(asyncio.wait_for(main(), 60))

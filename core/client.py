@@ -399,6 +399,7 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
         RejectConnection,
         Request,
     )
+    from wsproto.utilities import RemoteProtocolError as WebSocketProtocolError
 
     async def relay(path: Path) -> None:
         reader, writer = await asyncio.open_unix_connection(str(path))
@@ -408,8 +409,13 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
         accepted = False
         while not accepted:  # the handshake: 101, or the daemon's refusal
             data = await reader.read(65536)
-            ws.receive_data(data or None)
-            for event in ws.events():
+            try:
+                ws.receive_data(data or None)
+                events = list(ws.events())
+            except WebSocketProtocolError as exc:  # not the daemon's HTTP, or cut short
+                writer.close()
+                raise VmconfineError(f"the console connection failed: {exc}") from None
+            for event in events:
                 if isinstance(event, AcceptConnection):
                     accepted = True
                 elif isinstance(event, BytesMessage):  # sent right after the handshake

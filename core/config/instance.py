@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qs, urlencode, urlsplit
 
 from vmconfine.config.layout import (
     DAEMON_SOCKETS,
@@ -65,9 +65,17 @@ class ParsedURI:
     root: Path | None = None
 
 
+def _split(uri: str) -> SplitResult:
+    try:
+        return urlsplit(uri)
+    except ValueError as exc:  # e.g. "qemu://[/system": Invalid IPv6 URL
+        raise URIError(f"malformed connection URI '{uri}': {exc} (e.g. qemu:///system, "
+                       "qemu+ssh://host/system or qemu:///embed?root=DIR)") from None
+
+
 def parse_uri(uri: str) -> ParsedURI:
     """Parse a connection URI; refuse remote and unknown forms with a one-line reason."""
-    parts = urlsplit(uri)
+    parts = _split(uri)
     scheme = parts.scheme
     driver, _, transport = scheme.partition("+")
     if driver != "qemu":
@@ -106,7 +114,7 @@ def parse_uri(uri: str) -> ParsedURI:
 def parse_remote(uri: str) -> RemoteURI | None:
     """A remote URI's parts, or None for a local URI. Refuses what libvirt refuses (or what
     would be unsafe) with a one-line reason."""
-    parts = urlsplit(uri)
+    parts = _split(uri)
     driver, _, transport = parts.scheme.partition("+")
     if driver != "qemu" or not (parts.netloc or transport not in ("", "unix")):
         return None

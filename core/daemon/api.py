@@ -58,26 +58,36 @@ def error(status: int, message: str) -> Response:
     return json_response({"error": message}, status=status)
 
 
-async def guard(request: Request) -> Response | None:
-    """Read-only enforcement, one-line JSON errors, and a log line per request."""
+def authorize(request: Request) -> Response | None:
+    """Who may ask what, decided on the request's head before any body is read: the TLS
+    client's DN against tls_allowed_dn_list, the instance the client meant, the read-only
+    socket. Returns the refusal (logged), or None."""
     who = request.peer
     allowed = request.app.state["tls_dns"]
     if allowed:
         dn = client_dn(request.extra) or ""
         if not any(fnmatch.fnmatchcase(dn, pattern) for pattern in allowed):
             log.warning("%s %s %s: refused, DN not in tls_allowed_dn_list", who,
-                        request.method, request.path)
+                        request.method, request.target)
             return error(403, f"the client certificate's distinguished name '{dn}' is not on "
                               "the server's list of allowed clients (tls_allowed_dn_list)")
     wanted = request.headers.get("x-vmconfine-uri")
     served = manager(request).conn.instance.uri
     if wanted and not same_instance(wanted, served):
+        log.info("%s %s %s: refused, meant for %r", who, request.method, request.target,
+                 wanted)
         return error(404, f"this daemon serves {served}, not {wanted}")
     if readonly(request) and request.method not in ("GET", "HEAD"):
         log.warning("%s %s %s: refused on the read-only socket", who, request.method,
-                    request.path)
+                    request.target)
         return error(403, "this connection is read-only: use the read-write socket "
                           "(root, or a member of unix_sock_group) to change domains")
+    return None
+
+
+async def guard(request: Request) -> Response | None:
+    """One-line JSON errors for everything a handler raises, and a log line per request."""
+    who = request.peer
     status: int | str
     try:
         response = await request.app.dispatch(request)
@@ -94,7 +104,7 @@ async def guard(request: Request) -> Response | None:
     except (asyncio.CancelledError, ClientGone):
         raise
     except Exception as exc:  # a server never dies of a request
-        log.exception("internal error serving %s %s", request.method, request.path)
+        log.exception("internal error serving %s %s", request.method, request.target)
         response = error(500, f"internal error: {type(exc).__name__}: {exc}")
     status = response.status if response is not None else "closed"
     log.info("%s %s %s -> %s", who, request.method, request.target, status)
@@ -106,7 +116,7 @@ def _json_body(request: Request) -> dict[str, Any]:
         return {}
     try:
         body = request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError...
         raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise HTTPError(400, "request body must be a JSON object")
@@ -250,7 +260,7 @@ async def events(request: Request) -> Response | None:
             if only and ev.domain != only:
                 continue
             await stream.write(json.dumps(ev.to_json()).encode() + b"\n")
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # the client went away (or stopped reading: dropped)
         pass
     finally:
         bus.unsubscribe(queue)
@@ -303,13 +313,17 @@ async def console(request: Request) -> Response | None:
 
         async def from_client() -> None:
             async for data in ws.messages():
-                os.write(fd, data)
+                await _write_all(fd, data)
 
         loop.add_reader(fd, readable)
         pumps = {asyncio.ensure_future(to_client()), asyncio.ensure_future(from_client())}
-        _done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
+        for task in done:  # how the session ended: a client that left, a console that closed
+            exc = task.exception()
+            if exc is not None and not isinstance(exc, OSError):
+                log.error("console of domain %s: %s: %s", name, type(exc).__name__, exc)
     finally:
         with contextlib.suppress(Exception):
             loop.remove_reader(fd)
@@ -318,6 +332,27 @@ async def console(request: Request) -> Response | None:
         if ws is not None:
             await ws.close()
     return None
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the non-blocking pty ``fd``, waiting while the guest does not
+    read (typed input is never dropped; the client waits, as over a slow serial line)."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await _writable(loop, fd)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready = loop.create_future()
+    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 def _make_raw(fd: int) -> None:
@@ -334,7 +369,7 @@ def _make_raw(fd: int) -> None:
 def same_instance(a: str, b: str) -> bool:
     try:
         pa, pb = parse_uri(a), parse_uri(b)
-    except VmconfineError:
+    except (VmconfineError, ValueError):  # ValueError: urllib's, e.g. "qemu://[/system"
         return False
     return (pa.kind, pa.root) == (pb.kind, pb.root)
 
@@ -343,6 +378,7 @@ def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool,
              tls_dn_list: list[str] | None = None) -> App:
     app = App(max_body=MAX_BODY)
     app.handle = guard
+    app.authorize = authorize
     app.state.update(manager=manager, events=events_bus, readonly=readonly, consoles=set(),
                      tls_dns=tls_dn_list or [])
     routes: list[tuple[str, str, Handler]] = [

@@ -12,11 +12,16 @@ half as well (yarl, multidict, the ``email`` package, ``urllib.request``, ``http
 (docs/performance.md, P7a).
 
 Limits, each answered with a one-line JSON error or a closed connection, and logged: a request
-head over :data:`MAX_HEAD` bytes (431), a body over the application's ``max_body`` (413), a
-head that does not arrive whole within :data:`HEAD_TIMEOUT` (408), a body stalled for
-:data:`BODY_TIMEOUT`, a kept-alive connection idle for :data:`KEEPALIVE_TIMEOUT`, more than
-:data:`MAX_CLIENTS` connections at once (closed on accept), anything that is not HTTP (400).
-Every connection is served by its own task: a slow client never blocks another.
+head over :data:`MAX_HEAD` bytes (431), a body on a route that takes none or over the
+application's ``max_body`` (413), both ``Content-Length`` and ``Transfer-Encoding`` (400, the
+request-smuggling shape), a head that does not arrive whole within :data:`HEAD_TIMEOUT` and a
+body that stalls for :data:`BODY_TIMEOUT` or is not whole within :data:`BODY_DEADLINE` (408),
+a kept-alive connection idle for :data:`KEEPALIVE_TIMEOUT`, a client that does not read a
+reply for :data:`WRITE_TIMEOUT` (dropped), more than the server's ``max_clients`` connections
+(closed on accept), a TLS handshake that fails or takes over :data:`HEAD_TIMEOUT`, anything
+that is not HTTP (400). The application's ``authorize`` runs and its route is resolved before
+a body is read: a refused or misrouted request never makes the server buffer a body. Every
+connection is served by its own task: a slow client never blocks another.
 """
 
 from __future__ import annotations
@@ -41,18 +46,22 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
-    Pong,
     TextMessage,
 )
+from wsproto.utilities import LocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WebSocketProtocolError
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024  #: request line and headers together
-HEAD_TIMEOUT = 60.0  #: a request's head must arrive whole within this many seconds
+HEAD_TIMEOUT = 60.0  #: a request's head (and a TLS handshake) must be whole within this
 BODY_TIMEOUT = 60.0  #: a body may stall this long between two pieces
+BODY_DEADLINE = 300.0  #: ... and must be whole within this
+WRITE_TIMEOUT = 60.0  #: a client that does not take a reply's data for this long is dropped
+CLOSE_TIMEOUT = 5.0  #: a closing connection's last data may take this long to leave
 KEEPALIVE_TIMEOUT = 75.0  #: a kept-alive connection may idle this long between requests
-MAX_CLIENTS = 5000  #: connections at once (libvirtd's max_clients)
+MAX_CLIENTS = 5000  #: connections at once per server, by default (libvirtd's max_clients)
+REFUSAL_LOG_INTERVAL = 10.0  #: connections refused over max_clients: one log line per this
 LINGER_TIME = 10.0  #: after an error reply, discard what the client still sends this long
 LINGER_TIMEOUT = 2.0  #: ... or until it pauses this long
 SHUTDOWN_GRACE = 60.0  #: how long stopping the server waits for requests in progress
@@ -93,13 +102,26 @@ def text_response(text: str, content_type: str) -> Response:
     return Response(text.encode(), content_type=f"{content_type}; charset=utf-8")
 
 
+def _dn_value(value: str) -> str:
+    """An attribute value escaped as RFC 4514 says: a value can never pose as more RDNs."""
+    out = "".join(f"\\{c}" if c in ',+"\\<>;' else "\\00" if c == "\0" else c
+                  for c in value)
+    if out.startswith((" ", "#")):
+        out = "\\" + out
+    if out.endswith(" ") and not out.endswith("\\ "):
+        out = out[:-1] + "\\ "
+    return out
+
+
 def client_dn(extra: Callable[[str], Any]) -> str | None:
-    """The TLS client certificate's subject as libvirt writes it (``C=GB,O=x,CN=y``)."""
+    """The TLS client certificate's subject as libvirt writes it (``C=GB,O=x,CN=y``), values
+    escaped as RFC 4514 says (``O=a\\,CN=b`` is one organisation, not a CN) and the attributes
+    of a multi-valued RDN joined with ``+``."""
     cert = extra("peercert")
     if not cert:
         return None
-    return ",".join(f"{DN_NAMES.get(k, k)}={v}" for rdn in cert.get("subject", ())
-                    for k, v in rdn)
+    return ",".join("+".join(f"{DN_NAMES.get(k, k)}={_dn_value(v)}" for k, v in rdn)
+                    for rdn in cert.get("subject", ()))
 
 
 def describe_peer(extra: Callable[[str], Any]) -> str:
@@ -138,8 +160,10 @@ class Request:
         for name, value in event.headers:
             key, text = name.decode("latin-1"), value.decode("latin-1")
             self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+        self.http_version = event.http_version
         self.body = b""
         self.body_error: HTTPError | None = None
+        self.handler: Handler | None = None
         self.match_info: dict[str, str] = {}
         self.peer = conn.peer
 
@@ -156,11 +180,17 @@ class Request:
 
     @property
     def wants_websocket(self) -> bool:
+        """A WebSocket handshake: ``GET`` over HTTP/1.1 with ``Connection: upgrade`` and
+        ``Upgrade: websocket`` (RFC 6455 4.1)."""
         tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
-        return "upgrade" in tokens and self.headers.get("upgrade", "").lower() == "websocket"
+        return (self.method == "GET" and self.http_version == b"1.1" and "upgrade" in tokens
+                and self.headers.get("upgrade", "").lower() == "websocket")
 
     async def stream(self, content_type: str) -> Stream:
         """Start a reply of unknown length (chunked); the connection ends with it."""
+        if self.method != "GET":
+            raise HTTPError(405, f"method {self.method} not allowed on {self.path} (a stream: "
+                                 "GET only)")
         return await self._conn.start_stream(content_type)
 
     async def websocket(self, *, heartbeat: float, max_message: int) -> WebSocket:
@@ -181,6 +211,12 @@ class App:
         self.state: dict[str, Any] = {}
         self._routes: list[tuple[list[tuple[str, set[str] | None]], dict[str, Handler]]] = []
         self.handle: Handler = self.dispatch
+        #: before a body is read: a reply that refuses the request (logged by it), or None
+        self.authorize: Callable[[Request], Response | None] = lambda request: None
+
+    def body_limit(self, method: str) -> int:
+        """The largest body a request may carry: ``max_body`` for POST and PUT, else none."""
+        return self.max_body if method in ("POST", "PUT") else 0
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         segments: list[tuple[str, set[str] | None]] = []
@@ -217,7 +253,8 @@ class App:
     async def dispatch(self, request: Request) -> Response | None:
         if request.body_error is not None:
             raise request.body_error
-        return await self.resolve(request)(request)
+        handler = request.handler or self.resolve(request)
+        return await handler(request)
 
 
 def _match(route: list[tuple[str, set[str] | None]], parts: list[str]) -> dict[str, str] | None:
@@ -263,22 +300,8 @@ class WebSocket:
         """The client's message data until it closes, goes away, or stops answering pings."""
         size = 0
         waiting_for_pong = False
+        data = b"?"  # first: what arrived together with the handshake, already given to wsproto
         while True:
-            try:
-                data = await asyncio.wait_for(self._conn.reader.read(READ_SIZE),
-                                              self._heartbeat)
-            except TimeoutError:
-                if waiting_for_pong:
-                    log.info("%s: WebSocket client stopped answering pings; closing",
-                             self._conn.peer)
-                    return
-                waiting_for_pong = True
-                await self._conn.write(self._ws.send(Ping()))
-                continue
-            except OSError:
-                data = b""
-            waiting_for_pong = False
-            self._ws.receive_data(data or None)
             for event in self._ws.events():
                 if isinstance(event, BytesMessage | TextMessage):
                     chunk = event.data.encode() if isinstance(event, TextMessage) else event.data
@@ -296,15 +319,36 @@ class WebSocket:
                 elif isinstance(event, CloseConnection):
                     if self._ws.state is ConnectionState.REMOTE_CLOSING:
                         await self._conn.write(self._ws.send(event.response()))
+                    elif self._ws.state is ConnectionState.OPEN:
+                        # wsproto could not parse a frame: say why, with its code (a lost
+                        # connection or the answer to our close left the state CLOSED)
+                        log.warning("%s: WebSocket protocol error: %s (%d); closing",
+                                    self._conn.peer, event.reason, event.code)
+                        await self.close(event.code)
                     return
-                elif isinstance(event, Pong):
-                    pass
             if not data:
                 return
+            try:
+                data = await asyncio.wait_for(self._conn.reader.read(READ_SIZE),
+                                              self._heartbeat)
+            except TimeoutError:
+                if waiting_for_pong:
+                    log.info("%s: WebSocket client stopped answering pings; closing",
+                             self._conn.peer)
+                    await self.close(1001)
+                    return
+                waiting_for_pong = True
+                await self._conn.write(self._ws.send(Ping()))
+                data = b"?"
+                continue
+            except OSError:
+                data = b""
+            waiting_for_pong = False
+            self._ws.receive_data(data or None)
 
     async def close(self, code: int = 1000) -> None:
         if self._ws.state is ConnectionState.OPEN:
-            with contextlib.suppress(ConnectionResetError):
+            with contextlib.suppress(ConnectionResetError, LocalProtocolError):
                 await self._conn.write(self._ws.send(CloseConnection(code=code)))
 
 
@@ -323,15 +367,24 @@ class _Connection:
         self._fed = 0  #: bytes given to h11 (the size of a request head)
 
     async def write(self, data: bytes) -> None:
+        """Send ``data``; a client that does not take it within :data:`WRITE_TIMEOUT` is
+        dropped (its connection aborted): it cannot hold a task or a slot forever."""
         if not data:
             return
         try:
             self.writer.write(data)
-            await self.writer.drain()
+            await asyncio.wait_for(self.writer.drain(), WRITE_TIMEOUT)
+        except TimeoutError:
+            log.warning("%s: the client did not read for %.0f s; dropping it", self.peer,
+                        WRITE_TIMEOUT)
+            self.writer.transport.abort()
+            raise ClientGone("the client stopped reading") from None
         except OSError as exc:
             raise ClientGone(str(exc)) from None
 
-    async def _event(self, deadline: float) -> Any:
+    async def _event(self, deadline: float, idle: float | None = None) -> Any:
+        """h11's next event; data must come before ``deadline`` and, with ``idle``, pause no
+        longer than that."""
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
@@ -340,7 +393,8 @@ class _Connection:
             if left <= 0:
                 raise TimeoutError
             try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), left)
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE),
+                                              min(left, idle) if idle else left)
             except TimeoutError:  # an OSError too: not a connection that broke
                 raise
             except OSError:
@@ -350,6 +404,7 @@ class _Connection:
 
     async def serve(self) -> None:
         first = True
+        app = self.server.app
         while True:
             wait = HEAD_TIMEOUT if first else KEEPALIVE_TIMEOUT
             first = False
@@ -380,21 +435,42 @@ class _Connection:
                 await self._linger()
                 return
             request = Request(self, event)
-            if not await self._read_body(request):
-                return
-            reply = await self._handle(request)
-            if self.taken_over:
-                if self.h11.our_state is h11.SEND_BODY:  # a stream: its last chunk
-                    await self.write(self.h11.send(h11.EndOfMessage()))
-                return
-            assert reply is not None
+            reply = await self._before_body(request)
+            if reply is None:
+                if request.body_error is None and not await self._read_body(
+                        request, app.body_limit(request.method)):
+                    return
+                reply = await self._handle(request)
+                if self.taken_over:
+                    if self.h11.our_state is h11.SEND_BODY:  # a stream: its last chunk
+                        self.writer.write(self.h11.send(h11.EndOfMessage()))
+                    return
+                assert reply is not None
             await self._reply(request, reply)
-            if self.h11.their_state is not h11.DONE:  # a body left unread (413)
+            if self.h11.their_state is not h11.DONE:  # a body left unread
                 await self._linger()
                 return
             if self.h11.our_state is not h11.DONE or self.server.closing:
                 return
             self.h11.start_next_cycle()
+
+    async def _before_body(self, request: Request) -> Response | None:
+        """What is decided on the head alone: the request-smuggling shape, the application's
+        authorization (a refusal is the reply) and the route (an error for the guard)."""
+        if "content-length" in request.headers and "transfer-encoding" in request.headers:
+            log.warning("%s: %s %s with both Content-Length and Transfer-Encoding; refused",
+                        self.peer, request.method, request.target)
+            request.body_error = HTTPError(400, "a request may not carry both Content-Length "
+                                                "and Transfer-Encoding")
+            return None
+        refusal = self.server.app.authorize(request)
+        if refusal is not None:
+            return refusal
+        try:
+            request.handler = self.server.app.resolve(request)
+        except HTTPError as exc:
+            request.body_error = exc
+        return None
 
     def _started_a_request(self) -> bool:
         # h11 keeps an incomplete head in its buffer; trailing_data shows it
@@ -417,33 +493,37 @@ class _Connection:
             if not data:
                 return
 
-    async def _read_body(self, request: Request) -> bool:
-        """Read the body whole, or note why not (the guard answers with that error)."""
-        limit = self.server.app.max_body
+    async def _read_body(self, request: Request, limit: int) -> bool:
+        """Read the body whole, or note why not (the guard answers with that error); False:
+        the connection is over (the client went away, or its body stalled: answered 408)."""
+        too_large = HTTPError(413, f"request too large (at most {limit} bytes)" if limit else
+                              f"{request.method} {request.path} takes no request body")
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
-            request.body_error = HTTPError(413, f"request too large (at most {limit} bytes)")
+            request.body_error = too_large
             return True
         if self.h11.they_are_waiting_for_100_continue:
-            await self.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await self.write(self.h11.send(h11.InformationalResponse(status_code=100,
+                                                                     headers=[])))
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + BODY_DEADLINE
         try:
             while True:
-                event = await self._event(time.monotonic() + BODY_TIMEOUT)
+                event = await self._event(deadline, BODY_TIMEOUT)
                 if isinstance(event, h11.EndOfMessage):
                     break
                 if not isinstance(event, h11.Data):  # the client went away mid-body
                     return False
                 size += len(event.data)
                 if size > limit:
-                    request.body_error = HTTPError(413, f"request too large (at most {limit} "
-                                                        "bytes)")
+                    request.body_error = too_large
                     return True
                 chunks.append(event.data)
         except TimeoutError:
-            log.warning("%s: %s %s: the body stalled for %.0f s; closing", self.peer,
-                        request.method, request.path, BODY_TIMEOUT)
+            log.warning("%s: %s %s: the body stalled or was not whole in %.0f s; closing",
+                        self.peer, request.method, request.target, BODY_DEADLINE)
+            await self._error(408, "the request body did not arrive in time")
             return False
         except h11.RemoteProtocolError as exc:
             request.body_error = HTTPError(400, f"malformed HTTP request body: {exc}")
@@ -470,7 +550,7 @@ class _Connection:
             raise
         except Exception as exc:
             log.exception("%s: internal error serving %s %s", self.peer, request.method,
-                          request.path)
+                          request.target)
             if self.taken_over:
                 return None
             return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"},
@@ -506,16 +586,20 @@ class _Connection:
         self.taken_over = True
         self.busy = False
         await self.write(self.h11.send(h11.Response(
-            status_code=200, headers=[("content-type", content_type),
-                                      ("cache-control", "no-cache"), ("server", "vmconfine")])))
+            status_code=200, reason=b"OK",
+            headers=[("content-type", content_type), ("cache-control", "no-cache"),
+                     ("server", "vmconfine")])))
         return Stream(self)
 
     async def upgrade(self, request: Request, *, heartbeat: float,
                       max_message: int) -> WebSocket:
+        if not request.wants_websocket:
+            raise HTTPError(400, "not a WebSocket handshake (GET over HTTP/1.1 with "
+                                 "'Connection: upgrade' and 'Upgrade: websocket')")
         ws = WSConnection(ConnectionType.SERVER)
         try:
             ws.initiate_upgrade_connection(request.raw_headers, request.target)
-        except WebSocketProtocolError as exc:
+        except (WebSocketProtocolError, LocalProtocolError, h11.ProtocolError) as exc:
             raise HTTPError(400, f"not a valid WebSocket upgrade: {exc}") from None
         list(ws.events())  # the handshake's Request event
         self.taken_over = True
@@ -528,42 +612,75 @@ class _Connection:
 
 
 class Server:
-    """Serves one :class:`App` on any number of listening sockets."""
+    """Serves one :class:`App` on any number of listening sockets, at most ``max_clients``
+    connections at once."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, *, max_clients: int = MAX_CLIENTS) -> None:
         self.app = app
+        self.max_clients = max_clients
         self.connections: dict[asyncio.Task[None], _Connection] = {}
         self.closing = False  #: connections end after the request in progress
         self._listeners: list[asyncio.base_events.Server] = []
+        self._tls: Any = None
+        self._refused = 0
+        self._refusal_logged = 0.0
 
     async def listen_unix(self, path: str) -> None:
         self._listeners.append(await asyncio.start_unix_server(self._accept, path=path))
 
     async def listen_tcp(self, host: str, port: int, ssl: Any = None) -> None:
-        self._listeners.append(await asyncio.start_server(
-            self._accept, host, port, ssl=ssl, ssl_handshake_timeout=HEAD_TIMEOUT))
+        """Listen on TCP; with ``ssl`` (a server context) every connection is TLS, its
+        handshake done per connection (counted, timed and logged like a request)."""
+        self._tls = ssl
+        self._listeners.append(await asyncio.start_server(self._accept, host, port))
+
+    def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
+            log.warning("%s: refused, %d connections already (max_clients); %d refused since "
+                        "the last such line", describe_peer(writer.get_extra_info),
+                        self.max_clients, self._refused)
+            self._refusal_logged = now
+            self._refused = 0
+        writer.transport.abort()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self.connections) >= MAX_CLIENTS:
-            log.warning("%s: refused, %d connections already (max_clients)",
-                        describe_peer(writer.get_extra_info), MAX_CLIENTS)
-            writer.close()
+        if len(self.connections) >= self.max_clients or self.closing:
+            self._refuse(writer)
             return
         conn = _Connection(self, reader, writer)
         self.connections[task] = conn
         try:
+            if self._tls is not None:
+                try:
+                    await writer.start_tls(self._tls, ssl_handshake_timeout=HEAD_TIMEOUT)
+                except (OSError, TimeoutError, EOFError) as exc:
+                    log.warning("%s: TLS handshake failed: %s", conn.peer,
+                                getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
+                    return
+                conn.peer = describe_peer(writer.get_extra_info)
             await conn.serve()
         except (ClientGone, asyncio.CancelledError):
             pass
         except Exception:  # a server never dies of a client
             log.exception("%s: internal error serving a connection", conn.peer)
         finally:
-            del self.connections[task]
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            try:
+                await self._close(writer)
+            finally:
+                del self.connections[task]
+
+    async def _close(self, writer: asyncio.StreamWriter) -> None:
+        """Close, letting the last data leave for :data:`CLOSE_TIMEOUT`; a client that does
+        not take it is aborted."""
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+        except (Exception, asyncio.CancelledError):
+            writer.transport.abort()
 
     async def close(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop listening; end idle connections, streams and WebSockets at once; give
@@ -579,6 +696,8 @@ class Server:
             _done, pending = await asyncio.wait(busy, timeout=grace)
             for task in pending:
                 task.cancel()
-        left = list(self.connections)
+        left = dict(self.connections)
         if left:
-            await asyncio.wait(left, timeout=5)
+            _done, stuck = await asyncio.wait(left, timeout=CLOSE_TIMEOUT)
+            for task in stuck:
+                left[task].writer.transport.abort()

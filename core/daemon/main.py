@@ -17,19 +17,21 @@ import fcntl
 import grp
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmconfine.config.conf import parse_conf
 from vmconfine.config.instance import TLS_PORT, Instance, open_instance
 from vmconfine.daemon.api import make_app
 from vmconfine.daemon.events import EventBus
-from vmconfine.daemon.httpserver import Server
+from vmconfine.daemon.httpserver import MAX_CLIENTS, Server
 from vmconfine.daemon.manager import DomainManager
 from vmconfine.errors import ConfigError, VmconfineError
 from vmconfine.launch.connection import Connection
@@ -40,6 +42,30 @@ if TYPE_CHECKING:
     import pluggy
 
 log = logging.getLogger(__name__)
+
+#: descriptors kept out of the clients' share: domains' QMP sockets, ptys, journals, files
+FD_RESERVE = 512
+#: the most descriptors asked for when the hard limit is unlimited (the kernel's nr_open)
+FD_CEILING = 1 << 20
+
+
+def client_budget(servers: int) -> int:
+    """Connections each of ``servers`` listening servers may hold: the open-file limit raised
+    to its hard limit (as a service manager's LimitNOFILE would), less :data:`FD_RESERVE`,
+    shared out — so that clients can never take the descriptors the daemon needs (accept
+    failing with EMFILE on every socket, QMP and files unopenable). At most libvirtd's
+    max_clients (5000) each, at least 16."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_CEILING if hard == resource.RLIM_INFINITY else min(hard, FD_CEILING)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = FD_CEILING
+    return max(16, min(MAX_CLIENTS, (soft - FD_RESERVE) // max(1, servers)))
 
 
 @dataclass
@@ -137,6 +163,7 @@ class Daemon:
         self.manager: DomainManager | None = None
 
     async def run(self, ready: int | None = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(_quiet_resource_errors())
         self.conn = conn = Connection(self.instance, pm=self.pm)
         conn.stack  # noqa: B018 - a stack that cannot be built stops the daemon here
 
@@ -172,11 +199,13 @@ class Daemon:
         inst.daemon_dir.mkdir(parents=True, exist_ok=True)
         gid = grp.getgrnam(self.config.unix_sock_group).gr_gid if \
             self.config.unix_sock_group else -1
+        budget = client_budget(3 if self.config.listen_tls else 2)
         for path, readonly, perms in (
                 (inst.daemon_socket_path, False, self.config.unix_sock_rw_perms),
                 (inst.daemon_ro_socket_path, True, self.config.unix_sock_ro_perms)):
             path.unlink(missing_ok=True)  # stale: the pid file lock says no daemon runs
-            server = Server(make_app(self.manager, self.events, readonly=readonly))
+            server = Server(make_app(self.manager, self.events, readonly=readonly),
+                            max_clients=budget)
             self.servers.append(server)
             old = os.umask(0o177)  # never reachable with wider permissions, not even briefly
             try:
@@ -188,7 +217,8 @@ class Daemon:
         if self.config.listen_tls:
             ctx = self.config.tls_context()
             server = Server(make_app(self.manager, self.events, readonly=False,
-                                     tls_dn_list=self.config.tls_allowed_dn_list or ["*"]))
+                                     tls_dn_list=self.config.tls_allowed_dn_list or ["*"]),
+                            max_clients=budget)
             self.servers.append(server)
             await server.listen_tcp(self.config.listen_addr, self.config.tls_port, ctx)
             log.info("listening for TLS clients on %s:%d", self.config.listen_addr,
@@ -218,6 +248,24 @@ class Daemon:
         if self.manager is not None:
             await self.manager.detach_all()
         log.info("vmconfine daemon stopped; running guests keep running")
+
+
+def _quiet_resource_errors() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]], None]:
+    """The event loop's error handler: asyncio reports every failed ``accept`` for lack of
+    descriptors with a traceback, as often as it retries; say it once per 10 s instead."""
+    last = [0.0]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if str(context.get("message", "")).startswith("socket.accept() out of system resource"):
+            now = time.monotonic()
+            if now - last[0] >= 10:
+                last[0] = now
+                log.warning("accepting a connection failed: %s (open-file limit reached; "
+                            "raise LimitNOFILE / ulimit -n)", context.get("exception"))
+            return
+        loop.default_exception_handler(context)
+
+    return handler
 
 
 def _lock_pid_file(path: Path) -> int:

@@ -8,6 +8,7 @@ import grp
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -367,6 +368,53 @@ def test_server_survives_garbage_oversized_and_slow_clients(daemon: Daemon,
             s.close()
     assert d.proc is not None and d.proc.poll() is None
     assert "Traceback" not in d.log.read_text()
+
+
+def _fd_limit_1024() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    os.setsid()
+
+
+def test_a_flood_of_idle_connections_cannot_take_the_daemons_descriptors(vm_dir: VmDir
+                                                                         ) -> None:
+    """With the open-file limit at 1024 (systemd's default soft limit), 700 idle connections
+    to the world-reachable read-only socket are refused past the socket's share (256) instead
+    of exhausting the daemon's descriptors: the read-write socket keeps serving, the refusals
+    are logged without a traceback flood, and the read-only socket serves again once the flood
+    goes. Control: the share is reached (connections really were refused)."""
+    e = Embed(vm_dir.path / "instance")
+    e.configure(STACK)
+    d = Daemon(e)
+    logf = open(d.log, "a")
+    d.proc = subprocess.Popen([VMCONFINE, "-c", e.uri, "daemon"], stdin=subprocess.DEVNULL,
+                              stdout=logf, stderr=logf, cwd=REPO, preexec_fn=_fd_limit_1024,
+                              text=True)
+    logf.close()
+    flood: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (d.rw.exists() and _connects(d.rw)) and time.monotonic() < deadline:
+            assert d.proc.poll() is None, d.log.read_text()
+            time.sleep(0.05)
+        for _ in range(700):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(d.ro))
+            flood.append(s)
+        time.sleep(1)
+        assert d.cli("list", "--all").returncode == 0  # the read-write socket still serves
+        fds = len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+        assert fds < 1024 - 256, fds
+        refused = d.cli("-r", "list", check=False)  # the read-only share is taken
+        assert refused.returncode == 1
+        log = d.log.read_text()
+        assert "(max_clients)" in log and "Traceback" not in log, log[-2000:]
+        assert log.count("(max_clients)") < 10
+    finally:
+        for s in flood:
+            s.close()
+    time.sleep(0.5)
+    assert d.cli("-r", "list").returncode == 0  # served again
+    d.stop()
 
 
 def test_daemon_errors_are_one_line(daemon: Daemon, vm_dir: VmDir) -> None:

@@ -77,6 +77,8 @@ def tls(vm_dir: VmDir) -> Iterator[tuple[Daemon, dict[str, str]]]:
     good = make_cert(pki, "client1", "/C=GB/O=vmconfine tests/CN=client1", ca)
     intruder = make_cert(pki, "intruder", "/C=GB/O=vmconfine tests/CN=intruder", ca)
     forged = make_cert(pki, "forged", "/C=GB/O=vmconfine tests/CN=client1", other_ca)
+    # signed by the right CA, with a value that reads as the allowed DN when not escaped
+    comma = make_cert(pki, "comma", "/C=GB/O=vmconfine tests,CN=client1", ca)
     port = free_port()
     e = Embed(vm_dir.path / "instance")
     e.configure('security_driver = "landlock"\n')
@@ -91,6 +93,7 @@ def tls(vm_dir: VmDir) -> Iterator[tuple[Daemon, dict[str, str]]]:
         "good": f"{base}&pkipath={pki_dir(pki, 'good', ca[1], good)}",
         "intruder": f"{base}&pkipath={pki_dir(pki, 'intruder', ca[1], intruder)}",
         "forged": f"{base}&pkipath={pki_dir(pki, 'forged', ca[1], forged)}",
+        "comma": f"{base}&pkipath={pki_dir(pki, 'comma', ca[1], comma)}",
         "untrusting": f"{base}&pkipath={pki_dir(pki, 'untrusting', other_ca[1], good)}",
         "closed": f"qemu+tls://127.0.0.1:{free_port()}/embed?root={e.root}&pkipath="
                   f"{pki / 'good'}",
@@ -145,12 +148,15 @@ def test_tls_verbs_and_refusals(tls: tuple[Daemon, dict[str, str]], vm_dir: VmDi
                    "'C=GB,O=vmconfine tests,CN=intruder' is not on the server's list of "
                    "allowed clients")
     one_line_error(run(uris["forged"], "list"), "TLS handshake with 127.0.0.1:")
+    one_line_error(run(uris["comma"], "list"),
+                   "'C=GB,O=vmconfine tests\\,CN=client1' is not on the server's list")
     one_line_error(run(uris["untrusting"], "list"), "is not trusted")
     one_line_error(run(uris["closed"], "list"), "connection refused")
     one_line_error(run(uris["other-root"], "list"), "this daemon serves qemu:///embed?root=")
     log = d.log.read_text()
     assert "dn='C=GB,O=vmconfine tests,CN=client1'" in log
     assert "refused, DN not in tls_allowed_dn_list" in log
+    assert "TLS handshake failed" in log  # the forged client, logged by the server too
 
 
 def test_remote_uri_refusals() -> None:

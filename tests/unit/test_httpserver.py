@@ -65,9 +65,9 @@ def make_app(max_body: int = 1024) -> App:
 
 
 def serve(tmp_path: Path, test: Callable[[Server, str], Awaitable[None]],
-          app: App | None = None) -> None:
+          app: App | None = None, **options: int) -> None:
     async def main() -> None:
-        server = Server(app or make_app())
+        server = Server(app or make_app(), **options)
         path = str(tmp_path / "s.sock")
         await server.listen_unix(path)
         try:
@@ -223,11 +223,8 @@ def test_a_slow_head_is_cut_off_and_does_not_block_others(tmp_path: Path,
     serve(tmp_path, test)
 
 
-def test_connections_beyond_max_clients_are_closed_on_accept(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch
-                                                             ) -> None:
-    monkeypatch.setattr(httpserver, "MAX_CLIENTS", 2)
-
+def test_connections_beyond_max_clients_are_closed_on_accept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     async def test(server: Server, path: str) -> None:
         held = [await connect(path) for _ in range(2)]
         await asyncio.sleep(0.1)
@@ -240,11 +237,16 @@ def test_connections_beyond_max_clients_are_closed_on_accept(tmp_path: Path,
             refused = b""
         assert refused == b""  # closed unanswered
         writer.close()
+        for _ in range(5):  # more refusals: not one log line each
+            (await connect(path))[1].close()
+        await asyncio.sleep(0.2)
         held[0][1].close()
         await asyncio.sleep(0.2)
         assert (await exchange(path, get("/hello")))[0] == 200  # a slot is free again
         held[1][1].close()
-    serve(tmp_path, test)
+    serve(tmp_path, test, max_clients=2)
+    refusals = [r for r in caplog.records if "(max_clients)" in r.getMessage()]
+    assert len(refusals) == 1, [r.getMessage() for r in refusals]
 
 
 def ws_frame(payload: bytes, opcode: int = 2) -> bytes:
@@ -344,3 +346,166 @@ def test_close_ends_streams_at_once_and_waits_for_requests_in_progress(
         with pytest.raises(OSError):
             await connect(path)  # no longer listening
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_authorization_and_routes_are_decided_before_a_body_is_read(tmp_path: Path) -> None:
+    """A refused, misrouted or body-less route never makes the server take a body: no
+    ``100 Continue`` is sent, the refusal is the answer, the connection closes."""
+    app = make_app(max_body=1 << 20)
+    app.authorize = lambda request: (json_response({"error": "no"}, status=403)
+                                     if request.headers.get("x-who") == "mallory" else None)
+
+    async def test(server: Server, path: str) -> None:
+        for head, status in (
+                ("POST /echo HTTP/1.1\r\nHost: x\r\nX-Who: mallory\r\n", 403),
+                ("POST /nowhere HTTP/1.1\r\nHost: x\r\n", 404),
+                ("GET /hello HTTP/1.1\r\nHost: x\r\n", 413)):  # GET takes no body
+            reader, writer = await connect(path)
+            writer.write(f"{head}Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n".encode())
+            await writer.drain()
+            got, headers, body = await read_reply(reader)
+            assert got == status and headers["connection"] == "close", (head, got, body)
+            assert not body.startswith(b"HTTP/1.1 100")
+            writer.close()
+        # control: the same request from someone else is answered after its body
+        status, _, body = await exchange(
+            path, b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Who: alice\r\nContent-Length: 3\r\n"
+                  b"\r\nabc")
+        assert status == 200 and body == b"abc"
+    serve(tmp_path, test, app)
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_closed(tmp_path: Path) -> None:
+    async def test(server: Server, path: str) -> None:
+        smuggled = (b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + get("/hello/smuggled"))
+        reader, writer = await connect(path)
+        writer.write(smuggled)
+        await writer.drain()
+        status, headers, body = await read_reply(reader)
+        assert status == 400 and headers["connection"] == "close"
+        assert "both Content-Length and Transfer-Encoding" in json.loads(body)["error"]
+        assert await asyncio.wait_for(reader.read(), 15) == b""  # the second one never runs
+        writer.close()
+    serve(tmp_path, test)
+
+
+def test_head_on_a_stream_and_a_body_that_stalls(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "BODY_TIMEOUT", 0.3)
+
+    async def test(server: Server, path: str) -> None:
+        reader, writer = await connect(path)
+        writer.write(b"HEAD /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")  # a HEAD reply: no body follows
+        assert head.startswith(b"HTTP/1.1 405 "), head
+        writer.close()
+        reader, writer = await connect(path)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        status, _, body = await read_reply(reader)
+        assert status == 408 and "did not arrive in time" in json.loads(body)["error"]
+        writer.close()
+    serve(tmp_path, test)
+
+
+def test_a_client_that_does_not_read_is_dropped_and_shutdown_does_not_wait_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpserver, "WRITE_TIMEOUT", 0.5)
+    monkeypatch.setattr(httpserver, "CLOSE_TIMEOUT", 0.5)
+    app = make_app()
+
+    async def flood(request: Request) -> None:
+        out = await request.stream("application/octet-stream")
+        while True:
+            await out.write(b"x" * 65536)
+
+    async def big(request: Request) -> Response:
+        return Response(b"y" * (16 << 20))
+
+    app.add("GET", "/flood", flood)
+    app.add("GET", "/big", big)
+
+    async def main() -> None:
+        server = Server(app)
+        path = str(tmp_path / "s.sock")
+        await server.listen_unix(path)
+        _r1, w1 = await connect(path)
+        w1.write(get("/big"))  # and never read
+        await asyncio.sleep(2)
+        assert not server.connections  # dropped after WRITE_TIMEOUT
+        _r2, w2 = await connect(path)
+        w2.write(get("/flood"))  # a stream nobody reads, at shutdown
+        await asyncio.sleep(0.3)
+        assert len(server.connections) == 1
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.wait_for(server.close(grace=30), 10)
+        assert loop.time() - t0 < 5
+        w1.close()
+        w2.close()
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_websocket_data_sent_with_the_handshake_and_protocol_errors(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async def test(server: Server, path: str) -> None:
+        reader, writer = await connect(path)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(get("/ws", "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                                "Sec-WebSocket-Version: 13\r\n"
+                                f"Sec-WebSocket-Key: {key}\r\n") + ws_frame(b"early"))
+        await writer.drain()
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+        assert await asyncio.wait_for(read_frame(reader), 5) == (2, b"EARLY")
+        writer.write(b"\x82\x03abc")  # unmasked: a protocol error (RFC 6455 5.1)
+        opcode, payload = await asyncio.wait_for(read_frame(reader), 5)
+        assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1002
+        writer.close()
+        # an upgrade over HTTP/1.0 is no WebSocket handshake: the handler's own 400
+        status, _, _ = await exchange(
+            path, b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+                  + base64.b64encode(os.urandom(16)) + b"\r\n\r\n")
+        assert status == 400
+    serve(tmp_path, test)
+    assert any("WebSocket protocol error" in r.getMessage() for r in caplog.records)
+
+
+def test_client_dn_escapes_values_so_one_cannot_pose_as_more_rdns() -> None:
+    def dn(*rdns: tuple[tuple[str, str], ...]) -> str | None:
+        cert = {"subject": rdns}
+        return httpserver.client_dn(lambda name: cert if name == "peercert" else None)
+
+    admin = dn((("countryName", "GB"),), (("organizationName", "Example"),),
+               (("commonName", "admin"),))
+    assert admin == "C=GB,O=Example,CN=admin"
+    forged = dn((("countryName", "GB"),), (("organizationName", "Example,CN=admin"),))
+    assert forged == "C=GB,O=Example\\,CN=admin" and forged != admin
+    assert dn((("organizationName", 'a+b="c";<d>\\'),)) == 'O=a\\+b=\\"c\\"\\;\\<d\\>\\\\'
+    assert dn((("commonName", " #x "),)) == "CN=\\ #x\\ "
+    assert dn((("commonName", "a"), ("userId", "b"))) == "CN=a+userId=b"  # multi-valued RDN
+    assert httpserver.client_dn(lambda name: None) is None
+
+
+@pytest.mark.parametrize(("soft", "hard", "servers", "cap", "budget", "raised"), [
+    (1024, 2048, 2, 5000, (2048 - 512) // 2, 2048),  # raised to the hard limit, shared out
+    (1024, 1024, 2, 5000, 256, 1024),
+    (1024, 1024, 3, 5000, 170, 1024),  # with the TLS listener
+    (100, 100, 2, 5000, 16, 100),  # never below 16
+    (1024, 1024, 2, 100, 100, 1024),  # never above max_clients
+])
+def test_client_budget_keeps_descriptors_for_the_daemon(soft: int, hard: int, servers: int,
+                                                        cap: int, budget: int,
+                                                        raised: int) -> None:
+    """In a child: lowering a hard limit cannot be undone without CAP_SYS_RESOURCE."""
+    import subprocess
+    import sys
+    code = ("import resource\nfrom vmconfine.daemon import main\n"
+            f"main.MAX_CLIENTS = {cap}\n"
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))\n"
+            f"print(main.client_budget({servers}), "
+            "resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.split() == [str(budget), str(raised)]

@@ -150,3 +150,12 @@ def test_plain_daemon_socket_agrees_with_the_instance(uri: str, runtime: str | N
     "qemu+ssh://host/system", "qemu:///sessionx", "qemu://host/session", "xen:///system"])
 def test_plain_daemon_socket_leaves_the_rest_to_the_uri_parser(uri: str) -> None:
     assert plain_daemon_socket(uri, readonly=False) is None
+
+
+@pytest.mark.parametrize("uri", ["qemu://[/system", "qemu+ssh://[::1/system",
+                                 "qemu+tls://[zz]x/system"])
+def test_malformed_uris_are_one_line_uri_errors(uri: str) -> None:
+    """urllib's ValueError (an unclosed IPv6 bracket...) becomes the CLI's one-line error."""
+    for parse in (parse_uri, parse_remote):
+        with pytest.raises(URIError, match=r"^malformed connection URI '.*': Invalid IPv6 URL"):
+            parse(uri)

@@ -206,12 +206,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 @verb("dumpxml", "print a running domain's live XML (with generated labels)")
 def cmd_dumpxml(args: argparse.Namespace) -> int:
+    from vmconfine.domain.xml import without_secrets
+
     conn = _connect(args)
     dom = conn.lookup(args.domain)
-    if args.inactive:
-        sys.stdout.write(dom.domain.to_xml(live=False))
-    else:
-        sys.stdout.write(dom.status_path.read_text())
+    text = dom.domain.to_xml(live=False) if args.inactive else dom.status_path.read_text()
+    sys.stdout.write(text if args.security_info else without_secrets(text, "<dumpxml>"))
     return 0
 
 
@@ -476,6 +476,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         if name == "dumpxml":
             sp.add_argument("--inactive", action="store_true", help="the XML as given, "
                             "without generated labels")
+            sp.add_argument("--security-info", action="store_true", help="include "
+                            "security-sensitive information (graphics passwords); refused "
+                            "on a read-only connection")
     sp = add("qemu-attach")
     sp.add_argument("pid", metavar="PID", help="process id of the running QEMU")
     sp.add_argument("--foreground", action="store_true", help="supervise it in this process "

@@ -314,8 +314,10 @@ def daemon_first(args: argparse.Namespace) -> int | None:
             print(f"{k + ':':<16}{v}")
         print()
     elif args.verb == "dumpxml":
+        query = "&".join(q for q, on in (("inactive=1", args.inactive),
+                                          ("secure=1", args.security_info)) if on)
         sys.stdout.write(c.call("GET", _domain_url(args.domain, "/xml") +
-                                ("?inactive=1" if args.inactive else "")))
+                                (f"?{query}" if query else "")))
     elif args.verb == "destroy":
         name = c.call("POST", _domain_url(args.domain, "/destroy"))["name"]
         print(f"Domain '{name}' destroyed")

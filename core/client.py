@@ -428,7 +428,9 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
                 writer.close()
                 raise VmconfineError("the daemon closed the console connection")
         loop = asyncio.get_running_loop()
-        typed: asyncio.Queue[bytes] = asyncio.Queue()
+        typed: asyncio.Queue[bytes] = asyncio.Queue(64)  # full: stop reading the terminal
+        detached = loop.create_future()  # ^] typed: leave at once, whatever is pending
+        paused = [False]
 
         def stdin_ready() -> None:
             data = os.read(0, 4096)
@@ -436,15 +438,29 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
                 loop.remove_reader(0)  # no more input: keep showing the console
                 return
             if ESCAPE in data:
-                data = data[:data.index(ESCAPE)]
                 loop.remove_reader(0)
-                typed.put_nowait(data)
-                typed.put_nowait(b"")
+                data = data[:data.index(ESCAPE)]
+                if data and not typed.full():
+                    typed.put_nowait(data)
+                if not detached.done():
+                    detached.set_result(None)
                 return
             typed.put_nowait(data)
+            if typed.full():  # the daemon is not taking input as fast as it comes
+                loop.remove_reader(0)
+                paused[0] = True
+
+        async def send_typed() -> None:
+            while not typed.empty():
+                writer.write(ws.send(BytesMessage(data=typed.get_nowait())))
+            await writer.drain()
 
         async def send() -> None:
-            while data := await typed.get():  # b"": ^] typed, detach
+            while True:
+                data = await typed.get()
+                if paused[0] and not detached.done():
+                    paused[0] = False
+                    loop.add_reader(0, stdin_ready)
                 writer.write(ws.send(BytesMessage(data=data)))
                 await writer.drain()
 
@@ -460,7 +476,7 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
                         return
 
         loop.add_reader(0, stdin_ready)
-        tasks = {asyncio.ensure_future(send()), asyncio.ensure_future(receive())}
+        tasks = {asyncio.ensure_future(send()), asyncio.ensure_future(receive()), detached}
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -468,10 +484,15 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
                 loop.remove_reader(0)
             for task in tasks:
                 task.cancel()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # what was typed before ^], then goodbye
+                await asyncio.wait_for(send_typed(), 2)
                 writer.write(ws.send(CloseConnection(code=1000)))
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), 2)
             writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            except (Exception, asyncio.CancelledError):
+                writer.transport.abort()
 
     saved = None
     if os.isatty(0):

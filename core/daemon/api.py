@@ -12,11 +12,13 @@ are ``{"error": "<the CLI's one-line message>"}``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import fnmatch
+import functools
 import json
 import logging
 import os
+import re
 import termios
 from typing import Any
 
@@ -35,6 +37,7 @@ from vmconfine.daemon.httpserver import (
     text_response,
 )
 from vmconfine.daemon.manager import DomainManager, OperationError
+from vmconfine.domain.xml import without_secrets
 from vmconfine.errors import NotRunningError, VmconfineError, XMLError
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,8 @@ MAX_BODY = 10 * 1024 * 1024  # the domain XML limit
 EVENT_KEEPALIVE = 15.0
 CONSOLE_HEARTBEAT = 30.0
 CONSOLE_MAX_MESSAGE = 1 << 20
+#: typed console input the guest has not taken yet; more is dropped (and logged)
+CONSOLE_INPUT_BACKLOG = 1 << 20
 ACTIONS = ("start", "shutdown", "reboot", "reset", "suspend", "resume", "destroy")
 
 
@@ -58,6 +63,26 @@ def error(status: int, message: str) -> Response:
     return json_response({"error": message}, status=status)
 
 
+#: what ``*`` and ``?`` of a tls_allowed_dn_list pattern match: characters of one attribute
+#: value (an escaped character is one), never the ``,`` between two RDNs
+_DN_ANY = r"(?:[^,\\]|\\.)*"
+_DN_ONE = r"(?:[^,\\]|\\.)"
+
+
+@functools.lru_cache(maxsize=256)
+def _dn_pattern(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join(_DN_ANY if c == "*" else _DN_ONE if c == "?" else re.escape(c)
+                              for c in pattern), re.S)
+
+
+def dn_matches(dn: str, pattern: str) -> bool:
+    """libvirt's tls_allowed_dn_list match (``*`` and ``?`` wildcards, case-sensitive), with
+    a wildcard kept inside one RDN: ``C=GB,O=*,CN=admin`` does not take
+    ``C=GB,O=Evil,CN=bob\\,CN=admin`` (a CN of the attacker's choosing). ``*`` alone is any
+    certificate the CA signed."""
+    return pattern == "*" or _dn_pattern(pattern).fullmatch(dn) is not None
+
+
 def authorize(request: Request) -> Response | None:
     """Who may ask what, decided on the request's head before any body is read: the TLS
     client's DN against tls_allowed_dn_list, the instance the client meant, the read-only
@@ -66,7 +91,7 @@ def authorize(request: Request) -> Response | None:
     allowed = request.app.state["tls_dns"]
     if allowed:
         dn = client_dn(request.extra) or ""
-        if not any(fnmatch.fnmatchcase(dn, pattern) for pattern in allowed):
+        if not any(dn_matches(dn, pattern) for pattern in allowed):
             log.warning("%s %s %s: refused, DN not in tls_allowed_dn_list", who,
                         request.method, request.target)
             return error(403, f"the client certificate's distinguished name '{dn}' is not on "
@@ -170,7 +195,13 @@ async def domain_state(request: Request) -> Response:
 
 async def domain_xml(request: Request) -> Response:
     inactive = request.query.get("inactive", "") in ("1", "true", "yes")
+    secure = request.query.get("secure", "") in ("1", "true", "yes")
+    if secure and readonly(request):
+        return error(403, "this connection is read-only: security-sensitive information "
+                          "(--security-info: graphics passwords) needs the read-write socket")
     text = manager(request).xml(request.match_info["key"], inactive=inactive)
+    if not secure:
+        text = without_secrets(text, "<dumpxml>")
     return text_response(text, "application/xml")
 
 
@@ -311,15 +342,40 @@ async def console(request: Request) -> Response | None:
             while data := await out.get():
                 await ws.send_bytes(data)
 
+        typed: collections.deque[bytes] = collections.deque()
+        backlog = [0, 0]  # bytes typed and not yet taken by the guest; bytes dropped
+        wake = asyncio.Event()
+
         async def from_client() -> None:
+            # always reading the WebSocket (its pings, its close), whatever the guest does
             async for data in ws.messages():
-                await _write_all(fd, data)
+                if backlog[0] + len(data) > CONSOLE_INPUT_BACKLOG:
+                    if not backlog[1]:
+                        log.warning("console of domain %s: the guest does not read its "
+                                    "console; input over %d bytes is dropped", name,
+                                    CONSOLE_INPUT_BACKLOG)
+                    backlog[1] += len(data)
+                    continue
+                typed.append(data)
+                backlog[0] += len(data)
+                wake.set()
+
+        async def to_guest() -> None:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while typed:
+                    data = typed.popleft()
+                    await _write_all(fd, data)
+                    backlog[0] -= len(data)
 
         loop.add_reader(fd, readable)
-        pumps = {asyncio.ensure_future(to_client()), asyncio.ensure_future(from_client())}
+        pumps = {asyncio.ensure_future(to_client()), asyncio.ensure_future(from_client()),
+                 asyncio.ensure_future(to_guest())}
         done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)  # their readers/writers gone
         for task in done:  # how the session ended: a client that left, a console that closed
             exc = task.exception()
             if exc is not None and not isinstance(exc, OSError):

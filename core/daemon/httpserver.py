@@ -61,7 +61,10 @@ WRITE_TIMEOUT = 60.0  #: a client that does not take a reply's data for this lon
 CLOSE_TIMEOUT = 5.0  #: a closing connection's last data may take this long to leave
 KEEPALIVE_TIMEOUT = 75.0  #: a kept-alive connection may idle this long between requests
 MAX_CLIENTS = 5000  #: connections at once per server, by default (libvirtd's max_clients)
-REFUSAL_LOG_INTERVAL = 10.0  #: connections refused over max_clients: one log line per this
+REFUSAL_LOG_INTERVAL = 10.0  #: refused connections, failed handshakes: one log line per this
+MAX_HANDSHAKING = 20  #: TLS connections not yet authenticated at once (libvirtd's 20)
+MAX_HANDSHAKING_PER_ADDRESS = 5  #: ... from one address
+TLS_HANDSHAKE_TIMEOUT = 10.0  #: a TLS handshake must be done within this
 LINGER_TIME = 10.0  #: after an error reply, discard what the client still sends this long
 LINGER_TIMEOUT = 2.0  #: ... or until it pauses this long
 SHUTDOWN_GRACE = 60.0  #: how long stopping the server waits for requests in progress
@@ -122,6 +125,23 @@ def client_dn(extra: Callable[[str], Any]) -> str | None:
         return None
     return ",".join("+".join(f"{DN_NAMES.get(k, k)}={_dn_value(v)}" for k, v in rdn)
                     for rdn in cert.get("subject", ()))
+
+
+def peer_key(extra: Callable[[str], Any]) -> str | None:
+    """Whose connection this is, for per-peer limits: ``uid:U`` on a unix socket (None for
+    root, who is never limited), ``ip:ADDRESS`` on TCP."""
+    sock = extra("socket")
+    if sock is None:
+        return None
+    if sock.family != socket.AF_UNIX:
+        addr = extra("peername")
+        return f"ip:{addr[0]}" if addr else None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    uid = struct.unpack("3i", creds)[1]
+    return None if uid == 0 else f"uid:{uid}"
 
 
 def describe_peer(extra: Callable[[str], Any]) -> str:
@@ -365,6 +385,7 @@ class _Connection:
         self.busy = False  #: a handler that changes something is running (shutdown waits)
         self.taken_over = False  #: a stream or WebSocket: the connection ends with its handler
         self._fed = 0  #: bytes given to h11 (the size of a request head)
+        self.aborted = False  #: its transport was aborted (a failed TLS handshake)
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; a client that does not take it within :data:`WRITE_TIMEOUT` is
@@ -618,12 +639,16 @@ class Server:
     def __init__(self, app: App, *, max_clients: int = MAX_CLIENTS) -> None:
         self.app = app
         self.max_clients = max_clients
+        #: one non-root uid's (or one address's) share: nobody can hold every slot
+        self.max_per_peer = max(16, max_clients // 4)
         self.connections: dict[asyncio.Task[None], _Connection] = {}
         self.closing = False  #: connections end after the request in progress
         self._listeners: list[asyncio.base_events.Server] = []
         self._tls: Any = None
-        self._refused = 0
-        self._refusal_logged = 0.0
+        self._per_peer: dict[str, int] = {}
+        self._handshaking: dict[str, int] = {}
+        self._refused: dict[str, int] = {}
+        self._logged: dict[str, float] = {}
 
     async def listen_unix(self, path: str) -> None:
         self._listeners.append(await asyncio.start_unix_server(self._accept, path=path))
@@ -634,44 +659,87 @@ class Server:
         self._tls = ssl
         self._listeners.append(await asyncio.start_server(self._accept, host, port))
 
-    def _refuse(self, writer: asyncio.StreamWriter) -> None:
-        self._refused += 1
+    def _note(self, kind: str, line: str, *args: object) -> None:
+        """Log ``line`` at most once per :data:`REFUSAL_LOG_INTERVAL` per ``kind``, with how
+        many more there were since: a flood of clients cannot flood the log."""
+        self._refused[kind] = self._refused.get(kind, 0) + 1
         now = time.monotonic()
-        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
-            log.warning("%s: refused, %d connections already (max_clients); %d refused since "
-                        "the last such line", describe_peer(writer.get_extra_info),
-                        self.max_clients, self._refused)
-            self._refusal_logged = now
-            self._refused = 0
-        writer.transport.abort()
+        if now - self._logged.get(kind, -REFUSAL_LOG_INTERVAL) >= REFUSAL_LOG_INTERVAL:
+            log.warning(line + " (%d like it since the last such line)", *args,
+                        self._refused[kind])
+            self._logged[kind] = now
+            self._refused[kind] = 0
+
+    def _admit(self, key: str | None, writer: asyncio.StreamWriter) -> bool:
+        peer = describe_peer(writer.get_extra_info)
+        if self.closing:
+            return False
+        if len(self.connections) >= self.max_clients:
+            self._note("max_clients", "%s: refused, %d connections already (max_clients)",
+                       peer, self.max_clients)
+            return False
+        if key is not None and self._per_peer.get(key, 0) >= self.max_per_peer:
+            self._note("per_peer", "%s: refused, %d connections from it already", peer,
+                       self.max_per_peer)
+            return False
+        if self._tls is not None:
+            everyone = sum(self._handshaking.values()) >= MAX_HANDSHAKING
+            this_one = self._handshaking.get(key or "?", 0) >= MAX_HANDSHAKING_PER_ADDRESS
+            if everyone or this_one:
+                self._note("handshaking", "%s: refused, too many TLS handshakes in progress",
+                           peer)
+                return False
+        return True
+
+    async def _handshake(self, conn: _Connection, key: str | None) -> bool:
+        """The TLS handshake, counted apart while it lasts (at most :data:`MAX_HANDSHAKING`,
+        :data:`MAX_HANDSHAKING_PER_ADDRESS` from one address, :data:`TLS_HANDSHAKE_TIMEOUT`
+        each): unauthenticated clients cannot take authenticated ones' places."""
+        slot = key or "?"
+        self._handshaking[slot] = self._handshaking.get(slot, 0) + 1
+        try:
+            await conn.writer.start_tls(self._tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, TimeoutError, EOFError) as exc:
+            self._note("handshake", "%s: TLS handshake failed: %s", conn.peer,
+                       getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
+            conn.writer.transport.abort()  # nothing to send: no orderly close to wait for
+            conn.aborted = True
+            return False
+        finally:
+            self._handshaking[slot] -= 1
+            if not self._handshaking[slot]:
+                del self._handshaking[slot]
+        conn.peer = describe_peer(conn.writer.get_extra_info)
+        return True
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self.connections) >= self.max_clients or self.closing:
-            self._refuse(writer)
+        key = peer_key(writer.get_extra_info)
+        if not self._admit(key, writer):
+            writer.transport.abort()
             return
         conn = _Connection(self, reader, writer)
         self.connections[task] = conn
+        if key is not None:
+            self._per_peer[key] = self._per_peer.get(key, 0) + 1
         try:
-            if self._tls is not None:
-                try:
-                    await writer.start_tls(self._tls, ssl_handshake_timeout=HEAD_TIMEOUT)
-                except (OSError, TimeoutError, EOFError) as exc:
-                    log.warning("%s: TLS handshake failed: %s", conn.peer,
-                                getattr(exc, "reason", None) or str(exc) or type(exc).__name__)
-                    return
-                conn.peer = describe_peer(writer.get_extra_info)
-            await conn.serve()
+            if self._tls is None or await self._handshake(conn, key):
+                await conn.serve()
         except (ClientGone, asyncio.CancelledError):
             pass
         except Exception:  # a server never dies of a client
             log.exception("%s: internal error serving a connection", conn.peer)
         finally:
             try:
-                await self._close(writer)
+                if not conn.aborted:
+                    await self._close(writer)
             finally:
                 del self.connections[task]
+                if key is not None:
+                    self._per_peer[key] -= 1
+                    if not self._per_peer[key]:
+                        del self._per_peer[key]
 
     async def _close(self, writer: asyncio.StreamWriter) -> None:
         """Close, letting the last data leave for :data:`CLOSE_TIMEOUT`; a client that does

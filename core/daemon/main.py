@@ -240,9 +240,9 @@ class Daemon:
                 return
 
     async def _shutdown(self) -> None:
-        for server in self.servers:
-            with contextlib.suppress(Exception):
-                await server.close()
+        # all at once: none accepts or starts work while another waits for its requests
+        await asyncio.gather(*(server.close() for server in self.servers),
+                             return_exceptions=True)
         for path in (self.instance.daemon_socket_path, self.instance.daemon_ro_socket_path):
             path.unlink(missing_ok=True)
         if self.manager is not None:

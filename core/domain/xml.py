@@ -305,3 +305,26 @@ def safe_tree(data: bytes | str, source: str) -> etree._ElementTree:
             or info.public_id or any(True for _ in root.iter(etree.Entity))):
         raise xml_error(source, 1, _NO_DTD)
     return tree
+
+
+#: ``<graphics>`` attributes libvirt writes only with VIR_DOMAIN_XML_SECURE (``virsh dumpxml
+#: --security-info``, refused on read-only connections)
+SECURE_GRAPHICS_ATTRS = ("passwd", "passwdValidTo")
+
+
+def without_secrets(text: str, source: str) -> str:
+    """The domain XML ``text`` without what libvirt shows only on request with
+    ``--security-info``: the ``passwd`` and ``passwdValidTo`` of every ``<graphics>``.
+    Unchanged (byte for byte) when there is nothing to take out."""
+    if "passwd" not in text:
+        return text
+    root = safe_tree(text, source).getroot()
+    removed = False
+    for graphics in root.iter("graphics"):
+        for name in SECURE_GRAPHICS_ATTRS:
+            if graphics.attrib.pop(name, None) is not None:
+                removed = True
+    if not removed:
+        return text
+    out = etree.tostring(root, encoding="unicode")
+    return out + "\n" if text.endswith("\n") and not out.endswith("\n") else out

@@ -308,6 +308,29 @@ def test_read_only_socket_and_socket_group(daemon: Daemon, vm_dir: VmDir) -> Non
                      d.log.read_text())
 
 
+def test_graphics_passwords_only_with_security_info_and_never_read_only(daemon: Daemon,
+                                                                          vm_dir: VmDir
+                                                                          ) -> None:
+    """As libvirt: dumpxml leaves ``<graphics passwd>`` out unless --security-info is asked
+    for, and the read-only socket (any local user) refuses --security-info."""
+    d = daemon
+    xml = vm_dir.domain_xml("secret", extra_devices="<graphics type='spice' autoport='yes' "
+                                                    "passwd='s3cret-ticket'/>")
+    d.cli("define", str(xml))
+    for ro in ([], ["-r"]):
+        shown = d.cli(*ro, "dumpxml", "--inactive", "secret").stdout
+        assert "<graphics" in shown and "s3cret-ticket" not in shown, shown
+    full = d.cli("dumpxml", "--inactive", "--security-info", "secret").stdout
+    assert "passwd=\"s3cret-ticket\"" in full or "passwd='s3cret-ticket'" in full, full
+    refused = d.cli("-r", "dumpxml", "--inactive", "--security-info", "secret", check=False)
+    assert refused.returncode == 1 and "read-only" in refused.stderr
+    assert "s3cret-ticket" not in refused.stdout + refused.stderr
+    # and straight over HTTP on the read-only socket, as any client would ask
+    answer = _raw(d.ro, b"GET /v1/domains/secret/xml?inactive=1&secure=1 HTTP/1.1\r\n"
+                        b"Host: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"s3cret-ticket" not in answer
+
+
 def _raw(path: Path, data: bytes, timeout: float = 10) -> bytes:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)

@@ -137,7 +137,10 @@ def test_spice_socket_and_tls_ports_confined(embed: Embed, vm_dir: VmDir) -> Non
     assert (info["enabled"], info["host"], info["auth"]) == (True, str(sock), "spice")
     st = os.lstat(sock)
     assert stat.S_ISSOCK(st.st_mode) and (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
-    assert f'socket="{sock}"' in e.cli("dumpxml", "spa", check=True).stdout
+    live_a = e.cli("dumpxml", "spa", check=True).stdout
+    assert f'socket="{sock}"' in live_a
+    assert "xml-ticket-A" not in live_a  # the ticket only with --security-info, as libvirt
+    assert "xml-ticket-A" in e.cli("dumpxml", "--security-info", "spa", check=True).stdout
     assert str(sock) not in e.cli("dumpxml", "--inactive", "spa", check=True).stdout
     with unix(sock) as s:
         assert ticket_result(s, "xml-ticket-A") == SPICE_LINK_ERR_OK

@@ -509,3 +509,68 @@ def test_client_budget_keeps_descriptors_for_the_daemon(soft: int, hard: int, se
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.split() == [str(budget), str(raised)]
+
+
+def test_one_peer_cannot_hold_every_slot(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-root uid (here: every client, as seen through peer_key) holds at most a quarter
+    of a server's connections (at least 16); root is never limited (control)."""
+    async def test(server: Server, path: str) -> None:
+        assert server.max_per_peer == 25
+        held = [await connect(path) for _ in range(30)]
+        await asyncio.sleep(0.3)
+        assert len(server.connections) == 25
+        for _, w in held:
+            w.close()
+    monkeypatch.setattr(httpserver, "peer_key", lambda extra: "uid:1000")
+    serve(tmp_path, test, max_clients=100)
+
+    async def as_root(server: Server, path: str) -> None:
+        held = [await connect(path) for _ in range(30)]
+        await asyncio.sleep(0.3)
+        assert len(server.connections) == 30
+        for _, w in held:
+            w.close()
+    monkeypatch.setattr(httpserver, "peer_key", lambda extra: None)
+    serve(tmp_path, as_root, max_clients=100)
+
+
+def test_tls_handshakes_are_bounded_timed_and_logged(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import ssl
+    import subprocess
+    monkeypatch.setattr(httpserver, "TLS_HANDSHAKE_TIMEOUT", 1.0)
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True,
+                   timeout=60)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(cert)
+
+    async def main() -> None:
+        server = Server(make_app())
+        await server.listen_tcp("127.0.0.1", 0, server_ctx)
+        port = server._listeners[0].sockets[0].getsockname()[1]
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(25)]
+        await asyncio.sleep(0.3)
+        # five from this address may be in a handshake at once; the others were refused
+        assert len(server.connections) == httpserver.MAX_HANDSHAKING_PER_ADDRESS
+        await asyncio.sleep(1.5)  # their handshake time is up
+        assert not server.connections
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx,
+                                                       server_hostname="localhost")
+        writer.write(get("/hello"))
+        assert (await read_reply(reader))[0] == 200  # a real client gets in afterwards
+        writer.close()
+        for _, w in silent:
+            w.close()
+        await server.close(grace=5)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("too many TLS handshakes in progress" in m for m in lines) == 1, lines
+    assert sum("TLS handshake failed" in m for m in lines) == 1, lines  # 5 failed, 1 line

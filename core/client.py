@@ -379,6 +379,7 @@ def spawn_session_daemon(uri: str, socket_path: Path) -> None:
 
 
 ESCAPE = b"\x1d"  # ^], as virsh console
+HANDSHAKE_WAIT = 30.0  #: seconds the daemon may take to accept a console connection
 
 
 def console_session(client: DaemonClient, url: str, path: Path) -> None:
@@ -402,13 +403,20 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
     from wsproto.utilities import RemoteProtocolError as WebSocketProtocolError
 
     async def relay(path: Path) -> None:
+        loop = asyncio.get_running_loop()
         reader, writer = await asyncio.open_unix_connection(str(path))
         ws = WSConnection(ConnectionType.CLIENT)
         headers = [(k.encode(), v.encode()) for k, v in client.transport.headers.items()]
         writer.write(ws.send(Request(host="localhost", target=url, extra_headers=headers)))
         accepted = False
+        deadline = loop.time() + HANDSHAKE_WAIT
         while not accepted:  # the handshake: 101, or the daemon's refusal
-            data = await reader.read(65536)
+            try:
+                data = await asyncio.wait_for(reader.read(65536), deadline - loop.time())
+            except TimeoutError:
+                writer.transport.abort()
+                raise VmconfineError(f"the console did not answer within {HANDSHAKE_WAIT:.0f} "
+                                     "s") from None
             try:
                 ws.receive_data(data or None)
                 events = list(ws.events())
@@ -427,7 +435,6 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
             if not data and not accepted:
                 writer.close()
                 raise VmconfineError("the daemon closed the console connection")
-        loop = asyncio.get_running_loop()
         typed: asyncio.Queue[bytes] = asyncio.Queue(64)  # full: stop reading the terminal
         detached = loop.create_future()  # ^] typed: leave at once, whatever is pending
         paused = [False]
@@ -478,7 +485,7 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
         loop.add_reader(0, stdin_ready)
         tasks = {asyncio.ensure_future(send()), asyncio.ensure_future(receive()), detached}
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             with contextlib.suppress(Exception):
                 loop.remove_reader(0)
@@ -493,6 +500,11 @@ def console_session(client: DaemonClient, url: str, path: Path) -> None:
                 await asyncio.wait_for(writer.wait_closed(), 2)
             except (Exception, asyncio.CancelledError):
                 writer.transport.abort()
+        for task in done:  # why the session ended, when not by ^] or the console closing
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None:
+                what = "the terminal" if isinstance(exc, BrokenPipeError) else "the console"
+                raise VmconfineError(f"{what} connection broke: {exc}") from None
 
     saved = None
     if os.isatty(0):

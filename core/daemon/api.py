@@ -372,12 +372,14 @@ async def console(request: Request) -> Response | None:
         loop.add_reader(fd, readable)
         pumps = {asyncio.ensure_future(to_client()), asyncio.ensure_future(from_client()),
                  asyncio.ensure_future(to_guest())}
-        done, pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)  # their readers/writers gone
+        try:
+            done, _pending = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this task is cancelled (the daemon stops): none outlives the fd
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
         for task in done:  # how the session ended: a client that left, a console that closed
-            exc = task.exception()
+            exc = None if task.cancelled() else task.exception()
             if exc is not None and not isinstance(exc, OSError):
                 log.error("console of domain %s: %s: %s", name, type(exc).__name__, exc)
     finally:
@@ -392,7 +394,8 @@ async def console(request: Request) -> Response | None:
 
 async def _write_all(fd: int, data: bytes) -> None:
     """Write all of ``data`` to the non-blocking pty ``fd``, waiting while the guest does not
-    read (typed input is never dropped; the client waits, as over a slow serial line)."""
+    read (the console's input queue holds what is typed meanwhile, up to
+    :data:`CONSOLE_INPUT_BACKLOG`)."""
     loop = asyncio.get_running_loop()
     view = memoryview(data)
     while view:
@@ -431,11 +434,14 @@ def same_instance(a: str, b: str) -> bool:
 
 
 def make_app(manager: DomainManager, events_bus: EventBus, *, readonly: bool,
-             tls_dn_list: list[str] | None = None) -> App:
+             tls_dn_list: list[str] | None = None, consoles: set[str] | None = None) -> App:
+    """The API on one socket. ``consoles``: the domains with a console session, shared by
+    every socket of the daemon (one session per domain, whichever socket it came by)."""
     app = App(max_body=MAX_BODY)
     app.handle = guard
     app.authorize = authorize
-    app.state.update(manager=manager, events=events_bus, readonly=readonly, consoles=set(),
+    app.state.update(manager=manager, events=events_bus, readonly=readonly,
+                     consoles=set() if consoles is None else consoles,
                      tls_dns=tls_dn_list or [])
     routes: list[tuple[str, str, Handler]] = [
         ("GET", "/v1/version", version),

@@ -18,7 +18,8 @@ request-smuggling shape), a head that does not arrive whole within :data:`HEAD_T
 body that stalls for :data:`BODY_TIMEOUT` or is not whole within :data:`BODY_DEADLINE` (408),
 a kept-alive connection idle for :data:`KEEPALIVE_TIMEOUT`, a client that does not read a
 reply for :data:`WRITE_TIMEOUT` (dropped), more than the server's ``max_clients`` connections
-(closed on accept), a TLS handshake that fails or takes over :data:`HEAD_TIMEOUT`, anything
+(closed on accept), a TLS handshake that fails or takes over :data:`TLS_HANDSHAKE_TIMEOUT`,
+anything
 that is not HTTP (400). The application's ``authorize`` runs and its route is resolved before
 a body is read: a refused or misrouted request never makes the server buffer a body. Every
 connection is served by its own task: a slow client never blocks another.
@@ -54,7 +55,7 @@ from wsproto.utilities import RemoteProtocolError as WebSocketProtocolError
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024  #: request line and headers together
-HEAD_TIMEOUT = 60.0  #: a request's head (and a TLS handshake) must be whole within this
+HEAD_TIMEOUT = 60.0  #: a request's head must be whole within this
 BODY_TIMEOUT = 60.0  #: a body may stall this long between two pieces
 BODY_DEADLINE = 300.0  #: ... and must be whole within this
 WRITE_TIMEOUT = 60.0  #: a client that does not take a reply's data for this long is dropped
@@ -109,9 +110,9 @@ def _dn_value(value: str) -> str:
     """An attribute value escaped as RFC 4514 says: a value can never pose as more RDNs."""
     out = "".join(f"\\{c}" if c in ',+"\\<>;' else "\\00" if c == "\0" else c
                   for c in value)
-    if out.startswith((" ", "#")):
+    if value.startswith((" ", "#")):
         out = "\\" + out
-    if out.endswith(" ") and not out.endswith("\\ "):
+    if value.endswith(" ") and len(value) > 1:  # (a lone space: escaped as the first one)
         out = out[:-1] + "\\ "
     return out
 
@@ -169,7 +170,10 @@ class Request:
         self.app = conn.server.app
         self.method = event.method.decode("ascii")
         self.target = event.target.decode("latin-1")
-        raw_path, _, query = self.target.partition("?")
+        origin = self.target
+        if origin.startswith(("http://", "https://")):  # absolute form (RFC 9112 3.2.2)
+            origin = "/" + origin.split("://", 1)[1].partition("/")[2]
+        raw_path, _, query = origin.partition("?")
         self.raw_path = raw_path
         self.path = unquote(raw_path)
         self.query: dict[str, str] = {}
@@ -386,6 +390,7 @@ class _Connection:
         self.taken_over = False  #: a stream or WebSocket: the connection ends with its handler
         self._fed = 0  #: bytes given to h11 (the size of a request head)
         self.aborted = False  #: its transport was aborted (a failed TLS handshake)
+        self.head_only = False  #: the request being answered is a HEAD
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; a client that does not take it within :data:`WRITE_TIMEOUT` is
@@ -429,6 +434,7 @@ class _Connection:
         while True:
             wait = HEAD_TIMEOUT if first else KEEPALIVE_TIMEOUT
             first = False
+            self.head_only = False
             buffered = len(self.h11.trailing_data[0])
             self._fed = 0
             try:
@@ -447,6 +453,7 @@ class _Connection:
                 return
             if not isinstance(event, h11.Request):  # ConnectionClosed
                 return
+            self.head_only = event.method == b"HEAD"
             head = buffered + self._fed - len(self.h11.trailing_data[0])
             if head > MAX_HEAD:  # h11 only limits heads it has not yet parsed whole
                 log.warning("%s: request head of %d bytes (at most %d); refused", self.peer,
@@ -542,8 +549,10 @@ class _Connection:
                     return True
                 chunks.append(event.data)
         except TimeoutError:
-            log.warning("%s: %s %s: the body stalled or was not whole in %.0f s; closing",
-                        self.peer, request.method, request.target, BODY_DEADLINE)
+            stalled = time.monotonic() < deadline
+            log.warning("%s: %s %s: %s; closing", self.peer, request.method, request.target,
+                        f"the body stalled for {BODY_TIMEOUT:.0f} s" if stalled else
+                        f"the body was not whole in {BODY_DEADLINE:.0f} s")
             await self._error(408, "the request body did not arrive in time")
             return False
         except h11.RemoteProtocolError as exc:
@@ -599,11 +608,15 @@ class _Connection:
         headers = [("content-type", "application/json"), ("content-length", str(len(body))),
                    ("connection", "close"), ("server", "vmconfine")]
         with contextlib.suppress(ClientGone, h11.LocalProtocolError):
-            await self.write(self.h11.send(h11.Response(
-                status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
-                + self.h11.send(h11.Data(data=body)) + self.h11.send(h11.EndOfMessage()))
+            data = self.h11.send(h11.Response(status_code=status, headers=headers,
+                                              reason=HTTPStatus(status).phrase))
+            if not self.head_only:  # a reply to HEAD has no body (h11 refuses one)
+                data += self.h11.send(h11.Data(data=body))
+            await self.write(data + self.h11.send(h11.EndOfMessage()))
 
     async def start_stream(self, content_type: str) -> Stream:
+        if self.server.closing:  # it would only be ended again at once
+            raise HTTPError(503, "the daemon is stopping")
         self.taken_over = True
         self.busy = False
         await self.write(self.h11.send(h11.Response(
@@ -617,6 +630,8 @@ class _Connection:
         if not request.wants_websocket:
             raise HTTPError(400, "not a WebSocket handshake (GET over HTTP/1.1 with "
                                  "'Connection: upgrade' and 'Upgrade: websocket')")
+        if self.server.closing:
+            raise HTTPError(503, "the daemon is stopping")
         ws = WSConnection(ConnectionType.SERVER)
         try:
             ws.initiate_upgrade_connection(request.raw_headers, request.target)

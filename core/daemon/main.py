@@ -50,19 +50,12 @@ FD_CEILING = 1 << 20
 
 
 def client_budget(servers: int) -> int:
-    """Connections each of ``servers`` listening servers may hold: the open-file limit raised
-    to its hard limit (as a service manager's LimitNOFILE would), less :data:`FD_RESERVE`,
-    shared out — so that clients can never take the descriptors the daemon needs (accept
-    failing with EMFILE on every socket, QMP and files unopenable). At most libvirtd's
-    max_clients (5000) each, at least 16."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = FD_CEILING if hard == resource.RLIM_INFINITY else min(hard, FD_CEILING)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-            soft = want
-        except (ValueError, OSError):
-            pass
+    """Connections each of ``servers`` listening servers may hold: the open-file limit (soft;
+    a service manager's LimitNOFILE, ``ulimit -n``) less :data:`FD_RESERVE`, shared out — so
+    that clients can never take the descriptors the daemon needs (accept failing with EMFILE
+    on every socket, QMP and files unopenable). At most libvirtd's max_clients (5000) each,
+    at least 16. The limit is not raised here: QEMU and every helper would inherit it."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         soft = FD_CEILING
     return max(16, min(MAX_CLIENTS, (soft - FD_RESERVE) // max(1, servers)))
@@ -159,6 +152,7 @@ class Daemon:
         self.events = EventBus()
         self.stop = asyncio.Event()
         self.servers: list[Server] = []
+        self.consoles: set[str] = set()  #: domains with a console session, on any socket
         self.conn: Connection | None = None
         self.manager: DomainManager | None = None
 
@@ -204,8 +198,8 @@ class Daemon:
                 (inst.daemon_socket_path, False, self.config.unix_sock_rw_perms),
                 (inst.daemon_ro_socket_path, True, self.config.unix_sock_ro_perms)):
             path.unlink(missing_ok=True)  # stale: the pid file lock says no daemon runs
-            server = Server(make_app(self.manager, self.events, readonly=readonly),
-                            max_clients=budget)
+            server = Server(make_app(self.manager, self.events, readonly=readonly,
+                                     consoles=self.consoles), max_clients=budget)
             self.servers.append(server)
             old = os.umask(0o177)  # never reachable with wider permissions, not even briefly
             try:
@@ -217,8 +211,8 @@ class Daemon:
         if self.config.listen_tls:
             ctx = self.config.tls_context()
             server = Server(make_app(self.manager, self.events, readonly=False,
-                                     tls_dn_list=self.config.tls_allowed_dn_list or ["*"]),
-                            max_clients=budget)
+                                     tls_dn_list=self.config.tls_allowed_dn_list or ["*"],
+                                     consoles=self.consoles), max_clients=budget)
             self.servers.append(server)
             await server.listen_tcp(self.config.listen_addr, self.config.tls_port, ctx)
             log.info("listening for TLS clients on %s:%d", self.config.listen_addr,

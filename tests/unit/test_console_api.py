@@ -86,3 +86,78 @@ def test_a_guest_that_stops_reading_never_stalls_the_session(
         os.close(slave)
     assert any("does not read its console" in r.getMessage() for r in caplog.records)
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_one_session_per_domain_across_sockets_and_none_outlives_the_daemon(
+        tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    shared: set[str] = set()
+    manager = cast(Any, Manager(os.ttyname(slave)))
+    rw = api.make_app(manager, EventBus(), readonly=False, consoles=shared)
+    tls = api.make_app(manager, EventBus(), readonly=False, consoles=shared)
+
+    async def main() -> None:
+        async with asyncio.timeout(60):
+            await session()
+
+    async def session() -> None:
+        servers = [Server(rw), Server(tls)]
+        paths = [str(tmp_path / "rw.sock"), str(tmp_path / "tls.sock")]
+        for server, path in zip(servers, paths, strict=True):
+            await server.listen_unix(path)
+        _reader, writer, head = await open_console(paths[0])
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        for _ in range(40):  # input the guest never takes: the session waits on the pty
+            writer.write(ws_frame(b"y" * 65000))
+        await writer.drain()
+        other = await connect(paths[1])
+        key = base64.b64encode(os.urandom(16)).decode()
+        other[1].write(("GET /v1/domains/dom/console HTTP/1.1\r\nHost: x\r\n"
+                        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+                        ).encode())
+        busy = await asyncio.wait_for(other[0].read(), 15)
+        assert busy.startswith(b"HTTP/1.1 409 "), busy  # the other socket: already in use
+        other[1].close()
+        await asyncio.gather(*(server.close(grace=5) for server in servers))
+        await asyncio.sleep(0.1)
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not left, left  # the session's pumps ended with it, before its pty closed
+        assert shared == set()
+        writer.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_console_client_gives_up_on_a_silent_daemon_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``vmconfine console`` against a socket that accepts and never answers: a one-line
+    error after the handshake wait, not a terminal stuck in raw mode."""
+    import socket
+    import threading
+    import time
+
+    from vmconfine import client
+    from vmconfine.errors import VmconfineError
+
+    monkeypatch.setattr(client, "HANDSHAKE_WAIT", 0.5)
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(listener.accept()[0]), daemon=True).start()
+    fake = cast(Any, SimpleNamespace(transport=SimpleNamespace(headers={})))
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(VmconfineError, match=r"^the console did not answer within 0 s$"):
+            client.console_session(fake, "/v1/domains/dom/console", path)
+        assert time.monotonic() - t0 < 10
+    finally:
+        for s in held:
+            s.close()
+        listener.close()

@@ -63,7 +63,8 @@ CLOSE_TIMEOUT = 5.0  #: a closing connection's last data may take this long to l
 KEEPALIVE_TIMEOUT = 75.0  #: a kept-alive connection may idle this long between requests
 MAX_CLIENTS = 5000  #: connections at once per server, by default (libvirtd's max_clients)
 REFUSAL_LOG_INTERVAL = 10.0  #: refused connections, failed handshakes: one log line per this
-MAX_HANDSHAKING = 20  #: TLS connections not yet authenticated at once (libvirtd's 20)
+#: TLS connections not yet authenticated at once, by default (libvirtd's max_anonymous_clients)
+MAX_HANDSHAKING = 20
 MAX_HANDSHAKING_PER_ADDRESS = 5  #: ... from one address
 TLS_HANDSHAKE_TIMEOUT = 10.0  #: a TLS handshake must be done within this
 LINGER_TIME = 10.0  #: after an error reply, discard what the client still sends this long
@@ -651,9 +652,11 @@ class Server:
     """Serves one :class:`App` on any number of listening sockets, at most ``max_clients``
     connections at once."""
 
-    def __init__(self, app: App, *, max_clients: int = MAX_CLIENTS) -> None:
+    def __init__(self, app: App, *, max_clients: int = MAX_CLIENTS,
+                 max_handshaking: int = MAX_HANDSHAKING) -> None:
         self.app = app
         self.max_clients = max_clients
+        self.max_handshaking = max_handshaking
         #: one non-root uid's (or one address's) share: nobody can hold every slot
         self.max_per_peer = max(16, max_clients // 4)
         self.connections: dict[asyncio.Task[None], _Connection] = {}
@@ -698,8 +701,9 @@ class Server:
                        self.max_per_peer)
             return False
         if self._tls is not None:
-            everyone = sum(self._handshaking.values()) >= MAX_HANDSHAKING
-            this_one = self._handshaking.get(key or "?", 0) >= MAX_HANDSHAKING_PER_ADDRESS
+            everyone = sum(self._handshaking.values()) >= self.max_handshaking
+            this_one = self._handshaking.get(key or "?", 0) >= min(
+                MAX_HANDSHAKING_PER_ADDRESS, self.max_handshaking)
             if everyone or this_one:
                 self._note("handshaking", "%s: refused, too many TLS handshakes in progress",
                            peer)
@@ -707,7 +711,7 @@ class Server:
         return True
 
     async def _handshake(self, conn: _Connection, key: str | None) -> bool:
-        """The TLS handshake, counted apart while it lasts (at most :data:`MAX_HANDSHAKING`,
+        """The TLS handshake, counted apart while it lasts (at most ``max_handshaking``,
         :data:`MAX_HANDSHAKING_PER_ADDRESS` from one address, :data:`TLS_HANDSHAKE_TIMEOUT`
         each): unauthenticated clients cannot take authenticated ones' places."""
         slot = key or "?"

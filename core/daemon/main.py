@@ -31,7 +31,7 @@ from vmconfine.config.conf import parse_conf
 from vmconfine.config.instance import TLS_PORT, Instance, open_instance
 from vmconfine.daemon.api import make_app
 from vmconfine.daemon.events import EventBus
-from vmconfine.daemon.httpserver import MAX_CLIENTS, Server
+from vmconfine.daemon.httpserver import MAX_CLIENTS, MAX_HANDSHAKING, Server
 from vmconfine.daemon.manager import DomainManager
 from vmconfine.errors import ConfigError, VmconfineError
 from vmconfine.launch.connection import Connection
@@ -76,6 +76,8 @@ class DaemonConfig:
     cert_file: str = "/etc/pki/libvirt/servercert.pem"
     ca_file: str = "/etc/pki/CA/cacert.pem"
     tls_allowed_dn_list: list[str] | None = None  #: None: any certificate the CA signed
+    max_clients: int = MAX_CLIENTS  #: connections per socket (less when the fd limit is low)
+    max_anonymous_clients: int = MAX_HANDSHAKING  #: TLS clients not yet authenticated
 
     @classmethod
     def load(cls, path: Path) -> DaemonConfig:
@@ -100,6 +102,11 @@ class DaemonConfig:
                     raise ConfigError(f"{where}: {name} must be an octal mode such as "
                                       f"\"0770\", not {value!r}")
                 value = perms
+            elif name in ("max_clients", "max_anonymous_clients"):
+                if isinstance(value, bool) or not isinstance(value, int) or not \
+                        1 <= value <= 1_000_000:
+                    raise ConfigError(f"{where}: {name} must be a number of connections "
+                                      f"(1-1000000), not {value!r}")
             elif name in ("listen_tls", "tls_port"):
                 if not isinstance(value, int) or not 0 <= value <= 65535 or (
                         name == "listen_tls" and value not in (0, 1)):
@@ -193,7 +200,8 @@ class Daemon:
         inst.daemon_dir.mkdir(parents=True, exist_ok=True)
         gid = grp.getgrnam(self.config.unix_sock_group).gr_gid if \
             self.config.unix_sock_group else -1
-        budget = client_budget(3 if self.config.listen_tls else 2)
+        budget = min(self.config.max_clients,
+                     client_budget(3 if self.config.listen_tls else 2))
         for path, readonly, perms in (
                 (inst.daemon_socket_path, False, self.config.unix_sock_rw_perms),
                 (inst.daemon_ro_socket_path, True, self.config.unix_sock_ro_perms)):
@@ -212,7 +220,8 @@ class Daemon:
             ctx = self.config.tls_context()
             server = Server(make_app(self.manager, self.events, readonly=False,
                                      tls_dn_list=self.config.tls_allowed_dn_list or ["*"],
-                                     consoles=self.consoles), max_clients=budget)
+                                     consoles=self.consoles), max_clients=budget,
+                            max_handshaking=self.config.max_anonymous_clients)
             self.servers.append(server)
             await server.listen_tcp(self.config.listen_addr, self.config.tls_port, ctx)
             log.info("listening for TLS clients on %s:%d", self.config.listen_addr,

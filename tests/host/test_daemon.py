@@ -440,6 +440,35 @@ def test_a_flood_of_idle_connections_cannot_take_the_daemons_descriptors(vm_dir:
     d.stop()
 
 
+def test_max_clients_of_vmconfined_conf(vm_dir: VmDir) -> None:
+    """libvirt's max_clients in vmconfined.conf caps each socket: the 13th idle connection to
+    the read-only socket is refused while the read-write socket serves."""
+    e = Embed(vm_dir.path / "instance")
+    e.configure(STACK)
+    (e.root / "etc" / "vmconfined.conf").write_text("max_clients = 12\n")
+    d = Daemon(e)
+    d.start()
+    held = []
+    try:
+        for _ in range(12):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(d.ro))
+            held.append(s)
+        time.sleep(0.5)
+        assert d.cli("-r", "list", check=False).returncode == 1  # the 13th: refused
+        assert d.cli("list").returncode == 0
+        held.pop().close()
+        held.pop().close()  # two: the CLI connects twice (a probe, then its request)
+        time.sleep(0.5)
+        assert d.cli("-r", "list").returncode == 0  # control: places free again
+        assert "(max_clients)" in d.log.read_text()
+    finally:
+        for s in held:
+            s.close()
+        d.stop()
+        e.cleanup()
+
+
 def test_daemon_errors_are_one_line(daemon: Daemon, vm_dir: VmDir) -> None:
     d = daemon
     for args, message in (

@@ -535,9 +535,14 @@ def test_one_peer_cannot_hold_every_slot(tmp_path: Path,
     serve(tmp_path, as_root, max_clients=100)
 
 
+@pytest.mark.parametrize(("max_handshaking", "held"), [(None, 5), (3, 3)])
 def test_tls_handshakes_are_bounded_timed_and_logged(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+                                                     caplog: pytest.LogCaptureFixture,
+                                                     max_handshaking: int | None,
+                                                     held: int) -> None:
+    """At most 5 handshakes from one address (max_anonymous_clients, 20 by default, is the
+    cap of all of them; a lower one caps one address too)."""
     import ssl
     import subprocess
     monkeypatch.setattr(httpserver, "TLS_HANDSHAKE_TIMEOUT", 1.0)
@@ -552,13 +557,15 @@ def test_tls_handshakes_are_bounded_timed_and_logged(tmp_path: Path,
     client_ctx.load_verify_locations(cert)
 
     async def main() -> None:
-        server = Server(make_app())
+        server = Server(make_app(), **({} if max_handshaking is None else
+                                       {"max_handshaking": max_handshaking}))
         await server.listen_tcp("127.0.0.1", 0, server_ctx)
         port = server._listeners[0].sockets[0].getsockname()[1]
         silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(25)]
         await asyncio.sleep(0.3)
-        # five from this address may be in a handshake at once; the others were refused
-        assert len(server.connections) == httpserver.MAX_HANDSHAKING_PER_ADDRESS
+        # five (or max_handshaking) from this address may be in a handshake at once; the
+        # others were refused
+        assert len(server.connections) == held
         await asyncio.sleep(1.5)  # their handshake time is up
         assert not server.connections
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx,

@@ -129,6 +129,15 @@ def client_dn(extra: Callable[[str], Any]) -> str | None:
                     for rdn in cert.get("subject", ()))
 
 
+def _peer_creds(sock: Any) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the process on the other end of the unix socket ``sock``."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return struct.unpack("3i", creds)
+
+
 def peer_key(extra: Callable[[str], Any]) -> str | None:
     """Whose connection this is, for per-peer limits: ``uid:U`` on a unix socket (None for
     root, who is never limited), ``ip:ADDRESS`` on TCP."""
@@ -138,12 +147,8 @@ def peer_key(extra: Callable[[str], Any]) -> str | None:
     if sock.family != socket.AF_UNIX:
         addr = extra("peername")
         return f"ip:{addr[0]}" if addr else None
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    uid = struct.unpack("3i", creds)[1]
-    return None if uid == 0 else f"uid:{uid}"
+    creds = _peer_creds(sock)
+    return None if creds is None or creds[1] == 0 else f"uid:{creds[1]}"
 
 
 def describe_peer(extra: Callable[[str], Any]) -> str:
@@ -155,11 +160,10 @@ def describe_peer(extra: Callable[[str], Any]) -> str:
     if sock.family != socket.AF_UNIX:
         addr = extra("peername")
         return f"tls {addr[0] if addr else '?'} dn={client_dn(extra)!r}"
-    try:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
+    creds = _peer_creds(sock)
+    if creds is None:
         return "unknown peer"
-    pid, uid, gid = struct.unpack("3i", creds)
+    pid, uid, gid = creds
     return f"uid={uid} gid={gid} pid={pid}"
 
 
@@ -689,26 +693,31 @@ class Server:
             self._refused[kind] = 0
 
     def _admit(self, key: str | None, writer: asyncio.StreamWriter) -> bool:
-        peer = describe_peer(writer.get_extra_info)
         if self.closing:
             return False
+        refusal = self._over_a_limit(key)
+        if refusal is not None:  # the peer is described (its credentials read) only now
+            kind, line, *args = refusal
+            self._note(kind, line, describe_peer(writer.get_extra_info), *args)
+            return False
+        return True
+
+    def _over_a_limit(self, key: str | None) -> tuple[Any, ...] | None:
+        """(kind, log line, its arguments after the peer) of the limit a new connection from
+        ``key`` is over, or None."""
         if len(self.connections) >= self.max_clients:
-            self._note("max_clients", "%s: refused, %d connections already (max_clients)",
-                       peer, self.max_clients)
-            return False
+            return ("max_clients", "%s: refused, %d connections already (max_clients)",
+                    self.max_clients)
         if key is not None and self._per_peer.get(key, 0) >= self.max_per_peer:
-            self._note("per_peer", "%s: refused, %d connections from it already", peer,
-                       self.max_per_peer)
-            return False
+            return ("per_peer", "%s: refused, %d connections from it already",
+                    self.max_per_peer)
         if self._tls is not None:
             everyone = sum(self._handshaking.values()) >= self.max_handshaking
             this_one = self._handshaking.get(key or "?", 0) >= min(
                 MAX_HANDSHAKING_PER_ADDRESS, self.max_handshaking)
             if everyone or this_one:
-                self._note("handshaking", "%s: refused, too many TLS handshakes in progress",
-                           peer)
-                return False
-        return True
+                return ("handshaking", "%s: refused, too many TLS handshakes in progress")
+        return None
 
     async def _handshake(self, conn: _Connection, key: str | None) -> bool:
         """The TLS handshake, counted apart while it lasts (at most ``max_handshaking``,
